@@ -1,0 +1,700 @@
+//! The Consul HTTP API client: the only module that knows HTTP and `ureq`.
+//!
+//! It speaks the small part of the API depro needs: KV reads (single keys,
+//! recursive listings, key listings, blocking queries), KV writes (plain,
+//! check-and-set, acquire), deletes and sessions. Invariants it keeps:
+//! - the ACL token travels only in the `X-Consul-Token` header, never in a
+//!   URL, a log line or an error;
+//! - every error names the request and the key it was about;
+//! - a blocking query's HTTP timeout is longer than Consul's own wait plus
+//!   its jitter (wait/16), so Consul, not the client, ends an idle wait;
+//! - a missing key or prefix is a value (`None`, empty), not an error.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Connection settings, resolved from flags, environment and config files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ConsulSettings {
+    /// `host:port`, `http://host:port` or `https://host:port`.
+    pub address: String,
+    pub token: Option<Secret>,
+    pub datacenter: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Verify the server's TLS certificate (`CONSUL_HTTP_SSL_VERIFY`).
+    pub verify_tls: bool,
+}
+
+/// A string that must never be printed: an ACL token.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    pub(crate) fn new(value: String) -> Secret {
+        Secret(value)
+    }
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What went wrong talking to Consul, and about what.
+#[derive(Debug)]
+pub(crate) struct ConsulError {
+    /// The Consul address, for the message.
+    pub server: String,
+    /// What was being done, e.g. `reading key "api/version/current"`.
+    pub doing: String,
+    pub kind: ConsulErrorKind,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ConsulErrorKind {
+    /// No HTTP answer at all: refused, reset, timed out, TLS failure.
+    Unreachable(String),
+    /// 403: the ACL token is missing, unknown, or lacks a permission.
+    Denied(String),
+    /// Any other unexpected status.
+    Status(u16, String),
+    /// An answer depro could not understand.
+    BadAnswer(String),
+}
+
+impl ConsulError {
+    /// True for errors that may go away on their own (network, 5xx), as
+    /// opposed to denials and bad requests, which need an operator.
+    pub(crate) fn is_transient(&self) -> bool {
+        match &self.kind {
+            ConsulErrorKind::Unreachable(_) => true,
+            ConsulErrorKind::Status(code, _) => *code >= 500 || *code == 429,
+            ConsulErrorKind::Denied(_) | ConsulErrorKind::BadAnswer(_) => false,
+        }
+    }
+
+    /// A short description of the failure without the request, for
+    /// "state changed" log lines.
+    pub(crate) fn summary(&self) -> String {
+        match &self.kind {
+            ConsulErrorKind::Unreachable(why) => format!("unreachable ({why})"),
+            ConsulErrorKind::Denied(body) => format!("permission denied ({body})"),
+            ConsulErrorKind::Status(code, body) => format!("HTTP {code} ({body})"),
+            ConsulErrorKind::BadAnswer(why) => format!("unexpected answer ({why})"),
+        }
+    }
+}
+
+impl fmt::Display for ConsulError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self { server, doing, kind } = self;
+        match kind {
+            ConsulErrorKind::Unreachable(why) => write!(
+                f,
+                "Consul at {server} is unreachable while {doing}: {why}; check that Consul runs there \
+                 or set -server / CONSUL_HTTP_ADDR"
+            ),
+            ConsulErrorKind::Denied(body) => write!(
+                f,
+                "Consul at {server} denied {doing}: {body}; check the ACL token \
+                 (-token, CONSUL_HTTP_TOKEN) and its policy"
+            ),
+            ConsulErrorKind::Status(code, body) => {
+                write!(f, "Consul at {server} answered HTTP {code} while {doing}: {body}")
+            }
+            ConsulErrorKind::BadAnswer(why) => {
+                write!(f, "Consul at {server} gave an unexpected answer while {doing}: {why}")
+            }
+        }
+    }
+}
+
+pub(crate) type Result<T> = std::result::Result<T, ConsulError>;
+
+/// How to read: a plain read, or a blocking query.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Read {
+    /// Block until the index moves past this one (0: answer at once).
+    pub index: u64,
+    /// How long Consul may block (only with `index > 0`).
+    pub wait: Option<Duration>,
+    /// Let any server answer (`?stale`), spreading the load over followers.
+    pub stale: bool,
+}
+
+impl Read {
+    pub(crate) fn now() -> Read {
+        Read::default()
+    }
+    pub(crate) fn blocking(index: u64, wait: Duration, stale: bool) -> Read {
+        Read {
+            index,
+            wait: Some(wait),
+            stale,
+        }
+    }
+}
+
+/// An answer to a read: the value and the `X-Consul-Index` to block on next.
+#[derive(Debug)]
+pub(crate) struct Answer<T> {
+    pub index: u64,
+    pub value: T,
+}
+
+/// One KV entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct KvEntry {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub session: Option<String>,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// How to write a key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Write<'a> {
+    Plain,
+    /// Check-and-set: 0 creates only if absent, otherwise the ModifyIndex.
+    Cas(u64),
+    /// Write and lock with this session; false if another session holds it.
+    Acquire(&'a str),
+}
+
+/// A connection to one Consul agent.
+pub(crate) struct Consul {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<Secret>,
+    datacenter: Option<String>,
+    requests: AtomicU64,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+const BODY_LIMIT: u64 = 64 << 20;
+
+impl Consul {
+    /// Builds a client. Fails only on bad settings (address, TLS files).
+    pub(crate) fn new(settings: &ConsulSettings) -> std::result::Result<Consul, String> {
+        let base = base_url(settings)?;
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(64);
+        if base.starts_with("https://") {
+            config = config.tls_config(tls_config(settings)?);
+        }
+        Ok(Consul {
+            agent: config.build().new_agent(),
+            base,
+            token: settings.token.clone(),
+            datacenter: settings.datacenter.clone(),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// The base URL, for messages (it never contains a token).
+    pub(crate) fn server(&self) -> &str {
+        &self.base
+    }
+
+    /// How many HTTP requests this client has sent.
+    pub(crate) fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Reads one key; `None` if it does not exist.
+    pub(crate) fn get(&self, key: &str, read: Read) -> Result<Answer<Option<KvEntry>>> {
+        let doing = || format!("reading key {key:?}");
+        let url = self.url(&format!("kv/{}", encode_path(key)), &read_params(read, ""));
+        let (index, body) = self.read_call(&url, read, &doing)?;
+        let value = match body {
+            None => None,
+            Some(body) => parse_entries(&body).map_err(|why| self.bad(doing(), why))?.into_iter().next(),
+        };
+        Ok(Answer { index, value })
+    }
+
+    /// Reads every key under `prefix` (which must end in `/`), values included.
+    pub(crate) fn list(&self, prefix: &str, read: Read) -> Result<Answer<Vec<KvEntry>>> {
+        debug_assert!(prefix.ends_with('/'));
+        let doing = || format!("listing {prefix:?}");
+        let url = self.url(&format!("kv/{}", encode_path(prefix)), &read_params(read, "recurse"));
+        let (index, body) = self.read_call(&url, read, &doing)?;
+        let value = match body {
+            None => Vec::new(),
+            Some(body) => parse_entries(&body).map_err(|why| self.bad(doing(), why))?,
+        };
+        Ok(Answer { index, value })
+    }
+
+    /// Lists the key names under `prefix` one level deep (`?keys&separator=/`);
+    /// `None` if nothing exists under it.
+    pub(crate) fn keys(&self, prefix: &str, read: Read) -> Result<Answer<Option<Vec<String>>>> {
+        debug_assert!(prefix.ends_with('/'));
+        let doing = || format!("listing keys under {prefix:?}");
+        let url = self.url(
+            &format!("kv/{}", encode_path(prefix)),
+            &read_params(read, "keys&separator=%2F"),
+        );
+        let (index, body) = self.read_call(&url, read, &doing)?;
+        let value = match body {
+            None => None,
+            Some(body) => Some(
+                serde_json::from_slice::<Vec<String>>(&body)
+                    .map_err(|e| self.bad(doing(), e.to_string()))?,
+            ),
+        };
+        Ok(Answer { index, value })
+    }
+
+    /// Writes a key. Returns Consul's verdict: false when a check-and-set
+    /// did not match or another session holds the key.
+    pub(crate) fn put(&self, key: &str, value: &[u8], write: Write<'_>) -> Result<bool> {
+        let doing = || format!("writing key {key:?}");
+        let params = match write {
+            Write::Plain => String::new(),
+            Write::Cas(index) => format!("cas={index}"),
+            Write::Acquire(session) => format!("acquire={}", encode_path(session)),
+        };
+        let url = self.url(&format!("kv/{}", encode_path(key)), &params);
+        let body = self.call("PUT", &url, Some(value), CALL_TIMEOUT, &doing)?;
+        parse_verdict(&body).map_err(|why| self.bad(doing(), why))
+    }
+
+    /// Deletes one key (with `cas`, only if its ModifyIndex still matches).
+    pub(crate) fn delete(&self, key: &str, cas: Option<u64>) -> Result<bool> {
+        let doing = || format!("deleting key {key:?}");
+        let params = cas.map(|c| format!("cas={c}")).unwrap_or_default();
+        let url = self.url(&format!("kv/{}", encode_path(key)), &params);
+        let body = self.call("DELETE", &url, None, CALL_TIMEOUT, &doing)?;
+        parse_verdict(&body).map_err(|why| self.bad(doing(), why))
+    }
+
+    /// Creates a session with behavior `delete`, lock-delay 0 and this TTL.
+    pub(crate) fn create_session(&self, name: &str, ttl: Duration) -> Result<String> {
+        let doing = || "creating a session".to_string();
+        let body = serde_json::json!({
+            "Name": name,
+            "TTL": crate::duration::to_consul(ttl),
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        });
+        let url = self.url("session/create", "");
+        let answer = self.call("PUT", &url, Some(body.to_string().as_bytes()), CALL_TIMEOUT, &doing)?;
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let created: Created =
+            serde_json::from_slice(&answer).map_err(|e| self.bad(doing(), e.to_string()))?;
+        Ok(created.id)
+    }
+
+    /// Renews a session. `Ok(None)` when Consul no longer knows it (expired,
+    /// destroyed, or Consul lost its state): its keys are gone with it.
+    /// Otherwise the TTL Consul granted, which may be longer than asked.
+    pub(crate) fn renew_session(&self, id: &str) -> Result<Option<Duration>> {
+        let doing = || "renewing the session".to_string();
+        let url = self.url(&format!("session/renew/{}", encode_path(id)), "");
+        let (status, _, body) = self.send("PUT", &url, Some(b""), CALL_TIMEOUT, &doing)?;
+        match status {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(self.status_error(doing(), status, &body)),
+        }
+        #[derive(Deserialize)]
+        struct Renewed {
+            #[serde(rename = "TTL")]
+            ttl: String,
+        }
+        let renewed: Vec<Renewed> =
+            serde_json::from_slice(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
+        Ok(renewed.first().and_then(|r| crate::duration::parse(&r.ttl).ok()).or(Some(Duration::ZERO)))
+    }
+
+    /// Destroys a session (idempotent); with behavior `delete`, its keys go too.
+    pub(crate) fn destroy_session(&self, id: &str) -> Result<()> {
+        let doing = || "destroying the session".to_string();
+        let url = self.url(&format!("session/destroy/{}", encode_path(id)), "");
+        self.call("PUT", &url, Some(b""), CALL_TIMEOUT, &doing)?;
+        Ok(())
+    }
+
+    fn url(&self, path: &str, params: &str) -> String {
+        let mut url = format!("{}/v1/{path}", self.base);
+        let mut sep = '?';
+        for param in [params, &self.datacenter.as_ref().map(|dc| format!("dc={}", encode_path(dc))).unwrap_or_default()] {
+            if !param.is_empty() {
+                url.push(sep);
+                url.push_str(param);
+                sep = '&';
+            }
+        }
+        url
+    }
+
+    /// A read: 200 gives the body, 404 gives `None`; both give the index.
+    fn read_call(
+        &self,
+        url: &str,
+        read: Read,
+        doing: &dyn Fn() -> String,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let timeout = match (read.index, read.wait) {
+            (index, Some(wait)) if index > 0 => wait + wait / 16 + CALL_TIMEOUT,
+            _ => CALL_TIMEOUT,
+        };
+        let (status, index, body) = self.send("GET", url, None, timeout, doing)?;
+        let index = index.ok_or_else(|| self.bad(doing(), "no X-Consul-Index header".into()));
+        match status {
+            200 => Ok((index?, Some(body))),
+            404 => Ok((index?, None)),
+            _ => Err(self.status_error(doing(), status, &body)),
+        }
+    }
+
+    /// A write: only 200 is success.
+    fn call(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+        doing: &dyn Fn() -> String,
+    ) -> Result<Vec<u8>> {
+        let (status, _, answer) = self.send(method, url, body, timeout, doing)?;
+        if status == 200 {
+            Ok(answer)
+        } else {
+            Err(self.status_error(doing(), status, &answer))
+        }
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+        doing: &dyn Fn() -> String,
+    ) -> Result<(u16, Option<u64>, Vec<u8>)> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        log::trace!("{method} {url}");
+        let unreachable = |e: ureq::Error| ConsulError {
+            server: self.base.clone(),
+            doing: doing(),
+            kind: ConsulErrorKind::Unreachable(describe_transport_error(&e)),
+        };
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(token) = &self.token {
+            request = request.header("X-Consul-Token", token.expose());
+        }
+        let sent = match body {
+            Some(body) => request.body(body.to_vec()).map(|r| {
+                { let r = self.agent.configure_request(r).timeout_global(Some(timeout)).build(); self.agent.run(r) }
+            }),
+            None => request.body(()).map(|r| {
+                { let r = self.agent.configure_request(r).timeout_global(Some(timeout)).build(); self.agent.run(r) }
+            }),
+        };
+        let mut response = sent
+            .map_err(|e| self.bad(doing(), e.to_string()))?
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let index = response
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let answer = response
+            .body_mut()
+            .with_config()
+            .limit(BODY_LIMIT)
+            .read_to_vec()
+            .map_err(unreachable)?;
+        Ok((status, index, answer))
+    }
+
+    fn status_error(&self, doing: String, status: u16, body: &[u8]) -> ConsulError {
+        let text = String::from_utf8_lossy(body);
+        let text: String = text.trim().chars().take(300).collect();
+        let text = text.replace('\n', " ");
+        ConsulError {
+            server: self.base.clone(),
+            doing,
+            kind: if status == 403 {
+                ConsulErrorKind::Denied(text)
+            } else {
+                ConsulErrorKind::Status(status, text)
+            },
+        }
+    }
+
+    fn bad(&self, doing: String, why: String) -> ConsulError {
+        ConsulError {
+            server: self.base.clone(),
+            doing,
+            kind: ConsulErrorKind::BadAnswer(why),
+        }
+    }
+}
+
+fn read_params(read: Read, base: &str) -> String {
+    let mut params: Vec<String> = Vec::new();
+    if !base.is_empty() {
+        params.push(base.to_string());
+    }
+    if read.index > 0 {
+        params.push(format!("index={}", read.index));
+        if let Some(wait) = read.wait {
+            params.push(format!("wait={}", crate::duration::to_consul(wait)));
+        }
+    }
+    if read.stale {
+        params.push("stale".to_string());
+    }
+    params.join("&")
+}
+
+/// `host:port` → `http://host:port`; `https://…` and `http://…` kept.
+fn base_url(settings: &ConsulSettings) -> std::result::Result<String, String> {
+    let address = settings.address.trim().trim_end_matches('/');
+    let (scheme, rest) = match address.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some((scheme, _)) => {
+            return Err(format!(
+                "Consul address {address:?} has the scheme {scheme:?}; use http:// or https://"
+            ));
+        }
+        None => ("http", address),
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "Consul address {address:?} is not host:port (e.g. 127.0.0.1:8500 or https://consul.internal:8501)"
+        ));
+    }
+    Ok(format!("{scheme}://{rest}"))
+}
+
+fn tls_config(settings: &ConsulSettings) -> std::result::Result<ureq::tls::TlsConfig, String> {
+    use ureq::tls::{ClientCert, PemItem, RootCerts, TlsConfig, parse_pem};
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).map_err(|e| format!("{}: cannot read the {what}: {e}", path.display()))
+    };
+    let mut builder = TlsConfig::builder().disable_verification(!settings.verify_tls);
+    if let Some(ca) = &settings.ca_file {
+        let pem = read(ca, "CA certificate (CONSUL_CACERT)")?;
+        let mut certs = Vec::new();
+        for item in parse_pem(&pem) {
+            if let Ok(PemItem::Certificate(cert)) = item {
+                certs.push(cert);
+            }
+        }
+        if certs.is_empty() {
+            return Err(format!("{}: no PEM certificate found in the CA file", ca.display()));
+        }
+        builder = builder.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    match (&settings.cert_file, &settings.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let mut certs = Vec::new();
+            for item in parse_pem(&read(cert_path, "client certificate")?) {
+                if let Ok(PemItem::Certificate(cert)) = item {
+                    certs.push(cert);
+                }
+            }
+            if certs.is_empty() {
+                return Err(format!("{}: no PEM certificate found", cert_path.display()));
+            }
+            let key_pem = read(key_path, "client key")?;
+            let key = parse_pem(&key_pem)
+                .find_map(|item| match item {
+                    Ok(PemItem::PrivateKey(key)) => Some(key),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("{}: no PEM private key found", key_path.display()))?;
+            builder = builder.client_cert(Some(ClientCert::new_with_certs(&certs, key)));
+        }
+        (None, None) => {}
+        _ => {
+            return Err("a client certificate needs both a certificate file and a key file \
+                        (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)"
+                .into());
+        }
+    }
+    Ok(builder.build())
+}
+
+fn describe_transport_error(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn encode_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn parse_verdict(body: &[u8]) -> std::result::Result<bool, String> {
+    match std::str::from_utf8(body).map(str::trim) {
+        Ok("true") => Ok(true),
+        Ok("false") => Ok(false),
+        _ => Err(format!("expected true or false, got {:?}", String::from_utf8_lossy(body))),
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Value")]
+    value: Option<String>,
+    #[serde(rename = "Session", default)]
+    session: Option<String>,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+}
+
+fn parse_entries(body: &[u8]) -> std::result::Result<Vec<KvEntry>, String> {
+    let raw: Vec<RawEntry> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .map(|r| {
+            let value = match r.value {
+                None => Vec::new(),
+                Some(text) => base64_decode(&text)
+                    .ok_or_else(|| format!("the value of {:?} is not base64", r.key))?,
+            };
+            Ok(KvEntry {
+                key: r.key,
+                value,
+                session: r.session.filter(|s| !s.is_empty()),
+                create_index: r.create_index,
+                modify_index: r.modify_index,
+            })
+        })
+        .collect()
+}
+
+/// Standard base64 (with padding), as Consul encodes KV values.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= sextet(c)? << (18 - 6 * i);
+        }
+        let n = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&acc.to_be_bytes()[1..1 + n]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(address: &str) -> ConsulSettings {
+        ConsulSettings {
+            address: address.into(),
+            token: Some(Secret::new("s3cr3t-token".into())),
+            datacenter: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            verify_tls: true,
+        }
+    }
+
+    #[test]
+    fn addresses_get_a_scheme_and_bad_ones_are_named() {
+        assert_eq!(base_url(&settings("localhost:8500")).unwrap(), "http://localhost:8500");
+        assert_eq!(base_url(&settings("https://c:8501/")).unwrap(), "https://c:8501");
+        let err = base_url(&settings("ftp://c:1")).unwrap_err();
+        assert!(err.contains("ftp"), "{err}");
+        assert!(base_url(&settings("c:1/path")).is_err());
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        assert!(!format!("{:?}", settings("x:1")).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn decodes_base64_values() {
+        assert_eq!(base64_decode("cmVhZHk=").unwrap(), b"ready");
+        assert_eq!(base64_decode("YWN0aXZl").unwrap(), b"active");
+        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("a!==").is_none());
+    }
+
+    #[test]
+    fn parses_kv_entries_including_folder_keys() {
+        let body = br#"[{"LockIndex":1,"Key":"app/v1/n1","Flags":0,"Value":"cmVhZHk=","Session":"abc","CreateIndex":7,"ModifyIndex":9},
+                        {"LockIndex":0,"Key":"app/v1/","Flags":0,"Value":null,"CreateIndex":5,"ModifyIndex":5}]"#;
+        let entries = parse_entries(body).unwrap();
+        assert_eq!(entries[0].value, b"ready");
+        assert_eq!(entries[0].session.as_deref(), Some("abc"));
+        assert_eq!(entries[1].value, b"");
+        assert_eq!(entries[1].session, None);
+    }
+
+    #[test]
+    fn encodes_only_what_must_be() {
+        assert_eq!(encode_path("api/version/v1.0+b"), "api/version/v1.0%2Bb");
+        assert_eq!(encode_path("a b?&"), "a%20b%3F%26");
+    }
+
+    #[test]
+    fn blocking_reads_carry_index_wait_and_stale() {
+        let read = Read::blocking(42, Duration::from_secs(300), true);
+        assert_eq!(read_params(read, "recurse"), "recurse&index=42&wait=300s&stale");
+        assert_eq!(read_params(Read::now(), ""), "");
+    }
+}

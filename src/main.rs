@@ -1,0 +1,8 @@
+mod consul;
+mod duration;
+mod error;
+mod plan;
+mod tree;
+mod version_name;
+
+fn main() {}

@@ -1,0 +1,503 @@
+//! The reconcile decision: a pure function from what Consul wants, what the
+//! disk has and what this node has reported, to the ordered actions that
+//! bring them together. No I/O happens here; `agent` executes the actions.
+//!
+//! The agent executes only the first action of a plan, then plans again with
+//! the new state, so each plan only has to be right about what comes first.
+//! The order of a plan is:
+//! 1. catch-up reports (node keys that do not match the local state yet) and
+//!    the repair of `current`'s folder key: cheap facts, written first;
+//! 2. deploys of the versions this node lacks, `current` first (a new host
+//!    bootstraps itself this way);
+//! 3. the rollout of `current`, only once its deploy succeeded here;
+//! 4. the cleaning of versions that left the tree, never the live one.
+//!
+//! Invariants (checked exhaustively by the tests below):
+//! - a version is rolled out only when its deploy finished successfully;
+//! - the live version, and the target of an unsettled rollout, are never
+//!   cleaned;
+//! - a failed version is not retried by the plan (the agent turns an
+//!   operator's retry into a state change first);
+//! - executing plans with hooks that succeed converges: the disk holds
+//!   exactly the wanted versions, `current` is live, reports match.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::tree::NodeState;
+use crate::version_name::VersionName;
+
+/// What the Consul tree asks of this node, for one deployment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    /// Versions whose folder key (or plain key) exists.
+    pub versions: BTreeSet<VersionName>,
+    /// The version `<prefix>/current` names, if any (and if valid).
+    pub current: Option<VersionName>,
+}
+
+/// The local state of one version directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LocalVersion {
+    /// Recorded before the directory is made; the deploy has not finished.
+    Deploying,
+    /// The deploy hook succeeded.
+    Ready,
+    /// The deploy hook failed (in this run of the agent).
+    DeployFailed,
+}
+
+/// A rollout that started and has not completed successfully.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RolloutAttempt {
+    pub to: VersionName,
+    /// The hook failed (as opposed to: interrupted, e.g. by a crash).
+    pub failed: bool,
+}
+
+/// What this node has on disk for one deployment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct OnDisk {
+    /// Version directories depro created, and their state.
+    pub versions: BTreeMap<VersionName, LocalVersion>,
+    /// The version last rolled out successfully (`<path>/current`).
+    pub live: Option<VersionName>,
+    /// While set, the live state is unsettled: the rollout hook of `to` ran
+    /// (or started) and did not finish successfully.
+    pub rollout: Option<RolloutAttempt>,
+}
+
+/// What this node has written to Consul, under its current session.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Reports<'a> {
+    /// No session: nothing can be reported, local work goes on.
+    Offline,
+    Online(&'a BTreeMap<VersionName, NodeState>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Write this node's key for the version.
+    Report(VersionName, NodeState),
+    /// Delete this node's key for the version (after cleaning it).
+    Unreport(VersionName),
+    /// Re-create `current`'s missing folder key (and so its node key).
+    Repair(VersionName),
+    /// Record that a deploy starts (before making the directory).
+    Stage(VersionName),
+    /// Make a fresh directory and run the deploy hook in it.
+    Deploy(VersionName),
+    /// Run the rollout hook to make `to` the live version.
+    Rollout {
+        to: VersionName,
+        from: Option<VersionName>,
+    },
+    /// Run the clean hook and delete the directory.
+    Clean(VersionName),
+}
+
+/// The state this node should report for a version it has on disk.
+pub(crate) fn report_for(version: &VersionName, local: LocalVersion, disk: &OnDisk) -> NodeState {
+    match local {
+        LocalVersion::Deploying => NodeState::Busy,
+        LocalVersion::DeployFailed => NodeState::Failed,
+        LocalVersion::Ready => {
+            let failed_rollout = disk
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.failed && &r.to == version);
+            if failed_rollout {
+                NodeState::Failed
+            } else if disk.live.as_ref() == Some(version) {
+                NodeState::Active
+            } else {
+                NodeState::Ready
+            }
+        }
+    }
+}
+
+/// Decides what to do next; see the module documentation for the order.
+pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<Action> {
+    let mut actions = Vec::new();
+
+    // 1. Reports and repair.
+    if let Reports::Online(reported) = reports {
+        let desired: BTreeMap<&VersionName, NodeState> = disk
+            .versions
+            .iter()
+            .map(|(v, local)| (v, report_for(v, *local, disk)))
+            .collect();
+        // The new `active` first, so readers never see a node with none.
+        let mut changed: Vec<(&VersionName, NodeState)> = desired
+            .iter()
+            .filter(|(v, state)| reported.get(**v) != Some(*state))
+            .map(|(v, state)| (*v, *state))
+            .collect();
+        changed.sort_by_key(|(v, state)| (*state != NodeState::Active, (*v).clone()));
+        actions.extend(changed.into_iter().map(|(v, s)| Action::Report(v.clone(), s)));
+        actions.extend(
+            reported
+                .keys()
+                .filter(|v| !desired.contains_key(v))
+                .map(|v| Action::Unreport(v.clone())),
+        );
+        if let Some(current) = &wanted.current {
+            let has_it = disk.versions.get(current) == Some(&LocalVersion::Ready);
+            if has_it && !wanted.versions.contains(current) {
+                actions.push(Action::Repair(current.clone()));
+            }
+        }
+    }
+
+    // 2. Deploys, `current` first.
+    let wanted_versions: Vec<&VersionName> = wanted
+        .current
+        .iter()
+        .chain(wanted.versions.iter().filter(|v| Some(*v) != wanted.current.as_ref()))
+        .collect();
+    for version in &wanted_versions {
+        match disk.versions.get(*version) {
+            None => actions.push(Action::Stage((*version).clone())),
+            Some(LocalVersion::Deploying) => actions.push(Action::Deploy((*version).clone())),
+            Some(LocalVersion::Ready | LocalVersion::DeployFailed) => {}
+        }
+    }
+
+    // 3. Rollout of `current`.
+    if let Some(current) = &wanted.current {
+        let ready = disk.versions.get(current) == Some(&LocalVersion::Ready);
+        let settled = disk.rollout.is_none();
+        let already_live = disk.live.as_ref() == Some(current) && settled;
+        let failed_here = disk
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.failed && &r.to == current);
+        if ready && !already_live && !failed_here {
+            actions.push(Action::Rollout {
+                to: current.clone(),
+                from: disk.live.clone(),
+            });
+        }
+    }
+
+    // 4. Cleaning.
+    for version in disk.versions.keys() {
+        let wanted_here = wanted_versions.contains(&version);
+        let live = disk.live.as_ref() == Some(version);
+        let rolling = disk.rollout.as_ref().is_some_and(|r| &r.to == version);
+        if !wanted_here && !live && !rolling {
+            actions.push(Action::Clean(version.clone()));
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use LocalVersion::*;
+
+    fn v(name: &str) -> VersionName {
+        VersionName::parse(name).unwrap()
+    }
+
+    fn wanted(versions: &[&str], current: Option<&str>) -> Wanted {
+        Wanted {
+            versions: versions.iter().map(|n| v(n)).collect(),
+            current: current.map(v),
+        }
+    }
+
+    fn disk(versions: &[(&str, LocalVersion)], live: Option<&str>) -> OnDisk {
+        OnDisk {
+            versions: versions.iter().map(|(n, s)| (v(n), *s)).collect(),
+            live: live.map(v),
+            rollout: None,
+        }
+    }
+
+    fn reported(entries: &[(&str, NodeState)]) -> BTreeMap<VersionName, NodeState> {
+        entries.iter().map(|(n, s)| (v(n), *s)).collect()
+    }
+
+    #[test]
+    fn a_new_version_is_staged_then_reported_busy_then_deployed() {
+        let want = wanted(&["v1"], None);
+        let none = reported(&[]);
+        assert_eq!(plan(&want, &disk(&[], None), Reports::Online(&none)), [Action::Stage(v("v1"))]);
+        let staged = disk(&[("v1", Deploying)], None);
+        assert_eq!(
+            plan(&want, &staged, Reports::Online(&none)),
+            [Action::Report(v("v1"), NodeState::Busy), Action::Deploy(v("v1"))]
+        );
+        let busy = reported(&[("v1", NodeState::Busy)]);
+        assert_eq!(plan(&want, &staged, Reports::Online(&busy)), [Action::Deploy(v("v1"))]);
+        let done = disk(&[("v1", Ready)], None);
+        assert_eq!(
+            plan(&want, &done, Reports::Online(&busy)),
+            [Action::Report(v("v1"), NodeState::Ready)]
+        );
+    }
+
+    #[test]
+    fn current_is_deployed_before_other_versions_then_rolled_out_then_old_ones_cleaned() {
+        let want = wanted(&["a", "z"], Some("z"));
+        let have = disk(&[("old", Ready)], Some("old"));
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [Action::Stage(v("z")), Action::Stage(v("a"))]
+        );
+        let have = disk(&[("old", Ready), ("z", Ready), ("a", Ready)], Some("old"));
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [Action::Rollout { to: v("z"), from: Some(v("old")) }]
+        );
+        let have = disk(&[("old", Ready), ("z", Ready), ("a", Ready)], Some("z"));
+        assert_eq!(plan(&want, &have, Reports::Offline), [Action::Clean(v("old"))]);
+    }
+
+    #[test]
+    fn a_version_is_rolled_out_only_after_its_deploy_succeeded() {
+        let want = wanted(&["v2"], Some("v2"));
+        for state in [Deploying, DeployFailed] {
+            let have = disk(&[("v1", Ready), ("v2", state)], Some("v1"));
+            let actions = plan(&want, &have, Reports::Offline);
+            assert!(
+                !actions.iter().any(|a| matches!(a, Action::Rollout { .. })),
+                "{state:?}: {actions:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_live_version_is_never_cleaned_even_when_its_key_is_gone() {
+        let want = wanted(&[], None);
+        let have = disk(&[("v1", Ready)], Some("v1"));
+        assert_eq!(plan(&want, &have, Reports::Offline), []);
+    }
+
+    #[test]
+    fn a_failed_deploy_is_not_retried_and_reported_failed() {
+        let want = wanted(&["v1"], Some("v1"));
+        let have = disk(&[("v1", DeployFailed)], None);
+        let none = reported(&[]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&none)),
+            [Action::Report(v("v1"), NodeState::Failed)]
+        );
+        let failed = reported(&[("v1", NodeState::Failed)]);
+        assert_eq!(plan(&want, &have, Reports::Online(&failed)), []);
+    }
+
+    #[test]
+    fn a_failed_rollout_is_reported_and_not_repeated_but_its_target_is_kept() {
+        let want = wanted(&["v1", "v2"], Some("v2"));
+        let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
+        have.rollout = Some(RolloutAttempt { to: v("v2"), failed: true });
+        let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [Action::Report(v("v2"), NodeState::Failed)]
+        );
+        // Rolled back: v1 is rolled out again (the failed hook may have left
+        // things half-switched), and v2 is kept until that has happened.
+        let back = wanted(&["v1"], Some("v1"));
+        assert_eq!(
+            plan(&back, &have, Reports::Offline),
+            [Action::Rollout { to: v("v1"), from: Some(v("v1")) }]
+        );
+    }
+
+    #[test]
+    fn an_interrupted_rollout_is_run_again() {
+        let want = wanted(&["v2"], Some("v2"));
+        let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
+        have.rollout = Some(RolloutAttempt { to: v("v2"), failed: false });
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [Action::Rollout { to: v("v2"), from: Some(v("v1")) }]
+        );
+    }
+
+    #[test]
+    fn current_without_a_folder_key_is_repaired_by_nodes_that_have_it() {
+        let want = wanted(&[], Some("v1"));
+        let have = disk(&[("v1", Ready)], Some("v1"));
+        let now = reported(&[("v1", NodeState::Active)]);
+        assert_eq!(plan(&want, &have, Reports::Online(&now)), [Action::Repair(v("v1"))]);
+        // A node that lacks it deploys it instead (and cannot repair).
+        let empty = disk(&[], None);
+        assert_eq!(plan(&want, &empty, Reports::Online(&now)), [
+            Action::Unreport(v("v1")),
+            Action::Stage(v("v1"))
+        ]);
+    }
+
+    #[test]
+    fn a_removed_version_is_cleaned_then_unreported() {
+        let want = wanted(&["v2"], Some("v2"));
+        let have = disk(&[("v1", Ready), ("v2", Ready)], Some("v2"));
+        let now = reported(&[("v1", NodeState::Ready), ("v2", NodeState::Active)]);
+        assert_eq!(plan(&want, &have, Reports::Online(&now)), [Action::Clean(v("v1"))]);
+        let cleaned = disk(&[("v2", Ready)], Some("v2"));
+        assert_eq!(plan(&want, &cleaned, Reports::Online(&now)), [Action::Unreport(v("v1"))]);
+    }
+
+    #[test]
+    fn a_new_active_is_reported_before_the_old_one_goes_back_to_ready() {
+        let want = wanted(&["a", "b"], Some("b"));
+        let have = disk(&[("a", Ready), ("b", Ready)], Some("b"));
+        let now = reported(&[("a", NodeState::Active), ("b", NodeState::Ready)]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [Action::Report(v("b"), NodeState::Active), Action::Report(v("a"), NodeState::Ready)]
+        );
+    }
+
+    // ---- exhaustive checks over a small universe ----
+
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+
+    /// Every combination of wanted set, current, local states, live version
+    /// and rollout attempt over three versions.
+    fn universe() -> Vec<(Wanted, OnDisk)> {
+        let names: Vec<VersionName> = NAMES.iter().map(|n| v(n)).collect();
+        let maybe = |i: usize| if i == 0 { None } else { Some(names[i - 1].clone()) };
+        let mut cases = Vec::new();
+        for wanted_bits in 0..8u32 {
+            for current in 0..4 {
+                for local_code in 0..64u32 {
+                    for live in 0..4 {
+                        for rollout in 0..7 {
+                            let want = Wanted {
+                                versions: (0..3)
+                                    .filter(|i| wanted_bits & (1 << i) != 0)
+                                    .map(|i| names[i].clone())
+                                    .collect(),
+                                current: maybe(current),
+                            };
+                            let mut have = OnDisk::default();
+                            for (i, name) in names.iter().enumerate() {
+                                let state = match (local_code >> (2 * i)) & 3 {
+                                    0 => continue,
+                                    1 => Deploying,
+                                    2 => Ready,
+                                    _ => DeployFailed,
+                                };
+                                have.versions.insert(name.clone(), state);
+                            }
+                            have.live = maybe(live).filter(|l| have.versions.get(l) == Some(&Ready));
+                            // A rollout is only ever attempted for a Ready version.
+                            have.rollout = match rollout {
+                                0 => None,
+                                n => Some(RolloutAttempt {
+                                    to: names[(n - 1) % 3].clone(),
+                                    failed: n > 3,
+                                }),
+                            }
+                            .filter(|r| have.versions.get(&r.to) == Some(&Ready));
+                            cases.push((want, have));
+                        }
+                    }
+                }
+            }
+        }
+        cases
+    }
+
+    #[test]
+    fn no_plan_ever_breaks_the_invariants() {
+        for (want, have) in universe() {
+            let actions = plan(&want, &have, Reports::Offline);
+            assert_eq!(actions, plan(&want, &have, Reports::Offline), "not deterministic");
+            for action in &actions {
+                match action {
+                    Action::Rollout { to, .. } => {
+                        assert_eq!(have.versions.get(to), Some(&Ready), "{want:?} {have:?}");
+                        assert_eq!(Some(to), want.current.as_ref());
+                    }
+                    Action::Clean(version) => {
+                        assert_ne!(Some(version), have.live.as_ref(), "cleaned live: {have:?}");
+                        assert_ne!(Some(version), want.current.as_ref());
+                        assert!(!want.versions.contains(version));
+                        assert!(have.rollout.as_ref().is_none_or(|r| &r.to != version));
+                    }
+                    Action::Stage(version) | Action::Deploy(version) => {
+                        let wanted_here = want.versions.contains(version)
+                            || want.current.as_ref() == Some(version);
+                        assert!(wanted_here, "deploying an unwanted version");
+                        assert_ne!(have.versions.get(version), Some(&DeployFailed), "retried");
+                    }
+                    Action::Report(..) | Action::Unreport(_) | Action::Repair(_) => {
+                        panic!("reported while offline")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies an action as the agent would with hooks that all succeed.
+    fn simulate(action: &Action, have: &mut OnDisk, reports: &mut BTreeMap<VersionName, NodeState>, want: &mut Wanted) {
+        match action {
+            Action::Report(version, state) => {
+                reports.insert(version.clone(), *state);
+            }
+            Action::Unreport(version) => {
+                reports.remove(version);
+            }
+            Action::Repair(version) => {
+                want.versions.insert(version.clone());
+            }
+            Action::Stage(version) => {
+                have.versions.insert(version.clone(), Deploying);
+            }
+            Action::Deploy(version) => {
+                have.versions.insert(version.clone(), Ready);
+            }
+            Action::Rollout { to, .. } => {
+                have.live = Some(to.clone());
+                have.rollout = None;
+            }
+            Action::Clean(version) => {
+                have.versions.remove(version);
+            }
+        }
+    }
+
+    #[test]
+    fn executing_plans_with_successful_hooks_always_converges() {
+        for (want, have) in universe() {
+            if have.versions.values().any(|s| *s == DeployFailed) {
+                continue; // failures wait for an operator's retry
+            }
+            if have.rollout.as_ref().is_some_and(|r| r.failed) {
+                continue;
+            }
+            let (mut want, mut have, mut reports) = (want, have, BTreeMap::new());
+            let mut steps = 0;
+            loop {
+                let actions = plan(&want, &have, Reports::Online(&reports));
+                let Some(first) = actions.first() else { break };
+                simulate(first, &mut have, &mut reports, &mut want);
+                steps += 1;
+                assert!(steps < 40, "no convergence: {want:?} {have:?} {actions:?}");
+            }
+            let mut expected: BTreeSet<VersionName> = want.versions.clone();
+            expected.extend(want.current.clone());
+            // Nothing but the wanted versions, plus the live one if its key is gone.
+            let kept: BTreeSet<VersionName> = have.versions.keys().cloned().collect();
+            let mut allowed = expected.clone();
+            allowed.extend(have.live.clone());
+            allowed.extend(have.rollout.as_ref().map(|r| r.to.clone()));
+            assert!(kept.is_superset(&expected) && kept.is_subset(&allowed), "{want:?} {have:?}");
+            assert!(have.versions.values().all(|s| *s == Ready));
+            if want.current.is_some() {
+                assert_eq!(have.live, want.current);
+            }
+            assert!(have.rollout.is_none() || want.current.is_none());
+            for (version, local) in &have.versions {
+                assert_eq!(reports.get(version), Some(&report_for(version, *local, &have)));
+            }
+        }
+    }
+}
