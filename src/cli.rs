@@ -1,0 +1,597 @@
+//! Command-line parsing: argv in, a [`Command`] out. No I/O happens here;
+//! reading config files and the environment is `config`'s job.
+//!
+//! Flags are accepted Go-style (`-config-dir=/etc/depro/`, `-nodes 3`) as
+//! the original depro and Consul write them, and GNU-style
+//! (`--config-dir /etc/depro/`, `--nodes=3`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+
+use crate::error::Error;
+
+/// What the user asked for.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Command {
+    Help(Option<String>),
+    Version,
+    Agent(AgentArgs),
+    Deploy(DeployArgs),
+    Rollout(RolloutArgs),
+    Rollback(RollbackArgs),
+    Remove(RemoveArgs),
+    Prune(PruneArgs),
+    Status(StatusArgs),
+}
+
+/// How to reach Consul, as given on the command line.
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub(crate) struct ConnectionFlags {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub datacenter: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub tls_skip_verify: bool,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub(crate) struct AgentArgs {
+    pub config_dirs: Vec<PathBuf>,
+    pub config_files: Vec<PathBuf>,
+    pub name: Option<String>,
+    pub log_level: Option<String>,
+    pub connection: ConnectionFlags,
+}
+
+/// Flags shared by the commands that drive a prefix.
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub(crate) struct TreeArgs {
+    pub prefix: Option<String>,
+    pub connection: ConnectionFlags,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DeployArgs {
+    pub tree: TreeArgs,
+    pub version: String,
+    pub nodes: u32,
+    pub timeout: Duration,
+    pub keep: Option<u32>,
+    pub no_rollout: bool,
+    pub rollback_on_failure: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RolloutArgs {
+    pub tree: TreeArgs,
+    pub version: String,
+    pub nodes: u32,
+    pub timeout: Duration,
+    pub rollback_on_failure: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RollbackArgs {
+    pub tree: TreeArgs,
+    pub to: Option<String>,
+    pub nodes: u32,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RemoveArgs {
+    pub tree: TreeArgs,
+    pub versions: Vec<String>,
+    pub wait: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PruneArgs {
+    pub tree: TreeArgs,
+    pub keep: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StatusArgs {
+    pub tree: TreeArgs,
+    pub version: Option<String>,
+    pub json: bool,
+}
+
+/// The default of `-timeout` for commands that wait on nodes.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The commands, for `help` and error messages.
+pub(crate) const COMMANDS: [&str; 10] = [
+    "agent", "deploy", "rollout", "rollback", "remove", "prune", "status", "query", "version",
+    "help",
+];
+
+/// Turns Go-style single-dash long flags into GNU-style ones, which is what
+/// lexopt understands: `-nodes=3` → `--nodes=3`. `-h` stays short; nothing
+/// after `--` is touched.
+fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut after_dashes = false;
+    for arg in args {
+        if !after_dashes {
+            if arg == "--" {
+                after_dashes = true;
+            } else if let Some(text) = arg.to_str() {
+                let name = text.split('=').next().unwrap_or("");
+                if text.starts_with('-') && !text.starts_with("--") && name.len() > 2 {
+                    out.push(OsString::from(format!("-{text}")));
+                    continue;
+                }
+            }
+        }
+        out.push(arg);
+    }
+    out
+}
+
+/// Parses the arguments after the program name.
+pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, Error> {
+    let mut parser = lexopt::Parser::from_args(normalize(args));
+    let first = match next_arg(&mut parser, None)? {
+        None => return Ok(Command::Help(None)),
+        Some(arg) => match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(None)),
+            Key::Long("version") | Key::Short('V') => return Ok(Command::Version),
+            Key::Value(value) => value.to_string(),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{}: unknown flag before the command; run `depro help`",
+                    describe(&arg)
+                )));
+            }
+        },
+    };
+    match first.as_str() {
+        "agent" => parse_agent(&mut parser),
+        "deploy" => parse_deploy(&mut parser),
+        "rollout" => parse_rollout(&mut parser),
+        "rollback" => parse_rollback(&mut parser),
+        "remove" => parse_remove(&mut parser),
+        "prune" => parse_prune(&mut parser),
+        "status" | "query" => parse_status(&mut parser, &first),
+        "version" => Ok(Command::Version),
+        "help" => {
+            let topic = match next_arg(&mut parser, None)? {
+                Some(Arg::Value(v)) => Some(v),
+                _ => None,
+            };
+            Ok(Command::Help(topic))
+        }
+        other => Err(Error::Usage(format!(
+            "unknown command {other:?}; the commands are {}; run `depro help`",
+            COMMANDS.join(", ")
+        ))),
+    }
+}
+
+/// An argument, owned, so that the parser can be asked for a flag's value
+/// while the flag is looked at.
+enum Arg {
+    Short(char),
+    Long(String),
+    Value(String),
+}
+
+/// A borrowed view of an [`Arg`], to match on.
+enum Key<'a> {
+    Short(char),
+    Long(&'a str),
+    Value(&'a str),
+}
+
+impl Arg {
+    fn key(&self) -> Key<'_> {
+        match self {
+            Arg::Short(c) => Key::Short(*c),
+            Arg::Long(name) => Key::Long(name),
+            Arg::Value(value) => Key::Value(value),
+        }
+    }
+}
+
+fn next_arg(parser: &mut lexopt::Parser, command: Option<&str>) -> Result<Option<Arg>, Error> {
+    Ok(match parser.next().map_err(usage(command))? {
+        None => None,
+        Some(Short(c)) => Some(Arg::Short(c)),
+        Some(Long(name)) => Some(Arg::Long(name.to_string())),
+        Some(Value(value)) => Some(Arg::Value(value.string().map_err(usage(command))?)),
+    })
+}
+
+fn usage(command: Option<&str>) -> impl Fn(lexopt::Error) -> Error + '_ {
+    move |e| {
+        let help = match command {
+            Some(c) => format!("depro help {c}"),
+            None => "depro help".to_string(),
+        };
+        let text = e.to_string().replace("--", "-");
+        Error::Usage(format!("{text}; run `{help}`"))
+    }
+}
+
+fn describe(arg: &Arg) -> String {
+    match arg {
+        Arg::Short(c) => format!("-{c}"),
+        Arg::Long(name) => format!("-{name}"),
+        Arg::Value(v) => format!("{v:?}"),
+    }
+}
+
+/// Parses a connection flag if `arg` is one; returns whether it was.
+fn connection_flag(
+    arg: &Arg,
+    parser: &mut lexopt::Parser,
+    flags: &mut ConnectionFlags,
+    command: &str,
+) -> Result<bool, Error> {
+    let err = usage(Some(command));
+    match arg.key() {
+        Key::Long("server" | "http-addr" | "address") => flags.server = Some(string(parser, command)?),
+        Key::Long("token") => flags.token = Some(string(parser, command)?),
+        Key::Long("token-file") => flags.token_file = Some(parser.value().map_err(&err)?.into()),
+        Key::Long("datacenter" | "dc") => flags.datacenter = Some(string(parser, command)?),
+        Key::Long("ca-file") => flags.ca_file = Some(parser.value().map_err(&err)?.into()),
+        Key::Long("client-cert") => flags.client_cert = Some(parser.value().map_err(&err)?.into()),
+        Key::Long("client-key") => flags.client_key = Some(parser.value().map_err(&err)?.into()),
+        Key::Long("tls-skip-verify") => flags.tls_skip_verify = boolean(parser, "tls-skip-verify", command)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn string(parser: &mut lexopt::Parser, command: &str) -> Result<String, Error> {
+    parser
+        .value()
+        .map_err(usage(Some(command)))?
+        .string()
+        .map_err(usage(Some(command)))
+}
+
+/// A boolean flag: `-json`, or Go-style `-json=true` / `-json=false`.
+fn boolean(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<bool, Error> {
+    match parser.optional_value() {
+        None => Ok(true),
+        Some(value) => match value.to_str() {
+            Some("true" | "1") => Ok(true),
+            Some("false" | "0") => Ok(false),
+            _ => Err(Error::Usage(format!(
+                "-{name}: {value:?} is not true or false; run `depro help {command}`"
+            ))),
+        },
+    }
+}
+
+fn number(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<u32, Error> {
+    let text = string(parser, command)?;
+    text.parse().map_err(|_| {
+        Error::Usage(format!(
+            "-{name}: {text:?} is not a whole number; run `depro help {command}`"
+        ))
+    })
+}
+
+fn duration(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<Duration, Error> {
+    let text = string(parser, command)?;
+    crate::duration::parse(&text).map_err(|why| Error::Usage(format!("-{name}: {why}")))
+}
+
+fn unexpected(arg: &Arg, command: &str) -> Error {
+    match arg {
+        Arg::Value(v) => Error::Usage(format!(
+            "unexpected argument {v:?} for `depro {command}`; run `depro help {command}`"
+        )),
+        other => Error::Usage(format!(
+            "{}: unknown flag for `depro {command}`; run `depro help {command}`",
+            describe(other)
+        )),
+    }
+}
+
+fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "agent";
+    let mut args = AgentArgs::default();
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if connection_flag(&arg, parser, &mut args.connection, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("config-dir") => args.config_dirs.push(parser.value().map_err(usage(Some(command)))?.into()),
+            Key::Long("config-file") => args.config_files.push(parser.value().map_err(usage(Some(command)))?.into()),
+            Key::Long("name" | "node") => args.name = Some(string(parser, command)?),
+            Key::Long("log-level") => args.log_level = Some(string(parser, command)?),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::Agent(args))
+}
+
+/// Parses a flag every tree command takes (`-prefix`, connection flags).
+fn tree_flag(
+    arg: &Arg,
+    parser: &mut lexopt::Parser,
+    tree: &mut TreeArgs,
+    command: &str,
+) -> Result<bool, Error> {
+    if let Key::Long("prefix") = arg.key() {
+        tree.prefix = Some(string(parser, command)?);
+        return Ok(true);
+    }
+    connection_flag(arg, parser, &mut tree.connection, command)
+}
+
+fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "deploy";
+    let mut tree = TreeArgs::default();
+    let (mut version, mut nodes, mut timeout, mut keep) = (None, 1, DEFAULT_TIMEOUT, None);
+    let (mut no_rollout, mut rollback_on_failure) = (false, false);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
+            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
+            Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
+            Key::Long("no-rollout") => no_rollout = boolean(parser, "no-rollout", command)?,
+            Key::Long("rollback-on-failure") => {
+                rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
+            }
+            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    let version = version.ok_or_else(|| missing_version(command))?;
+    Ok(Command::Deploy(DeployArgs {
+        tree,
+        version,
+        nodes,
+        timeout,
+        keep,
+        no_rollout,
+        rollback_on_failure,
+    }))
+}
+
+fn missing_version(command: &str) -> Error {
+    Error::Usage(format!(
+        "`depro {command}` needs a VERSION, e.g. `depro {command} 1.2.3 -prefix=api/version`"
+    ))
+}
+
+fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "rollout";
+    let mut tree = TreeArgs::default();
+    let (mut version, mut nodes, mut timeout, mut rollback_on_failure) = (None, 1, DEFAULT_TIMEOUT, false);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
+            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
+            Key::Long("rollback-on-failure") => {
+                rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
+            }
+            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    let version = version.ok_or_else(|| missing_version(command))?;
+    Ok(Command::Rollout(RolloutArgs {
+        tree,
+        version,
+        nodes,
+        timeout,
+        rollback_on_failure,
+    }))
+}
+
+fn parse_rollback(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "rollback";
+    let mut tree = TreeArgs::default();
+    let (mut to, mut nodes, mut timeout) = (None, 1, DEFAULT_TIMEOUT);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("to") => to = Some(string(parser, command)?),
+            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
+            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::Rollback(RollbackArgs {
+        tree,
+        to,
+        nodes,
+        timeout,
+    }))
+}
+
+fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "remove";
+    let mut tree = TreeArgs::default();
+    let (mut versions, mut wait, mut timeout) = (Vec::new(), false, DEFAULT_TIMEOUT);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("wait") => wait = boolean(parser, "wait", command)?,
+            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
+            Key::Value(v) => versions.push(v.to_string()),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    if versions.is_empty() {
+        return Err(missing_version(command));
+    }
+    Ok(Command::Remove(RemoveArgs {
+        tree,
+        versions,
+        wait,
+        timeout,
+    }))
+}
+
+fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "prune";
+    let mut tree = TreeArgs::default();
+    let mut keep = None;
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    let keep = keep.ok_or_else(|| {
+        Error::Usage("`depro prune` needs -keep=K, the number of newest versions to keep".into())
+    })?;
+    Ok(Command::Prune(PruneArgs { tree, keep }))
+}
+
+fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
+    let mut tree = TreeArgs::default();
+    let (mut version, mut json) = (None, false);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("json") => json = boolean(parser, "json", command)?,
+            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::Status(StatusArgs { tree, version, json }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<Command, Error> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn the_seed_agent_invocation_parses_verbatim() {
+        let Command::Agent(args) = parse_str(&["agent", "-config-dir=/etc/depro/"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(args.config_dirs, [PathBuf::from("/etc/depro/")]);
+    }
+
+    #[test]
+    fn the_seed_deploy_invocation_parses_verbatim() {
+        let cmd = parse_str(&[
+            "deploy",
+            "585ecfabf5b41bae1db7bd566ce984d77568987d",
+            "-prefix=api/version",
+            "-nodes=3",
+        ])
+        .unwrap();
+        let Command::Deploy(args) = cmd else { panic!() };
+        assert_eq!(args.version, "585ecfabf5b41bae1db7bd566ce984d77568987d");
+        assert_eq!(args.tree.prefix.as_deref(), Some("api/version"));
+        assert_eq!(args.nodes, 3);
+        assert_eq!(args.timeout, DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn go_style_and_gnu_style_flags_are_the_same() {
+        let forms: [&[&str]; 4] = [
+            &["deploy", "v1", "-nodes", "3", "-timeout=1m"],
+            &["deploy", "v1", "--nodes", "3", "--timeout", "1m"],
+            &["deploy", "v1", "--nodes=3", "-timeout", "1m"],
+            &["deploy", "-nodes=3", "v1", "-timeout=1m"],
+        ];
+        for form in forms {
+            let Command::Deploy(args) = parse_str(form).unwrap() else { panic!() };
+            assert_eq!((args.nodes, args.timeout), (3, Duration::from_secs(60)), "{form:?}");
+        }
+    }
+
+    #[test]
+    fn repeatable_config_flags_accumulate_in_order() {
+        let Command::Agent(args) = parse_str(&[
+            "agent",
+            "-config-dir=/a",
+            "-config-file",
+            "/b.json",
+            "--config-dir",
+            "/c",
+            "-server=https://c:8501",
+            "-token=x",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(args.config_dirs, [PathBuf::from("/a"), PathBuf::from("/c")]);
+        assert_eq!(args.config_files, [PathBuf::from("/b.json")]);
+        assert_eq!(args.connection.server.as_deref(), Some("https://c:8501"));
+    }
+
+    #[test]
+    fn help_and_version_work_everywhere() {
+        assert_eq!(parse_str(&[]).unwrap(), Command::Help(None));
+        assert_eq!(parse_str(&["--version"]).unwrap(), Command::Version);
+        assert_eq!(parse_str(&["version"]).unwrap(), Command::Version);
+        assert_eq!(parse_str(&["help", "deploy"]).unwrap(), Command::Help(Some("deploy".into())));
+        for command in ["agent", "deploy", "rollout", "rollback", "remove", "prune", "status"] {
+            assert_eq!(
+                parse_str(&[command, "-h"]).unwrap(),
+                Command::Help(Some(command.into())),
+                "{command}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_flags_are_named_with_a_hint() {
+        let err = parse_str(&["deploy", "v1", "-nodes=three"]).unwrap_err().to_string();
+        assert!(err.contains("-nodes") && err.contains("three"), "{err}");
+        let err = parse_str(&["deploy", "v1", "-bogus"]).unwrap_err().to_string();
+        assert!(err.contains("-bogus") && err.contains("depro help deploy"), "{err}");
+        let err = parse_str(&["deploy", "v1", "-timeout=5"]).unwrap_err().to_string();
+        assert!(err.contains("-timeout") && err.contains("no unit"), "{err}");
+        let err = parse_str(&["frobnicate"]).unwrap_err().to_string();
+        assert!(err.contains("unknown command"), "{err}");
+        let err = parse_str(&["deploy", "-prefix=x"]).unwrap_err().to_string();
+        assert!(err.contains("needs a VERSION"), "{err}");
+        let err = parse_str(&["agent", "-config-dir"]).unwrap_err().to_string();
+        assert!(err.contains("-config-dir") && !err.contains("--"), "{err}");
+    }
+
+    #[test]
+    fn boolean_flags_take_go_style_values() {
+        let Command::Status(args) = parse_str(&["status", "-json=false"]).unwrap() else { panic!() };
+        assert!(!args.json);
+        let Command::Status(args) = parse_str(&["query", "-json"]).unwrap() else { panic!() };
+        assert!(args.json);
+    }
+}

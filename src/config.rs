@@ -1,0 +1,616 @@
+//! Resolving settings: config files, environment and flags, merged and
+//! validated into the values the agent and the commands run with.
+//!
+//! Precedence: flag > environment > config file > default. Config files come
+//! from `-config-dir` (every `*.json` in name order) and `-config-file`, in
+//! the order given; scalars from later files override earlier ones and
+//! deployments append. Every error names the file and line/column or the
+//! key, and says what to do. The token is never part of an error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::{AgentArgs, ConnectionFlags};
+use crate::consul::{ConsulSettings, Secret};
+use crate::error::Error;
+use crate::tree::{Prefix, check_node_name};
+
+pub(crate) const DEFAULT_SERVER: &str = "127.0.0.1:8500";
+pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
+
+/// Reads an environment variable; empty counts as unset.
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, as an [`Env`].
+pub(crate) fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// One config file, as written. Field names are the documented ones
+/// (depro.json(5)); unknown fields are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    server: Option<String>,
+    datacenter: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    tls_skip_verify: Option<bool>,
+    log_level: Option<String>,
+    shutdown_grace: Option<String>,
+    session_ttl: Option<String>,
+    #[serde(default)]
+    deployments: Vec<FileDeployment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDeployment {
+    id: String,
+    path: String,
+    prefix: String,
+    shell: Option<String>,
+    #[serde(default)]
+    deploy: Vec<String>,
+    #[serde(default)]
+    rollout: Vec<String>,
+    #[serde(default)]
+    clean: Vec<String>,
+    timeout: Option<String>,
+}
+
+/// A deployment, ready to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Deployment {
+    pub id: String,
+    pub path: PathBuf,
+    pub prefix: Prefix,
+    pub shell: PathBuf,
+    pub deploy: Vec<String>,
+    pub rollout: Vec<String>,
+    pub clean: Vec<String>,
+    pub timeout: Duration,
+    /// Where it was defined, for messages: `/etc/depro/api.json, deployments[0]`.
+    pub origin: String,
+}
+
+/// Everything the agent runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AgentConfig {
+    pub name: String,
+    pub consul: ConsulSettings,
+    pub log_level: log::LevelFilter,
+    pub shutdown_grace: Duration,
+    pub session_ttl: Duration,
+    pub deployments: Vec<Deployment>,
+    /// The config files that were read, for messages.
+    pub files: Vec<PathBuf>,
+}
+
+/// Resolves the agent's settings from its flags, the environment and the
+/// config files the flags name.
+pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfig, Error> {
+    let files = config_files(args)?;
+    let mut merged = FileConfig::default();
+    let mut scalar_origin: BTreeMap<&'static str, PathBuf> = BTreeMap::new();
+    let mut deployments = Vec::new();
+    for path in &files {
+        let file = read_file(path)?;
+        macro_rules! take {
+            ($($field:ident),*) => {$(
+                if file.$field.is_some() {
+                    merged.$field = file.$field;
+                    scalar_origin.insert(stringify!($field), path.clone());
+                }
+            )*};
+        }
+        take!(name, server, datacenter, token, token_file, ca_file, cert_file, key_file);
+        take!(tls_skip_verify, log_level, shutdown_grace, session_ttl);
+        for (i, deployment) in file.deployments.into_iter().enumerate() {
+            deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
+        }
+    }
+    let origin = |field: &'static str| match scalar_origin.get(field) {
+        Some(path) => format!("{}: {field}", path.display()),
+        None => field.to_string(),
+    };
+
+    let name = match args.name.clone().or_else(|| env("DEPRO_NAME")).or(merged.name.clone()) {
+        Some(name) => name,
+        None => hostname()?,
+    };
+    check_node_name(&name).map_err(|why| {
+        Error::Config(format!(
+            "node name {name:?} (from -name, DEPRO_NAME, \"name\" or the hostname): {why}; set -name"
+        ))
+    })?;
+
+    let file_connection = FileConnection {
+        server: merged.server.clone(),
+        datacenter: merged.datacenter.clone(),
+        token: merged.token.clone(),
+        token_file: merged.token_file.clone(),
+        ca_file: merged.ca_file.clone(),
+        cert_file: merged.cert_file.clone(),
+        key_file: merged.key_file.clone(),
+        tls_skip_verify: merged.tls_skip_verify,
+    };
+    let consul = resolve_connection(&args.connection, env, &file_connection)?;
+
+    let log_level = match args
+        .log_level
+        .clone()
+        .map(|l| (l, "-log-level".to_string()))
+        .or_else(|| merged.log_level.clone().map(|l| (l, origin("log_level"))))
+    {
+        Some((text, from)) => parse_log_level(&text)
+            .ok_or_else(|| Error::Config(format!("{from}: {text:?} is not a log level; use error, warn, info, debug or trace")))?,
+        None => log::LevelFilter::Info,
+    };
+    let duration_field = |value: &Option<String>, field: &'static str, default: Duration| match value {
+        None => Ok(default),
+        Some(text) => crate::duration::parse(text)
+            .map_err(|why| Error::Config(format!("{}: {why}", origin(field)))),
+    };
+    let shutdown_grace = duration_field(&merged.shutdown_grace, "shutdown_grace", DEFAULT_GRACE)?;
+    let session_ttl = duration_field(&merged.session_ttl, "session_ttl", DEFAULT_SESSION_TTL)?;
+    if !(Duration::from_secs(10)..=Duration::from_secs(86400)).contains(&session_ttl) {
+        return Err(Error::Config(format!(
+            "{}: Consul accepts session TTLs from 10s to 24h",
+            origin("session_ttl")
+        )));
+    }
+
+    let mut resolved: Vec<Deployment> = Vec::new();
+    for (origin, raw) in deployments {
+        let deployment = resolve_deployment(&origin, raw, env)?;
+        if let Some(other) = resolved.iter().find(|d| d.id == deployment.id) {
+            return Err(Error::Config(format!(
+                "{origin}: the id {:?} is already used by {}; give each deployment its own id",
+                deployment.id, other.origin
+            )));
+        }
+        if let Some(other) = resolved.iter().find(|d| overlaps(d.prefix.as_dir(), deployment.prefix.as_dir())) {
+            return Err(Error::Config(format!(
+                "{origin}: the prefix {} overlaps the prefix {} of {}; give each deployment its own prefix",
+                deployment.prefix, other.prefix, other.origin
+            )));
+        }
+        if let Some(other) = resolved.iter().find(|d| d.path == deployment.path) {
+            return Err(Error::Config(format!(
+                "{origin}: the path {} is already used by {}; give each deployment its own path",
+                deployment.path.display(),
+                other.origin
+            )));
+        }
+        resolved.push(deployment);
+    }
+
+    Ok(AgentConfig {
+        name,
+        consul,
+        log_level,
+        shutdown_grace,
+        session_ttl,
+        deployments: resolved,
+        files,
+    })
+}
+
+fn overlaps(a: &str, b: &str) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+fn parse_log_level(text: &str) -> Option<log::LevelFilter> {
+    text.parse().ok()
+}
+
+/// Connection values from config files.
+#[derive(Debug, Default)]
+pub(crate) struct FileConnection {
+    pub server: Option<String>,
+    pub datacenter: Option<String>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub tls_skip_verify: Option<bool>,
+}
+
+/// Resolves how to reach Consul. The environment variables are Consul's own
+/// (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, …) and the original depro's
+/// (`DEPRO_SERVER`, `DEPRO_TOKEN`, `DEPRO_DATACENTER`); depro's win.
+pub(crate) fn resolve_connection(
+    flags: &ConnectionFlags,
+    env: Env<'_>,
+    file: &FileConnection,
+) -> Result<ConsulSettings, Error> {
+    let mut address = flags
+        .server
+        .clone()
+        .or_else(|| env("DEPRO_SERVER"))
+        .or_else(|| env("CONSUL_HTTP_ADDR"))
+        .or_else(|| file.server.clone())
+        .unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    let ssl = env("CONSUL_HTTP_SSL").is_some_and(|v| truthy(&v));
+    if ssl && !address.contains("://") {
+        address = format!("https://{address}");
+    }
+
+    let token = if let Some(token) = flags.token.clone() {
+        Some(token)
+    } else if let Some(path) = &flags.token_file {
+        Some(read_token(path, "-token-file")?)
+    } else if let Some(token) = env("DEPRO_TOKEN").or_else(|| env("CONSUL_HTTP_TOKEN")) {
+        Some(token)
+    } else if let Some(path) = env("CONSUL_HTTP_TOKEN_FILE") {
+        Some(read_token(Path::new(&path), "CONSUL_HTTP_TOKEN_FILE")?)
+    } else if let Some(token) = file.token.clone() {
+        Some(token)
+    } else if let Some(path) = &file.token_file {
+        Some(read_token(path, "token_file")?)
+    } else {
+        None
+    };
+
+    let path_setting = |flag: &Option<PathBuf>, var: &str, file: &Option<PathBuf>| {
+        flag.clone().or_else(|| env(var).map(PathBuf::from)).or_else(|| file.clone())
+    };
+    let verify_tls = if flags.tls_skip_verify {
+        false
+    } else if let Some(value) = env("CONSUL_HTTP_SSL_VERIFY") {
+        truthy(&value)
+    } else {
+        !file.tls_skip_verify.unwrap_or(false)
+    };
+    let settings = ConsulSettings {
+        address,
+        token: token.map(Secret::new),
+        datacenter: flags
+            .datacenter
+            .clone()
+            .or_else(|| env("DEPRO_DATACENTER"))
+            .or_else(|| file.datacenter.clone()),
+        ca_file: path_setting(&flags.ca_file, "CONSUL_CACERT", &file.ca_file),
+        cert_file: path_setting(&flags.client_cert, "CONSUL_CLIENT_CERT", &file.cert_file),
+        key_file: path_setting(&flags.client_key, "CONSUL_CLIENT_KEY", &file.key_file),
+        verify_tls,
+    };
+    // Catch a bad address or TLS file now, with a clear message.
+    crate::consul::Consul::new(&settings).map_err(Error::Config)?;
+    Ok(settings)
+}
+
+fn truthy(value: &str) -> bool {
+    matches!(value.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+}
+
+fn read_token(path: &Path, from: &str) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!("{} (from {from}): cannot read the token file: {e}", path.display()))
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::Config(format!("{} (from {from}): the token file is empty", path.display())));
+    }
+    Ok(token)
+}
+
+fn hostname() -> Result<String, Error> {
+    let name = nix::unistd::gethostname()
+        .map_err(|e| Error::Config(format!("cannot read the hostname ({e}); set -name")))?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// Lists the config files to read, in order.
+fn config_files(args: &AgentArgs) -> Result<Vec<PathBuf>, Error> {
+    let mut files = Vec::new();
+    for dir in &args.config_dirs {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Error::Config(format!("{} (-config-dir): cannot read the directory: {e}", dir.display()))
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.is_dir())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    for file in &args.config_files {
+        files.push(file.clone());
+    }
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{}: cannot read the config file: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(at) => message[..at].to_string(),
+            None => message,
+        };
+        let hint = if e.is_syntax() || e.is_eof() {
+            "fix the JSON syntax (a missing comma?)"
+        } else {
+            "see depro.json(5) for the fields"
+        };
+        Error::Config(format!("{}:{}:{}: {message}; {hint}", path.display(), e.line(), e.column()))
+    })
+}
+
+fn resolve_deployment(origin: &str, raw: FileDeployment, env: Env<'_>) -> Result<Deployment, Error> {
+    let bad = |field: &str, why: String| Error::Config(format!("{origin}.{field}: {why}"));
+    if raw.id.is_empty()
+        || !raw.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(bad("id", format!("{:?} is not a usable id; use letters, digits, . _ -", raw.id)));
+    }
+    let origin = format!("{origin} (id {:?})", raw.id);
+    let bad = |field: &str, why: String| Error::Config(format!("{origin}.{field}: {why}"));
+    let path = PathBuf::from(&raw.path);
+    if !path.is_absolute() {
+        return Err(bad("path", format!("{:?} is relative; use an absolute path such as /data/deploy/{}", raw.path, raw.id)));
+    }
+    let path = normalize_path(&path);
+    if path == Path::new("/") {
+        return Err(bad("path", "\"/\" cannot be a deployment path; use a directory of its own".into()));
+    }
+    let prefix = Prefix::parse(&raw.prefix).map_err(|why| bad("prefix", why))?;
+    let shell_name = raw.shell.unwrap_or_else(|| "sh".to_string());
+    let shell = find_executable(&shell_name, env).ok_or_else(|| {
+        bad("shell", format!("{shell_name:?} was not found or is not executable; install it or name another shell"))
+    })?;
+    let timeout = match &raw.timeout {
+        None => DEFAULT_HOOK_TIMEOUT,
+        Some(text) => crate::duration::parse(text).map_err(|why| bad("timeout", why))?,
+    };
+    if timeout.is_zero() {
+        return Err(bad("timeout", "must be longer than 0s".into()));
+    }
+    Ok(Deployment {
+        id: raw.id,
+        path,
+        prefix,
+        shell,
+        deploy: raw.deploy,
+        rollout: raw.rollout,
+        clean: raw.clean,
+        timeout,
+        origin,
+    })
+}
+
+/// `/data/deploy/api/` → `/data/deploy/api` (lexically; no symlinks followed).
+fn normalize_path(path: &Path) -> PathBuf {
+    path.components().collect()
+}
+
+fn find_executable(name: &str, env: Env<'_>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return executable(&path).then_some(path);
+    }
+    let search = env("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    search
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| executable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// The seed's example config, with the one fix the issue allows.
+    pub(crate) const SEED_CONFIG: &str = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
+  "deployments": [
+    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
+      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1",
+                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
+      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
+      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] },
+    { "id": "website", "path": "/data/deploy/website/", "prefix": "website/version", "shell": "bash",
+      "deploy":  ["wget -O - http://artifacts.myapp.com/website/$VERSION.tar.gz | tar zxf - || exit 1",
+                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
+      "rollout": ["rm $DEPLOYMENT_PATH/live", "ln -s $DEPLOYMENT_PATH/$VERSION $DEPLOYMENT_PATH/live",
+                  "systemctl reload nginx"] } ] }"#;
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        env: HashMap<String, String>,
+    }
+
+    impl Setup {
+        fn new() -> Setup {
+            let mut env = HashMap::new();
+            env.insert("PATH".to_string(), std::env::var("PATH").unwrap_or_default());
+            Setup { dir: tempfile::tempdir().unwrap(), env }
+        }
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+        fn resolve(&self, args: &AgentArgs) -> Result<AgentConfig, String> {
+            let env = |name: &str| self.env.get(name).cloned();
+            resolve_agent(args, &env).map_err(|e| e.to_string())
+        }
+        fn resolve_dir(&self) -> Result<AgentConfig, String> {
+            self.resolve(&AgentArgs {
+                config_dirs: vec![self.dir.path().to_path_buf()],
+                ..AgentArgs::default()
+            })
+        }
+    }
+
+    fn deployment(id: &str, path: &str, prefix: &str) -> String {
+        format!(r#"{{"id": "{id}", "path": "{path}", "prefix": "{prefix}", "deploy": ["true"]}}"#)
+    }
+
+    #[test]
+    fn the_seed_config_resolves() {
+        let setup = Setup::new();
+        setup.file("depro.json", SEED_CONFIG);
+        let config = setup.resolve_dir().unwrap();
+        assert_eq!(config.name, "workerNode1");
+        assert_eq!(config.consul.address, "localhost:8500");
+        assert_eq!(config.consul.datacenter.as_deref(), Some("dc1"));
+        assert_eq!(config.deployments.len(), 2);
+        let api = &config.deployments[0];
+        assert_eq!(api.path, PathBuf::from("/data/deploy/api"));
+        assert_eq!(api.prefix.as_dir(), "api/version/");
+        assert!(api.shell.ends_with("bash"));
+        assert_eq!(api.timeout, DEFAULT_HOOK_TIMEOUT);
+        assert_eq!(config.deployments[1].clean, Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_seed_config_as_printed_is_rejected_at_the_missing_comma() {
+        let setup = Setup::new();
+        let broken = SEED_CONFIG.replacen("tar zxf - || exit 1\",", "tar zxf - || exit 1\"", 1);
+        let path = setup.file("depro.json", &broken);
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(err.starts_with(&format!("{}:5:", path.display())), "{err}");
+        assert!(err.contains("missing comma"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_position() {
+        let setup = Setup::new();
+        let path = setup.file("a.json", "{\n  \"nmae\": \"x\"\n}");
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(err.starts_with(&format!("{}:2:", path.display())), "{err}");
+        assert!(err.contains("unknown field `nmae`"), "{err}");
+    }
+
+    #[test]
+    fn later_files_override_scalars_and_append_deployments() {
+        let setup = Setup::new();
+        setup.file("10-base.json", &format!(r#"{{"name": "a", "server": "x:1", "deployments": [{}]}}"#, deployment("api", "/d/api", "api/version")));
+        setup.file("20-more.json", &format!(r#"{{"name": "b", "deployments": [{}]}}"#, deployment("web", "/d/web", "web/version")));
+        setup.file("ignored.txt", "not json");
+        let config = setup.resolve_dir().unwrap();
+        assert_eq!(config.name, "b");
+        assert_eq!(config.consul.address, "x:1");
+        let ids: Vec<&str> = config.deployments.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["api", "web"]);
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_files() {
+        let mut setup = Setup::new();
+        setup.file("a.json", r#"{"name": "file", "server": "file:1", "token": "file-token"}"#);
+        setup.env.insert("DEPRO_NAME".into(), "env".into());
+        setup.env.insert("CONSUL_HTTP_ADDR".into(), "env:1".into());
+        setup.env.insert("CONSUL_HTTP_TOKEN".into(), "env-token".into());
+        let from_env = setup.resolve_dir().unwrap();
+        assert_eq!((from_env.name.as_str(), from_env.consul.address.as_str()), ("env", "env:1"));
+        assert_eq!(from_env.consul.token, Some(Secret::new("env-token".into())));
+        let mut args = AgentArgs {
+            config_dirs: vec![setup.dir.path().to_path_buf()],
+            name: Some("flag".into()),
+            ..AgentArgs::default()
+        };
+        args.connection.server = Some("flag:1".into());
+        let from_flags = setup.resolve(&args).unwrap();
+        assert_eq!((from_flags.name.as_str(), from_flags.consul.address.as_str()), ("flag", "flag:1"));
+        setup.env.insert("DEPRO_SERVER".into(), "depro:1".into());
+        assert_eq!(setup.resolve_dir().unwrap().consul.address, "depro:1");
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file_and_never_shows_in_errors() {
+        let mut setup = Setup::new();
+        let token = setup.file("token", "file-secret\n");
+        setup.env.insert("CONSUL_HTTP_TOKEN_FILE".into(), token.display().to_string());
+        assert_eq!(setup.resolve_dir().unwrap().consul.token, Some(Secret::new("file-secret".into())));
+        setup.file("bad.json", r#"{"token": "very-secret", "session_ttl": "5s"}"#);
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(err.contains("session_ttl") && !err.contains("very-secret"), "{err}");
+    }
+
+    #[test]
+    fn bad_deployments_are_named_by_file_index_and_field() {
+        let cases = [
+            (r#"{"id": "api", "path": "data/api", "prefix": "api"}"#, "deployments[0] (id \"api\").path", "relative"),
+            (r#"{"id": "api", "path": "/d/api", "prefix": "api", "shell": "no-such-shell"}"#, ".shell", "not found"),
+            (r#"{"id": "api", "path": "/d/api", "prefix": "api", "timeout": "ten"}"#, ".timeout", "30s, 10m"),
+            (r#"{"id": "api", "path": "/d/api", "prefix": "a b"}"#, ".prefix", "contains"),
+            (r#"{"id": "a/b", "path": "/d/api", "prefix": "api"}"#, "deployments[0].id", "not a usable id"),
+        ];
+        for (text, field, why) in cases {
+            let setup = Setup::new();
+            let path = setup.file("a.json", &format!(r#"{{"deployments": [{text}]}}"#));
+            let err = setup.resolve_dir().unwrap_err();
+            assert!(err.starts_with(&path.display().to_string()), "{err}");
+            assert!(err.contains(field) && err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_prefixes_and_paths_name_both_places() {
+        let cases = [
+            (deployment("api", "/d/a", "p/a"), deployment("api", "/d/b", "p/b"), "id \"api\" is already used"),
+            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/b", "p/a/"), "overlaps"),
+            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/b", "p/a/sub"), "overlaps"),
+            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/a/", "p/b"), "already used"),
+        ];
+        for (first, second, why) in cases {
+            let setup = Setup::new();
+            setup.file("1.json", &format!(r#"{{"deployments": [{first}]}}"#));
+            setup.file("2.json", &format!(r#"{{"deployments": [{second}]}}"#));
+            let err = setup.resolve_dir().unwrap_err();
+            assert!(err.contains(why) && err.contains("1.json") && err.contains("2.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_config_dir_is_a_valid_idle_agent() {
+        let setup = Setup::new();
+        let config = setup.resolve_dir().unwrap();
+        assert!(config.deployments.is_empty());
+        assert_eq!(config.consul.address, DEFAULT_SERVER);
+    }
+
+    #[test]
+    fn a_missing_config_dir_is_named() {
+        let setup = Setup::new();
+        let err = setup
+            .resolve(&AgentArgs {
+                config_dirs: vec!["/no/such/dir".into()],
+                ..AgentArgs::default()
+            })
+            .unwrap_err();
+        assert!(err.contains("/no/such/dir (-config-dir)"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_and_names_are_named() {
+        let setup = Setup::new();
+        let path = setup.file("a.json", r#"{"shutdown_grace": "soon"}"#);
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(err.starts_with(&format!("{}: shutdown_grace", path.display())), "{err}");
+        let setup = Setup::new();
+        setup.file("a.json", r#"{"name": "bad/name"}"#);
+        assert!(setup.resolve_dir().unwrap_err().contains("node name \"bad/name\""));
+    }
+}

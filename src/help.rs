@@ -1,0 +1,141 @@
+//! `depro help [COMMAND]` and `-h`: short usage texts. The full reference
+//! is the man page, depro(1).
+
+use crate::error::{Error, Result};
+
+const OVERVIEW: &str = "\
+depro: deploy versions to a fleet through Consul's KV store
+
+Usage: depro <command> [flags]
+
+Commands:
+  agent      run on every host: follow the tree and deploy, roll out, clean
+  deploy     add a version, wait until enough nodes have it, make it current
+  rollout    make a version that is already deployed current
+  rollback   make the previous current version current again
+  remove     remove versions from every node
+  prune      remove all but the newest versions
+  status     show versions and every node's state (alias: query)
+  version    print the version
+
+Flags take Go style (-nodes=3, -nodes 3) or GNU style (--nodes 3).
+Run `depro help <command>` for a command's flags, `man depro` for all of it.
+";
+
+const CONNECTION: &str = "\
+Consul connection (also from CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
+CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL_VERIFY, DEPRO_SERVER,
+DEPRO_TOKEN, DEPRO_DATACENTER):
+  -server=ADDR        Consul HTTP address, host:port or http(s)://host:port [127.0.0.1:8500]
+  -token=TOKEN        ACL token (prefer CONSUL_HTTP_TOKEN or -token-file)
+  -token-file=FILE    read the ACL token from FILE
+  -datacenter=DC      Consul datacenter
+  -ca-file=FILE       CA certificate for https
+  -client-cert=FILE   client certificate for https
+  -client-key=FILE    client key for https
+  -tls-skip-verify    do not verify Consul's certificate
+";
+
+fn command_text(command: &str) -> Option<&'static str> {
+    Some(match command {
+        "agent" => "\
+Usage: depro agent -config-dir=/etc/depro/ [flags]
+
+Runs on every host: watches each configured deployment's prefix in Consul and
+makes its directory follow it. SIGTERM/SIGINT stop it (a running hook may
+finish within shutdown_grace), SIGHUP reloads the configuration.
+
+  -config-dir=DIR     read every *.json in DIR, in name order (repeatable)
+  -config-file=FILE   read FILE (repeatable)
+  -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
+  -log-level=LEVEL    error, warn, info, debug or trace [info]
+",
+        "deploy" => "\
+Usage: depro deploy VERSION -prefix=PREFIX [-nodes=N] [flags]
+
+Creates VERSION in the tree, waits until at least N nodes have it and none
+failed, switches current to it (check-and-set), and waits for the rollout.
+
+  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
+  -nodes=N                nodes that must have the version [1]
+  -timeout=DURATION       give up after this long [10m]
+  -keep=K                 afterwards, remove all but the K newest versions
+  -no-rollout             stop once the version is ready everywhere
+  -rollback-on-failure    switch current back if a rollout fails
+",
+        "rollout" => "\
+Usage: depro rollout VERSION -prefix=PREFIX [-nodes=N] [flags]
+
+Makes a version that is already in the tree current, with the same checks as
+deploy (rollforward, or rollback to a named version).
+
+  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
+  -nodes=N                nodes that must have the version [1]
+  -timeout=DURATION       give up after this long [10m]
+  -rollback-on-failure    switch current back if a rollout fails
+",
+        "rollback" => "\
+Usage: depro rollback -prefix=PREFIX [-nodes=N] [-to=VERSION] [flags]
+
+Makes the version that was current before the present one current again.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -to=VERSION         roll back to this version instead
+  -nodes=N            nodes that must have the version [1]
+  -timeout=DURATION   give up after this long [10m]
+",
+        "remove" => "\
+Usage: depro remove VERSION... -prefix=PREFIX [-wait] [flags]
+
+Removes versions (never current): every node cleans its directory.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -wait               follow the purge until no node has the version
+  -timeout=DURATION   with -wait, give up after this long [10m]
+",
+        "prune" => "\
+Usage: depro prune -prefix=PREFIX -keep=K [flags]
+
+Removes all but the K newest versions (never current nor the previous one).
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -keep=K             how many versions to keep
+",
+        "status" | "query" => "\
+Usage: depro status -prefix=PREFIX [VERSION] [-json] [flags]
+
+Shows every version in creation order, which is current, and each node's state.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -json               print a machine-readable document instead of a table
+",
+        "version" => "Usage: depro version (or depro --version)\n",
+        "help" => "Usage: depro help [COMMAND]\n",
+        _ => return None,
+    })
+}
+
+/// The text `depro help [topic]` prints.
+pub(crate) fn text(topic: Option<&str>) -> Result<String> {
+    match topic {
+        None => Ok(OVERVIEW.to_string()),
+        Some(command) => {
+            let text = command_text(command).ok_or_else(|| {
+                Error::Usage(format!(
+                    "no help for {command:?}; the commands are {}",
+                    crate::cli::COMMANDS.join(", ")
+                ))
+            })?;
+            let connection = !matches!(command, "version" | "help");
+            Ok(if connection { format!("{text}\n{CONNECTION}") } else { text.to_string() })
+        }
+    }
+}
+
+/// `depro --version`: the version and, if built from a checkout, the commit.
+pub(crate) fn version() -> String {
+    match option_env!("DEPRO_COMMIT") {
+        Some(commit) => format!("depro {} (commit {commit})", env!("CARGO_PKG_VERSION")),
+        None => format!("depro {}", env!("CARGO_PKG_VERSION")),
+    }
+}

@@ -1,0 +1,240 @@
+//! Running hook scripts: `std::process`, process groups, output, outcomes.
+//!
+//! A hook is a list of lines from the config. depro runs them as one script,
+//! `<shell> -c <script>`, where the script is:
+//!
+//! ```sh
+//! set -e
+//! (set -o pipefail) 2>/dev/null && set -o pipefail
+//! <line 1>
+//! <line 2>
+//! ```
+//!
+//! so any failing line fails the hook (errexit), and where the shell knows
+//! `pipefail` (bash, zsh, ksh, busybox ash) a pipeline fails when any of its
+//! commands fails, not only the last. Debian's `sh` (dash 0.5.12) has no
+//! `pipefail`: there a pipeline's status is its last command's, and the agent
+//! warns at start-up about hooks that use a pipe with such a shell (use
+//! `"shell": "bash"`). The usual `set -e` exceptions apply: commands tested
+//! by `if`, `while`, `&&`, `||` or `!` do not end the script.
+//!
+//! Each hook runs in a process group of its own, so that a timeout or a
+//! shutdown can signal every process it started. Its stdout and stderr go to
+//! the agent's log line by line, prefixed with the deployment and version.
+//! The ACL token variables are removed from its environment.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Environment variables never passed to hooks (they hold the ACL token).
+const SECRET_VARIABLES: [&str; 2] = ["CONSUL_HTTP_TOKEN", "DEPRO_TOKEN"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HookKind {
+    Deploy,
+    Rollout,
+    Clean,
+}
+
+impl HookKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            HookKind::Deploy => "deploy",
+            HookKind::Rollout => "rollout",
+            HookKind::Clean => "clean",
+        }
+    }
+}
+
+/// Everything needed to start one hook.
+pub(crate) struct Hook<'a> {
+    pub kind: HookKind,
+    pub shell: &'a Path,
+    pub lines: &'a [String],
+    pub cwd: &'a Path,
+    pub env: Vec<(&'static str, String)>,
+    /// Prefix of the hook's log lines, e.g. `api 1.2.3`.
+    pub label: String,
+}
+
+/// The script a hook's lines become.
+pub(crate) fn script(lines: &[String]) -> String {
+    let mut script = String::from("set -e\n(set -o pipefail) 2>/dev/null && set -o pipefail\n");
+    for line in lines {
+        script.push_str(line);
+        script.push('\n');
+    }
+    script
+}
+
+/// Whether `shell` understands `set -o pipefail`.
+pub(crate) fn supports_pipefail(shell: &Path) -> bool {
+    Command::new(shell)
+        .args(["-c", "set -o pipefail"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a hook line has a pipeline (a `|` that is not part of `||`).
+pub(crate) fn has_pipe(line: &str) -> bool {
+    line.replace("||", "").contains('|')
+}
+
+/// A started hook: the leader of its own process group.
+pub(crate) struct Running {
+    pgid: Pid,
+}
+
+impl Running {
+    /// Asks every process of the hook to stop (SIGTERM to the group).
+    pub(crate) fn terminate(&self) {
+        let _ = killpg(self.pgid, Signal::SIGTERM);
+    }
+
+    /// Stops every process of the hook at once (SIGKILL to the group).
+    pub(crate) fn kill(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+}
+
+/// Starts a hook. `on_exit` is called from a waiter thread with the exit
+/// status of the shell once it has ended.
+pub(crate) fn spawn(
+    hook: &Hook<'_>,
+    on_exit: impl FnOnce(std::io::Result<ExitStatus>) + Send + 'static,
+) -> std::io::Result<Running> {
+    let mut command = Command::new(hook.shell);
+    command
+        .arg("-c")
+        .arg(script(hook.lines))
+        .arg(format!("depro-{}", hook.kind.as_str()))
+        .current_dir(hook.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for name in SECRET_VARIABLES {
+        command.env_remove(name);
+    }
+    command.envs(hook.env.iter().map(|(k, v)| (*k, v)));
+    let mut child = command.spawn()?;
+    let pgid = Pid::from_raw(child.id() as i32);
+    let label = format!("{} {}", hook.label, hook.kind.as_str());
+    if let Some(out) = child.stdout.take() {
+        forward_lines(out, label.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_lines(err, label);
+    }
+    std::thread::Builder::new()
+        .name("hook-wait".into())
+        .stack_size(64 * 1024)
+        .spawn(move || on_exit(child.wait()))?;
+    Ok(Running { pgid })
+}
+
+/// Sends each line a hook prints to the log, with its label.
+fn forward_lines(stream: impl Read + Send + 'static, label: String) {
+    let _ = std::thread::Builder::new()
+        .name("hook-output".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while let Ok(n) = reader.read_until(b'\n', &mut line) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&line);
+                log::info!("[{label}] {}", text.trim_end_matches(['\n', '\r']));
+                line.clear();
+            }
+        });
+}
+
+/// How a hook ended, in words for the log; `None` for success.
+pub(crate) fn failure(status: &std::io::Result<ExitStatus>) -> Option<String> {
+    match status {
+        Ok(status) if status.success() => None,
+        Ok(status) => Some(match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => match Signal::try_from(signal) {
+                Ok(signal) => format!("was killed by {signal}"),
+                Err(_) => format!("was killed by signal {signal}"),
+            },
+            (None, None) => "ended abnormally".to_string(),
+        }),
+        Err(e) => Some(format!("could not be waited for: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn run(lines: &[&str]) -> Option<String> {
+        run_with("sh", lines)
+    }
+
+    fn run_with(shell: &str, lines: &[&str]) -> Option<String> {
+        let lines: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+        let (tx, rx) = mpsc::channel();
+        let hook = Hook {
+            kind: HookKind::Deploy,
+            shell: Path::new(shell),
+            lines: &lines,
+            cwd: Path::new("/"),
+            env: vec![("VERSION", "v1".into())],
+            label: "test v1".into(),
+        };
+        spawn(&hook, move |status| tx.send(status).unwrap()).unwrap();
+        failure(&rx.recv_timeout(Duration::from_secs(20)).unwrap())
+    }
+
+    #[test]
+    fn any_failing_line_fails_the_hook() {
+        assert_eq!(run(&["true", "true"]), None);
+        assert_eq!(run(&["false", "true"]).as_deref(), Some("exited with status 1"));
+        assert_eq!(run(&["exit 7"]).as_deref(), Some("exited with status 7"));
+    }
+
+    #[test]
+    fn a_failing_command_inside_a_pipeline_fails_the_hook_where_the_shell_has_pipefail() {
+        assert!(supports_pipefail(Path::new("bash")));
+        assert!(run_with("bash", &["false | cat", "true"]).is_some());
+        assert_eq!(run_with("bash", &["true | cat", "false || true"]), None);
+    }
+
+    #[test]
+    fn shells_without_pipefail_still_run_hooks() {
+        // dash: the pipefail probe must not break the script.
+        assert_eq!(run_with("sh", &["true | cat"]), None);
+        assert!(run_with("sh", &["true | false"]).is_some());
+    }
+
+    #[test]
+    fn pipes_are_told_from_or_lists() {
+        assert!(has_pipe("wget -O - x | tar zxf - || exit 1"));
+        assert!(!has_pipe("test -f x || exit 1"));
+    }
+
+    #[test]
+    fn hooks_see_their_environment() {
+        assert_eq!(run(&["test \"$VERSION\" = v1"]), None);
+    }
+
+    #[test]
+    fn a_killed_hook_names_the_signal() {
+        assert_eq!(run(&["kill -KILL $$"]).as_deref(), Some("was killed by SIGKILL"));
+    }
+}

@@ -1,0 +1,79 @@
+//! The agent's log: one line per event on stderr. Under systemd (when
+//! `JOURNAL_STREAM` is set) lines carry a syslog priority prefix instead of
+//! a timestamp, so the journal records levels and times itself.
+
+use std::io::Write;
+
+/// Starts logging at `level`. `DEPRO_LOG` (env_logger syntax, e.g.
+/// `debug` or `depro=trace`) overrides it for debugging.
+pub(crate) fn init(level: log::LevelFilter) {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(log::LevelFilter::Trace);
+    builder.target(env_logger::Target::Stderr);
+    builder.format(move |out, record| {
+        if journal {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(out, "<{priority}>{}", record.args())
+        } else {
+            writeln!(out, "{} {:<5} {}", utc_now(), record.level(), record.args())
+        }
+    });
+    let _ = builder.try_init();
+    set_level(level);
+}
+
+/// Changes the level (on reload). `DEPRO_LOG` still wins.
+pub(crate) fn set_level(level: log::LevelFilter) {
+    let level = std::env::var("DEPRO_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(level);
+    log::set_max_level(level);
+}
+
+/// Now, as `2026-11-26T10:18:16.123Z`.
+fn utc_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_418), (2025, 11, 26));
+        assert_eq!(super::civil_from_days(11_016), (2000, 2, 29));
+    }
+}
