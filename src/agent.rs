@@ -41,9 +41,17 @@ const KILL_AFTER: Duration = Duration::from_secs(5);
 
 /// What the other threads tell the main loop.
 pub(crate) enum Event {
-    Seen { watch: u64, seen: Seen },
-    SessionLost { session: String },
-    HookExited { hook: u64, status: std::io::Result<ExitStatus> },
+    Seen {
+        watch: u64,
+        seen: Seen,
+    },
+    SessionLost {
+        session: String,
+    },
+    HookExited {
+        hook: u64,
+        status: std::io::Result<ExitStatus>,
+    },
     Signal(Signal),
 }
 
@@ -132,7 +140,12 @@ struct DeploymentState {
 impl DeploymentState {
     fn open(spec: Deployment) -> Result<DeploymentState> {
         let wrap = |e: Error| Error::Config(format!("{}.path: {e}", spec.origin));
-        let piped = spec.deploy.iter().chain(&spec.rollout).chain(&spec.clean).any(|l| hooks::has_pipe(l));
+        let piped = spec
+            .deploy
+            .iter()
+            .chain(&spec.rollout)
+            .chain(&spec.clean)
+            .any(|l| hooks::has_pipe(l));
         if piped && !hooks::supports_pipefail(&spec.shell) {
             log::warn!(
                 "{}: {} has no pipefail, so a failing command inside a pipeline of a hook goes unnoticed; \
@@ -142,6 +155,15 @@ impl DeploymentState {
             );
         }
         let dir = DeploymentDir::open(&spec.path).map_err(wrap)?;
+        if let Some(pgid) = dir.leftover_hook() {
+            if hooks::kill_leftover(pgid) {
+                log::warn!(
+                    "{}: killed the hook (process group {pgid}) an earlier run left running",
+                    spec.id
+                );
+            }
+            dir.clear_hook().map_err(wrap)?;
+        }
         let disk = dir.load().map_err(wrap)?;
         Ok(DeploymentState {
             spec,
@@ -218,7 +240,12 @@ impl From<Error> for Failure {
 }
 
 impl Agent {
-    fn new(args: AgentArgs, config: AgentConfig, tx: Sender<Event>, rx: Receiver<Event>) -> Result<Agent> {
+    fn new(
+        args: AgentArgs,
+        config: AgentConfig,
+        tx: Sender<Event>,
+        rx: Receiver<Event>,
+    ) -> Result<Agent> {
         let consul = Arc::new(Consul::new(&config.consul).map_err(Error::Config)?);
         let mut deployments = Vec::new();
         let mut stale_sessions = BTreeSet::new();
@@ -264,7 +291,10 @@ impl Agent {
                 continue;
             }
             let event = match self.next_wakeup() {
-                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Some(at) => match self
+                    .rx
+                    .recv_timeout(at.saturating_duration_since(Instant::now()))
+                {
                     Ok(event) => event,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -287,7 +317,11 @@ impl Agent {
                 describe_files(&self.config.files)
             );
         } else {
-            let ids: Vec<&str> = self.deployments.iter().map(|d| d.spec.id.as_str()).collect();
+            let ids: Vec<&str> = self
+                .deployments
+                .iter()
+                .map(|d| d.spec.id.as_str())
+                .collect();
             log::info!(
                 "depro agent {} follows {} via Consul at {}",
                 self.config.name,
@@ -309,7 +343,9 @@ impl Agent {
             Event::Seen { watch, seen } => self.seen(watch, seen),
             Event::SessionLost { session } => {
                 if self.session.as_ref().is_some_and(|s| s.id == session) {
-                    log::warn!("the Consul session expired or was lost; making a new one and registering again");
+                    log::warn!(
+                        "the Consul session expired or was lost; making a new one and registering again"
+                    );
                     self.session = None;
                     for deployment in &mut self.deployments {
                         deployment.reported.clear();
@@ -423,7 +459,10 @@ impl Agent {
                         let _ = tx.send(Event::SessionLost { session: lost });
                     },
                 );
-                self.session = Some(ActiveSession { id, _keeper: keeper });
+                self.session = Some(ActiveSession {
+                    id,
+                    _keeper: keeper,
+                });
             }
             Err(e) => {
                 self.health.unreachable(&e);
@@ -450,17 +489,25 @@ impl Agent {
             let id = &spec.id;
             desired.insert(
                 (id.clone(), Purpose::Listing),
-                Target::Keys { prefix: spec.prefix.as_dir().to_string() },
+                Target::Keys {
+                    prefix: spec.prefix.as_dir().to_string(),
+                },
             );
             desired.insert(
                 (id.clone(), Purpose::Current),
-                Target::Key { key: spec.prefix.current_key(), consistent: false },
+                Target::Key {
+                    key: spec.prefix.current_key(),
+                    consistent: false,
+                },
             );
             if let Some(Some(listing)) = &deployment.view.listing {
                 for version in &listing.folders {
                     desired.insert(
                         (id.clone(), Purpose::Folder(version.clone())),
-                        Target::Key { key: spec.prefix.folder_key(version), consistent: false },
+                        Target::Key {
+                            key: spec.prefix.folder_key(version),
+                            consistent: false,
+                        },
                     );
                 }
             }
@@ -468,12 +515,20 @@ impl Agent {
                 if *state == NodeState::Failed {
                     desired.insert(
                         (id.clone(), Purpose::OwnKey(version.clone())),
-                        Target::Key { key: spec.prefix.node_key(version, &self.config.name), consistent: true },
+                        Target::Key {
+                            key: spec.prefix.node_key(version, &self.config.name),
+                            consistent: true,
+                        },
                     );
                 }
             }
         }
-        let obsolete: Vec<WatchKey> = self.watches.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+        let obsolete: Vec<WatchKey> = self
+            .watches
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
         for key in obsolete {
             if let Some(watch) = self.watches.remove(&key) {
                 self.watch_keys.remove(&watch.id);
@@ -490,16 +545,27 @@ impl Agent {
             }
             let id = self.next_id();
             let tx = self.tx.clone();
-            let handle = watch::spawn(self.consul.clone(), target, self.health.clone(), move |seen| {
-                tx.send(Event::Seen { watch: id, seen }).is_ok()
-            });
+            let handle = watch::spawn(
+                self.consul.clone(),
+                target,
+                self.health.clone(),
+                move |seen| tx.send(Event::Seen { watch: id, seen }).is_ok(),
+            );
             self.watch_keys.insert(id, key.clone());
-            self.watches.insert(key, RunningWatch { id, _handle: handle });
+            self.watches.insert(
+                key,
+                RunningWatch {
+                    id,
+                    _handle: handle,
+                },
+            );
         }
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        let mut at = self.session_retry.filter(|_| self.session.is_none() && !self.deployments.is_empty());
+        let mut at = self
+            .session_retry
+            .filter(|_| self.session.is_none() && !self.deployments.is_empty());
         for deployment in &self.deployments {
             if let Some(blocked) = deployment.blocked_until {
                 at = Some(at.map_or(blocked, |a| a.min(blocked)));
@@ -520,7 +586,9 @@ impl Agent {
                 continue;
             }
             deployment.blocked_until = None;
-            let Some(wanted) = deployment.view.wanted() else { continue };
+            let Some(wanted) = deployment.view.wanted() else {
+                continue;
+            };
             let reports = match self.session {
                 Some(_) => Reports::Online(&deployment.reported),
                 None => Reports::Offline,
@@ -557,11 +625,21 @@ impl Agent {
         }
     }
 
-    fn report(&mut self, index: usize, version: &VersionName, state: NodeState) -> std::result::Result<(), Failure> {
-        let Some(session) = &self.session else { return Ok(()) };
+    fn report(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        state: NodeState,
+    ) -> std::result::Result<(), Failure> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
         let deployment = &mut self.deployments[index];
         let key = deployment.spec.prefix.node_key(version, &self.config.name);
-        if self.consul.put(&key, state.as_str().as_bytes(), Write::Acquire(&session.id))? {
+        if self
+            .consul
+            .put(&key, state.as_str().as_bytes(), Write::Acquire(&session.id))?
+        {
             self.health.reachable(&self.consul);
             log::info!("{}: {state}", deployment.label(version));
             deployment.reported.insert(version.clone(), state);
@@ -575,7 +653,11 @@ impl Agent {
         }
     }
 
-    fn unreport(&mut self, index: usize, version: &VersionName) -> std::result::Result<(), Failure> {
+    fn unreport(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+    ) -> std::result::Result<(), Failure> {
         let deployment = &mut self.deployments[index];
         let key = deployment.spec.prefix.node_key(version, &self.config.name);
         self.consul.delete(&key, None)?;
@@ -588,7 +670,10 @@ impl Agent {
         let deployment = &mut self.deployments[index];
         let key = deployment.spec.prefix.folder_key(version);
         if self.consul.put(&key, b"", Write::Cas(0))? {
-            log::warn!("{}: current names {version} but its folder key was missing; re-created it", deployment.spec.id);
+            log::warn!(
+                "{}: current names {version} but its folder key was missing; re-created it",
+                deployment.spec.id
+            );
         }
         deployment.view.repaired.insert(version.clone());
         Ok(())
@@ -598,12 +683,18 @@ impl Agent {
         let deployment = &mut self.deployments[index];
         match deployment.dir.stage(version) {
             Ok(()) => {
-                deployment.disk.versions.insert(version.clone(), LocalVersion::Deploying);
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::Deploying);
                 Ok(())
             }
             Err(Error::Refused(why)) => {
                 log::error!("{}: {why}", deployment.label(version));
-                deployment.disk.versions.insert(version.clone(), LocalVersion::DeployFailed);
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::DeployFailed);
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -612,17 +703,27 @@ impl Agent {
 
     fn deploy(&mut self, index: usize, version: &VersionName) -> std::result::Result<(), Failure> {
         let dir = self.deployments[index].dir.fresh_version_dir(version)?;
-        log::info!("{}: deploying into {}", self.deployments[index].label(version), dir.display());
+        log::info!(
+            "{}: deploying into {}",
+            self.deployments[index].label(version),
+            dir.display()
+        );
         let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None);
         let deployment = &mut self.deployments[index];
         match outcome {
             Ok(()) => {
                 deployment.dir.mark_ready(version)?;
-                deployment.disk.versions.insert(version.clone(), LocalVersion::Ready);
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::Ready);
                 log::info!("{}: deployed", deployment.label(version));
             }
             Err(why) => {
-                deployment.disk.versions.insert(version.clone(), LocalVersion::DeployFailed);
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::DeployFailed);
                 log::error!(
                     "{}: the deploy hook {why}; reporting failed (fix it, then run `depro deploy {version}` again to retry)",
                     deployment.label(version)
@@ -632,11 +733,21 @@ impl Agent {
         Ok(())
     }
 
-    fn rollout(&mut self, index: usize, to: &VersionName, from: Option<&VersionName>) -> std::result::Result<(), Failure> {
+    fn rollout(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<&VersionName>,
+    ) -> std::result::Result<(), Failure> {
         let deployment = &mut self.deployments[index];
         deployment.dir.begin_rollout(to)?;
-        deployment.disk.rollout = Some(RolloutAttempt { to: to.clone(), failed: false });
-        let from_text = from.map(|v| v.to_string()).unwrap_or_else(|| "nothing".into());
+        deployment.disk.rollout = Some(RolloutAttempt {
+            to: to.clone(),
+            failed: false,
+        });
+        let from_text = from
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "nothing".into());
         log::info!("{}: rolling out (from {from_text})", deployment.label(to));
         let cwd = deployment.spec.path.clone();
         let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from));
@@ -649,8 +760,14 @@ impl Agent {
                 log::info!("{}: live", deployment.label(to));
             }
             Err(why) => {
-                deployment.disk.rollout = Some(RolloutAttempt { to: to.clone(), failed: true });
-                log::error!("{}: the rollout hook {why}; reporting failed", deployment.label(to));
+                deployment.disk.rollout = Some(RolloutAttempt {
+                    to: to.clone(),
+                    failed: true,
+                });
+                log::error!(
+                    "{}: the rollout hook {why}; reporting failed",
+                    deployment.label(to)
+                );
             }
         }
         Ok(())
@@ -700,10 +817,16 @@ impl Agent {
             ("DEPLOYMENT_PATH", spec.path.display().to_string()),
             ("DEPLOYMENT_PREFIX", spec.prefix.to_string()),
             ("AGENT_NAME", self.config.name.clone()),
-            ("VERSION_PATH", spec.path.join(version.as_str()).display().to_string()),
+            (
+                "VERSION_PATH",
+                spec.path.join(version.as_str()).display().to_string(),
+            ),
         ];
         if let Some(previous) = previous {
-            env.push(("PREVIOUS_VERSION", previous.map(|v| v.to_string()).unwrap_or_default()));
+            env.push((
+                "PREVIOUS_VERSION",
+                previous.map(|v| v.to_string()).unwrap_or_default(),
+            ));
         }
         let timeout = spec.timeout;
         let tx = self.tx.clone();
@@ -716,10 +839,32 @@ impl Agent {
             label: format!("{} {version}", spec.id),
         };
         let running = hooks::spawn(&hook, move |status| {
-            let _ = tx.send(Event::HookExited { hook: hook_id, status });
+            let _ = tx.send(Event::HookExited {
+                hook: hook_id,
+                status,
+            });
         })
         .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
+        let dir = &self.deployments[index].dir;
+        if let Err(e) = dir.record_hook(running.pgid()) {
+            log::warn!("{e}");
+        }
+        let outcome = self.wait_for_hook(&running, hook_id, kind, version, index, timeout);
+        if let Err(e) = self.deployments[index].dir.clear_hook() {
+            log::warn!("{e}");
+        }
+        outcome
+    }
 
+    fn wait_for_hook(
+        &mut self,
+        running: &hooks::Running,
+        hook_id: u64,
+        kind: HookKind,
+        version: &VersionName,
+        index: usize,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
         #[derive(Clone, Copy, PartialEq)]
         enum Phase {
             Running,
@@ -739,7 +884,10 @@ impl Agent {
             why = Why::Shutdown;
         }
         loop {
-            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(Event::HookExited { hook, status }) if hook == hook_id => {
                     if phase != Phase::Running {
                         running.kill(); // leave no stragglers in the group
@@ -748,8 +896,13 @@ impl Agent {
                         (None, _) => Ok(()),
                         (Some(failure), Phase::Running) => Err(failure),
                         (Some(failure), _) => Err(match why {
-                            Why::Timeout => format!("timed out after {} and {failure}", crate::duration::human(timeout)),
-                            Why::Shutdown => format!("was stopped by the agent's shutdown and {failure}"),
+                            Why::Timeout => format!(
+                                "timed out after {} and {failure}",
+                                crate::duration::human(timeout)
+                            ),
+                            Why::Shutdown => {
+                                format!("was stopped by the agent's shutdown and {failure}")
+                            }
                         }),
                     };
                 }
@@ -778,7 +931,8 @@ impl Agent {
                             self.deployments[index].spec.id,
                             kind.as_str(),
                             match why {
-                                Why::Timeout => format!("timed out after {}", crate::duration::human(timeout)),
+                                Why::Timeout =>
+                                    format!("timed out after {}", crate::duration::human(timeout)),
                                 Why::Shutdown => "the shutdown grace period is over".to_string(),
                             }
                         );
@@ -807,7 +961,8 @@ impl Agent {
             return;
         }
         log::info!("SIGHUP: reloading the configuration");
-        let applied = config::resolve_agent(&self.args, &config::process_env).and_then(|new| self.apply(new));
+        let applied =
+            config::resolve_agent(&self.args, &config::process_env).and_then(|new| self.apply(new));
         match applied {
             Ok(()) => self.announce(),
             Err(e) => log::error!("reload: {e}; keeping the running configuration"),
@@ -834,7 +989,10 @@ impl Agent {
             let deployment = match opened.remove(&spec.path) {
                 Some(fresh) => fresh,
                 None => {
-                    let at = old.iter().position(|d| d.spec.path == spec.path).expect("kept deployment");
+                    let at = old
+                        .iter()
+                        .position(|d| d.spec.path == spec.path)
+                        .expect("kept deployment");
                     let mut kept = old.remove(at);
                     topology_changed |= kept.spec.id != spec.id || kept.spec.prefix != spec.prefix;
                     kept.spec = spec.clone();
@@ -880,7 +1038,10 @@ impl Agent {
 
 /// An operator deleted this node's `failed` key: try again.
 fn retry(deployment: &mut DeploymentState, version: &VersionName) {
-    log::info!("{}: failed key removed by an operator; retrying", deployment.label(version));
+    log::info!(
+        "{}: failed key removed by an operator; retrying",
+        deployment.label(version)
+    );
     deployment.reported.remove(version);
     if deployment.disk.versions.get(version) == Some(&LocalVersion::DeployFailed) {
         deployment.disk.versions.remove(version);

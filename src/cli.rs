@@ -239,14 +239,18 @@ fn connection_flag(
 ) -> Result<bool, Error> {
     let err = usage(Some(command));
     match arg.key() {
-        Key::Long("server" | "http-addr" | "address") => flags.server = Some(string(parser, command)?),
+        Key::Long("server" | "http-addr" | "address") => {
+            flags.server = Some(string(parser, command)?)
+        }
         Key::Long("token") => flags.token = Some(string(parser, command)?),
         Key::Long("token-file") => flags.token_file = Some(parser.value().map_err(&err)?.into()),
         Key::Long("datacenter" | "dc") => flags.datacenter = Some(string(parser, command)?),
         Key::Long("ca-file") => flags.ca_file = Some(parser.value().map_err(&err)?.into()),
         Key::Long("client-cert") => flags.client_cert = Some(parser.value().map_err(&err)?.into()),
         Key::Long("client-key") => flags.client_key = Some(parser.value().map_err(&err)?.into()),
-        Key::Long("tls-skip-verify") => flags.tls_skip_verify = boolean(parser, "tls-skip-verify", command)?,
+        Key::Long("tls-skip-verify") => {
+            flags.tls_skip_verify = boolean(parser, "tls-skip-verify", command)?
+        }
         _ => return Ok(false),
     }
     Ok(true)
@@ -309,8 +313,12 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("config-dir") => args.config_dirs.push(parser.value().map_err(usage(Some(command)))?.into()),
-            Key::Long("config-file") => args.config_files.push(parser.value().map_err(usage(Some(command)))?.into()),
+            Key::Long("config-dir") => args
+                .config_dirs
+                .push(parser.value().map_err(usage(Some(command)))?.into()),
+            Key::Long("config-file") => args
+                .config_files
+                .push(parser.value().map_err(usage(Some(command)))?.into()),
             Key::Long("name" | "node") => args.name = Some(string(parser, command)?),
             Key::Long("log-level") => args.log_level = Some(string(parser, command)?),
             _ => return Err(unexpected(&arg, command)),
@@ -376,7 +384,8 @@ fn missing_version(command: &str) -> Error {
 fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "rollout";
     let mut tree = TreeArgs::default();
-    let (mut version, mut nodes, mut timeout, mut rollback_on_failure) = (None, 1, DEFAULT_TIMEOUT, false);
+    let (mut version, mut nodes, mut timeout, mut rollback_on_failure) =
+        (None, 1, DEFAULT_TIMEOUT, false);
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
@@ -487,7 +496,11 @@ fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, E
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    Ok(Command::Status(StatusArgs { tree, version, json }))
+    Ok(Command::Status(StatusArgs {
+        tree,
+        version,
+        json,
+    }))
 }
 
 #[cfg(test)]
@@ -531,8 +544,14 @@ mod tests {
             &["deploy", "-nodes=3", "v1", "-timeout=1m"],
         ];
         for form in forms {
-            let Command::Deploy(args) = parse_str(form).unwrap() else { panic!() };
-            assert_eq!((args.nodes, args.timeout), (3, Duration::from_secs(60)), "{form:?}");
+            let Command::Deploy(args) = parse_str(form).unwrap() else {
+                panic!()
+            };
+            assert_eq!(
+                (args.nodes, args.timeout),
+                (3, Duration::from_secs(60)),
+                "{form:?}"
+            );
         }
     }
 
@@ -561,8 +580,13 @@ mod tests {
         assert_eq!(parse_str(&[]).unwrap(), Command::Help(None));
         assert_eq!(parse_str(&["--version"]).unwrap(), Command::Version);
         assert_eq!(parse_str(&["version"]).unwrap(), Command::Version);
-        assert_eq!(parse_str(&["help", "deploy"]).unwrap(), Command::Help(Some("deploy".into())));
-        for command in ["agent", "deploy", "rollout", "rollback", "remove", "prune", "status"] {
+        assert_eq!(
+            parse_str(&["help", "deploy"]).unwrap(),
+            Command::Help(Some("deploy".into()))
+        );
+        for command in [
+            "agent", "deploy", "rollout", "rollback", "remove", "prune", "status",
+        ] {
             assert_eq!(
                 parse_str(&[command, "-h"]).unwrap(),
                 Command::Help(Some(command.into())),
@@ -573,25 +597,40 @@ mod tests {
 
     #[test]
     fn bad_flags_are_named_with_a_hint() {
-        let err = parse_str(&["deploy", "v1", "-nodes=three"]).unwrap_err().to_string();
+        let err = parse_str(&["deploy", "v1", "-nodes=three"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("-nodes") && err.contains("three"), "{err}");
-        let err = parse_str(&["deploy", "v1", "-bogus"]).unwrap_err().to_string();
-        assert!(err.contains("-bogus") && err.contains("depro help deploy"), "{err}");
-        let err = parse_str(&["deploy", "v1", "-timeout=5"]).unwrap_err().to_string();
+        let err = parse_str(&["deploy", "v1", "-bogus"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("-bogus") && err.contains("depro help deploy"),
+            "{err}"
+        );
+        let err = parse_str(&["deploy", "v1", "-timeout=5"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("-timeout") && err.contains("no unit"), "{err}");
         let err = parse_str(&["frobnicate"]).unwrap_err().to_string();
         assert!(err.contains("unknown command"), "{err}");
         let err = parse_str(&["deploy", "-prefix=x"]).unwrap_err().to_string();
         assert!(err.contains("needs a VERSION"), "{err}");
-        let err = parse_str(&["agent", "-config-dir"]).unwrap_err().to_string();
+        let err = parse_str(&["agent", "-config-dir"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("-config-dir") && !err.contains("--"), "{err}");
     }
 
     #[test]
     fn boolean_flags_take_go_style_values() {
-        let Command::Status(args) = parse_str(&["status", "-json=false"]).unwrap() else { panic!() };
+        let Command::Status(args) = parse_str(&["status", "-json=false"]).unwrap() else {
+            panic!()
+        };
         assert!(!args.json);
-        let Command::Status(args) = parse_str(&["query", "-json"]).unwrap() else { panic!() };
+        let Command::Status(args) = parse_str(&["query", "-json"]).unwrap() else {
+            panic!()
+        };
         assert!(args.json);
     }
 }

@@ -113,7 +113,9 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
                 }
             )*};
         }
-        take!(name, server, datacenter, token, token_file, ca_file, cert_file, key_file);
+        take!(
+            name, server, datacenter, token, token_file, ca_file, cert_file, key_file
+        );
         take!(tls_skip_verify, log_level, shutdown_grace, session_ttl);
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
@@ -124,7 +126,12 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         None => field.to_string(),
     };
 
-    let name = match args.name.clone().or_else(|| env("DEPRO_NAME")).or(merged.name.clone()) {
+    let name = match args
+        .name
+        .clone()
+        .or_else(|| env("DEPRO_NAME"))
+        .or(merged.name.clone())
+    {
         Some(name) => name,
         None => hostname()?,
     };
@@ -152,15 +159,19 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         .map(|l| (l, "-log-level".to_string()))
         .or_else(|| merged.log_level.clone().map(|l| (l, origin("log_level"))))
     {
-        Some((text, from)) => parse_log_level(&text)
-            .ok_or_else(|| Error::Config(format!("{from}: {text:?} is not a log level; use error, warn, info, debug or trace")))?,
+        Some((text, from)) => parse_log_level(&text).ok_or_else(|| {
+            Error::Config(format!(
+                "{from}: {text:?} is not a log level; use error, warn, info, debug or trace"
+            ))
+        })?,
         None => log::LevelFilter::Info,
     };
-    let duration_field = |value: &Option<String>, field: &'static str, default: Duration| match value {
-        None => Ok(default),
-        Some(text) => crate::duration::parse(text)
-            .map_err(|why| Error::Config(format!("{}: {why}", origin(field)))),
-    };
+    let duration_field =
+        |value: &Option<String>, field: &'static str, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => crate::duration::parse(text)
+                .map_err(|why| Error::Config(format!("{}: {why}", origin(field)))),
+        };
     let shutdown_grace = duration_field(&merged.shutdown_grace, "shutdown_grace", DEFAULT_GRACE)?;
     let session_ttl = duration_field(&merged.session_ttl, "session_ttl", DEFAULT_SESSION_TTL)?;
     if !(Duration::from_secs(10)..=Duration::from_secs(86400)).contains(&session_ttl) {
@@ -179,7 +190,10 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
                 deployment.id, other.origin
             )));
         }
-        if let Some(other) = resolved.iter().find(|d| overlaps(d.prefix.as_dir(), deployment.prefix.as_dir())) {
+        if let Some(other) = resolved
+            .iter()
+            .find(|d| overlaps(d.prefix.as_dir(), deployment.prefix.as_dir()))
+        {
             return Err(Error::Config(format!(
                 "{origin}: the prefix {} overlaps the prefix {} of {}; give each deployment its own prefix",
                 deployment.prefix, other.prefix, other.origin
@@ -264,7 +278,9 @@ pub(crate) fn resolve_connection(
     };
 
     let path_setting = |flag: &Option<PathBuf>, var: &str, file: &Option<PathBuf>| {
-        flag.clone().or_else(|| env(var).map(PathBuf::from)).or_else(|| file.clone())
+        flag.clone()
+            .or_else(|| env(var).map(PathBuf::from))
+            .or_else(|| file.clone())
     };
     let verify_tls = if flags.tls_skip_verify {
         false
@@ -292,16 +308,25 @@ pub(crate) fn resolve_connection(
 }
 
 fn truthy(value: &str) -> bool {
-    matches!(value.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        value.to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 fn read_token(path: &Path, from: &str) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!("{} (from {from}): cannot read the token file: {e}", path.display()))
+        Error::Config(format!(
+            "{} (from {from}): cannot read the token file: {e}",
+            path.display()
+        ))
     })?;
     let token = text.trim().to_string();
     if token.is_empty() {
-        return Err(Error::Config(format!("{} (from {from}): the token file is empty", path.display())));
+        return Err(Error::Config(format!(
+            "{} (from {from}): the token file is empty",
+            path.display()
+        )));
     }
     Ok(token)
 }
@@ -317,7 +342,10 @@ fn config_files(args: &AgentArgs) -> Result<Vec<PathBuf>, Error> {
     let mut files = Vec::new();
     for dir in &args.config_dirs {
         let entries = std::fs::read_dir(dir).map_err(|e| {
-            Error::Config(format!("{} (-config-dir): cannot read the directory: {e}", dir.display()))
+            Error::Config(format!(
+                "{} (-config-dir): cannot read the directory: {e}",
+                dir.display()
+            ))
         })?;
         let mut found: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
@@ -334,8 +362,12 @@ fn config_files(args: &AgentArgs) -> Result<Vec<PathBuf>, Error> {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("{}: cannot read the config file: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "{}: cannot read the config file: {e}",
+            path.display()
+        ))
+    })?;
     serde_json::from_str(&text).map_err(|e| {
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
@@ -347,26 +379,53 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
         } else {
             "see depro.json(5) for the fields"
         };
-        Error::Config(format!("{}:{}:{}: {message}; {hint}", path.display(), e.line(), e.column()))
+        Error::Config(format!(
+            "{}:{}:{}: {message}; {hint}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
     })
 }
 
-fn resolve_deployment(origin: &str, raw: FileDeployment, env: Env<'_>) -> Result<Deployment, Error> {
+fn resolve_deployment(
+    origin: &str,
+    raw: FileDeployment,
+    env: Env<'_>,
+) -> Result<Deployment, Error> {
     let bad = |field: &str, why: String| Error::Config(format!("{origin}.{field}: {why}"));
     if raw.id.is_empty()
-        || !raw.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        || !raw
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
-        return Err(bad("id", format!("{:?} is not a usable id; use letters, digits, . _ -", raw.id)));
+        return Err(bad(
+            "id",
+            format!(
+                "{:?} is not a usable id; use letters, digits, . _ -",
+                raw.id
+            ),
+        ));
     }
     let origin = format!("{origin} (id {:?})", raw.id);
     let bad = |field: &str, why: String| Error::Config(format!("{origin}.{field}: {why}"));
     let path = PathBuf::from(&raw.path);
     if !path.is_absolute() {
-        return Err(bad("path", format!("{:?} is relative; use an absolute path such as /data/deploy/{}", raw.path, raw.id)));
+        return Err(bad(
+            "path",
+            format!(
+                "{:?} is relative; use an absolute path such as /data/deploy/{}",
+                raw.path, raw.id
+            ),
+        ));
     }
     let path = normalize_path(&path);
     if path == Path::new("/") {
-        return Err(bad("path", "\"/\" cannot be a deployment path; use a directory of its own".into()));
+        return Err(bad(
+            "path",
+            "\"/\" cannot be a deployment path; use a directory of its own".into(),
+        ));
     }
     let prefix = Prefix::parse(&raw.prefix).map_err(|why| bad("prefix", why))?;
     let shell_name = raw.shell.unwrap_or_else(|| "sh".to_string());
@@ -442,8 +501,14 @@ mod tests {
     impl Setup {
         fn new() -> Setup {
             let mut env = HashMap::new();
-            env.insert("PATH".to_string(), std::env::var("PATH").unwrap_or_default());
-            Setup { dir: tempfile::tempdir().unwrap(), env }
+            env.insert(
+                "PATH".to_string(),
+                std::env::var("PATH").unwrap_or_default(),
+            );
+            Setup {
+                dir: tempfile::tempdir().unwrap(),
+                env,
+            }
         }
         fn file(&self, name: &str, text: &str) -> PathBuf {
             let path = self.dir.path().join(name);
@@ -505,8 +570,20 @@ mod tests {
     #[test]
     fn later_files_override_scalars_and_append_deployments() {
         let setup = Setup::new();
-        setup.file("10-base.json", &format!(r#"{{"name": "a", "server": "x:1", "deployments": [{}]}}"#, deployment("api", "/d/api", "api/version")));
-        setup.file("20-more.json", &format!(r#"{{"name": "b", "deployments": [{}]}}"#, deployment("web", "/d/web", "web/version")));
+        setup.file(
+            "10-base.json",
+            &format!(
+                r#"{{"name": "a", "server": "x:1", "deployments": [{}]}}"#,
+                deployment("api", "/d/api", "api/version")
+            ),
+        );
+        setup.file(
+            "20-more.json",
+            &format!(
+                r#"{{"name": "b", "deployments": [{}]}}"#,
+                deployment("web", "/d/web", "web/version")
+            ),
+        );
         setup.file("ignored.txt", "not json");
         let config = setup.resolve_dir().unwrap();
         assert_eq!(config.name, "b");
@@ -518,12 +595,20 @@ mod tests {
     #[test]
     fn flags_beat_environment_beats_files() {
         let mut setup = Setup::new();
-        setup.file("a.json", r#"{"name": "file", "server": "file:1", "token": "file-token"}"#);
+        setup.file(
+            "a.json",
+            r#"{"name": "file", "server": "file:1", "token": "file-token"}"#,
+        );
         setup.env.insert("DEPRO_NAME".into(), "env".into());
         setup.env.insert("CONSUL_HTTP_ADDR".into(), "env:1".into());
-        setup.env.insert("CONSUL_HTTP_TOKEN".into(), "env-token".into());
+        setup
+            .env
+            .insert("CONSUL_HTTP_TOKEN".into(), "env-token".into());
         let from_env = setup.resolve_dir().unwrap();
-        assert_eq!((from_env.name.as_str(), from_env.consul.address.as_str()), ("env", "env:1"));
+        assert_eq!(
+            (from_env.name.as_str(), from_env.consul.address.as_str()),
+            ("env", "env:1")
+        );
         assert_eq!(from_env.consul.token, Some(Secret::new("env-token".into())));
         let mut args = AgentArgs {
             config_dirs: vec![setup.dir.path().to_path_buf()],
@@ -532,7 +617,10 @@ mod tests {
         };
         args.connection.server = Some("flag:1".into());
         let from_flags = setup.resolve(&args).unwrap();
-        assert_eq!((from_flags.name.as_str(), from_flags.consul.address.as_str()), ("flag", "flag:1"));
+        assert_eq!(
+            (from_flags.name.as_str(), from_flags.consul.address.as_str()),
+            ("flag", "flag:1")
+        );
         setup.env.insert("DEPRO_SERVER".into(), "depro:1".into());
         assert_eq!(setup.resolve_dir().unwrap().consul.address, "depro:1");
     }
@@ -541,21 +629,52 @@ mod tests {
     fn the_token_can_come_from_a_file_and_never_shows_in_errors() {
         let mut setup = Setup::new();
         let token = setup.file("token", "file-secret\n");
-        setup.env.insert("CONSUL_HTTP_TOKEN_FILE".into(), token.display().to_string());
-        assert_eq!(setup.resolve_dir().unwrap().consul.token, Some(Secret::new("file-secret".into())));
-        setup.file("bad.json", r#"{"token": "very-secret", "session_ttl": "5s"}"#);
+        setup
+            .env
+            .insert("CONSUL_HTTP_TOKEN_FILE".into(), token.display().to_string());
+        assert_eq!(
+            setup.resolve_dir().unwrap().consul.token,
+            Some(Secret::new("file-secret".into()))
+        );
+        setup.file(
+            "bad.json",
+            r#"{"token": "very-secret", "session_ttl": "5s"}"#,
+        );
         let err = setup.resolve_dir().unwrap_err();
-        assert!(err.contains("session_ttl") && !err.contains("very-secret"), "{err}");
+        assert!(
+            err.contains("session_ttl") && !err.contains("very-secret"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_deployments_are_named_by_file_index_and_field() {
         let cases = [
-            (r#"{"id": "api", "path": "data/api", "prefix": "api"}"#, "deployments[0] (id \"api\").path", "relative"),
-            (r#"{"id": "api", "path": "/d/api", "prefix": "api", "shell": "no-such-shell"}"#, ".shell", "not found"),
-            (r#"{"id": "api", "path": "/d/api", "prefix": "api", "timeout": "ten"}"#, ".timeout", "30s, 10m"),
-            (r#"{"id": "api", "path": "/d/api", "prefix": "a b"}"#, ".prefix", "contains"),
-            (r#"{"id": "a/b", "path": "/d/api", "prefix": "api"}"#, "deployments[0].id", "not a usable id"),
+            (
+                r#"{"id": "api", "path": "data/api", "prefix": "api"}"#,
+                "deployments[0] (id \"api\").path",
+                "relative",
+            ),
+            (
+                r#"{"id": "api", "path": "/d/api", "prefix": "api", "shell": "no-such-shell"}"#,
+                ".shell",
+                "not found",
+            ),
+            (
+                r#"{"id": "api", "path": "/d/api", "prefix": "api", "timeout": "ten"}"#,
+                ".timeout",
+                "30s, 10m",
+            ),
+            (
+                r#"{"id": "api", "path": "/d/api", "prefix": "a b"}"#,
+                ".prefix",
+                "contains",
+            ),
+            (
+                r#"{"id": "a/b", "path": "/d/api", "prefix": "api"}"#,
+                "deployments[0].id",
+                "not a usable id",
+            ),
         ];
         for (text, field, why) in cases {
             let setup = Setup::new();
@@ -569,17 +688,36 @@ mod tests {
     #[test]
     fn duplicate_ids_prefixes_and_paths_name_both_places() {
         let cases = [
-            (deployment("api", "/d/a", "p/a"), deployment("api", "/d/b", "p/b"), "id \"api\" is already used"),
-            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/b", "p/a/"), "overlaps"),
-            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/b", "p/a/sub"), "overlaps"),
-            (deployment("a", "/d/a", "p/a"), deployment("b", "/d/a/", "p/b"), "already used"),
+            (
+                deployment("api", "/d/a", "p/a"),
+                deployment("api", "/d/b", "p/b"),
+                "id \"api\" is already used",
+            ),
+            (
+                deployment("a", "/d/a", "p/a"),
+                deployment("b", "/d/b", "p/a/"),
+                "overlaps",
+            ),
+            (
+                deployment("a", "/d/a", "p/a"),
+                deployment("b", "/d/b", "p/a/sub"),
+                "overlaps",
+            ),
+            (
+                deployment("a", "/d/a", "p/a"),
+                deployment("b", "/d/a/", "p/b"),
+                "already used",
+            ),
         ];
         for (first, second, why) in cases {
             let setup = Setup::new();
             setup.file("1.json", &format!(r#"{{"deployments": [{first}]}}"#));
             setup.file("2.json", &format!(r#"{{"deployments": [{second}]}}"#));
             let err = setup.resolve_dir().unwrap_err();
-            assert!(err.contains(why) && err.contains("1.json") && err.contains("2.json"), "{err}");
+            assert!(
+                err.contains(why) && err.contains("1.json") && err.contains("2.json"),
+                "{err}"
+            );
         }
     }
 
@@ -608,9 +746,17 @@ mod tests {
         let setup = Setup::new();
         let path = setup.file("a.json", r#"{"shutdown_grace": "soon"}"#);
         let err = setup.resolve_dir().unwrap_err();
-        assert!(err.starts_with(&format!("{}: shutdown_grace", path.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("{}: shutdown_grace", path.display())),
+            "{err}"
+        );
         let setup = Setup::new();
         setup.file("a.json", r#"{"name": "bad/name"}"#);
-        assert!(setup.resolve_dir().unwrap_err().contains("node name \"bad/name\""));
+        assert!(
+            setup
+                .resolve_dir()
+                .unwrap_err()
+                .contains("node name \"bad/name\"")
+        );
     }
 }

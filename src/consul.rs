@@ -97,7 +97,11 @@ impl ConsulError {
 
 impl fmt::Display for ConsulError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Self { server, doing, kind } = self;
+        let Self {
+            server,
+            doing,
+            kind,
+        } = self;
         match kind {
             ConsulErrorKind::Unreachable(why) => write!(
                 f,
@@ -110,10 +114,16 @@ impl fmt::Display for ConsulError {
                  (-token, CONSUL_HTTP_TOKEN) and its policy"
             ),
             ConsulErrorKind::Status(code, body) => {
-                write!(f, "Consul at {server} answered HTTP {code} while {doing}: {body}")
+                write!(
+                    f,
+                    "Consul at {server} answered HTTP {code} while {doing}: {body}"
+                )
             }
             ConsulErrorKind::BadAnswer(why) => {
-                write!(f, "Consul at {server} gave an unexpected answer while {doing}: {why}")
+                write!(
+                    f,
+                    "Consul at {server} gave an unexpected answer while {doing}: {why}"
+                )
             }
         }
     }
@@ -223,7 +233,10 @@ impl Consul {
         let (index, body) = self.read_call(&url, read, &doing)?;
         let value = match body {
             None => None,
-            Some(body) => parse_entries(&body).map_err(|why| self.bad(doing(), why))?.into_iter().next(),
+            Some(body) => parse_entries(&body)
+                .map_err(|why| self.bad(doing(), why))?
+                .into_iter()
+                .next(),
         };
         Ok(Answer { index, value })
     }
@@ -232,7 +245,10 @@ impl Consul {
     pub(crate) fn list(&self, prefix: &str, read: Read) -> Result<Answer<Vec<KvEntry>>> {
         debug_assert!(prefix.ends_with('/'));
         let doing = || format!("listing {prefix:?}");
-        let url = self.url(&format!("kv/{}", encode_path(prefix)), &read_params(read, "recurse"));
+        let url = self.url(
+            &format!("kv/{}", encode_path(prefix)),
+            &read_params(read, "recurse"),
+        );
         let (index, body) = self.read_call(&url, read, &doing)?;
         let value = match body {
             None => Vec::new(),
@@ -294,7 +310,13 @@ impl Consul {
             "LockDelay": "0s",
         });
         let url = self.url("session/create", "");
-        let answer = self.call("PUT", &url, Some(body.to_string().as_bytes()), CALL_TIMEOUT, &doing)?;
+        let answer = self.call(
+            "PUT",
+            &url,
+            Some(body.to_string().as_bytes()),
+            CALL_TIMEOUT,
+            &doing,
+        )?;
         #[derive(Deserialize)]
         struct Created {
             #[serde(rename = "ID")]
@@ -324,7 +346,10 @@ impl Consul {
         }
         let renewed: Vec<Renewed> =
             serde_json::from_slice(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
-        Ok(renewed.first().and_then(|r| crate::duration::parse(&r.ttl).ok()).or(Some(Duration::ZERO)))
+        Ok(renewed
+            .first()
+            .and_then(|r| crate::duration::parse(&r.ttl).ok())
+            .or(Some(Duration::ZERO)))
     }
 
     /// Destroys a session (idempotent); with behavior `delete`, its keys go too.
@@ -338,7 +363,14 @@ impl Consul {
     fn url(&self, path: &str, params: &str) -> String {
         let mut url = format!("{}/v1/{path}", self.base);
         let mut sep = '?';
-        for param in [params, &self.datacenter.as_ref().map(|dc| format!("dc={}", encode_path(dc))).unwrap_or_default()] {
+        for param in [
+            params,
+            &self
+                .datacenter
+                .as_ref()
+                .map(|dc| format!("dc={}", encode_path(dc)))
+                .unwrap_or_default(),
+        ] {
             if !param.is_empty() {
                 url.push(sep);
                 url.push_str(param);
@@ -406,10 +438,20 @@ impl Consul {
         }
         let sent = match body {
             Some(body) => request.body(body.to_vec()).map(|r| {
-                { let r = self.agent.configure_request(r).timeout_global(Some(timeout)).build(); self.agent.run(r) }
+                let r = self
+                    .agent
+                    .configure_request(r)
+                    .timeout_global(Some(timeout))
+                    .build();
+                self.agent.run(r)
             }),
             None => request.body(()).map(|r| {
-                { let r = self.agent.configure_request(r).timeout_global(Some(timeout)).build(); self.agent.run(r) }
+                let r = self
+                    .agent
+                    .configure_request(r)
+                    .timeout_global(Some(timeout))
+                    .build();
+                self.agent.run(r)
             }),
         };
         let mut response = sent
@@ -506,7 +548,10 @@ fn tls_config(settings: &ConsulSettings) -> std::result::Result<ureq::tls::TlsCo
             }
         }
         if certs.is_empty() {
-            return Err(format!("{}: no PEM certificate found in the CA file", ca.display()));
+            return Err(format!(
+                "{}: no PEM certificate found in the CA file",
+                ca.display()
+            ));
         }
         builder = builder.root_certs(RootCerts::new_with_certs(&certs));
     }
@@ -532,9 +577,11 @@ fn tls_config(settings: &ConsulSettings) -> std::result::Result<ureq::tls::TlsCo
         }
         (None, None) => {}
         _ => {
-            return Err("a client certificate needs both a certificate file and a key file \
+            return Err(
+                "a client certificate needs both a certificate file and a key file \
                         (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)"
-                .into());
+                    .into(),
+            );
         }
     }
     Ok(builder.build())
@@ -567,7 +614,10 @@ fn parse_verdict(body: &[u8]) -> std::result::Result<bool, String> {
     match std::str::from_utf8(body).map(str::trim) {
         Ok("true") => Ok(true),
         Ok("false") => Ok(false),
-        _ => Err(format!("expected true or false, got {:?}", String::from_utf8_lossy(body))),
+        _ => Err(format!(
+            "expected true or false, got {:?}",
+            String::from_utf8_lossy(body)
+        )),
     }
 }
 
@@ -653,8 +703,14 @@ mod tests {
 
     #[test]
     fn addresses_get_a_scheme_and_bad_ones_are_named() {
-        assert_eq!(base_url(&settings("localhost:8500")).unwrap(), "http://localhost:8500");
-        assert_eq!(base_url(&settings("https://c:8501/")).unwrap(), "https://c:8501");
+        assert_eq!(
+            base_url(&settings("localhost:8500")).unwrap(),
+            "http://localhost:8500"
+        );
+        assert_eq!(
+            base_url(&settings("https://c:8501/")).unwrap(),
+            "https://c:8501"
+        );
         let err = base_url(&settings("ftp://c:1")).unwrap_err();
         assert!(err.contains("ftp"), "{err}");
         assert!(base_url(&settings("c:1/path")).is_err());
@@ -694,7 +750,10 @@ mod tests {
     #[test]
     fn blocking_reads_carry_index_wait_and_stale() {
         let read = Read::blocking(42, Duration::from_secs(300), true);
-        assert_eq!(read_params(read, "recurse"), "recurse&index=42&wait=300s&stale");
+        assert_eq!(
+            read_params(read, "recurse"),
+            "recurse&index=42&wait=300s&stale"
+        );
         assert_eq!(read_params(Read::now(), ""), "");
     }
 }

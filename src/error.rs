@@ -55,7 +55,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(path: impl AsRef<std::path::Path>, doing: &'static str, source: std::io::Error) -> Error {
+    pub(crate) fn io(
+        path: impl AsRef<std::path::Path>,
+        doing: &'static str,
+        source: std::io::Error,
+    ) -> Error {
         Error::Io {
             path: path.as_ref().display().to_string(),
             doing,
@@ -69,7 +73,11 @@ impl fmt::Display for Error {
         match self {
             Error::Usage(msg) | Error::Config(msg) | Error::Refused(msg) => f.write_str(msg),
             Error::Timeout(msg) | Error::LostRace(msg) => f.write_str(msg),
-            Error::Io { path, doing, source } => write!(f, "{path}: {doing}: {source}"),
+            Error::Io {
+                path,
+                doing,
+                source,
+            } => write!(f, "{path}: {doing}: {source}"),
             Error::Consul(err) => err.fmt(f),
         }
     }
@@ -89,7 +97,11 @@ mod tests {
 
     #[test]
     fn the_error_type_stays_small() {
-        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
+        assert!(
+            std::mem::size_of::<Error>() <= 64,
+            "{}",
+            std::mem::size_of::<Error>()
+        );
     }
 
     #[test]

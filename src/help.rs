@@ -38,7 +38,8 @@ DEPRO_TOKEN, DEPRO_DATACENTER):
 
 fn command_text(command: &str) -> Option<&'static str> {
     Some(match command {
-        "agent" => "\
+        "agent" => {
+            "\
 Usage: depro agent -config-dir=/etc/depro/ [flags]
 
 Runs on every host: watches each configured deployment's prefix in Consul and
@@ -49,8 +50,10 @@ finish within shutdown_grace), SIGHUP reloads the configuration.
   -config-file=FILE   read FILE (repeatable)
   -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
   -log-level=LEVEL    error, warn, info, debug or trace [info]
-",
-        "deploy" => "\
+"
+        }
+        "deploy" => {
+            "\
 Usage: depro deploy VERSION -prefix=PREFIX [-nodes=N] [flags]
 
 Creates VERSION in the tree, waits until at least N nodes have it and none
@@ -62,8 +65,10 @@ failed, switches current to it (check-and-set), and waits for the rollout.
   -keep=K                 afterwards, remove all but the K newest versions
   -no-rollout             stop once the version is ready everywhere
   -rollback-on-failure    switch current back if a rollout fails
-",
-        "rollout" => "\
+"
+        }
+        "rollout" => {
+            "\
 Usage: depro rollout VERSION -prefix=PREFIX [-nodes=N] [flags]
 
 Makes a version that is already in the tree current, with the same checks as
@@ -73,8 +78,10 @@ deploy (rollforward, or rollback to a named version).
   -nodes=N                nodes that must have the version [1]
   -timeout=DURATION       give up after this long [10m]
   -rollback-on-failure    switch current back if a rollout fails
-",
-        "rollback" => "\
+"
+        }
+        "rollback" => {
+            "\
 Usage: depro rollback -prefix=PREFIX [-nodes=N] [-to=VERSION] [flags]
 
 Makes the version that was current before the present one current again.
@@ -83,8 +90,10 @@ Makes the version that was current before the present one current again.
   -to=VERSION         roll back to this version instead
   -nodes=N            nodes that must have the version [1]
   -timeout=DURATION   give up after this long [10m]
-",
-        "remove" => "\
+"
+        }
+        "remove" => {
+            "\
 Usage: depro remove VERSION... -prefix=PREFIX [-wait] [flags]
 
 Removes versions (never current): every node cleans its directory.
@@ -92,23 +101,28 @@ Removes versions (never current): every node cleans its directory.
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -wait               follow the purge until no node has the version
   -timeout=DURATION   with -wait, give up after this long [10m]
-",
-        "prune" => "\
+"
+        }
+        "prune" => {
+            "\
 Usage: depro prune -prefix=PREFIX -keep=K [flags]
 
 Removes all but the K newest versions (never current nor the previous one).
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -keep=K             how many versions to keep
-",
-        "status" | "query" => "\
+"
+        }
+        "status" | "query" => {
+            "\
 Usage: depro status -prefix=PREFIX [VERSION] [-json] [flags]
 
 Shows every version in creation order, which is current, and each node's state.
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -json               print a machine-readable document instead of a table
-",
+"
+        }
         "version" => "Usage: depro version (or depro --version)\n",
         "help" => "Usage: depro help [COMMAND]\n",
         _ => return None,
@@ -127,7 +141,11 @@ pub(crate) fn text(topic: Option<&str>) -> Result<String> {
                 ))
             })?;
             let connection = !matches!(command, "version" | "help");
-            Ok(if connection { format!("{text}\n{CONNECTION}") } else { text.to_string() })
+            Ok(if connection {
+                format!("{text}\n{CONNECTION}")
+            } else {
+                text.to_string()
+            })
         }
     }
 }

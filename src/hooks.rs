@@ -93,7 +93,28 @@ pub(crate) struct Running {
     pgid: Pid,
 }
 
+/// Kills the process group of a hook that an earlier run of the agent left
+/// behind (it died with `kill -9`), so that it cannot write into a version
+/// being deployed afresh. Checks `/proc` first that the group leader is still
+/// a depro hook (its `$0` is `depro-<kind>`), not a reused process ID.
+/// Returns whether it killed something.
+pub(crate) fn kill_leftover(pgid: i32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pgid}/cmdline")).unwrap_or_default();
+    let last = cmdline
+        .split(|b| *b == 0)
+        .rfind(|part| !part.is_empty())
+        .unwrap_or_default();
+    let ours = [HookKind::Deploy, HookKind::Rollout, HookKind::Clean]
+        .iter()
+        .any(|k| last == format!("depro-{}", k.as_str()).as_bytes());
+    ours && pgid > 1 && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok()
+}
+
 impl Running {
+    pub(crate) fn pgid(&self) -> i32 {
+        self.pgid.as_raw()
+    }
+
     /// Asks every process of the hook to stop (SIGTERM to the group).
     pub(crate) fn terminate(&self) {
         let _ = killpg(self.pgid, Signal::SIGTERM);
@@ -204,7 +225,10 @@ mod tests {
     #[test]
     fn any_failing_line_fails_the_hook() {
         assert_eq!(run(&["true", "true"]), None);
-        assert_eq!(run(&["false", "true"]).as_deref(), Some("exited with status 1"));
+        assert_eq!(
+            run(&["false", "true"]).as_deref(),
+            Some("exited with status 1")
+        );
         assert_eq!(run(&["exit 7"]).as_deref(), Some("exited with status 7"));
     }
 
@@ -235,6 +259,9 @@ mod tests {
 
     #[test]
     fn a_killed_hook_names_the_signal() {
-        assert_eq!(run(&["kill -KILL $$"]).as_deref(), Some("was killed by SIGKILL"));
+        assert_eq!(
+            run(&["kill -KILL $$"]).as_deref(),
+            Some("was killed by SIGKILL")
+        );
     }
 }

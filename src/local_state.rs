@@ -6,7 +6,8 @@
 //! <path>/.depro/lock                held (flock) by the agent that owns this directory
 //! <path>/.depro/versions/<version>  "deploying" or "ready": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
-//! <path>/.depro/session             the agent's Consul session, to adopt after a crash
+//! <path>/.depro/session             the agent's Consul session, destroyed after a crash
+//! <path>/.depro/hook                the process group of the running hook, killed after a crash
 //! ```
 //!
 //! Invariants:
@@ -137,7 +138,8 @@ impl DeploymentDir {
             )));
         }
         remove_if_present(&dir)?;
-        fs::create_dir(&dir).map_err(|e| Error::io(&dir, "cannot create the version directory", e))?;
+        fs::create_dir(&dir)
+            .map_err(|e| Error::io(&dir, "cannot create the version directory", e))?;
         sync_dir(&self.path)?;
         Ok(dir)
     }
@@ -173,6 +175,24 @@ impl DeploymentDir {
         sync_dir(&self.path)?;
         remove_if_present(&self.state_path(version))?;
         sync_dir(&self.meta.join("versions"))
+    }
+
+    /// Records the process group of the hook that runs now.
+    pub(crate) fn record_hook(&self, pgid: i32) -> Result<()> {
+        atomic_write(&self.meta.join("hook"), &pgid.to_string())
+    }
+
+    pub(crate) fn clear_hook(&self) -> Result<()> {
+        remove_if_present(&self.meta.join("hook"))
+    }
+
+    /// The process group of a hook an earlier run left running, if recorded.
+    pub(crate) fn leftover_hook(&self) -> Option<i32> {
+        read_trimmed(&self.meta.join("hook"))
+            .ok()
+            .flatten()?
+            .parse()
+            .ok()
     }
 
     /// The session ID an earlier run of the agent saved, if any.
@@ -248,7 +268,10 @@ mod tests {
         dir.stage(&v("v1")).unwrap();
         let made = dir.fresh_version_dir(&v("v1")).unwrap();
         fs::write(made.join("app"), "x").unwrap();
-        assert_eq!(dir.load().unwrap().versions[&v("v1")], LocalVersion::Deploying);
+        assert_eq!(
+            dir.load().unwrap().versions[&v("v1")],
+            LocalVersion::Deploying
+        );
         dir.mark_ready(&v("v1")).unwrap();
         assert_eq!(dir.load().unwrap().versions[&v("v1")], LocalVersion::Ready);
     }
@@ -295,8 +318,17 @@ mod tests {
         let dir = DeploymentDir::open(tmp.path()).unwrap();
         let state = dir.load().unwrap();
         assert_eq!(state.live, Some(v("v1")));
-        assert_eq!(state.rollout, Some(RolloutAttempt { to: v("v2"), failed: false }));
-        assert_eq!(fs::read_to_string(tmp.path().join("current")).unwrap(), "v1\n");
+        assert_eq!(
+            state.rollout,
+            Some(RolloutAttempt {
+                to: v("v2"),
+                failed: false
+            })
+        );
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("current")).unwrap(),
+            "v1\n"
+        );
     }
 
     #[test]

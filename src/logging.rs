@@ -9,7 +9,9 @@ use std::io::Write;
 pub(crate) fn init(level: log::LevelFilter) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(log::LevelFilter::Trace);
+    // depro's own lines at any level; the libraries' only when they warn.
+    builder.filter_level(log::LevelFilter::Warn);
+    builder.filter_module("depro", log::LevelFilter::Trace);
     builder.target(env_logger::Target::Stderr);
     builder.format(move |out, record| {
         if journal {

@@ -84,7 +84,8 @@ impl TokenBucket {
     pub(crate) fn take(&mut self, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.last);
         self.last = now;
-        self.tokens = (self.tokens + elapsed.as_secs_f64() / self.refill.as_secs_f64()).min(self.burst);
+        self.tokens =
+            (self.tokens + elapsed.as_secs_f64() / self.refill.as_secs_f64()).min(self.burst);
         self.tokens -= 1.0;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -113,7 +114,8 @@ mod tests {
     #[test]
     fn jitter_spreads_delays() {
         let mut a = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
-        let delays: std::collections::BTreeSet<Duration> = (0..20).map(|_| a.next_delay()).collect();
+        let delays: std::collections::BTreeSet<Duration> =
+            (0..20).map(|_| a.next_delay()).collect();
         assert!(delays.len() > 10);
     }
 
@@ -126,7 +128,10 @@ mod tests {
             assert_eq!(bucket.take(start), Duration::ZERO);
         }
         let wait = bucket.take(start);
-        assert!(wait > Duration::from_millis(99) && wait <= refill, "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(99) && wait <= refill,
+            "{wait:?}"
+        );
         // After waiting it out the request goes, and the next one waits again.
         let later = start + wait;
         let wait2 = bucket.take(later);

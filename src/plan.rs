@@ -134,7 +134,11 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
             .map(|(v, state)| (*v, *state))
             .collect();
         changed.sort_by_key(|(v, state)| (*state != NodeState::Active, (*v).clone()));
-        actions.extend(changed.into_iter().map(|(v, s)| Action::Report(v.clone(), s)));
+        actions.extend(
+            changed
+                .into_iter()
+                .map(|(v, s)| Action::Report(v.clone(), s)),
+        );
         actions.extend(
             reported
                 .keys()
@@ -153,7 +157,12 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
     let wanted_versions: Vec<&VersionName> = wanted
         .current
         .iter()
-        .chain(wanted.versions.iter().filter(|v| Some(*v) != wanted.current.as_ref()))
+        .chain(
+            wanted
+                .versions
+                .iter()
+                .filter(|v| Some(*v) != wanted.current.as_ref()),
+        )
         .collect();
     for version in &wanted_versions {
         match disk.versions.get(*version) {
@@ -224,14 +233,23 @@ mod tests {
     fn a_new_version_is_staged_then_reported_busy_then_deployed() {
         let want = wanted(&["v1"], None);
         let none = reported(&[]);
-        assert_eq!(plan(&want, &disk(&[], None), Reports::Online(&none)), [Action::Stage(v("v1"))]);
+        assert_eq!(
+            plan(&want, &disk(&[], None), Reports::Online(&none)),
+            [Action::Stage(v("v1"))]
+        );
         let staged = disk(&[("v1", Deploying)], None);
         assert_eq!(
             plan(&want, &staged, Reports::Online(&none)),
-            [Action::Report(v("v1"), NodeState::Busy), Action::Deploy(v("v1"))]
+            [
+                Action::Report(v("v1"), NodeState::Busy),
+                Action::Deploy(v("v1"))
+            ]
         );
         let busy = reported(&[("v1", NodeState::Busy)]);
-        assert_eq!(plan(&want, &staged, Reports::Online(&busy)), [Action::Deploy(v("v1"))]);
+        assert_eq!(
+            plan(&want, &staged, Reports::Online(&busy)),
+            [Action::Deploy(v("v1"))]
+        );
         let done = disk(&[("v1", Ready)], None);
         assert_eq!(
             plan(&want, &done, Reports::Online(&busy)),
@@ -250,10 +268,16 @@ mod tests {
         let have = disk(&[("old", Ready), ("z", Ready), ("a", Ready)], Some("old"));
         assert_eq!(
             plan(&want, &have, Reports::Offline),
-            [Action::Rollout { to: v("z"), from: Some(v("old")) }]
+            [Action::Rollout {
+                to: v("z"),
+                from: Some(v("old"))
+            }]
         );
         let have = disk(&[("old", Ready), ("z", Ready), ("a", Ready)], Some("z"));
-        assert_eq!(plan(&want, &have, Reports::Offline), [Action::Clean(v("old"))]);
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [Action::Clean(v("old"))]
+        );
     }
 
     #[test]
@@ -293,7 +317,10 @@ mod tests {
     fn a_failed_rollout_is_reported_and_not_repeated_but_its_target_is_kept() {
         let want = wanted(&["v1", "v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt { to: v("v2"), failed: true });
+        have.rollout = Some(RolloutAttempt {
+            to: v("v2"),
+            failed: true,
+        });
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
         assert_eq!(
             plan(&want, &have, Reports::Online(&now)),
@@ -304,7 +331,10 @@ mod tests {
         let back = wanted(&["v1"], Some("v1"));
         assert_eq!(
             plan(&back, &have, Reports::Offline),
-            [Action::Rollout { to: v("v1"), from: Some(v("v1")) }]
+            [Action::Rollout {
+                to: v("v1"),
+                from: Some(v("v1"))
+            }]
         );
     }
 
@@ -312,10 +342,16 @@ mod tests {
     fn an_interrupted_rollout_is_run_again() {
         let want = wanted(&["v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt { to: v("v2"), failed: false });
+        have.rollout = Some(RolloutAttempt {
+            to: v("v2"),
+            failed: false,
+        });
         assert_eq!(
             plan(&want, &have, Reports::Offline),
-            [Action::Rollout { to: v("v2"), from: Some(v("v1")) }]
+            [Action::Rollout {
+                to: v("v2"),
+                from: Some(v("v1"))
+            }]
         );
     }
 
@@ -324,13 +360,16 @@ mod tests {
         let want = wanted(&[], Some("v1"));
         let have = disk(&[("v1", Ready)], Some("v1"));
         let now = reported(&[("v1", NodeState::Active)]);
-        assert_eq!(plan(&want, &have, Reports::Online(&now)), [Action::Repair(v("v1"))]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [Action::Repair(v("v1"))]
+        );
         // A node that lacks it deploys it instead (and cannot repair).
         let empty = disk(&[], None);
-        assert_eq!(plan(&want, &empty, Reports::Online(&now)), [
-            Action::Unreport(v("v1")),
-            Action::Stage(v("v1"))
-        ]);
+        assert_eq!(
+            plan(&want, &empty, Reports::Online(&now)),
+            [Action::Unreport(v("v1")), Action::Stage(v("v1"))]
+        );
     }
 
     #[test]
@@ -338,9 +377,15 @@ mod tests {
         let want = wanted(&["v2"], Some("v2"));
         let have = disk(&[("v1", Ready), ("v2", Ready)], Some("v2"));
         let now = reported(&[("v1", NodeState::Ready), ("v2", NodeState::Active)]);
-        assert_eq!(plan(&want, &have, Reports::Online(&now)), [Action::Clean(v("v1"))]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [Action::Clean(v("v1"))]
+        );
         let cleaned = disk(&[("v2", Ready)], Some("v2"));
-        assert_eq!(plan(&want, &cleaned, Reports::Online(&now)), [Action::Unreport(v("v1"))]);
+        assert_eq!(
+            plan(&want, &cleaned, Reports::Online(&now)),
+            [Action::Unreport(v("v1"))]
+        );
     }
 
     #[test]
@@ -350,7 +395,10 @@ mod tests {
         let now = reported(&[("a", NodeState::Active), ("b", NodeState::Ready)]);
         assert_eq!(
             plan(&want, &have, Reports::Online(&now)),
-            [Action::Report(v("b"), NodeState::Active), Action::Report(v("a"), NodeState::Ready)]
+            [
+                Action::Report(v("b"), NodeState::Active),
+                Action::Report(v("a"), NodeState::Ready)
+            ]
         );
     }
 
@@ -362,7 +410,13 @@ mod tests {
     /// and rollout attempt over three versions.
     fn universe() -> Vec<(Wanted, OnDisk)> {
         let names: Vec<VersionName> = NAMES.iter().map(|n| v(n)).collect();
-        let maybe = |i: usize| if i == 0 { None } else { Some(names[i - 1].clone()) };
+        let maybe = |i: usize| {
+            if i == 0 {
+                None
+            } else {
+                Some(names[i - 1].clone())
+            }
+        };
         let mut cases = Vec::new();
         for wanted_bits in 0..8u32 {
             for current in 0..4 {
@@ -386,7 +440,8 @@ mod tests {
                                 };
                                 have.versions.insert(name.clone(), state);
                             }
-                            have.live = maybe(live).filter(|l| have.versions.get(l) == Some(&Ready));
+                            have.live =
+                                maybe(live).filter(|l| have.versions.get(l) == Some(&Ready));
                             // A rollout is only ever attempted for a Ready version.
                             have.rollout = match rollout {
                                 0 => None,
@@ -409,7 +464,11 @@ mod tests {
     fn no_plan_ever_breaks_the_invariants() {
         for (want, have) in universe() {
             let actions = plan(&want, &have, Reports::Offline);
-            assert_eq!(actions, plan(&want, &have, Reports::Offline), "not deterministic");
+            assert_eq!(
+                actions,
+                plan(&want, &have, Reports::Offline),
+                "not deterministic"
+            );
             for action in &actions {
                 match action {
                     Action::Rollout { to, .. } => {
@@ -437,7 +496,12 @@ mod tests {
     }
 
     /// Applies an action as the agent would with hooks that all succeed.
-    fn simulate(action: &Action, have: &mut OnDisk, reports: &mut BTreeMap<VersionName, NodeState>, want: &mut Wanted) {
+    fn simulate(
+        action: &Action,
+        have: &mut OnDisk,
+        reports: &mut BTreeMap<VersionName, NodeState>,
+        want: &mut Wanted,
+    ) {
         match action {
             Action::Report(version, state) => {
                 reports.insert(version.clone(), *state);
@@ -489,14 +553,20 @@ mod tests {
             let mut allowed = expected.clone();
             allowed.extend(have.live.clone());
             allowed.extend(have.rollout.as_ref().map(|r| r.to.clone()));
-            assert!(kept.is_superset(&expected) && kept.is_subset(&allowed), "{want:?} {have:?}");
+            assert!(
+                kept.is_superset(&expected) && kept.is_subset(&allowed),
+                "{want:?} {have:?}"
+            );
             assert!(have.versions.values().all(|s| *s == Ready));
             if want.current.is_some() {
                 assert_eq!(have.live, want.current);
             }
             assert!(have.rollout.is_none() || want.current.is_none());
             for (version, local) in &have.versions {
-                assert_eq!(reports.get(version), Some(&report_for(version, *local, &have)));
+                assert_eq!(
+                    reports.get(version),
+                    Some(&report_for(version, *local, &have))
+                );
             }
         }
     }

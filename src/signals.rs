@@ -22,7 +22,11 @@ pub(crate) fn forward(post: impl Fn(Signal) -> bool + Send + 'static) -> std::io
         .stack_size(64 * 1024)
         .spawn(move || {
             for number in signals.forever() {
-                let signal = if number == SIGHUP { Signal::Reload } else { Signal::Stop(number) };
+                let signal = if number == SIGHUP {
+                    Signal::Reload
+                } else {
+                    Signal::Stop(number)
+                };
                 if !post(signal) {
                     return;
                 }

@@ -26,7 +26,9 @@ impl Prefix {
     pub(crate) fn parse(text: &str) -> Result<Prefix, String> {
         let trimmed = text.trim_matches('/');
         if trimmed.is_empty() {
-            return Err(format!("the prefix {text:?} is empty; use a KV path such as api/version"));
+            return Err(format!(
+                "the prefix {text:?} is empty; use a KV path such as api/version"
+            ));
         }
         if let Some(bad) = trimmed
             .chars()
@@ -36,7 +38,10 @@ impl Prefix {
                 "the prefix {text:?} contains {bad:?}; use letters, digits, . _ - and /"
             ));
         }
-        if trimmed.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        if trimmed
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
             return Err(format!("the prefix {text:?} has an empty, . or .. segment"));
         }
         Ok(Prefix(format!("{trimmed}/")))
@@ -175,9 +180,18 @@ mod tests {
 
     #[test]
     fn prefixes_are_normalised_to_one_trailing_slash() {
-        assert_eq!(Prefix::parse("api/version").unwrap().as_dir(), "api/version/");
-        assert_eq!(Prefix::parse("/api/version//").unwrap().as_dir(), "api/version/");
-        assert_eq!(Prefix::parse("api/version").unwrap().to_string(), "api/version");
+        assert_eq!(
+            Prefix::parse("api/version").unwrap().as_dir(),
+            "api/version/"
+        );
+        assert_eq!(
+            Prefix::parse("/api/version//").unwrap().as_dir(),
+            "api/version/"
+        );
+        assert_eq!(
+            Prefix::parse("api/version").unwrap().to_string(),
+            "api/version"
+        );
         for bad in ["", "/", "api//version", "api/../x", "api version", "api?x"] {
             assert!(Prefix::parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -218,7 +232,12 @@ mod tests {
 
     #[test]
     fn node_states_round_trip_and_ready_or_active_means_has_it() {
-        for state in [NodeState::Busy, NodeState::Ready, NodeState::Active, NodeState::Failed] {
+        for state in [
+            NodeState::Busy,
+            NodeState::Ready,
+            NodeState::Active,
+            NodeState::Failed,
+        ] {
             assert_eq!(NodeState::parse(state.as_str().as_bytes()), Some(state));
         }
         assert_eq!(NodeState::parse(b"bogus"), None);

@@ -100,6 +100,9 @@ mod tests {
     #[test]
     fn errors_say_what_is_allowed() {
         let err = VersionName::parse("a/b").unwrap_err();
-        assert!(err.contains("'/'") && err.contains("letters, digits"), "{err}");
+        assert!(
+            err.contains("'/'") && err.contains("letters, digits"),
+            "{err}"
+        );
     }
 }

@@ -106,7 +106,11 @@ fn watch_loop(
                 health.reachable(consul);
                 backoff.reset();
                 // Consul's rules: reset an index that went backwards; never block on 0.
-                index = if new_index < index { 0 } else { new_index.max(1) };
+                index = if new_index < index {
+                    0
+                } else {
+                    new_index.max(1)
+                };
                 if last.as_ref() != Some(&seen) {
                     if !post(seen.clone()) {
                         return;

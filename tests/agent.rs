@@ -1,0 +1,592 @@
+//! The agent against a real Consul: each test names the behaviour it checks.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{Agent, Consul, Fleet, wait_for};
+
+#[test]
+fn a_fresh_deploy_reaches_every_agent_and_current_goes_live() {
+    let fleet = Fleet::start(3);
+    fleet.add_version("v1");
+    fleet.expect_state("v1", "ready");
+    for agent in &fleet.agents {
+        assert_eq!(agent.live("api"), None, "rolled out before current was set");
+    }
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    for agent in &fleet.agents {
+        let version =
+            std::fs::read_to_string(agent.deployment_path("api").join("v1/version.txt")).unwrap();
+        assert_eq!(version.trim(), "v1");
+        let local = std::fs::read_to_string(agent.deployment_path("api").join("current")).unwrap();
+        assert_eq!(
+            local.trim(),
+            "v1",
+            "the local version file follows the rollout"
+        );
+        // Hooks ran in order: deploy (in the version's directory), then rollout.
+        let log = agent.hooks_log();
+        assert!(
+            log[0].starts_with("deploy v1 ") && log[0].ends_with("/api/v1"),
+            "{log:?}"
+        );
+        assert_eq!(log[1], "rollout v1 from=");
+    }
+}
+
+#[test]
+fn a_second_version_is_staged_then_switched_and_the_first_goes_back_to_ready() {
+    let fleet = Fleet::start(3);
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    fleet.add_version("v2");
+    fleet.expect_state("v2", "ready");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    fleet.expect_state("v1", "ready");
+    for agent in &fleet.agents {
+        assert!(
+            agent
+                .hooks_log()
+                .contains(&"rollout v2 from=v1".to_string())
+        );
+        assert_eq!(agent.version_dirs("api"), ["v1", "v2"]);
+    }
+}
+
+#[test]
+fn a_late_joiner_bootstraps_itself_to_current() {
+    let mut fleet = Fleet::start(2);
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    fleet.join("late");
+    fleet.expect_active("v2");
+    let late = fleet.agents.last().unwrap();
+    assert_eq!(
+        late.version_dirs("api"),
+        ["v1", "v2"],
+        "it has every version in the tree"
+    );
+    let log = late.hooks_log();
+    assert!(
+        log[0].starts_with("deploy v2 "),
+        "current is deployed first: {log:?}"
+    );
+}
+
+#[test]
+fn removing_a_version_cleans_its_directories_and_keys_on_every_node() {
+    let fleet = Fleet::start(3);
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    fleet.expect_state("v1", "ready");
+    fleet.remove_version("v1");
+    fleet.expect_gone("v1");
+    let tree = fleet.consul.tree(&format!("{}/", fleet.prefix));
+    assert!(tree.keys().all(|k| !k.contains("/v1/")), "{tree:?}");
+    for agent in &fleet.agents {
+        assert!(agent.hooks_log().contains(&"clean v1".to_string()));
+        assert_eq!(agent.version_dirs("api"), ["v2"]);
+    }
+}
+
+#[test]
+fn the_running_version_is_kept_until_another_one_is_rolled_out_even_when_its_key_is_gone() {
+    let fleet = Fleet::start(1);
+    let agent = &fleet.agents[0];
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    // v2's rollout fails here, so this node keeps running v1...
+    agent.set_flag("fail-rollout", true);
+    fleet.set_current("v2");
+    fleet.expect_state("v2", "failed");
+    // ...and v1 is removed from the tree: it must stay, since it runs.
+    fleet.remove_version("v1");
+    fleet.add_version("v3");
+    fleet.expect_state("v3", "ready");
+    assert!(agent.deployment_path("api").join("v1").exists());
+    assert_eq!(agent.live("api").as_deref(), Some("v1"));
+    assert!(!agent.hooks_log().contains(&"clean v1".to_string()));
+    // Once v2 is rolled out (the operator retries), v1 goes.
+    agent.set_flag("fail-rollout", false);
+    fleet.consul.delete(&format!("{}/v2/node1", fleet.prefix));
+    fleet.expect_active("v2");
+    fleet.expect_gone("v1");
+}
+
+#[test]
+fn current_without_its_folder_key_is_repaired_by_the_nodes_that_have_it() {
+    let fleet = Fleet::start(2);
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    let folder = format!("{}/v1/", fleet.prefix);
+    fleet.consul.delete(&folder);
+    fleet.wait("the folder key re-created", |f| {
+        f.consul.get(&folder).is_some()
+    });
+    fleet.expect_active("v1");
+    for agent in &fleet.agents {
+        assert!(!agent.hooks_log().contains(&"clean v1".to_string()));
+    }
+}
+
+#[test]
+fn current_is_never_rolled_out_where_the_deploy_hook_failed() {
+    let fleet = Fleet::start(3);
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    fleet.agents[1].set_flag("fail-deploy", true);
+    fleet.add_version("v2");
+    fleet.wait("node2 failed, others ready", |f| {
+        f.node_state("v2", "node2").as_deref() == Some("failed")
+            && f.node_state("v2", "node1").as_deref() == Some("ready")
+            && f.node_state("v2", "node3").as_deref() == Some("ready")
+    });
+    fleet.set_current("v2");
+    fleet.wait("v2 active on node1 and node3", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+            && f.node_state("v2", "node3").as_deref() == Some("active")
+    });
+    let broken = &fleet.agents[1];
+    assert_eq!(
+        broken.live("api").as_deref(),
+        Some("v1"),
+        "node2 keeps running v1"
+    );
+    assert_eq!(fleet.node_state("v1", "node2").as_deref(), Some("active"));
+    assert_eq!(fleet.node_state("v2", "node2").as_deref(), Some("failed"));
+    assert!(
+        !broken
+            .hooks_log()
+            .iter()
+            .any(|l| l.starts_with("rollout v2"))
+    );
+    assert!(
+        broken
+            .log()
+            .contains("the deploy hook exited with status 3"),
+        "{}",
+        broken.log()
+    );
+}
+
+#[test]
+fn deleting_a_failed_key_makes_the_agent_retry() {
+    let fleet = Fleet::start(1);
+    let agent = &fleet.agents[0];
+    agent.set_flag("fail-deploy", true);
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    fleet.expect_state("v1", "failed");
+    agent.set_flag("fail-deploy", false);
+    fleet.consul.delete(&format!("{}/v1/node1", fleet.prefix));
+    fleet.expect_active("v1");
+    let deploys = agent
+        .hooks_log()
+        .iter()
+        .filter(|l| l.starts_with("deploy v1"))
+        .count();
+    assert_eq!(deploys, 2);
+}
+
+#[test]
+fn a_failed_rollout_is_reported_and_rolling_back_restores_the_old_version() {
+    let fleet = Fleet::start(1);
+    let agent = &fleet.agents[0];
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    agent.set_flag("fail-rollout", true);
+    fleet.set_current("v2");
+    fleet.expect_state("v2", "failed");
+    agent.set_flag("fail-rollout", false);
+    fleet.set_current("v1");
+    fleet.wait("v1 rolled out again", |_| {
+        agent
+            .hooks_log()
+            .iter()
+            .filter(|l| l.starts_with("rollout v1"))
+            .count()
+            == 2
+    });
+    fleet.expect_active("v1");
+    fleet.expect_state("v2", "ready");
+}
+
+#[test]
+fn kill_9_during_a_deploy_hook_then_restart_converges_without_a_half_deployed_version() {
+    let mut fleet = Fleet::start(2);
+    fleet.agents[0].set_flag("block-deploy", true);
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    let pid_file = fleet.agents[0].dir.join("hook.pid");
+    wait_for("node1's deploy hook to start", || pid_file.exists());
+    assert_eq!(fleet.node_state("v1", "node1").as_deref(), Some("busy"));
+    let orphan: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    fleet.agents[0].kill9();
+    std::fs::remove_file(&pid_file).unwrap();
+
+    fleet.agents[0].start();
+    // The restarted agent kills the hook its predecessor left running...
+    wait_for("the orphaned hook to be killed", || {
+        !std::path::Path::new(&format!("/proc/{orphan}")).exists()
+            || std::fs::read_to_string(format!("/proc/{orphan}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    // ...and deploys afresh, never reporting the half-deployed attempt ready.
+    wait_for("the second attempt to start", || pid_file.exists());
+    assert_eq!(fleet.node_state("v1", "node1").as_deref(), Some("busy"));
+    assert_eq!(fleet.agents[0].live("api"), None);
+    fleet.agents[0].set_flag("release", true);
+    fleet.expect_active("v1");
+    let deploys = fleet.agents[0]
+        .hooks_log()
+        .iter()
+        .filter(|l| l.starts_with("deploy v1"))
+        .count();
+    assert_eq!(deploys, 2, "deployed again from scratch");
+}
+
+#[test]
+fn consul_killed_and_restarted_while_agents_run_converges_after() {
+    let consul = Consul::start();
+    let mut fleet = Fleet::on(&consul, 3);
+    fleet.start_all();
+    fleet.add_version("v1");
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+
+    // Dev mode: the restart loses every key and session, and indexes go back.
+    consul.kill();
+    for agent in &mut fleet.agents {
+        assert!(
+            agent.is_running(),
+            "{} exited while Consul was down",
+            agent.name
+        );
+        assert_eq!(agent.live("api").as_deref(), Some("v1"), "keeps running v1");
+    }
+    consul.restart();
+
+    // Only `current` is written again: agents that have it re-create its
+    // folder key and register themselves (the repair rule).
+    fleet.set_current("v1");
+    fleet.expect_active("v1");
+    assert_eq!(
+        fleet
+            .consul
+            .get(&format!("{}/v1/", fleet.prefix))
+            .as_deref(),
+        Some("")
+    );
+    fleet.add_version("v2");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    for agent in &mut fleet.agents {
+        assert!(agent.is_running());
+        let warnings = agent.log().matches("is unreachable while").count();
+        assert!(
+            warnings <= 3,
+            "outage logged {warnings} times by {}",
+            agent.name
+        );
+    }
+}
+
+#[test]
+fn a_hook_that_outlives_its_timeout_is_killed_with_its_process_group() {
+    let fleet = Fleet::new(1);
+    let mut fleet = fleet;
+    let agent = &mut fleet.agents[0];
+    agent.deployments[0]["timeout"] = "1s".into();
+    agent.deployments[0]["deploy"] = serde_json::json!([format!(
+        "sleep 60 & echo $! > {}/sleeper.pid; wait",
+        agent.dir.display()
+    )]);
+    agent.start();
+    fleet.add_version("v1");
+    fleet.expect_state("v1", "failed");
+    let agent = &fleet.agents[0];
+    assert!(
+        agent.log().contains("timed out after 1s"),
+        "{}",
+        agent.log()
+    );
+    let sleeper = std::fs::read_to_string(agent.dir.join("sleeper.pid")).unwrap();
+    wait_for("the hook's child to be gone", || {
+        !std::path::Path::new(&format!("/proc/{}", sleeper.trim())).exists()
+    });
+}
+
+#[test]
+fn sigterm_lets_a_running_hook_finish_then_exits_cleanly() {
+    let mut fleet = Fleet::start(1);
+    fleet.agents[0].set_flag("block-deploy", true);
+    fleet.add_version("v1");
+    let pid_file = fleet.agents[0].dir.join("hook.pid");
+    wait_for("the deploy hook to start", || pid_file.exists());
+    fleet.agents[0].signal(Signal::SIGTERM);
+    wait_for("the agent to acknowledge", || {
+        fleet.agents[0]
+            .log()
+            .contains("letting the running deploy hook finish")
+    });
+    assert!(
+        fleet.agents[0].is_running(),
+        "exited before the hook finished"
+    );
+    fleet.agents[0].set_flag("release", true);
+    assert_eq!(fleet.agents[0].wait_exit(), Some(0));
+    let agent = &fleet.agents[0];
+    assert!(agent.log().contains("api v1: deployed"), "{}", agent.log());
+    assert_eq!(
+        fleet.node_state("v1", "node1"),
+        None,
+        "session destroyed, key gone"
+    );
+    // The finished deploy counts after a restart: no second deploy.
+    fleet.agents[0].set_flag("block-deploy", false);
+    fleet.agents[0].start();
+    fleet.expect_state("v1", "ready");
+    assert_eq!(
+        fleet.agents[0]
+            .hooks_log()
+            .iter()
+            .filter(|l| l.starts_with("deploy v1"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn sigterm_kills_a_hook_that_outlives_the_grace_period() {
+    let mut fleet = Fleet::new(1);
+    fleet.agents[0].extra = serde_json::json!({"shutdown_grace": "500ms"});
+    fleet.agents[0].set_flag("block-deploy", true);
+    fleet.start_all();
+    fleet.add_version("v1");
+    let pid_file = fleet.agents[0].dir.join("hook.pid");
+    wait_for("the deploy hook to start", || pid_file.exists());
+    let hook: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    fleet.agents[0].signal(Signal::SIGTERM);
+    assert_eq!(fleet.agents[0].wait_exit(), Some(0));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{hook}")).exists(),
+        "the hook survived"
+    );
+    assert!(fleet.agents[0].log().contains("grace period is over"));
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut fleet = Fleet::start(1);
+    fleet.agents[0].set_flag("block-deploy", true);
+    fleet.add_version("v1");
+    let pid_file = fleet.agents[0].dir.join("hook.pid");
+    wait_for("the deploy hook to start", || pid_file.exists());
+    fleet.agents[0].signal(Signal::SIGINT);
+    wait_for("the agent to acknowledge", || {
+        fleet.agents[0].log().contains("letting the running")
+    });
+    fleet.agents[0].signal(Signal::SIGINT);
+    assert_eq!(fleet.agents[0].wait_exit(), Some(130));
+}
+
+#[test]
+fn hostile_version_keys_are_ignored_with_one_warning_and_touch_nothing_outside() {
+    let fleet = Fleet::start(1);
+    let consul = fleet.consul;
+    let p = &fleet.prefix;
+    for hostile in [
+        "../../etc/",
+        "../escape",
+        ".hidden/",
+        "-rf/",
+        "a b/",
+        "x;reboot/",
+    ] {
+        consul.put_verbatim(&format!("{p}/{hostile}"), "");
+    }
+    consul.put_verbatim(&format!("{p}/current"), "../../etc");
+    fleet.add_version("v1");
+    fleet.expect_state("v1", "ready");
+    // More writes under the prefix: still one warning per name.
+    fleet.add_version("v2");
+    fleet.expect_state("v2", "ready");
+    let agent = &fleet.agents[0];
+    let log = agent.log();
+    // One level down, `../../etc/` and `../escape` are both the name `..`.
+    for name in ["../", ".hidden/", "-rf/", "a b/", "x;reboot/"] {
+        let warnings = log.matches(&format!("ignoring {name:?}")).count();
+        assert_eq!(warnings, 1, "{name}: {log}");
+    }
+    assert_eq!(log.matches("current = \"../../etc\"").count(), 1, "{log}");
+    assert_eq!(log.matches("ignoring ").count(), 6, "{log}");
+    assert_eq!(agent.version_dirs("api"), ["v1", "v2"]);
+    assert_eq!(
+        agent.live("api"),
+        None,
+        "an invalid current is not rolled out"
+    );
+    let outside: Vec<_> = std::fs::read_dir(&agent.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !outside.iter().any(|n| n == "etc" || n == "escape"),
+        "{outside:?}"
+    );
+}
+
+#[test]
+fn two_deployments_in_one_agent_both_react_promptly() {
+    let root = tempfile::tempdir().unwrap();
+    let consul = Consul::shared();
+    let api = support::unique_prefix("api");
+    let web = support::unique_prefix("web");
+    let mut agent = Agent::new(root.path(), "both", &consul.addr(), &api);
+    agent
+        .deployments
+        .push(support::default_deployment("web", &agent.dir, &web));
+    agent.start();
+    wait_for("the agent to register", || {
+        agent.log().contains("registered with Consul")
+    });
+    // Alternate changes between the prefixes: each is acted on while the
+    // other prefix's blocking query is still waiting (5 minutes).
+    for (i, prefix) in [&web, &api, &web, &api].iter().enumerate() {
+        let version = format!("v{i}");
+        consul.put(&format!("{prefix}/{version}/"), "");
+        consul.put(&format!("{prefix}/current"), &version);
+        let key = format!("{prefix}/{version}/both");
+        support::wait_for_within(
+            Duration::from_secs(10),
+            &format!("{key} active"),
+            &mut || consul.get(&key).as_deref() == Some("active"),
+            || agent.log(),
+        );
+    }
+}
+
+#[test]
+fn a_lost_session_is_replaced_and_every_version_registered_again() {
+    let fleet = Fleet::start(2);
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    fleet.expect_state("v1", "ready");
+    let prefix = format!("{}/", fleet.prefix);
+    let before = fleet.consul.tree(&prefix);
+    let old_sessions = fleet.consul.sessions_under(&prefix);
+    assert_eq!(old_sessions.len(), 2);
+    // Expire this fleet's sessions: every node key goes with them.
+    for id in &old_sessions {
+        fleet.consul.destroy_session(id);
+    }
+    fleet.wait("every node key held by a new session", |f| {
+        let now = f.consul.sessions_under(&prefix);
+        now.len() == 2 && now.is_disjoint(&old_sessions)
+    });
+    fleet.expect_active("v2");
+    fleet.expect_state("v1", "ready");
+    let after = fleet.consul.tree(&prefix);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        after
+            .iter()
+            .filter(|(k, _)| k.contains("/node"))
+            .all(|(_, (_, held))| *held)
+    );
+    for agent in &fleet.agents {
+        wait_for("the loss to be logged", || {
+            agent.log().contains("session expired or was lost")
+        });
+    }
+}
+
+#[test]
+fn sighup_picks_up_a_new_deployment_and_keeps_the_old_config_when_the_new_one_is_bad() {
+    let root = tempfile::tempdir().unwrap();
+    let consul = Consul::shared();
+    let api = support::unique_prefix("api");
+    let web = support::unique_prefix("web");
+    let mut agent = Agent::new(root.path(), "reloader", &consul.addr(), &api);
+    agent.start();
+    consul.put(&format!("{api}/v1/"), "");
+    let api_key = format!("{api}/v1/reloader");
+    wait_for("api v1 ready", || {
+        consul.get(&api_key).as_deref() == Some("ready")
+    });
+
+    // A broken config is refused and the agent carries on.
+    std::fs::write(agent.dir.join("conf/depro.json"), "{ \"name\": ").unwrap();
+    agent.signal(Signal::SIGHUP);
+    wait_for("the reload error", || {
+        agent.log().contains("keeping the running configuration")
+    });
+    assert!(agent.is_running());
+    consul.put(&format!("{api}/v2/"), "");
+    wait_for("api v2 ready under the old config", || {
+        consul.get(&format!("{api}/v2/reloader")).as_deref() == Some("ready")
+    });
+
+    // A good config with a second deployment is applied.
+    agent
+        .deployments
+        .push(support::default_deployment("web", &agent.dir, &web));
+    agent.write_config();
+    agent.signal(Signal::SIGHUP);
+    consul.put(&format!("{web}/w1/"), "");
+    wait_for("web w1 ready after the reload", || {
+        consul.get(&format!("{web}/w1/reloader")).as_deref() == Some("ready")
+    });
+    wait_for("api keys registered again", || {
+        consul.get(&api_key).as_deref() == Some("ready")
+    });
+}
+
+#[test]
+fn an_agent_without_deployments_idles_and_starts_working_on_reload() {
+    let root = tempfile::tempdir().unwrap();
+    let consul = Consul::shared();
+    let prefix = support::unique_prefix("idle");
+    let mut agent = Agent::new(root.path(), "idler", &consul.addr(), &prefix);
+    let deployment = agent.deployments.pop().unwrap();
+    agent.start();
+    wait_for("the idle message", || {
+        agent.log().contains("is idle: no deployments configured")
+    });
+    assert!(agent.is_running());
+    agent.deployments.push(deployment);
+    agent.write_config();
+    agent.signal(Signal::SIGHUP);
+    consul.put(&format!("{prefix}/v1/"), "");
+    wait_for("v1 ready after the reload", || {
+        consul.get(&format!("{prefix}/v1/idler")).as_deref() == Some("ready")
+    });
+}

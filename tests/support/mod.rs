@@ -1,0 +1,682 @@
+//! The test bed: a real Consul agent on loopback, real `depro` agents as
+//! child processes, and a small vocabulary to write tests as specs:
+//!
+//! ```ignore
+//! let fleet = Fleet::start(3);
+//! fleet.add_version("v1");
+//! fleet.set_current("v1");
+//! fleet.expect_active("v1");
+//! ```
+//!
+//! Most tests share one Consul (started once per test binary) and get a
+//! prefix of their own; tests that kill or restart Consul start their own.
+//! Nothing is mocked. Waiting is always polling a condition, with a
+//! deadline; on timeout the test fails with the agents' logs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a condition may take before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn depro_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_depro")
+}
+
+/// Finds a `consul` binary: `$CONSUL_BIN`, the one `scripts/get-consul.sh`
+/// unpacks under `target/consul`, or `consul` on PATH.
+pub fn consul_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CONSUL_BIN") {
+        return PathBuf::from(path);
+    }
+    let fetched = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/consul/usr/bin/consul");
+    if fetched.exists() {
+        return fetched;
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = Path::new(dir).join("consul");
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!(
+        "no consul binary found: run scripts/get-consul.sh (it unpacks one into target/consul), \
+         put consul on PATH, or set CONSUL_BIN"
+    );
+}
+
+/// Finds a free TCP port on loopback.
+pub fn free_port() -> u16 {
+    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut used = USED.lock().unwrap();
+        if !used.contains(&port) {
+            used.push(port);
+            return port;
+        }
+    }
+}
+
+/// Makes a child die with the test process (SIGKILL when its parent
+/// thread exits), so that no Consul or agent outlives a test run.
+fn die_with_parent(command: &mut Command) {
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Polls `condition` until it holds or PATIENCE runs out.
+pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    wait_for_within(PATIENCE, what, &mut condition, || String::new())
+}
+
+pub fn wait_for_within(
+    patience: Duration,
+    what: &str,
+    condition: &mut dyn FnMut() -> bool,
+    diagnostics: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    while !condition() {
+        if start.elapsed() > patience {
+            panic!(
+                "timed out after {patience:?} waiting for {what}\n{}",
+                diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- Consul
+
+/// A Consul agent in dev mode on loopback ports of its own.
+pub struct Consul {
+    child: Mutex<Option<Child>>,
+    pub http_port: u16,
+    ports: [u16; 3],
+    data: tempfile::TempDir,
+    agent: ureq::Agent,
+}
+
+impl Consul {
+    /// Starts a private Consul (for tests that kill or restart it).
+    pub fn start() -> Consul {
+        let ports = [free_port(), free_port(), free_port()];
+        let consul = Consul {
+            child: Mutex::new(None),
+            http_port: free_port(),
+            ports,
+            data: tempfile::tempdir().unwrap(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent(),
+        };
+        consul.launch();
+        consul
+    }
+
+    /// The Consul shared by the tests of this test binary.
+    pub fn shared() -> &'static Consul {
+        static SHARED: OnceLock<Consul> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            // Spawned from a thread that never ends, so that the death
+            // signal fires only when the whole test process exits.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(Consul::start()).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().unwrap()
+        })
+    }
+
+    fn launch(&self) {
+        let [serf_lan, serf_wan, server] = self.ports;
+        let log = std::fs::File::create(self.data.path().join("consul.log")).unwrap();
+        let mut command = Command::new(consul_bin());
+        command
+            .args([
+                "agent",
+                "-dev",
+                "-node",
+                "dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .arg(format!("-http-port={}", self.http_port))
+            .arg(format!("-serf-lan-port={serf_lan}"))
+            .arg(format!("-serf-wan-port={serf_wan}"))
+            .arg(format!("-server-port={server}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null());
+        die_with_parent(&mut command);
+        *self.child.lock().unwrap() = Some(command.spawn().expect("cannot start consul"));
+        let start = Instant::now();
+        loop {
+            let leader = self.raw("GET", "status/leader", None).map(|(_, body)| body);
+            if leader.is_some_and(|b| b.contains("127.0.0.1")) {
+                break;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "consul did not elect a leader: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("consul.log")).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    /// Kills Consul (SIGKILL). Its data is gone: it runs in dev mode.
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Consul again on the same ports.
+    pub fn restart(&self) {
+        self.kill();
+        self.launch();
+    }
+
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Option<(u16, String)> {
+        let url = format!("http://{}/v1/{path}", self.addr());
+        let request = ureq::http::Request::builder().method(method).uri(&url);
+        let response = match body {
+            Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
+            None => self.agent.run(request.body(()).unwrap()),
+        };
+        let mut response = response.ok()?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().ok()?;
+        Some((status, text))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> String {
+        let (status, text) = self
+            .raw(method, path, body)
+            .unwrap_or_else(|| panic!("{method} {path}: consul unreachable"));
+        assert!(
+            status == 200 || status == 404,
+            "{method} {path}: HTTP {status}: {text}"
+        );
+        text
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        assert_eq!(
+            self.call("PUT", &format!("kv/{key}"), Some(value.as_bytes()))
+                .trim(),
+            "true"
+        );
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.call("DELETE", &format!("kv/{key}"), None);
+    }
+
+    /// Writes a key verbatim through the transaction API, which (unlike a
+    /// plain PUT's URL path) keeps `..` segments: for hostile-key tests.
+    pub fn put_verbatim(&self, key: &str, value: &str) {
+        let body = serde_json::json!([{"KV": {"Verb": "set", "Key": key, "Value": base64(value)}}]);
+        self.call("PUT", "txn", Some(body.to_string().as_bytes()));
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        let (status, text) = self.raw("GET", &format!("kv/{key}?raw"), None)?;
+        (status == 200).then_some(text)
+    }
+
+    /// Every key under `prefix` with its value and whether a session holds it.
+    pub fn tree(&self, prefix: &str) -> BTreeMap<String, (String, bool)> {
+        let text = self.call("GET", &format!("kv/{prefix}?recurse"), None);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        entries
+            .into_iter()
+            .map(|e| {
+                let key = e["Key"].as_str().unwrap().to_string();
+                let value = e["Value"].as_str().map(unbase64).unwrap_or_default();
+                let held = e["Session"].as_str().is_some_and(|s| !s.is_empty());
+                (key, (value, held))
+            })
+            .collect()
+    }
+
+    /// The sessions holding keys under `prefix`.
+    pub fn sessions_under(&self, prefix: &str) -> std::collections::BTreeSet<String> {
+        let text = self.call("GET", &format!("kv/{prefix}?recurse"), None);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        entries
+            .iter()
+            .filter_map(|e| e["Session"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Destroys a session, as if it had expired.
+    pub fn destroy_session(&self, id: &str) {
+        self.call("PUT", &format!("session/destroy/{id}"), Some(b""));
+    }
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn base64(text: &str) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> String {
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        bits = (bits << 6) | u32::from(v);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------- agents
+
+/// Hook lines the tests use: real but small work, plus switches a test can
+/// flip per node through files in the node's directory (`fail-deploy`,
+/// `block-deploy`, …). Each hook appends to `hooks.log` to record order.
+pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json::Value {
+    let path = node_dir.join(id);
+    let ctl = node_dir.display().to_string();
+    serde_json::json!({
+        "id": id,
+        "path": path,
+        "prefix": prefix,
+        "shell": "bash",
+        "deploy": [
+            format!("echo \"deploy $VERSION $PWD\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/fail-deploy ]; then echo 'deploy fails on purpose' >&2; exit 3; fi"),
+            format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ]; do sleep 0.02; done; fi"),
+            "echo \"$VERSION\" > version.txt",
+            "tar czf app.tar.gz version.txt",
+        ],
+        "rollout": [
+            format!("echo \"rollout $VERSION from=$PREVIOUS_VERSION\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/fail-rollout ]; then exit 4; fi"),
+            "test -f \"$VERSION_PATH/version.txt\"",
+            "ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live.tmp\"",
+            "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\"",
+        ],
+        "clean": [
+            format!("echo \"clean $VERSION\" >> {ctl}/hooks.log"),
+        ],
+    })
+}
+
+/// One `depro agent` process with a directory of its own.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub server: String,
+    pub extra: serde_json::Value,
+    pub deployments: Vec<serde_json::Value>,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Agent {
+    /// An agent with one deployment `api` on `prefix` (not started).
+    pub fn new(root: &Path, name: &str, server: &str, prefix: &str) -> Agent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("conf")).unwrap();
+        let deployment = default_deployment("api", &dir, prefix);
+        Agent {
+            name: name.to_string(),
+            dir,
+            server: server.to_string(),
+            extra: serde_json::json!({}),
+            deployments: vec![deployment],
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn config(&self) -> serde_json::Value {
+        let mut config = serde_json::json!({
+            "name": self.name,
+            "server": self.server,
+            "session_ttl": "10s",
+            "deployments": self.deployments,
+        });
+        for (k, v) in self.extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        config
+    }
+
+    pub fn write_config(&self) {
+        std::fs::write(
+            self.dir.join("conf/depro.json"),
+            serde_json::to_string_pretty(&self.config()).unwrap(),
+        )
+        .unwrap();
+    }
+
+    pub fn start(&mut self) {
+        self.write_config();
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut command = Command::new(depro_bin());
+        command
+            .arg("agent")
+            .arg(format!("-config-dir={}", self.dir.join("conf").display()))
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env("DEPRO_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut command);
+        self.child = Some(command.spawn().expect("cannot start depro agent"));
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn hooks_log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("hooks.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent not running").id() as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Kills the agent with SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the agent to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().expect("agent not running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if start.elapsed() > PATIENCE {
+                panic!("agent {} did not exit\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Flips a switch file in the node's directory.
+    pub fn set_flag(&self, flag: &str, on: bool) {
+        let path = self.dir.join(flag);
+        if on {
+            std::fs::write(path, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    pub fn deployment_path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Where `live` points, as a version name.
+    pub fn live(&self, id: &str) -> Option<String> {
+        let target = std::fs::read_link(self.deployment_path(id).join("live")).ok()?;
+        Some(target.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// The version directories present (excluding depro's own files).
+    pub fn version_dirs(&self, id: &str) -> Vec<String> {
+        let mut dirs: Vec<String> = std::fs::read_dir(self.deployment_path(id))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".depro")
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.sort();
+        dirs
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------- fleets
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A prefix no other test uses.
+pub fn unique_prefix(tag: &str) -> String {
+    format!(
+        "t{}-{}-{tag}/version",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Several agents following one prefix on one Consul.
+pub struct Fleet<'c> {
+    pub consul: &'c Consul,
+    pub prefix: String,
+    pub agents: Vec<Agent>,
+    pub root: tempfile::TempDir,
+}
+
+impl<'c> Fleet<'c> {
+    /// `n` agents (node1…noden) on the shared Consul, not started.
+    pub fn new(n: usize) -> Fleet<'static> {
+        Fleet::on(Consul::shared(), n)
+    }
+
+    pub fn on(consul: &'c Consul, n: usize) -> Fleet<'c> {
+        let root = tempfile::tempdir().unwrap();
+        let prefix = unique_prefix("fleet");
+        let agents = (1..=n)
+            .map(|i| Agent::new(root.path(), &format!("node{i}"), &consul.addr(), &prefix))
+            .collect();
+        Fleet {
+            consul,
+            prefix,
+            agents,
+            root,
+        }
+    }
+
+    /// `n` agents, started.
+    pub fn start(n: usize) -> Fleet<'static> {
+        let mut fleet = Fleet::new(n);
+        fleet.start_all();
+        fleet
+    }
+
+    pub fn start_all(&mut self) {
+        for agent in &mut self.agents {
+            agent.start();
+        }
+    }
+
+    /// Adds and starts another agent.
+    pub fn join(&mut self, name: &str) -> &mut Agent {
+        let mut agent = Agent::new(self.root.path(), name, &self.consul.addr(), &self.prefix);
+        agent.start();
+        self.agents.push(agent);
+        self.agents.last_mut().unwrap()
+    }
+
+    pub fn add_version(&self, version: &str) {
+        self.consul.put(&format!("{}/{version}/", self.prefix), "");
+    }
+
+    pub fn remove_version(&self, version: &str) {
+        self.consul.delete(&format!("{}/{version}/", self.prefix));
+    }
+
+    pub fn set_current(&self, version: &str) {
+        self.consul
+            .put(&format!("{}/current", self.prefix), version);
+    }
+
+    /// The value of a node's key for a version, if the key exists.
+    pub fn node_state(&self, version: &str, node: &str) -> Option<String> {
+        self.consul
+            .get(&format!("{}/{version}/{node}", self.prefix))
+    }
+
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "tree: {:#?}\n",
+            self.consul.tree(&format!("{}/", self.prefix))
+        );
+        for agent in &self.agents {
+            out.push_str(&format!("---- {} log:\n{}\n", agent.name, agent.log()));
+            out.push_str(&format!(
+                "---- {} hooks: {:?}\n",
+                agent.name,
+                agent.hooks_log()
+            ));
+        }
+        out
+    }
+
+    pub fn wait(&self, what: &str, mut condition: impl FnMut(&Fleet) -> bool) {
+        wait_for_within(PATIENCE, what, &mut || condition(self), || {
+            self.diagnostics()
+        });
+    }
+
+    /// Every agent reports `state` for `version` (held by its session).
+    pub fn expect_state(&self, version: &str, state: &str) {
+        let names: Vec<String> = self.agents.iter().map(|a| a.name.clone()).collect();
+        self.wait(&format!("{version} {state} on {names:?}"), |f| {
+            names
+                .iter()
+                .all(|n| f.node_state(version, n).as_deref() == Some(state))
+        });
+    }
+
+    /// Every agent runs `version`: its key says active and `live` points at it.
+    pub fn expect_active(&self, version: &str) {
+        self.expect_state(version, "active");
+        for agent in &self.agents {
+            assert_eq!(
+                agent.live("api").as_deref(),
+                Some(version),
+                "{}",
+                agent.name
+            );
+        }
+    }
+
+    /// No agent has `version`: no key, no directory.
+    pub fn expect_gone(&self, version: &str) {
+        let names: Vec<String> = self.agents.iter().map(|a| a.name.clone()).collect();
+        self.wait(&format!("{version} purged from {names:?}"), |f| {
+            f.agents.iter().all(|a| {
+                f.node_state(version, &a.name).is_none()
+                    && !a.deployment_path("api").join(version).exists()
+            })
+        });
+    }
+}
