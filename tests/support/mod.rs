@@ -82,7 +82,7 @@ fn die_with_parent(command: &mut Command) {
 
 /// Polls `condition` until it holds or PATIENCE runs out.
 pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    wait_for_within(PATIENCE, what, &mut condition, || String::new())
+    wait_for_within(PATIENCE, what, &mut condition, String::new)
 }
 
 pub fn wait_for_within(
@@ -112,11 +112,19 @@ pub struct Consul {
     ports: [u16; 3],
     data: tempfile::TempDir,
     agent: ureq::Agent,
+    /// The token the harness itself uses (the ACL master token, if any).
+    pub token: Mutex<Option<String>>,
 }
 
 impl Consul {
     /// Starts a private Consul (for tests that kill or restart it).
     pub fn start() -> Consul {
+        Consul::start_with("")
+    }
+
+    /// Starts a private Consul with extra agent configuration (HCL), e.g.
+    /// ACLs or TLS. `{data}` in it is replaced by its data directory.
+    pub fn start_with(extra_config: &str) -> Consul {
         let ports = [free_port(), free_port(), free_port()];
         let consul = Consul {
             child: Mutex::new(None),
@@ -128,9 +136,18 @@ impl Consul {
                 .timeout_global(Some(Duration::from_secs(10)))
                 .build()
                 .new_agent(),
+            token: Mutex::new(None),
         };
+        if !extra_config.is_empty() {
+            let text = extra_config.replace("{data}", &consul.data.path().display().to_string());
+            std::fs::write(consul.data.path().join("extra.hcl"), text).unwrap();
+        }
         consul.launch();
         consul
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
     }
 
     /// The Consul shared by the tests of this test binary.
@@ -170,6 +187,7 @@ impl Consul {
             .arg(format!("-serf-lan-port={serf_lan}"))
             .arg(format!("-serf-wan-port={serf_wan}"))
             .arg(format!("-server-port={server}"))
+            .args(self.extra_config_args())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null());
@@ -187,6 +205,15 @@ impl Consul {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn extra_config_args(&self) -> Vec<String> {
+        let extra = self.data.path().join("extra.hcl");
+        if extra.exists() {
+            vec!["-config-file".into(), extra.display().to_string()]
+        } else {
+            Vec::new()
         }
     }
 
@@ -214,7 +241,10 @@ impl Consul {
 
     fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Option<(u16, String)> {
         let url = format!("http://{}/v1/{path}", self.addr());
-        let request = ureq::http::Request::builder().method(method).uri(&url);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = self.token.lock().unwrap().as_ref() {
+            request = request.header("X-Consul-Token", token);
+        }
         let response = match body {
             Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
             None => self.agent.run(request.body(()).unwrap()),
@@ -225,7 +255,7 @@ impl Consul {
         Some((status, text))
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> String {
+    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> String {
         let (status, text) = self
             .raw(method, path, body)
             .unwrap_or_else(|| panic!("{method} {path}: consul unreachable"));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian/Ubuntu machine with Rust:
+# fetches Consul (scripts/get-consul.sh), checks formatting and lints, and
+# runs every unit and integration test against a real Consul on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+for tool in bash tar gzip; do need "$tool" || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+CONSUL_BIN=$(scripts/get-consul.sh)
+export CONSUL_BIN
+echo "test.sh: using $("$CONSUL_BIN" version | head -n1) at $CONSUL_BIN" >&2
+
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked

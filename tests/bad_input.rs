@@ -1,0 +1,184 @@
+//! Bad input to the real binary: a one-line error that names the file and
+//! line, the key or the flag, says what to do, and a non-zero exit.
+
+mod support;
+
+use std::process::Command;
+
+/// Runs `depro agent -config-dir=<dir>` on a config and returns (exit code, stderr).
+fn agent_with_config(config: &str) -> (tempfile::TempDir, Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("depro.json"), config).unwrap();
+    let (code, stderr) = run(&["agent", &format!("-config-dir={}", dir.path().display())]);
+    (dir, code, stderr)
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(support::depro_bin())
+        .args(args)
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts one line of error, exit code 1, and that it mentions each of `needles`.
+fn assert_one_line_error(code: Option<i32>, stderr: &str, needles: &[&str]) {
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.starts_with("depro: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+}
+
+fn deployment(fields: &str) -> String {
+    format!(
+        r#"{{"server": "127.0.0.1:1", "deployments": [{{"id": "api", "path": "/tmp/depro-never/api", "prefix": "api/version"{fields}}}]}}"#
+    )
+}
+
+/// The seed config exactly as the issue printed it (without the comma).
+const SEED_AS_PRINTED: &str = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
+  "deployments": [
+    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
+      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1"
+                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
+      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
+      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] } ] }"#;
+
+#[test]
+fn the_seed_example_as_printed_is_refused_at_its_missing_comma() {
+    let (dir, code, stderr) = agent_with_config(SEED_AS_PRINTED);
+    let file = dir.path().join("depro.json");
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[&format!("{}:5:", file.display()), "missing comma"],
+    );
+}
+
+#[test]
+fn an_unknown_field_is_named_with_its_line_and_column() {
+    let (_dir, code, stderr) =
+        agent_with_config("{\n  \"server\": \"x:1\",\n  \"deploymnets\": []\n}");
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[
+            "depro.json:3:",
+            "unknown field `deploymnets`",
+            "depro.json(5)",
+        ],
+    );
+}
+
+#[test]
+fn an_unknown_deployment_field_is_named_too() {
+    let (_dir, code, stderr) = agent_with_config(&deployment(r#", "rolout": []"#));
+    assert_one_line_error(code, &stderr, &["unknown field `rolout`"]);
+}
+
+#[test]
+fn duplicate_ids_and_prefixes_are_refused_naming_both() {
+    let config = r#"{"deployments": [
+        {"id": "api", "path": "/tmp/depro-never/a", "prefix": "api/version"},
+        {"id": "api", "path": "/tmp/depro-never/b", "prefix": "web/version"}]}"#;
+    let (_dir, code, stderr) = agent_with_config(config);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &["deployments[1]", "already used by", "deployments[0]"],
+    );
+    let config = r#"{"deployments": [
+        {"id": "api", "path": "/tmp/depro-never/a", "prefix": "api/version"},
+        {"id": "web", "path": "/tmp/depro-never/b", "prefix": "api/version/"}]}"#;
+    let (_dir, code, stderr) = agent_with_config(config);
+    assert_one_line_error(code, &stderr, &["deployments[1]", "overlaps", "own prefix"]);
+}
+
+#[test]
+fn a_relative_path_is_refused() {
+    let config = r#"{"deployments": [{"id": "api", "path": "data/api", "prefix": "api/version"}]}"#;
+    let (_dir, code, stderr) = agent_with_config(config);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &["deployments[0] (id \"api\").path", "relative", "absolute"],
+    );
+}
+
+#[test]
+fn an_unwritable_path_is_refused_at_start() {
+    let scratch = tempfile::tempdir().unwrap();
+    let blocker = scratch.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let path = blocker.join("api");
+    let config = format!(
+        r#"{{"server": "127.0.0.1:1", "deployments": [{{"id": "api", "path": "{}", "prefix": "api/version"}}]}}"#,
+        path.display()
+    );
+    let (_dir, code, stderr) = agent_with_config(&config);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[
+            "(id \"api\").path",
+            &path.display().to_string(),
+            "cannot create",
+        ],
+    );
+}
+
+#[test]
+fn a_shell_that_does_not_exist_is_refused() {
+    let (_dir, code, stderr) =
+        agent_with_config(&deployment(r#", "shell": "fish-that-is-not-here""#));
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[".shell", "fish-that-is-not-here", "not found"],
+    );
+}
+
+#[test]
+fn a_bad_duration_is_refused_with_the_accepted_forms() {
+    let (_dir, code, stderr) = agent_with_config(&deployment(r#", "timeout": "10""#));
+    assert_one_line_error(code, &stderr, &[".timeout", "no unit", "10m"]);
+    let (_dir, code, stderr) = agent_with_config(r#"{"shutdown_grace": "forever"}"#);
+    assert_one_line_error(code, &stderr, &["shutdown_grace", "30s"]);
+}
+
+#[test]
+fn a_bad_server_address_is_refused_and_the_token_never_shows() {
+    let (_dir, code, stderr) =
+        agent_with_config(r#"{"server": "ftp://x:1", "token": "tok-s3cr3t"}"#);
+    assert_one_line_error(code, &stderr, &["ftp", "http:// or https://"]);
+    assert!(!stderr.contains("tok-s3cr3t"));
+}
+
+#[test]
+fn a_missing_config_dir_is_named() {
+    let (code, stderr) = run(&["agent", "-config-dir=/no/such/depro/dir"]);
+    assert_one_line_error(code, &stderr, &["/no/such/depro/dir", "-config-dir"]);
+}
+
+#[test]
+fn bad_flags_are_named_with_where_to_get_help() {
+    let (code, stderr) = run(&["agent", "-config-dri=/etc/depro"]);
+    assert_one_line_error(code, &stderr, &["-config-dri", "depro help agent"]);
+    let empty = tempfile::tempdir().unwrap();
+    let (code, stderr) = run(&[
+        "agent",
+        "-log-level=loud",
+        "-config-dir",
+        &empty.path().display().to_string(),
+    ]);
+    assert_one_line_error(code, &stderr, &["loud", "log level"]);
+    let (code, stderr) = run(&["deploy", "v1", "-nodes=many"]);
+    assert_one_line_error(code, &stderr, &["-nodes", "many"]);
+}

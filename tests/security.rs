@@ -1,0 +1,143 @@
+//! ACL tokens and TLS against a real Consul: the agent works with the right
+//! credentials, says clearly what is wrong with bad ones, and never prints
+//! a token.
+
+mod support;
+
+use std::process::Command;
+
+use support::{Agent, Consul, free_port, wait_for};
+
+const MASTER: &str = "6f2d1c3e-0b1a-4c55-9d3e-7a1b2c3d4e5f";
+
+fn acl_consul() -> Consul {
+    let consul = Consul::start_with(&format!(
+        r#"primary_datacenter = "dc1"
+acl {{ enabled = true
+  default_policy = "deny"
+  tokens {{ master = "{MASTER}" agent = "{MASTER}" }} }}"#
+    ));
+    *consul.token.lock().unwrap() = Some(MASTER.to_string());
+    consul
+}
+
+/// Creates a token that may write under `prefix/` and make sessions.
+fn token_for(consul: &Consul, prefix: &str) -> String {
+    let rules = format!(
+        "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nsession_prefix \"\" {{ policy = \"write\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
+    );
+    let policy =
+        serde_json::json!({"Name": format!("depro-{}", prefix.replace('/', "-")), "Rules": rules});
+    consul.call("PUT", "acl/policy", Some(policy.to_string().as_bytes()));
+    let body = serde_json::json!({"Policies": [{"Name": policy["Name"]}]});
+    let created: serde_json::Value =
+        serde_json::from_str(&consul.call("PUT", "acl/token", Some(body.to_string().as_bytes())))
+            .unwrap();
+    created["SecretID"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn with_acls_a_good_token_works_and_a_bad_one_is_reported_without_showing_it() {
+    let consul = acl_consul();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("acl");
+    let token = token_for(&consul, &prefix);
+
+    let mut good = Agent::new(root.path(), "good", &consul.addr(), &prefix);
+    let token_file = good.dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    good.extra = serde_json::json!({"token_file": token_file});
+    good.start();
+
+    let mut bad = Agent::new(root.path(), "bad", &consul.addr(), &prefix);
+    bad.extra = serde_json::json!({"token": "bogus-s3cr3t-token"});
+    bad.start();
+
+    consul.put(&format!("{prefix}/v1/"), "");
+    wait_for("the good agent to report v1 ready", || {
+        consul.get(&format!("{prefix}/v1/good")).as_deref() == Some("ready")
+    });
+    wait_for("the bad agent to report the denial", || {
+        bad.log().contains("check the ACL token")
+    });
+    assert!(bad.log().contains("denied"), "{}", bad.log());
+    assert_eq!(consul.get(&format!("{prefix}/v1/bad")), None);
+    assert!(
+        !bad.log().contains("bogus-s3cr3t-token"),
+        "the token leaked: {}",
+        bad.log()
+    );
+    assert!(
+        !good.log().contains(&token),
+        "the token leaked: {}",
+        good.log()
+    );
+    // Denials are logged once at warning level, not once per retry.
+    let denials = |level: &str| {
+        bad.log()
+            .lines()
+            .filter(|l| l.contains(level) && l.contains("check the ACL token"))
+            .count()
+    };
+    wait_for("several retries", || denials("DEBUG") >= 3);
+    assert_eq!(denials("WARN"), 1, "{}", bad.log());
+}
+
+#[test]
+fn over_https_with_a_custom_ca_and_a_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = |args: &[&str]| {
+        let status = Command::new(support::consul_bin())
+            .args(["tls"])
+            .args(args)
+            .current_dir(certs.path())
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    tls(&["ca", "create"]);
+    tls(&["cert", "create", "-server", "-dc", "dc1"]);
+    tls(&["cert", "create", "-client", "-dc", "dc1"]);
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let https = free_port();
+    let consul = Consul::start_with(&format!(
+        r#"ports {{ https = {https} }}
+ca_file = "{}"
+cert_file = "{}"
+key_file = "{}"
+verify_incoming = true"#,
+        file("consul-agent-ca.pem"),
+        file("dc1-server-consul-0.pem"),
+        file("dc1-server-consul-0-key.pem"),
+    ));
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("tls");
+    let server = format!("https://127.0.0.1:{https}");
+
+    let mut agent = Agent::new(root.path(), "secure", &server, &prefix);
+    agent.extra = serde_json::json!({
+        "ca_file": file("consul-agent-ca.pem"),
+        "cert_file": file("dc1-client-consul-0.pem"),
+        "key_file": file("dc1-client-consul-0-key.pem"),
+    });
+    agent.start();
+
+    // Without a client certificate, Consul refuses the handshake.
+    let mut anonymous = Agent::new(root.path(), "anonymous", &server, &prefix);
+    anonymous.extra = serde_json::json!({"ca_file": file("consul-agent-ca.pem")});
+    anonymous.start();
+
+    consul.put(&format!("{prefix}/v1/"), "");
+    consul.put(&format!("{prefix}/current"), "v1");
+    wait_for("v1 active over https", || {
+        consul.get(&format!("{prefix}/v1/secure")).as_deref() == Some("active")
+    });
+    wait_for("the handshake failure to be logged", || {
+        anonymous.log().contains("is unreachable")
+    });
+    assert_eq!(consul.get(&format!("{prefix}/v1/anonymous")), None);
+}
