@@ -1032,7 +1032,11 @@ impl Agent {
     fn shut_down(&mut self) {
         self.watches.clear();
         self.end_session();
-        log::info!("depro agent {} stopped", self.config.name);
+        log::info!(
+            "depro agent {} stopped after {} requests to Consul",
+            self.config.name,
+            self.consul.request_count()
+        );
     }
 }
 

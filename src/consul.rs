@@ -175,11 +175,21 @@ pub(crate) struct KvEntry {
 /// How to write a key.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Write<'a> {
-    Plain,
     /// Check-and-set: 0 creates only if absent, otherwise the ModifyIndex.
     Cas(u64),
     /// Write and lock with this session; false if another session holds it.
     Acquire(&'a str),
+}
+
+/// One operation of a transaction (`/v1/txn`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TxnOp<'a> {
+    /// Set `key` only if its ModifyIndex is `index` (0: only if absent).
+    Cas { key: &'a str, value: &'a [u8], index: u64 },
+    /// Delete `key` only if its ModifyIndex is `index`.
+    DeleteCas { key: &'a str, index: u64 },
+    /// Set `key` unconditionally.
+    Set { key: &'a str, value: &'a [u8] },
 }
 
 /// A connection to one Consul agent.
@@ -282,7 +292,6 @@ impl Consul {
     pub(crate) fn put(&self, key: &str, value: &[u8], write: Write<'_>) -> Result<bool> {
         let doing = || format!("writing key {key:?}");
         let params = match write {
-            Write::Plain => String::new(),
             Write::Cas(index) => format!("cas={index}"),
             Write::Acquire(session) => format!("acquire={}", encode_path(session)),
         };
@@ -298,6 +307,39 @@ impl Consul {
         let url = self.url(&format!("kv/{}", encode_path(key)), &params);
         let body = self.call("DELETE", &url, None, CALL_TIMEOUT, &doing)?;
         parse_verdict(&body).map_err(|why| self.bad(doing(), why))
+    }
+
+    /// Runs operations atomically. `Ok(false)` when a check-and-set failed
+    /// and nothing was written.
+    pub(crate) fn txn(&self, ops: &[TxnOp<'_>]) -> Result<bool> {
+        let doing = || {
+            let keys: Vec<&str> = ops
+                .iter()
+                .map(|op| match op {
+                    TxnOp::Cas { key, .. } | TxnOp::DeleteCas { key, .. } | TxnOp::Set { key, .. } => *key,
+                })
+                .collect();
+            format!("writing {keys:?} in one transaction")
+        };
+        let body: Vec<serde_json::Value> = ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Cas { key, value, index } => serde_json::json!({"KV": {
+                    "Verb": "cas", "Key": key, "Value": base64_encode(value), "Index": index}}),
+                TxnOp::DeleteCas { key, index } => serde_json::json!({"KV": {
+                    "Verb": "delete-cas", "Key": key, "Index": index}}),
+                TxnOp::Set { key, value } => serde_json::json!({"KV": {
+                    "Verb": "set", "Key": key, "Value": base64_encode(value)}}),
+            })
+            .collect();
+        let url = self.url("txn", "");
+        let payload = serde_json::to_vec(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
+        let (status, _, answer) = self.send("PUT", &url, Some(&payload), CALL_TIMEOUT, &doing)?;
+        match status {
+            200 => Ok(true),
+            409 => Ok(false),
+            _ => Err(self.status_error(doing(), status, &answer)),
+        }
     }
 
     /// Creates a session with behavior `delete`, lock-delay 0 and this TTL.
@@ -655,6 +697,19 @@ fn parse_entries(body: &[u8]) -> std::result::Result<Vec<KvEntry>, String> {
         .collect()
 }
 
+fn base64_encode(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { TABLE[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
 /// Standard base64 (with padding), as Consul encodes KV values.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
     fn sextet(c: u8) -> Option<u32> {
@@ -719,6 +774,14 @@ mod tests {
     #[test]
     fn the_token_never_shows_in_debug_output() {
         assert!(!format!("{:?}", settings("x:1")).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for text in ["", "a", "ab", "abc", "abcd", "{\"x\": 1}"] {
+            assert_eq!(base64_decode(&base64_encode(text.as_bytes())).unwrap(), text.as_bytes());
+        }
+        assert_eq!(base64_encode(b"ready"), "cmVhZHk=");
     }
 
     #[test]

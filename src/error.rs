@@ -7,10 +7,9 @@
 
 use std::fmt;
 
-/// Exit codes, documented in depro(1).
+/// Exit codes besides 0 (success), documented in depro(1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ExitCode {
-    Success = 0,
     /// Bad usage or configuration.
     Usage = 1,
     /// A node failed, or the operation was refused.

@@ -23,7 +23,7 @@ pub(crate) fn init(level: log::LevelFilter) {
             };
             writeln!(out, "<{priority}>{}", record.args())
         } else {
-            writeln!(out, "{} {:<5} {}", utc_now(), record.level(), record.args())
+            writeln!(out, "{} {:<5} {}", timestamp(), record.level(), record.args())
         }
     });
     let _ = builder.try_init();
@@ -39,8 +39,8 @@ pub(crate) fn set_level(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-/// Now, as `2026-11-26T10:18:16.123Z`.
-fn utc_now() -> String {
+/// Now, as `2026-11-26T10:18:16.123Z` (UTC).
+pub(crate) fn timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

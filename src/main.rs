@@ -6,6 +6,7 @@
 
 mod agent;
 mod cli;
+mod commands;
 mod config;
 mod consul;
 mod duration;
@@ -23,7 +24,7 @@ mod version_name;
 mod watch;
 
 use cli::Command;
-use error::{Error, Result};
+use error::Result;
 
 fn main() {
     let result = cli::parse(std::env::args_os().skip(1)).and_then(run);
@@ -34,10 +35,19 @@ fn main() {
 }
 
 fn run(command: Command) -> Result<()> {
+    let env = &config::process_env;
     match command {
-        Command::Help(topic) => Ok(print!("{}", help::text(topic.as_deref())?)),
-        Command::Version => Ok(println!("{}", help::version())),
+        Command::Help(topic) => help::text(topic.as_deref()).map(|text| print!("{text}")),
+        Command::Version => {
+            println!("{}", help::version());
+            Ok(())
+        }
         Command::Agent(args) => agent::run(args),
-        _ => Err(Error::Usage("this command is not implemented yet".into())),
+        Command::Deploy(args) => commands::deploy(args, env),
+        Command::Rollout(args) => commands::rollout(args, env),
+        Command::Rollback(args) => commands::rollback(args, env),
+        Command::Remove(args) => commands::remove(args, env),
+        Command::Prune(args) => commands::prune(args, env),
+        Command::Status(args) => commands::status(args, env),
     }
 }

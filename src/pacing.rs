@@ -45,10 +45,6 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    pub(crate) fn is_reset(&self) -> bool {
-        self.attempt == 0
-    }
-
     fn random_unit(&mut self) -> f64 {
         // xorshift64: plenty for jitter.
         self.rng ^= self.rng << 13;

@@ -11,9 +11,12 @@
 //! Everything read from the tree is untrusted: a name under the prefix
 //! becomes a [`VersionName`] only if it is valid, and is ignored otherwise.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
+use crate::consul::KvEntry;
 use crate::version_name::VersionName;
 
 /// A deployment's key prefix, normalised to end in exactly one `/` (Consul
@@ -170,6 +173,181 @@ impl Listing {
     }
 }
 
+/// What the CLI records in a version's folder key (JSON). Agents ignore it;
+/// versions written by other tools have none. All fields are optional so
+/// that older and newer depro versions read each other's metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VersionMeta {
+    /// When and by whom the version was first deployed (RFC 3339, `user@host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// When and by whom it was last made current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_by: Option<String>,
+    /// The ModifyIndex `current` had just before this version was made
+    /// current: it grows with every switch, so the highest one among the
+    /// other versions names the version that was current before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_order: Option<u64>,
+}
+
+impl VersionMeta {
+    pub(crate) fn parse(value: &[u8]) -> VersionMeta {
+        serde_json::from_slice(value).unwrap_or_default()
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `<prefix>/current` as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CurrentKey {
+    /// The raw value.
+    pub value: String,
+    /// The version it names, if that is a valid name.
+    pub version: Option<VersionName>,
+    pub modify_index: u64,
+}
+
+/// One node's key for a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NodeEntry {
+    pub state: NodeState,
+    pub modify_index: u64,
+}
+
+/// One version in the tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct VersionInfo {
+    /// Its folder key (or a plain key) exists: the version is wanted. A
+    /// version without one is being purged: only node keys are left.
+    pub exists: bool,
+    /// The key that makes it exist and its ModifyIndex.
+    pub key: Option<(String, u64)>,
+    /// Creation order: the CreateIndex of that key, else of its oldest node key.
+    pub create_index: u64,
+    pub meta: VersionMeta,
+    /// Live nodes (their key is held by a session) and their state.
+    pub nodes: BTreeMap<String, NodeEntry>,
+}
+
+/// The whole tree under a prefix, as the CLI reads it (`?recurse`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tree {
+    pub current: Option<CurrentKey>,
+    pub versions: BTreeMap<VersionName, VersionInfo>,
+    /// Names that are not valid versions, and node keys with bad values.
+    pub ignored: BTreeSet<String>,
+}
+
+impl Tree {
+    pub(crate) fn parse(prefix: &Prefix, entries: &[KvEntry]) -> Tree {
+        let mut tree = Tree::default();
+        for entry in entries {
+            let Some(rest) = entry.key.strip_prefix(prefix.as_dir()) else { continue };
+            if rest.is_empty() {
+                continue;
+            }
+            if rest == "current" {
+                let value = String::from_utf8_lossy(&entry.value).trim().to_string();
+                tree.current = Some(CurrentKey {
+                    version: VersionName::parse(&value).ok(),
+                    value,
+                    modify_index: entry.modify_index,
+                });
+                continue;
+            }
+            let (name, node) = match rest.split_once('/') {
+                Some((name, node)) => (name, Some(node)),
+                None => (rest, None),
+            };
+            let Ok(version) = VersionName::parse(name) else {
+                tree.ignored.insert(format!("{name}{}", if node.is_some() { "/" } else { "" }));
+                continue;
+            };
+            let info = tree.versions.entry(version).or_default();
+            match node {
+                None | Some("") => {
+                    info.exists = true;
+                    info.key = Some((entry.key.clone(), entry.modify_index));
+                    info.create_index = entry.create_index;
+                    info.meta = VersionMeta::parse(&entry.value);
+                }
+                Some(node) => {
+                    let state = NodeState::parse(entry.value.trim_ascii());
+                    match (check_node_name(node), state, &entry.session) {
+                        (Ok(()), Some(state), Some(_)) => {
+                            info.nodes.insert(
+                                node.to_string(),
+                                NodeEntry { state, modify_index: entry.modify_index },
+                            );
+                        }
+                        (_, _, None) => {} // its agent's session is gone
+                        _ => {
+                            tree.ignored.insert(format!("{name}/{node}"));
+                        }
+                    }
+                    if !info.exists && (info.create_index == 0 || entry.create_index < info.create_index) {
+                        info.create_index = entry.create_index;
+                    }
+                }
+            }
+        }
+        tree
+    }
+
+    /// The version `current` names, if valid.
+    pub(crate) fn current_version(&self) -> Option<&VersionName> {
+        self.current.as_ref().and_then(|c| c.version.as_ref())
+    }
+
+    /// Versions in creation order, the oldest first.
+    pub(crate) fn in_creation_order(&self) -> Vec<(&VersionName, &VersionInfo)> {
+        let mut versions: Vec<_> = self.versions.iter().collect();
+        versions.sort_by_key(|(name, info)| (info.create_index, (*name).clone()));
+        versions
+    }
+
+    /// The version that was current before the present one: the one most
+    /// recently made current by depro; failing any history, the newest one
+    /// created before the present one. Only versions that still exist.
+    pub(crate) fn previous(&self) -> Option<&VersionName> {
+        let current = self.current_version();
+        let candidates = || self.versions.iter().filter(|(v, info)| info.exists && Some(*v) != current);
+        if let Some((version, _)) = candidates()
+            .filter(|(_, info)| info.meta.current_order.is_some())
+            .max_by_key(|(_, info)| info.meta.current_order)
+        {
+            return Some(version);
+        }
+        let current_created = current.and_then(|c| self.versions.get(c)).map_or(u64::MAX, |i| i.create_index);
+        candidates()
+            .filter(|(_, info)| info.create_index < current_created)
+            .max_by_key(|(_, info)| info.create_index)
+            .map(|(version, _)| version)
+    }
+
+    /// What `prune -keep=K` removes: the versions beyond the K newest, but
+    /// never `current` nor the previous one. Oldest first.
+    pub(crate) fn prune(&self, keep: usize) -> Vec<VersionName> {
+        let existing: Vec<&VersionName> =
+            self.in_creation_order().into_iter().filter(|(_, i)| i.exists).map(|(v, _)| v).collect();
+        let protected = [self.current_version(), self.previous()];
+        let cut = existing.len().saturating_sub(keep);
+        existing[..cut]
+            .iter()
+            .filter(|v| !protected.contains(&Some(**v)))
+            .map(|v| (*v).clone())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +421,78 @@ mod tests {
         assert_eq!(NodeState::parse(b"bogus"), None);
         assert!(NodeState::Ready.has_it() && NodeState::Active.has_it());
         assert!(!NodeState::Busy.has_it() && !NodeState::Failed.has_it());
+    }
+
+    fn entry(key: &str, value: &str, session: bool, create: u64) -> KvEntry {
+        KvEntry {
+            key: key.to_string(),
+            value: value.as_bytes().to_vec(),
+            session: session.then(|| "s".to_string()),
+            create_index: create,
+            modify_index: create,
+        }
+    }
+
+    fn sample() -> Tree {
+        let p = Prefix::parse("app").unwrap();
+        let meta = |order: u64| format!(r#"{{"current_order": {order}}}"#);
+        Tree::parse(
+            &p,
+            &[
+                entry("app/current", "v3", false, 50),
+                entry("app/v1/", &meta(10), false, 5),
+                entry("app/v1/n1", "ready", true, 6),
+                entry("app/v2/", "", false, 20),
+                entry("app/v2/n1", "failed", true, 21),
+                entry("app/v2/gone", "ready", false, 22),
+                entry("app/v3/", &meta(40), false, 30),
+                entry("app/v3/n1", "active", true, 31),
+                entry("app/v3/n2", "bogus", true, 32),
+                entry("app/old/n1", "ready", true, 2),
+                entry("app/../", "", false, 3),
+            ],
+        )
+    }
+
+    #[test]
+    fn a_tree_knows_versions_nodes_current_and_strangers() {
+        let tree = sample();
+        assert_eq!(tree.current_version(), Some(&v("v3")));
+        assert_eq!(tree.versions[&v("v2")].nodes.len(), 1, "keys without a session are not listed");
+        assert_eq!(tree.versions[&v("v2")].nodes["n1"].state, NodeState::Failed);
+        assert!(!tree.versions[&v("old")].exists, "only node keys left: being purged");
+        assert_eq!(tree.ignored, BTreeSet::from(["../".to_string(), "v3/n2".to_string()]));
+        let order: Vec<&str> = tree.in_creation_order().iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(order, ["old", "v1", "v2", "v3"]);
+    }
+
+    #[test]
+    fn previous_is_the_last_version_made_current_before_this_one() {
+        let tree = sample();
+        assert_eq!(tree.previous(), Some(&v("v1")));
+    }
+
+    #[test]
+    fn without_history_previous_is_the_newest_created_before_current() {
+        let p = Prefix::parse("app").unwrap();
+        let tree = Tree::parse(
+            &p,
+            &[
+                entry("app/current", "b", false, 9),
+                entry("app/a/", "", false, 1),
+                entry("app/b/", "", false, 2),
+                entry("app/c/", "", false, 3),
+            ],
+        );
+        assert_eq!(tree.previous(), Some(&v("a")));
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_plus_current_and_previous() {
+        let tree = sample();
+        // Existing, oldest first: v1 (previous), v2, v3 (current).
+        assert_eq!(tree.prune(1), [v("v2")]);
+        assert_eq!(tree.prune(0), [v("v2")]);
+        assert!(tree.prune(3).is_empty());
     }
 }

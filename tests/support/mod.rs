@@ -393,7 +393,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
         ],
         "rollout": [
             format!("echo \"rollout $VERSION from=$PREVIOUS_VERSION\" >> {ctl}/hooks.log"),
-            format!("if [ -e {ctl}/fail-rollout ]; then exit 4; fi"),
+            format!("if [ -e {ctl}/fail-rollout ] || [ -e {ctl}/fail-rollout-$VERSION ]; then exit 4; fi"),
             "test -f \"$VERSION_PATH/version.txt\"",
             "ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live.tmp\"",
             "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\"",
@@ -709,4 +709,75 @@ impl<'c> Fleet<'c> {
             })
         });
     }
+}
+
+// ---------------------------------------------------------------- the CLI
+
+/// What a `depro` command printed and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    fn from(out: std::process::Output) -> Output {
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, Some(0), "failed: {self:#?}");
+        &self.stdout
+    }
+
+    /// Asserts exit code `code` with a one-line error mentioning `needles`.
+    pub fn fails(&self, code: i32, needles: &[&str]) {
+        assert_eq!(self.code, Some(code), "{self:#?}");
+        assert_eq!(self.stderr.lines().count(), 1, "not one line: {self:#?}");
+        for needle in needles {
+            assert!(self.stderr.contains(needle), "{needle:?} missing: {self:#?}");
+        }
+    }
+}
+
+/// A `depro` command against `server`, with no Consul settings inherited.
+pub fn depro_command(server: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(depro_bin());
+    command
+        .args(args)
+        .arg(format!("-server={server}"))
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("DEPRO_PREFIX")
+        .stdin(Stdio::null());
+    command
+}
+
+impl Fleet<'_> {
+    /// Runs `depro <args> -prefix=<this fleet's prefix>` to its end.
+    pub fn depro(&self, args: &[&str]) -> Output {
+        Output::from(self.depro_command(args).output().unwrap())
+    }
+
+    pub fn depro_command(&self, args: &[&str]) -> Command {
+        let mut command = depro_command(&self.consul.addr(), args);
+        command.arg(format!("-prefix={}", self.prefix));
+        command
+    }
+
+    /// `current` as stored.
+    pub fn current(&self) -> Option<String> {
+        self.consul.get(&format!("{}/current", self.prefix))
+    }
+}
+
+/// Collects a spawned command's output.
+pub fn finish(child: Child) -> Output {
+    Output::from(child.wait_with_output().unwrap())
 }

@@ -1,0 +1,106 @@
+//! `remove` and `prune`: take versions out of the tree. Removing a version
+//! deletes its folder key (or plain key) only; each agent then cleans its
+//! directory and deletes its own node key, so `-wait` can follow the purge
+//! node by node.
+
+use std::time::Instant;
+
+use super::{Ctx, took, version_arg};
+use crate::cli::{PruneArgs, RemoveArgs};
+use crate::config::Env;
+use crate::error::{Error, Result};
+use crate::tree::Tree;
+use crate::version_name::VersionName;
+
+pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
+    let mut ctx = Ctx::resolve(&args.tree, env)?;
+    let versions: Vec<VersionName> = args.versions.iter().map(|v| version_arg(v)).collect::<Result<_>>()?;
+    let start = Instant::now();
+    let deadline = start + args.timeout;
+    let tree = ctx.read_existing_tree()?;
+    for version in &versions {
+        if tree.current_version() == Some(version) {
+            return Err(Error::Refused(format!(
+                "{version} is current under {}: roll out another version first (`depro rollback` or \
+                 `depro rollout`), then remove it",
+                ctx.prefix
+            )));
+        }
+        if !tree.versions.contains_key(version) {
+            return Err(Error::Refused(format!(
+                "{version} is not in the tree under {}; `depro status -prefix={}` lists the versions",
+                ctx.prefix, ctx.prefix
+            )));
+        }
+    }
+    for version in &versions {
+        remove_one(&mut ctx, &tree, version)?;
+    }
+    if !args.wait {
+        let list: Vec<&str> = versions.iter().map(VersionName::as_str).collect();
+        println!(
+            "removed {} from {}; the agents are cleaning up (add -wait to follow them)",
+            list.join(", "),
+            ctx.prefix
+        );
+        return Ok(());
+    }
+    for version in &versions {
+        let mut left = 0;
+        let purged = ctx.follow(version, deadline, |out, info| {
+            left = info.nodes.len();
+            if left == 0 {
+                Some(())
+            } else {
+                out.count(&format!("{left} nodes still have {version}"));
+                None
+            }
+        })?;
+        if purged.is_none() {
+            return Err(Error::Timeout(format!(
+                "timed out: {left} nodes still have {version} under {}; check their agents \
+                 (`depro status -prefix={} {version}`)",
+                ctx.prefix, ctx.prefix
+            )));
+        }
+        let nodes = tree.versions.get(version).map_or(0, |i| i.nodes.len());
+        println!("removed {version} from {}: purged from {nodes} nodes in {}", ctx.prefix, took(start));
+    }
+    Ok(())
+}
+
+/// Deletes the key that makes `version` exist (never its node keys).
+pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
+    if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
+        ctx.consul.delete(&key, None)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
+    let mut ctx = Ctx::resolve(&args.tree, env)?;
+    let tree = ctx.read_existing_tree()?;
+    let doomed = tree.prune(args.keep as usize);
+    for version in &doomed {
+        remove_one(&mut ctx, &tree, version)?;
+    }
+    let kept: Vec<String> = tree
+        .in_creation_order()
+        .into_iter()
+        .filter(|(v, i)| i.exists && !doomed.contains(v))
+        .map(|(v, _)| {
+            if tree.current_version() == Some(v) {
+                format!("{v} (current)")
+            } else {
+                v.to_string()
+            }
+        })
+        .collect();
+    let removed: Vec<&str> = doomed.iter().map(VersionName::as_str).collect();
+    if removed.is_empty() {
+        println!("nothing to prune under {}; kept {}", ctx.prefix, kept.join(", "));
+    } else {
+        println!("pruned {} from {}; kept {}", removed.join(", "), ctx.prefix, kept.join(", "));
+    }
+    Ok(())
+}
