@@ -185,7 +185,11 @@ pub(crate) enum Write<'a> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum TxnOp<'a> {
     /// Set `key` only if its ModifyIndex is `index` (0: only if absent).
-    Cas { key: &'a str, value: &'a [u8], index: u64 },
+    Cas {
+        key: &'a str,
+        value: &'a [u8],
+        index: u64,
+    },
     /// Delete `key` only if its ModifyIndex is `index`.
     DeleteCas { key: &'a str, index: u64 },
     /// Set `key` unconditionally.
@@ -316,7 +320,9 @@ impl Consul {
             let keys: Vec<&str> = ops
                 .iter()
                 .map(|op| match op {
-                    TxnOp::Cas { key, .. } | TxnOp::DeleteCas { key, .. } | TxnOp::Set { key, .. } => *key,
+                    TxnOp::Cas { key, .. }
+                    | TxnOp::DeleteCas { key, .. }
+                    | TxnOp::Set { key, .. } => *key,
                 })
                 .collect();
             format!("writing {keys:?} in one transaction")
@@ -701,10 +707,18 @@ fn base64_encode(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
-            out.push(if i <= chunk.len() { TABLE[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+            out.push(if i <= chunk.len() {
+                TABLE[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
         }
     }
     out
@@ -779,7 +793,10 @@ mod tests {
     #[test]
     fn base64_round_trips() {
         for text in ["", "a", "ab", "abc", "abcd", "{\"x\": 1}"] {
-            assert_eq!(base64_decode(&base64_encode(text.as_bytes())).unwrap(), text.as_bytes());
+            assert_eq!(
+                base64_decode(&base64_encode(text.as_bytes())).unwrap(),
+                text.as_bytes()
+            );
         }
         assert_eq!(base64_encode(b"ready"), "cmVhZHk=");
     }

@@ -23,7 +23,13 @@ pub(crate) fn init(level: log::LevelFilter) {
             };
             writeln!(out, "<{priority}>{}", record.args())
         } else {
-            writeln!(out, "{} {:<5} {}", timestamp(), record.level(), record.args())
+            writeln!(
+                out,
+                "{} {:<5} {}",
+                timestamp(),
+                record.level(),
+                record.args()
+            )
         }
     });
     let _ = builder.try_init();

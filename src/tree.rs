@@ -250,7 +250,9 @@ impl Tree {
     pub(crate) fn parse(prefix: &Prefix, entries: &[KvEntry]) -> Tree {
         let mut tree = Tree::default();
         for entry in entries {
-            let Some(rest) = entry.key.strip_prefix(prefix.as_dir()) else { continue };
+            let Some(rest) = entry.key.strip_prefix(prefix.as_dir()) else {
+                continue;
+            };
             if rest.is_empty() {
                 continue;
             }
@@ -268,7 +270,8 @@ impl Tree {
                 None => (rest, None),
             };
             let Ok(version) = VersionName::parse(name) else {
-                tree.ignored.insert(format!("{name}{}", if node.is_some() { "/" } else { "" }));
+                tree.ignored
+                    .insert(format!("{name}{}", if node.is_some() { "/" } else { "" }));
                 continue;
             };
             let info = tree.versions.entry(version).or_default();
@@ -285,7 +288,10 @@ impl Tree {
                         (Ok(()), Some(state), Some(_)) => {
                             info.nodes.insert(
                                 node.to_string(),
-                                NodeEntry { state, modify_index: entry.modify_index },
+                                NodeEntry {
+                                    state,
+                                    modify_index: entry.modify_index,
+                                },
                             );
                         }
                         (_, _, None) => {} // its agent's session is gone
@@ -293,7 +299,9 @@ impl Tree {
                             tree.ignored.insert(format!("{name}/{node}"));
                         }
                     }
-                    if !info.exists && (info.create_index == 0 || entry.create_index < info.create_index) {
+                    if !info.exists
+                        && (info.create_index == 0 || entry.create_index < info.create_index)
+                    {
                         info.create_index = entry.create_index;
                     }
                 }
@@ -319,14 +327,20 @@ impl Tree {
     /// created before the present one. Only versions that still exist.
     pub(crate) fn previous(&self) -> Option<&VersionName> {
         let current = self.current_version();
-        let candidates = || self.versions.iter().filter(|(v, info)| info.exists && Some(*v) != current);
+        let candidates = || {
+            self.versions
+                .iter()
+                .filter(|(v, info)| info.exists && Some(*v) != current)
+        };
         if let Some((version, _)) = candidates()
             .filter(|(_, info)| info.meta.current_order.is_some())
             .max_by_key(|(_, info)| info.meta.current_order)
         {
             return Some(version);
         }
-        let current_created = current.and_then(|c| self.versions.get(c)).map_or(u64::MAX, |i| i.create_index);
+        let current_created = current
+            .and_then(|c| self.versions.get(c))
+            .map_or(u64::MAX, |i| i.create_index);
         candidates()
             .filter(|(_, info)| info.create_index < current_created)
             .max_by_key(|(_, info)| info.create_index)
@@ -336,8 +350,12 @@ impl Tree {
     /// What `prune -keep=K` removes: the versions beyond the K newest, but
     /// never `current` nor the previous one. Oldest first.
     pub(crate) fn prune(&self, keep: usize) -> Vec<VersionName> {
-        let existing: Vec<&VersionName> =
-            self.in_creation_order().into_iter().filter(|(_, i)| i.exists).map(|(v, _)| v).collect();
+        let existing: Vec<&VersionName> = self
+            .in_creation_order()
+            .into_iter()
+            .filter(|(_, i)| i.exists)
+            .map(|(v, _)| v)
+            .collect();
         let protected = [self.current_version(), self.previous()];
         let cut = existing.len().saturating_sub(keep);
         existing[..cut]
@@ -458,11 +476,25 @@ mod tests {
     fn a_tree_knows_versions_nodes_current_and_strangers() {
         let tree = sample();
         assert_eq!(tree.current_version(), Some(&v("v3")));
-        assert_eq!(tree.versions[&v("v2")].nodes.len(), 1, "keys without a session are not listed");
+        assert_eq!(
+            tree.versions[&v("v2")].nodes.len(),
+            1,
+            "keys without a session are not listed"
+        );
         assert_eq!(tree.versions[&v("v2")].nodes["n1"].state, NodeState::Failed);
-        assert!(!tree.versions[&v("old")].exists, "only node keys left: being purged");
-        assert_eq!(tree.ignored, BTreeSet::from(["../".to_string(), "v3/n2".to_string()]));
-        let order: Vec<&str> = tree.in_creation_order().iter().map(|(v, _)| v.as_str()).collect();
+        assert!(
+            !tree.versions[&v("old")].exists,
+            "only node keys left: being purged"
+        );
+        assert_eq!(
+            tree.ignored,
+            BTreeSet::from(["../".to_string(), "v3/n2".to_string()])
+        );
+        let order: Vec<&str> = tree
+            .in_creation_order()
+            .iter()
+            .map(|(v, _)| v.as_str())
+            .collect();
         assert_eq!(order, ["old", "v1", "v2", "v3"]);
     }
 

@@ -13,18 +13,30 @@ fn the_seed_deploy_reaches_three_nodes_end_to_end() {
     let fleet = Fleet::start(3);
     let out = fleet.depro(&["deploy", SEED_VERSION, "-nodes=3"]);
     let stdout = out.ok();
-    assert!(stdout.contains(&format!("{SEED_VERSION} is current under {}", fleet.prefix)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{SEED_VERSION} is current under {}", fleet.prefix)),
+        "{stdout}"
+    );
     assert!(stdout.contains("active on 3/3 nodes"), "{stdout}");
     for node in ["node1", "node2", "node3"] {
-        assert!(stdout.contains(&format!("{node}: busy")) || stdout.contains(&format!("{node}: ready")), "{stdout}");
-        assert!(stdout.contains(&format!("{node}: ready -> active")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{node}: busy")) || stdout.contains(&format!("{node}: ready")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("{node}: ready -> active")),
+            "{stdout}"
+        );
     }
     assert!(stdout.contains("3/3 ready"), "{stdout}");
     assert_eq!(fleet.current().as_deref(), Some(SEED_VERSION));
     // The command returns only once the rollout is confirmed: no waiting here.
     for agent in &fleet.agents {
         assert_eq!(agent.live("api").as_deref(), Some(SEED_VERSION));
-        assert_eq!(fleet.node_state(SEED_VERSION, &agent.name).as_deref(), Some("active"));
+        assert_eq!(
+            fleet.node_state(SEED_VERSION, &agent.name).as_deref(),
+            Some("active")
+        );
     }
     // Deploying the current version again is a successful no-op.
     let again = fleet.depro(&["deploy", SEED_VERSION, "-nodes=3"]);
@@ -36,7 +48,14 @@ fn more_nodes_than_the_fleet_has_times_out_with_exit_3_and_current_unchanged() {
     let fleet = Fleet::start(2);
     fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
     let out = fleet.depro(&["deploy", "v2", "-nodes=3", "-timeout=2s"]);
-    out.fails(3, &["timed out", "2 of the 3 nodes", "current unchanged (still v1)"]);
+    out.fails(
+        3,
+        &[
+            "timed out",
+            "2 of the 3 nodes",
+            "current unchanged (still v1)",
+        ],
+    );
     assert_eq!(fleet.current().as_deref(), Some("v1"));
     for agent in &fleet.agents {
         assert_eq!(agent.live("api").as_deref(), Some("v1"));
@@ -56,7 +75,12 @@ fn a_failing_deploy_hook_exits_2_naming_the_node_and_a_retry_after_the_fix_succe
     }
     fleet.agents[2].set_flag("fail-deploy", false);
     let retry = fleet.depro(&["deploy", "v2", "-nodes=3"]);
-    assert!(retry.ok().contains("node3: failed before; asked it to try again"), "{retry:#?}");
+    assert!(
+        retry
+            .ok()
+            .contains("node3: failed before; asked it to try again"),
+        "{retry:#?}"
+    );
     fleet.expect_active("v2");
 }
 
@@ -80,16 +104,31 @@ fn of_two_racing_deploys_exactly_one_wins_and_the_other_exits_5() {
     let b = spawn("vb");
     // Both folder keys exist: both commands have read `current` already.
     fleet.wait("both versions created", |f| {
-        ["va", "vb"].iter().all(|v| f.consul.get(&format!("{}/{v}/", f.prefix)).is_some())
+        ["va", "vb"]
+            .iter()
+            .all(|v| f.consul.get(&format!("{}/{v}/", f.prefix)).is_some())
     });
     for agent in &fleet.agents {
         agent.set_flag("release", true);
     }
     let (a, b) = (finish(a), finish(b));
     let codes = [a.code, b.code];
-    assert!(codes.contains(&Some(0)) && codes.contains(&Some(5)), "{a:#?}\n{b:#?}");
-    let (winner, loser, loser_out) = if a.code == Some(0) { ("va", "vb", &b) } else { ("vb", "va", &a) };
-    loser_out.fails(5, &[&format!("was changed to {winner} by "), &format!("{loser} is ready but not current")]);
+    assert!(
+        codes.contains(&Some(0)) && codes.contains(&Some(5)),
+        "{a:#?}\n{b:#?}"
+    );
+    let (winner, loser, loser_out) = if a.code == Some(0) {
+        ("va", "vb", &b)
+    } else {
+        ("vb", "va", &a)
+    };
+    loser_out.fails(
+        5,
+        &[
+            &format!("was changed to {winner} by "),
+            &format!("{loser} is ready but not current"),
+        ],
+    );
     assert_eq!(fleet.current().as_deref(), Some(winner));
     fleet.expect_active(winner);
 }
@@ -102,14 +141,20 @@ fn rollback_and_rollout_move_current_and_every_node_follows() {
     let agree = |version: &str| {
         assert_eq!(fleet.current().as_deref(), Some(version));
         for agent in &fleet.agents {
-            assert_eq!(fleet.node_state(version, &agent.name).as_deref(), Some("active"));
+            assert_eq!(
+                fleet.node_state(version, &agent.name).as_deref(),
+                Some("active")
+            );
             assert_eq!(agent.live("api").as_deref(), Some(version));
         }
     };
     agree("v2");
     let back = fleet.depro(&["rollback", "-nodes=3"]);
     let text = back.ok();
-    assert!(text.contains(&format!("rolling back {} from v2 to v1", fleet.prefix)), "{text}");
+    assert!(
+        text.contains(&format!("rolling back {} from v2 to v1", fleet.prefix)),
+        "{text}"
+    );
     agree("v1");
     fleet.depro(&["rollout", "v2", "-nodes=3"]).ok();
     agree("v2");
@@ -126,7 +171,13 @@ fn a_failed_rollout_is_reported_per_node_and_can_switch_current_back() {
     fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
     fleet.agents[1].set_flag("fail-rollout-v2", true);
     let out = fleet.depro(&["deploy", "v2", "-nodes=2", "-rollback-on-failure"]);
-    out.fails(2, &["the rollout of v2 failed on node2", "current switched back to v1"]);
+    out.fails(
+        2,
+        &[
+            "the rollout of v2 failed on node2",
+            "current switched back to v1",
+        ],
+    );
     assert_eq!(fleet.current().as_deref(), Some("v1"));
     fleet.expect_state("v1", "active");
     let out = fleet.depro(&["rollout", "v2", "-nodes=2"]);
@@ -138,7 +189,9 @@ fn a_failed_rollout_is_reported_per_node_and_can_switch_current_back() {
 fn remove_refuses_the_current_version() {
     let fleet = Fleet::start(1);
     fleet.depro(&["deploy", "v1"]).ok();
-    fleet.depro(&["remove", "v1"]).fails(2, &["v1 is current", "roll out another version first"]);
+    fleet
+        .depro(&["remove", "v1"])
+        .fails(2, &["v1 is current", "roll out another version first"]);
     assert!(fleet.consul.get(&format!("{}/v1/", fleet.prefix)).is_some());
 }
 
@@ -154,7 +207,11 @@ fn remove_wait_ends_with_no_directories_and_no_keys_on_any_node() {
     let tree = fleet.consul.tree(&format!("{}/", fleet.prefix));
     assert!(tree.keys().all(|k| !k.contains("/v1/")), "{tree:?}");
     for agent in &fleet.agents {
-        assert!(!agent.deployment_path("api").join("v1").exists(), "{}", agent.name);
+        assert!(
+            !agent.deployment_path("api").join("v1").exists(),
+            "{}",
+            agent.name
+        );
     }
 }
 
@@ -180,7 +237,10 @@ fn prune_keeps_exactly_k_plus_nothing_else() {
     // -keep on deploy does the same afterwards, never touching current or the previous one.
     fleet.depro(&["deploy", "v6", "-keep=1"]).ok();
     fleet.expect_gone("v4");
-    assert!(fleet.consul.get(&format!("{}/v5/", fleet.prefix)).is_some(), "the previous version is kept");
+    assert!(
+        fleet.consul.get(&format!("{}/v5/", fleet.prefix)).is_some(),
+        "the previous version is kept"
+    );
 }
 
 #[test]
@@ -197,10 +257,23 @@ fn status_shows_a_fleet_with_mixed_states_as_a_table_and_as_json() {
     });
     let table = fleet.depro(&["status"]);
     let text = table.ok();
-    assert!(text.starts_with(&format!("{}: current v1\n", fleet.prefix)), "{text}");
+    assert!(
+        text.starts_with(&format!("{}: current v1\n", fleet.prefix)),
+        "{text}"
+    );
     let lines: Vec<&str> = text.lines().collect();
-    let row = |first: &str| lines.iter().find(|l| l.split_whitespace().next() == Some(first)).copied().unwrap_or("");
-    let words = |line: &str| line.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let row = |first: &str| {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .copied()
+            .unwrap_or("")
+    };
+    let words = |line: &str| {
+        line.split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(words(row("v1"))[..6], ["v1", "current", "3", "0", "0", "0"]);
     assert_eq!(words(row("v2"))[..5], ["v2", "0", "1", "1", "1"]);
     assert_eq!(words(row("node2")), ["node2", "active", "failed"]);
@@ -222,24 +295,35 @@ fn status_shows_a_fleet_with_mixed_states_as_a_table_and_as_json() {
     let mut fleet = fleet;
     fleet.agents[1].signal(nix::sys::signal::Signal::SIGTERM);
     fleet.agents[1].wait_exit();
-    let doc: serde_json::Value = serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
     assert!(doc["versions"][0]["nodes"].get("node2").is_none(), "{doc}");
 }
 
 #[test]
 fn bad_version_names_and_empty_prefixes_get_clear_errors() {
     let fleet = Fleet::start(1);
-    fleet.depro(&["deploy", "../etc"]).fails(1, &["version \"../etc\"", "cannot start with"]);
+    fleet
+        .depro(&["deploy", "../etc"])
+        .fails(1, &["version \"../etc\"", "cannot start with"]);
     fleet.depro(&["deploy", "a/b"]).fails(1, &["'/'"]);
     fleet.depro(&["deploy", "current"]).fails(1, &["reserved"]);
-    fleet.depro(&["status"]).fails(2, &["nothing under", &fleet.prefix, "check -prefix"]);
+    fleet
+        .depro(&["status"])
+        .fails(2, &["nothing under", &fleet.prefix, "check -prefix"]);
     fleet.depro(&["rollback"]).fails(2, &["nothing under"]);
     fleet.depro(&["remove", "v1"]).fails(2, &["nothing under"]);
     fleet.depro(&["deploy", "v1"]).ok();
-    fleet.depro(&["rollout", "v9"]).fails(2, &["v9 is not in the tree", "depro deploy v9"]);
-    fleet.depro(&["remove", "v9"]).fails(2, &["v9 is not in the tree"]);
+    fleet
+        .depro(&["rollout", "v9"])
+        .fails(2, &["v9 is not in the tree", "depro deploy v9"]);
+    fleet
+        .depro(&["remove", "v9"])
+        .fails(2, &["v9 is not in the tree"]);
     fleet.depro(&["rollback"]).fails(2, &["no earlier version"]);
-    let out = depro_command(&fleet.consul.addr(), &["status"]).output().unwrap();
+    let out = depro_command(&fleet.consul.addr(), &["status"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-prefix is required"));
 }
@@ -253,7 +337,10 @@ fn an_unreachable_consul_exits_4_and_the_prefix_can_come_from_the_environment() 
         .unwrap();
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("127.0.0.1:{port} is unreachable")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port} is unreachable")),
+        "{stderr}"
+    );
     assert!(stderr.contains("CONSUL_HTTP_ADDR"), "{stderr}");
 }
 

@@ -28,9 +28,16 @@ pub(crate) enum Readiness {
 
 /// Enough nodes reported, all of them have the version, and each node in
 /// `awaiting` (nodes asked to retry) has reported again.
-pub(crate) fn readiness(nodes: &BTreeMap<String, NodeEntry>, need: u32, awaiting: &BTreeSet<String>) -> Readiness {
-    let failed: Vec<String> =
-        nodes.iter().filter(|(_, e)| e.state == NodeState::Failed).map(|(n, _)| n.clone()).collect();
+pub(crate) fn readiness(
+    nodes: &BTreeMap<String, NodeEntry>,
+    need: u32,
+    awaiting: &BTreeSet<String>,
+) -> Readiness {
+    let failed: Vec<String> = nodes
+        .iter()
+        .filter(|(_, e)| e.state == NodeState::Failed)
+        .map(|(n, _)| n.clone())
+        .collect();
     if !failed.is_empty() {
         return Readiness::Failed(failed);
     }
@@ -54,13 +61,23 @@ pub(crate) enum Confirmation {
 
 /// Every node in `expected` (those that had the version ready at the
 /// switch) reports it active; a failed one ends the wait.
-pub(crate) fn confirmation(nodes: &BTreeMap<String, NodeEntry>, expected: &BTreeSet<String>) -> Confirmation {
+pub(crate) fn confirmation(
+    nodes: &BTreeMap<String, NodeEntry>,
+    expected: &BTreeSet<String>,
+) -> Confirmation {
     let state = |n: &String| nodes.get(n).map(|e| e.state);
-    let failed: Vec<String> = expected.iter().filter(|n| state(n) == Some(NodeState::Failed)).cloned().collect();
+    let failed: Vec<String> = expected
+        .iter()
+        .filter(|n| state(n) == Some(NodeState::Failed))
+        .cloned()
+        .collect();
     if !failed.is_empty() {
         return Confirmation::Failed(failed);
     }
-    let active = expected.iter().filter(|n| state(n) == Some(NodeState::Active)).count();
+    let active = expected
+        .iter()
+        .filter(|n| state(n) == Some(NodeState::Active))
+        .count();
     if active == expected.len() {
         Confirmation::Confirmed
     } else {
@@ -86,19 +103,32 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         };
         let key = ctx.prefix.folder_key(&version);
         ctx.consul.put(&key, &meta.to_json(), Write::Cas(0))?;
-        ctx.out.line(&format!("created {version} under {}", ctx.prefix));
+        ctx.out
+            .line(&format!("created {version} under {}", ctx.prefix));
     }
     let mut retried = BTreeSet::new();
-    for (node, entry) in info.nodes.iter().filter(|(_, e)| e.state == NodeState::Failed) {
+    for (node, entry) in info
+        .nodes
+        .iter()
+        .filter(|(_, e)| e.state == NodeState::Failed)
+    {
         let key = ctx.prefix.node_key(&version, node);
         if ctx.consul.delete(&key, Some(entry.modify_index))? {
-            ctx.out.line(&format!("{node}: failed before; asked it to try again"));
+            ctx.out
+                .line(&format!("{node}: failed before; asked it to try again"));
             retried.insert(node.clone());
         }
     }
 
     // 2. Ready on enough nodes, failed on none.
-    let ready_nodes = wait_ready(&mut ctx, &version, args.nodes, deadline, &retried, base.as_ref())?;
+    let ready_nodes = wait_ready(
+        &mut ctx,
+        &version,
+        args.nodes,
+        deadline,
+        &retried,
+        base.as_ref(),
+    )?;
     if args.no_rollout {
         println!(
             "{version} is ready on {} nodes under {} ({}); current unchanged ({}); switch with `depro rollout {version} -prefix={}`",
@@ -112,7 +142,15 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     }
 
     // 3 and 4. Switch `current`, confirm the rollout.
-    switch_and_confirm(&mut ctx, &version, base.as_ref(), ready_nodes, args.rollback_on_failure, deadline, start)?;
+    switch_and_confirm(
+        &mut ctx,
+        &version,
+        base.as_ref(),
+        ready_nodes,
+        args.rollback_on_failure,
+        deadline,
+        start,
+    )?;
 
     // 5. Keep only the newest versions.
     if let Some(keep) = args.keep {
@@ -126,7 +164,15 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     let tree = ctx.read_existing_tree()?;
-    roll_to(&mut ctx, &tree, &version, args.nodes, args.timeout, args.rollback_on_failure, start)
+    roll_to(
+        &mut ctx,
+        &tree,
+        &version,
+        args.nodes,
+        args.timeout,
+        args.rollback_on_failure,
+        start,
+    )
 }
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
@@ -134,7 +180,10 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let start = Instant::now();
     let tree = ctx.read_existing_tree()?;
     let from = tree.current_version().cloned().ok_or_else(|| {
-        Error::Refused(format!("{}/current is not set: there is nothing to roll back from", ctx.prefix))
+        Error::Refused(format!(
+            "{}/current is not set: there is nothing to roll back from",
+            ctx.prefix
+        ))
     })?;
     let to = match &args.to {
         Some(text) => version_arg(text)?,
@@ -145,7 +194,8 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
             ))
         })?,
     };
-    ctx.out.line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
+    ctx.out
+        .line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
     roll_to(&mut ctx, &tree, &to, args.nodes, args.timeout, false, start)
 }
 
@@ -167,8 +217,23 @@ fn roll_to(
     }
     let deadline = start + timeout;
     let base = tree.current.clone();
-    let ready = wait_ready(ctx, version, nodes, deadline, &BTreeSet::new(), base.as_ref())?;
-    switch_and_confirm(ctx, version, base.as_ref(), ready, rollback_on_failure, deadline, start)
+    let ready = wait_ready(
+        ctx,
+        version,
+        nodes,
+        deadline,
+        &BTreeSet::new(),
+        base.as_ref(),
+    )?;
+    switch_and_confirm(
+        ctx,
+        version,
+        base.as_ref(),
+        ready,
+        rollback_on_failure,
+        deadline,
+        start,
+    )
 }
 
 fn describe_current(current: Option<&CurrentKey>) -> String {
@@ -187,7 +252,10 @@ fn wait_ready(
     retried: &BTreeSet<String>,
     base: Option<&CurrentKey>,
 ) -> Result<BTreeSet<String>> {
-    let mut last = Readiness::Waiting { ready: 0, reported: 0 };
+    let mut last = Readiness::Waiting {
+        ready: 0,
+        reported: 0,
+    };
     let outcome = ctx.follow(version, deadline, |out, info: &VersionInfo| {
         last = readiness(&info.nodes, need, retried);
         match &last {
@@ -245,7 +313,10 @@ fn switch_and_confirm(
         Some(switch_current(ctx, version, base)?)
     };
     if switched_at.is_some() {
-        ctx.out.line(&format!("current: {} -> {version}", was.as_deref().unwrap_or("unset")));
+        ctx.out.line(&format!(
+            "current: {} -> {version}",
+            was.as_deref().unwrap_or("unset")
+        ));
     }
     let mut last = Confirmation::Waiting { active: 0 };
     let total = expected.len();
@@ -283,7 +354,9 @@ fn switch_and_confirm(
         Some(Err(failed)) => {
             let mut message = format!("the rollout of {version} failed on {}", names(&failed));
             match (rollback_on_failure, switched_at) {
-                (true, Some(index)) => message.push_str(&restore_current(ctx, version, base, index)?),
+                (true, Some(index)) => {
+                    message.push_str(&restore_current(ctx, version, base, index)?)
+                }
                 _ => message.push_str(&format!(
                     "; current stays {version}; roll back with `depro rollback -prefix={}`",
                     ctx.prefix
@@ -315,10 +388,20 @@ fn switch_current(ctx: &mut Ctx, version: &VersionName, base: Option<&CurrentKey
     meta.current_order = Some(base_index);
     let meta_json = meta.to_json();
     let current_key = ctx.prefix.current_key();
-    let version_key = info.key.map(|(key, _)| key).unwrap_or_else(|| ctx.prefix.folder_key(version));
+    let version_key = info
+        .key
+        .map(|(key, _)| key)
+        .unwrap_or_else(|| ctx.prefix.folder_key(version));
     let ops = [
-        TxnOp::Cas { key: &current_key, value: version.as_str().as_bytes(), index: base_index },
-        TxnOp::Set { key: &version_key, value: &meta_json },
+        TxnOp::Cas {
+            key: &current_key,
+            value: version.as_str().as_bytes(),
+            index: base_index,
+        },
+        TxnOp::Set {
+            key: &version_key,
+            value: &meta_json,
+        },
     ];
     if ctx.consul.txn(&ops)? {
         let answer = ctx.consul.get(&current_key, Read::now())?;
@@ -326,7 +409,11 @@ fn switch_current(ctx: &mut Ctx, version: &VersionName, base: Option<&CurrentKey
     }
     // Lost the race: say who won.
     let now = ctx.read_tree()?;
-    let winner = now.current.as_ref().map(|c| c.value.clone()).unwrap_or_else(|| "unset".into());
+    let winner = now
+        .current
+        .as_ref()
+        .map(|c| c.value.clone())
+        .unwrap_or_else(|| "unset".into());
     let by = now
         .current_version()
         .and_then(|v| now.versions.get(v))
@@ -342,18 +429,33 @@ fn switch_current(ctx: &mut Ctx, version: &VersionName, base: Option<&CurrentKey
 
 /// `-rollback-on-failure`: puts `current` back as it was, unless someone
 /// changed it since our switch.
-fn restore_current(ctx: &mut Ctx, version: &VersionName, base: Option<&CurrentKey>, ours: u64) -> Result<String> {
+fn restore_current(
+    ctx: &mut Ctx,
+    version: &VersionName,
+    base: Option<&CurrentKey>,
+    ours: u64,
+) -> Result<String> {
     let key = ctx.prefix.current_key();
     let op = match base {
-        Some(c) => TxnOp::Cas { key: &key, value: c.value.as_bytes(), index: ours },
-        None => TxnOp::DeleteCas { key: &key, index: ours },
+        Some(c) => TxnOp::Cas {
+            key: &key,
+            value: c.value.as_bytes(),
+            index: ours,
+        },
+        None => TxnOp::DeleteCas {
+            key: &key,
+            index: ours,
+        },
     };
     let was = base.map_or("unset".to_string(), |c| c.value.clone());
     Ok(if ctx.consul.txn(&[op])? {
-        ctx.out.line(&format!("current: {version} -> {was} (rolled back)"));
+        ctx.out
+            .line(&format!("current: {version} -> {was} (rolled back)"));
         format!("; current switched back to {was}")
     } else {
-        format!("; current was changed by someone else meanwhile, so it was not switched back to {was}")
+        format!(
+            "; current was changed by someone else meanwhile, so it was not switched back to {was}"
+        )
     })
 }
 
@@ -374,7 +476,15 @@ mod tests {
     fn nodes(states: &[(&str, NodeState)]) -> BTreeMap<String, NodeEntry> {
         states
             .iter()
-            .map(|(n, s)| (n.to_string(), NodeEntry { state: *s, modify_index: 1 }))
+            .map(|(n, s)| {
+                (
+                    n.to_string(),
+                    NodeEntry {
+                        state: *s,
+                        modify_index: 1,
+                    },
+                )
+            })
             .collect()
     }
 
@@ -387,11 +497,31 @@ mod tests {
     #[test]
     fn ready_needs_enough_nodes_all_of_them_ready() {
         let none = set(&[]);
-        assert_eq!(readiness(&nodes(&[("a", Ready), ("b", Ready)]), 3, &none), Readiness::Waiting { ready: 2, reported: 2 });
-        assert_eq!(readiness(&nodes(&[("a", Ready), ("b", Active), ("c", Ready)]), 3, &none), Readiness::Ready);
         assert_eq!(
-            readiness(&nodes(&[("a", Ready), ("b", Ready), ("c", Ready), ("d", Busy)]), 3, &none),
-            Readiness::Waiting { ready: 3, reported: 4 },
+            readiness(&nodes(&[("a", Ready), ("b", Ready)]), 3, &none),
+            Readiness::Waiting {
+                ready: 2,
+                reported: 2
+            }
+        );
+        assert_eq!(
+            readiness(
+                &nodes(&[("a", Ready), ("b", Active), ("c", Ready)]),
+                3,
+                &none
+            ),
+            Readiness::Ready
+        );
+        assert_eq!(
+            readiness(
+                &nodes(&[("a", Ready), ("b", Ready), ("c", Ready), ("d", Busy)]),
+                3,
+                &none
+            ),
+            Readiness::Waiting {
+                ready: 3,
+                reported: 4
+            },
             "every node that reported must have it"
         );
     }
@@ -399,13 +529,22 @@ mod tests {
     #[test]
     fn one_failed_node_fails_the_deploy_at_once() {
         let state = nodes(&[("a", Ready), ("b", Failed), ("c", Busy)]);
-        assert_eq!(readiness(&state, 1, &set(&[])), Readiness::Failed(vec!["b".into()]));
+        assert_eq!(
+            readiness(&state, 1, &set(&[])),
+            Readiness::Failed(vec!["b".into()])
+        );
     }
 
     #[test]
     fn retried_nodes_must_report_again() {
         let state = nodes(&[("a", Ready)]);
-        assert_eq!(readiness(&state, 1, &set(&["b"])), Readiness::Waiting { ready: 1, reported: 1 });
+        assert_eq!(
+            readiness(&state, 1, &set(&["b"])),
+            Readiness::Waiting {
+                ready: 1,
+                reported: 1
+            }
+        );
         let state = nodes(&[("a", Ready), ("b", Ready)]);
         assert_eq!(readiness(&state, 1, &set(&["b"])), Readiness::Ready);
     }
@@ -413,12 +552,25 @@ mod tests {
     #[test]
     fn a_rollout_is_confirmed_when_every_ready_node_is_active() {
         let expected = set(&["a", "b"]);
-        assert_eq!(confirmation(&nodes(&[("a", Active), ("b", Ready)]), &expected), Confirmation::Waiting { active: 1 });
-        assert_eq!(confirmation(&nodes(&[("a", Active), ("b", Active), ("c", Busy)]), &expected), Confirmation::Confirmed);
+        assert_eq!(
+            confirmation(&nodes(&[("a", Active), ("b", Ready)]), &expected),
+            Confirmation::Waiting { active: 1 }
+        );
+        assert_eq!(
+            confirmation(
+                &nodes(&[("a", Active), ("b", Active), ("c", Busy)]),
+                &expected
+            ),
+            Confirmation::Confirmed
+        );
         assert_eq!(
             confirmation(&nodes(&[("a", Active), ("b", Failed)]), &expected),
             Confirmation::Failed(vec!["b".into()])
         );
-        assert_eq!(confirmation(&nodes(&[("a", Active)]), &expected), Confirmation::Waiting { active: 1 }, "b vanished");
+        assert_eq!(
+            confirmation(&nodes(&[("a", Active)]), &expected),
+            Confirmation::Waiting { active: 1 },
+            "b vanished"
+        );
     }
 }

@@ -37,13 +37,22 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn resolve(args: &TreeArgs, env: Env<'_>) -> Result<Ctx> {
-        let text = args.prefix.clone().or_else(|| env("DEPRO_PREFIX")).ok_or_else(|| {
-            Error::Usage("-prefix is required (or set DEPRO_PREFIX), e.g. -prefix=api/version".into())
-        })?;
+        let text = args
+            .prefix
+            .clone()
+            .or_else(|| env("DEPRO_PREFIX"))
+            .ok_or_else(|| {
+                Error::Usage(
+                    "-prefix is required (or set DEPRO_PREFIX), e.g. -prefix=api/version".into(),
+                )
+            })?;
         let prefix = Prefix::parse(&text).map_err(|why| Error::Usage(format!("-prefix: {why}")))?;
-        let settings = config::resolve_connection(&args.connection, env, &FileConnection::default())?;
+        let settings =
+            config::resolve_connection(&args.connection, env, &FileConnection::default())?;
         let consul = Consul::new(&settings).map_err(Error::Config)?;
-        let user = env("USER").or_else(|| env("LOGNAME")).unwrap_or_else(|| "unknown".into());
+        let user = env("USER")
+            .or_else(|| env("LOGNAME"))
+            .unwrap_or_else(|| "unknown".into());
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
@@ -92,27 +101,42 @@ impl Ctx {
         let folder = self.prefix.folder_key(version);
         loop {
             let now = Instant::now();
-            let wait = deadline.saturating_duration_since(now).max(Duration::from_secs(1));
-            let read = if index == 0 { Read::now() } else { Read::blocking(index, wait.min(crate::watch::WAIT), false) };
+            let wait = deadline
+                .saturating_duration_since(now)
+                .max(Duration::from_secs(1));
+            let read = if index == 0 {
+                Read::now()
+            } else {
+                Read::blocking(index, wait.min(crate::watch::WAIT), false)
+            };
             let answer = match self.consul.list(&folder, read) {
                 Ok(answer) => answer,
                 Err(e) if transient(&e) && now < deadline => {
-                    self.out.line(&format!("(Consul: {}; retrying)", e.summary()));
-                    std::thread::sleep(backoff.next_delay().min(deadline.saturating_duration_since(now)));
+                    self.out
+                        .line(&format!("(Consul: {}; retrying)", e.summary()));
+                    std::thread::sleep(
+                        backoff
+                            .next_delay()
+                            .min(deadline.saturating_duration_since(now)),
+                    );
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             };
             backoff.reset();
-            index = if answer.index < index { 0 } else { answer.index.max(1) };
+            index = if answer.index < index {
+                0
+            } else {
+                answer.index.max(1)
+            };
             let tree = Tree::parse(&self.prefix, &answer.value);
             let info = tree.versions.get(version).cloned().unwrap_or_default();
             for (node, entry) in &info.nodes {
                 match seen.get(node) {
                     None => self.out.line(&format!("{node}: {}", entry.state)),
-                    Some(old) if old.state != entry.state => {
-                        self.out.line(&format!("{node}: {} -> {}", old.state, entry.state))
-                    }
+                    Some(old) if old.state != entry.state => self
+                        .out
+                        .line(&format!("{node}: {} -> {}", old.state, entry.state)),
                     Some(_) => {}
                 }
             }

@@ -14,7 +14,11 @@ use crate::version_name::VersionName;
 
 pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    let versions: Vec<VersionName> = args.versions.iter().map(|v| version_arg(v)).collect::<Result<_>>()?;
+    let versions: Vec<VersionName> = args
+        .versions
+        .iter()
+        .map(|v| version_arg(v))
+        .collect::<Result<_>>()?;
     let start = Instant::now();
     let deadline = start + args.timeout;
     let tree = ctx.read_existing_tree()?;
@@ -52,7 +56,12 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
             if left == 0 {
                 Some(())
             } else {
-                out.count(&format!("{left} nodes still have {version}"));
+                let nodes = if left == 1 {
+                    "node still has"
+                } else {
+                    "nodes still have"
+                };
+                out.count(&format!("{left} {nodes} {version}"));
                 None
             }
         })?;
@@ -64,7 +73,11 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
             )));
         }
         let nodes = tree.versions.get(version).map_or(0, |i| i.nodes.len());
-        println!("removed {version} from {}: purged from {nodes} nodes in {}", ctx.prefix, took(start));
+        println!(
+            "removed {version} from {}: purged from {nodes} nodes in {}",
+            ctx.prefix,
+            took(start)
+        );
     }
     Ok(())
 }
@@ -98,9 +111,18 @@ pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
         .collect();
     let removed: Vec<&str> = doomed.iter().map(VersionName::as_str).collect();
     if removed.is_empty() {
-        println!("nothing to prune under {}; kept {}", ctx.prefix, kept.join(", "));
+        println!(
+            "nothing to prune under {}; kept {}",
+            ctx.prefix,
+            kept.join(", ")
+        );
     } else {
-        println!("pruned {} from {}; kept {}", removed.join(", "), ctx.prefix, kept.join(", "));
+        println!(
+            "pruned {} from {}; kept {}",
+            removed.join(", "),
+            ctx.prefix,
+            kept.join(", ")
+        );
     }
     Ok(())
 }

@@ -39,14 +39,22 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     }
     let filter = |v: &crate::version_name::VersionName| only.as_ref().is_none_or(|o| o == v);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json(&ctx.prefix, &tree, &filter)).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json(&ctx.prefix, &tree, &filter)).unwrap_or_default()
+        );
     } else {
         print!("{}", table(&ctx.prefix, &tree, &filter));
     }
     Ok(())
 }
 
-const STATES: [NodeState; 4] = [NodeState::Active, NodeState::Ready, NodeState::Busy, NodeState::Failed];
+const STATES: [NodeState; 4] = [
+    NodeState::Active,
+    NodeState::Ready,
+    NodeState::Busy,
+    NodeState::Failed,
+];
 
 pub(crate) fn json(
     prefix: &Prefix,
@@ -60,8 +68,11 @@ pub(crate) fn json(
         .filter(|(v, _)| filter(v))
         .map(|(name, info)| {
             let count = |s: NodeState| info.nodes.values().filter(|e| e.state == s).count();
-            let nodes: serde_json::Map<String, serde_json::Value> =
-                info.nodes.iter().map(|(n, e)| (n.clone(), e.state.as_str().into())).collect();
+            let nodes: serde_json::Map<String, serde_json::Value> = info
+                .nodes
+                .iter()
+                .map(|(n, e)| (n.clone(), e.state.as_str().into()))
+                .collect();
             serde_json::json!({
                 "name": name.as_str(),
                 "current": Some(name) == current,
@@ -94,7 +105,11 @@ pub(crate) fn table(
     filter: &dyn Fn(&crate::version_name::VersionName) -> bool,
 ) -> String {
     let current = tree.current_version();
-    let versions: Vec<_> = tree.in_creation_order().into_iter().filter(|(v, _)| filter(v)).collect();
+    let versions: Vec<_> = tree
+        .in_creation_order()
+        .into_iter()
+        .filter(|(v, _)| filter(v))
+        .collect();
     let mut out = format!(
         "{prefix}: current {}\n\n",
         match (&tree.current, current) {
@@ -103,7 +118,15 @@ pub(crate) fn table(
             (None, None) => "unset".to_string(),
         }
     );
-    let mut rows = vec![vec!["VERSION".to_string(), "".into(), "ACTIVE".into(), "READY".into(), "BUSY".into(), "FAILED".into(), "CREATED".into()]];
+    let mut rows = vec![vec![
+        "VERSION".to_string(),
+        "".into(),
+        "ACTIVE".into(),
+        "READY".into(),
+        "BUSY".into(),
+        "FAILED".into(),
+        "CREATED".into(),
+    ]];
     for (name, info) in &versions {
         let mark = if Some(*name) == current {
             "current"
@@ -114,7 +137,13 @@ pub(crate) fn table(
         };
         let mut row = vec![name.to_string(), mark.to_string()];
         for state in STATES {
-            row.push(info.nodes.values().filter(|e| e.state == state).count().to_string());
+            row.push(
+                info.nodes
+                    .values()
+                    .filter(|e| e.state == state)
+                    .count()
+                    .to_string(),
+            );
         }
         row.push(info.meta.created_at.clone().unwrap_or_else(|| "-".into()));
         rows.push(row);
@@ -123,11 +152,19 @@ pub(crate) fn table(
     let nodes: BTreeSet<&String> = versions.iter().flat_map(|(_, i)| i.nodes.keys()).collect();
     if !nodes.is_empty() {
         out.push('\n');
-        let mut rows = vec![std::iter::once("NODE".to_string()).chain(versions.iter().map(|(v, _)| v.to_string())).collect()];
+        let mut rows = vec![
+            std::iter::once("NODE".to_string())
+                .chain(versions.iter().map(|(v, _)| v.to_string()))
+                .collect(),
+        ];
         for node in nodes {
             let mut row = vec![node.clone()];
             for (_, info) in &versions {
-                row.push(info.nodes.get(node).map_or("-".to_string(), |e| e.state.to_string()));
+                row.push(
+                    info.nodes
+                        .get(node)
+                        .map_or("-".to_string(), |e| e.state.to_string()),
+                );
             }
             rows.push(row);
         }
@@ -135,19 +172,31 @@ pub(crate) fn table(
     }
     if !tree.ignored.is_empty() {
         let list: Vec<&str> = tree.ignored.iter().map(String::as_str).collect();
-        out.push_str(&format!("\nignored (not valid names): {}\n", list.join(", ")));
+        out.push_str(&format!(
+            "\nignored (not valid names): {}\n",
+            list.join(", ")
+        ));
     }
     out
 }
 
 fn align(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> =
-            row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -163,7 +212,12 @@ mod tests {
         KvEntry {
             key: key.into(),
             value: value.as_bytes().to_vec(),
-            session: key.matches('/').count().eq(&2).then(|| "s".to_string()).filter(|_| !key.ends_with('/')),
+            session: key
+                .matches('/')
+                .count()
+                .eq(&2)
+                .then(|| "s".to_string())
+                .filter(|_| !key.ends_with('/')),
             create_index: create,
             modify_index: create,
         }

@@ -741,7 +741,10 @@ impl Output {
         assert_eq!(self.code, Some(code), "{self:#?}");
         assert_eq!(self.stderr.lines().count(), 1, "not one line: {self:#?}");
         for needle in needles {
-            assert!(self.stderr.contains(needle), "{needle:?} missing: {self:#?}");
+            assert!(
+                self.stderr.contains(needle),
+                "{needle:?} missing: {self:#?}"
+            );
         }
     }
 }

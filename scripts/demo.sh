@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# A self-contained local demo: a dev Consul on loopback, three agents, two
+# versions deployed, a rollback and a removal, the tree and the directories
+# shown along the way. Cleans up after itself (Consul, agents, files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONSUL=$(scripts/get-consul.sh)
+echo "==> building depro"
+cargo build --quiet --locked
+DEPRO=$PWD/target/debug/depro
+
+work=$(mktemp -d /tmp/depro-demo.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+HTTP=$(free_port)
+export CONSUL_HTTP_ADDR=127.0.0.1:$HTTP
+export DEPRO_PREFIX=demo/version
+
+echo "==> starting a dev Consul on $CONSUL_HTTP_ADDR"
+"$CONSUL" agent -dev -node demo -bind 127.0.0.1 -client 127.0.0.1 -http-port "$HTTP" \
+  -dns-port -1 -grpc-port -1 -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
+  -server-port "$(free_port)" >"$work/consul.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  "$CONSUL" info >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+echo "==> making two builds (tarballs) of a tiny web site"
+for v in v1 v2; do
+  mkdir -p "$work/build/$v"
+  echo "<h1>demo $v</h1>" >"$work/build/$v/index.html"
+  tar czf "$work/$v.tar.gz" -C "$work/build/$v" .
+done
+
+echo "==> starting three agents (node1..node3)"
+for n in 1 2 3; do
+  mkdir -p "$work/node$n/conf"
+  cat >"$work/node$n/conf/depro.json" <<JSON
+{ "name": "node$n",
+  "deployments": [
+    { "id": "web", "path": "$work/node$n/web", "prefix": "demo/version", "shell": "bash",
+      "deploy":  ["tar xzf $work/\$VERSION.tar.gz"],
+      "rollout": ["ln -sfn \"\$VERSION_PATH\" \"\$DEPLOYMENT_PATH/live\""],
+      "clean":   ["echo \"node$n cleans \$VERSION\""] } ] }
+JSON
+  "$DEPRO" agent -config-dir="$work/node$n/conf" >"$work/node$n/agent.log" 2>&1 &
+  pids+=($!)
+done
+
+show() {
+  echo "--- the tree in Consul:"
+  "$CONSUL" kv get -recurse demo/version/ | sed 's/^/    /'
+  echo "--- the hosts:"
+  for n in 1 2 3; do
+    printf '    node%s: versions [%s], live -> %s\n' "$n" \
+      "$(cd "$work/node$n/web" && ls -d v* 2>/dev/null | tr '\n' ' ')" \
+      "$(readlink "$work/node$n/web/live" 2>/dev/null | xargs -r basename)"
+  done
+}
+
+echo; echo "==> depro deploy v1 -nodes=3"
+"$DEPRO" deploy v1 -nodes=3
+echo; echo "==> depro deploy v2 -nodes=3"
+"$DEPRO" deploy v2 -nodes=3
+show
+echo; echo "==> depro status"
+"$DEPRO" status
+echo; echo "==> depro rollback -nodes=3"
+"$DEPRO" rollback -nodes=3
+echo; echo "==> depro remove v2 -wait"
+"$DEPRO" remove v2 -wait
+show
+echo; echo "==> demo done: stopping the agents and Consul, removing $work"
