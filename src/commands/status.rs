@@ -212,12 +212,7 @@ mod tests {
         KvEntry {
             key: key.into(),
             value: value.as_bytes().to_vec(),
-            session: key
-                .matches('/')
-                .count()
-                .eq(&2)
-                .then(|| "s".to_string())
-                .filter(|_| !key.ends_with('/')),
+            session: (!key.ends_with('/') && !key.ends_with("/current")).then(|| "s".to_string()),
             create_index: create,
             modify_index: create,
         }
