@@ -741,10 +741,7 @@ impl Agent {
     ) -> std::result::Result<(), Failure> {
         let deployment = &mut self.deployments[index];
         deployment.dir.begin_rollout(to)?;
-        deployment.disk.rollout = Some(RolloutAttempt {
-            to: to.clone(),
-            failed: false,
-        });
+        deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
         let from_text = from
             .map(|v| v.to_string())
             .unwrap_or_else(|| "nothing".into());
@@ -760,10 +757,9 @@ impl Agent {
                 log::info!("{}: live", deployment.label(to));
             }
             Err(why) => {
-                deployment.disk.rollout = Some(RolloutAttempt {
-                    to: to.clone(),
-                    failed: true,
-                });
+                // The rollout stays unsettled (so the next one runs whatever
+                // current is) and the version failed until an operator retries.
+                deployment.disk.rollout_failed.insert(to.clone());
                 log::error!(
                     "{}: the rollout hook {why}; reporting failed",
                     deployment.label(to)
@@ -788,6 +784,7 @@ impl Agent {
         let deployment = &mut self.deployments[index];
         deployment.dir.remove_version(version)?;
         deployment.disk.versions.remove(version);
+        deployment.disk.rollout_failed.remove(version);
         Ok(())
     }
 
@@ -1050,11 +1047,7 @@ fn retry(deployment: &mut DeploymentState, version: &VersionName) {
     if deployment.disk.versions.get(version) == Some(&LocalVersion::DeployFailed) {
         deployment.disk.versions.remove(version);
     }
-    if let Some(rollout) = &mut deployment.disk.rollout {
-        if &rollout.to == version {
-            rollout.failed = false;
-        }
-    }
+    deployment.disk.rollout_failed.remove(version);
 }
 
 fn describe_files(files: &[PathBuf]) -> String {

@@ -100,11 +100,12 @@ impl DeploymentDir {
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready));
         let rollout = read_version(&self.meta.join("rollout"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready))
-            .map(|to| RolloutAttempt { to, failed: false });
+            .map(|to| RolloutAttempt { to });
         Ok(OnDisk {
             versions,
             live,
             rollout,
+            rollout_failed: Default::default(),
         })
     }
 
@@ -318,13 +319,7 @@ mod tests {
         let dir = DeploymentDir::open(tmp.path()).unwrap();
         let state = dir.load().unwrap();
         assert_eq!(state.live, Some(v("v1")));
-        assert_eq!(
-            state.rollout,
-            Some(RolloutAttempt {
-                to: v("v2"),
-                failed: false
-            })
-        );
+        assert_eq!(state.rollout, Some(RolloutAttempt { to: v("v2") }));
         assert_eq!(
             fs::read_to_string(tmp.path().join("current")).unwrap(),
             "v1\n"

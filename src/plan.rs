@@ -46,12 +46,11 @@ pub(crate) enum LocalVersion {
     DeployFailed,
 }
 
-/// A rollout that started and has not completed successfully.
+/// A rollout that started and has not completed successfully (its hook
+/// failed, or the agent died while it ran): what is live is unsettled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct RolloutAttempt {
     pub to: VersionName,
-    /// The hook failed (as opposed to: interrupted, e.g. by a crash).
-    pub failed: bool,
 }
 
 /// What this node has on disk for one deployment.
@@ -64,6 +63,9 @@ pub(crate) struct OnDisk {
     /// While set, the live state is unsettled: the rollout hook of `to` ran
     /// (or started) and did not finish successfully.
     pub rollout: Option<RolloutAttempt>,
+    /// Versions whose rollout hook failed here (in this run of the agent):
+    /// reported failed, and not rolled out again until an operator retries.
+    pub rollout_failed: BTreeSet<VersionName>,
 }
 
 /// What this node has written to Consul, under its current session.
@@ -101,11 +103,7 @@ pub(crate) fn report_for(version: &VersionName, local: LocalVersion, disk: &OnDi
         LocalVersion::Deploying => NodeState::Busy,
         LocalVersion::DeployFailed => NodeState::Failed,
         LocalVersion::Ready => {
-            let failed_rollout = disk
-                .rollout
-                .as_ref()
-                .is_some_and(|r| r.failed && &r.to == version);
-            if failed_rollout {
+            if disk.rollout_failed.contains(version) {
                 NodeState::Failed
             } else if disk.live.as_ref() == Some(version) {
                 NodeState::Active
@@ -177,10 +175,7 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         let ready = disk.versions.get(current) == Some(&LocalVersion::Ready);
         let settled = disk.rollout.is_none();
         let already_live = disk.live.as_ref() == Some(current) && settled;
-        let failed_here = disk
-            .rollout
-            .as_ref()
-            .is_some_and(|r| r.failed && &r.to == current);
+        let failed_here = disk.rollout_failed.contains(current);
         if ready && !already_live && !failed_here {
             actions.push(Action::Rollout {
                 to: current.clone(),
@@ -222,6 +217,7 @@ mod tests {
             versions: versions.iter().map(|(n, s)| (v(n), *s)).collect(),
             live: live.map(v),
             rollout: None,
+            rollout_failed: BTreeSet::new(),
         }
     }
 
@@ -317,10 +313,8 @@ mod tests {
     fn a_failed_rollout_is_reported_and_not_repeated_but_its_target_is_kept() {
         let want = wanted(&["v1", "v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v2"),
-            failed: true,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v2") });
+        have.rollout_failed.insert(v("v2"));
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
         assert_eq!(
             plan(&want, &have, Reports::Online(&now)),
@@ -336,16 +330,18 @@ mod tests {
                 from: Some(v("v1"))
             }]
         );
+        // Even once v1 is live again, v2 stays failed until an operator retries.
+        have.rollout = None;
+        let back = wanted(&["v1", "v2"], Some("v1"));
+        let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Failed)]);
+        assert_eq!(plan(&back, &have, Reports::Online(&now)), []);
     }
 
     #[test]
     fn an_interrupted_rollout_is_run_again() {
         let want = wanted(&["v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v2"),
-            failed: false,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v2") });
         assert_eq!(
             plan(&want, &have, Reports::Offline),
             [Action::Rollout {
@@ -422,7 +418,7 @@ mod tests {
             for current in 0..4 {
                 for local_code in 0..64u32 {
                     for live in 0..4 {
-                        for rollout in 0..7 {
+                        for rollout in 0..12 {
                             let want = Wanted {
                                 versions: (0..3)
                                     .filter(|i| wanted_bits & (1 << i) != 0)
@@ -443,14 +439,20 @@ mod tests {
                             have.live =
                                 maybe(live).filter(|l| have.versions.get(l) == Some(&Ready));
                             // A rollout is only ever attempted for a Ready version.
-                            have.rollout = match rollout {
+                            have.rollout = match rollout % 4 {
                                 0 => None,
                                 n => Some(RolloutAttempt {
-                                    to: names[(n - 1) % 3].clone(),
-                                    failed: n > 3,
+                                    to: names[n - 1].clone(),
                                 }),
                             }
                             .filter(|r| have.versions.get(&r.to) == Some(&Ready));
+                            have.rollout_failed = match rollout / 4 {
+                                0 => BTreeSet::new(),
+                                1 => BTreeSet::from([names[0].clone()]),
+                                _ => BTreeSet::from([names[1].clone(), names[2].clone()]),
+                            };
+                            have.rollout_failed
+                                .retain(|f| have.versions.get(f) == Some(&Ready));
                             cases.push((want, have));
                         }
                     }
@@ -473,6 +475,10 @@ mod tests {
                 match action {
                     Action::Rollout { to, .. } => {
                         assert_eq!(have.versions.get(to), Some(&Ready), "{want:?} {have:?}");
+                        assert!(
+                            !have.rollout_failed.contains(to),
+                            "retried a failed rollout"
+                        );
                         assert_eq!(Some(to), want.current.as_ref());
                     }
                     Action::Clean(version) => {
@@ -534,8 +540,12 @@ mod tests {
             if have.versions.values().any(|s| *s == DeployFailed) {
                 continue; // failures wait for an operator's retry
             }
-            if have.rollout.as_ref().is_some_and(|r| r.failed) {
-                continue;
+            if want
+                .current
+                .as_ref()
+                .is_some_and(|c| have.rollout_failed.contains(c))
+            {
+                continue; // so do failed rollouts of current
             }
             let (mut want, mut have, mut reports) = (want, have, BTreeMap::new());
             let mut steps = 0;

@@ -34,6 +34,22 @@ fn a_fresh_deploy_reaches_every_agent_and_current_goes_live() {
             "{log:?}"
         );
         assert_eq!(log[1], "rollout v1 from=");
+        // The hook environment.
+        let env = std::fs::read_to_string(agent.dir.join("env-deploy-v1")).unwrap();
+        let path = agent.deployment_path("api");
+        for expected in [
+            "VERSION=v1".to_string(),
+            "DEPLOYMENT_ID=api".to_string(),
+            format!("DEPLOYMENT_PATH={}", path.display()),
+            format!("DEPLOYMENT_PREFIX={}", fleet.prefix),
+            format!("AGENT_NAME={}", agent.name),
+            format!("VERSION_PATH={}", path.join("v1").display()),
+        ] {
+            assert!(
+                env.lines().any(|l| l == expected),
+                "{expected} missing from {env}"
+            );
+        }
     }
 }
 
@@ -223,7 +239,14 @@ fn a_failed_rollout_is_reported_and_rolling_back_restores_the_old_version() {
             == 2
     });
     fleet.expect_active("v1");
+    // The failure sticks (current cannot be moved back to v2 by accident)...
+    assert_eq!(fleet.node_state("v2", "node1").as_deref(), Some("failed"));
+    // ...until an operator deletes the failed key: then v2 is ready again,
+    // and rolled out once it is current.
+    fleet.consul.delete(&format!("{}/v2/node1", fleet.prefix));
     fleet.expect_state("v2", "ready");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
 }
 
 #[test]
@@ -301,10 +324,15 @@ fn consul_killed_and_restarted_while_agents_run_converges_after() {
     fleet.expect_active("v2");
     for agent in &mut fleet.agents {
         assert!(agent.is_running());
-        let warnings = agent.log().matches("is unreachable while").count();
+        // Logged once per change of state (the repeats are debug lines).
+        let log = agent.log();
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("is unreachable while"))
+            .count();
         assert!(
-            warnings <= 3,
-            "outage logged {warnings} times by {}",
+            (1..=2).contains(&warnings),
+            "outage logged {warnings} times by {}: {log}",
             agent.name
         );
     }
@@ -589,4 +617,64 @@ fn an_agent_without_deployments_idles_and_starts_working_on_reload() {
     wait_for("v1 ready after the reload", || {
         consul.get(&format!("{prefix}/v1/idler")).as_deref() == Some("ready")
     });
+}
+
+#[test]
+fn the_seed_config_runs_verbatim() {
+    // The seed's example config, with the one fix the issue allows (the comma),
+    // run as `depro agent -config-dir=<dir>/`. Its server is pointed at the
+    // test's Consul through CONSUL_HTTP_ADDR (the environment beats files).
+    // Its paths are the seed's own, /data/deploy/{api,website}: this test
+    // needs root, as the agent would.
+    let consul = Consul::start();
+    let conf = tempfile::tempdir().unwrap();
+    let seed = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
+  "deployments": [
+    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
+      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1",
+                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
+      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
+      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] },
+    { "id": "website", "path": "/data/deploy/website/", "prefix": "website/version", "shell": "bash",
+      "deploy":  ["wget -O - http://artifacts.myapp.com/website/$VERSION.tar.gz | tar zxf - || exit 1",
+                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
+      "rollout": ["rm $DEPLOYMENT_PATH/live", "ln -s $DEPLOYMENT_PATH/$VERSION $DEPLOYMENT_PATH/live",
+                  "systemctl reload nginx"] } ] }"#;
+    std::fs::write(conf.path().join("depro.json"), seed).unwrap();
+    let created: Vec<&str> = ["/data/deploy/api", "/data/deploy/website"]
+        .into_iter()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
+    let log = conf.path().join("agent.log");
+    let mut child = std::process::Command::new(support::depro_bin())
+        .arg("agent")
+        .arg(format!("-config-dir={}/", conf.path().display()))
+        .env("CONSUL_HTTP_ADDR", consul.addr())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    consul.put("api/version/v1/", "");
+    consul.put("website/version/v1/", "");
+    // No artifact server here: both deploys run their hooks and fail cleanly.
+    for prefix in ["api/version", "website/version"] {
+        let key = format!("{prefix}/v1/workerNode1");
+        support::wait_for_within(
+            support::PATIENCE,
+            &format!("{key} failed"),
+            &mut || consul.get(&key).as_deref() == Some("failed"),
+            read_log,
+        );
+    }
+    assert!(
+        read_log().contains("follows api, website"),
+        "{}",
+        read_log()
+    );
+    assert!(std::path::Path::new("/data/deploy/api/.depro/versions/v1").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for path in created {
+        std::fs::remove_dir_all(path).unwrap();
+    }
 }

@@ -180,9 +180,13 @@ fn a_failed_rollout_is_reported_per_node_and_can_switch_current_back() {
     );
     assert_eq!(fleet.current().as_deref(), Some("v1"));
     fleet.expect_state("v1", "active");
+    // The failure sticks until an operator retries (with deploy), so a
+    // rollout refuses before switching.
     let out = fleet.depro(&["rollout", "v2", "-nodes=2"]);
-    // node2 reported v2 failed: the readiness check refuses before switching.
     out.fails(2, &["v2 failed on node2", "current unchanged (still v1)"]);
+    fleet.agents[1].set_flag("fail-rollout-v2", false);
+    fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
+    fleet.expect_active("v2");
 }
 
 #[test]

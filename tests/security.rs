@@ -43,10 +43,9 @@ fn with_acls_a_good_token_works_and_a_bad_one_is_reported_without_showing_it() {
     let prefix = support::unique_prefix("acl");
     let token = token_for(&consul, &prefix);
 
+    // The good agent gets its token from the environment; the bad one from its config.
     let mut good = Agent::new(root.path(), "good", &consul.addr(), &prefix);
-    let token_file = good.dir.join("token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    good.extra = serde_json::json!({"token_file": token_file});
+    good.env.push(("CONSUL_HTTP_TOKEN".into(), token.clone()));
     good.start();
 
     let mut bad = Agent::new(root.path(), "bad", &consul.addr(), &prefix);
@@ -62,6 +61,15 @@ fn with_acls_a_good_token_works_and_a_bad_one_is_reported_without_showing_it() {
     });
     assert!(bad.log().contains("denied"), "{}", bad.log());
     assert_eq!(consul.get(&format!("{prefix}/v1/bad")), None);
+    // A token file works too (and wins over nothing else here).
+    let mut filed = Agent::new(root.path(), "filed", &consul.addr(), &prefix);
+    let token_file = filed.dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    filed.extra = serde_json::json!({"token_file": token_file});
+    filed.start();
+    wait_for("the token-file agent to report v1 ready", || {
+        consul.get(&format!("{prefix}/v1/filed")).as_deref() == Some("ready")
+    });
     assert!(
         !bad.log().contains("bogus-s3cr3t-token"),
         "the token leaked: {}",

@@ -386,6 +386,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
         "shell": "bash",
         "deploy": [
             format!("echo \"deploy $VERSION $PWD\" >> {ctl}/hooks.log"),
+            format!("env > {ctl}/env-deploy-$VERSION"),
             format!("if [ -e {ctl}/fail-deploy ]; then echo 'deploy fails on purpose' >&2; exit 3; fi"),
             format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ]; do sleep 0.02; done; fi"),
             "echo \"$VERSION\" > version.txt",
@@ -411,6 +412,8 @@ pub struct Agent {
     pub server: String,
     pub extra: serde_json::Value,
     pub deployments: Vec<serde_json::Value>,
+    /// Extra environment variables for the agent process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     starts: usize,
 }
@@ -427,6 +430,7 @@ impl Agent {
             server: server.to_string(),
             extra: serde_json::json!({}),
             deployments: vec![deployment],
+            env: Vec::new(),
             child: None,
             starts: 0,
         }
@@ -468,6 +472,7 @@ impl Agent {
             .env_remove("CONSUL_HTTP_ADDR")
             .env_remove("CONSUL_HTTP_TOKEN")
             .env("DEPRO_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
