@@ -5,12 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests use (command -> package).
 need() { command -v "$1" >/dev/null 2>&1; }
 missing=()
-for tool in bash tar gzip; do need "$tool" || missing+=("$tool"); done
+for pair in bash:bash tar:tar gzip:gzip mandoc:mandoc; do
+  need "${pair%%:*}" || missing+=("${pair#*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
-  apt-get install -y -qq "${missing[@]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${missing[@]}" >&2 \
+    || { apt-get update -qq >&2 && apt-get install -y -qq "${missing[@]}" >&2; } \
+    || { echo "test.sh: could not install ${missing[*]} with apt-get" >&2; exit 1; }
 fi
 
 CONSUL_BIN=$(scripts/get-consul.sh)

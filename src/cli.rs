@@ -239,9 +239,7 @@ fn connection_flag(
 ) -> Result<bool, Error> {
     let err = usage(Some(command));
     match arg.key() {
-        Key::Long("server" | "http-addr" | "address") => {
-            flags.server = Some(string(parser, command)?)
-        }
+        Key::Long("server" | "http-addr") => flags.server = Some(string(parser, command)?),
         Key::Long("token") => flags.token = Some(string(parser, command)?),
         Key::Long("token-file") => flags.token_file = Some(parser.value().map_err(&err)?.into()),
         Key::Long("datacenter" | "dc") => flags.datacenter = Some(string(parser, command)?),
@@ -319,7 +317,7 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             Key::Long("config-file") => args
                 .config_files
                 .push(parser.value().map_err(usage(Some(command)))?.into()),
-            Key::Long("name" | "node") => args.name = Some(string(parser, command)?),
+            Key::Long("name") => args.name = Some(string(parser, command)?),
             Key::Long("log-level") => args.log_level = Some(string(parser, command)?),
             _ => return Err(unexpected(&arg, command)),
         }
