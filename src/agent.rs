@@ -126,6 +126,8 @@ impl View {
 
 struct DeploymentState {
     spec: Deployment,
+    /// The spec's shell has `set -o pipefail` (probed once, not per hook).
+    pipefail: bool,
     dir: DeploymentDir,
     disk: OnDisk,
     /// This node's keys in Consul under the current session.
@@ -140,20 +142,6 @@ struct DeploymentState {
 impl DeploymentState {
     fn open(spec: Deployment) -> Result<DeploymentState> {
         let wrap = |e: Error| Error::Config(format!("{}.path: {e}", spec.origin));
-        let piped = spec
-            .deploy
-            .iter()
-            .chain(&spec.rollout)
-            .chain(&spec.clean)
-            .any(|l| hooks::has_pipe(l));
-        if piped && !hooks::supports_pipefail(&spec.shell) {
-            log::warn!(
-                "{}: {} has no pipefail, so a failing command inside a pipeline of a hook goes unnoticed; \
-                 set \"shell\": \"bash\"",
-                spec.origin,
-                spec.shell.display()
-            );
-        }
         let dir = DeploymentDir::open(&spec.path).map_err(wrap)?;
         if let Some(pgid) = dir.leftover_hook() {
             if hooks::kill_leftover(pgid) {
@@ -165,8 +153,10 @@ impl DeploymentState {
             dir.clear_hook().map_err(wrap)?;
         }
         let disk = dir.load().map_err(wrap)?;
+        let pipefail = shell_pipefail(&spec);
         Ok(DeploymentState {
             spec,
+            pipefail,
             dir,
             disk,
             reported: BTreeMap::new(),
@@ -834,6 +824,7 @@ impl Agent {
             cwd: &cwd,
             env,
             label: format!("{} {version}", spec.id),
+            pipefail: self.deployments[index].pipefail,
         };
         let running = hooks::spawn(&hook, move |status| {
             let _ = tx.send(Event::HookExited {
@@ -992,6 +983,9 @@ impl Agent {
                         .expect("kept deployment");
                     let mut kept = old.remove(at);
                     topology_changed |= kept.spec.id != spec.id || kept.spec.prefix != spec.prefix;
+                    if kept.spec != *spec {
+                        kept.pipefail = shell_pipefail(spec);
+                    }
                     kept.spec = spec.clone();
                     kept
                 }
@@ -1035,6 +1029,27 @@ impl Agent {
             self.consul.request_count()
         );
     }
+}
+
+/// Probes whether the deployment's shell has pipefail, and warns when it
+/// has not and a hook uses a pipe.
+fn shell_pipefail(spec: &Deployment) -> bool {
+    let pipefail = hooks::supports_pipefail(&spec.shell);
+    let piped = spec
+        .deploy
+        .iter()
+        .chain(&spec.rollout)
+        .chain(&spec.clean)
+        .any(|l| hooks::has_pipe(l));
+    if piped && !pipefail {
+        log::warn!(
+            "{}: {} has no pipefail, so a failing command inside a pipeline of a hook goes unnoticed; \
+             set \"shell\": \"bash\"",
+            spec.origin,
+            spec.shell.display()
+        );
+    }
+    pipefail
 }
 
 /// An operator deleted this node's `failed` key: try again.

@@ -368,7 +368,7 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
             path.display()
         ))
     })?;
-    serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&strip_comments(&text)).map_err(|e| {
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
             Some(at) => message[..at].to_string(),
@@ -386,6 +386,46 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
             e.column()
         ))
     })
+}
+
+/// Blanks out `//` comments (outside strings) so that config files can be
+/// commented; lines and columns stay where they were for error messages.
+fn strip_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped, mut in_comment) = (false, false, false);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_comment {
+            if c == '\n' {
+                in_comment = false;
+                out.push(c);
+            } else {
+                out.push(' ');
+            }
+            continue;
+        }
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            out.push(c);
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '/' if chars.peek() == Some(&'/') => {
+                in_comment = true;
+                out.push(' ');
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn resolve_deployment(
@@ -719,6 +759,33 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn line_comments_are_allowed_and_keep_positions() {
+        let text =
+            "{ // the node\n  \"name\": \"a//b\", // not a comment inside strings\n  \"bad\": 1 }";
+        let stripped = strip_comments(text);
+        assert_eq!(stripped.lines().count(), 3);
+        assert!(stripped.contains("\"a//b\""));
+        let setup = Setup::new();
+        let path = setup.file("c.json", text);
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(err.starts_with(&format!("{}:3:", path.display())), "{err}");
+        assert!(err.contains("unknown field `bad`"), "{err}");
+    }
+
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let setup = Setup::new();
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/depro.json.example"
+        ))
+        .unwrap();
+        setup.file("depro.json", &example);
+        let config = setup.resolve_dir().unwrap();
+        assert_eq!(config.deployments.len(), 1);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! set -e
-//! (set -o pipefail) 2>/dev/null && set -o pipefail
+//! set -o pipefail        # only if the shell has it (probed once at start)
 //! <line 1>
 //! <line 2>
 //! ```
@@ -60,11 +60,16 @@ pub(crate) struct Hook<'a> {
     pub env: Vec<(&'static str, String)>,
     /// Prefix of the hook's log lines, e.g. `api 1.2.3`.
     pub label: String,
+    /// The shell has `set -o pipefail` ([`supports_pipefail`]).
+    pub pipefail: bool,
 }
 
 /// The script a hook's lines become.
-pub(crate) fn script(lines: &[String]) -> String {
-    let mut script = String::from("set -e\n(set -o pipefail) 2>/dev/null && set -o pipefail\n");
+pub(crate) fn script(lines: &[String], pipefail: bool) -> String {
+    let mut script = String::from("set -e\n");
+    if pipefail {
+        script.push_str("set -o pipefail\n");
+    }
     for line in lines {
         script.push_str(line);
         script.push('\n');
@@ -135,7 +140,7 @@ pub(crate) fn spawn(
     let mut command = Command::new(hook.shell);
     command
         .arg("-c")
-        .arg(script(hook.lines))
+        .arg(script(hook.lines, hook.pipefail))
         .arg(format!("depro-{}", hook.kind.as_str()))
         .current_dir(hook.cwd)
         .stdin(Stdio::null())
@@ -217,6 +222,7 @@ mod tests {
             cwd: Path::new("/"),
             env: vec![("VERSION", "v1".into())],
             label: "test v1".into(),
+            pipefail: supports_pipefail(Path::new(shell)),
         };
         spawn(&hook, move |status| tx.send(status).unwrap()).unwrap();
         failure(&rx.recv_timeout(Duration::from_secs(20)).unwrap())

@@ -11,9 +11,13 @@
 //! ```
 //!
 //! Invariants:
-//! - every file is written atomically (temporary file, fsync, rename, fsync
-//!   of the directory), so `kill -9` at any instant leaves either the old or
-//!   the new content;
+//! - every file is written atomically (temporary file, then rename), so
+//!   `kill -9` at any instant leaves either the old or the new content; the
+//!   facts that must also survive a power loss (`deploying`, `ready`,
+//!   `current`) are durable: the file and its directory are fsynced. The
+//!   rollout intent, the session and the hook's process group are only
+//!   crash-safe: fsyncing them would delay every rollout hook by a disk flush,
+//!   and after a power loss the hook and the session are gone anyway;
 //! - `deploying` is recorded before a version directory is made, and `ready`
 //!   only after the deploy hook succeeded and the file system was synced: a
 //!   crash can leave a half-deployed directory, but never one marked ready;
@@ -120,7 +124,7 @@ impl DeploymentDir {
                 dir.display()
             )));
         }
-        atomic_write(&self.state_path(version), DEPLOYING)
+        atomic_write(&self.state_path(version), DEPLOYING, Durability::Durable)
     }
 
     /// Whether depro made the directory of `version` (its bookkeeping exists).
@@ -152,19 +156,26 @@ impl DeploymentDir {
         let handle = File::open(&dir).map_err(|e| Error::io(&dir, "cannot open", e))?;
         nix::unistd::syncfs(&handle)
             .map_err(|e| Error::io(&dir, "cannot sync", io::Error::from(e)))?;
-        atomic_write(&self.state_path(version), READY)
+        atomic_write(&self.state_path(version), READY, Durability::Durable)
     }
 
     /// Records that a rollout to `version` starts.
     pub(crate) fn begin_rollout(&self, version: &VersionName) -> Result<()> {
-        atomic_write(&self.meta.join("rollout"), version.as_str())
+        atomic_write(
+            &self.meta.join("rollout"),
+            version.as_str(),
+            Durability::CrashSafe,
+        )
     }
 
     /// Records that `version` is now live and the rollout is over.
     pub(crate) fn finish_rollout(&self, version: &VersionName) -> Result<()> {
-        atomic_write(&self.path.join("current"), version.as_str())?;
-        remove_if_present(&self.meta.join("rollout"))?;
-        sync_dir(&self.meta)
+        atomic_write(
+            &self.path.join("current"),
+            version.as_str(),
+            Durability::Durable,
+        )?;
+        remove_if_present(&self.meta.join("rollout"))
     }
 
     /// Deletes a version directory depro made, then its bookkeeping.
@@ -180,7 +191,11 @@ impl DeploymentDir {
 
     /// Records the process group of the hook that runs now.
     pub(crate) fn record_hook(&self, pgid: i32) -> Result<()> {
-        atomic_write(&self.meta.join("hook"), &pgid.to_string())
+        atomic_write(
+            &self.meta.join("hook"),
+            &pgid.to_string(),
+            Durability::CrashSafe,
+        )
     }
 
     pub(crate) fn clear_hook(&self) -> Result<()> {
@@ -204,7 +219,7 @@ impl DeploymentDir {
     pub(crate) fn save_session(&self, id: Option<&str>) -> Result<()> {
         let path = self.meta.join("session");
         match id {
-            Some(id) => atomic_write(&path, id),
+            Some(id) => atomic_write(&path, id, Durability::CrashSafe),
             None => remove_if_present(&path),
         }
     }
@@ -222,8 +237,17 @@ fn read_version(path: &Path) -> Result<Option<VersionName>> {
     Ok(read_trimmed(path)?.and_then(|text| VersionName::parse(&text).ok()))
 }
 
-/// Writes `contents` (plus a newline) to `path` atomically and durably.
-pub(crate) fn atomic_write(path: &Path, contents: &str) -> Result<()> {
+/// How hard a write tries to last.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Survives the death of the process (rename is atomic).
+    CrashSafe,
+    /// Also survives a power loss (fsync of the file and its directory).
+    Durable,
+}
+
+/// Writes `contents` (plus a newline) to `path` atomically.
+pub(crate) fn atomic_write(path: &Path, contents: &str, durability: Durability) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -231,11 +255,16 @@ pub(crate) fn atomic_write(path: &Path, contents: &str) -> Result<()> {
         let mut file = File::create(&tmp)?;
         file.write_all(contents.as_bytes())?;
         file.write_all(b"\n")?;
-        file.sync_all()?;
+        if durability == Durability::Durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     };
     write().map_err(|e| Error::io(path, "cannot write", e))?;
-    sync_dir(dir)
+    match durability {
+        Durability::Durable => sync_dir(dir),
+        Durability::CrashSafe => Ok(()),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

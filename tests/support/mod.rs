@@ -388,7 +388,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
             format!("echo \"deploy $VERSION $PWD\" >> {ctl}/hooks.log"),
             format!("env > {ctl}/env-deploy-$VERSION"),
             format!("if [ -e {ctl}/fail-deploy ]; then echo 'deploy fails on purpose' >&2; exit 3; fi"),
-            format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ]; do sleep 0.02; done; fi"),
+            format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
             "echo \"$VERSION\" > version.txt",
             "tar czf app.tar.gz version.txt",
         ],
@@ -575,6 +575,20 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        // A hook the agent was running survives it (it has a process group
+        // of its own, on purpose); the agent records it, so end it here.
+        for deployment in &self.deployments {
+            let Some(path) = deployment["path"].as_str() else {
+                continue;
+            };
+            let recorded = std::fs::read_to_string(Path::new(path).join(".depro/hook"));
+            if let Ok(pgid) = recorded.unwrap_or_default().trim().parse::<i32>() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 

@@ -1,0 +1,252 @@
+//! What depro ships, as `packaging/build.sh` leaves it under `dist/`: the
+//! static binary, the .deb and the .rpm. These tests install the .deb on
+//! this machine (they need root, as `dpkg -i` does), so they run one at a
+//! time, and put the machine back as it was.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use support::Fleet;
+
+/// dpkg and rpm operations must not overlap.
+static SYSTEM: Mutex<()> = Mutex::new(());
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn dist(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("dist")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run packaging/build.sh first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and returns its stdout, failing the test with its output
+/// if it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is it installed? scripts/test.sh installs it): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
+    let binary = dist(&format!("depro-{VERSION}-x86_64-unknown-linux-musl"));
+    let path = binary.to_str().unwrap();
+    let kind = run("file", &[path]);
+    assert!(
+        kind.contains("statically linked") || kind.contains("static-pie linked"),
+        "{kind}"
+    );
+    assert!(!kind.contains("interpreter"), "{kind}");
+    assert!(
+        kind.contains("stripped") && !kind.contains("not stripped"),
+        "{kind}"
+    );
+    let headers = run("readelf", &["--program-headers", path]);
+    assert!(!headers.contains("INTERP"), "{headers}");
+    let size = std::fs::metadata(&binary).unwrap().len();
+    assert!(size <= 2_500 * 1024, "{size} bytes");
+    assert!(run(path, &["--version"]).starts_with(&format!("depro {VERSION}")));
+
+    // A real deploy, driven by the static binary, to agents on the test Consul.
+    let fleet = Fleet::start(2);
+    let out = Command::new(path)
+        .args([
+            "deploy",
+            "v1",
+            "-nodes=2",
+            &format!("-prefix={}", fleet.prefix),
+        ])
+        .arg(format!("-server={}", fleet.consul.addr()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("active on 2/2 nodes"), "{stdout}");
+    fleet.expect_active("v1");
+}
+
+/// The files a package installs, normalised for comparison: man pages
+/// without `.gz`, the environment file and unit at one path.
+fn normalise(paths: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    paths
+        .into_iter()
+        .map(|p| p.trim_start_matches('.').to_string())
+        .filter(|p| !p.is_empty() && !p.ends_with('/'))
+        .filter(|p| !p.starts_with("/usr/share/doc/depro/") || p.ends_with("README.md"))
+        .map(|p| {
+            p.trim_end_matches(".gz")
+                .replace("/etc/sysconfig/depro", "/etc/default/depro")
+                .replace("/lib/systemd/system/", "/usr/lib/systemd/system/")
+                .replace("/usr/usr/", "/usr/")
+        })
+        .collect()
+}
+
+fn deb_files(deb: &str) -> BTreeSet<String> {
+    let listing = run("dpkg-deb", &["--contents", deb]);
+    normalise(
+        listing
+            .lines()
+            .filter(|l| !l.starts_with('d'))
+            .filter_map(|l| l.split_whitespace().nth(5).map(String::from)),
+    )
+}
+
+#[test]
+fn the_deb_installs_keeps_an_edited_conffile_and_purges_clean() {
+    let _guard = SYSTEM.lock().unwrap();
+    let deb = dist(&format!("depro_{VERSION}_amd64.deb"));
+    let deb = deb.to_str().unwrap();
+    let example = Path::new("/etc/depro/depro.json.example");
+
+    run("dpkg", &["-i", deb]);
+    let installed: Vec<String> = run("dpkg", &["-L", "depro"])
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(run("/usr/bin/depro", &["--version"]).starts_with(&format!("depro {VERSION}")));
+    let page = run("man", &["-w", "depro"]);
+    assert!(page.trim().ends_with("/man1/depro.1.gz"), "{page}");
+    let unit = installed
+        .iter()
+        .find(|p| p.ends_with("/depro.service"))
+        .expect("no unit installed")
+        .clone();
+    run("systemd-analyze", &["verify", &unit]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/etc/default/depro")
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the environment file may hold a token");
+    let conffiles = std::fs::read_to_string("/var/lib/dpkg/info/depro.conffiles").unwrap();
+    assert!(
+        conffiles.contains("/etc/depro/depro.json.example")
+            && conffiles.contains("/etc/default/depro")
+    );
+
+    // An edited conffile survives removal and reinstallation.
+    let edited = std::fs::read_to_string(example).unwrap() + "// edited by the operator\n";
+    std::fs::write(example, &edited).unwrap();
+    run("dpkg", &["-r", "depro"]);
+    assert!(!Path::new("/usr/bin/depro").exists());
+    assert_eq!(
+        std::fs::read_to_string(example).unwrap(),
+        edited,
+        "dpkg -r must keep conffiles"
+    );
+    run("dpkg", &["--force-confold", "-i", deb]);
+    assert_eq!(
+        std::fs::read_to_string(example).unwrap(),
+        edited,
+        "reinstalling overwrote an edited conffile"
+    );
+
+    // Purge leaves nothing behind.
+    run("dpkg", &["--purge", "depro"]);
+    for path in &installed {
+        let p = Path::new(path);
+        if p.is_dir() {
+            continue; // shared directories such as /usr/bin
+        }
+        assert!(!p.exists(), "{path} is left after purge");
+    }
+    for path in [
+        "/etc/depro",
+        "/etc/default/depro",
+        "/var/lib/dpkg/info/depro.list",
+    ] {
+        assert!(!Path::new(path).exists(), "{path} is left after purge");
+    }
+}
+
+#[test]
+fn lintian_finds_no_errors_in_the_deb() {
+    let deb = dist(&format!("depro_{VERSION}_amd64.deb"));
+    let out = Command::new("lintian")
+        .args(["--no-tag-display-limit", deb.to_str().unwrap()])
+        .output()
+        .expect("lintian is not installed: apt-get install lintian (scripts/test.sh does)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{report}");
+}
+
+#[test]
+fn the_rpm_has_the_same_files_installs_into_a_scratch_root_and_keeps_configs() {
+    let _guard = SYSTEM.lock().unwrap();
+    let rpm = dist(&format!("depro-{VERSION}.x86_64.rpm"));
+    let rpm = rpm.to_str().unwrap();
+    let deb = dist(&format!("depro_{VERSION}_amd64.deb"));
+
+    let rpm_files = normalise(run("rpm", &["-qpl", rpm]).lines().map(String::from));
+    assert_eq!(
+        rpm_files,
+        deb_files(deb.to_str().unwrap()),
+        "the .rpm and the .deb ship different files"
+    );
+
+    let flags = run(
+        "rpm",
+        &[
+            "-qp",
+            "--queryformat",
+            "[%{FILENAMES} %{FILEFLAGS:fflags}\n]",
+            rpm,
+        ],
+    );
+    for config in ["/etc/depro/depro.json.example", "/etc/sysconfig/depro"] {
+        let line = flags
+            .lines()
+            .find(|l| l.starts_with(config))
+            .unwrap_or_else(|| panic!("{config} missing:\n{flags}"));
+        let marks = line.split_whitespace().nth(1).unwrap_or("");
+        assert!(
+            marks.contains('c') && marks.contains('n'),
+            "{config} is not %config(noreplace): {line}"
+        );
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().to_str().unwrap();
+    run("rpm", &["--root", root_path, "--initdb"]);
+    run(
+        "rpm",
+        &["--root", root_path, "--nodeps", "--noscripts", "-i", rpm],
+    );
+    let installed = root.path().join("usr/bin/depro");
+    assert!(
+        run(installed.to_str().unwrap(), &["--version"]).starts_with(&format!("depro {VERSION}"))
+    );
+    assert!(root.path().join("etc/sysconfig/depro").exists());
+    assert!(
+        root.path()
+            .join("usr/lib/systemd/system/depro.service")
+            .exists()
+    );
+}
