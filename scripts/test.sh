@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian/Ubuntu machine with Rust:
-# fetches Consul (scripts/get-consul.sh), checks formatting and lints, and
-# runs every unit and integration test against a real Consul on loopback.
+# fetches Consul (scripts/get-consul.sh), checks formatting and lints, builds
+# the static binary and the packages (packaging/build.sh), and runs every
+# unit and integration test against a real Consul on loopback, including the
+# packaging checks (which install the .deb on this machine: run as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use (command -> package).
 need() { command -v "$1" >/dev/null 2>&1; }
 missing=()
-for pair in bash:bash tar:tar gzip:gzip mandoc:mandoc; do
+for pair in bash:bash tar:tar gzip:gzip mandoc:mandoc lintian:lintian rpm:rpm man:man-db \
+            file:file readelf:binutils systemd-analyze:systemd; do
   need "${pair%%:*}" || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,4 +28,6 @@ echo "test.sh: using $("$CONSUL_BIN" version | head -n1) at $CONSUL_BIN" >&2
 
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+# What ships (static binary, .deb, .rpm): the packaging tests install and check it.
+packaging/build.sh
 cargo test --locked

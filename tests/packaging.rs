@@ -92,12 +92,20 @@ fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
 
 /// The files a package installs, normalised for comparison: man pages
 /// without `.gz`, the environment file and unit at one path.
+///
+/// lintian warnings kept on purpose (see also the README):
+/// - `empty-field Depends`: the binary is static and depends on nothing, and
+///   cargo-deb writes the field even when it is empty;
+/// - `non-standard-file-perm 0600 != 0644 [etc/default/depro]`: the file may
+///   hold the ACL token, so only root may read it.
 fn normalise(paths: impl IntoIterator<Item = String>) -> BTreeSet<String> {
     paths
         .into_iter()
         .map(|p| p.trim_start_matches('.').to_string())
         .filter(|p| !p.is_empty() && !p.ends_with('/'))
+        // Debian's own files: copyright, changelog, lintian overrides.
         .filter(|p| !p.starts_with("/usr/share/doc/depro/") || p.ends_with("README.md"))
+        .filter(|p| !p.starts_with("/usr/share/lintian/"))
         .map(|p| {
             p.trim_end_matches(".gz")
                 .replace("/etc/sysconfig/depro", "/etc/default/depro")
@@ -144,6 +152,7 @@ fn the_deb_installs_keeps_an_edited_conffile_and_purges_clean() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the environment file may hold a token");
+    idles_with_the_packaged_config(&unit);
     let conffiles = std::fs::read_to_string("/var/lib/dpkg/info/depro.conffiles").unwrap();
     assert!(
         conffiles.contains("/etc/depro/depro.json.example")
@@ -183,6 +192,33 @@ fn the_deb_installs_keeps_an_edited_conffile_and_purges_clean() {
     ] {
         assert!(!Path::new(path).exists(), "{path} is left after purge");
     }
+}
+
+/// Runs the unit's ExecStart as installed: with only the example config it
+/// must idle and say so, survive a reload, and stop cleanly.
+fn idles_with_the_packaged_config(unit: &str) {
+    let text = std::fs::read_to_string(unit).unwrap();
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("no ExecStart");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(words[0])
+        .args(&words[1..])
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    support::wait_for("the idle message", || {
+        read().contains("is idle: no deployments configured")
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    support::wait_for("the reload", || read().matches("is idle").count() == 2);
+    assert!(child.try_wait().unwrap().is_none(), "{}", read());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", read());
 }
 
 #[test]
