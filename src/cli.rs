@@ -56,32 +56,46 @@ pub(crate) struct TreeArgs {
     pub connection: ConnectionFlags,
 }
 
+/// Flags of the commands that move `current` (deploy, rollout, rollback).
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub(crate) struct SwitchFlags {
+    /// How many nodes must have the version before the switch.
+    pub nodes: u32,
+    pub timeout: Duration,
+    pub rollback_on_failure: bool,
+}
+
+impl Default for SwitchFlags {
+    fn default() -> SwitchFlags {
+        SwitchFlags {
+            nodes: 1,
+            timeout: DEFAULT_TIMEOUT,
+            rollback_on_failure: false,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct DeployArgs {
     pub tree: TreeArgs,
     pub version: String,
-    pub nodes: u32,
-    pub timeout: Duration,
+    pub switch: SwitchFlags,
     pub keep: Option<u32>,
     pub no_rollout: bool,
-    pub rollback_on_failure: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RolloutArgs {
     pub tree: TreeArgs,
     pub version: String,
-    pub nodes: u32,
-    pub timeout: Duration,
-    pub rollback_on_failure: bool,
+    pub switch: SwitchFlags,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RollbackArgs {
     pub tree: TreeArgs,
     pub to: Option<String>,
-    pub nodes: u32,
-    pub timeout: Duration,
+    pub switch: SwitchFlags,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -339,24 +353,38 @@ fn tree_flag(
     connection_flag(arg, parser, &mut tree.connection, command)
 }
 
+/// Parses a flag of the commands that move `current`, if `arg` is one.
+fn switch_flag(
+    arg: &Arg,
+    parser: &mut lexopt::Parser,
+    flags: &mut SwitchFlags,
+    command: &str,
+) -> Result<bool, Error> {
+    match arg.key() {
+        Key::Long("nodes") => flags.nodes = number(parser, "nodes", command)?,
+        Key::Long("timeout") => flags.timeout = duration(parser, "timeout", command)?,
+        Key::Long("rollback-on-failure") => {
+            flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "deploy";
-    let mut tree = TreeArgs::default();
-    let (mut version, mut nodes, mut timeout, mut keep) = (None, 1, DEFAULT_TIMEOUT, None);
-    let (mut no_rollout, mut rollback_on_failure) = (false, false);
+    let (mut tree, mut switch) = (TreeArgs::default(), SwitchFlags::default());
+    let (mut version, mut keep, mut no_rollout) = (None, None, false);
     while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+        if tree_flag(&arg, parser, &mut tree, command)?
+            || switch_flag(&arg, parser, &mut switch, command)?
+        {
             continue;
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
-            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
             Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
             Key::Long("no-rollout") => no_rollout = boolean(parser, "no-rollout", command)?,
-            Key::Long("rollback-on-failure") => {
-                rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
-            }
             Key::Value(v) if version.is_none() => version = Some(v.to_string()),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -365,11 +393,9 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     Ok(Command::Deploy(DeployArgs {
         tree,
         version,
-        nodes,
-        timeout,
+        switch,
         keep,
         no_rollout,
-        rollback_on_failure,
     }))
 }
 
@@ -381,20 +407,15 @@ fn missing_version(command: &str) -> Error {
 
 fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "rollout";
-    let mut tree = TreeArgs::default();
-    let (mut version, mut nodes, mut timeout, mut rollback_on_failure) =
-        (None, 1, DEFAULT_TIMEOUT, false);
+    let (mut tree, mut switch, mut version) = (TreeArgs::default(), SwitchFlags::default(), None);
     while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+        if tree_flag(&arg, parser, &mut tree, command)?
+            || switch_flag(&arg, parser, &mut switch, command)?
+        {
             continue;
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
-            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
-            Key::Long("rollback-on-failure") => {
-                rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
-            }
             Key::Value(v) if version.is_none() => version = Some(v.to_string()),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -403,34 +424,26 @@ fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     Ok(Command::Rollout(RolloutArgs {
         tree,
         version,
-        nodes,
-        timeout,
-        rollback_on_failure,
+        switch,
     }))
 }
 
 fn parse_rollback(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "rollback";
-    let mut tree = TreeArgs::default();
-    let (mut to, mut nodes, mut timeout) = (None, 1, DEFAULT_TIMEOUT);
+    let (mut tree, mut switch, mut to) = (TreeArgs::default(), SwitchFlags::default(), None);
     while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+        if tree_flag(&arg, parser, &mut tree, command)?
+            || switch_flag(&arg, parser, &mut switch, command)?
+        {
             continue;
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("to") => to = Some(string(parser, command)?),
-            Key::Long("nodes") => nodes = number(parser, "nodes", command)?,
-            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    Ok(Command::Rollback(RollbackArgs {
-        tree,
-        to,
-        nodes,
-        timeout,
-    }))
+    Ok(Command::Rollback(RollbackArgs { tree, to, switch }))
 }
 
 fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
@@ -529,8 +542,8 @@ mod tests {
         let Command::Deploy(args) = cmd else { panic!() };
         assert_eq!(args.version, "585ecfabf5b41bae1db7bd566ce984d77568987d");
         assert_eq!(args.tree.prefix.as_deref(), Some("api/version"));
-        assert_eq!(args.nodes, 3);
-        assert_eq!(args.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(args.switch.nodes, 3);
+        assert_eq!(args.switch.timeout, DEFAULT_TIMEOUT);
     }
 
     #[test]
@@ -546,7 +559,7 @@ mod tests {
                 panic!()
             };
             assert_eq!(
-                (args.nodes, args.timeout),
+                (args.switch.nodes, args.switch.timeout),
                 (3, Duration::from_secs(60)),
                 "{form:?}"
             );

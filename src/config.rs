@@ -519,19 +519,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    /// The seed's example config, with the one fix the issue allows.
-    pub(crate) const SEED_CONFIG: &str = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
-  "deployments": [
-    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
-      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1",
-                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
-      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
-      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] },
-    { "id": "website", "path": "/data/deploy/website/", "prefix": "website/version", "shell": "bash",
-      "deploy":  ["wget -O - http://artifacts.myapp.com/website/$VERSION.tar.gz | tar zxf - || exit 1",
-                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
-      "rollout": ["rm $DEPLOYMENT_PATH/live", "ln -s $DEPLOYMENT_PATH/$VERSION $DEPLOYMENT_PATH/live",
-                  "systemctl reload nginx"] } ] }"#;
+    /// The seed's example config, with the one fix the issue allows (shared
+    /// with the integration tests).
+    pub(crate) const SEED_CONFIG: &str = include_str!("../tests/data/seed-config.json");
 
     struct Setup {
         dir: tempfile::TempDir,

@@ -243,32 +243,19 @@ impl Consul {
     /// Reads one key; `None` if it does not exist.
     pub(crate) fn get(&self, key: &str, read: Read) -> Result<Answer<Option<KvEntry>>> {
         let doing = || format!("reading key {key:?}");
-        let url = self.url(&format!("kv/{}", encode_path(key)), &read_params(read, ""));
-        let (index, body) = self.read_call(&url, read, &doing)?;
-        let value = match body {
-            None => None,
-            Some(body) => parse_entries(&body)
-                .map_err(|why| self.bad(doing(), why))?
-                .into_iter()
-                .next(),
-        };
-        Ok(Answer { index, value })
+        self.read_kv(key, "", read, &doing, |body| match body {
+            None => Ok(None),
+            Some(body) => Ok(parse_entries(&body)?.into_iter().next()),
+        })
     }
 
     /// Reads every key under `prefix` (which must end in `/`), values included.
     pub(crate) fn list(&self, prefix: &str, read: Read) -> Result<Answer<Vec<KvEntry>>> {
         debug_assert!(prefix.ends_with('/'));
         let doing = || format!("listing {prefix:?}");
-        let url = self.url(
-            &format!("kv/{}", encode_path(prefix)),
-            &read_params(read, "recurse"),
-        );
-        let (index, body) = self.read_call(&url, read, &doing)?;
-        let value = match body {
-            None => Vec::new(),
-            Some(body) => parse_entries(&body).map_err(|why| self.bad(doing(), why))?,
-        };
-        Ok(Answer { index, value })
+        self.read_kv(prefix, "recurse", read, &doing, |body| {
+            body.map_or(Ok(Vec::new()), |body| parse_entries(&body))
+        })
     }
 
     /// Lists the key names under `prefix` one level deep (`?keys&separator=/`);
@@ -276,18 +263,27 @@ impl Consul {
     pub(crate) fn keys(&self, prefix: &str, read: Read) -> Result<Answer<Option<Vec<String>>>> {
         debug_assert!(prefix.ends_with('/'));
         let doing = || format!("listing keys under {prefix:?}");
+        self.read_kv(prefix, "keys&separator=%2F", read, &doing, |body| {
+            body.map(|body| serde_json::from_slice(&body).map_err(|e| e.to_string()))
+                .transpose()
+        })
+    }
+
+    /// A KV read: the body (`None` for 404) parsed by `parse`, and the index.
+    fn read_kv<T>(
+        &self,
+        key: &str,
+        params: &str,
+        read: Read,
+        doing: &dyn Fn() -> String,
+        parse: impl FnOnce(Option<Vec<u8>>) -> std::result::Result<T, String>,
+    ) -> Result<Answer<T>> {
         let url = self.url(
-            &format!("kv/{}", encode_path(prefix)),
-            &read_params(read, "keys&separator=%2F"),
+            &format!("kv/{}", encode_path(key)),
+            &read_params(read, params),
         );
-        let (index, body) = self.read_call(&url, read, &doing)?;
-        let value = match body {
-            None => None,
-            Some(body) => Some(
-                serde_json::from_slice::<Vec<String>>(&body)
-                    .map_err(|e| self.bad(doing(), e.to_string()))?,
-            ),
-        };
+        let (index, body) = self.read_call(&url, read, doing)?;
+        let value = parse(body).map_err(|why| self.bad(doing(), why))?;
         Ok(Answer { index, value })
     }
 

@@ -86,10 +86,11 @@ Usage: depro rollback -prefix=PREFIX [-nodes=N] [-to=VERSION] [flags]
 
 Makes the version that was current before the present one current again.
 
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -to=VERSION         roll back to this version instead
-  -nodes=N            nodes that must have the version [1]
-  -timeout=DURATION   give up after this long [10m]
+  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
+  -to=VERSION             roll back to this version instead
+  -nodes=N                nodes that must have the version [1]
+  -timeout=DURATION       give up after this long [10m]
+  -rollback-on-failure    switch current back if the rollout fails
 "
         }
         "remove" => {

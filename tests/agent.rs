@@ -628,18 +628,7 @@ fn the_seed_config_runs_verbatim() {
     // needs root, as the agent would.
     let consul = Consul::start();
     let conf = tempfile::tempdir().unwrap();
-    let seed = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
-  "deployments": [
-    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
-      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1",
-                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
-      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
-      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] },
-    { "id": "website", "path": "/data/deploy/website/", "prefix": "website/version", "shell": "bash",
-      "deploy":  ["wget -O - http://artifacts.myapp.com/website/$VERSION.tar.gz | tar zxf - || exit 1",
-                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
-      "rollout": ["rm $DEPLOYMENT_PATH/live", "ln -s $DEPLOYMENT_PATH/$VERSION $DEPLOYMENT_PATH/live",
-                  "systemctl reload nginx"] } ] }"#;
+    let seed = include_str!("data/seed-config.json");
     std::fs::write(conf.path().join("depro.json"), seed).unwrap();
     let created: Vec<&str> = ["/data/deploy/api", "/data/deploy/website"]
         .into_iter()

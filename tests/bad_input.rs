@@ -42,18 +42,18 @@ fn deployment(fields: &str) -> String {
     )
 }
 
-/// The seed config exactly as the issue printed it (without the comma).
-const SEED_AS_PRINTED: &str = r#"{ "name": "workerNode1", "server": "localhost:8500", "datacenter": "dc1",
-  "deployments": [
-    { "id": "api", "path": "/data/deploy/api/", "prefix": "api/version", "shell": "bash",
-      "deploy":  ["wget -O - http://artifacts.myapp.com/api/$VERSION.tar.gz | tar zxf - || exit 1"
-                  "rackadmin register $DEPLOYMENT_PATH $VERSION"],
-      "rollout": ["rackadmin checkout $DEPLOYMENT_PATH $VERSION"],
-      "clean":   ["rackadmin clean $DEPLOYMENT_PATH $VERSION"] } ] }"#;
+/// The seed config exactly as the issue printed it: without the comma
+/// after the first `deploy` line.
+fn seed_as_printed() -> String {
+    let fixed = include_str!("data/seed-config.json");
+    let printed = fixed.replacen("tar zxf - || exit 1\",", "tar zxf - || exit 1\"", 1);
+    assert_ne!(printed, fixed);
+    printed
+}
 
 #[test]
 fn the_seed_example_as_printed_is_refused_at_its_missing_comma() {
-    let (dir, code, stderr) = agent_with_config(SEED_AS_PRINTED);
+    let (dir, code, stderr) = agent_with_config(&seed_as_printed());
     let file = dir.path().join("depro.json");
     assert_one_line_error(
         code,

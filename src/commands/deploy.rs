@@ -8,10 +8,10 @@
 //! - success means every node that had the version ready reports it active.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{Ctx, names, took, version_arg};
-use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs};
+use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
 use crate::consul::{Read, TxnOp, Write};
 use crate::error::{Error, Result};
@@ -89,7 +89,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let version = version_arg(&args.version)?;
     let start = Instant::now();
-    let deadline = start + args.timeout;
+    let deadline = start + args.switch.timeout;
     let tree = ctx.read_tree()?;
     let base = tree.current.clone();
 
@@ -124,7 +124,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let ready_nodes = wait_ready(
         &mut ctx,
         &version,
-        args.nodes,
+        args.switch.nodes,
         deadline,
         &retried,
         base.as_ref(),
@@ -147,7 +147,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         &version,
         base.as_ref(),
         ready_nodes,
-        args.rollback_on_failure,
+        args.switch.rollback_on_failure,
         deadline,
         start,
     )?;
@@ -164,15 +164,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     let tree = ctx.read_existing_tree()?;
-    roll_to(
-        &mut ctx,
-        &tree,
-        &version,
-        args.nodes,
-        args.timeout,
-        args.rollback_on_failure,
-        start,
-    )
+    roll_to(&mut ctx, &tree, &version, &args.switch, start)
 }
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
@@ -196,7 +188,7 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     };
     ctx.out
         .line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
-    roll_to(&mut ctx, &tree, &to, args.nodes, args.timeout, false, start)
+    roll_to(&mut ctx, &tree, &to, &args.switch, start)
 }
 
 /// Steps 2 to 4 for a version that is already in the tree.
@@ -204,9 +196,7 @@ fn roll_to(
     ctx: &mut Ctx,
     tree: &Tree,
     version: &VersionName,
-    nodes: u32,
-    timeout: Duration,
-    rollback_on_failure: bool,
+    switch: &SwitchFlags,
     start: Instant,
 ) -> Result<()> {
     if !tree.versions.get(version).is_some_and(|i| i.exists) {
@@ -215,12 +205,12 @@ fn roll_to(
             ctx.prefix, ctx.prefix
         )));
     }
-    let deadline = start + timeout;
+    let deadline = start + switch.timeout;
     let base = tree.current.clone();
     let ready = wait_ready(
         ctx,
         version,
-        nodes,
+        switch.nodes,
         deadline,
         &BTreeSet::new(),
         base.as_ref(),
@@ -230,7 +220,7 @@ fn roll_to(
         version,
         base.as_ref(),
         ready,
-        rollback_on_failure,
+        switch.rollback_on_failure,
         deadline,
         start,
     )
