@@ -18,7 +18,7 @@ use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
 use crate::consul::{Consul, ConsulError, Read};
 use crate::error::{Error, Result};
-use crate::pacing::Backoff;
+use crate::pacing::{Backoff, TokenBucket};
 use crate::tree::{NodeEntry, Prefix, Tree, VersionInfo};
 use crate::version_name::VersionName;
 use progress::Progress;
@@ -98,8 +98,16 @@ impl Ctx {
         let mut index = 0;
         let mut seen = self.seen.remove(version).unwrap_or_default();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // Every node's state write wakes this query, and each answer lists
+        // every node: pace the reads so that a storm of writes from a large
+        // fleet costs a bounded number of them (at most 20 a second).
+        let mut bucket = TokenBucket::new(4, Duration::from_millis(50), Instant::now());
         let folder = self.prefix.folder_key(version);
         loop {
+            let pause = bucket.take(Instant::now());
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
             let now = Instant::now();
             let wait = deadline
                 .saturating_duration_since(now)
