@@ -67,6 +67,18 @@ def p95(values):
     return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
 
 
+def conns_limit():
+    """As many connections per client as the file descriptor limit allows."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (ValueError, OSError):
+        pass
+    return max(200, min(16384, soft - 100))
+
+
 class Consul:
     """A dev agent on free loopback ports, logging every HTTP request."""
 
@@ -77,7 +89,10 @@ class Consul:
         self.log_path = os.path.join(work, "consul.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
+            # Every agent here connects from 127.0.0.1, where a fleet has one
+            # IP per host: lift Consul's per-client connection limit (200).
             [binary, "agent", "-dev", "-log-level=debug", "-node", "bench",
+             "-hcl", f"limits {{ http_max_conns_per_client = {conns_limit()} }}",
              "-bind", "127.0.0.1", "-client", "127.0.0.1",
              f"-http-port={self.port}", "-dns-port=-1", "-grpc-port=-1",
              f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}",
@@ -150,6 +165,16 @@ def registered(consul, name_prefix):
     return sum(1 for s in sessions if s.get("Name", "").startswith(name_prefix))
 
 
+def proc_split(pid):
+    """(user, system) CPU seconds of a process itself."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def proc_times(pid):
     """(own CPU seconds, reaped children's CPU seconds) of a process."""
     try:
@@ -169,8 +194,12 @@ def rss_kib(pid):
     return 0
 
 
+ALL_AGENTS = []
+
+
 class Agent:
     def __init__(self, depro, work, name, consul, deployments, shell="sh"):
+        ALL_AGENTS.append(self)
         self.name = name
         self.dir = os.path.join(work, name)
         os.makedirs(os.path.join(self.dir, "conf"), exist_ok=True)
@@ -239,7 +268,7 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
             version = f"v{r}"
             offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
             t0 = time.monotonic()
-            run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}")
+            run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=60s")
             wait_until(f"{version} live on {n} nodes", lambda: all(a.live() == version for a in agents))
             elapsed = time.monotonic() - t0
             time.sleep(0.3)  # let the last node-state wake-ups land in the log
@@ -250,7 +279,7 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
             if previous is not None:
                 offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
                 t0 = time.monotonic()
-                run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}")
+                run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=60s")
                 wait_until(f"{previous} gone from {n} nodes", lambda: not any(a.has_dir(previous) for a in agents))
                 elapsed = time.monotonic() - t0
                 time.sleep(0.3)
@@ -259,10 +288,13 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
                 if r > 1:
                     removes.append(sample)
             previous = version
+        user = sum(proc_split(a.proc.pid)[0] for a in agents)
+        system = sum(proc_split(a.proc.pid)[1] for a in agents)
         for a in agents:
             a.stop()
         for a in agents:
             a.wait()
+        print(f"      agents' CPU over the whole run: user {user:.2f} s, system {system:.2f} s", flush=True)
         results.append({"n": n, "deploy": summarize(deploys), "remove": summarize(removes)})
         d, c = results[-1]["deploy"], results[-1]["remove"]
         print(f"N={n:4}: deploy {d['t']*1000:7.1f} ms (coordination {d['coord']*1000:6.1f} ms, "
@@ -565,6 +597,7 @@ def main():
     parser.add_argument("--artifact-kib", type=int, default=64)
     parser.add_argument("--out", default="docs")
     parser.add_argument("--command-line", default="scripts/bench.sh")
+    parser.add_argument("--only", default="", help="latency (to study one part; no report)")
     args = parser.parse_args()
 
     started = time.time()
@@ -573,6 +606,11 @@ def main():
     try:
         consul_version = subprocess.run([args.consul, "version"], capture_output=True, text=True).stdout.split("\n")[0]
         artifact = make_artifact(work, args.artifact_files, args.artifact_kib)
+        if args.only == "latency":
+            latency = reaction_latency(args.depro, consul, work, artifact, args.changes)
+            print("depro", " ".join(ms(v) for v in latency["depro"]))
+            print("watch", " ".join(ms(v) for v in latency["watch"]))
+            return
         sizes = [int(n) for n in args.sizes.split(",")]
         print(f"bench: fleet scaling for N in {sizes}", flush=True)
         fleet = fleet_scaling(args.depro, consul, work, artifact, sizes, args.rounds)
@@ -590,9 +628,15 @@ def main():
                os.path.join(args.out, "benchmarks.md"))
         print(f"bench: wrote {args.out}/benchmarks.md and {args.out}/fleet-scaling.svg "
               f"in {(time.time() - started) / 60:.1f} min", flush=True)
-    finally:
+    except BaseException:
+        for agent in ALL_AGENTS:
+            if agent.proc.poll() is None:
+                agent.proc.kill()
         consul.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        print(f"bench: failed; logs kept in {work}", file=sys.stderr)
+        raise
+    consul.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

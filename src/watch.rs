@@ -4,9 +4,9 @@
 //! A watch posts only when its observation differs from the last one it
 //! posted, so a wake-up that changed nothing it cares about (another node's
 //! state write under the same prefix) costs nothing but the next query.
-//! Each watch paces itself with a token bucket (a storm of wake-ups is
-//! coalesced into a few reads a second) and backs off with jitter while
-//! Consul is unreachable. It follows Consul's client rules for the index:
+//! Those idle wake-ups are paced with a token bucket (a storm of them is
+//! coalesced into a few reads a second); a real change is always read again
+//! at once. A watch backs off with jitter while Consul is unreachable. It follows Consul's client rules for the index:
 //! an index that goes backwards (Consul restarted, a snapshot restored)
 //! resets it to 0, and it never blocks on 0.
 //!
@@ -89,10 +89,15 @@ fn watch_loop(
     let mut last: Option<Seen> = None;
     let mut bucket = TokenBucket::new(BURST, REFILL, Instant::now());
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut idle_wakeup = false;
     loop {
-        let wait = bucket.take(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        // Only wake-ups that changed nothing this watch cares about are
+        // paced: a real change is read again at once.
+        if idle_wakeup {
+            let wait = bucket.take(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
         }
         if stop.load(Ordering::Relaxed) {
             return;
@@ -111,7 +116,8 @@ fn watch_loop(
                 } else {
                     new_index.max(1)
                 };
-                if last.as_ref() != Some(&seen) {
+                idle_wakeup = last.as_ref() == Some(&seen);
+                if !idle_wakeup {
                     if !post(seen.clone()) {
                         return;
                     }

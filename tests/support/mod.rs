@@ -69,6 +69,19 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// As many HTTP connections per client as Consul's file descriptor limit
+/// allows (it refuses to start otherwise), from `/proc/self/limits`.
+fn conns_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1024);
+    soft.saturating_sub(100).clamp(200, 4096)
+}
+
 /// Makes a child die with the test process (SIGKILL when its parent
 /// thread exits), so that no Consul or agent outlives a test run.
 fn die_with_parent(command: &mut Command) {
@@ -183,6 +196,12 @@ impl Consul {
                 "127.0.0.1",
             ])
             .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            // All test agents connect from 127.0.0.1, where a fleet has one
+            // IP per host: lift the per-client connection limit (200).
+            .args([
+                "-hcl",
+                &format!("limits {{ http_max_conns_per_client = {} }}", conns_limit()),
+            ])
             .arg(format!("-http-port={}", self.http_port))
             .arg(format!("-serf-lan-port={serf_lan}"))
             .arg(format!("-serf-wan-port={serf_wan}"))
