@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -262,29 +263,36 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
         def agents_cpu():
             return sum(proc_times(a.proc.pid)[0] for a in agents)
 
+        def cli_cpu():
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return usage.ru_utime + usage.ru_stime
+
+        def measure(run, done):
+            """Runs one operation; its wall time and who spent CPU on it."""
+            offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
+            consul0, cli0 = proc_times(consul.proc.pid)[0], cli_cpu()
+            t0 = time.monotonic()
+            run()
+            wait_until("the fleet to converge", done)
+            elapsed = time.monotonic() - t0
+            time.sleep(0.3)  # let the last node-state wake-ups land in the log
+            return {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
+                    "consul_cpu": proc_times(consul.proc.pid)[0] - consul0, "cli_cpu": cli_cpu() - cli0,
+                    "requests": consul.requests_since(offset)}
+
         deploys, removes = [], []
         previous = None
         for r in range(rounds + 1):  # round 0 warms up and is not counted
             version = f"v{r}"
-            offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
-            t0 = time.monotonic()
-            run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=60s")
-            wait_until(f"{version} live on {n} nodes", lambda: all(a.live() == version for a in agents))
-            elapsed = time.monotonic() - t0
-            time.sleep(0.3)  # let the last node-state wake-ups land in the log
-            sample = {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
-                      "requests": consul.requests_since(offset)}
+            sample = measure(
+                lambda: run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=60s"),
+                lambda: all(a.live() == version for a in agents))
             if r > 0:
                 deploys.append(sample)
             if previous is not None:
-                offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
-                t0 = time.monotonic()
-                run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=60s")
-                wait_until(f"{previous} gone from {n} nodes", lambda: not any(a.has_dir(previous) for a in agents))
-                elapsed = time.monotonic() - t0
-                time.sleep(0.3)
-                sample = {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
-                          "requests": consul.requests_since(offset)}
+                sample = measure(
+                    lambda: run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=60s"),
+                    lambda: not any(a.has_dir(previous) for a in agents))
                 if r > 1:
                     removes.append(sample)
             previous = version
@@ -307,6 +315,8 @@ def summarize(samples):
     t = median([s["t"] for s in samples])
     hooks = median([s["hooks_cpu"] for s in samples])
     agents = median([s["agents_cpu"] for s in samples])
+    consul_cpu = median([s["consul_cpu"] for s in samples])
+    cli = median([s["cli_cpu"] for s in samples])
     # On one machine the hooks of all N hosts share CORES cores; on a fleet they
     # run in parallel on N machines. Their share of the wall time here is at
     # least their CPU time divided by the cores.
@@ -317,6 +327,7 @@ def summarize(samples):
         for k, v in s["requests"].items():
             kinds[k] = kinds.get(k, 0) + v / len(samples)
     return {"t": t, "t_all": [s["t"] for s in samples], "hooks_cpu": hooks, "agents_cpu": agents,
+            "consul_cpu": consul_cpu, "cli_cpu": cli,
             "coord": median(coords), "requests": median(totals), "kinds": kinds, "rounds": len(samples)}
 
 

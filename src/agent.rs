@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::AgentArgs;
 use crate::config::{self, AgentConfig, Deployment};
-use crate::consul::{Consul, Write};
+use crate::consul::{Consul, TxnOp};
 use crate::error::{Error, Result};
 use crate::hooks::{self, Hook, HookKind};
 use crate::local_state::DeploymentDir;
@@ -566,7 +566,9 @@ impl Agent {
 
     // ---- planning and doing ----
 
-    fn next_action(&mut self) -> Option<(usize, Action)> {
+    /// The next thing to do: one action, or the leading run of a plan's
+    /// reports (written in one transaction).
+    fn next_action(&mut self) -> Option<(usize, Vec<Action>)> {
         let count = self.deployments.len();
         let now = Instant::now();
         for k in 0..count {
@@ -583,25 +585,36 @@ impl Agent {
                 Some(_) => Reports::Online(&deployment.reported),
                 None => Reports::Offline,
             };
-            if let Some(action) = plan(&wanted, &deployment.disk, reports).into_iter().next() {
+            let actions = plan(&wanted, &deployment.disk, reports);
+            let reports = actions.iter().take_while(|a| is_report(a)).count();
+            let batch: Vec<Action> = actions.into_iter().take(reports.max(1)).collect();
+            if !batch.is_empty() {
                 self.last_served = index;
-                return Some((index, action));
+                return Some((index, batch));
             }
         }
         None
     }
 
-    fn execute(&mut self, index: usize, action: Action) {
-        log::debug!("{}: {action:?}", self.deployments[index].spec.id);
-        let result = match action {
-            Action::Report(version, state) => self.report(index, &version, state),
-            Action::Unreport(version) => self.unreport(index, &version),
+    fn execute(&mut self, index: usize, mut batch: Vec<Action>) {
+        log::debug!("{}: {batch:?}", self.deployments[index].spec.id);
+        if batch.iter().all(is_report) {
+            let result = self.report(index, &batch);
+            return self.settle(index, result);
+        }
+        let result = match batch.swap_remove(0) {
+            Action::Report(..) | Action::Unreport(_) => unreachable!("reports are batched"),
             Action::Repair(version) => self.repair(index, &version),
             Action::Stage(version) => self.stage(index, &version),
             Action::Deploy(version) => self.deploy(index, &version),
             Action::Rollout { to, from } => self.rollout(index, &to, from.as_ref()),
             Action::Clean(version) => self.clean(index, &version),
         };
+        self.settle(index, result);
+    }
+
+    /// After an action: reset the deployment's backoff, or log and back off.
+    fn settle(&mut self, index: usize, result: std::result::Result<(), Failure>) {
         let deployment = &mut self.deployments[index];
         match result {
             Ok(()) => deployment.backoff.reset(),
@@ -615,51 +628,62 @@ impl Agent {
         }
     }
 
-    fn report(
-        &mut self,
-        index: usize,
-        version: &VersionName,
-        state: NodeState,
-    ) -> std::result::Result<(), Failure> {
+    /// Writes (or deletes) this node's keys for several versions in one
+    /// transaction: one write for Consul, one wake-up for the other agents.
+    fn report(&mut self, index: usize, batch: &[Action]) -> std::result::Result<(), Failure> {
         let Some(session) = &self.session else {
             return Ok(());
         };
         let deployment = &mut self.deployments[index];
-        let key = deployment.spec.prefix.node_key(version, &self.config.name);
-        if self
-            .consul
-            .put(&key, state.as_str().as_bytes(), Write::Acquire(&session.id))?
-        {
-            self.health.reachable(&self.consul);
-            log::info!("{}: {state}", deployment.label(version));
-            deployment.reported.insert(version.clone(), state);
-            Ok(())
-        } else {
-            Err(Failure::Other(format!(
-                "Consul key {key:?} is held by another session: is another agent named {:?} running? \
-                 give each agent its own -name",
-                self.config.name
-            )))
+        let name = &self.config.name;
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|action| match action {
+                Action::Report(version, _) | Action::Unreport(version) => {
+                    deployment.spec.prefix.node_key(version, name)
+                }
+                _ => unreachable!("only reports are batched"),
+            })
+            .collect();
+        let ops: Vec<TxnOp<'_>> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(action, key)| match action {
+                Action::Report(_, state) => TxnOp::Lock {
+                    key,
+                    value: state.as_str().as_bytes(),
+                    session: &session.id,
+                },
+                _ => TxnOp::Delete { key },
+            })
+            .collect();
+        if !self.consul.txn(&ops)? {
+            return Err(Failure::Other(format!(
+                "Consul refused to let this node write {keys:?}: another session holds one of them. \
+                 Is another agent named {name:?} running? Give each agent its own -name"
+            )));
         }
-    }
-
-    fn unreport(
-        &mut self,
-        index: usize,
-        version: &VersionName,
-    ) -> std::result::Result<(), Failure> {
-        let deployment = &mut self.deployments[index];
-        let key = deployment.spec.prefix.node_key(version, &self.config.name);
-        self.consul.delete(&key, None)?;
-        log::info!("{}: removed", deployment.label(version));
-        deployment.reported.remove(version);
+        self.health.reachable(&self.consul);
+        for action in batch {
+            match action {
+                Action::Report(version, state) => {
+                    log::info!("{}: {state}", deployment.label(version));
+                    deployment.reported.insert(version.clone(), *state);
+                }
+                Action::Unreport(version) => {
+                    log::info!("{}: removed", deployment.label(version));
+                    deployment.reported.remove(version);
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
     fn repair(&mut self, index: usize, version: &VersionName) -> std::result::Result<(), Failure> {
         let deployment = &mut self.deployments[index];
         let key = deployment.spec.prefix.folder_key(version);
-        if self.consul.put(&key, b"", Write::Cas(0))? {
+        if self.consul.create(&key, b"")? {
             log::warn!(
                 "{}: current names {version} but its folder key was missing; re-created it",
                 deployment.spec.id
@@ -1029,6 +1053,10 @@ impl Agent {
             self.consul.request_count()
         );
     }
+}
+
+fn is_report(action: &Action) -> bool {
+    matches!(action, Action::Report(..) | Action::Unreport(_))
 }
 
 /// Probes whether the deployment's shell has pipefail, and warns when it

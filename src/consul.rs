@@ -2,7 +2,8 @@
 //!
 //! It speaks the small part of the API depro needs: KV reads (single keys,
 //! recursive listings, key listings, blocking queries), KV writes (plain,
-//! check-and-set, acquire), deletes and sessions. Invariants it keeps:
+//! check-and-set, transactions that check-and-set and lock keys with a
+//! session), deletes and sessions. Invariants it keeps:
 //! - the ACL token travels only in the `X-Consul-Token` header, never in a
 //!   URL, a log line or an error;
 //! - every error names the request and the key it was about;
@@ -172,15 +173,6 @@ pub(crate) struct KvEntry {
     pub modify_index: u64,
 }
 
-/// How to write a key.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Write<'a> {
-    /// Check-and-set: 0 creates only if absent, otherwise the ModifyIndex.
-    Cas(u64),
-    /// Write and lock with this session; false if another session holds it.
-    Acquire(&'a str),
-}
-
 /// One operation of a transaction (`/v1/txn`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum TxnOp<'a> {
@@ -194,6 +186,14 @@ pub(crate) enum TxnOp<'a> {
     DeleteCas { key: &'a str, index: u64 },
     /// Set `key` unconditionally.
     Set { key: &'a str, value: &'a [u8] },
+    /// Set `key` and hold it with `session` (fails if another session holds it).
+    Lock {
+        key: &'a str,
+        value: &'a [u8],
+        session: &'a str,
+    },
+    /// Delete `key` unconditionally.
+    Delete { key: &'a str },
 }
 
 /// A connection to one Consul agent.
@@ -287,15 +287,11 @@ impl Consul {
         Ok(Answer { index, value })
     }
 
-    /// Writes a key. Returns Consul's verdict: false when a check-and-set
-    /// did not match or another session holds the key.
-    pub(crate) fn put(&self, key: &str, value: &[u8], write: Write<'_>) -> Result<bool> {
-        let doing = || format!("writing key {key:?}");
-        let params = match write {
-            Write::Cas(index) => format!("cas={index}"),
-            Write::Acquire(session) => format!("acquire={}", encode_path(session)),
-        };
-        let url = self.url(&format!("kv/{}", encode_path(key)), &params);
+    /// Creates a key if it does not exist yet (check-and-set 0); false if it
+    /// existed.
+    pub(crate) fn create(&self, key: &str, value: &[u8]) -> Result<bool> {
+        let doing = || format!("creating key {key:?}");
+        let url = self.url(&format!("kv/{}", encode_path(key)), "cas=0");
         let body = self.call("PUT", &url, Some(value), CALL_TIMEOUT, &doing)?;
         parse_verdict(&body).map_err(|why| self.bad(doing(), why))
     }
@@ -309,8 +305,8 @@ impl Consul {
         parse_verdict(&body).map_err(|why| self.bad(doing(), why))
     }
 
-    /// Runs operations atomically. `Ok(false)` when a check-and-set failed
-    /// and nothing was written.
+    /// Runs operations atomically. `Ok(false)` when a check-and-set or a
+    /// lock failed and nothing was written.
     pub(crate) fn txn(&self, ops: &[TxnOp<'_>]) -> Result<bool> {
         let doing = || {
             let keys: Vec<&str> = ops
@@ -318,7 +314,9 @@ impl Consul {
                 .map(|op| match op {
                     TxnOp::Cas { key, .. }
                     | TxnOp::DeleteCas { key, .. }
-                    | TxnOp::Set { key, .. } => *key,
+                    | TxnOp::Set { key, .. }
+                    | TxnOp::Lock { key, .. }
+                    | TxnOp::Delete { key } => *key,
                 })
                 .collect();
             format!("writing {keys:?} in one transaction")
@@ -332,6 +330,9 @@ impl Consul {
                     "Verb": "delete-cas", "Key": key, "Index": index}}),
                 TxnOp::Set { key, value } => serde_json::json!({"KV": {
                     "Verb": "set", "Key": key, "Value": base64_encode(value)}}),
+                TxnOp::Lock { key, value, session } => serde_json::json!({"KV": {
+                    "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session}}),
+                TxnOp::Delete { key } => serde_json::json!({"KV": {"Verb": "delete", "Key": key}}),
             })
             .collect();
         let url = self.url("txn", "");

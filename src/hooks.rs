@@ -138,28 +138,30 @@ pub(crate) fn spawn(
     on_exit: impl FnOnce(std::io::Result<ExitStatus>) + Send + 'static,
 ) -> std::io::Result<Running> {
     let mut command = Command::new(hook.shell);
+    // One pipe for stdout and stderr: one reader, and lines in the order
+    // the hook wrote them.
+    let (output, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     command
         .arg("-c")
         .arg(script(hook.lines, hook.pipefail))
         .arg(format!("depro-{}", hook.kind.as_str()))
         .current_dir(hook.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(writer.try_clone()?))
+        .stderr(Stdio::from(writer))
         .process_group(0);
     for name in SECRET_VARIABLES {
         command.env_remove(name);
     }
     command.envs(hook.env.iter().map(|(k, v)| (*k, v)));
     let mut child = command.spawn()?;
+    drop(command); // closes our copies of the pipe's write end
     let pgid = Pid::from_raw(child.id() as i32);
-    let label = format!("{} {}", hook.label, hook.kind.as_str());
-    if let Some(out) = child.stdout.take() {
-        forward_lines(out, label.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        forward_lines(err, label);
-    }
+    forward_lines(
+        std::fs::File::from(output),
+        format!("{} {}", hook.label, hook.kind.as_str()),
+    );
     std::thread::Builder::new()
         .name("hook-wait".into())
         .stack_size(64 * 1024)

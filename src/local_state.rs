@@ -156,7 +156,9 @@ impl DeploymentDir {
         let handle = File::open(&dir).map_err(|e| Error::io(&dir, "cannot open", e))?;
         nix::unistd::syncfs(&handle)
             .map_err(|e| Error::io(&dir, "cannot sync", io::Error::from(e)))?;
-        atomic_write(&self.state_path(version), READY, Durability::Durable)
+        // In place, not by rename: a torn write reads as "not ready", which
+        // only means deploying again; and no new inode is made per deploy.
+        overwrite(&self.state_path(version), READY, Durability::Durable)
     }
 
     /// Records that a rollout to `version` starts.
@@ -199,7 +201,7 @@ impl DeploymentDir {
     }
 
     pub(crate) fn clear_hook(&self) -> Result<()> {
-        remove_if_present(&self.meta.join("hook"))
+        overwrite(&self.meta.join("hook"), "", Durability::CrashSafe)
     }
 
     /// The process group of a hook an earlier run left running, if recorded.
@@ -265,6 +267,25 @@ pub(crate) fn atomic_write(path: &Path, contents: &str, durability: Durability) 
         Durability::Durable => sync_dir(dir),
         Durability::CrashSafe => Ok(()),
     }
+}
+
+/// Rewrites `path` in place (no new inode): for files whose torn content
+/// is harmless.
+fn overwrite(path: &Path, contents: &str, durability: Durability) -> Result<()> {
+    let write = || -> io::Result<()> {
+        let mut file = File::options()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        file.write_all(contents.as_bytes())?;
+        file.write_all(b"\n")?;
+        if durability == Durability::Durable {
+            file.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| Error::io(path, "cannot write", e))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

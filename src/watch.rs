@@ -23,10 +23,14 @@ use crate::pacing::{Backoff, TokenBucket};
 
 /// How long Consul may hold a blocking query before answering unchanged.
 pub(crate) const WAIT: Duration = Duration::from_secs(300);
-/// Token bucket of every watch: a burst of this many reads...
-const BURST: u32 = 4;
-/// ...then one read per this interval while wake-ups keep coming.
-const REFILL: Duration = Duration::from_millis(250);
+/// Idle wake-ups (nothing this watch cares about changed) are paced by a
+/// token bucket: a burst of this many reads...
+const BURST: u32 = 3;
+/// ...then one read per this interval while they keep coming. Each node's
+/// state write wakes every agent's listing watch on that prefix, so this
+/// bounds what a deploy to N hosts costs Consul: at most 2 reads a second
+/// per agent during the storm, instead of one per write (N² in all).
+const REFILL: Duration = Duration::from_millis(500);
 
 /// What a watch follows.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

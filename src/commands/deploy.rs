@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{Ctx, names, took, version_arg};
 use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
-use crate::consul::{Read, TxnOp, Write};
+use crate::consul::{Read, TxnOp};
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeEntry, NodeState, Tree, VersionInfo, VersionMeta};
 use crate::version_name::VersionName;
@@ -102,7 +102,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
             ..VersionMeta::default()
         };
         let key = ctx.prefix.folder_key(&version);
-        ctx.consul.put(&key, &meta.to_json(), Write::Cas(0))?;
+        ctx.consul.create(&key, &meta.to_json())?;
         ctx.out
             .line(&format!("created {version} under {}", ctx.prefix));
     }
