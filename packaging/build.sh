@@ -78,7 +78,7 @@ fi
 
 mkdir -p dist
 static=dist/depro-$version-$target
-cp "$binary" "$static"
+cp "$binary" "$static.tmp" && mv -f "$static.tmp" "$static"
 size=$(stat -c %s "$static")
 [ "$size" -le $((2500 * 1024)) ] || die "$static is $size bytes, over the 2.5 MB budget"
 step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes"
