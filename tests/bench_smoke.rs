@@ -1,0 +1,50 @@
+//! A quick run of the benchmark harness (scripts/bench.py) with tiny sizes,
+//! so that it keeps working as the code changes. It checks the harness, not
+//! the figures: benchmarks are not timed tests.
+
+mod support;
+
+#[test]
+fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench.py"))
+        .args(["--depro", support::depro_bin()])
+        .arg("--consul")
+        .arg(support::consul_bin())
+        .args([
+            "--sizes",
+            "1,2",
+            "--rounds",
+            "2",
+            "--changes",
+            "3",
+            "--cycles",
+            "2",
+            "--idle",
+            "1",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .args([
+            "--notes",
+            "/nonexistent",
+            "--command-line",
+            "tests/bench_smoke.rs",
+        ])
+        .status()
+        .expect("python3 is needed for the benchmark harness");
+    assert!(status.success());
+    let report = std::fs::read_to_string(out.path().join("benchmarks.md")).unwrap();
+    for section in [
+        "## 1. Fleet scaling",
+        "## 2. Reaction latency",
+        "## 3. Footprint",
+        "## Targets",
+    ] {
+        assert!(report.contains(section), "{section} missing:\n{report}");
+    }
+    assert!(report.contains("| 2 |"), "no row for N=2:\n{report}");
+    let chart = std::fs::read_to_string(out.path().join("fleet-scaling.svg")).unwrap();
+    assert_eq!(chart.matches("<polyline").count(), 4);
+}
