@@ -11,12 +11,15 @@
 //! ```
 //!
 //! Invariants:
-//! - every file is written atomically (temporary file, then rename), so
-//!   `kill -9` at any instant leaves either the old or the new content; the
-//!   facts that must also survive a power loss (`deploying`, `ready`,
-//!   `current`) are durable: the file and its directory are fsynced. The
-//!   rollout intent, the session and the hook's process group are only
-//!   crash-safe: fsyncing them would delay every rollout hook by a disk flush,
+//! - `kill -9` at any instant leaves every file with its old or its new
+//!   content, or (for the two files rewritten in place) a content that reads
+//!   as the safe choice: `deploying`, `current`, the rollout intent and the
+//!   session are replaced by rename; `ready` overwrites `deploying` in place,
+//!   where a torn write reads as "not ready" (deploy again); the running
+//!   hook's process group too, where a torn one is simply not killed;
+//! - the facts that must survive a power loss (`deploying`, `ready`,
+//!   `current`) are fsynced; the rollout intent, the session and the hook
+//!   are not: fsyncing them would delay every rollout hook by a disk flush,
 //!   and after a power loss the hook and the session are gone anyway;
 //! - `deploying` is recorded before a version directory is made, and `ready`
 //!   only after the deploy hook succeeded and the file system was synced: a
