@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -38,20 +37,13 @@ use crate::watch::{self, Health, Seen, Target, WatchHandle};
 
 /// After SIGTERM to a hook's process group, how long until SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(5);
+/// While a hook runs, how often to check on it besides SIGCHLD.
+const CHILD_POLL: Duration = Duration::from_secs(1);
 
 /// What the other threads tell the main loop.
 pub(crate) enum Event {
-    Seen {
-        watch: u64,
-        seen: Seen,
-    },
-    SessionLost {
-        session: String,
-    },
-    HookExited {
-        hook: u64,
-        status: std::io::Result<ExitStatus>,
-    },
+    Seen { watch: u64, seen: Seen },
+    SessionLost { session: String },
     Signal(Signal),
 }
 
@@ -342,7 +334,7 @@ impl Agent {
                     }
                 }
             }
-            Event::HookExited { .. } => {} // a hook given up on earlier
+            Event::Signal(Signal::ChildExited) => {} // no hook runs now
             Event::Signal(Signal::Stop(number)) => self.stop(number),
             Event::Signal(Signal::Reload) => self.reload(),
         }
@@ -812,7 +804,6 @@ impl Agent {
         cwd: PathBuf,
         previous: Option<Option<&VersionName>>,
     ) -> std::result::Result<(), String> {
-        let hook_id = self.next_id();
         let spec = &self.deployments[index].spec;
         let lines = match kind {
             HookKind::Deploy => &spec.deploy,
@@ -840,7 +831,6 @@ impl Agent {
             ));
         }
         let timeout = spec.timeout;
-        let tx = self.tx.clone();
         let hook = Hook {
             kind,
             shell: &spec.shell,
@@ -850,18 +840,13 @@ impl Agent {
             label: format!("{} {version}", spec.id),
             pipefail: self.deployments[index].pipefail,
         };
-        let running = hooks::spawn(&hook, move |status| {
-            let _ = tx.send(Event::HookExited {
-                hook: hook_id,
-                status,
-            });
-        })
-        .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
+        let mut running = hooks::spawn(&hook)
+            .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
         let dir = &self.deployments[index].dir;
         if let Err(e) = dir.record_hook(running.pgid()) {
             log::warn!("{e}");
         }
-        let outcome = self.wait_for_hook(&running, hook_id, kind, version, index, timeout);
+        let outcome = self.wait_for_hook(&mut running, kind, version, index, timeout);
         if let Err(e) = self.deployments[index].dir.clear_hook() {
             log::warn!("{e}");
         }
@@ -870,8 +855,7 @@ impl Agent {
 
     fn wait_for_hook(
         &mut self,
-        running: &hooks::Running,
-        hook_id: u64,
+        running: &mut hooks::Running,
         kind: HookKind,
         version: &VersionName,
         index: usize,
@@ -896,28 +880,54 @@ impl Agent {
             why = Why::Shutdown;
         }
         loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(Event::HookExited { hook, status }) if hook == hook_id => {
-                    if phase != Phase::Running {
-                        running.kill(); // leave no stragglers in the group
-                    }
-                    return match (hooks::failure(&status), phase) {
-                        (None, _) => Ok(()),
-                        (Some(failure), Phase::Running) => Err(failure),
-                        (Some(failure), _) => Err(match why {
-                            Why::Timeout => format!(
-                                "timed out after {} and {failure}",
-                                crate::duration::human(timeout)
-                            ),
-                            Why::Shutdown => {
-                                format!("was stopped by the agent's shutdown and {failure}")
-                            }
-                        }),
-                    };
+            if let Some(status) = running.try_wait() {
+                if phase != Phase::Running {
+                    running.kill(); // leave no stragglers in the group
                 }
+                return match (hooks::failure(&status), phase) {
+                    (None, _) => Ok(()),
+                    (Some(failure), Phase::Running) => Err(failure),
+                    (Some(failure), _) => Err(match why {
+                        Why::Timeout => format!(
+                            "timed out after {} and {failure}",
+                            crate::duration::human(timeout)
+                        ),
+                        Why::Shutdown => {
+                            format!("was stopped by the agent's shutdown and {failure}")
+                        }
+                    }),
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                match phase {
+                    Phase::Running => {
+                        log::warn!(
+                            "[{} {version} {}] {}; stopping its process group",
+                            self.deployments[index].spec.id,
+                            kind.as_str(),
+                            match why {
+                                Why::Timeout =>
+                                    format!("timed out after {}", crate::duration::human(timeout)),
+                                Why::Shutdown => "the shutdown grace period is over".to_string(),
+                            }
+                        );
+                        running.terminate();
+                        phase = Phase::Terminated;
+                    }
+                    Phase::Terminated => {
+                        running.kill();
+                        phase = Phase::Killed;
+                    }
+                    Phase::Killed => return Err("did not end even after SIGKILL".to_string()),
+                }
+                deadline = now + KILL_AFTER;
+                continue;
+            }
+            // SIGCHLD wakes this up when the hook ends; the poll interval is
+            // only a safety net.
+            match self.rx.recv_timeout((deadline - now).min(CHILD_POLL)) {
+                Ok(Event::Signal(Signal::ChildExited)) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Event::Signal(Signal::Stop(number))) => {
                     if self.stopping {
                         running.kill();
@@ -936,31 +946,6 @@ impl Agent {
                     }
                 }
                 Ok(other) => self.pending.push_back(other),
-                Err(RecvTimeoutError::Timeout) => match phase {
-                    Phase::Running => {
-                        log::warn!(
-                            "[{} {version} {}] {}; stopping its process group",
-                            self.deployments[index].spec.id,
-                            kind.as_str(),
-                            match why {
-                                Why::Timeout =>
-                                    format!("timed out after {}", crate::duration::human(timeout)),
-                                Why::Shutdown => "the shutdown grace period is over".to_string(),
-                            }
-                        );
-                        running.terminate();
-                        phase = Phase::Terminated;
-                        deadline = Instant::now() + KILL_AFTER;
-                    }
-                    Phase::Terminated => {
-                        running.kill();
-                        phase = Phase::Killed;
-                        deadline = Instant::now() + KILL_AFTER;
-                    }
-                    Phase::Killed => {
-                        return Err("did not end even after SIGKILL".to_string());
-                    }
-                },
                 Err(RecvTimeoutError::Disconnected) => return Err("lost track of the hook".into()),
             }
         }

@@ -481,12 +481,17 @@ impl Consul {
         if let Some(token) = &self.token {
             request = request.header("X-Consul-Token", token.expose());
         }
+        // Per-phase timeouts, not a global one: with a global timeout ureq
+        // resolves the address on a new thread for every request.
         let sent = match body {
             Some(body) => request.body(body.to_vec()).map(|r| {
                 let r = self
                     .agent
                     .configure_request(r)
-                    .timeout_global(Some(timeout))
+                    .timeout_send_request(Some(CALL_TIMEOUT))
+                    .timeout_send_body(Some(CALL_TIMEOUT))
+                    .timeout_recv_response(Some(timeout))
+                    .timeout_recv_body(Some(timeout))
                     .build();
                 self.agent.run(r)
             }),
@@ -494,7 +499,10 @@ impl Consul {
                 let r = self
                     .agent
                     .configure_request(r)
-                    .timeout_global(Some(timeout))
+                    .timeout_send_request(Some(CALL_TIMEOUT))
+                    .timeout_send_body(Some(CALL_TIMEOUT))
+                    .timeout_recv_response(Some(timeout))
+                    .timeout_recv_body(Some(timeout))
                     .build();
                 self.agent.run(r)
             }),

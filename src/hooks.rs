@@ -95,6 +95,7 @@ pub(crate) fn has_pipe(line: &str) -> bool {
 
 /// A started hook: the leader of its own process group.
 pub(crate) struct Running {
+    child: std::process::Child,
     pgid: Pid,
 }
 
@@ -120,6 +121,12 @@ impl Running {
         self.pgid.as_raw()
     }
 
+    /// The hook's exit status, if it has ended (reaps it). The agent calls
+    /// this when SIGCHLD arrives, so no thread waits for each hook.
+    pub(crate) fn try_wait(&mut self) -> Option<std::io::Result<ExitStatus>> {
+        self.child.try_wait().transpose()
+    }
+
     /// Asks every process of the hook to stop (SIGTERM to the group).
     pub(crate) fn terminate(&self) {
         let _ = killpg(self.pgid, Signal::SIGTERM);
@@ -131,12 +138,8 @@ impl Running {
     }
 }
 
-/// Starts a hook. `on_exit` is called from a waiter thread with the exit
-/// status of the shell once it has ended.
-pub(crate) fn spawn(
-    hook: &Hook<'_>,
-    on_exit: impl FnOnce(std::io::Result<ExitStatus>) + Send + 'static,
-) -> std::io::Result<Running> {
+/// Starts a hook; [`Running::try_wait`] tells when it has ended.
+pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
     let mut command = Command::new(hook.shell);
     // One pipe for stdout and stderr: one reader, and lines in the order
     // the hook wrote them.
@@ -155,18 +158,14 @@ pub(crate) fn spawn(
         command.env_remove(name);
     }
     command.envs(hook.env.iter().map(|(k, v)| (*k, v)));
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     drop(command); // closes our copies of the pipe's write end
     let pgid = Pid::from_raw(child.id() as i32);
     forward_lines(
         std::fs::File::from(output),
         format!("{} {}", hook.label, hook.kind.as_str()),
     );
-    std::thread::Builder::new()
-        .name("hook-wait".into())
-        .stack_size(64 * 1024)
-        .spawn(move || on_exit(child.wait()))?;
-    Ok(Running { pgid })
+    Ok(Running { child, pgid })
 }
 
 /// Sends each line a hook prints to the log, with its label.
@@ -207,8 +206,6 @@ pub(crate) fn failure(status: &std::io::Result<ExitStatus>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
-    use std::time::Duration;
 
     fn run(lines: &[&str]) -> Option<String> {
         run_with("sh", lines)
@@ -216,7 +213,6 @@ mod tests {
 
     fn run_with(shell: &str, lines: &[&str]) -> Option<String> {
         let lines: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
-        let (tx, rx) = mpsc::channel();
         let hook = Hook {
             kind: HookKind::Deploy,
             shell: Path::new(shell),
@@ -226,8 +222,8 @@ mod tests {
             label: "test v1".into(),
             pipefail: supports_pipefail(Path::new(shell)),
         };
-        spawn(&hook, move |status| tx.send(status).unwrap()).unwrap();
-        failure(&rx.recv_timeout(Duration::from_secs(20)).unwrap())
+        let mut running = spawn(&hook).unwrap();
+        failure(&running.child.wait())
     }
 
     #[test]
