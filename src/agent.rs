@@ -579,7 +579,8 @@ impl Agent {
             };
             let actions = plan(&wanted, &deployment.disk, reports);
             let reports = actions.iter().take_while(|a| is_report(a)).count();
-            let batch: Vec<Action> = actions.into_iter().take(reports.max(1)).collect();
+            // Consul takes at most 64 operations in one transaction.
+            let batch: Vec<Action> = actions.into_iter().take(reports.clamp(1, 64)).collect();
             if !batch.is_empty() {
                 self.last_served = index;
                 return Some((index, batch));
