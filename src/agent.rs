@@ -395,6 +395,9 @@ impl Agent {
                 deployment.view.current = Some(current);
             }
             (Purpose::Folder(version), Seen::Key(value)) => {
+                if value.is_none() {
+                    log::debug!("{}: the folder key is gone", deployment.label(&version));
+                }
                 deployment.view.repaired.remove(&version);
                 deployment.view.folders.insert(version, value.is_some());
             }
