@@ -359,3 +359,31 @@ fn no_rollout_stages_everywhere_and_rollout_switches_later() {
     fleet.depro(&["rollout", "v2", "-nodes=2"]).ok();
     fleet.expect_active("v2");
 }
+
+#[test]
+fn on_a_terminal_the_count_updates_in_place() {
+    let fleet = Fleet::start(2);
+    // script(1) gives the command a pseudo-terminal and records what it printed.
+    let command = format!(
+        "{} deploy v1 -nodes=2 -prefix={} -server={}",
+        support::depro_bin(),
+        fleet.prefix,
+        fleet.consul.addr()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux is needed");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\r\x1b[K2/2 active"),
+        "no in-place count: {text:?}"
+    );
+    // Node lines still get lines of their own.
+    assert!(
+        text.contains("node1: ready -> active\r\n") || text.contains("node1: ready -> active\n"),
+        "{text:?}"
+    );
+    fleet.expect_active("v1");
+}
