@@ -148,4 +148,50 @@ verify_incoming = true"#,
         anonymous.log().contains("is unreachable")
     });
     assert_eq!(consul.get(&format!("{prefix}/v1/anonymous")), None);
+
+    // The CLI over https, with the TLS settings as flags and from the environment.
+    let status = || support::depro_command(&server, &["status", &format!("-prefix={prefix}")]);
+    let out = status()
+        .arg(format!("-ca-file={}", file("consul-agent-ca.pem")))
+        .arg(format!("-client-cert={}", file("dc1-client-consul-0.pem")))
+        .arg(format!(
+            "-client-key={}",
+            file("dc1-client-consul-0-key.pem")
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("secure") && stdout.contains("active"),
+        "{stdout}"
+    );
+    let out = status()
+        .env("CONSUL_CACERT", file("consul-agent-ca.pem"))
+        .env("CONSUL_CLIENT_CERT", file("dc1-client-consul-0.pem"))
+        .env("CONSUL_CLIENT_KEY", file("dc1-client-consul-0-key.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the client certificate: exit 4, and the reason.
+    let out = status()
+        .arg(format!("-ca-file={}", file("consul-agent-ca.pem")))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
