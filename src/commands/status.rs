@@ -49,6 +49,9 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Above this many nodes, the node × version table is only printed for one version.
+const MATRIX_NODES: usize = 20;
+
 const STATES: [NodeState; 4] = [
     NodeState::Active,
     NodeState::Ready,
@@ -150,7 +153,13 @@ pub(crate) fn table(
     }
     out.push_str(&align(&rows));
     let nodes: BTreeSet<&String> = versions.iter().flat_map(|(_, i)| i.nodes.keys()).collect();
-    if !nodes.is_empty() {
+    let one_version = versions.len() == 1;
+    if nodes.len() > MATRIX_NODES && !one_version {
+        out.push_str(&format!(
+            "\n{} nodes: `depro status -prefix={prefix} VERSION` lists them for one version, -json for all\n",
+            nodes.len()
+        ));
+    } else if !nodes.is_empty() {
         out.push('\n');
         let mut rows = vec![
             std::iter::once("NODE".to_string())
@@ -251,6 +260,36 @@ node1  ready   active
 node2  failed  busy
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn large_fleets_get_the_node_table_only_for_one_version() {
+        let prefix = Prefix::parse("api/version").unwrap();
+        let mut entries = vec![
+            entry("api/version/v1/", "", 1),
+            entry("api/version/v2/", "", 2),
+        ];
+        for n in 0..25 {
+            entries.push(entry(
+                &format!("api/version/v1/node{n:02}"),
+                "ready",
+                10 + n,
+            ));
+            entries.push(entry(
+                &format!("api/version/v2/node{n:02}"),
+                "active",
+                100 + n,
+            ));
+        }
+        let tree = Tree::parse(&prefix, &entries);
+        let all = table(&prefix, &tree, &|_| true);
+        assert!(
+            all.contains("25 nodes: `depro status -prefix=api/version VERSION`"),
+            "{all}"
+        );
+        assert!(!all.contains("node07"), "{all}");
+        let one = table(&prefix, &tree, &|v| v.as_str() == "v2");
+        assert!(one.contains("node07  active"), "{one}");
     }
 
     #[test]
