@@ -182,3 +182,49 @@ fn bad_flags_are_named_with_where_to_get_help() {
     let (code, stderr) = run(&["deploy", "v1", "-nodes=many"]);
     assert_one_line_error(code, &stderr, &["-nodes", "many"]);
 }
+
+#[test]
+fn help_and_version_answer_without_consul() {
+    let out = Command::new(support::depro_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.starts_with(concat!("depro ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    if std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.git")).exists() {
+        assert!(
+            version.contains("(commit "),
+            "built from a checkout: {version}"
+        );
+    }
+    for args in [
+        &["help"][..],
+        &["help", "deploy"],
+        &["deploy", "-h"],
+        &["status", "--help"],
+    ] {
+        let out = Command::new(support::depro_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: depro"),
+            "{args:?}"
+        );
+    }
+    let deploy = Command::new(support::depro_bin())
+        .args(["help", "deploy"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&deploy.stdout);
+    assert!(
+        text.contains("-nodes=N") && text.contains("CONSUL_HTTP_TOKEN"),
+        "{text}"
+    );
+    let (code, stderr) = run(&["help", "frobnicate"]);
+    assert_one_line_error(code, &stderr, &["no help for \"frobnicate\""]);
+}

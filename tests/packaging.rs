@@ -65,7 +65,17 @@ fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
     assert!(!headers.contains("INTERP"), "{headers}");
     let size = std::fs::metadata(&binary).unwrap().len();
     assert!(size <= 2_500 * 1024, "{size} bytes");
-    assert!(run(path, &["--version"]).starts_with(&format!("depro {VERSION}")));
+    let version = run(path, &["--version"]);
+    assert!(
+        version.starts_with(&format!("depro {VERSION}")),
+        "{version}"
+    );
+    if Path::new(env!("CARGO_MANIFEST_DIR")).join(".git").exists() {
+        assert!(
+            version.contains("(commit "),
+            "built from a checkout: {version}"
+        );
+    }
 
     // A real deploy, driven by the static binary, to agents on the test Consul.
     let fleet = Fleet::start(2);
