@@ -2,13 +2,15 @@
 //!
 //! Every decision and every write happens on this loop. Other threads only
 //! wait and post events to it: watches (blocking queries), the session
-//! keeper, the signal forwarder, and a waiter per running hook. The loop:
+//! keeper, and the signal forwarder (which also reports SIGCHLD, so no
+//! thread waits for a hook); a hook's output has a reader thread. The loop:
 //!
 //! 1. takes the events that arrived (observations, a lost session, signals);
 //! 2. makes sure a session exists and the watches match what it needs to see;
 //! 3. asks [`plan`] what to do for each deployment whose view of the tree is
-//!    complete, and executes the first action of one plan (round robin
-//!    across deployments), then goes back to 1;
+//!    complete, and executes the first action of one plan (or its leading
+//!    reports, in one transaction), round robin across deployments, then
+//!    goes back to 1;
 //! 4. with nothing to do, sleeps until the next event.
 //!
 //! Running a hook happens inside the loop too: while it runs, the loop

@@ -1,8 +1,8 @@
 //! depro: a deployment manager for fleets that run Consul.
 //!
 //! `agent` runs on every host and makes it follow a KV tree; the other
-//! commands drive that tree for operators. See docs/architecture in the
-//! README for the map of modules.
+//! commands drive that tree for operators. The README's "How the code is
+//! laid out" maps the modules; docs/protocol.md is the tree's contract.
 
 mod agent;
 mod cli;

@@ -16,7 +16,7 @@ pub(crate) use status::status;
 
 use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
-use crate::consul::{Consul, ConsulError, Read};
+use crate::consul::{Consul, Read};
 use crate::error::{Error, Result};
 use crate::pacing::{Backoff, TokenBucket};
 use crate::tree::{NodeEntry, Prefix, Tree, VersionInfo};
@@ -119,7 +119,7 @@ impl Ctx {
             };
             let answer = match self.consul.list(&folder, read) {
                 Ok(answer) => answer,
-                Err(e) if transient(&e) && now < deadline => {
+                Err(e) if e.is_transient() && now < deadline => {
                     self.out
                         .line(&format!("(Consul: {}; retrying)", e.summary()));
                     std::thread::sleep(
@@ -164,10 +164,6 @@ impl Ctx {
             }
         }
     }
-}
-
-fn transient(e: &ConsulError) -> bool {
-    e.is_transient()
 }
 
 /// A version name from the command line.
