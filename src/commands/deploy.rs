@@ -246,21 +246,26 @@ fn wait_ready(
         ready: 0,
         reported: 0,
     };
-    let outcome = ctx.follow(version, deadline, |out, info: &VersionInfo| {
-        last = readiness(&info.nodes, need, retried);
-        match &last {
-            Readiness::Waiting { ready, .. } => {
-                out.count(&format!("{ready}/{need} ready"));
-                None
+    let outcome = ctx.follow(
+        version,
+        deadline,
+        "gone (its agent stopped?)",
+        |out, info: &VersionInfo| {
+            last = readiness(&info.nodes, need, retried);
+            match &last {
+                Readiness::Waiting { ready, .. } => {
+                    out.count(&format!("{ready}/{need} ready"));
+                    None
+                }
+                Readiness::Ready => {
+                    let ready = info.nodes.len();
+                    out.count(&format!("{ready}/{} ready", need.max(ready as u32)));
+                    Some(Ok(info.nodes.keys().cloned().collect()))
+                }
+                Readiness::Failed(nodes) => Some(Err(nodes.clone())),
             }
-            Readiness::Ready => {
-                let ready = info.nodes.len();
-                out.count(&format!("{ready}/{} ready", need.max(ready as u32)));
-                Some(Ok(info.nodes.keys().cloned().collect()))
-            }
-            Readiness::Failed(nodes) => Some(Err(nodes.clone())),
-        }
-    })?;
+        },
+    )?;
     match outcome {
         Some(Ok(nodes)) => Ok(nodes),
         Some(Err(failed)) => Err(Error::Refused(format!(
@@ -310,20 +315,25 @@ fn switch_and_confirm(
     }
     let mut last = Confirmation::Waiting { active: 0 };
     let total = expected.len();
-    let outcome = ctx.follow(version, deadline, |out, info| {
-        last = confirmation(&info.nodes, &expected);
-        match &last {
-            Confirmation::Waiting { active } => {
-                out.count(&format!("{active}/{total} active"));
-                None
+    let outcome = ctx.follow(
+        version,
+        deadline,
+        "gone (its agent stopped?)",
+        |out, info| {
+            last = confirmation(&info.nodes, &expected);
+            match &last {
+                Confirmation::Waiting { active } => {
+                    out.count(&format!("{active}/{total} active"));
+                    None
+                }
+                Confirmation::Confirmed => {
+                    out.count(&format!("{total}/{total} active"));
+                    Some(Ok(()))
+                }
+                Confirmation::Failed(nodes) => Some(Err(nodes.clone())),
             }
-            Confirmation::Confirmed => {
-                out.count(&format!("{total}/{total} active"));
-                Some(Ok(()))
-            }
-            Confirmation::Failed(nodes) => Some(Err(nodes.clone())),
-        }
-    })?;
+        },
+    )?;
     match outcome {
         Some(Ok(())) if already => {
             println!(

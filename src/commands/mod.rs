@@ -87,12 +87,13 @@ impl Ctx {
     }
 
     /// Follows one version's keys with blocking queries, printing every
-    /// node's state change, until `decide` returns a value or `deadline`
-    /// passes (`Ok(None)`).
+    /// node's state change (and `gone` for a node whose key disappeared),
+    /// until `decide` returns a value or `deadline` passes (`Ok(None)`).
     pub(crate) fn follow<T>(
         &mut self,
         version: &VersionName,
         deadline: Instant,
+        gone: &str,
         mut decide: impl FnMut(&mut Progress, &VersionInfo) -> Option<T>,
     ) -> Result<Option<T>> {
         let mut index = 0;
@@ -149,7 +150,7 @@ impl Ctx {
                 }
             }
             for node in seen.keys().filter(|n| !info.nodes.contains_key(*n)) {
-                self.out.line(&format!("{node}: gone"));
+                self.out.line(&format!("{node}: {gone}"));
             }
             seen = info.nodes.clone();
             let outcome = match decide(&mut self.out, &info) {

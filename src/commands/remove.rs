@@ -51,7 +51,7 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     }
     for version in &versions {
         let mut left = 0;
-        let purged = ctx.follow(version, deadline, |out, info| {
+        let purged = ctx.follow(version, deadline, "cleaned", |out, info| {
             left = info.nodes.len();
             if left == 0 {
                 Some(())
