@@ -481,31 +481,9 @@ impl Consul {
         if let Some(token) = &self.token {
             request = request.header("X-Consul-Token", token.expose());
         }
-        // Per-phase timeouts, not a global one: with a global timeout ureq
-        // resolves the address on a new thread for every request.
         let sent = match body {
-            Some(body) => request.body(body.to_vec()).map(|r| {
-                let r = self
-                    .agent
-                    .configure_request(r)
-                    .timeout_send_request(Some(CALL_TIMEOUT))
-                    .timeout_send_body(Some(CALL_TIMEOUT))
-                    .timeout_recv_response(Some(timeout))
-                    .timeout_recv_body(Some(timeout))
-                    .build();
-                self.agent.run(r)
-            }),
-            None => request.body(()).map(|r| {
-                let r = self
-                    .agent
-                    .configure_request(r)
-                    .timeout_send_request(Some(CALL_TIMEOUT))
-                    .timeout_send_body(Some(CALL_TIMEOUT))
-                    .timeout_recv_response(Some(timeout))
-                    .timeout_recv_body(Some(timeout))
-                    .build();
-                self.agent.run(r)
-            }),
+            Some(body) => request.body(body.to_vec()).map(|r| self.run(r, timeout)),
+            None => request.body(()).map(|r| self.run(r, timeout)),
         };
         let mut response = sent
             .map_err(|e| self.bad(doing(), e.to_string()))?
@@ -523,6 +501,24 @@ impl Consul {
             .read_to_vec()
             .map_err(unreachable)?;
         Ok((status, index, answer))
+    }
+
+    /// Sends a request with per-phase timeouts. Not a global timeout: with
+    /// one, ureq resolves the address on a new thread for every request.
+    fn run<B: ureq::AsSendBody>(
+        &self,
+        request: ureq::http::Request<B>,
+        timeout: Duration,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_send_request(Some(CALL_TIMEOUT))
+            .timeout_send_body(Some(CALL_TIMEOUT))
+            .timeout_recv_response(Some(timeout))
+            .timeout_recv_body(Some(timeout))
+            .build();
+        self.agent.run(request)
     }
 
     fn status_error(&self, doing: String, status: u16, body: &[u8]) -> ConsulError {

@@ -760,7 +760,7 @@ pub struct Output {
 }
 
 impl Output {
-    fn from(out: std::process::Output) -> Output {
+    pub fn of(out: std::process::Output) -> Output {
         Output {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -803,7 +803,7 @@ pub fn depro_command(server: &str, args: &[&str]) -> Command {
 impl Fleet<'_> {
     /// Runs `depro <args> -prefix=<this fleet's prefix>` to its end.
     pub fn depro(&self, args: &[&str]) -> Output {
-        Output::from(self.depro_command(args).output().unwrap())
+        Output::of(self.depro_command(args).output().unwrap())
     }
 
     pub fn depro_command(&self, args: &[&str]) -> Command {
@@ -820,5 +820,5 @@ impl Fleet<'_> {
 
 /// Collects a spawned command's output.
 pub fn finish(child: Child) -> Output {
-    Output::from(child.wait_with_output().unwrap())
+    Output::of(child.wait_with_output().unwrap())
 }
