@@ -20,7 +20,7 @@ die() { echo "packaging/build.sh: $*" >&2; exit 1; }
 step() { echo "==> $*" >&2; }
 
 # ---- tools
-debs=(rustc-web cargo-web rust-web-src musl-tools libunwind-16-dev rpm file)
+debs=(rustc-web cargo-web rust-web-src musl-tools libunwind-16-dev gcc binutils rpm file)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

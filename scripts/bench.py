@@ -166,25 +166,25 @@ def registered(consul, name_prefix):
     return sum(1 for s in sessions if s.get("Name", "").startswith(name_prefix))
 
 
-def proc_split(pid):
-    """(user, system) CPU seconds of a process itself."""
+def proc_stat(pid):
+    """(user, system, children's user, children's system) CPU seconds of a process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0, 0.0
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
+        return 0.0, 0.0, 0.0, 0.0
+    return tuple(int(x) / TICK for x in fields[11:15])
+
+
+def proc_split(pid):
+    """(user, system) CPU seconds of a process itself."""
+    return proc_stat(pid)[:2]
 
 
 def proc_times(pid):
     """(own CPU seconds, reaped children's CPU seconds) of a process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / TICK, (cutime + cstime) / TICK
+    utime, stime, cutime, cstime = proc_stat(pid)
+    return utime + stime, cutime + cstime
 
 
 def rss_kib(pid):
