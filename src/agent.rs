@@ -655,7 +655,10 @@ impl Agent {
                 _ => TxnOp::Delete { key },
             })
             .collect();
-        if !self.consul.txn(&ops)? {
+        if !matches!(
+            self.consul.txn(&ops)?,
+            crate::consul::TxnOutcome::Committed(_)
+        ) {
             return Err(Failure::Other(format!(
                 "Consul refused to let this node write {keys:?}: another session holds one of them. \
                  Is another agent named {name:?} running? Give each agent its own -name"

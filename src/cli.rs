@@ -304,6 +304,17 @@ fn duration(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<Du
     crate::duration::parse(&text).map_err(|why| Error::Usage(format!("-{name}: {why}")))
 }
 
+/// `-timeout`: a duration longer than zero.
+fn timeout(parser: &mut lexopt::Parser, command: &str) -> Result<Duration, Error> {
+    let value = duration(parser, "timeout", command)?;
+    if value.is_zero() {
+        return Err(Error::Usage(format!(
+            "-timeout must be longer than 0s (e.g. -timeout=10m); run `depro help {command}`"
+        )));
+    }
+    Ok(value)
+}
+
 fn unexpected(arg: &Arg, command: &str) -> Error {
     match arg {
         Arg::Value(v) => Error::Usage(format!(
@@ -361,8 +372,16 @@ fn switch_flag(
     command: &str,
 ) -> Result<bool, Error> {
     match arg.key() {
-        Key::Long("nodes") => flags.nodes = number(parser, "nodes", command)?,
-        Key::Long("timeout") => flags.timeout = duration(parser, "timeout", command)?,
+        Key::Long("nodes") => {
+            flags.nodes = number(parser, "nodes", command)?;
+            if flags.nodes == 0 {
+                return Err(Error::Usage(format!(
+                    "-nodes=0: at least 1 node must have the version before current moves; \
+                     run `depro help {command}`"
+                )));
+            }
+        }
+        Key::Long("timeout") => flags.timeout = timeout(parser, command)?,
         Key::Long("rollback-on-failure") => {
             flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
         }
@@ -457,7 +476,7 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("wait") => wait = boolean(parser, "wait", command)?,
-            Key::Long("timeout") => timeout = duration(parser, "timeout", command)?,
+            Key::Long("timeout") => timeout = self::timeout(parser, command)?,
             Key::Value(v) => versions.push(v.to_string()),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -623,6 +642,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("-timeout") && err.contains("no unit"), "{err}");
+        let err = parse_str(&["deploy", "v1", "-nodes=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("-nodes=0") && err.contains("at least 1"),
+            "{err}"
+        );
+        for command in ["deploy", "rollout", "remove"] {
+            let err = parse_str(&[command, "v1", "-timeout=0s"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("longer than 0s"), "{command}: {err}");
+        }
         let err = parse_str(&["frobnicate"]).unwrap_err().to_string();
         assert!(err.contains("unknown command"), "{err}");
         let err = parse_str(&["deploy", "-prefix=x"]).unwrap_err().to_string();

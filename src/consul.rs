@@ -176,7 +176,8 @@ pub(crate) struct KvEntry {
 /// One operation of a transaction (`/v1/txn`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum TxnOp<'a> {
-    /// Set `key` only if its ModifyIndex is `index` (0: only if absent).
+    /// Set `key` only if its ModifyIndex is `index` (0: only if absent; an
+    /// index on a missing key fails, so this never re-creates a key).
     Cas {
         key: &'a str,
         value: &'a [u8],
@@ -184,8 +185,6 @@ pub(crate) enum TxnOp<'a> {
     },
     /// Delete `key` only if its ModifyIndex is `index`.
     DeleteCas { key: &'a str, index: u64 },
-    /// Set `key` unconditionally.
-    Set { key: &'a str, value: &'a [u8] },
     /// Set `key` and hold it with `session` (fails if another session holds it).
     Lock {
         key: &'a str,
@@ -194,6 +193,135 @@ pub(crate) enum TxnOp<'a> {
     },
     /// Delete `key` unconditionally.
     Delete { key: &'a str },
+    /// Read `key`; the transaction fails if it does not exist. In a write,
+    /// a check that the key still exists.
+    #[allow(dead_code)] // the agent's checks use it (next change)
+    Get { key: &'a str },
+    /// The transaction fails unless `key` exists with this ModifyIndex.
+    #[allow(dead_code)] // the agent's checks use it (next change)
+    CheckIndex { key: &'a str, index: u64 },
+}
+
+impl TxnOp<'_> {
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            TxnOp::Cas { key, .. }
+            | TxnOp::DeleteCas { key, .. }
+            | TxnOp::Lock { key, .. }
+            | TxnOp::Delete { key }
+            | TxnOp::Get { key }
+            | TxnOp::CheckIndex { key, .. } => key,
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        let kv = match self {
+            TxnOp::Cas { key, value, index } => serde_json::json!({
+                "Verb": "cas", "Key": key, "Value": base64_encode(value), "Index": index}),
+            TxnOp::DeleteCas { key, index } => {
+                serde_json::json!({"Verb": "delete-cas", "Key": key, "Index": index})
+            }
+            TxnOp::Lock {
+                key,
+                value,
+                session,
+            } => serde_json::json!({
+                "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session}),
+            TxnOp::Delete { key } => serde_json::json!({"Verb": "delete", "Key": key}),
+            TxnOp::Get { key } => serde_json::json!({"Verb": "get", "Key": key}),
+            TxnOp::CheckIndex { key, index } => {
+                serde_json::json!({"Verb": "check-index", "Key": key, "Index": index})
+            }
+        };
+        serde_json::json!({ "KV": kv })
+    }
+}
+
+/// How a transaction ended, when Consul answered it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TxnOutcome {
+    /// Every operation applied. The entries Consul returned: one per
+    /// operation that has one (writes without their values, reads with).
+    Committed(Vec<KvEntry>),
+    /// Nothing was written; why each failing operation failed.
+    Rejected(Vec<TxnFailure>),
+}
+
+impl TxnOutcome {
+    /// The ModifyIndex a committed transaction left on `key`.
+    pub(crate) fn index_of(&self, key: &str) -> Option<u64> {
+        match self {
+            TxnOutcome::Committed(entries) => entries
+                .iter()
+                .find(|e| e.key == key)
+                .map(|e| e.modify_index),
+            TxnOutcome::Rejected(_) => None,
+        }
+    }
+
+    /// The failure of the operation at `op`, if it failed.
+    pub(crate) fn failure_of(&self, op: usize) -> Option<&TxnFailure> {
+        match self {
+            TxnOutcome::Committed(_) => None,
+            TxnOutcome::Rejected(failures) => failures.iter().find(|f| f.op == op),
+        }
+    }
+}
+
+/// Why one operation of a rejected transaction failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TxnFailure {
+    /// The position of the operation in the transaction.
+    pub op: usize,
+    pub conflict: Conflict,
+    /// Consul's words.
+    pub what: String,
+}
+
+/// The reasons a transaction operation fails, as Consul words them. A 409
+/// is not always a lost race: callers must tell these apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Conflict {
+    /// A check-and-set, delete-cas or check-index found another index.
+    Stale,
+    /// The key does not exist (a `get` or `check-index`).
+    Missing,
+    /// Another session holds the lock.
+    LockHeld,
+    /// The key was held by a session that was invalidated moments ago.
+    LockDelay,
+    /// The session does not exist (expired, destroyed, Consul lost it).
+    InvalidSession,
+    /// The ACL token may not do this.
+    Denied,
+    Other,
+}
+
+impl Conflict {
+    fn classify(what: &str) -> Conflict {
+        if what.contains("Permission denied") {
+            Conflict::Denied
+        } else if what.contains("due to lock delay") {
+            Conflict::LockDelay
+        } else if what.contains("lock is already held") {
+            Conflict::LockHeld
+        } else if what.contains("invalid session") {
+            Conflict::InvalidSession
+        } else if what.contains("doesn't exist") {
+            Conflict::Missing
+        } else if what.contains("index is stale") || what.contains("failed index check") {
+            Conflict::Stale
+        } else {
+            Conflict::Other
+        }
+    }
+}
+
+/// A session as `session/info` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SessionInfo {
+    pub id: String,
+    pub name: String,
 }
 
 /// A connection to one Consul agent.
@@ -204,6 +332,9 @@ pub(crate) struct Consul {
     datacenter: Option<String>,
     requests: AtomicU64,
 }
+
+/// Consul takes at most this many operations in one transaction.
+pub(crate) const MAX_TXN_OPS: usize = 64;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -258,6 +389,20 @@ impl Consul {
         })
     }
 
+    /// Reads every key whose name starts with `text`, values included. Unlike
+    /// [`Consul::list`], `text` need not end in `/`: it also matches longer
+    /// names, which the caller must filter out.
+    pub(crate) fn list_starting_with(
+        &self,
+        text: &str,
+        read: Read,
+    ) -> Result<Answer<Vec<KvEntry>>> {
+        let doing = || format!("listing {text:?}");
+        self.read_kv(text, "recurse", read, &doing, |body| {
+            body.map_or(Ok(Vec::new()), |body| parse_entries(&body))
+        })
+    }
+
     /// Lists the key names under `prefix` one level deep (`?keys&separator=/`);
     /// `None` if nothing exists under it.
     pub(crate) fn keys(&self, prefix: &str, read: Read) -> Result<Answer<Option<Vec<String>>>> {
@@ -305,44 +450,69 @@ impl Consul {
         parse_verdict(&body).map_err(|why| self.bad(doing(), why))
     }
 
-    /// Runs operations atomically. `Ok(false)` when a check-and-set or a
-    /// lock failed and nothing was written.
-    pub(crate) fn txn(&self, ops: &[TxnOp<'_>]) -> Result<bool> {
+    /// Runs operations atomically, through the leader. A rejected
+    /// transaction is an answer, not an error: see [`TxnOutcome`]. At most
+    /// [`MAX_TXN_OPS`] operations.
+    pub(crate) fn txn(&self, ops: &[TxnOp<'_>]) -> Result<TxnOutcome> {
+        self.run_txn(ops, false)
+    }
+
+    /// Runs read-only operations (`Get`, `CheckIndex`) in one request that
+    /// any server may answer (`?stale`): no raft write, no leader.
+    #[allow(dead_code)] // the agent's watches use it (next change)
+    pub(crate) fn read_txn(&self, ops: &[TxnOp<'_>]) -> Result<TxnOutcome> {
+        debug_assert!(
+            ops.iter()
+                .all(|op| matches!(op, TxnOp::Get { .. } | TxnOp::CheckIndex { .. }))
+        );
+        self.run_txn(ops, true)
+    }
+
+    fn run_txn(&self, ops: &[TxnOp<'_>], stale: bool) -> Result<TxnOutcome> {
+        debug_assert!(ops.len() <= MAX_TXN_OPS);
         let doing = || {
-            let keys: Vec<&str> = ops
-                .iter()
-                .map(|op| match op {
-                    TxnOp::Cas { key, .. }
-                    | TxnOp::DeleteCas { key, .. }
-                    | TxnOp::Set { key, .. }
-                    | TxnOp::Lock { key, .. }
-                    | TxnOp::Delete { key } => *key,
-                })
-                .collect();
-            format!("writing {keys:?} in one transaction")
+            let keys: Vec<&str> = ops.iter().map(TxnOp::key).collect();
+            if stale {
+                format!("reading {keys:?} in one transaction")
+            } else {
+                format!("writing {keys:?} in one transaction")
+            }
         };
-        let body: Vec<serde_json::Value> = ops
-            .iter()
-            .map(|op| match op {
-                TxnOp::Cas { key, value, index } => serde_json::json!({"KV": {
-                    "Verb": "cas", "Key": key, "Value": base64_encode(value), "Index": index}}),
-                TxnOp::DeleteCas { key, index } => serde_json::json!({"KV": {
-                    "Verb": "delete-cas", "Key": key, "Index": index}}),
-                TxnOp::Set { key, value } => serde_json::json!({"KV": {
-                    "Verb": "set", "Key": key, "Value": base64_encode(value)}}),
-                TxnOp::Lock { key, value, session } => serde_json::json!({"KV": {
-                    "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session}}),
-                TxnOp::Delete { key } => serde_json::json!({"KV": {"Verb": "delete", "Key": key}}),
-            })
-            .collect();
-        let url = self.url("txn", "");
+        let body: Vec<serde_json::Value> = ops.iter().map(|op| op.to_json()).collect();
+        let url = self.url("txn", if stale { "stale" } else { "" });
         let payload = serde_json::to_vec(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
         let (status, _, answer) = self.send("PUT", &url, Some(&payload), CALL_TIMEOUT, &doing)?;
-        match status {
-            200 => Ok(true),
-            409 => Ok(false),
-            _ => Err(self.status_error(doing(), status, &answer)),
+        if status != 200 && status != 409 {
+            return Err(self.status_error(doing(), status, &answer));
         }
+        parse_txn_answer(&answer).map_err(|why| self.bad(doing(), why))
+    }
+
+    /// What Consul knows of a session; `None` if it does not exist.
+    pub(crate) fn session_info(&self, id: &str) -> Result<Option<SessionInfo>> {
+        let doing = || format!("reading session {id}");
+        let url = self.url(&format!("session/info/{}", encode_path(id)), "");
+        let (status, _, body) = self.send("GET", &url, None, CALL_TIMEOUT, &doing)?;
+        if status != 200 {
+            return Err(self.status_error(doing(), status, &body));
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(rename = "ID")]
+            id: String,
+            #[serde(rename = "Name", default)]
+            name: String,
+        }
+        let sessions: Option<Vec<Raw>> =
+            serde_json::from_slice(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
+        Ok(sessions
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .map(|r| SessionInfo {
+                id: r.id,
+                name: r.name,
+            }))
     }
 
     /// Creates a session with behavior `delete`, lock-delay 0 and this TTL.
@@ -536,6 +706,21 @@ impl Consul {
         }
     }
 
+    /// An answer that is a denial of `doing` (a rejected operation of a
+    /// transaction): exit 4, like any other denial.
+    pub(crate) fn denied(&self, doing: String, why: String) -> ConsulError {
+        ConsulError {
+            server: self.base.clone(),
+            doing,
+            kind: ConsulErrorKind::Denied(why),
+        }
+    }
+
+    /// An answer depro cannot make sense of while `doing`.
+    pub(crate) fn unexpected(&self, doing: String, why: String) -> ConsulError {
+        self.bad(doing, why)
+    }
+
     fn bad(&self, doing: String, why: String) -> ConsulError {
         ConsulError {
             server: self.base.clone(),
@@ -670,6 +855,50 @@ fn parse_verdict(body: &[u8]) -> std::result::Result<bool, String> {
     }
 }
 
+/// A transaction's answer: `Results` when it committed, `Errors` when not.
+fn parse_txn_answer(body: &[u8]) -> std::result::Result<TxnOutcome, String> {
+    #[derive(Deserialize)]
+    struct RawResult {
+        #[serde(rename = "KV")]
+        kv: Option<RawEntry>,
+    }
+    #[derive(Deserialize)]
+    struct RawError {
+        #[serde(rename = "OpIndex")]
+        op: usize,
+        #[serde(rename = "What")]
+        what: String,
+    }
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(rename = "Results")]
+        results: Option<Vec<RawResult>>,
+        #[serde(rename = "Errors")]
+        errors: Option<Vec<RawError>>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    match raw.errors {
+        Some(errors) if !errors.is_empty() => Ok(TxnOutcome::Rejected(
+            errors
+                .into_iter()
+                .map(|e| TxnFailure {
+                    op: e.op,
+                    conflict: Conflict::classify(&e.what),
+                    what: e.what,
+                })
+                .collect(),
+        )),
+        _ => Ok(TxnOutcome::Committed(
+            raw.results
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.kv)
+                .map(entry_from_raw)
+                .collect::<std::result::Result<_, _>>()?,
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 struct RawEntry {
     #[serde(rename = "Key")]
@@ -686,22 +915,23 @@ struct RawEntry {
 
 fn parse_entries(body: &[u8]) -> std::result::Result<Vec<KvEntry>, String> {
     let raw: Vec<RawEntry> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    raw.into_iter()
-        .map(|r| {
-            let value = match r.value {
-                None => Vec::new(),
-                Some(text) => base64_decode(&text)
-                    .ok_or_else(|| format!("the value of {:?} is not base64", r.key))?,
-            };
-            Ok(KvEntry {
-                key: r.key,
-                value,
-                session: r.session.filter(|s| !s.is_empty()),
-                create_index: r.create_index,
-                modify_index: r.modify_index,
-            })
-        })
-        .collect()
+    raw.into_iter().map(entry_from_raw).collect()
+}
+
+fn entry_from_raw(r: RawEntry) -> std::result::Result<KvEntry, String> {
+    let value = match r.value {
+        None => Vec::new(),
+        Some(text) => {
+            base64_decode(&text).ok_or_else(|| format!("the value of {:?} is not base64", r.key))?
+        }
+    };
+    Ok(KvEntry {
+        key: r.key,
+        value,
+        session: r.session.filter(|s| !s.is_empty()),
+        create_index: r.create_index,
+        modify_index: r.modify_index,
+    })
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -826,6 +1056,45 @@ mod tests {
     fn encodes_only_what_must_be() {
         assert_eq!(encode_path("api/version/v1.0+b"), "api/version/v1.0%2Bb");
         assert_eq!(encode_path("a b?&"), "a%20b%3F%26");
+    }
+
+    #[test]
+    fn a_rejected_transaction_says_why_each_operation_failed() {
+        let body = br#"{"Results":null,"Errors":[
+            {"OpIndex":0,"What":"failed to set key \"p/current\", index is stale"},
+            {"OpIndex":1,"What":"key \"p/v1/\" doesn't exist"},
+            {"OpIndex":2,"What":"Permission denied"},
+            {"OpIndex":3,"What":"failed to lock key \"p/v1/n1\", lock is already held"},
+            {"OpIndex":4,"What":"failed to lock key \"p/v1/n1\" due to lock delay"},
+            {"OpIndex":5,"What":"invalid session \"abc\""},
+            {"OpIndex":6,"What":"failed index check for key \"p/current\", current modify index 9 != 8"}],
+            "Index":0}"#;
+        let outcome = parse_txn_answer(body).unwrap();
+        let conflicts: Vec<Conflict> = (0..7)
+            .map(|op| outcome.failure_of(op).unwrap().conflict)
+            .collect();
+        assert_eq!(
+            conflicts,
+            [
+                Conflict::Stale,
+                Conflict::Missing,
+                Conflict::Denied,
+                Conflict::LockHeld,
+                Conflict::LockDelay,
+                Conflict::InvalidSession,
+                Conflict::Stale
+            ]
+        );
+    }
+
+    #[test]
+    fn a_committed_transaction_gives_the_new_indexes() {
+        let body = br#"{"Results":[{"KV":{"LockIndex":0,"Key":"p/current","Flags":0,"Value":null,"CreateIndex":3,"ModifyIndex":12}},
+            {"KV":{"LockIndex":0,"Key":"p/v2/","Flags":0,"Value":null,"CreateIndex":5,"ModifyIndex":12}}],"Errors":null}"#;
+        let outcome = parse_txn_answer(body).unwrap();
+        assert_eq!(outcome.index_of("p/current"), Some(12));
+        assert_eq!(outcome.index_of("p/v2/"), Some(12));
+        assert_eq!(outcome.index_of("p/v3/"), None);
     }
 
     #[test]

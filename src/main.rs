@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod config;
 mod consul;
+mod cursor;
 mod duration;
 mod error;
 mod help;

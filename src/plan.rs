@@ -98,14 +98,23 @@ pub(crate) enum Action {
 }
 
 /// The state this node should report for a version it has on disk.
-pub(crate) fn report_for(version: &VersionName, local: LocalVersion, disk: &OnDisk) -> NodeState {
+/// `switching`: a rollout is about to run, or one ran and did not finish
+/// successfully. Then no version is `active` here: the live one is only
+/// `ready`, so that nobody reads a node whose rollout hook has yet to run
+/// (again) as running a version.
+pub(crate) fn report_for(
+    version: &VersionName,
+    local: LocalVersion,
+    disk: &OnDisk,
+    switching: bool,
+) -> NodeState {
     match local {
         LocalVersion::Deploying => NodeState::Busy,
         LocalVersion::DeployFailed => NodeState::Failed,
         LocalVersion::Ready => {
             if disk.rollout_failed.contains(version) {
                 NodeState::Failed
-            } else if disk.live.as_ref() == Some(version) {
+            } else if disk.live.as_ref() == Some(version) && !switching {
                 NodeState::Active
             } else {
                 NodeState::Ready
@@ -114,18 +123,34 @@ pub(crate) fn report_for(version: &VersionName, local: LocalVersion, disk: &OnDi
     }
 }
 
+/// The rollout `current` needs here, if any: only once its deploy
+/// succeeded, never one that failed here, and not when it is live already.
+fn rollout_of_current(wanted: &Wanted, disk: &OnDisk) -> Option<Action> {
+    let current = wanted.current.as_ref()?;
+    let ready = disk.versions.get(current) == Some(&LocalVersion::Ready);
+    let settled = disk.rollout.is_none();
+    let already_live = disk.live.as_ref() == Some(current) && settled;
+    let failed_here = disk.rollout_failed.contains(current);
+    (ready && !already_live && !failed_here).then(|| Action::Rollout {
+        to: current.clone(),
+        from: disk.live.clone(),
+    })
+}
+
 /// Decides what to do next; see the module documentation for the order.
 pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
+    let rollout = rollout_of_current(wanted, disk);
+    let switching = rollout.is_some() || disk.rollout.is_some();
 
     // 1. Reports and repair.
     if let Reports::Online(reported) = reports {
         let desired: BTreeMap<&VersionName, NodeState> = disk
             .versions
             .iter()
-            .map(|(v, local)| (v, report_for(v, *local, disk)))
+            .map(|(v, local)| (v, report_for(v, *local, disk, switching)))
             .collect();
-        // The new `active` first, so readers never see a node with none.
+        // A new `active` goes first in its batch (one transaction anyway).
         let mut changed: Vec<(&VersionName, NodeState)> = desired
             .iter()
             .filter(|(v, state)| reported.get(**v) != Some(*state))
@@ -171,18 +196,7 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
     }
 
     // 3. Rollout of `current`.
-    if let Some(current) = &wanted.current {
-        let ready = disk.versions.get(current) == Some(&LocalVersion::Ready);
-        let settled = disk.rollout.is_none();
-        let already_live = disk.live.as_ref() == Some(current) && settled;
-        let failed_here = disk.rollout_failed.contains(current);
-        if ready && !already_live && !failed_here {
-            actions.push(Action::Rollout {
-                to: current.clone(),
-                from: disk.live.clone(),
-            });
-        }
-    }
+    actions.extend(rollout);
 
     // 4. Cleaning.
     for version in disk.versions.keys() {
@@ -318,7 +332,11 @@ mod tests {
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
         assert_eq!(
             plan(&want, &have, Reports::Online(&now)),
-            [Action::Report(v("v2"), NodeState::Failed)]
+            [
+                Action::Report(v("v1"), NodeState::Ready),
+                Action::Report(v("v2"), NodeState::Failed)
+            ],
+            "v1 is no longer active: the failed hook may have half-switched"
         );
         // Rolled back: v1 is rolled out again (the failed hook may have left
         // things half-switched), and v2 is kept until that has happened.
@@ -330,11 +348,42 @@ mod tests {
                 from: Some(v("v1"))
             }]
         );
-        // Even once v1 is live again, v2 stays failed until an operator retries.
+        // While v1's rollout is pending, v1 is only ready...
+        let now = reported(&[("v1", NodeState::Ready), ("v2", NodeState::Failed)]);
+        assert_eq!(
+            plan(&back, &have, Reports::Online(&now)),
+            [Action::Rollout {
+                to: v("v1"),
+                from: Some(v("v1"))
+            }]
+        );
+        // ...and active again once its hook ran. v2 stays failed until an
+        // operator retries.
         have.rollout = None;
         let back = wanted(&["v1", "v2"], Some("v1"));
+        assert_eq!(
+            plan(&back, &have, Reports::Online(&now)),
+            [Action::Report(v("v1"), NodeState::Active)]
+        );
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Failed)]);
         assert_eq!(plan(&back, &have, Reports::Online(&now)), []);
+    }
+
+    #[test]
+    fn before_a_rollout_runs_the_live_version_is_reported_ready_not_active() {
+        let want = wanted(&["v1", "v2"], Some("v2"));
+        let have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
+        let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [
+                Action::Report(v("v1"), NodeState::Ready),
+                Action::Rollout {
+                    to: v("v2"),
+                    from: Some(v("v1"))
+                }
+            ]
+        );
     }
 
     #[test]
@@ -385,7 +434,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_active_is_reported_before_the_old_one_goes_back_to_ready() {
+    fn a_new_active_is_reported_first_in_its_batch() {
         let want = wanted(&["a", "b"], Some("b"));
         let have = disk(&[("a", Ready), ("b", Ready)], Some("b"));
         let now = reported(&[("a", NodeState::Active), ("b", NodeState::Ready)]);
@@ -575,7 +624,7 @@ mod tests {
             for (version, local) in &have.versions {
                 assert_eq!(
                     reports.get(version),
-                    Some(&report_for(version, *local, &have))
+                    Some(&report_for(version, *local, &have, have.rollout.is_some()))
                 );
             }
         }

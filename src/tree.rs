@@ -19,6 +19,23 @@ use serde::{Deserialize, Serialize};
 use crate::consul::KvEntry;
 use crate::version_name::VersionName;
 
+/// A value read from the tree, as it may be shown on a terminal or in a
+/// log line: control characters escaped and at most [`SHOWN_MAX`]
+/// characters (with the full length said when cut). Values from Consul are
+/// untrusted: one could be half a megabyte, or carry terminal escapes.
+pub(crate) fn shown(text: &str) -> String {
+    let escaped: String = text.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() <= SHOWN_MAX {
+        escaped
+    } else {
+        let cut: String = escaped.chars().take(SHOWN_MAX).collect();
+        format!("{cut}… ({} bytes)", text.len())
+    }
+}
+
+/// How many characters of an untrusted value [`shown`] keeps.
+pub(crate) const SHOWN_MAX: usize = 80;
+
 /// A deployment's key prefix, normalised to end in exactly one `/` (Consul
 /// matches prefixes as plain strings, so `api/version` would also match
 /// `api/versions/…`).
@@ -215,11 +232,24 @@ pub(crate) struct CurrentKey {
     pub modify_index: u64,
 }
 
+impl CurrentKey {
+    pub(crate) fn from_entry(entry: &KvEntry) -> CurrentKey {
+        let value = String::from_utf8_lossy(&entry.value).trim().to_string();
+        CurrentKey {
+            version: VersionName::parse(&value).ok(),
+            value,
+            modify_index: entry.modify_index,
+        }
+    }
+}
+
 /// One node's key for a version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NodeEntry {
     pub state: NodeState,
     pub modify_index: u64,
+    /// The agent's session that holds the key.
+    pub session: String,
 }
 
 /// One version in the tree.
@@ -257,12 +287,7 @@ impl Tree {
                 continue;
             }
             if rest == "current" {
-                let value = String::from_utf8_lossy(&entry.value).trim().to_string();
-                tree.current = Some(CurrentKey {
-                    version: VersionName::parse(&value).ok(),
-                    value,
-                    modify_index: entry.modify_index,
-                });
+                tree.current = Some(CurrentKey::from_entry(entry));
                 continue;
             }
             let (name, node) = match rest.split_once('/') {
@@ -285,12 +310,13 @@ impl Tree {
                 Some(node) => {
                     let state = NodeState::parse(entry.value.trim_ascii());
                     match (check_node_name(node), state, &entry.session) {
-                        (Ok(()), Some(state), Some(_)) => {
+                        (Ok(()), Some(state), Some(session)) => {
                             info.nodes.insert(
                                 node.to_string(),
                                 NodeEntry {
                                     state,
                                     modify_index: entry.modify_index,
+                                    session: session.clone(),
                                 },
                             );
                         }
@@ -391,6 +417,16 @@ mod tests {
         for bad in ["", "/", "api//version", "api/../x", "api version", "api?x"] {
             assert!(Prefix::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn untrusted_values_are_shown_escaped_and_bounded() {
+        assert_eq!(shown("v1"), "v1");
+        assert_eq!(shown("a\x1b[31mb\n"), "a\\u{1b}[31mb\\n");
+        let huge = "x".repeat(511 * 1024);
+        let text = shown(&huge);
+        assert!(text.len() < 120, "{}", text.len());
+        assert!(text.ends_with(&format!("({} bytes)", huge.len())), "{text}");
     }
 
     #[test]

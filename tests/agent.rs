@@ -33,7 +33,8 @@ fn a_fresh_deploy_reaches_every_agent_and_current_goes_live() {
             log[0].starts_with("deploy v1 ") && log[0].ends_with("/api/v1"),
             "{log:?}"
         );
-        assert_eq!(log[1], "rollout v1 from=");
+        assert_eq!(log[1], "deployed v1");
+        assert_eq!(log[2], "rollout v1 from=");
         // The hook environment.
         let env = std::fs::read_to_string(agent.dir.join("env-deploy-v1")).unwrap();
         let path = agent.deployment_path("api");

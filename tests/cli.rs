@@ -126,7 +126,7 @@ fn of_two_racing_deploys_exactly_one_wins_and_the_other_exits_5() {
         5,
         &[
             &format!("was changed to {winner} by "),
-            &format!("{loser} is ready but not current"),
+            &format!("{loser} is not current"),
         ],
     );
     assert_eq!(fleet.current().as_deref(), Some(winner));

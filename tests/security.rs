@@ -26,8 +26,16 @@ fn token_for(consul: &Consul, prefix: &str) -> String {
     let rules = format!(
         "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nsession_prefix \"\" {{ policy = \"write\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
     );
-    let policy =
-        serde_json::json!({"Name": format!("depro-{}", prefix.replace('/', "-")), "Rules": rules});
+    token_with(
+        consul,
+        &format!("depro-{}", prefix.replace('/', "-")),
+        &rules,
+    )
+}
+
+/// Creates a token with a policy of these rules.
+fn token_with(consul: &Consul, name: &str, rules: &str) -> String {
+    let policy = serde_json::json!({"Name": name, "Rules": rules});
     consul.call("PUT", "acl/policy", Some(policy.to_string().as_bytes()));
     let body = serde_json::json!({"Policies": [{"Name": policy["Name"]}]});
     let created: serde_json::Value =
@@ -89,6 +97,38 @@ fn with_acls_a_good_token_works_and_a_bad_one_is_reported_without_showing_it() {
     };
     wait_for("several retries", || denials("DEBUG") >= 3);
     assert_eq!(denials("WARN"), 1, "{}", bad.log());
+}
+
+#[test]
+fn a_switch_the_acl_denies_is_reported_as_a_denial_with_exit_4_not_as_a_lost_race() {
+    let consul = acl_consul();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("acl-switch");
+    let mut agent = Agent::new(root.path(), "node1", &consul.addr(), &prefix);
+    agent
+        .env
+        .push(("CONSUL_HTTP_TOKEN".into(), token_for(&consul, &prefix)));
+    agent.start();
+    // This operator may add versions but not move current.
+    let operator = token_with(
+        &consul,
+        "no-switch",
+        &format!(
+            "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nkey \"{prefix}/current\" {{ policy = \"read\" }}"
+        ),
+    );
+    let out = support::depro_command(&consul.addr(), &["deploy", "v1", "-timeout=30s"])
+        .arg(format!("-prefix={prefix}"))
+        .env("CONSUL_HTTP_TOKEN", &operator)
+        .output()
+        .unwrap();
+    let out = support::Output::of(out);
+    out.fails(4, &["denied", "current", "ACL"]);
+    assert!(
+        !out.stderr.contains(&operator),
+        "the token leaked: {out:#?}"
+    );
+    assert_eq!(consul.get(&format!("{prefix}/current")), None);
 }
 
 #[test]

@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use super::{Ctx, names, took, version_arg};
+use super::{Ctx, Seen, names, took, version_arg};
 use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
-use crate::consul::{Read, TxnOp};
+use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, NodeEntry, NodeState, Tree, VersionInfo, VersionMeta};
+use crate::tree::{CurrentKey, NodeEntry, NodeState, Tree, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 /// Where a version stands before the switch.
@@ -121,14 +121,16 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     }
 
     // 2. Ready on enough nodes, failed on none.
-    let ready_nodes = wait_ready(
-        &mut ctx,
-        &version,
-        args.switch.nodes,
+    let wait = Wait {
+        version: &version,
+        need: args.switch.nodes,
         deadline,
-        &retried,
-        base.as_ref(),
-    )?;
+        retried: &retried,
+        base: base.as_ref(),
+        // Without a switch to make, another operator's switch is not ours to mind.
+        abort_if_current_moves: !args.no_rollout,
+    };
+    let ready_nodes = wait_ready(&mut ctx, &wait)?;
     if args.no_rollout {
         println!(
             "{version} is ready on {} nodes under {} ({}); current unchanged ({}); switch with `depro rollout {version} -prefix={}`",
@@ -144,11 +146,9 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     // 3 and 4. Switch `current`, confirm the rollout.
     switch_and_confirm(
         &mut ctx,
-        &version,
-        base.as_ref(),
+        &wait,
         ready_nodes,
         args.switch.rollback_on_failure,
-        deadline,
         start,
     )?;
 
@@ -205,135 +205,210 @@ fn roll_to(
             ctx.prefix, ctx.prefix
         )));
     }
-    let deadline = start + switch.timeout;
     let base = tree.current.clone();
-    let ready = wait_ready(
-        ctx,
+    let wait = Wait {
         version,
-        switch.nodes,
-        deadline,
-        &BTreeSet::new(),
-        base.as_ref(),
-    )?;
-    switch_and_confirm(
-        ctx,
-        version,
-        base.as_ref(),
-        ready,
-        switch.rollback_on_failure,
-        deadline,
-        start,
-    )
+        need: switch.nodes,
+        deadline: start + switch.timeout,
+        retried: &BTreeSet::new(),
+        base: base.as_ref(),
+        abort_if_current_moves: true,
+    };
+    let ready = wait_ready(ctx, &wait)?;
+    switch_and_confirm(ctx, &wait, ready, switch.rollback_on_failure, start)
 }
 
 fn describe_current(current: Option<&CurrentKey>) -> String {
     match current {
-        Some(c) => format!("still {}", c.value),
+        Some(c) => format!("still {}", shown(&c.value)),
         None => "still unset".to_string(),
     }
 }
 
-/// Waits for step 2; returns the nodes that have the version.
-fn wait_ready(
-    ctx: &mut Ctx,
-    version: &VersionName,
+/// What the waits before and after the switch need to know.
+struct Wait<'a> {
+    version: &'a VersionName,
     need: u32,
     deadline: Instant,
-    retried: &BTreeSet<String>,
-    base: Option<&CurrentKey>,
-) -> Result<BTreeSet<String>> {
-    let mut last = Readiness::Waiting {
-        ready: 0,
-        reported: 0,
-    };
-    let outcome = ctx.follow(
-        version,
-        deadline,
-        "gone (its agent stopped?)",
-        |out, info: &VersionInfo| {
-            last = readiness(&info.nodes, need, retried);
+    /// Nodes asked to retry, which must report again.
+    retried: &'a BTreeSet<String>,
+    /// `current` as read when the command started.
+    base: Option<&'a CurrentKey>,
+    /// End the wait (exit 5) as soon as someone else moves `current`.
+    abort_if_current_moves: bool,
+}
+
+/// Why a wait ended without the outcome it waited for.
+enum Interrupted {
+    Failed(Vec<String>),
+    /// The version's key is gone: someone removed it.
+    Removed,
+    /// `current` moved, to this.
+    Moved(Option<CurrentKey>),
+}
+
+/// Waits for step 2; returns the nodes that have the version. The decision
+/// is taken on stale reads and confirmed by a read from the leader.
+fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
+    let version = wait.version;
+    let base_index = wait.base.map(|c| c.modify_index);
+    loop {
+        let mut last = Readiness::Waiting {
+            ready: 0,
+            reported: 0,
+        };
+        let outcome = ctx.follow(version, wait.deadline, |out, seen: &Seen| {
+            if !seen.info.exists {
+                return Some(Err(Interrupted::Removed));
+            }
+            if wait.abort_if_current_moves
+                && seen.current.as_ref().map(|c| c.modify_index) != base_index
+            {
+                return Some(Err(Interrupted::Moved(seen.current.clone())));
+            }
+            last = readiness(&seen.info.nodes, wait.need, wait.retried);
             match &last {
                 Readiness::Waiting { ready, .. } => {
-                    out.count(&format!("{ready}/{need} ready"));
+                    out.count(&format!("{ready}/{} ready", wait.need));
                     None
                 }
                 Readiness::Ready => {
-                    let ready = info.nodes.len();
-                    out.count(&format!("{ready}/{} ready", need.max(ready as u32)));
-                    Some(Ok(info.nodes.keys().cloned().collect()))
+                    let ready = seen.info.nodes.len();
+                    out.count(&format!("{ready}/{} ready", wait.need.max(ready as u32)));
+                    Some(Ok(()))
                 }
-                Readiness::Failed(nodes) => Some(Err(nodes.clone())),
+                Readiness::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
             }
-        },
-    )?;
-    match outcome {
-        Some(Ok(nodes)) => Ok(nodes),
-        Some(Err(failed)) => Err(Error::Refused(format!(
-            "{version} failed on {}; current unchanged ({}); see the agent's log there \
-             (journalctl -u depro), fix the hook, and run `depro deploy {version}` again to retry",
-            names(&failed),
-            describe_current(base)
-        ))),
-        None => {
-            let (ready, reported) = match last {
-                Readiness::Waiting { ready, reported } => (ready, reported),
-                _ => (0, 0),
-            };
-            Err(Error::Timeout(format!(
-                "timed out waiting for {version}: {ready} of the {need} nodes needed have it \
-                 ({reported} reported); current unchanged ({}); check the agents (`depro status -prefix={}`) \
-                 or use a longer -timeout",
-                describe_current(base),
-                ctx.prefix
-            )))
+        })?;
+        match outcome {
+            Some(Ok(())) => {
+                // Confirm on the leader: a follower may lag behind a failure.
+                let info = ctx.read_version(version)?;
+                if !info.exists {
+                    return Err(interrupted(ctx, wait, Interrupted::Removed));
+                }
+                match readiness(&info.nodes, wait.need, wait.retried) {
+                    Readiness::Ready => return Ok(info.nodes.keys().cloned().collect()),
+                    Readiness::Failed(nodes) => {
+                        return Err(interrupted(ctx, wait, Interrupted::Failed(nodes)));
+                    }
+                    Readiness::Waiting { .. } => continue,
+                }
+            }
+            Some(Err(why)) => return Err(interrupted(ctx, wait, why)),
+            None => {
+                let (ready, reported) = match last {
+                    Readiness::Waiting { ready, reported } => (ready, reported),
+                    _ => (0, 0),
+                };
+                return Err(Error::Timeout(format!(
+                    "timed out waiting for {version}: {ready} of the {} nodes needed have it \
+                     ({reported} reported); current unchanged ({}); check the agents (`depro status -prefix={}`) \
+                     or use a longer -timeout",
+                    wait.need,
+                    describe_current(wait.base),
+                    ctx.prefix
+                )));
+            }
         }
     }
+}
+
+/// The error for a wait before the switch that ended early.
+fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
+    let version = wait.version;
+    match why {
+        Interrupted::Failed(failed) => Error::Refused(format!(
+            "{version} failed on {}; current unchanged ({}); see the agent's log there \
+             (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={}` again to retry",
+            names(&failed),
+            describe_current(wait.base),
+            ctx.prefix
+        )),
+        Interrupted::Removed => Error::Refused(format!(
+            "{version} was removed from {} while this command waited (by another operator?); \
+             current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}` if it is still wanted",
+            ctx.prefix,
+            describe_current(wait.base),
+            ctx.prefix
+        )),
+        Interrupted::Moved(now) => lost_race(
+            ctx,
+            version,
+            now.as_ref(),
+            "is not current (this command had not switched yet)",
+        ),
+    }
+}
+
+/// Exit 5: someone else moved `current`; says to what and, if the tree
+/// records it, by whom.
+fn lost_race(ctx: &Ctx, version: &VersionName, now: Option<&CurrentKey>, ours: &str) -> Error {
+    let winner = now.map_or_else(|| "unset".to_string(), |c| shown(&c.value));
+    let by = now
+        .and_then(|c| switched_by(ctx, c))
+        .map(|by| format!(" by {by}"))
+        .unwrap_or_default();
+    Error::LostRace(format!(
+        "{}/current was changed to {winner}{by} while this command waited; {version} {ours}; \
+         check with `depro status -prefix={}`, then `depro rollout {version} -prefix={}` if it should still win",
+        ctx.prefix, ctx.prefix, ctx.prefix
+    ))
+}
+
+/// Who made `current` what it is, if depro recorded it in the same write.
+fn switched_by(ctx: &Ctx, current: &CurrentKey) -> Option<String> {
+    let version = current.version.as_ref()?;
+    let info = ctx.read_version(version).ok()?;
+    let (_, index) = info.key?;
+    (index == current.modify_index)
+        .then_some(info.meta.current_by)
+        .flatten()
+        .map(|by| shown(&by))
 }
 
 /// Steps 3 and 4.
 fn switch_and_confirm(
     ctx: &mut Ctx,
-    version: &VersionName,
-    base: Option<&CurrentKey>,
+    wait: &Wait<'_>,
     expected: BTreeSet<String>,
     rollback_on_failure: bool,
-    deadline: Instant,
     start: Instant,
 ) -> Result<()> {
-    let was = base.map(|c| c.value.clone());
+    let version = wait.version;
+    let base = wait.base;
+    let was = base.map(|c| shown(&c.value));
     let already = base.is_some_and(|c| c.version.as_ref() == Some(version));
-    let switched_at = if already {
-        None
-    } else {
-        Some(switch_current(ctx, version, base)?)
+    let ours = match base {
+        Some(c) if already => c.modify_index,
+        _ => {
+            let index = switch_current(ctx, version, base, wait.deadline)?;
+            ctx.out.line(&format!(
+                "current: {} -> {version}",
+                was.as_deref().unwrap_or("unset")
+            ));
+            index
+        }
     };
-    if switched_at.is_some() {
-        ctx.out.line(&format!(
-            "current: {} -> {version}",
-            was.as_deref().unwrap_or("unset")
-        ));
-    }
     let mut last = Confirmation::Waiting { active: 0 };
     let total = expected.len();
-    let outcome = ctx.follow(
-        version,
-        deadline,
-        "gone (its agent stopped?)",
-        |out, info| {
-            last = confirmation(&info.nodes, &expected);
-            match &last {
-                Confirmation::Waiting { active } => {
-                    out.count(&format!("{active}/{total} active"));
-                    None
-                }
-                Confirmation::Confirmed => {
-                    out.count(&format!("{total}/{total} active"));
-                    Some(Ok(()))
-                }
-                Confirmation::Failed(nodes) => Some(Err(nodes.clone())),
+    let outcome = ctx.follow(version, wait.deadline, |out, seen| {
+        if seen.current.as_ref().map(|c| c.modify_index) != Some(ours) {
+            return Some(Err(Interrupted::Moved(seen.current.clone())));
+        }
+        last = confirmation(&seen.info.nodes, &expected);
+        match &last {
+            Confirmation::Waiting { active } => {
+                out.count(&format!("{active}/{total} active"));
+                None
             }
-        },
-    )?;
+            Confirmation::Confirmed => {
+                out.count(&format!("{total}/{total} active"));
+                Some(Ok(()))
+            }
+            Confirmation::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
+        }
+    })?;
     match outcome {
         Some(Ok(())) if already => {
             println!(
@@ -351,16 +426,24 @@ fn switch_and_confirm(
             );
             Ok(())
         }
-        Some(Err(failed)) => {
+        Some(Err(Interrupted::Moved(now))) => Err(lost_race(
+            ctx,
+            version,
+            now.as_ref(),
+            "was made current by this command, and its rollout was not confirmed",
+        )),
+        Some(Err(Interrupted::Removed)) => {
+            unreachable!("only the wait before the switch ends on it")
+        }
+        Some(Err(Interrupted::Failed(failed))) => {
             let mut message = format!("the rollout of {version} failed on {}", names(&failed));
-            match (rollback_on_failure, switched_at) {
-                (true, Some(index)) => {
-                    message.push_str(&restore_current(ctx, version, base, index)?)
-                }
-                _ => message.push_str(&format!(
+            if rollback_on_failure && !already {
+                message.push_str(&restore_current(ctx, version, base, ours)?);
+            } else {
+                message.push_str(&format!(
                     "; current stays {version}; roll back with `depro rollback -prefix={}`",
                     ctx.prefix
-                )),
+                ));
             }
             Err(Error::Refused(message))
         }
@@ -376,59 +459,192 @@ fn switch_and_confirm(
     }
 }
 
-/// Step 3: check-and-set `current` against `base`, recording the history in
-/// the version's key in the same transaction. Returns current's new index.
-fn switch_current(ctx: &mut Ctx, version: &VersionName, base: Option<&CurrentKey>) -> Result<u64> {
-    let tree = ctx.read_tree()?;
-    let info = tree.versions.get(version).cloned().unwrap_or_default();
+/// Step 3: one transaction that moves `current` by check-and-set against
+/// `base` and records the history in the version's key by check-and-set
+/// against the index read just before. So `current` moves only if nobody
+/// moved it since the command started, and only to a version whose key
+/// still exists, unchanged: a version removed meanwhile is never made
+/// current, nor its key re-created. Returns `current`'s new ModifyIndex.
+///
+/// If the answer is lost (the connection drops, the leader changes), the
+/// outcome is unknown: the command reads until it knows, and reports what
+/// is true.
+fn switch_current(
+    ctx: &mut Ctx,
+    version: &VersionName,
+    base: Option<&CurrentKey>,
+    deadline: Instant,
+) -> Result<u64> {
     let base_index = base.map_or(0, |c| c.modify_index);
-    let mut meta = info.meta.clone();
-    meta.current_since = Some(crate::logging::timestamp());
-    meta.current_by = Some(ctx.user.clone());
-    meta.current_order = Some(base_index);
-    let meta_json = meta.to_json();
     let current_key = ctx.prefix.current_key();
-    let version_key = info
-        .key
-        .map(|(key, _)| key)
-        .unwrap_or_else(|| ctx.prefix.folder_key(version));
-    let ops = [
-        TxnOp::Cas {
-            key: &current_key,
-            value: version.as_str().as_bytes(),
-            index: base_index,
-        },
-        TxnOp::Set {
-            key: &version_key,
-            value: &meta_json,
-        },
-    ];
-    if ctx.consul.txn(&ops)? {
-        let answer = ctx.consul.get(&current_key, Read::now())?;
-        return Ok(answer.value.map_or(0, |e| e.modify_index));
+    // A version's key changes when another command records its own
+    // switch to it; a few rounds settle that.
+    for _ in 0..5 {
+        let info = ctx.read_version(version)?;
+        let Some((version_key, version_index)) = info.key.clone().filter(|_| info.exists) else {
+            return Err(removed_before_switch(ctx, version, base));
+        };
+        let mut meta = info.meta.clone();
+        meta.current_since = Some(crate::logging::timestamp());
+        meta.current_by = Some(ctx.user.clone());
+        meta.current_order = Some(base_index);
+        let meta_json = meta.to_json();
+        let ops = [
+            TxnOp::Cas {
+                key: &current_key,
+                value: version.as_str().as_bytes(),
+                index: base_index,
+            },
+            TxnOp::Cas {
+                key: &version_key,
+                value: &meta_json,
+                index: version_index,
+            },
+        ];
+        let outcome = match ctx.consul.txn(&ops) {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_transient() => {
+                eprintln!(
+                    "depro: the answer to the switch was lost ({}); reading {current_key} to find out what happened",
+                    e.summary()
+                );
+                return settle_unknown_switch(ctx, version, base_index, deadline);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match outcome {
+            TxnOutcome::Committed(_) => {
+                return outcome.index_of(&current_key).ok_or_else(|| {
+                    Error::Consul(Box::new(ctx.consul.unexpected(
+                        format!("switching {current_key} to {version}"),
+                        "the transaction's answer has no entry for current".into(),
+                    )))
+                });
+            }
+            TxnOutcome::Rejected(ref failures) => {
+                if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
+                    return Err(Error::Consul(Box::new(ctx.consul.denied(
+                        format!("switching {current_key} to {version}"),
+                        format!("{} (on {})", denied.what, ops[denied.op].key()),
+                    ))));
+                }
+                if outcome.failure_of(0).is_some() {
+                    // `current` moved since the command started.
+                    let now = ctx.read_current()?;
+                    if let Some(index) = ours_after_all(ctx, version, base_index, now.as_ref())? {
+                        return Ok(index);
+                    }
+                    return Err(lost_race(
+                        ctx,
+                        version,
+                        now.as_ref(),
+                        "is ready but not current",
+                    ));
+                }
+                if outcome.failure_of(1).is_some() {
+                    continue; // the version's key changed or went: read it again
+                }
+                let what: Vec<&str> = failures.iter().map(|f| f.what.as_str()).collect();
+                return Err(Error::Consul(Box::new(ctx.consul.unexpected(
+                    format!("switching {current_key} to {version}"),
+                    what.join("; "),
+                ))));
+            }
+        }
     }
-    // Lost the race: say who won.
-    let now = ctx.read_tree()?;
-    let winner = now
-        .current
-        .as_ref()
-        .map(|c| c.value.clone())
-        .unwrap_or_else(|| "unset".into());
-    let by = now
-        .current_version()
-        .and_then(|v| now.versions.get(v))
-        .and_then(|i| i.meta.current_by.clone())
-        .map(|by| format!(" by {by}"))
-        .unwrap_or_default();
     Err(Error::LostRace(format!(
-        "{}/current was changed to {winner}{by} while this command waited; {version} is ready but not current; \
-         check with `depro status -prefix={}`, then `depro rollout {version}` if it should still win",
+        "{version}'s key under {} kept changing while this command tried to make it current; \
+         check with `depro status -prefix={}` and try again",
         ctx.prefix, ctx.prefix
     )))
 }
 
-/// `-rollback-on-failure`: puts `current` back as it was, unless someone
-/// changed it since our switch.
+fn removed_before_switch(ctx: &Ctx, version: &VersionName, base: Option<&CurrentKey>) -> Error {
+    Error::Refused(format!(
+        "{version} was removed from {} while this command waited (by another operator?); \
+         current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}` if it is still wanted",
+        ctx.prefix,
+        describe_current(base),
+        ctx.prefix
+    ))
+}
+
+/// Whether `current` as read now is this command's own switch: it names
+/// the version, and the version's key was written in the same transaction
+/// (same ModifyIndex) with this command's base as its history.
+fn ours_after_all(
+    ctx: &Ctx,
+    version: &VersionName,
+    base_index: u64,
+    now: Option<&CurrentKey>,
+) -> Result<Option<u64>> {
+    let Some(now) = now.filter(|c| c.version.as_ref() == Some(version)) else {
+        return Ok(None);
+    };
+    let info = ctx.read_version(version)?;
+    let same_write = info
+        .key
+        .as_ref()
+        .is_some_and(|(_, i)| *i == now.modify_index);
+    let from_our_base = info.meta.current_order == Some(base_index);
+    let by_us = info.meta.current_by.as_deref() == Some(ctx.user.as_str());
+    Ok((same_write && from_our_base && by_us).then_some(now.modify_index))
+}
+
+/// After a switch whose answer was lost: reads `current` from the leader
+/// until Consul answers, then either the switch happened (go on), did not
+/// happen (try it again: it is a check-and-set, so it cannot apply twice),
+/// or someone else moved `current` (exit 5).
+fn settle_unknown_switch(
+    ctx: &mut Ctx,
+    version: &VersionName,
+    base_index: u64,
+    deadline: Instant,
+) -> Result<u64> {
+    let mut backoff = crate::pacing::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        match ctx.read_current() {
+            Ok(now) => {
+                if let Some(index) = ours_after_all(ctx, version, base_index, now.as_ref())? {
+                    eprintln!("depro: the switch went through: current is {version}");
+                    return Ok(index);
+                }
+                let unchanged = now.as_ref().map_or(0, |c| c.modify_index) == base_index;
+                if unchanged {
+                    eprintln!("depro: the switch did not happen; trying again");
+                    let base = now.clone();
+                    return switch_current(ctx, version, base.as_ref(), deadline);
+                }
+                return Err(lost_race(
+                    ctx,
+                    version,
+                    now.as_ref(),
+                    "is ready but not current",
+                ));
+            }
+            Err(Error::Consul(e)) if e.is_transient() => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "the switch of {}/current to {version} may or may not have happened: Consul did not answer \
+                         before the deadline ({}); check with `depro status -prefix={}`",
+                        ctx.prefix,
+                        e.summary(),
+                        ctx.prefix
+                    )));
+                }
+                std::thread::sleep(backoff.next_delay());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `-rollback-on-failure`: puts `current` back as it was, by check-and-set
+/// against the index this command's own switch left, so another operator's
+/// later switch is never overwritten.
 fn restore_current(
     ctx: &mut Ctx,
     version: &VersionName,
@@ -447,15 +663,21 @@ fn restore_current(
             index: ours,
         },
     };
-    let was = base.map_or("unset".to_string(), |c| c.value.clone());
-    Ok(if ctx.consul.txn(&[op])? {
-        ctx.out
-            .line(&format!("current: {version} -> {was} (rolled back)"));
-        format!("; current switched back to {was}")
-    } else {
-        format!(
+    let was = base.map_or("unset".to_string(), |c| shown(&c.value));
+    Ok(match ctx.consul.txn(&[op])? {
+        TxnOutcome::Committed(_) => {
+            ctx.out
+                .line(&format!("current: {version} -> {was} (rolled back)"));
+            format!("; current switched back to {was}")
+        }
+        TxnOutcome::Rejected(failures)
+            if failures.iter().any(|f| f.conflict == Conflict::Denied) =>
+        {
+            format!("; current could not be switched back to {was}: the ACL token may not write it")
+        }
+        TxnOutcome::Rejected(_) => format!(
             "; current was changed by someone else meanwhile, so it was not switched back to {was}"
-        )
+        ),
     })
 }
 
@@ -482,6 +704,7 @@ mod tests {
                     NodeEntry {
                         state: *s,
                         modify_index: 1,
+                        session: "s".into(),
                     },
                 )
             })

@@ -7,7 +7,9 @@ mod progress;
 mod remove;
 mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 pub(crate) use deploy::{deploy, rollback, rollout};
@@ -16,16 +18,16 @@ pub(crate) use status::status;
 
 use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
-use crate::consul::{Consul, Read};
+use crate::consul::{Consul, ConsulError, KvEntry, Read};
+use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::error::{Error, Result};
-use crate::pacing::{Backoff, TokenBucket};
-use crate::tree::{NodeEntry, Prefix, Tree, VersionInfo};
+use crate::tree::{CurrentKey, NodeEntry, Prefix, Tree, VersionInfo};
 use crate::version_name::VersionName;
 use progress::Progress;
 
 /// What every tree command works with.
 pub(crate) struct Ctx {
-    pub consul: Consul,
+    pub consul: Arc<Consul>,
     pub prefix: Prefix,
     pub out: Progress,
     /// Who runs the command, for the history in the tree: `user@host`.
@@ -33,6 +35,39 @@ pub(crate) struct Ctx {
     /// Node states already printed, per version, so that progress lines
     /// continue across the phases of a command.
     seen: BTreeMap<VersionName, BTreeMap<String, NodeEntry>>,
+    /// Versions that exist as plain keys (`<prefix>/<version>`, made by
+    /// other tools), as the last whole-tree read found.
+    plain: BTreeSet<VersionName>,
+}
+
+/// What a command sees while it follows one version.
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    /// The version's key (`exists`) and its nodes.
+    pub info: VersionInfo,
+    /// `<prefix>/current` as last read.
+    pub current: Option<CurrentKey>,
+    /// Nodes whose key disappeared while following, and why.
+    pub vanished: BTreeMap<String, Vanished>,
+}
+
+/// Why a node's key disappeared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Vanished {
+    /// Its agent deleted it (its session is alive): after cleaning, or
+    /// after an operator asked it to retry.
+    ByAgent,
+    /// Its session ended (the agent died or lost Consul): Consul deleted
+    /// every key it held.
+    AgentGone,
+}
+
+/// What the reader threads of [`Ctx::follow`] post.
+enum Update {
+    Version(Vec<KvEntry>),
+    Current(Option<KvEntry>),
+    Retrying(String),
+    Failed(ConsulError),
 }
 
 impl Ctx {
@@ -57,22 +92,47 @@ impl Ctx {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
         Ok(Ctx {
-            consul,
+            consul: Arc::new(consul),
             prefix,
             out: Progress::new(),
             user: format!("{user}@{host}"),
             seen: BTreeMap::new(),
+            plain: BTreeSet::new(),
         })
     }
 
-    /// Reads the whole tree under the prefix.
-    pub(crate) fn read_tree(&self) -> Result<Tree> {
+    /// Reads the whole tree under the prefix (from the leader).
+    pub(crate) fn read_tree(&mut self) -> Result<Tree> {
         let answer = self.consul.list(self.prefix.as_dir(), Read::now())?;
-        Ok(Tree::parse(&self.prefix, &answer.value))
+        let tree = Tree::parse(&self.prefix, &answer.value);
+        self.plain = tree
+            .versions
+            .iter()
+            .filter(|(_, info)| info.key.as_ref().is_some_and(|(k, _)| !k.ends_with('/')))
+            .map(|(v, _)| v.clone())
+            .collect();
+        Ok(tree)
+    }
+
+    /// Reads one version's keys from the leader: its key and its nodes.
+    pub(crate) fn read_version(&self, version: &VersionName) -> Result<VersionInfo> {
+        let answer = self
+            .consul
+            .list_starting_with(&self.version_listing(version), Read::now())?;
+        Ok(Tree::parse(&self.prefix, &answer.value)
+            .versions
+            .remove(version)
+            .unwrap_or_default())
+    }
+
+    /// Reads `current` from the leader.
+    pub(crate) fn read_current(&self) -> Result<Option<CurrentKey>> {
+        let answer = self.consul.get(&self.prefix.current_key(), Read::now())?;
+        Ok(answer.value.map(|e| CurrentKey::from_entry(&e)))
     }
 
     /// Reads the tree and fails clearly if there is nothing under the prefix.
-    pub(crate) fn read_existing_tree(&self) -> Result<Tree> {
+    pub(crate) fn read_existing_tree(&mut self) -> Result<Tree> {
         let tree = self.read_tree()?;
         if tree.versions.is_empty() && tree.current.is_none() {
             return Err(Error::Refused(format!(
@@ -86,85 +146,189 @@ impl Ctx {
         Ok(tree)
     }
 
-    /// Follows one version's keys with blocking queries, printing every
-    /// node's state change (and `gone` for a node whose key disappeared),
-    /// until `decide` returns a value or `deadline` passes (`Ok(None)`).
+    /// The prefix that lists a version's keys: its folder, which holds the
+    /// folder key and the node keys. A version made by another tool as a
+    /// plain key `<prefix>/<version>` is listed by the bare name, which
+    /// also matches longer names (the parser keeps only this version).
+    fn version_listing(&self, version: &VersionName) -> String {
+        if self.plain.contains(version) {
+            format!("{}{version}", self.prefix.as_dir())
+        } else {
+            self.prefix.folder_key(version)
+        }
+    }
+
+    /// Follows one version's keys and `current` with blocking `?stale`
+    /// reads, printing every node's state change, until `decide` returns a
+    /// value or `deadline` passes (`Ok(None)`). `decide` sees the version's
+    /// keys, `current`, and the nodes whose key vanished and why.
     pub(crate) fn follow<T>(
         &mut self,
         version: &VersionName,
         deadline: Instant,
-        gone: &str,
-        mut decide: impl FnMut(&mut Progress, &VersionInfo) -> Option<T>,
+        mut decide: impl FnMut(&mut Progress, &Seen) -> Option<T>,
     ) -> Result<Option<T>> {
-        let mut index = 0;
-        let mut seen = self.seen.remove(version).unwrap_or_default();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        // Every node's state write wakes this query, and each answer lists
-        // every node: pace the reads so that a storm of writes from a large
-        // fleet costs a bounded number of them (at most 20 a second).
-        let mut bucket = TokenBucket::new(4, Duration::from_millis(50), Instant::now());
-        let folder = self.prefix.folder_key(version);
-        loop {
-            let pause = bucket.take(Instant::now());
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
-            let now = Instant::now();
-            let wait = deadline
-                .saturating_duration_since(now)
-                .max(Duration::from_secs(1));
-            let read = if index == 0 {
-                Read::now()
-            } else {
-                Read::blocking(index, wait.min(crate::watch::WAIT), false)
+        let (tx, rx) = mpsc::channel();
+        let listing = self.version_listing(version);
+        let current_key = self.prefix.current_key();
+        spawn_reader(self.consul.clone(), tx.clone(), move |consul, read| {
+            let answer = consul.list_starting_with(&listing, read)?;
+            Ok((answer.index, Update::Version(answer.value)))
+        });
+        spawn_reader(self.consul.clone(), tx, move |consul, read| {
+            let answer = consul.get(&current_key, read)?;
+            Ok((answer.index, Update::Current(answer.value)))
+        });
+        let mut printed = self.seen.remove(version).unwrap_or_default();
+        let mut seen = Seen::default();
+        let (mut have_version, mut have_current) = (false, false);
+        let outcome = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let update = match rx.recv_timeout(left) {
+                Ok(update) => update,
+                Err(RecvTimeoutError::Timeout) => break Ok(None),
+                Err(RecvTimeoutError::Disconnected) => break Ok(None),
             };
-            let answer = match self.consul.list(&folder, read) {
-                Ok(answer) => answer,
-                Err(e) if e.is_transient() && now < deadline => {
-                    self.out
-                        .line(&format!("(Consul: {}; retrying)", e.summary()));
-                    std::thread::sleep(
-                        backoff
-                            .next_delay()
-                            .min(deadline.saturating_duration_since(now)),
-                    );
+            match update {
+                Update::Version(entries) => {
+                    have_version = true;
+                    let info = Tree::parse(&self.prefix, &entries)
+                        .versions
+                        .remove(version)
+                        .unwrap_or_default();
+                    self.print_changes(&mut printed, &info, &mut seen.vanished);
+                    seen.info = info;
+                }
+                Update::Current(entry) => {
+                    have_current = true;
+                    seen.current = entry.map(|e| CurrentKey::from_entry(&e));
+                }
+                Update::Retrying(why) => {
+                    self.out.line(&format!("(Consul: {why}; retrying)"));
                     continue;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            backoff.reset();
-            index = if answer.index < index {
-                0
-            } else {
-                answer.index.max(1)
-            };
-            let tree = Tree::parse(&self.prefix, &answer.value);
-            let info = tree.versions.get(version).cloned().unwrap_or_default();
-            for (node, entry) in &info.nodes {
-                match seen.get(node) {
-                    None => self.out.line(&format!("{node}: {}", entry.state)),
-                    Some(old) if old.state != entry.state => self
-                        .out
-                        .line(&format!("{node}: {} -> {}", old.state, entry.state)),
-                    Some(_) => {}
+                Update::Failed(e) => break Err(e.into()),
+            }
+            if have_version && have_current {
+                if let Some(result) = decide(&mut self.out, &seen) {
+                    break Ok(Some(result));
                 }
             }
-            for node in seen.keys().filter(|n| !info.nodes.contains_key(*n)) {
-                self.out.line(&format!("{node}: {gone}"));
-            }
-            seen = info.nodes.clone();
-            let outcome = match decide(&mut self.out, &info) {
-                Some(result) => Some(Some(result)),
-                None if Instant::now() >= deadline => Some(None),
-                None => None,
-            };
-            if let Some(outcome) = outcome {
-                self.out.finish();
-                self.seen.insert(version.clone(), seen);
-                return Ok(outcome);
+        };
+        self.out.finish();
+        self.seen.insert(version.clone(), printed);
+        outcome
+    }
+
+    /// Prints what changed since `printed`; a node whose key vanished is
+    /// told apart by whether its session still exists.
+    fn print_changes(
+        &mut self,
+        printed: &mut BTreeMap<String, NodeEntry>,
+        info: &VersionInfo,
+        vanished: &mut BTreeMap<String, Vanished>,
+    ) {
+        for (node, entry) in &info.nodes {
+            vanished.remove(node);
+            match printed.get(node) {
+                None => self.out.line(&format!("{node}: {}", entry.state)),
+                Some(old) if old.state != entry.state => self
+                    .out
+                    .line(&format!("{node}: {} -> {}", old.state, entry.state)),
+                Some(_) => {}
             }
         }
+        let gone: BTreeSet<String> = printed
+            .keys()
+            .filter(|n| !info.nodes.contains_key(*n))
+            .cloned()
+            .collect();
+        for node in gone {
+            let session = &printed[&node].session;
+            let why = match self.consul.session_info(session) {
+                Ok(Some(_)) => Vanished::ByAgent,
+                Ok(None) => Vanished::AgentGone,
+                // Cannot tell: say the agent may be gone, the cautious reading.
+                Err(_) => Vanished::AgentGone,
+            };
+            self.out.line(&match why {
+                Vanished::ByAgent => format!("{node}: removed its key"),
+                Vanished::AgentGone => {
+                    format!("{node}: gone (its agent stopped: its session ended)")
+                }
+            });
+            vanished.insert(node, why);
+        }
+        *printed = info.nodes.clone();
     }
+}
+
+/// A thread that follows one read with a [`Cursor`] and posts each answer
+/// that differs from the last; it ends when the receiver is gone.
+fn spawn_reader(
+    consul: Arc<Consul>,
+    tx: Sender<Update>,
+    read: impl Fn(&Consul, Read) -> std::result::Result<(u64, Update), ConsulError> + Send + 'static,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("follow".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            // Every node's write wakes the version's reader: idle answers
+            // (nothing new for this reader) are paced, changes are not.
+            let pacing = Pacing {
+                burst: 4,
+                refill: Duration::from_millis(50),
+            };
+            let mut cursor = Cursor::new(WAIT, true, pacing);
+            let mut last: Option<String> = None;
+            loop {
+                let pause = cursor.pause(Instant::now());
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+                match read(&consul, cursor.read()) {
+                    Ok((index, update)) => {
+                        let fingerprint = format!("{:?}", fingerprint(&update));
+                        let changed = last.as_deref() != Some(fingerprint.as_str());
+                        cursor.answered(index, changed);
+                        if changed {
+                            last = Some(fingerprint);
+                            if tx.send(update).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
+                        if tx.send(Update::Retrying(e.summary())).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(cursor.failed());
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Update::Failed(e));
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // The decision loop then times out; say why.
+        eprintln!("depro: cannot start a thread to follow Consul: {e}");
+    }
+}
+
+/// What makes two answers the same: keys, values, sessions and indexes.
+fn fingerprint(update: &Update) -> Vec<(String, u64, Option<String>)> {
+    let entries: Vec<&KvEntry> = match update {
+        Update::Version(entries) => entries.iter().collect(),
+        Update::Current(entry) => entry.iter().collect(),
+        _ => Vec::new(),
+    };
+    entries
+        .into_iter()
+        .map(|e| (e.key.clone(), e.modify_index, e.session.clone()))
+        .collect()
 }
 
 /// A version name from the command line.

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::{Ctx, took, version_arg};
+use super::{Ctx, Seen, Vanished, names, took, version_arg};
 use crate::cli::{PruneArgs, RemoveArgs};
 use crate::config::Env;
 use crate::error::{Error, Result};
@@ -50,34 +50,51 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
         return Ok(());
     }
     for version in &versions {
-        let mut left = 0;
-        let purged = ctx.follow(version, deadline, "cleaned", |out, info| {
-            left = info.nodes.len();
+        let before = tree.versions.get(version).map_or(0, |i| i.nodes.len());
+        let mut left = before;
+        let outcome = ctx.follow(version, deadline, |out, seen: &Seen| {
+            left = seen.info.nodes.len();
             if left == 0 {
-                Some(())
-            } else {
-                let nodes = if left == 1 {
-                    "node still has"
-                } else {
-                    "nodes still have"
-                };
-                out.count(&format!("{left} {nodes} {version}"));
-                None
+                return Some(seen.vanished.clone());
             }
+            let nodes = if left == 1 {
+                "node still has"
+            } else {
+                "nodes still have"
+            };
+            out.count(&format!("{left} {nodes} {version}"));
+            None
         })?;
-        if purged.is_none() {
+        let Some(vanished) = outcome else {
             return Err(Error::Timeout(format!(
                 "timed out: {left} nodes still have {version} under {}; check their agents \
                  (`depro status -prefix={} {version}`)",
                 ctx.prefix, ctx.prefix
             )));
-        }
-        let nodes = tree.versions.get(version).map_or(0, |i| i.nodes.len());
-        println!(
-            "removed {version} from {}: purged from {nodes} nodes in {}",
+        };
+        let gone: Vec<&String> = vanished
+            .iter()
+            .filter(|(_, why)| **why == Vanished::AgentGone)
+            .map(|(node, _)| node)
+            .collect();
+        let purged = before.saturating_sub(gone.len());
+        let mut summary = format!(
+            "removed {version} from {}: purged from {purged} {} in {}",
             ctx.prefix,
+            if purged == 1 { "node" } else { "nodes" },
             took(start)
         );
+        if !gone.is_empty() {
+            summary.push_str(&format!(
+                "; {} gone (the agent stopped and its session ended before it cleaned up): \
+                 the directory there may remain until its agent runs again",
+                match gone.len() {
+                    1 => format!("{} is", gone[0]),
+                    _ => format!("{} are", names(gone.iter().copied())),
+                }
+            ));
+        }
+        println!("{summary}");
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::tree::{NodeState, Prefix, Tree};
 
 pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
-    let ctx = Ctx::resolve(&args.tree, env)?;
+    let mut ctx = Ctx::resolve(&args.tree, env)?;
     let only = args.version.as_deref().map(version_arg).transpose()?;
     let tree = ctx.read_existing_tree()?;
     if let Some(version) = &only {

@@ -14,6 +14,8 @@
 //! deadline; on timeout the test fails with the agents' logs.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -338,6 +340,78 @@ impl Consul {
     pub fn destroy_session(&self, id: &str) {
         self.call("PUT", &format!("session/destroy/{id}"), Some(b""));
     }
+
+    /// The live sessions whose name is `depro agent <node>`.
+    pub fn agent_sessions(&self, node: &str) -> Vec<String> {
+        let text = self.call("GET", "session/list", None);
+        let sessions: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        sessions
+            .iter()
+            .filter(|s| s["Name"].as_str() == Some(&format!("depro agent {node}")))
+            .filter_map(|s| s["ID"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Consul's raft index, as a read answers it.
+    pub fn index(&self) -> u64 {
+        let url = format!("http://{}/v1/kv/?keys&separator=/", self.addr());
+        let mut request = ureq::http::Request::builder().method("GET").uri(&url);
+        if let Some(token) = self.token.lock().unwrap().as_ref() {
+            request = request.header("X-Consul-Token", token);
+        }
+        let response = self.agent.run(request.body(()).unwrap()).unwrap();
+        response.headers()["X-Consul-Index"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Writes `count` throw-away keys, so that Consul's index is far above
+    /// what a fresh Consul starts from.
+    pub fn pump_index(&self, count: usize) {
+        let ops: Vec<serde_json::Value> = (0..64)
+            .map(|i| serde_json::json!({"KV": {"Verb": "set", "Key": format!("pump/{i}"), "Value": ""}}))
+            .collect();
+        let body = serde_json::to_vec(&ops).unwrap();
+        for _ in 0..count {
+            self.call("PUT", "txn", Some(&body));
+        }
+    }
+
+    /// A snapshot of Consul's whole state (`consul snapshot save`).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let (status, body) = self.raw_bytes("GET", "snapshot", None).unwrap();
+        assert_eq!(status, 200, "snapshot: {}", String::from_utf8_lossy(&body));
+        body
+    }
+
+    /// Restores a snapshot (`consul snapshot restore`).
+    pub fn restore(&self, snapshot: &[u8]) {
+        let (status, body) = self.raw_bytes("PUT", "snapshot", Some(snapshot)).unwrap();
+        assert_eq!(status, 200, "restore: {}", String::from_utf8_lossy(&body));
+    }
+
+    fn raw_bytes(&self, method: &str, path: &str, body: Option<&[u8]>) -> Option<(u16, Vec<u8>)> {
+        let url = format!("http://{}/v1/{path}", self.addr());
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = self.token.lock().unwrap().as_ref() {
+            request = request.header("X-Consul-Token", token);
+        }
+        let response = match body {
+            Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
+            None => self.agent.run(request.body(()).unwrap()),
+        };
+        let mut response = response.ok()?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .ok()?;
+        Some((status, bytes))
+    }
 }
 
 impl Drop for Consul {
@@ -410,16 +484,19 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
             format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
             "echo \"$VERSION\" > version.txt",
             "tar czf app.tar.gz version.txt",
+            format!("echo \"deployed $VERSION\" >> {ctl}/hooks.log"),
         ],
         "rollout": [
             format!("echo \"rollout $VERSION from=$PREVIOUS_VERSION\" >> {ctl}/hooks.log"),
             format!("if [ -e {ctl}/fail-rollout ] || [ -e {ctl}/fail-rollout-$VERSION ]; then exit 4; fi"),
+            format!("if [ -e {ctl}/block-rollout ]; then echo $$ > {ctl}/rollout.pid; while [ ! -e {ctl}/release-rollout ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
             "test -f \"$VERSION_PATH/version.txt\"",
             "ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live.tmp\"",
             "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\"",
         ],
         "clean": [
             format!("echo \"clean $VERSION\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/block-clean ]; then echo $$ > {ctl}/clean.pid; while [ ! -e {ctl}/release-clean ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
         ],
     })
 }
@@ -639,10 +716,15 @@ impl<'c> Fleet<'c> {
     }
 
     pub fn on(consul: &'c Consul, n: usize) -> Fleet<'c> {
+        Fleet::through(consul, &consul.addr(), n)
+    }
+
+    /// `n` agents that reach `consul` at `server` (a proxy in front of it).
+    pub fn through(consul: &'c Consul, server: &str, n: usize) -> Fleet<'c> {
         let root = tempfile::tempdir().unwrap();
         let prefix = unique_prefix("fleet");
         let agents = (1..=n)
-            .map(|i| Agent::new(root.path(), &format!("node{i}"), &consul.addr(), &prefix))
+            .map(|i| Agent::new(root.path(), &format!("node{i}"), server, &prefix))
             .collect();
         Fleet {
             consul,
@@ -807,9 +889,30 @@ impl Fleet<'_> {
     }
 
     pub fn depro_command(&self, args: &[&str]) -> Command {
-        let mut command = depro_command(&self.consul.addr(), args);
+        self.depro_via(&self.consul.addr(), args)
+    }
+
+    /// `depro <args> -prefix=…` against `server` (e.g. a proxy).
+    pub fn depro_via(&self, server: &str, args: &[&str]) -> Command {
+        let mut command = depro_command(server, args);
         command.arg(format!("-prefix={}", self.prefix));
         command
+    }
+
+    /// The session that holds `node`'s key for `version`.
+    pub fn session_of(&self, version: &str, node: &str) -> Option<String> {
+        let text = self
+            .consul
+            .call("GET", &format!("kv/{}/{version}/{node}", self.prefix), None);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).ok()?;
+        entries.first()?["Session"].as_str().map(String::from)
+    }
+
+    /// A key's ModifyIndex, if it exists.
+    pub fn modify_index(&self, key: &str) -> Option<u64> {
+        let text = self.consul.call("GET", &format!("kv/{key}"), None);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).ok()?;
+        entries.first()?["ModifyIndex"].as_u64()
     }
 
     /// `current` as stored.

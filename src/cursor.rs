@@ -1,0 +1,191 @@
+//! The blocking-query cursor: how to follow something in Consul, written
+//! once and used by the agent's watches and the CLI's follow loop.
+//!
+//! The rules:
+//! - the first read, and every read after a reset, answers at once
+//!   (index 0); later reads block on the index the last answer carried;
+//! - an index that goes backwards means Consul lost or replaced its state
+//!   (a restart without its data, a rebuilt cluster, a snapshot restore):
+//!   read again at once, from 0;
+//! - a failed request resets the index too: whichever Consul answers next
+//!   may be a new one whose index is lower, and a query that asks for an
+//!   index Consul has not reached blocks for its whole wait (minutes);
+//! - failures are retried after a capped, jittered backoff;
+//! - an answer that changed nothing the caller cares about (another node's
+//!   write under the same prefix) is followed by a paced read (token
+//!   bucket); an answer that changed something is followed at once.
+//!
+//! The cursor is pure: it decides, the caller sleeps and reads.
+
+use std::time::{Duration, Instant};
+
+use crate::consul::Read;
+use crate::pacing::{Backoff, TokenBucket};
+
+/// How long Consul may hold a blocking query before answering unchanged.
+pub(crate) const WAIT: Duration = Duration::from_secs(300);
+
+/// Pacing of reads after answers that changed nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pacing {
+    /// Reads allowed at once after a quiet spell...
+    pub burst: u32,
+    /// ...then one per this interval while idle answers keep coming.
+    pub refill: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cursor {
+    index: u64,
+    wait: Duration,
+    stale: bool,
+    backoff: Backoff,
+    bucket: TokenBucket,
+    /// The last answer changed nothing: the next read is paced.
+    idle: bool,
+}
+
+/// What an answer's index says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answered {
+    /// The index moved forward (or stayed).
+    Forward,
+    /// The index went backwards: Consul's state was replaced.
+    Backwards,
+}
+
+impl Cursor {
+    pub(crate) fn new(wait: Duration, stale: bool, pacing: Pacing) -> Cursor {
+        Cursor {
+            index: 0,
+            wait,
+            stale,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            bucket: TokenBucket::new(pacing.burst, pacing.refill, Instant::now()),
+            idle: false,
+        }
+    }
+
+    /// The next read: at once with index 0, else blocking on the index.
+    pub(crate) fn read(&self) -> Read {
+        if self.index == 0 {
+            Read {
+                stale: self.stale,
+                ..Read::now()
+            }
+        } else {
+            Read::blocking(self.index, self.wait, self.stale)
+        }
+    }
+
+    /// How long to wait before the next read (pacing after idle answers).
+    pub(crate) fn pause(&mut self, now: Instant) -> Duration {
+        if self.idle {
+            self.bucket.take(now)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Takes an answer's index; `changed` says whether what was read
+    /// differs from the last answer.
+    pub(crate) fn answered(&mut self, index: u64, changed: bool) -> Answered {
+        self.backoff.reset();
+        if index < self.index {
+            self.index = 0;
+            self.idle = false;
+            return Answered::Backwards;
+        }
+        // Consul never answers 0 for a blocking query; never block on 0.
+        self.index = index.max(1);
+        self.idle = !changed;
+        Answered::Forward
+    }
+
+    /// A request failed: forget the index and say how long to back off.
+    pub(crate) fn failed(&mut self) -> Duration {
+        self.index = 0;
+        self.idle = false;
+        self.backoff.next_delay()
+    }
+
+    #[allow(dead_code)] // the agent's watches use it (next change)
+    /// Read again at once, from index 0 (the caller learned that Consul's
+    /// state was replaced, or needs a fresh answer).
+    pub(crate) fn reset(&mut self) {
+        self.index = 0;
+        self.idle = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor() -> Cursor {
+        Cursor::new(
+            WAIT,
+            true,
+            Pacing {
+                burst: 2,
+                refill: Duration::from_millis(100),
+            },
+        )
+    }
+
+    #[test]
+    fn the_first_read_answers_at_once_and_later_ones_block_on_the_last_index() {
+        let mut cursor = cursor();
+        assert_eq!(cursor.read().index, 0);
+        assert!(cursor.read().stale);
+        assert_eq!(cursor.answered(42, true), Answered::Forward);
+        let read = cursor.read();
+        assert_eq!((read.index, read.wait), (42, Some(WAIT)));
+    }
+
+    #[test]
+    fn an_index_that_goes_backwards_reads_again_at_once() {
+        let mut cursor = cursor();
+        cursor.answered(1000, true);
+        assert_eq!(cursor.answered(14, false), Answered::Backwards);
+        assert_eq!(cursor.read().index, 0);
+        assert_eq!(cursor.pause(Instant::now()), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_failure_forgets_the_index_so_a_new_consul_is_not_asked_for_an_index_it_has_not_reached() {
+        let mut cursor = cursor();
+        cursor.answered(1000, true);
+        let delay = cursor.failed();
+        assert!(delay > Duration::ZERO && delay <= Duration::from_millis(200));
+        assert_eq!(cursor.read().index, 0);
+        assert!(cursor.failed() > Duration::ZERO, "backs off further");
+    }
+
+    #[test]
+    fn an_index_of_zero_never_makes_a_busy_loop() {
+        let mut cursor = cursor();
+        cursor.answered(0, true);
+        assert_eq!(cursor.read().index, 1);
+    }
+
+    #[test]
+    fn only_answers_that_changed_nothing_are_paced() {
+        let mut cursor = cursor();
+        let now = Instant::now();
+        cursor.answered(5, true);
+        assert_eq!(cursor.pause(now), Duration::ZERO);
+        for i in 6..8 {
+            cursor.answered(i, false);
+            assert_eq!(cursor.pause(now), Duration::ZERO, "the burst");
+        }
+        cursor.answered(9, false);
+        assert!(cursor.pause(now) > Duration::ZERO, "a storm is paced");
+        cursor.answered(10, true);
+        assert_eq!(
+            cursor.pause(now),
+            Duration::ZERO,
+            "a change is read at once"
+        );
+    }
+}
