@@ -195,10 +195,8 @@ pub(crate) enum TxnOp<'a> {
     Delete { key: &'a str },
     /// Read `key`; the transaction fails if it does not exist. In a write,
     /// a check that the key still exists.
-    #[allow(dead_code)] // the agent's checks use it (next change)
     Get { key: &'a str },
     /// The transaction fails unless `key` exists with this ModifyIndex.
-    #[allow(dead_code)] // the agent's checks use it (next change)
     CheckIndex { key: &'a str, index: u64 },
 }
 
@@ -459,7 +457,6 @@ impl Consul {
 
     /// Runs read-only operations (`Get`, `CheckIndex`) in one request that
     /// any server may answer (`?stale`): no raft write, no leader.
-    #[allow(dead_code)] // the agent's watches use it (next change)
     pub(crate) fn read_txn(&self, ops: &[TxnOp<'_>]) -> Result<TxnOutcome> {
         debug_assert!(
             ops.iter()

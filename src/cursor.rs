@@ -13,7 +13,10 @@
 //! - failures are retried after a capped, jittered backoff;
 //! - an answer that changed nothing the caller cares about (another node's
 //!   write under the same prefix) is followed by a paced read (token
-//!   bucket); an answer that changed something is followed at once.
+//!   bucket); an answer that changed something is followed at once;
+//! - a read after a pause does not block: Consul may have been replaced
+//!   during the pause, and a blocking query on an index it has not reached
+//!   would sit out its whole wait. The answer shows the index as it is.
 //!
 //! The cursor is pure: it decides, the caller sleeps and reads.
 
@@ -37,12 +40,17 @@ pub(crate) struct Pacing {
 #[derive(Debug)]
 pub(crate) struct Cursor {
     index: u64,
+    /// The highest index answered since the last time it went backwards,
+    /// kept across failures: a Consul that comes back lower was replaced.
+    high: u64,
     wait: Duration,
     stale: bool,
     backoff: Backoff,
     bucket: TokenBucket,
     /// The last answer changed nothing: the next read is paced.
     idle: bool,
+    /// The caller paused before this read: it does not block.
+    paused: bool,
 }
 
 /// What an answer's index says.
@@ -58,17 +66,20 @@ impl Cursor {
     pub(crate) fn new(wait: Duration, stale: bool, pacing: Pacing) -> Cursor {
         Cursor {
             index: 0,
+            high: 0,
             wait,
             stale,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             bucket: TokenBucket::new(pacing.burst, pacing.refill, Instant::now()),
             idle: false,
+            paused: false,
         }
     }
 
-    /// The next read: at once with index 0, else blocking on the index.
+    /// The next read: at once with index 0 or after a pause, else blocking
+    /// on the index.
     pub(crate) fn read(&self) -> Read {
-        if self.index == 0 {
+        if self.index == 0 || self.paused {
             Read {
                 stale: self.stale,
                 ..Read::now()
@@ -80,22 +91,27 @@ impl Cursor {
 
     /// How long to wait before the next read (pacing after idle answers).
     pub(crate) fn pause(&mut self, now: Instant) -> Duration {
-        if self.idle {
+        let pause = if self.idle {
             self.bucket.take(now)
         } else {
             Duration::ZERO
-        }
+        };
+        self.paused = !pause.is_zero();
+        pause
     }
 
     /// Takes an answer's index; `changed` says whether what was read
     /// differs from the last answer.
     pub(crate) fn answered(&mut self, index: u64, changed: bool) -> Answered {
         self.backoff.reset();
-        if index < self.index {
+        self.paused = false;
+        if index < self.high {
             self.index = 0;
+            self.high = index;
             self.idle = false;
             return Answered::Backwards;
         }
+        self.high = index;
         // Consul never answers 0 for a blocking query; never block on 0.
         self.index = index.max(1);
         self.idle = !changed;
@@ -106,15 +122,8 @@ impl Cursor {
     pub(crate) fn failed(&mut self) -> Duration {
         self.index = 0;
         self.idle = false;
+        self.paused = false;
         self.backoff.next_delay()
-    }
-
-    #[allow(dead_code)] // the agent's watches use it (next change)
-    /// Read again at once, from index 0 (the caller learned that Consul's
-    /// state was replaced, or needs a fresh answer).
-    pub(crate) fn reset(&mut self) {
-        self.index = 0;
-        self.idle = false;
     }
 }
 
@@ -163,6 +172,22 @@ mod tests {
     }
 
     #[test]
+    fn a_consul_that_comes_back_after_a_failure_with_a_lower_index_was_replaced() {
+        let mut cursor = cursor();
+        cursor.answered(1000, true);
+        cursor.failed();
+        assert_eq!(cursor.answered(12, true), Answered::Backwards);
+        assert_eq!(cursor.read().index, 0, "and is read again at once");
+        assert_eq!(cursor.answered(12, false), Answered::Forward);
+        cursor.failed();
+        assert_eq!(
+            cursor.answered(15, true),
+            Answered::Forward,
+            "a mere outage"
+        );
+    }
+
+    #[test]
     fn an_index_of_zero_never_makes_a_busy_loop() {
         let mut cursor = cursor();
         cursor.answered(0, true);
@@ -181,6 +206,11 @@ mod tests {
         }
         cursor.answered(9, false);
         assert!(cursor.pause(now) > Duration::ZERO, "a storm is paced");
+        assert_eq!(
+            cursor.read().wait,
+            None,
+            "after a pause, a read answers at once: Consul may have been replaced meanwhile"
+        );
         cursor.answered(10, true);
         assert_eq!(
             cursor.pause(now),

@@ -6,7 +6,7 @@
 //! <path>/.depro/lock                held (flock) by the agent that owns this directory
 //! <path>/.depro/versions/<version>  "deploying" or "ready": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
-//! <path>/.depro/session             the agent's Consul session, destroyed after a crash
+//! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
 //! <path>/.depro/hook                the process group of the running hook, killed after a crash
 //! ```
 //!
@@ -216,17 +216,30 @@ impl DeploymentDir {
             .ok()
     }
 
-    /// The session ID an earlier run of the agent saved, if any.
-    pub(crate) fn saved_session(&self) -> Option<String> {
-        read_trimmed(&self.meta.join("session")).ok().flatten()
+    /// The sessions earlier runs of the agent made, oldest first (one ID
+    /// per line in `sessions`; an older agent's single `session` too).
+    pub(crate) fn saved_sessions(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for file in ["session", "sessions"] {
+            if let Ok(Some(text)) = read_trimmed(&self.meta.join(file)) {
+                for id in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    if !ids.iter().any(|i| i == id) {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        ids
     }
 
-    pub(crate) fn save_session(&self, id: Option<&str>) -> Result<()> {
-        let path = self.meta.join("session");
-        match id {
-            Some(id) => atomic_write(&path, id, Durability::CrashSafe),
-            None => remove_if_present(&path),
-        }
+    /// Records the sessions this agent made, oldest first.
+    pub(crate) fn save_sessions(&self, ids: &[String]) -> Result<()> {
+        atomic_write(
+            &self.meta.join("sessions"),
+            &ids.join("\n"),
+            Durability::CrashSafe,
+        )?;
+        remove_if_present(&self.meta.join("session"))
     }
 }
 

@@ -18,11 +18,9 @@ mod local_state;
 mod logging;
 mod pacing;
 mod plan;
-mod session;
 mod signals;
 mod tree;
 mod version_name;
-mod watch;
 
 use cli::Command;
 use error::Result;

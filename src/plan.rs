@@ -27,12 +27,15 @@ use crate::tree::NodeState;
 use crate::version_name::VersionName;
 
 /// What the Consul tree asks of this node, for one deployment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Wanted {
     /// Versions whose folder key (or plain key) exists.
     pub versions: BTreeSet<VersionName>,
     /// The version `<prefix>/current` names, if any (and if valid).
     pub current: Option<VersionName>,
+    /// A missing folder key of `current` may be re-created (false while a
+    /// repair is known to have been refused for this value of `current`).
+    pub may_repair: bool,
 }
 
 /// The local state of one version directory.
@@ -143,11 +146,14 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
     let rollout = rollout_of_current(wanted, disk);
     let switching = rollout.is_some() || disk.rollout.is_some();
 
-    // 1. Reports and repair.
+    // 1. Reports and repair. Only versions whose key exists are reported
+    // (a node key is never written for a version the tree lacks); a key
+    // is deleted only once its version left the disk.
     if let Reports::Online(reported) = reports {
         let desired: BTreeMap<&VersionName, NodeState> = disk
             .versions
             .iter()
+            .filter(|(v, _)| wanted.versions.contains(*v))
             .map(|(v, local)| (v, report_for(v, *local, disk, switching)))
             .collect();
         // A new `active` goes first in its batch (one transaction anyway).
@@ -165,12 +171,12 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         actions.extend(
             reported
                 .keys()
-                .filter(|v| !desired.contains_key(v))
+                .filter(|v| !disk.versions.contains_key(*v))
                 .map(|v| Action::Unreport(v.clone())),
         );
         if let Some(current) = &wanted.current {
             let has_it = disk.versions.get(current) == Some(&LocalVersion::Ready);
-            if has_it && !wanted.versions.contains(current) {
+            if has_it && !wanted.versions.contains(current) && wanted.may_repair {
                 actions.push(Action::Repair(current.clone()));
             }
         }
@@ -223,6 +229,7 @@ mod tests {
         Wanted {
             versions: versions.iter().map(|n| v(n)).collect(),
             current: current.map(v),
+            may_repair: true,
         }
     }
 
@@ -418,6 +425,34 @@ mod tests {
     }
 
     #[test]
+    fn a_repair_refused_for_this_current_is_not_tried_again() {
+        let mut want = wanted(&[], Some("v1"));
+        want.may_repair = false;
+        let have = disk(&[("v1", Ready)], Some("v1"));
+        let now = reported(&[("v1", NodeState::Active)]);
+        assert_eq!(plan(&want, &have, Reports::Online(&now)), []);
+    }
+
+    #[test]
+    fn no_node_key_is_written_for_a_version_the_tree_lacks() {
+        // The tree lists none of the versions this node has.
+        let want = wanted(&[], None);
+        let have = disk(&[("v0", Ready), ("v1", Ready)], Some("v1"));
+        let none = reported(&[]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&none)),
+            [Action::Clean(v("v0"))]
+        );
+        // A version on its way out keeps its key until it is cleaned.
+        let want = wanted(&["v1"], Some("v1"));
+        let now = reported(&[("v0", NodeState::Ready), ("v1", NodeState::Active)]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&now)),
+            [Action::Clean(v("v0"))]
+        );
+    }
+
+    #[test]
     fn a_removed_version_is_cleaned_then_unreported() {
         let want = wanted(&["v2"], Some("v2"));
         let have = disk(&[("v1", Ready), ("v2", Ready)], Some("v2"));
@@ -474,6 +509,7 @@ mod tests {
                                     .map(|i| names[i].clone())
                                     .collect(),
                                 current: maybe(current),
+                                may_repair: true,
                             };
                             let mut have = OnDisk::default();
                             for (i, name) in names.iter().enumerate() {
@@ -621,7 +657,11 @@ mod tests {
                 assert_eq!(have.live, want.current);
             }
             assert!(have.rollout.is_none() || want.current.is_none());
-            for (version, local) in &have.versions {
+            for (version, local) in have
+                .versions
+                .iter()
+                .filter(|(v, _)| want.versions.contains(*v))
+            {
                 assert_eq!(
                     reports.get(version),
                     Some(&report_for(version, *local, &have, have.rollout.is_some()))

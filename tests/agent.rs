@@ -130,7 +130,9 @@ fn the_running_version_is_kept_until_another_one_is_rolled_out_even_when_its_key
     // ...and v1 is removed from the tree: it must stay, since it runs.
     fleet.remove_version("v1");
     wait_for("the agent to see v1's removal", || {
-        agent.log().contains("api v1: the folder key is gone")
+        agent
+            .log()
+            .contains("api v1: its key is gone from the tree")
     });
     // One more change to be sure a whole reconcile pass ran after it.
     fleet.add_version("v3");

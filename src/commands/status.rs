@@ -23,7 +23,7 @@ use super::{Ctx, version_arg};
 use crate::cli::StatusArgs;
 use crate::config::Env;
 use crate::error::{Error, Result};
-use crate::tree::{NodeState, Prefix, Tree};
+use crate::tree::{NodeState, Prefix, Tree, shown};
 
 pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
@@ -117,7 +117,7 @@ pub(crate) fn table(
         "{prefix}: current {}\n\n",
         match (&tree.current, current) {
             (_, Some(c)) => c.to_string(),
-            (Some(raw), None) => format!("{:?} (not a valid version)", raw.value),
+            (Some(raw), None) => format!("\"{}\" (not a valid version)", shown(&raw.value)),
             (None, None) => "unset".to_string(),
         }
     );

@@ -1,0 +1,126 @@
+//! One deployment as the agent runs it: its spec, its directory and what
+//! the disk holds, what this node reported, its view of the tree, and its
+//! watches.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::view::View;
+use super::watch::{Target, Watches};
+use crate::config::Deployment;
+use crate::error::{Error, Result};
+use crate::hooks;
+use crate::local_state::DeploymentDir;
+use crate::pacing::Backoff;
+use crate::plan::OnDisk;
+use crate::tree::NodeState;
+use crate::version_name::VersionName;
+
+pub(crate) struct DeploymentState {
+    pub spec: Deployment,
+    /// The spec's shell has `set -o pipefail` (probed once, not per hook).
+    pub pipefail: bool,
+    pub dir: DeploymentDir,
+    pub disk: OnDisk,
+    /// This node's keys in Consul under the current session.
+    pub reported: BTreeMap<VersionName, NodeState>,
+    pub view: View,
+    /// Warnings already given (names under the prefix, invalid current).
+    warned: BTreeSet<String>,
+    pub backoff: Backoff,
+    pub blocked_until: Option<Instant>,
+    pub watches: Option<Watches>,
+    /// The id the running watches post with.
+    pub watch_id: u64,
+    /// When to try again to start watches that could not start.
+    pub watch_retry: Option<Instant>,
+    pub watch_backoff: Backoff,
+    /// The versions this node reported `failed`: the tree watch checks that
+    /// their keys still exist (an operator deleting one asks for a retry).
+    own_failed: Arc<Mutex<BTreeSet<VersionName>>>,
+}
+
+impl DeploymentState {
+    /// Opens the deployment's directory (taking its lock), kills the hook
+    /// an earlier run left running, and loads what the disk holds.
+    pub(crate) fn open(spec: Deployment) -> Result<DeploymentState> {
+        let wrap = |e: Error| Error::Config(format!("{}.path: {e}", spec.origin));
+        let dir = DeploymentDir::open(&spec.path).map_err(wrap)?;
+        if let Some(pgid) = dir.leftover_hook() {
+            if hooks::kill_leftover(pgid) {
+                log::warn!(
+                    "{}: killed the hook (process group {pgid}) an earlier run left running",
+                    spec.id
+                );
+            }
+            dir.clear_hook().map_err(wrap)?;
+        }
+        let disk = dir.load().map_err(wrap)?;
+        let pipefail = super::reload::shell_pipefail(&spec);
+        Ok(DeploymentState {
+            spec,
+            pipefail,
+            dir,
+            disk,
+            reported: BTreeMap::new(),
+            view: View::default(),
+            warned: BTreeSet::new(),
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            blocked_until: None,
+            watches: None,
+            watch_id: 0,
+            watch_retry: None,
+            watch_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            own_failed: Arc::default(),
+        })
+    }
+
+    pub(crate) fn label(&self, version: &VersionName) -> String {
+        format!("{} {version}", self.spec.id)
+    }
+
+    pub(crate) fn warn_once(&mut self, what: String) {
+        if self.warned.insert(what.clone()) {
+            log::warn!("{}: {what}", self.spec.id);
+        }
+    }
+
+    pub(crate) fn watch_target(&self, node: &str) -> Target {
+        Target {
+            prefix: self.spec.prefix.clone(),
+            node: node.to_string(),
+            own: self.own_failed.clone(),
+        }
+    }
+
+    /// This node's keys are gone or unknown (a new session, Consul's state
+    /// replaced): every key is written again by the next plans.
+    pub(crate) fn forget_reports(&mut self) {
+        self.reported.clear();
+        self.sync_own_failed();
+    }
+
+    /// Records a key this node wrote (or deleted, with `None`).
+    pub(crate) fn record_report(&mut self, version: &VersionName, state: Option<NodeState>) {
+        match state {
+            Some(state) => {
+                self.reported.insert(version.clone(), state);
+            }
+            None => {
+                self.reported.remove(version);
+            }
+        }
+        self.sync_own_failed();
+    }
+
+    fn sync_own_failed(&self) {
+        let failed: BTreeSet<VersionName> = self
+            .reported
+            .iter()
+            .filter(|(_, s)| **s == NodeState::Failed)
+            .map(|(v, _)| v.clone())
+            .collect();
+        *self.own_failed.lock().unwrap_or_else(|e| e.into_inner()) = failed;
+    }
+}

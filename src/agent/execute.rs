@@ -1,0 +1,398 @@
+//! Doing a plan's actions, and what a failure of each means.
+//!
+//! Writes to Consul carry their own conditions, so that a stale view can
+//! never make them wrong:
+//! - a node key is written only together with a check that its version's
+//!   key exists (in the same transaction): an agent never writes a node key
+//!   for a version the tree it talks to lacks, whatever it saw before;
+//! - `current`'s missing folder key is re-created only if `current` still
+//!   has the ModifyIndex the agent saw (and only if the key is still
+//!   missing): a version an operator removed meanwhile is never brought back.
+//!
+//! A rejected write is an answer, not an outage: a missing version key means
+//! the version is gone (forget it); a key held by one of this agent's own old
+//! sessions (a snapshot restore brings them back) means destroying that
+//! session; a key held by a session it does not know means another agent
+//! has its name.
+
+use std::path::PathBuf;
+
+use super::{Agent, Failure};
+use crate::consul::{Conflict, Read, TxnOp, TxnOutcome};
+use crate::error::Error;
+use crate::hooks::HookKind;
+use crate::plan::{Action, LocalVersion, RolloutAttempt};
+use crate::version_name::VersionName;
+
+/// Reports written in one transaction: two operations each (the version's
+/// key checked, the node key written), and Consul takes at most 64.
+pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 2;
+
+impl Agent {
+    pub(super) fn execute(&mut self, index: usize, mut batch: Vec<Action>) {
+        log::debug!("{}: {batch:?}", self.deployments[index].spec.id);
+        if batch.iter().all(super::is_report) {
+            let result = self.report(index, &batch);
+            return self.settle(index, result);
+        }
+        let result = match batch.swap_remove(0) {
+            Action::Report(..) | Action::Unreport(_) => unreachable!("reports are batched"),
+            Action::Repair(version) => self.repair(index, &version),
+            Action::Stage(version) => self.stage(index, &version),
+            Action::Deploy(version) => self.deploy(index, &version),
+            Action::Rollout { to, from } => self.rollout(index, &to, from.as_ref()),
+            Action::Clean(version) => self.clean(index, &version),
+        };
+        self.settle(index, result);
+    }
+
+    /// Writes (or deletes) this node's keys for several versions in one
+    /// transaction: one write for Consul, one wake-up for the other agents.
+    fn report(&mut self, index: usize, batch: &[Action]) -> Result<(), Failure> {
+        let Some(session) = self.sessions.id().map(String::from) else {
+            return Ok(());
+        };
+        let name = self.config.name.clone();
+        let deployment = &mut self.deployments[index];
+        // Per action: the node key, and the version key it is checked against.
+        let mut keys: Vec<(String, Option<String>)> = Vec::new();
+        for action in batch {
+            match action {
+                Action::Report(version, _) => {
+                    let node_key = deployment.spec.prefix.node_key(version, &name);
+                    let Some(version_key) = deployment.view.key_of(version) else {
+                        // The plan reports only versions the view holds.
+                        return Err(Failure::Other(format!(
+                            "internal: no key known for {version}; not reporting it"
+                        )));
+                    };
+                    keys.push((node_key, Some(version_key.to_string())));
+                }
+                Action::Unreport(version) => {
+                    keys.push((deployment.spec.prefix.node_key(version, &name), None));
+                }
+                _ => unreachable!("only reports are batched"),
+            }
+        }
+        // The operations, and for each the action it belongs to.
+        let mut ops: Vec<TxnOp<'_>> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (i, (action, (node_key, version_key))) in batch.iter().zip(&keys).enumerate() {
+            match (action, version_key) {
+                (Action::Report(_, state), Some(version_key)) => {
+                    ops.push(TxnOp::Get { key: version_key });
+                    ops.push(TxnOp::Lock {
+                        key: node_key,
+                        value: state.as_str().as_bytes(),
+                        session: &session,
+                    });
+                    owner.extend([i, i]);
+                }
+                _ => {
+                    ops.push(TxnOp::Delete { key: node_key });
+                    owner.push(i);
+                }
+            }
+        }
+        let outcome = self.consul.txn(&ops)?;
+        self.health.reachable(&self.consul);
+        let failures = match outcome {
+            TxnOutcome::Committed(_) => {
+                let deployment = &mut self.deployments[index];
+                for action in batch {
+                    match action {
+                        Action::Report(version, state) => {
+                            log::info!("{}: {state}", deployment.label(version));
+                            deployment.record_report(version, Some(*state));
+                        }
+                        Action::Unreport(version) => {
+                            log::info!("{}: removed", deployment.label(version));
+                            deployment.record_report(version, None);
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(());
+            }
+            TxnOutcome::Rejected(failures) => failures,
+        };
+        // Nothing was written. Act on why, then the next plan tries again.
+        if failures.iter().any(|f| f.conflict == Conflict::Missing) {
+            // A version key the view holds is gone: the view is outdated
+            // (a removal raced this write, or Consul lost its data). Read the
+            // tree again before anything else is decided from it.
+            self.refresh_tree(index);
+        }
+        for failure in failures {
+            let Some(&i) = owner.get(failure.op) else {
+                continue;
+            };
+            let (node_key, _) = &keys[i];
+            let version = match &batch[i] {
+                Action::Report(v, _) | Action::Unreport(v) => v.clone(),
+                _ => continue,
+            };
+            match failure.conflict {
+                Conflict::Missing => log::debug!(
+                    "{}: its key is gone from the tree; not reporting it",
+                    self.deployments[index].label(&version)
+                ),
+                Conflict::LockHeld => self.resolve_lock_conflict(node_key)?,
+                Conflict::InvalidSession => self.session_lost(&session),
+                Conflict::Denied => {
+                    return Err(Failure::Consul(
+                        self.consul
+                            .denied(format!("writing {node_key:?}"), failure.what),
+                    ));
+                }
+                Conflict::LockDelay | Conflict::Stale | Conflict::Other => {
+                    return Err(Failure::Other(format!(
+                        "Consul refused to write {node_key:?}: {}; retrying",
+                        failure.what
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the view of the tree with a fresh read; if Consul does not
+    /// answer, voids it (the watch posts once Consul answers again).
+    fn refresh_tree(&mut self, index: usize) {
+        let target = self.deployments[index].watch_target(&self.config.name);
+        let prefix = self.deployments[index].spec.prefix.as_dir().to_string();
+        match super::watch::look_now(&self.consul, &target) {
+            Ok(seen) => {
+                self.deployments[index].view.see_tree(seen, &prefix);
+            }
+            Err(e) => {
+                self.health.unreachable(&e);
+                self.deployments[index].view.forget_tree();
+            }
+        }
+    }
+
+    /// Another session holds this node's key. If it is one of this agent's
+    /// own old sessions (a snapshot restore brought it back), destroy it
+    /// (its keys go with it); otherwise another agent has this name.
+    fn resolve_lock_conflict(&mut self, key: &str) -> Result<(), Failure> {
+        let holder = self
+            .consul
+            .get(key, Read::now())?
+            .value
+            .and_then(|e| e.session);
+        let Some(holder) = holder else {
+            return Ok(()); // released meanwhile: the next try writes it
+        };
+        if self.sessions.is_own_old(&holder) {
+            self.consul.destroy_session(&holder)?;
+            log::warn!(
+                "destroyed this agent's earlier session {holder}, which still held {key} \
+                 (a snapshot restore brings old sessions back)"
+            );
+            return Ok(());
+        }
+        let name = &self.config.name;
+        let owner = self
+            .consul
+            .session_info(&holder)?
+            .map(|s| s.name)
+            .unwrap_or_default();
+        Err(Failure::Other(format!(
+            "Consul refused to let this node write {key}: session {holder} ({owner:?}) holds it. \
+             Is another agent named {name:?} running? Give each agent its own -name"
+        )))
+    }
+
+    /// Re-creates `current`'s missing folder key, only if `current` is still
+    /// what the agent saw and the key still missing.
+    fn repair(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
+        let deployment = &mut self.deployments[index];
+        let key = deployment.spec.prefix.folder_key(version);
+        let current_key = deployment.spec.prefix.current_key();
+        let Some(seen) = deployment.view.current_index() else {
+            return Ok(());
+        };
+        let ops = [
+            TxnOp::CheckIndex {
+                key: &current_key,
+                index: seen,
+            },
+            TxnOp::Cas {
+                key: &key,
+                value: b"",
+                index: 0,
+            },
+        ];
+        let outcome = self.consul.txn(&ops)?;
+        let deployment = &mut self.deployments[index];
+        match &outcome {
+            TxnOutcome::Committed(_) => {
+                log::warn!(
+                    "{}: current names {version} but its folder key was missing; re-created it",
+                    deployment.spec.id
+                );
+                deployment.view.repaired(version, key);
+            }
+            TxnOutcome::Rejected(failures) => {
+                if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
+                    return Err(Failure::Consul(
+                        self.consul
+                            .denied(format!("creating {key:?}"), denied.what.clone()),
+                    ));
+                }
+                if outcome.failure_of(0).is_some() {
+                    log::info!(
+                        "{}: not re-creating {key}: current changed since it was read",
+                        deployment.spec.id
+                    );
+                    deployment.view.current_outdated();
+                } else {
+                    // Someone else re-created it first.
+                    deployment.view.repaired(version, key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stage(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
+        let deployment = &mut self.deployments[index];
+        match deployment.dir.stage(version) {
+            Ok(()) => {
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::Deploying);
+                Ok(())
+            }
+            Err(Error::Refused(why)) => {
+                log::error!("{}: {why}", deployment.label(version));
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::DeployFailed);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn deploy(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
+        let dir = self.deployments[index].dir.fresh_version_dir(version)?;
+        log::info!(
+            "{}: deploying into {}",
+            self.deployments[index].label(version),
+            dir.display()
+        );
+        let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None);
+        let deployment = &mut self.deployments[index];
+        match outcome {
+            Ok(()) => {
+                deployment.dir.mark_ready(version)?;
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::Ready);
+                log::info!("{}: deployed", deployment.label(version));
+            }
+            Err(why) => {
+                deployment
+                    .disk
+                    .versions
+                    .insert(version.clone(), LocalVersion::DeployFailed);
+                log::error!(
+                    "{}: the deploy hook {why}; reporting failed (fix it, then run `depro deploy {version}` again to retry)",
+                    deployment.label(version)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn rollout(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<&VersionName>,
+    ) -> Result<(), Failure> {
+        let deployment = &mut self.deployments[index];
+        deployment.dir.begin_rollout(to)?;
+        deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
+        let from_text = from
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "nothing".into());
+        log::info!("{}: rolling out (from {from_text})", deployment.label(to));
+        let cwd = deployment.spec.path.clone();
+        let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from));
+        let deployment = &mut self.deployments[index];
+        match outcome {
+            Ok(()) => {
+                deployment.dir.finish_rollout(to)?;
+                deployment.disk.live = Some(to.clone());
+                deployment.disk.rollout = None;
+                log::info!("{}: live", deployment.label(to));
+            }
+            Err(why) => {
+                // The rollout stays unsettled (so the next one runs whatever
+                // current is) and the version failed until an operator retries.
+                deployment.disk.rollout_failed.insert(to.clone());
+                log::error!(
+                    "{}: the rollout hook {why}; reporting failed",
+                    deployment.label(to)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn clean(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
+        let deployment = &self.deployments[index];
+        let cwd: PathBuf = deployment.spec.path.clone();
+        log::info!("{}: cleaning", deployment.label(version));
+        if deployment.dir.owns(version) {
+            if let Err(why) = self.run_hook(index, HookKind::Clean, version, cwd, None) {
+                log::warn!(
+                    "{}: the clean hook {why}; removing the directory anyway",
+                    self.deployments[index].label(version)
+                );
+            }
+        }
+        let deployment = &mut self.deployments[index];
+        deployment.dir.remove_version(version)?;
+        deployment.disk.versions.remove(version);
+        deployment.disk.rollout_failed.remove(version);
+        Ok(())
+    }
+
+    /// This node's `failed` key for `version` is gone. An operator deleting
+    /// it asks for a retry; a lost session deletes it too, and is no such
+    /// request. Confirmed on the leader, then told apart by asking Consul
+    /// whether the session lives.
+    pub(super) fn own_key_gone(&mut self, index: usize, version: &VersionName) {
+        let deployment = &self.deployments[index];
+        if deployment.reported.get(version) != Some(&crate::tree::NodeState::Failed) {
+            return;
+        }
+        let Some(session) = self.sessions.id().map(String::from) else {
+            return;
+        };
+        let key = deployment.spec.prefix.node_key(version, &self.config.name);
+        let verdict = self.consul.get(&key, Read::now()).and_then(|answer| {
+            if answer.value.is_some() {
+                return Ok(None); // a follower lagged: it is still there
+            }
+            Ok(Some(self.consul.session_info(&session)?.is_some()))
+        });
+        match verdict {
+            Ok(None) => {}
+            Ok(Some(true)) => super::reload::retry(&mut self.deployments[index], version),
+            Ok(Some(false)) => self.session_lost(&session),
+            Err(e) => {
+                // Cannot tell: report `failed` again rather than retry on a guess.
+                self.health.unreachable(&e);
+                self.deployments[index].record_report(version, None);
+            }
+        }
+    }
+}

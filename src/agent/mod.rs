@@ -1,0 +1,423 @@
+//! The agent: one main loop that makes this host follow the Consul tree.
+//!
+//! Every decision and every write happens on this loop. Other threads only
+//! wait and post events to it: each deployment's two watches, the session
+//! keeper, and the signal forwarder (which also reports SIGCHLD, so no
+//! thread waits for a hook); a hook's output has a reader thread. The loop:
+//!
+//! 1. takes the events that arrived (observations, a lost session, signals);
+//! 2. makes sure a session exists and every deployment's watches run;
+//! 3. asks [`plan`](crate::plan::plan) what to do for each deployment whose
+//!    view of the tree is complete, and executes the first action of one
+//!    plan (or its leading reports, in one transaction), round robin across
+//!    deployments, then goes back to 1;
+//! 4. with nothing to do, sleeps until the next event or retry.
+//!
+//! The rooms:
+//! - [`view`]: the view of a deployment's tree and how observations update
+//!   it (pure);
+//! - [`watch`]: the watch threads, and the shared record of Consul's health;
+//! - [`session`]: the session's lifecycle (leftovers, keeper, loss, its own
+//!   old sessions);
+//! - [`deployment`]: one deployment's state, opened from its directory;
+//! - [`execute`]: doing a plan's actions, and what a failure of each means;
+//! - [`supervise`]: running a hook to its end, its timeout, or shutdown;
+//! - [`reload`]: SIGHUP, and shutting down.
+
+mod deployment;
+mod execute;
+mod reload;
+mod session;
+mod supervise;
+mod view;
+mod watch;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Instant;
+
+use crate::cli::AgentArgs;
+use crate::config::{self, AgentConfig};
+use crate::consul::Consul;
+use crate::error::{Error, Result};
+use crate::plan::{Action, Reports, plan};
+use crate::signals::{self, Signal};
+use deployment::DeploymentState;
+use session::{Ensured, Sessions};
+use watch::{Health, Part, Seen};
+
+/// What the other threads tell the main loop.
+pub(crate) enum Event {
+    /// A deployment's watches (identified by the id they were started with).
+    Seen {
+        watch: u64,
+        seen: Seen,
+    },
+    SessionLost {
+        session: String,
+    },
+    Signal(Signal),
+}
+
+/// Runs the agent until it is told to stop.
+pub(crate) fn run(args: AgentArgs) -> Result<()> {
+    let config = config::resolve_agent(&args, &config::process_env)?;
+    crate::logging::init(config.log_level);
+    let (tx, rx) = mpsc::channel();
+    let signal_tx = tx.clone();
+    signals::forward(move |signal| signal_tx.send(Event::Signal(signal)).is_ok())
+        .map_err(|e| Error::Config(format!("cannot install signal handlers: {e}")))?;
+    let mut agent = Agent::new(args, config, tx, rx)?;
+    agent.run();
+    Ok(())
+}
+
+pub(crate) struct Agent {
+    args: AgentArgs,
+    config: AgentConfig,
+    consul: Arc<Consul>,
+    health: Arc<Health>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    /// Events that arrived while a hook ran, handled after it.
+    pending: VecDeque<Event>,
+    deployments: Vec<DeploymentState>,
+    sessions: Sessions,
+    stopping: bool,
+    next_watch: u64,
+    last_served: usize,
+}
+
+/// How an action failed.
+pub(crate) enum Failure {
+    /// Talking to Consul failed: logged by `Health`, retried with backoff.
+    Consul(crate::consul::ConsulError),
+    /// Anything else: logged here, retried with backoff.
+    Other(String),
+}
+
+impl From<crate::consul::ConsulError> for Failure {
+    fn from(e: crate::consul::ConsulError) -> Failure {
+        Failure::Consul(e)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        match e {
+            Error::Consul(e) => Failure::Consul(*e),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+impl Agent {
+    fn new(
+        args: AgentArgs,
+        config: AgentConfig,
+        tx: Sender<Event>,
+        rx: Receiver<Event>,
+    ) -> Result<Agent> {
+        let consul = Arc::new(Consul::new(&config.consul).map_err(Error::Config)?);
+        let mut deployments = Vec::new();
+        let mut recorded = Vec::new();
+        for spec in &config.deployments {
+            let state = DeploymentState::open(spec.clone())?;
+            for id in state.dir.saved_sessions() {
+                if !recorded.contains(&id) {
+                    recorded.push(id);
+                }
+            }
+            deployments.push(state);
+        }
+        Ok(Agent {
+            args,
+            config,
+            consul,
+            health: Arc::new(Health::default()),
+            tx,
+            rx,
+            pending: VecDeque::new(),
+            deployments,
+            sessions: Sessions::new(recorded),
+            stopping: false,
+            next_watch: 0,
+            last_served: 0,
+        })
+    }
+
+    fn run(&mut self) {
+        self.announce();
+        loop {
+            while let Some(event) = self.pending.pop_front().or_else(|| self.rx.try_recv().ok()) {
+                self.handle(event);
+            }
+            if self.stopping {
+                break;
+            }
+            self.ensure_session();
+            self.start_watches();
+            if let Some((index, action)) = self.next_action() {
+                self.execute(index, action);
+                continue;
+            }
+            let event = match self.next_wakeup() {
+                Some(at) => match self
+                    .rx
+                    .recv_timeout(at.saturating_duration_since(Instant::now()))
+                {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                None => match self.rx.recv() {
+                    Ok(event) => event,
+                    Err(_) => break,
+                },
+            };
+            self.handle(event);
+        }
+        self.shut_down();
+    }
+
+    fn announce(&self) {
+        if self.deployments.is_empty() {
+            log::info!(
+                "depro agent {} is idle: no deployments configured ({}); add a config and reload (SIGHUP)",
+                self.config.name,
+                reload::describe_files(&self.config.files)
+            );
+        } else {
+            let ids: Vec<&str> = self
+                .deployments
+                .iter()
+                .map(|d| d.spec.id.as_str())
+                .collect();
+            log::info!(
+                "depro agent {} follows {} via Consul at {}",
+                self.config.name,
+                ids.join(", "),
+                self.consul.server()
+            );
+        }
+    }
+
+    // ---- events ----
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Seen { watch, seen } => self.seen(watch, seen),
+            Event::SessionLost { session } => self.session_lost(&session),
+            Event::Signal(Signal::ChildExited) => {} // no hook runs now
+            Event::Signal(Signal::Stop(number)) => self.stop(number),
+            Event::Signal(Signal::Reload) => self.reload(),
+        }
+    }
+
+    fn stop(&mut self, number: i32) {
+        if self.stopping {
+            log::warn!("{} again: exiting now", signals::name(number));
+            std::process::exit(128 + number);
+        }
+        log::info!("{}: shutting down", signals::name(number));
+        self.stopping = true;
+    }
+
+    fn session_lost(&mut self, session: &str) {
+        if self.sessions.lost(session) {
+            for deployment in &mut self.deployments {
+                deployment.forget_reports();
+            }
+        }
+    }
+
+    fn seen(&mut self, watch: u64, seen: Seen) {
+        let Some(index) = self.deployments.iter().position(|d| d.watch_id == watch) else {
+            return; // watches stopped since (reload)
+        };
+        let deployment = &mut self.deployments[index];
+        match seen {
+            Seen::Tree(tree) => {
+                let prefix = deployment.spec.prefix.as_dir().to_string();
+                let noticed = deployment.view.see_tree(tree, &prefix);
+                if noticed.emptied {
+                    log::info!(
+                        "{}: nothing under {} (or the token cannot read it); waiting",
+                        deployment.spec.id,
+                        deployment.spec.prefix
+                    );
+                }
+                for warning in noticed.warnings {
+                    deployment.warn_once(warning);
+                }
+                for version in &noticed.removed {
+                    log::debug!(
+                        "{}: its key is gone from the tree",
+                        deployment.label(version)
+                    );
+                }
+                for version in noticed.own_missing {
+                    self.own_key_gone(index, &version);
+                }
+            }
+            Seen::Current(current) => {
+                let key = deployment.spec.prefix.current_key();
+                if let Some(warning) = deployment.view.see_current(current, &key) {
+                    deployment.warn_once(warning);
+                }
+            }
+            Seen::Replaced(part) => {
+                log::warn!(
+                    "{}: Consul's index went backwards (its state was replaced: restarted without \
+                     its data, rebuilt or restored); reading it again and registering this node's keys again",
+                    deployment.spec.id
+                );
+                match part {
+                    Part::Tree => deployment.view.forget_tree(),
+                    Part::Current => deployment.view.forget_current(),
+                }
+                deployment.forget_reports();
+            }
+        }
+    }
+
+    // ---- session and watches ----
+
+    fn ensure_session(&mut self) {
+        if self.deployments.is_empty() {
+            return;
+        }
+        let tx = self.tx.clone();
+        let ensured = self.sessions.ensure(
+            &self.consul,
+            &self.config.name,
+            self.config.session_ttl,
+            &self.health,
+            move |session| {
+                let _ = tx.send(Event::SessionLost { session });
+            },
+        );
+        if let Ensured::Ready { new: true } = ensured {
+            let history = self.sessions.history();
+            for deployment in &mut self.deployments {
+                deployment.forget_reports();
+                if let Err(e) = deployment.dir.save_sessions(&history) {
+                    log::warn!("{}: {e}", deployment.spec.id);
+                }
+            }
+        }
+    }
+
+    /// Starts the watches of deployments that have none; a thread that
+    /// cannot be started is logged and retried with backoff.
+    fn start_watches(&mut self) {
+        let now = Instant::now();
+        for deployment in &mut self.deployments {
+            if deployment.watches.is_some() || deployment.watch_retry.is_some_and(|at| at > now) {
+                continue;
+            }
+            self.next_watch += 1;
+            let id = self.next_watch;
+            let tx = self.tx.clone();
+            let started = watch::start(
+                self.consul.clone(),
+                deployment.watch_target(&self.config.name),
+                self.health.clone(),
+                move |seen| tx.send(Event::Seen { watch: id, seen }).is_ok(),
+            );
+            match started {
+                Ok(watches) => {
+                    if deployment.watch_retry.take().is_some() {
+                        log::info!("{}: its watches run now", deployment.spec.id);
+                    }
+                    deployment.watches = Some(watches);
+                    deployment.watch_id = id;
+                    deployment.watch_backoff.reset();
+                }
+                Err(e) => {
+                    let delay = deployment.watch_backoff.next_delay();
+                    log::error!(
+                        "{}: cannot start a thread to watch {} ({e}); it follows nothing until it can; \
+                         retrying in {}",
+                        deployment.spec.id,
+                        deployment.spec.prefix,
+                        crate::duration::human(delay)
+                    );
+                    deployment.watch_retry = Some(now + delay);
+                }
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let mut at = self
+            .sessions
+            .retry_at()
+            .filter(|_| !self.deployments.is_empty());
+        for deployment in &self.deployments {
+            for time in [deployment.blocked_until, deployment.watch_retry]
+                .into_iter()
+                .flatten()
+            {
+                at = Some(at.map_or(time, |a| a.min(time)));
+            }
+        }
+        at
+    }
+
+    // ---- planning ----
+
+    /// The next thing to do: one action, or the leading run of a plan's
+    /// reports (written in one transaction).
+    fn next_action(&mut self) -> Option<(usize, Vec<Action>)> {
+        let count = self.deployments.len();
+        let now = Instant::now();
+        for k in 0..count {
+            let index = (self.last_served + 1 + k) % count;
+            let deployment = &mut self.deployments[index];
+            if deployment.blocked_until.is_some_and(|at| at > now) {
+                continue;
+            }
+            deployment.blocked_until = None;
+            let Some(wanted) = deployment.view.wanted() else {
+                continue;
+            };
+            let reports = match self.sessions.id() {
+                Some(_) => Reports::Online(&deployment.reported),
+                None => Reports::Offline,
+            };
+            let actions = plan(&wanted, &deployment.disk, reports);
+            let reports = actions.iter().take_while(|a| is_report(a)).count();
+            // Two operations per report (a check and a write), at most 64.
+            let batch: Vec<Action> = actions
+                .into_iter()
+                .take(reports.clamp(1, execute::REPORTS_PER_TXN))
+                .collect();
+            if !batch.is_empty() {
+                self.last_served = index;
+                return Some((index, batch));
+            }
+        }
+        None
+    }
+
+    /// After an action: reset the deployment's backoff, or log and back off.
+    fn settle(&mut self, index: usize, result: std::result::Result<(), Failure>) {
+        let deployment = &mut self.deployments[index];
+        match result {
+            Ok(()) => deployment.backoff.reset(),
+            Err(failure) => {
+                match failure {
+                    Failure::Consul(e) => self.health.unreachable(&e),
+                    Failure::Other(message) => log::error!("{}: {message}", deployment.spec.id),
+                }
+                deployment.blocked_until = Some(Instant::now() + deployment.backoff.next_delay());
+            }
+        }
+    }
+}
+
+fn is_report(action: &Action) -> bool {
+    matches!(action, Action::Report(..) | Action::Unreport(_))
+}

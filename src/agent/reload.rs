@@ -1,0 +1,138 @@
+//! SIGHUP and shutdown: switching to a new configuration without losing
+//! the running one when the new one is bad, and ending cleanly.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Agent;
+use super::deployment::DeploymentState;
+use super::view::View;
+use crate::config::{self, AgentConfig, Deployment};
+use crate::consul::Consul;
+use crate::error::{Error, Result};
+use crate::hooks;
+use crate::plan::LocalVersion;
+use crate::version_name::VersionName;
+
+impl Agent {
+    pub(super) fn reload(&mut self) {
+        if self.stopping {
+            return;
+        }
+        log::info!("SIGHUP: reloading the configuration");
+        let applied =
+            config::resolve_agent(&self.args, &config::process_env).and_then(|new| self.apply(new));
+        match applied {
+            Ok(()) => self.announce(),
+            Err(e) => log::error!("reload: {e}; keeping the running configuration"),
+        }
+    }
+
+    /// Switches to a new configuration. Nothing changes unless all of it
+    /// can be applied (every new deployment path opened).
+    fn apply(&mut self, new: AgentConfig) -> Result<()> {
+        let consul = Consul::new(&new.consul).map_err(Error::Config)?;
+        let mut opened = BTreeMap::new();
+        for spec in &new.deployments {
+            if !self.deployments.iter().any(|d| d.spec.path == spec.path) {
+                opened.insert(spec.path.clone(), DeploymentState::open(spec.clone())?);
+            }
+        }
+        crate::logging::set_level(new.log_level);
+        let reconnect = new.consul != self.config.consul
+            || new.name != self.config.name
+            || new.session_ttl != self.config.session_ttl;
+        let mut old = std::mem::take(&mut self.deployments);
+        let mut topology_changed = old.len() != new.deployments.len() || !opened.is_empty();
+        for spec in &new.deployments {
+            let deployment = match opened.remove(&spec.path) {
+                Some(fresh) => fresh,
+                None => {
+                    let at = old
+                        .iter()
+                        .position(|d| d.spec.path == spec.path)
+                        .expect("kept deployment");
+                    let mut kept = old.remove(at);
+                    topology_changed |= kept.spec.id != spec.id || kept.spec.prefix != spec.prefix;
+                    if kept.spec != *spec {
+                        kept.pipefail = shell_pipefail(spec);
+                    }
+                    kept.spec = spec.clone();
+                    kept
+                }
+            };
+            self.deployments.push(deployment);
+        }
+        drop(old); // releases the locks of deployments no longer configured
+        if reconnect || topology_changed {
+            // Start over with Consul: new watches, and a new session that
+            // registers every version again.
+            self.sessions.end(&self.consul);
+            for deployment in &mut self.deployments {
+                deployment.watches = None;
+                deployment.watch_retry = None;
+                deployment.view = View::default();
+                deployment.forget_reports();
+            }
+            self.consul = Arc::new(consul);
+        }
+        self.config = new;
+        Ok(())
+    }
+
+    pub(super) fn shut_down(&mut self) {
+        for deployment in &mut self.deployments {
+            deployment.watches = None;
+        }
+        self.sessions.end(&self.consul);
+        log::info!(
+            "depro agent {} stopped after {} requests to Consul",
+            self.config.name,
+            self.consul.request_count()
+        );
+    }
+}
+
+/// Probes whether the deployment's shell has pipefail, and warns when it
+/// has not and a hook uses a pipe.
+pub(super) fn shell_pipefail(spec: &Deployment) -> bool {
+    let pipefail = hooks::supports_pipefail(&spec.shell);
+    let piped = spec
+        .deploy
+        .iter()
+        .chain(&spec.rollout)
+        .chain(&spec.clean)
+        .any(|l| hooks::has_pipe(l));
+    if piped && !pipefail {
+        log::warn!(
+            "{}: {} has no pipefail, so a failing command inside a pipeline of a hook goes unnoticed; \
+             set \"shell\": \"bash\"",
+            spec.origin,
+            spec.shell.display()
+        );
+    }
+    pipefail
+}
+
+/// An operator deleted this node's `failed` key: try again.
+pub(super) fn retry(deployment: &mut DeploymentState, version: &VersionName) {
+    log::info!(
+        "{}: failed key removed by an operator; retrying",
+        deployment.label(version)
+    );
+    deployment.record_report(version, None);
+    if deployment.disk.versions.get(version) == Some(&LocalVersion::DeployFailed) {
+        deployment.disk.versions.remove(version);
+    }
+    deployment.disk.rollout_failed.remove(version);
+}
+
+pub(super) fn describe_files(files: &[PathBuf]) -> String {
+    if files.is_empty() {
+        "no config files read".to_string()
+    } else {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        format!("read {}", names.join(", "))
+    }
+}

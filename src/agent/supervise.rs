@@ -1,0 +1,181 @@
+//! Running a hook from the main loop: its environment, waiting for it
+//! (SIGCHLD wakes the loop; no thread waits), its timeout, and a shutdown
+//! that lets it finish within the grace period.
+//!
+//! While a hook runs, the loop keeps every other event for later, except
+//! the signals that concern the hook: SIGCHLD, and SIGTERM/SIGINT (which
+//! shorten the wait to the grace period; a second one kills the hook and
+//! exits).
+
+use std::path::PathBuf;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use super::{Agent, Event};
+use crate::hooks::{self, Hook, HookKind};
+use crate::signals::Signal;
+use crate::version_name::VersionName;
+
+/// After SIGTERM to a hook's process group, how long until SIGKILL.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+/// While a hook runs, how often to check on it besides SIGCHLD.
+const CHILD_POLL: Duration = Duration::from_secs(1);
+
+impl Agent {
+    /// Runs a hook to its end, its timeout, or the end of the shutdown
+    /// grace period. Other events that arrive meanwhile are kept for later.
+    pub(super) fn run_hook(
+        &mut self,
+        index: usize,
+        kind: HookKind,
+        version: &VersionName,
+        cwd: PathBuf,
+        previous: Option<Option<&VersionName>>,
+    ) -> Result<(), String> {
+        let spec = &self.deployments[index].spec;
+        let lines = match kind {
+            HookKind::Deploy => &spec.deploy,
+            HookKind::Rollout => &spec.rollout,
+            HookKind::Clean => &spec.clean,
+        };
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut env = vec![
+            ("VERSION", version.to_string()),
+            ("DEPLOYMENT_ID", spec.id.clone()),
+            ("DEPLOYMENT_PATH", spec.path.display().to_string()),
+            ("DEPLOYMENT_PREFIX", spec.prefix.to_string()),
+            ("AGENT_NAME", self.config.name.clone()),
+            (
+                "VERSION_PATH",
+                spec.path.join(version.as_str()).display().to_string(),
+            ),
+        ];
+        if let Some(previous) = previous {
+            env.push((
+                "PREVIOUS_VERSION",
+                previous.map(|v| v.to_string()).unwrap_or_default(),
+            ));
+        }
+        let timeout = spec.timeout;
+        let hook = Hook {
+            kind,
+            shell: &spec.shell,
+            lines,
+            cwd: &cwd,
+            env,
+            label: format!("{} {version}", spec.id),
+            pipefail: self.deployments[index].pipefail,
+        };
+        let mut running = hooks::spawn(&hook)
+            .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
+        let dir = &self.deployments[index].dir;
+        if let Err(e) = dir.record_hook(running.pgid()) {
+            log::warn!("{e}");
+        }
+        let outcome = self.wait_for_hook(&mut running, kind, version, index, timeout);
+        if let Err(e) = self.deployments[index].dir.clear_hook() {
+            log::warn!("{e}");
+        }
+        outcome
+    }
+
+    fn wait_for_hook(
+        &mut self,
+        running: &mut hooks::Running,
+        kind: HookKind,
+        version: &VersionName,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Phase {
+            Running,
+            Terminated,
+            Killed,
+        }
+        #[derive(Clone, Copy)]
+        enum Why {
+            Timeout,
+            Shutdown,
+        }
+        let mut phase = Phase::Running;
+        let mut why = Why::Timeout;
+        let mut deadline = Instant::now() + timeout;
+        if self.stopping {
+            deadline = Instant::now();
+            why = Why::Shutdown;
+        }
+        loop {
+            if let Some(status) = running.try_wait() {
+                if phase != Phase::Running {
+                    running.kill(); // leave no stragglers in the group
+                }
+                return match (hooks::failure(&status), phase) {
+                    (None, _) => Ok(()),
+                    (Some(failure), Phase::Running) => Err(failure),
+                    (Some(failure), _) => Err(match why {
+                        Why::Timeout => format!(
+                            "timed out after {} and {failure}",
+                            crate::duration::human(timeout)
+                        ),
+                        Why::Shutdown => {
+                            format!("was stopped by the agent's shutdown and {failure}")
+                        }
+                    }),
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                match phase {
+                    Phase::Running => {
+                        log::warn!(
+                            "[{} {version} {}] {}; stopping its process group",
+                            self.deployments[index].spec.id,
+                            kind.as_str(),
+                            match why {
+                                Why::Timeout =>
+                                    format!("timed out after {}", crate::duration::human(timeout)),
+                                Why::Shutdown => "the shutdown grace period is over".to_string(),
+                            }
+                        );
+                        running.terminate();
+                        phase = Phase::Terminated;
+                    }
+                    Phase::Terminated => {
+                        running.kill();
+                        phase = Phase::Killed;
+                    }
+                    Phase::Killed => return Err("did not end even after SIGKILL".to_string()),
+                }
+                deadline = now + KILL_AFTER;
+                continue;
+            }
+            // SIGCHLD wakes this up when the hook ends; the poll interval is
+            // only a safety net.
+            match self.rx.recv_timeout((deadline - now).min(CHILD_POLL)) {
+                Ok(Event::Signal(Signal::ChildExited)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Event::Signal(Signal::Stop(number))) => {
+                    if self.stopping {
+                        running.kill();
+                    }
+                    self.stop(number);
+                    let grace = self.config.shutdown_grace;
+                    log::info!(
+                        "letting the running {} hook finish (at most {})",
+                        kind.as_str(),
+                        crate::duration::human(grace)
+                    );
+                    let end = Instant::now() + grace;
+                    if phase == Phase::Running && end < deadline {
+                        deadline = end;
+                        why = Why::Shutdown;
+                    }
+                }
+                Ok(other) => self.pending.push_back(other),
+                Err(RecvTimeoutError::Disconnected) => return Err("lost track of the hook".into()),
+            }
+        }
+    }
+}
