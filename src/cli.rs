@@ -44,6 +44,8 @@ pub(crate) struct ConnectionFlags {
 pub(crate) struct AgentArgs {
     pub config_dirs: Vec<PathBuf>,
     pub config_files: Vec<PathBuf>,
+    /// Accept config files others could change (logged as warnings).
+    pub allow_insecure_config: bool,
     pub name: Option<String>,
     pub log_level: Option<String>,
     pub connection: ConnectionFlags,
@@ -344,6 +346,9 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
                 .push(parser.value().map_err(usage(Some(command)))?.into()),
             Key::Long("name") => args.name = Some(string(parser, command)?),
             Key::Long("log-level") => args.log_level = Some(string(parser, command)?),
+            Key::Long("allow-insecure-config") => {
+                args.allow_insecure_config = boolean(parser, "allow-insecure-config", command)?
+            }
             _ => return Err(unexpected(&arg, command)),
         }
     }

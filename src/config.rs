@@ -86,6 +86,8 @@ pub(crate) struct Deployment {
 /// Everything the agent runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct AgentConfig {
+    /// What was accepted only because of `-allow-insecure-config`, to log.
+    pub warnings: Vec<String>,
     pub name: String,
     pub consul: ConsulSettings,
     pub log_level: log::LevelFilter,
@@ -100,6 +102,17 @@ pub(crate) struct AgentConfig {
 /// config files the flags name.
 pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfig, Error> {
     let files = config_files(args)?;
+    let mut warnings = Vec::new();
+    for problem in insecure_config(args, &files) {
+        if !args.allow_insecure_config {
+            return Err(Error::Config(format!(
+                "{problem}, and the agent runs its hooks as its own user (often root); \
+                 fix the owner or mode (chmod go-w), or start the agent with -allow-insecure-config \
+                 to accept it knowingly"
+            )));
+        }
+        warnings.push(format!("{problem} (accepted: -allow-insecure-config)"));
+    }
     let mut merged = FileConfig::default();
     let mut scalar_origin: BTreeMap<&'static str, PathBuf> = BTreeMap::new();
     let mut deployments = Vec::new();
@@ -206,10 +219,29 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
                 other.origin
             )));
         }
+        if let Some(other) = resolved
+            .iter()
+            .find(|d| d.path.starts_with(&deployment.path) || deployment.path.starts_with(&d.path))
+        {
+            let (inner, outer) = if other.path.starts_with(&deployment.path) {
+                (other, &deployment)
+            } else {
+                (&deployment, other)
+            };
+            return Err(Error::Config(format!(
+                "{}: the path {} is inside {}, the path of {}; deployment paths must not nest \
+                 (cleaning one would delete the other's files): give each its own directory",
+                inner.origin,
+                inner.path.display(),
+                outer.path.display(),
+                outer.origin
+            )));
+        }
         resolved.push(deployment);
     }
 
     Ok(AgentConfig {
+        warnings,
         name,
         consul,
         log_level,
@@ -460,11 +492,16 @@ fn resolve_deployment(
             ),
         ));
     }
-    let path = normalize_path(&path);
+    let path = resolve_path(&path)
+        .map_err(|e| bad("path", format!("cannot create {:?}: {e}", raw.path)))?;
     if path == Path::new("/") {
         return Err(bad(
             "path",
-            "\"/\" cannot be a deployment path; use a directory of its own".into(),
+            format!(
+                "{:?} resolves to / (through \"..\" or a symlink), which cannot be a deployment path; \
+                 use a directory of its own",
+                raw.path
+            ),
         ));
     }
     let prefix = Prefix::parse(&raw.prefix).map_err(|why| bad("prefix", why))?;
@@ -492,9 +529,89 @@ fn resolve_deployment(
     })
 }
 
-/// `/data/deploy/api/` → `/data/deploy/api` (lexically; no symlinks followed).
-fn normalize_path(path: &Path) -> PathBuf {
-    path.components().collect()
+/// The path as the kernel will resolve it: symlinks and `..` of its part
+/// that exists resolved (`canonicalize`), the rest (to be created) appended
+/// with `..` and `.` resolved by name. So `/tmp/..` is `/`, and a symlink to
+/// `/` is `/`.
+fn resolve_path(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(base) => {
+                let mut resolved = base;
+                for part in rest.iter().rev() {
+                    match Path::new(part).components().next() {
+                        Some(Component::ParentDir) => {
+                            resolved.pop();
+                        }
+                        Some(Component::CurDir) | None => {}
+                        Some(_) => resolved.push(part),
+                    }
+                }
+                return Ok(resolved);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name().map(|n| n.to_os_string()) else {
+                    // `..` or `.` at the end of a missing path: resolve by name.
+                    let parent = existing.parent().map(Path::to_path_buf).ok_or(e)?;
+                    rest.push(
+                        existing
+                            .components()
+                            .next_back()
+                            .map_or_else(Default::default, |c| c.as_os_str().to_os_string()),
+                    );
+                    existing = parent;
+                    continue;
+                };
+                rest.push(name);
+                existing = existing.parent().map(Path::to_path_buf).ok_or(e)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Config files and directories that someone other than root or the agent's
+/// user could change (like sshd's StrictModes): each is a problem, since the
+/// hooks they define run as the agent's user.
+fn insecure_config(args: &AgentArgs, files: &[PathBuf]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let mut places: Vec<PathBuf> = args.config_dirs.clone();
+    for file in &args.config_files {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            places.push(parent.to_path_buf());
+        }
+    }
+    places.extend(files.iter().cloned());
+    let mut problems = Vec::new();
+    for place in places {
+        let Ok(meta) = std::fs::metadata(&place) else {
+            continue; // reading it reports the error
+        };
+        let what = if meta.is_dir() { "directory" } else { "file" };
+        let mode = meta.mode() & 0o7777;
+        if meta.uid() != 0 && meta.uid() != me {
+            problems.push(format!(
+                "{}: the config {what} is owned by user {}, not by root or the agent's user ({me})",
+                place.display(),
+                meta.uid()
+            ));
+        } else if mode & 0o002 != 0 {
+            problems.push(format!(
+                "{}: the config {what} is writable by others (mode {mode:04o})",
+                place.display()
+            ));
+        } else if mode & 0o020 != 0 {
+            problems.push(format!(
+                "{}: the config {what} is writable by its group (mode {mode:04o})",
+                place.display()
+            ));
+        }
+    }
+    problems
 }
 
 fn find_executable(name: &str, env: Env<'_>) -> Option<PathBuf> {
@@ -796,6 +913,25 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.contains("/no/such/dir (-config-dir)"), "{err}");
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_and_dot_dot_even_where_they_do_not_exist_yet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        assert_eq!(resolve_path(Path::new("/tmp/..")).unwrap(), Path::new("/"));
+        std::os::unix::fs::symlink("/", base.join("root")).unwrap();
+        assert_eq!(resolve_path(&base.join("root")).unwrap(), Path::new("/"));
+        assert_eq!(
+            resolve_path(&base.join("new/api/../web")).unwrap(),
+            base.join("new/web")
+        );
+        std::fs::create_dir(base.join("real")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        assert_eq!(
+            resolve_path(&base.join("link/api")).unwrap(),
+            base.join("real/api")
+        );
     }
 
     #[test]

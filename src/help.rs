@@ -50,6 +50,7 @@ finish within shutdown_grace), SIGHUP reloads the configuration.
   -config-file=FILE   read FILE (repeatable)
   -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
   -log-level=LEVEL    error, warn, info, debug or trace [info]
+  -allow-insecure-config  accept config files or directories others could change
 "
         }
         "deploy" => {

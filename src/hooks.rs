@@ -19,9 +19,19 @@
 //! by `if`, `while`, `&&`, `||` or `!` do not end the script.
 //!
 //! Each hook runs in a process group of its own, so that a timeout or a
-//! shutdown can signal every process it started. Its stdout and stderr go to
-//! the agent's log line by line, prefixed with the deployment and version.
-//! The ACL token variables are removed from its environment.
+//! shutdown can signal every process it started; when the hook ends, what is
+//! left of its group is killed too (a hook's background jobs end with it:
+//! start long-running services through systemd, not as a hook's children).
+//! Its stdout and stderr go to the agent's log line by line, prefixed with
+//! the deployment and version. The ACL token variables are removed from its
+//! environment.
+//!
+//! Each run carries a mark in its environment, `DEPRO_HOOK_ID=<random>`,
+//! which every process it starts inherits and keeps across `exec`. If the
+//! agent dies while a hook runs, the next agent finds what is left of that
+//! hook by this mark (in `/proc/<pid>/environ`), even after the shell
+//! replaced itself with another program or the group's leader exited, and
+//! kills it before deploying afresh.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -33,6 +43,9 @@ use nix::unistd::Pid;
 
 /// Environment variables never passed to hooks (they hold the ACL token).
 const SECRET_VARIABLES: [&str; 2] = ["CONSUL_HTTP_TOKEN", "DEPRO_TOKEN"];
+
+/// The variable that marks every process of one hook run.
+pub(crate) const MARK_VARIABLE: &str = "DEPRO_HOOK_ID";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HookKind {
@@ -97,14 +110,60 @@ pub(crate) fn has_pipe(line: &str) -> bool {
 pub(crate) struct Running {
     child: std::process::Child,
     pgid: Pid,
+    mark: String,
 }
 
-/// Kills the process group of a hook that an earlier run of the agent left
-/// behind (it died with `kill -9`), so that it cannot write into a version
-/// being deployed afresh. Checks `/proc` first that the group leader is still
-/// a depro hook (its `$0` is `depro-<kind>`), not a reused process ID.
-/// Returns whether it killed something.
-pub(crate) fn kill_leftover(pgid: i32) -> bool {
+/// What the agent records of a running hook, to find it after a crash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Leftover {
+    pub pgid: i32,
+    /// The run's `DEPRO_HOOK_ID` (absent in what older agents recorded).
+    pub mark: Option<String>,
+}
+
+impl Leftover {
+    /// `<pgid> <mark>`, as recorded in `.depro/hook`.
+    pub(crate) fn parse(text: &str) -> Option<Leftover> {
+        let mut words = text.split_whitespace();
+        let pgid = words.next()?.parse().ok().filter(|p| *p > 1)?;
+        Some(Leftover {
+            pgid,
+            mark: words.next().map(String::from),
+        })
+    }
+
+    pub(crate) fn record(&self) -> String {
+        match &self.mark {
+            Some(mark) => format!("{} {mark}", self.pgid),
+            None => self.pgid.to_string(),
+        }
+    }
+}
+
+/// Kills what is left of a hook an earlier run of the agent left running
+/// (it died with `kill -9`), so that it cannot write into a version being
+/// deployed afresh: every process that carries the run's mark, and its
+/// process group. Never a process without the mark: a process ID may have
+/// been reused. Returns how many processes it killed.
+pub(crate) fn kill_leftover(leftover: &Leftover) -> usize {
+    let Some(mark) = &leftover.mark else {
+        return kill_leftover_group(leftover.pgid);
+    };
+    let needle = format!("{MARK_VARIABLE}={mark}");
+    let marked = processes_with(needle.as_bytes());
+    for pid in &marked {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    if !marked.is_empty() {
+        // Children that cleared their environment still share the group.
+        let _ = killpg(Pid::from_raw(leftover.pgid), Signal::SIGKILL);
+    }
+    marked.len()
+}
+
+/// What older agents recorded: a process group whose leader's `$0` is
+/// `depro-<kind>` (checked, not a reused process ID).
+fn kill_leftover_group(pgid: i32) -> usize {
     let cmdline = std::fs::read(format!("/proc/{pgid}/cmdline")).unwrap_or_default();
     let last = cmdline
         .split(|b| *b == 0)
@@ -113,12 +172,47 @@ pub(crate) fn kill_leftover(pgid: i32) -> bool {
     let ours = [HookKind::Deploy, HookKind::Rollout, HookKind::Clean]
         .iter()
         .any(|k| last == format!("depro-{}", k.as_str()).as_bytes());
-    ours && pgid > 1 && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok()
+    usize::from(ours && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok())
+}
+
+/// The processes whose environment holds `entry` (`NAME=value`).
+fn processes_with(entry: &[u8]) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let own = std::process::id() as i32;
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != own)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == entry))
+        })
+        .collect()
+}
+
+/// A fresh mark for one hook run.
+fn new_mark() -> String {
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !random {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Running {
-    pub(crate) fn pgid(&self) -> i32 {
-        self.pgid.as_raw()
+    /// What to record to find this hook after a crash.
+    pub(crate) fn leftover(&self) -> Leftover {
+        Leftover {
+            pgid: self.pgid.as_raw(),
+            mark: Some(self.mark.clone()),
+        }
     }
 
     /// The hook's exit status, if it has ended (reaps it). The agent calls
@@ -133,6 +227,7 @@ impl Running {
     }
 
     /// Stops every process of the hook at once (SIGKILL to the group).
+    /// Also what ends a finished hook's leftover background jobs.
     pub(crate) fn kill(&self) {
         let _ = killpg(self.pgid, Signal::SIGKILL);
     }
@@ -157,20 +252,29 @@ pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
     for name in SECRET_VARIABLES {
         command.env_remove(name);
     }
+    let mark = new_mark();
     command.envs(hook.env.iter().map(|(k, v)| (*k, v)));
-    let child = command.spawn()?;
+    command.env(MARK_VARIABLE, &mark);
+    let mut child = command.spawn()?;
     drop(command); // closes our copies of the pipe's write end
     let pgid = Pid::from_raw(child.id() as i32);
-    forward_lines(
+    let forwarded = forward_lines(
         std::fs::File::from(output),
         format!("{} {}", hook.label, hook.kind.as_str()),
     );
-    Ok(Running { child, pgid })
+    if let Err(e) = forwarded {
+        // Nobody would read its output: stop it rather than let it block.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(Running { child, pgid, mark })
 }
 
-/// Sends each line a hook prints to the log, with its label.
-fn forward_lines(stream: impl Read + Send + 'static, label: String) {
-    let _ = std::thread::Builder::new()
+/// Sends each line a hook prints to the log, with its label (bounded and
+/// with control characters escaped: a hook's output is not trusted either).
+fn forward_lines(stream: impl Read + Send + 'static, label: String) -> std::io::Result<()> {
+    std::thread::Builder::new()
         .name("hook-output".into())
         .stack_size(64 * 1024)
         .spawn(move || {
@@ -181,10 +285,12 @@ fn forward_lines(stream: impl Read + Send + 'static, label: String) {
                     break;
                 }
                 let text = String::from_utf8_lossy(&line);
-                log::info!("[{label}] {}", text.trim_end_matches(['\n', '\r']));
+                let text = crate::tree::shown_line(text.trim_end_matches(['\n', '\r']));
+                log::info!("[{label}] {text}");
                 line.clear();
             }
-        });
+        })
+        .map(drop)
 }
 
 /// How a hook ended, in words for the log; `None` for success.
@@ -259,6 +365,30 @@ mod tests {
     #[test]
     fn hooks_see_their_environment() {
         assert_eq!(run(&["test \"$VERSION\" = v1"]), None);
+    }
+
+    #[test]
+    fn a_recorded_hook_reads_back_and_an_old_record_has_no_mark() {
+        let leftover = Leftover {
+            pgid: 4242,
+            mark: Some("0a1b".into()),
+        };
+        assert_eq!(Leftover::parse(&leftover.record()), Some(leftover));
+        assert_eq!(
+            Leftover::parse("77\n"),
+            Some(Leftover {
+                pgid: 77,
+                mark: None
+            })
+        );
+        assert_eq!(Leftover::parse("1"), None, "never init's group");
+        assert_eq!(Leftover::parse(""), None);
+    }
+
+    #[test]
+    fn hooks_carry_a_mark_of_their_own() {
+        assert_eq!(run(&[&format!("test -n \"${MARK_VARIABLE}\"")]), None);
+        assert_ne!(new_mark(), new_mark());
     }
 
     #[test]

@@ -3,14 +3,22 @@
 //! ```text
 //! <path>/<version>/                 one directory per deployed version
 //! <path>/current                    the version rolled out last (the seed's local version file)
-//! <path>/.depro/lock                held (flock) by the agent that owns this directory
-//! <path>/.depro/versions/<version>  "deploying" or "ready": depro made this directory
+//! <path>/.depro/lock                held (flock) by the agent that owns this directory (and so is <path> itself)
+//! <path>/.depro/versions/<version>  "deploying", "ready" or "cleaning": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
 //! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
-//! <path>/.depro/hook                the process group of the running hook, killed after a crash
+//! <path>/.depro/hook                the running hook's process group and mark, killed after a crash
 //! ```
 //!
 //! Invariants:
+//! - the agent holds a lock on `<path>` itself and on `.depro/lock`: a
+//!   hook that deletes `.depro` cannot let a second agent in;
+//! - anything in the bookkeeping that is not exactly `ready` (a torn or
+//!   unreadable file, `deploying`, `cleaning`) means "not ready": deploy
+//!   again (or clean);
+//! - a version is marked `cleaning` (durably) before its clean hook runs,
+//!   so a crash in the middle of a clean never leaves a partial directory
+//!   marked ready;
 //! - `kill -9` at any instant leaves every file with its old or its new
 //!   content, or (for the two files rewritten in place) a content that reads
 //!   as the safe choice: `deploying`, `current`, the rollout intent and the
@@ -36,15 +44,20 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Result};
+use crate::hooks::Leftover;
 use crate::plan::{LocalVersion, OnDisk, RolloutAttempt};
 use crate::version_name::VersionName;
 
 const READY: &str = "ready";
 const DEPLOYING: &str = "deploying";
+const CLEANING: &str = "cleaning";
 
 pub(crate) struct DeploymentDir {
     path: PathBuf,
     meta: PathBuf,
+    /// The lock on `<path>` itself: survives a hook deleting `.depro`.
+    _dir_lock: Flock<File>,
+    /// The lock on `.depro/lock` (what older agents take).
     _lock: Flock<File>,
 }
 
@@ -55,25 +68,43 @@ impl DeploymentDir {
         let meta = path.join(".depro");
         fs::create_dir_all(meta.join("versions"))
             .map_err(|e| Error::io(&meta, "cannot create depro's state directory", e))?;
-        let lock_path = meta.join("lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, "cannot open the lock file", e))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            Error::Config(format!(
-                "{}: locked ({errno}): another depro agent manages this deployment path; \
-                 give each deployment its own path",
-                lock_path.display()
-            ))
-        })?;
+        let dir = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+        let dir_lock = lock(dir, path)?;
         Ok(DeploymentDir {
             path: path.to_path_buf(),
+            _lock: lock_file(&meta)?,
             meta,
-            _lock: lock,
+            _dir_lock: dir_lock,
         })
+    }
+
+    /// Whether depro's state directory is still there; if a hook deleted
+    /// it, makes it again (and its lock) and says so. The caller writes its
+    /// markers again from what it knows ([`DeploymentDir::restore`]).
+    pub(crate) fn recover_state_dir(&mut self) -> Result<bool> {
+        if self.meta.join("versions").is_dir() && self.meta.join("lock").exists() {
+            return Ok(false);
+        }
+        fs::create_dir_all(self.meta.join("versions"))
+            .map_err(|e| Error::io(&self.meta, "cannot create depro's state directory", e))?;
+        self._lock = lock_file(&self.meta)?;
+        Ok(true)
+    }
+
+    /// Writes every marker again from what the agent knows (after a hook
+    /// deleted them).
+    pub(crate) fn restore(&self, disk: &OnDisk) -> Result<()> {
+        for (version, state) in &disk.versions {
+            let text = match state {
+                LocalVersion::Ready => READY,
+                LocalVersion::Deploying | LocalVersion::DeployFailed => DEPLOYING,
+            };
+            atomic_write(&self.state_path(version), text, Durability::Durable)?;
+        }
+        if let Some(rollout) = &disk.rollout {
+            self.begin_rollout(&rollout.to)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn version_path(&self, version: &VersionName) -> PathBuf {
@@ -84,9 +115,10 @@ impl DeploymentDir {
         self.meta.join("versions").join(version.as_str())
     }
 
-    /// Reads the local state. A version still `deploying` (the agent died
-    /// mid-deploy) comes back as `Deploying`, so it is deployed afresh or
-    /// cleaned; it never counts as had.
+    /// Reads the local state. A version still `deploying` or `cleaning`
+    /// (the agent died in the middle), or whose marker cannot be read, comes
+    /// back as `Deploying`, so it is deployed afresh or cleaned; it never
+    /// counts as had.
     pub(crate) fn load(&self) -> Result<OnDisk> {
         let dir = self.meta.join("versions");
         let mut versions = BTreeMap::new();
@@ -183,6 +215,15 @@ impl DeploymentDir {
         remove_if_present(&self.meta.join("rollout"))
     }
 
+    /// Records that `version` is being cleaned: from now on a crash leaves
+    /// it "not ready", never a partial directory marked ready.
+    pub(crate) fn begin_clean(&self, version: &VersionName) -> Result<()> {
+        if !self.owns(version) {
+            return Ok(());
+        }
+        overwrite(&self.state_path(version), CLEANING, Durability::Durable)
+    }
+
     /// Deletes a version directory depro made, then its bookkeeping.
     pub(crate) fn remove_version(&self, version: &VersionName) -> Result<()> {
         if !self.state_path(version).exists() {
@@ -194,11 +235,11 @@ impl DeploymentDir {
         sync_dir(&self.meta.join("versions"))
     }
 
-    /// Records the process group of the hook that runs now.
-    pub(crate) fn record_hook(&self, pgid: i32) -> Result<()> {
+    /// Records the hook that runs now (its process group and mark).
+    pub(crate) fn record_hook(&self, hook: &Leftover) -> Result<()> {
         atomic_write(
             &self.meta.join("hook"),
-            &pgid.to_string(),
+            &hook.record(),
             Durability::CrashSafe,
         )
     }
@@ -207,13 +248,9 @@ impl DeploymentDir {
         overwrite(&self.meta.join("hook"), "", Durability::CrashSafe)
     }
 
-    /// The process group of a hook an earlier run left running, if recorded.
-    pub(crate) fn leftover_hook(&self) -> Option<i32> {
-        read_trimmed(&self.meta.join("hook"))
-            .ok()
-            .flatten()?
-            .parse()
-            .ok()
+    /// The hook an earlier run left running, if one was recorded.
+    pub(crate) fn leftover_hook(&self) -> Option<Leftover> {
+        Leftover::parse(&read_trimmed(&self.meta.join("hook")).ok().flatten()?)
     }
 
     /// The sessions earlier runs of the agent made, oldest first (one ID
@@ -243,12 +280,36 @@ impl DeploymentDir {
     }
 }
 
+/// A small file's text; bytes that are not UTF-8 become U+FFFD, so that a
+/// damaged file reads as something that is not a valid value.
 fn read_trimmed(path: &Path) -> Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text.trim().to_string())),
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, "cannot read", e)),
     }
+}
+
+/// Takes an exclusive lock on `file` (a directory or the lock file).
+fn lock(file: File, path: &Path) -> Result<Flock<File>> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        Error::Config(format!(
+            "{}: locked ({errno}): another depro agent manages this deployment path; \
+             give each deployment its own path",
+            path.display()
+        ))
+    })
+}
+
+fn lock_file(meta: &Path) -> Result<Flock<File>> {
+    let lock_path = meta.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, "cannot open the lock file", e))?;
+    lock(file, &lock_path)
 }
 
 fn read_version(path: &Path) -> Result<Option<VersionName>> {
@@ -393,11 +454,36 @@ mod tests {
     }
 
     #[test]
-    fn a_second_owner_is_refused() {
+    fn a_second_owner_is_refused_even_after_the_state_directory_was_deleted() {
         let tmp = tempfile::tempdir().unwrap();
-        let _first = DeploymentDir::open(tmp.path()).unwrap();
+        let mut first = DeploymentDir::open(tmp.path()).unwrap();
         let err = DeploymentDir::open(tmp.path()).err().unwrap().to_string();
         assert!(err.contains("another depro agent"), "{err}");
+        fs::remove_dir_all(tmp.path().join(".depro")).unwrap();
+        let err = DeploymentDir::open(tmp.path()).err().unwrap().to_string();
+        assert!(err.contains("another depro agent"), "{err}");
+        assert!(first.recover_state_dir().unwrap());
+        assert!(!first.recover_state_dir().unwrap());
+        assert!(tmp.path().join(".depro/versions").is_dir());
+    }
+
+    #[test]
+    fn unreadable_or_unfinished_markers_mean_not_ready() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeploymentDir::open(tmp.path()).unwrap();
+        for name in ["a", "b", "c"] {
+            dir.stage(&v(name)).unwrap();
+            dir.fresh_version_dir(&v(name)).unwrap();
+            dir.mark_ready(&v(name)).unwrap();
+        }
+        fs::write(tmp.path().join(".depro/versions/a"), b"re\xffady").unwrap();
+        dir.begin_clean(&v("b")).unwrap();
+        fs::write(tmp.path().join("current"), b"\xfe").unwrap();
+        let state = dir.load().unwrap();
+        assert_eq!(state.versions[&v("a")], LocalVersion::Deploying);
+        assert_eq!(state.versions[&v("b")], LocalVersion::Deploying);
+        assert_eq!(state.versions[&v("c")], LocalVersion::Ready);
+        assert_eq!(state.live, None);
     }
 
     #[test]

@@ -33,6 +33,32 @@ pub(crate) fn shown(text: &str) -> String {
     }
 }
 
+/// A line of untrusted text (a hook's output) for the log: control
+/// characters escaped, at most [`LINE_MAX`] characters.
+pub(crate) fn shown_line(text: &str) -> String {
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| {
+            let keep = !c.is_control() || c == '\t';
+            let escaped: Vec<char> = if keep {
+                vec![c]
+            } else {
+                c.escape_debug().collect()
+            };
+            escaped
+        })
+        .collect();
+    if escaped.chars().count() <= LINE_MAX {
+        escaped
+    } else {
+        let cut: String = escaped.chars().take(LINE_MAX).collect();
+        format!("{cut}… ({} bytes)", text.len())
+    }
+}
+
+/// How many characters of a hook's output line the log keeps.
+pub(crate) const LINE_MAX: usize = 1024;
+
 /// How many characters of an untrusted value [`shown`] keeps.
 pub(crate) const SHOWN_MAX: usize = 80;
 

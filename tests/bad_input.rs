@@ -13,17 +13,31 @@ fn agent_with_config(config: &str) -> (tempfile::TempDir, Option<i32>, String) {
     (dir, code, stderr)
 }
 
+/// Runs depro to its end; an agent that does not refuse its config (it
+/// runs instead of exiting) is stopped after a while and counts as `None`.
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(support::depro_bin())
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(support::depro_bin())
         .args(args)
         .env_remove("CONSUL_HTTP_ADDR")
         .env_remove("CONSUL_HTTP_TOKEN")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(stderr.path()).unwrap())
 }
 
 /// Asserts one line of error, exit code 1, and that it mentions each of `needles`.
@@ -227,4 +241,130 @@ fn help_and_version_answer_without_consul() {
     );
     let (code, stderr) = run(&["help", "frobnicate"]);
     assert_one_line_error(code, &stderr, &["no help for \"frobnicate\""]);
+}
+
+/// A config with deployments at these paths (`{root}` is a scratch dir).
+fn deployments_at(paths: &[&str]) -> (tempfile::TempDir, String) {
+    let root = tempfile::tempdir().unwrap();
+    let list: Vec<String> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let path = path.replace("{root}", &root.path().display().to_string());
+            format!(r#"{{"id": "d{i}", "path": "{path}", "prefix": "p{i}/version"}}"#)
+        })
+        .collect();
+    let config = format!(
+        r#"{{"server": "127.0.0.1:1", "deployments": [{}]}}"#,
+        list.join(", ")
+    );
+    (root, config)
+}
+
+#[test]
+fn a_path_that_resolves_to_the_root_directory_is_refused() {
+    let (root, config) = deployments_at(&["{root}/to-root"]);
+    std::os::unix::fs::symlink("/", root.path().join("to-root")).unwrap();
+    let (_dir, code, stderr) = agent_with_config(&config);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &["(id \"d0\").path", "to-root", "resolves to /"],
+    );
+    let (_root, config) = deployments_at(&["/tmp/.."]);
+    let (_dir, code, stderr) = agent_with_config(&config);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &["(id \"d0\").path", "/tmp/..", "resolves to /"],
+    );
+    assert!(!std::path::Path::new("/.depro").exists());
+}
+
+#[test]
+fn deployment_paths_that_nest_are_refused_naming_both() {
+    for paths in [
+        ["{root}/api", "{root}/api/web"],
+        ["{root}/api/v1/inner", "{root}/api"],
+    ] {
+        let (_root, config) = deployments_at(&paths);
+        let (_dir, code, stderr) = agent_with_config(&config);
+        assert_one_line_error(code, &stderr, &["deployments[", "d0", "d1", "inside"]);
+    }
+    // Through a symlink too.
+    let (root, config) = deployments_at(&["{root}/api", "{root}/link/web"]);
+    std::fs::create_dir(root.path().join("api")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("api"), root.path().join("link")).unwrap();
+    let (_dir, code, stderr) = agent_with_config(&config);
+    assert_one_line_error(code, &stderr, &["d0", "d1", "inside"]);
+    assert!(
+        !root.path().join("api/web").exists(),
+        "created before refusing"
+    );
+}
+
+#[test]
+fn a_config_others_may_write_is_refused_unless_allowed_knowingly() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("depro.json");
+    std::fs::write(&file, r#"{"server": "127.0.0.1:1"}"#).unwrap();
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "agent".to_string(),
+            format!("-config-dir={}", dir.path().display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run_args = |extra: &[&str]| {
+        let args = args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args)
+    };
+    // A world-writable file.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, stderr) = run_args(&[]);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[
+            &file.display().to_string(),
+            "writable by others",
+            "-allow-insecure-config",
+        ],
+    );
+    // A group-writable directory.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+    let (code, stderr) = run_args(&[]);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[&dir.path().display().to_string(), "writable by its group"],
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A file owned by another user (nobody), when the agent runs as root.
+    std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+    let (code, stderr) = run_args(&[]);
+    assert_one_line_error(
+        code,
+        &stderr,
+        &[&file.display().to_string(), "owned by user 65534"],
+    );
+    // Allowed knowingly: the agent starts (idle: this config has no
+    // deployments), and says what it allowed.
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(support::depro_bin())
+        .args(args(&["-allow-insecure-config"]))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    support::wait_for("the agent to start", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("is idle"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("owned by user 65534"), "warned: {text}");
 }

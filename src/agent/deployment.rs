@@ -47,11 +47,14 @@ impl DeploymentState {
     pub(crate) fn open(spec: Deployment) -> Result<DeploymentState> {
         let wrap = |e: Error| Error::Config(format!("{}.path: {e}", spec.origin));
         let dir = DeploymentDir::open(&spec.path).map_err(wrap)?;
-        if let Some(pgid) = dir.leftover_hook() {
-            if hooks::kill_leftover(pgid) {
+        if let Some(leftover) = dir.leftover_hook() {
+            let killed = hooks::kill_leftover(&leftover);
+            if killed > 0 {
                 log::warn!(
-                    "{}: killed the hook (process group {pgid}) an earlier run left running",
-                    spec.id
+                    "{}: killed {killed} process(es) of the hook an earlier run left running \
+                     (process group {})",
+                    spec.id,
+                    leftover.pgid
                 );
             }
             dir.clear_hook().map_err(wrap)?;

@@ -19,7 +19,6 @@ use std::path::PathBuf;
 
 use super::{Agent, Failure};
 use crate::consul::{Conflict, Read, TxnOp, TxnOutcome};
-use crate::error::Error;
 use crate::hooks::HookKind;
 use crate::plan::{Action, LocalVersion, RolloutAttempt};
 use crate::version_name::VersionName;
@@ -264,50 +263,66 @@ impl Agent {
                     .disk
                     .versions
                     .insert(version.clone(), LocalVersion::Deploying);
-                Ok(())
             }
-            Err(Error::Refused(why)) => {
-                log::error!("{}: {why}", deployment.label(version));
-                deployment
-                    .disk
-                    .versions
-                    .insert(version.clone(), LocalVersion::DeployFailed);
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+            // A disk that is full, a directory that is not depro's: this
+            // version fails here, the others go on (cleaning may free space).
+            Err(e) => self.deploy_failed(index, version, &e.to_string()),
         }
+        Ok(())
     }
 
     fn deploy(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
-        let dir = self.deployments[index].dir.fresh_version_dir(version)?;
+        let dir = match self.deployments[index].dir.fresh_version_dir(version) {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.deploy_failed(index, version, &e.to_string());
+                return Ok(());
+            }
+        };
         log::info!(
             "{}: deploying into {}",
             self.deployments[index].label(version),
             dir.display()
         );
         let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None);
-        let deployment = &mut self.deployments[index];
+        if let Some(why) = self.recover_state_dir(index, "deploy")? {
+            self.deploy_failed(index, version, &why);
+            return Ok(());
+        }
+        let outcome = outcome
+            .map_err(|why| format!("the deploy hook {why}"))
+            .and_then(|()| {
+                self.deployments[index]
+                    .dir
+                    .mark_ready(version)
+                    .map_err(|e| e.to_string())
+            });
         match outcome {
             Ok(()) => {
-                deployment.dir.mark_ready(version)?;
+                let deployment = &mut self.deployments[index];
                 deployment
                     .disk
                     .versions
                     .insert(version.clone(), LocalVersion::Ready);
                 log::info!("{}: deployed", deployment.label(version));
             }
-            Err(why) => {
-                deployment
-                    .disk
-                    .versions
-                    .insert(version.clone(), LocalVersion::DeployFailed);
-                log::error!(
-                    "{}: the deploy hook {why}; reporting failed (fix it, then run `depro deploy {version}` again to retry)",
-                    deployment.label(version)
-                );
-            }
+            Err(why) => self.deploy_failed(index, version, &why),
         }
         Ok(())
+    }
+
+    /// `version` failed here: reported `failed` until an operator retries.
+    fn deploy_failed(&mut self, index: usize, version: &VersionName, why: &str) {
+        let deployment = &mut self.deployments[index];
+        deployment
+            .disk
+            .versions
+            .insert(version.clone(), LocalVersion::DeployFailed);
+        log::error!(
+            "{}: {why}; reporting failed (fix it, then run `depro deploy {version} -prefix={}` again to retry)",
+            deployment.label(version),
+            deployment.spec.prefix
+        );
     }
 
     fn rollout(
@@ -317,7 +332,11 @@ impl Agent {
         from: Option<&VersionName>,
     ) -> Result<(), Failure> {
         let deployment = &mut self.deployments[index];
-        deployment.dir.begin_rollout(to)?;
+        if let Err(e) = deployment.dir.begin_rollout(to) {
+            // The hook never ran: what runs is what ran before.
+            self.rollout_failed(index, to, &e.to_string());
+            return Ok(());
+        }
         deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
         let from_text = from
             .map(|v| v.to_string())
@@ -325,25 +344,42 @@ impl Agent {
         log::info!("{}: rolling out (from {from_text})", deployment.label(to));
         let cwd = deployment.spec.path.clone();
         let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from));
-        let deployment = &mut self.deployments[index];
+        if let Some(why) = self.recover_state_dir(index, "rollout")? {
+            self.rollout_failed(index, to, &why);
+            return Ok(());
+        }
+        let outcome = outcome
+            .map_err(|why| format!("the rollout hook {why}"))
+            .and_then(|()| {
+                // The hook switched; if this cannot be recorded, the node's
+                // state is not what it would say: report the rollout failed.
+                self.deployments[index]
+                    .dir
+                    .finish_rollout(to)
+                    .map_err(|e| format!("the rollout hook succeeded but {e}"))
+            });
         match outcome {
             Ok(()) => {
-                deployment.dir.finish_rollout(to)?;
+                let deployment = &mut self.deployments[index];
                 deployment.disk.live = Some(to.clone());
                 deployment.disk.rollout = None;
                 log::info!("{}: live", deployment.label(to));
             }
-            Err(why) => {
-                // The rollout stays unsettled (so the next one runs whatever
-                // current is) and the version failed until an operator retries.
-                deployment.disk.rollout_failed.insert(to.clone());
-                log::error!(
-                    "{}: the rollout hook {why}; reporting failed",
-                    deployment.label(to)
-                );
-            }
+            // The rollout stays unsettled (so the next one runs whatever
+            // current is) and the version failed until an operator retries.
+            Err(why) => self.rollout_failed(index, to, &why),
         }
         Ok(())
+    }
+
+    fn rollout_failed(&mut self, index: usize, to: &VersionName, why: &str) {
+        let deployment = &mut self.deployments[index];
+        deployment.disk.rollout_failed.insert(to.clone());
+        log::error!(
+            "{}: {why}; reporting failed (fix it, then run `depro deploy {to} -prefix={}` again to retry)",
+            deployment.label(to),
+            deployment.spec.prefix
+        );
     }
 
     fn clean(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
@@ -351,11 +387,16 @@ impl Agent {
         let cwd: PathBuf = deployment.spec.path.clone();
         log::info!("{}: cleaning", deployment.label(version));
         if deployment.dir.owns(version) {
+            // From here a crash leaves it "not ready", never ready-but-partial.
+            deployment.dir.begin_clean(version)?;
             if let Err(why) = self.run_hook(index, HookKind::Clean, version, cwd, None) {
                 log::warn!(
                     "{}: the clean hook {why}; removing the directory anyway",
                     self.deployments[index].label(version)
                 );
+            }
+            if self.recover_state_dir(index, "clean")?.is_some() {
+                self.deployments[index].dir.begin_clean(version)?;
             }
         }
         let deployment = &mut self.deployments[index];
@@ -363,6 +404,24 @@ impl Agent {
         deployment.disk.versions.remove(version);
         deployment.disk.rollout_failed.remove(version);
         Ok(())
+    }
+
+    /// After a hook: if it deleted depro's state directory, make it again,
+    /// take its lock again, write back every marker the agent knows, and
+    /// say why the step that ran it cannot count.
+    fn recover_state_dir(&mut self, index: usize, hook: &str) -> Result<Option<String>, Failure> {
+        let deployment = &mut self.deployments[index];
+        if !deployment.dir.recover_state_dir()? {
+            return Ok(None);
+        }
+        deployment.dir.restore(&deployment.disk)?;
+        let why = format!(
+            "the {hook} hook deleted depro's state directory ({}/.depro); depro made it again \
+             (its lock on the deployment path was held throughout)",
+            deployment.spec.path.display()
+        );
+        log::warn!("{}: {why}", deployment.spec.id);
+        Ok(Some(why))
     }
 
     /// This node's `failed` key for `version` is gone. An operator deleting

@@ -64,6 +64,9 @@ pub(crate) enum Event {
 pub(crate) fn run(args: AgentArgs) -> Result<()> {
     let config = config::resolve_agent(&args, &config::process_env)?;
     crate::logging::init(config.log_level);
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     signals::forward(move |signal| signal_tx.send(Event::Signal(signal)).is_ok())

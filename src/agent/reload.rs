@@ -33,6 +33,9 @@ impl Agent {
     /// can be applied (every new deployment path opened).
     fn apply(&mut self, new: AgentConfig) -> Result<()> {
         let consul = Consul::new(&new.consul).map_err(Error::Config)?;
+        for warning in &new.warnings {
+            log::warn!("{warning}");
+        }
         let mut opened = BTreeMap::new();
         for spec in &new.deployments {
             if !self.deployments.iter().any(|d| d.spec.path == spec.path) {

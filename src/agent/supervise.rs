@@ -71,7 +71,7 @@ impl Agent {
         let mut running = hooks::spawn(&hook)
             .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
         let dir = &self.deployments[index].dir;
-        if let Err(e) = dir.record_hook(running.pgid()) {
+        if let Err(e) = dir.record_hook(&running.leftover()) {
             log::warn!("{e}");
         }
         let outcome = self.wait_for_hook(&mut running, kind, version, index, timeout);
@@ -109,9 +109,8 @@ impl Agent {
         }
         loop {
             if let Some(status) = running.try_wait() {
-                if phase != Phase::Running {
-                    running.kill(); // leave no stragglers in the group
-                }
+                // A hook's processes end with it: its background jobs too.
+                running.kill();
                 return match (hooks::failure(&status), phase) {
                     (None, _) => Ok(()),
                     (Some(failure), Phase::Running) => Err(failure),

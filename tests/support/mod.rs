@@ -478,7 +478,10 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
             format!("echo \"deploy $VERSION $PWD\" >> {ctl}/hooks.log"),
             format!("env > {ctl}/env-deploy-$VERSION"),
             format!("if [ -e {ctl}/fail-deploy ]; then echo 'deploy fails on purpose' >&2; exit 3; fi"),
+            format!("if [ -e {ctl}/background-child ]; then sleep 600 & echo $! > {ctl}/child.pid; fi"),
             format!("if [ -e {ctl}/block-deploy ]; then echo $$ > {ctl}/hook.pid; touch partial; while [ ! -e {ctl}/release ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
+            format!("if [ -e {ctl}/exec-sleep ]; then echo $$ > {ctl}/hook.pid; exec sleep 600; fi"),
+            format!("if [ -e {ctl}/rm-state ]; then rm -rf \"$DEPLOYMENT_PATH/.depro\"; fi"),
             "echo \"$VERSION\" > version.txt",
             "tar czf app.tar.gz version.txt",
             format!("echo \"deployed $VERSION\" >> {ctl}/hooks.log"),
@@ -490,6 +493,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
             "test -f \"$VERSION_PATH/version.txt\"",
             "ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live.tmp\"",
             "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\"",
+            format!("if [ -e {ctl}/fill-disk ]; then dd if=/dev/zero of=\"$DEPLOYMENT_PATH/.filler\" bs=64k 2>/dev/null || true; fi"),
         ],
         "clean": [
             format!("echo \"clean $VERSION\" >> {ctl}/hooks.log"),
@@ -683,6 +687,71 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// A small tmpfs mounted over a directory (needs root): a disk that fills up.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes a file until the disk is full (the file is depro's neighbour,
+    /// not its business: its name can never be a version).
+    pub fn fill(&self) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.path.join(".filler").display()))
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.path.join(".filler"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Whether process `pid` is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Reads a pid a hook wrote into a file.
+pub fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 // ---------------------------------------------------------------- fleets
