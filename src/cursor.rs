@@ -16,7 +16,11 @@
 //!   bucket); an answer that changed something is followed at once;
 //! - a read after a pause does not block: Consul may have been replaced
 //!   during the pause, and a blocking query on an index it has not reached
-//!   would sit out its whole wait. The answer shows the index as it is.
+//!   would sit out its whole wait. The answer shows the index as it is;
+//! - reads may be `?stale` (any server answers, followers share the load),
+//!   but the first one, and the first after a failure or a backwards index,
+//!   is answered by the leader: a follower that lags must never be the one
+//!   that sets where reading starts from.
 //!
 //! The cursor is pure: it decides, the caller sleeps and reads.
 
@@ -51,6 +55,8 @@ pub(crate) struct Cursor {
     idle: bool,
     /// The caller paused before this read: it does not block.
     paused: bool,
+    /// The next read is answered by the leader (a fresh start).
+    from_leader: bool,
 }
 
 /// What an answer's index says.
@@ -73,19 +79,21 @@ impl Cursor {
             bucket: TokenBucket::new(pacing.burst, pacing.refill, Instant::now()),
             idle: false,
             paused: false,
+            from_leader: true,
         }
     }
 
     /// The next read: at once with index 0 or after a pause, else blocking
     /// on the index.
     pub(crate) fn read(&self) -> Read {
+        let stale = self.stale && !self.from_leader;
         if self.index == 0 || self.paused {
             Read {
-                stale: self.stale,
+                stale,
                 ..Read::now()
             }
         } else {
-            Read::blocking(self.index, self.wait, self.stale)
+            Read::blocking(self.index, self.wait, stale)
         }
     }
 
@@ -109,9 +117,11 @@ impl Cursor {
             self.index = 0;
             self.high = index;
             self.idle = false;
+            self.from_leader = true;
             return Answered::Backwards;
         }
         self.high = index;
+        self.from_leader = false;
         // Consul never answers 0 for a blocking query; never block on 0.
         self.index = index.max(1);
         self.idle = !changed;
@@ -123,6 +133,7 @@ impl Cursor {
         self.index = 0;
         self.idle = false;
         self.paused = false;
+        self.from_leader = true;
         self.backoff.next_delay()
     }
 }
@@ -146,10 +157,13 @@ mod tests {
     fn the_first_read_answers_at_once_and_later_ones_block_on_the_last_index() {
         let mut cursor = cursor();
         assert_eq!(cursor.read().index, 0);
-        assert!(cursor.read().stale);
+        assert!(!cursor.read().stale, "the first read is the leader's");
         assert_eq!(cursor.answered(42, true), Answered::Forward);
         let read = cursor.read();
         assert_eq!((read.index, read.wait), (42, Some(WAIT)));
+        assert!(read.stale, "then any server may answer");
+        cursor.failed();
+        assert!(!cursor.read().stale, "after a failure, the leader again");
     }
 
     #[test]

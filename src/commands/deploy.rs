@@ -247,69 +247,54 @@ enum Interrupted {
     Moved(Option<CurrentKey>),
 }
 
-/// Waits for step 2; returns the nodes that have the version. The decision
-/// is taken on stale reads and confirmed by a read from the leader.
+/// Waits for step 2; returns the nodes that have the version (as the
+/// leader sees them: [`Ctx::follow`] confirms every decision there).
 fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
     let version = wait.version;
     let base_index = wait.base.map(|c| c.modify_index);
-    loop {
-        let mut last = Readiness::Waiting {
-            ready: 0,
-            reported: 0,
-        };
-        let outcome = ctx.follow(version, wait.deadline, |out, seen: &Seen| {
-            if !seen.info.exists {
-                return Some(Err(Interrupted::Removed));
+    let mut last = Readiness::Waiting {
+        ready: 0,
+        reported: 0,
+    };
+    let outcome = ctx.follow(version, wait.deadline, |out, seen: &Seen| {
+        if !seen.info.exists {
+            return Some(Err(Interrupted::Removed));
+        }
+        if wait.abort_if_current_moves
+            && seen.current.as_ref().map(|c| c.modify_index) != base_index
+        {
+            return Some(Err(Interrupted::Moved(seen.current.clone())));
+        }
+        last = readiness(&seen.info.nodes, wait.need, wait.retried);
+        match &last {
+            Readiness::Waiting { ready, .. } => {
+                out.count(&format!("{ready}/{} ready", wait.need));
+                None
             }
-            if wait.abort_if_current_moves
-                && seen.current.as_ref().map(|c| c.modify_index) != base_index
-            {
-                return Some(Err(Interrupted::Moved(seen.current.clone())));
+            Readiness::Ready => {
+                let ready = seen.info.nodes.len();
+                out.count(&format!("{ready}/{} ready", wait.need.max(ready as u32)));
+                Some(Ok(seen.info.nodes.keys().cloned().collect()))
             }
-            last = readiness(&seen.info.nodes, wait.need, wait.retried);
-            match &last {
-                Readiness::Waiting { ready, .. } => {
-                    out.count(&format!("{ready}/{} ready", wait.need));
-                    None
-                }
-                Readiness::Ready => {
-                    let ready = seen.info.nodes.len();
-                    out.count(&format!("{ready}/{} ready", wait.need.max(ready as u32)));
-                    Some(Ok(()))
-                }
-                Readiness::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
-            }
-        })?;
-        match outcome {
-            Some(Ok(())) => {
-                // Confirm on the leader: a follower may lag behind a failure.
-                let info = ctx.read_version(version)?;
-                if !info.exists {
-                    return Err(interrupted(ctx, wait, Interrupted::Removed));
-                }
-                match readiness(&info.nodes, wait.need, wait.retried) {
-                    Readiness::Ready => return Ok(info.nodes.keys().cloned().collect()),
-                    Readiness::Failed(nodes) => {
-                        return Err(interrupted(ctx, wait, Interrupted::Failed(nodes)));
-                    }
-                    Readiness::Waiting { .. } => continue,
-                }
-            }
-            Some(Err(why)) => return Err(interrupted(ctx, wait, why)),
-            None => {
-                let (ready, reported) = match last {
-                    Readiness::Waiting { ready, reported } => (ready, reported),
-                    _ => (0, 0),
-                };
-                return Err(Error::Timeout(format!(
-                    "timed out waiting for {version}: {ready} of the {} nodes needed have it \
-                     ({reported} reported); current unchanged ({}); check the agents (`depro status -prefix={}`) \
-                     or use a longer -timeout",
-                    wait.need,
-                    describe_current(wait.base),
-                    ctx.prefix
-                )));
-            }
+            Readiness::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
+        }
+    })?;
+    match outcome {
+        Some(Ok(nodes)) => Ok(nodes),
+        Some(Err(why)) => Err(interrupted(ctx, wait, why)),
+        None => {
+            let (ready, reported) = match last {
+                Readiness::Waiting { ready, reported } => (ready, reported),
+                _ => (0, 0),
+            };
+            Err(Error::Timeout(format!(
+                "timed out waiting for {version}: {ready} of the {} nodes needed have it \
+                 ({reported} reported); current unchanged ({}); check the agents (`depro status -prefix={}`) \
+                 or use a longer -timeout",
+                wait.need,
+                describe_current(wait.base),
+                ctx.prefix
+            )))
         }
     }
 }

@@ -162,6 +162,10 @@ impl Ctx {
     /// reads, printing every node's state change, until `decide` returns a
     /// value or `deadline` passes (`Ok(None)`). `decide` sees the version's
     /// keys, `current`, and the nodes whose key vanished and why.
+    ///
+    /// A follower may lag behind the leader, even behind this command's own
+    /// writes: every decision taken on a stale read is taken again on a read
+    /// from the leader, and only kept if the leader's view leads to it too.
     pub(crate) fn follow<T>(
         &mut self,
         version: &VersionName,
@@ -209,8 +213,19 @@ impl Ctx {
                 }
                 Update::Failed(e) => break Err(e.into()),
             }
-            if have_version && have_current {
-                if let Some(result) = decide(&mut self.out, &seen) {
+            if have_version && have_current && decide(&mut self.out, &seen).is_some() {
+                let leader = match self.read_version(version).and_then(|info| {
+                    Ok(Seen {
+                        info,
+                        current: self.read_current()?,
+                        vanished: seen.vanished.clone(),
+                    })
+                }) {
+                    Ok(leader) => leader,
+                    Err(Error::Consul(e)) if e.is_transient() => continue,
+                    Err(e) => break Err(e),
+                };
+                if let Some(result) = decide(&mut self.out, &leader) {
                     break Ok(Some(result));
                 }
             }

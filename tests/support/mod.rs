@@ -14,9 +14,11 @@
 //! deadline; on timeout the test fails with the agents' logs.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod proxy;
+pub mod recorder;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -73,7 +75,7 @@ pub fn free_port() -> u16 {
 
 /// As many HTTP connections per client as Consul's file descriptor limit
 /// allows (it refuses to start otherwise), from `/proc/self/limits`.
-fn conns_limit() -> u64 {
+pub(crate) fn conns_limit() -> u64 {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let soft = limits
         .lines()
@@ -86,7 +88,7 @@ fn conns_limit() -> u64 {
 
 /// Makes a child die with the test process (SIGKILL when its parent
 /// thread exits), so that no Consul or agent outlives a test run.
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     unsafe {
         command.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -120,7 +122,9 @@ pub fn wait_for_within(
 
 // ---------------------------------------------------------------- Consul
 
-/// A Consul agent in dev mode on loopback ports of its own.
+/// A Consul agent in dev mode on loopback ports of its own; or, made with
+/// [`Consul::remote`], a client of servers the harness runs elsewhere (a
+/// [`cluster::Cluster`]).
 pub struct Consul {
     child: Mutex<Option<Child>>,
     pub http_port: u16,
@@ -129,6 +133,8 @@ pub struct Consul {
     agent: ureq::Agent,
     /// The token the harness itself uses (the ACL master token, if any).
     pub token: Mutex<Option<String>>,
+    /// For a remote Consul: the servers' addresses, tried in turn.
+    remote: Vec<String>,
 }
 
 impl Consul {
@@ -152,6 +158,7 @@ impl Consul {
                 .build()
                 .new_agent(),
             token: Mutex::new(None),
+            remote: Vec::new(),
         };
         if !extra_config.is_empty() {
             let text = extra_config.replace("{data}", &consul.data.path().display().to_string());
@@ -159,6 +166,24 @@ impl Consul {
         }
         consul.launch();
         consul
+    }
+
+    /// A client of servers that run elsewhere: every request goes to the
+    /// first that answers, and writes are retried through elections.
+    pub fn remote(addrs: Vec<String>) -> Consul {
+        Consul {
+            child: Mutex::new(None),
+            http_port: 0,
+            ports: [0; 3],
+            data: tempfile::tempdir().unwrap(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent(),
+            token: Mutex::new(None),
+            remote: addrs,
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -243,7 +268,18 @@ impl Consul {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.http_port)
+        match self.remote.first() {
+            Some(first) => first.clone(),
+            None => format!("127.0.0.1:{}", self.http_port),
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        if self.remote.is_empty() {
+            vec![self.addr()]
+        } else {
+            self.remote.clone()
+        }
     }
 
     /// Kills Consul (SIGKILL). Its data is gone: it runs in dev mode.
@@ -261,30 +297,45 @@ impl Consul {
     }
 
     fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Option<(u16, String)> {
-        let url = format!("http://{}/v1/{path}", self.addr());
-        let mut request = ureq::http::Request::builder().method(method).uri(&url);
-        if let Some(token) = self.token.lock().unwrap().as_ref() {
-            request = request.header("X-Consul-Token", token);
+        let mut last = None;
+        for addr in self.addresses() {
+            let url = format!("http://{addr}/v1/{path}");
+            let mut request = ureq::http::Request::builder().method(method).uri(&url);
+            if let Some(token) = self.token.lock().unwrap().as_ref() {
+                request = request.header("X-Consul-Token", token);
+            }
+            let response = match body {
+                Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
+                None => self.agent.run(request.body(()).unwrap()),
+            };
+            let Ok(mut response) = response else { continue };
+            let status = response.status().as_u16();
+            let Ok(text) = response.body_mut().read_to_string() else {
+                continue;
+            };
+            if status < 500 {
+                return Some((status, text));
+            }
+            last = Some((status, text));
         }
-        let response = match body {
-            Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
-            None => self.agent.run(request.body(()).unwrap()),
-        };
-        let mut response = response.ok()?;
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().ok()?;
-        Some((status, text))
+        last
     }
 
+    /// A request that must succeed (200, or 404 for a read); with a remote
+    /// cluster, retried while it has no leader.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> String {
-        let (status, text) = self
-            .raw(method, path, body)
-            .unwrap_or_else(|| panic!("{method} {path}: consul unreachable"));
-        assert!(
-            status == 200 || status == 404,
-            "{method} {path}: HTTP {status}: {text}"
-        );
-        text
+        let start = Instant::now();
+        loop {
+            match self.raw(method, path, body) {
+                Some((status, text)) if status == 200 || status == 404 => return text,
+                other if !self.remote.is_empty() && start.elapsed() < PATIENCE => {
+                    let _ = other;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some((status, text)) => panic!("{method} {path}: HTTP {status}: {text}"),
+                None => panic!("{method} {path}: consul unreachable"),
+            }
+        }
     }
 
     pub fn put(&self, key: &str, value: &str) {
@@ -476,6 +527,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
         "shell": "bash",
         "deploy": [
             format!("echo \"deploy $VERSION $PWD\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/slow ]; then sleep 0.2; fi"),
             format!("env > {ctl}/env-deploy-$VERSION"),
             format!("if [ -e {ctl}/fail-deploy ]; then echo 'deploy fails on purpose' >&2; exit 3; fi"),
             format!("if [ -e {ctl}/background-child ]; then sleep 600 & echo $! > {ctl}/child.pid; fi"),
@@ -488,6 +540,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
         ],
         "rollout": [
             format!("echo \"rollout $VERSION from=$PREVIOUS_VERSION\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/slow ]; then sleep 0.2; fi"),
             format!("if [ -e {ctl}/fail-rollout ] || [ -e {ctl}/fail-rollout-$VERSION ]; then exit 4; fi"),
             format!("if [ -e {ctl}/block-rollout ]; then echo $$ > {ctl}/rollout.pid; while [ ! -e {ctl}/release-rollout ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
             "test -f \"$VERSION_PATH/version.txt\"",
@@ -497,6 +550,7 @@ pub fn default_deployment(id: &str, node_dir: &Path, prefix: &str) -> serde_json
         ],
         "clean": [
             format!("echo \"clean $VERSION\" >> {ctl}/hooks.log"),
+            format!("if [ -e {ctl}/slow ]; then sleep 0.2; fi"),
             format!("if [ -e {ctl}/block-clean ]; then echo $$ > {ctl}/clean.pid; while [ ! -e {ctl}/release-clean ] && [ -d {ctl} ]; do sleep 0.02; done; fi"),
         ],
     })
@@ -785,6 +839,16 @@ impl<'c> Fleet<'c> {
         Fleet::through(consul, &consul.addr(), n)
     }
 
+    /// `n` agents spread over the servers of a cluster (`consul` is a
+    /// remote client of the same cluster).
+    pub fn spread(consul: &'c Consul, servers: &[String], n: usize) -> Fleet<'c> {
+        let mut fleet = Fleet::through(consul, &servers[0], n);
+        for (i, agent) in fleet.agents.iter_mut().enumerate() {
+            agent.server = servers[i % servers.len()].clone();
+        }
+        fleet
+    }
+
     /// `n` agents that reach `consul` at `server` (a proxy in front of it).
     pub fn through(consul: &'c Consul, server: &str, n: usize) -> Fleet<'c> {
         let root = tempfile::tempdir().unwrap();
@@ -854,6 +918,104 @@ impl<'c> Fleet<'c> {
             ));
         }
         out
+    }
+
+    /// Starts a recorder of this fleet's invariants; the tree is read from
+    /// any of `servers`.
+    pub fn record(&self, servers: &[String]) -> recorder::Recorder {
+        let nodes = self
+            .agents
+            .iter()
+            .map(|a| recorder::Node {
+                name: a.name.clone(),
+                deployment_path: a.deployment_path("api"),
+                hooks_log: a.dir.join("hooks.log"),
+            })
+            .collect();
+        recorder::Recorder::start(self.root.path(), nodes, servers.to_vec(), &self.prefix)
+    }
+
+    /// After the faults stop: within `patience`, every running agent runs
+    /// the tree's current (key active, live link), no version outside the
+    /// tree has a directory or key anywhere, and no stopped agent has a key.
+    pub fn expect_converged(&mut self, patience: Duration) {
+        let prefix = format!("{}/", self.prefix);
+        let running: Vec<bool> = self.agents.iter_mut().map(|a| a.is_running()).collect();
+        let mut last = String::new();
+        let mut check = || -> bool {
+            let tree = self.consul.tree(&prefix);
+            let current = tree
+                .get(&format!("{prefix}current"))
+                .map(|(v, _)| v.clone());
+            let versions: BTreeSet<String> = tree
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .filter_map(|rest| rest.strip_suffix('/'))
+                .map(String::from)
+                .collect();
+            for (agent, running) in self.agents.iter().zip(&running) {
+                let mine: Vec<&String> = tree
+                    .keys()
+                    .filter(|k| k.ends_with(&format!("/{}", agent.name)))
+                    .collect();
+                if !running {
+                    if !mine.is_empty() {
+                        last = format!("{} is stopped but has keys {mine:?}", agent.name);
+                        return false;
+                    }
+                    continue;
+                }
+                if let Some(current) = &current {
+                    let key = format!("{prefix}{current}/{}", agent.name);
+                    if tree.get(&key).map(|(v, _)| v.as_str()) != Some("active")
+                        || agent.live("api").as_deref() != Some(current)
+                    {
+                        last = format!(
+                            "{} is not active on {current}: key {:?}, live {:?}",
+                            agent.name,
+                            tree.get(&key),
+                            agent.live("api")
+                        );
+                        return false;
+                    }
+                }
+                for dir in agent.version_dirs("api") {
+                    if !versions.contains(&dir) && Some(&dir) != agent.live("api").as_ref() {
+                        last = format!("{} still has {dir}, not in the tree", agent.name);
+                        return false;
+                    }
+                }
+                for key in mine {
+                    let version = key[prefix.len()..].split('/').next().unwrap_or("");
+                    if !versions.contains(version) {
+                        last = format!("{key} remains for a removed version");
+                        return false;
+                    }
+                }
+            }
+            true
+        };
+        let start = Instant::now();
+        while !check() {
+            if start.elapsed() > patience {
+                panic!(
+                    "not converged after {patience:?}: {last}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_within(
+        &self,
+        patience: Duration,
+        what: &str,
+        mut condition: impl FnMut(&Fleet) -> bool,
+    ) {
+        wait_for_within(patience, what, &mut || condition(self), || {
+            self.diagnostics()
+        });
     }
 
     pub fn wait(&self, what: &str, mut condition: impl FnMut(&Fleet) -> bool) {
@@ -984,6 +1146,43 @@ impl Fleet<'_> {
     /// `current` as stored.
     pub fn current(&self) -> Option<String> {
         self.consul.get(&format!("{}/current", self.prefix))
+    }
+}
+
+/// A small, seedable random source for fault scenarios (the seed is
+/// printed, and `DEPRO_SEED` replays a run).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(what: &str) -> Rng {
+        let seed = std::env::var("DEPRO_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{what}: DEPRO_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// A duration in 0..max.
+    pub fn upto(&mut self, max: Duration) -> Duration {
+        Duration::from_millis(self.next() % (max.as_millis() as u64).max(1))
     }
 }
 
