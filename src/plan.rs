@@ -669,4 +669,185 @@ mod tests {
             }
         }
     }
+
+    // ---- properties over random states ----
+
+    /// xorshift: a seedable source of random states (no dependency).
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// A random (tree, disk, reports, session) state over up to six versions.
+    fn random_state(rng: &mut Random) -> (Wanted, OnDisk, BTreeMap<VersionName, NodeState>, bool) {
+        let count = 1 + rng.below(6) as usize;
+        let names: Vec<VersionName> = (0..count).map(|i| v(&format!("v{i}"))).collect();
+        let pick = |rng: &mut Random| names[rng.below(count as u64) as usize].clone();
+        let want = Wanted {
+            versions: names.iter().filter(|_| rng.chance(60)).cloned().collect(),
+            current: rng.chance(80).then(|| pick(rng)),
+            may_repair: rng.chance(80),
+        };
+        let mut have = OnDisk::default();
+        for name in &names {
+            let state = match rng.below(5) {
+                0 | 1 => continue,
+                2 => Deploying,
+                3 => Ready,
+                _ => DeployFailed,
+            };
+            have.versions.insert(name.clone(), state);
+        }
+        let ready: Vec<VersionName> = have
+            .versions
+            .iter()
+            .filter(|(_, s)| **s == Ready)
+            .map(|(v, _)| v.clone())
+            .collect();
+        if !ready.is_empty() {
+            let one = |rng: &mut Random| ready[rng.below(ready.len() as u64) as usize].clone();
+            have.live = rng.chance(70).then(|| one(rng));
+            have.rollout = rng.chance(20).then(|| RolloutAttempt { to: one(rng) });
+            if rng.chance(20) {
+                have.rollout_failed.insert(one(rng));
+            }
+        }
+        let states = [
+            NodeState::Busy,
+            NodeState::Ready,
+            NodeState::Active,
+            NodeState::Failed,
+        ];
+        let mut reports = BTreeMap::new();
+        for name in &names {
+            if rng.chance(40) {
+                reports.insert(name.clone(), states[rng.below(4) as usize]);
+            }
+        }
+        (want, have, reports, rng.chance(80))
+    }
+
+    /// What must hold of any plan, whatever the state.
+    fn check_plan(want: &Wanted, have: &OnDisk, actions: &[Action]) -> Result<(), String> {
+        let rolling_out = actions.iter().any(|a| matches!(a, Action::Rollout { .. }));
+        for action in actions {
+            match action {
+                Action::Rollout { to, .. } => {
+                    if have.versions.get(to) != Some(&Ready) {
+                        return Err(format!(
+                            "rolled out {to}, which the disk does not fully have"
+                        ));
+                    }
+                    if have.rollout_failed.contains(to) || want.current.as_ref() != Some(to) {
+                        return Err(format!("rolled out {to}, failed here or not current"));
+                    }
+                }
+                Action::Clean(version) => {
+                    let running = have.live.as_ref() == Some(version)
+                        || have.rollout.as_ref().is_some_and(|r| &r.to == version);
+                    if running {
+                        return Err(format!(
+                            "cleaned {version}, which runs (or is being switched to)"
+                        ));
+                    }
+                    if want.versions.contains(version) || want.current.as_ref() == Some(version) {
+                        return Err(format!("cleaned {version}, which the tree wants"));
+                    }
+                }
+                Action::Report(version, state) => {
+                    if !want.versions.contains(version) {
+                        return Err(format!("reported {version}, whose key the tree lacks"));
+                    }
+                    let settled_live = have.live.as_ref() == Some(version)
+                        && have.rollout.is_none()
+                        && !rolling_out;
+                    if *state == NodeState::Active && !settled_live {
+                        return Err(format!("reported {version} active while still switching"));
+                    }
+                }
+                Action::Stage(version) | Action::Deploy(version) => {
+                    if have.versions.get(version) == Some(&DeployFailed) {
+                        return Err(format!("retried {version} without an operator"));
+                    }
+                }
+                Action::Unreport(version) => {
+                    if have.versions.contains_key(version) {
+                        return Err(format!("unreported {version} before cleaning it"));
+                    }
+                }
+                Action::Repair(version) => {
+                    if !want.may_repair || want.current.as_ref() != Some(version) {
+                        return Err(format!("repaired {version} without leave"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn random_states_never_break_a_property_and_always_converge() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        let mut rng = Random(seed);
+        for case in 0..20_000 {
+            let (mut want, mut have, mut reports, online) = random_state(&mut rng);
+            fn view(r: &BTreeMap<VersionName, NodeState>, online: bool) -> Reports<'_> {
+                if online {
+                    Reports::Online(r)
+                } else {
+                    Reports::Offline
+                }
+            }
+            let actions = plan(&want, &have, view(&reports, online));
+            if let Err(why) = check_plan(&want, &have, &actions) {
+                panic!("seed {seed} case {case}: {why}\n{want:?}\n{have:?}\n{actions:?}");
+            }
+            // Run it with hooks that succeed, losing the session now and
+            // then (every report is gone with it): it must converge.
+            let stuck = have.versions.values().any(|s| *s == DeployFailed)
+                || want
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| have.rollout_failed.contains(c));
+            if stuck {
+                continue; // failures wait for an operator's retry
+            }
+            let mut steps = 0;
+            loop {
+                let online = online || steps > 10;
+                if rng.chance(3) {
+                    reports.clear();
+                }
+                let actions = plan(&want, &have, view(&reports, online));
+                if let Err(why) = check_plan(&want, &have, &actions) {
+                    panic!("seed {seed} case {case} step {steps}: {why}\n{want:?}\n{have:?}");
+                }
+                let Some(first) = actions.first() else { break };
+                simulate(first, &mut have, &mut reports, &mut want);
+                steps += 1;
+                assert!(steps < 200, "seed {seed} case {case}: no convergence");
+            }
+            if let Some(current) = &want.current {
+                if have.versions.get(current) == Some(&Ready) {
+                    assert_eq!(have.live.as_ref(), Some(current), "seed {seed} case {case}");
+                }
+            }
+        }
+    }
 }
