@@ -229,3 +229,77 @@ verify_incoming = true"#,
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The policies docs/protocol.md documents (the test Consul's node is "dev").
+fn agent_policy(prefix: &str) -> String {
+    format!(
+        "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nsession \"dev\" {{ policy = \"write\" }}"
+    )
+}
+
+fn cli_policy(prefix: &str) -> String {
+    format!(
+        "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nsession_prefix \"\" {{ policy = \"read\" }}"
+    )
+}
+
+#[test]
+fn the_documented_least_privilege_policies_are_enough_and_less_is_reported_as_denied() {
+    let consul = acl_consul();
+    let mut fleet = support::Fleet::on(&consul, 2);
+    let prefix = fleet.prefix.clone();
+    let agent_token = token_with(&consul, "least-agent", &agent_policy(&prefix));
+    let cli_token = token_with(&consul, "least-cli", &cli_policy(&prefix));
+    for agent in &mut fleet.agents {
+        agent
+            .env
+            .push(("CONSUL_HTTP_TOKEN".into(), agent_token.clone()));
+    }
+    fleet.start_all();
+    let cli = |args: &[&str]| {
+        let out = fleet
+            .depro_command(args)
+            .env("CONSUL_HTTP_TOKEN", &cli_token)
+            .output()
+            .unwrap();
+        support::Output::of(out)
+    };
+    cli(&["deploy", "v1", "-nodes=2"]).ok();
+    cli(&["deploy", "v2", "-nodes=2"]).ok();
+    cli(&["rollback", "-nodes=2"]).ok();
+    cli(&["rollout", "v2", "-nodes=2"]).ok();
+    let removed = cli(&["remove", "v1", "-wait"]);
+    assert!(removed.ok().contains("purged from 2 nodes"), "{removed:#?}");
+    cli(&["status"]).ok();
+    fleet.expect_active("v2");
+
+    // An agent whose token may not make sessions says so.
+    let root = tempfile::tempdir().unwrap();
+    let keys_only = token_with(
+        &consul,
+        "keys-only",
+        &format!("key_prefix \"{prefix}/\" {{ policy = \"write\" }}"),
+    );
+    let mut sessionless = Agent::new(root.path(), "sessionless", &consul.addr(), &prefix);
+    sessionless
+        .env
+        .push(("CONSUL_HTTP_TOKEN".into(), keys_only.clone()));
+    sessionless.start();
+    wait_for("the session denial", || {
+        let log = sessionless.log();
+        log.contains("denied creating a session") && log.contains("check the ACL token")
+    });
+    assert!(!sessionless.log().contains(&keys_only));
+    // A CLI token that may only read: exit 4, the denial named.
+    let reader = token_with(
+        &consul,
+        "reader",
+        &format!("key_prefix \"{prefix}/\" {{ policy = \"read\" }}"),
+    );
+    let out = fleet
+        .depro_command(&["deploy", "v3"])
+        .env("CONSUL_HTTP_TOKEN", &reader)
+        .output()
+        .unwrap();
+    support::Output::of(out).fails(4, &["denied", "v3"]);
+}

@@ -192,9 +192,12 @@ impl Agent {
             return Ok(());
         }
         let name = &self.config.name;
+        // Only for the message: a token that may not read it gets none.
         let owner = self
             .consul
-            .session_info(&holder)?
+            .session_info(&holder)
+            .ok()
+            .flatten()
             .map(|s| s.name)
             .unwrap_or_default();
         Err(Failure::Other(format!(
