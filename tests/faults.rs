@@ -36,13 +36,16 @@ fn spawn(mut command: std::process::Command) -> Child {
         .unwrap()
 }
 
-/// Exit codes seen, for the report.
+/// Exit codes seen, and what the commands that did not succeed said.
 #[derive(Default, Debug)]
-struct Outcomes(BTreeMap<Option<i32>, usize>);
+struct Outcomes(BTreeMap<Option<i32>, usize>, Vec<String>);
 
 impl Outcomes {
     fn add(&mut self, out: &Output) {
         *self.0.entry(out.code).or_default() += 1;
+        if out.code != Some(0) {
+            self.1.push(out.stderr.trim().to_string());
+        }
     }
 }
 
@@ -51,6 +54,9 @@ fn assert_clean(what: &str, findings: Findings, outcomes: &Outcomes) {
         "{what}: {} live checks, {} tree snapshots, exits {:?}",
         findings.samples, findings.snapshots, outcomes.0
     );
+    for said in &outcomes.1 {
+        eprintln!("{what}: refused: {said}");
+    }
     assert!(
         findings.violations.is_empty(),
         "{what}: invariants broken: {:#?}",
@@ -172,6 +178,11 @@ fn servers_restarted_one_by_one_while_deploys_continue() {
         }
     }
     assert_clean("rolling restart", recorder.finish(), &outcomes);
+    assert_eq!(
+        outcomes.0.keys().collect::<Vec<_>>(),
+        [&Some(0)],
+        "{outcomes:?}"
+    );
 }
 
 #[test]

@@ -90,6 +90,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     let deadline = start + args.switch.timeout;
+    ctx.deadline = deadline;
     let tree = ctx.read_tree()?;
     let base = tree.current.clone();
 
@@ -102,7 +103,8 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
             ..VersionMeta::default()
         };
         let key = ctx.prefix.folder_key(&version);
-        ctx.consul.create(&key, &meta.to_json())?;
+        let meta = meta.to_json();
+        ctx.retrying(|c| c.create(&key, &meta))?;
         ctx.out
             .line(&format!("created {version} under {}", ctx.prefix));
     }
@@ -113,7 +115,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         .filter(|(_, e)| e.state == NodeState::Failed)
     {
         let key = ctx.prefix.node_key(&version, node);
-        if ctx.consul.delete(&key, Some(entry.modify_index))? {
+        if ctx.retrying(|c| c.delete(&key, Some(entry.modify_index)))? {
             ctx.out
                 .line(&format!("{node}: failed before; asked it to try again"));
             retried.insert(node.clone());
@@ -163,6 +165,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let version = version_arg(&args.version)?;
     let start = Instant::now();
+    ctx.deadline = start + args.switch.timeout;
     let tree = ctx.read_existing_tree()?;
     roll_to(&mut ctx, &tree, &version, &args.switch, start)
 }
@@ -170,6 +173,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let start = Instant::now();
+    ctx.deadline = start + args.switch.timeout;
     let tree = ctx.read_existing_tree()?;
     let from = tree.current_version().cloned().ok_or_else(|| {
         Error::Refused(format!(

@@ -38,7 +38,17 @@ pub(crate) struct Ctx {
     /// Versions that exist as plain keys (`<prefix>/<version>`, made by
     /// other tools), as the last whole-tree read found.
     plain: BTreeSet<VersionName>,
+    /// Until when requests that fail for a passing reason (Consul
+    /// unreachable, a 5xx during a leader election) are tried again: the
+    /// command's deadline, or [`RETRY_FOR`] from its start.
+    pub deadline: Instant,
+    /// Consul has answered this command once: from then on an unreachable
+    /// Consul is a passing outage, not a wrong address.
+    contacted: std::cell::Cell<bool>,
 }
+
+/// How long a command without a -timeout rides out a passing failure.
+const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// What a command sees while it follows one version.
 #[derive(Debug, Default)]
@@ -98,12 +108,50 @@ impl Ctx {
             user: format!("{user}@{host}"),
             seen: BTreeMap::new(),
             plain: BTreeSet::new(),
+            deadline: Instant::now() + RETRY_FOR,
+            contacted: std::cell::Cell::new(false),
         })
+    }
+
+    /// Runs one request, trying it again after a failure that may pass (an
+    /// outage, a leader election) until the command's deadline. Every
+    /// request a command makes this way is safe to repeat. Before Consul
+    /// has answered once, an unreachable address fails at once (most likely
+    /// a wrong -server, not an outage).
+    pub(crate) fn retrying<T>(
+        &self,
+        mut request: impl FnMut(&Consul) -> std::result::Result<T, ConsulError>,
+    ) -> Result<T> {
+        let mut backoff =
+            crate::pacing::Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
+        loop {
+            let result = request(&self.consul);
+            let answered = match &result {
+                Ok(_) => true,
+                Err(e) => !matches!(e.kind, crate::consul::ConsulErrorKind::Unreachable(_)),
+            };
+            if answered {
+                self.contacted.set(true);
+            }
+            match result {
+                Err(e)
+                    if e.is_transient()
+                        && self.contacted.get()
+                        && Instant::now() < self.deadline =>
+                {
+                    eprintln!("depro: Consul: {}; retrying", e.summary());
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    std::thread::sleep(backoff.next_delay().min(left));
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Reads the whole tree under the prefix (from the leader).
     pub(crate) fn read_tree(&mut self) -> Result<Tree> {
-        let answer = self.consul.list(self.prefix.as_dir(), Read::now())?;
+        let prefix = self.prefix.as_dir().to_string();
+        let answer = self.retrying(|c| c.list(&prefix, Read::now()))?;
         let tree = Tree::parse(&self.prefix, &answer.value);
         self.plain = tree
             .versions
@@ -116,9 +164,8 @@ impl Ctx {
 
     /// Reads one version's keys from the leader: its key and its nodes.
     pub(crate) fn read_version(&self, version: &VersionName) -> Result<VersionInfo> {
-        let answer = self
-            .consul
-            .list_starting_with(&self.version_listing(version), Read::now())?;
+        let listing = self.version_listing(version);
+        let answer = self.retrying(|c| c.list_starting_with(&listing, Read::now()))?;
         Ok(Tree::parse(&self.prefix, &answer.value)
             .versions
             .remove(version)
@@ -127,7 +174,8 @@ impl Ctx {
 
     /// Reads `current` from the leader.
     pub(crate) fn read_current(&self) -> Result<Option<CurrentKey>> {
-        let answer = self.consul.get(&self.prefix.current_key(), Read::now())?;
+        let key = self.prefix.current_key();
+        let answer = self.retrying(|c| c.get(&key, Read::now()))?;
         Ok(answer.value.map(|e| CurrentKey::from_entry(&e)))
     }
 

@@ -21,6 +21,7 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
         .collect::<Result<_>>()?;
     let start = Instant::now();
     let deadline = start + args.timeout;
+    ctx.deadline = deadline;
     let tree = ctx.read_existing_tree()?;
     for version in &versions {
         if tree.current_version() == Some(version) {
@@ -102,7 +103,7 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
 /// Deletes the key that makes `version` exist (never its node keys).
 pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
     if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
-        ctx.consul.delete(&key, None)?;
+        ctx.retrying(|c| c.delete(&key, None))?;
     }
     Ok(())
 }

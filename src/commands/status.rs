@@ -148,7 +148,12 @@ pub(crate) fn table(
                     .to_string(),
             );
         }
-        row.push(info.meta.created_at.clone().unwrap_or_else(|| "-".into()));
+        row.push(
+            info.meta
+                .created_at
+                .as_deref()
+                .map_or_else(|| "-".into(), shown),
+        );
         rows.push(row);
     }
     out.push_str(&align(&rows));
@@ -180,7 +185,7 @@ pub(crate) fn table(
         out.push_str(&align(&rows));
     }
     if !tree.ignored.is_empty() {
-        let list: Vec<&str> = tree.ignored.iter().map(String::as_str).collect();
+        let list: Vec<String> = tree.ignored.iter().take(20).map(|n| shown(n)).collect();
         out.push_str(&format!(
             "\nignored (not valid names): {}\n",
             list.join(", ")
@@ -290,6 +295,20 @@ node2  failed  busy
         assert!(!all.contains("node07"), "{all}");
         let one = table(&prefix, &tree, &|v| v.as_str() == "v2");
         assert!(one.contains("node07  active"), "{one}");
+    }
+
+    #[test]
+    fn hostile_names_and_metadata_reach_the_terminal_escaped() {
+        let prefix = Prefix::parse("api/version").unwrap();
+        let mut hostile = entry("api/version/v1/", r#"{"created_at": "\u001b[2J"}"#, 1);
+        hostile.session = None;
+        let tree = Tree::parse(
+            &prefix,
+            &[hostile, entry("api/version/\x1b]0;owned\x07/", "", 2)],
+        );
+        let text = table(&prefix, &tree, &|_| true);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("\\u{1b}"), "{text}");
     }
 
     #[test]
