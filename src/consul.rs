@@ -132,6 +132,21 @@ impl fmt::Display for ConsulError {
 
 pub(crate) type Result<T> = std::result::Result<T, ConsulError>;
 
+/// Who may answer a read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Consistency {
+    /// The leader, from its state as it is (Consul's default mode). Right
+    /// after an election that state may lag what was committed: fine for
+    /// following, not for deciding.
+    #[default]
+    Default,
+    /// Any server (`?stale`), spreading the load over followers.
+    Stale,
+    /// The leader, after it verified it leads and has applied everything
+    /// committed (`?consistent`): for reads that decide something.
+    Consistent,
+}
+
 /// How to read: a plain read, or a blocking query.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Read {
@@ -139,19 +154,26 @@ pub(crate) struct Read {
     pub index: u64,
     /// How long Consul may block (only with `index > 0`).
     pub wait: Option<Duration>,
-    /// Let any server answer (`?stale`), spreading the load over followers.
-    pub stale: bool,
+    pub consistency: Consistency,
 }
 
 impl Read {
+    /// At once, Consul's default mode.
     pub(crate) fn now() -> Read {
         Read::default()
     }
-    pub(crate) fn blocking(index: u64, wait: Duration, stale: bool) -> Read {
+    /// At once, from a leader that has caught up (`?consistent`).
+    pub(crate) fn consistent() -> Read {
+        Read {
+            consistency: Consistency::Consistent,
+            ..Read::default()
+        }
+    }
+    pub(crate) fn blocking(index: u64, wait: Duration, consistency: Consistency) -> Read {
         Read {
             index,
             wait: Some(wait),
-            stale,
+            consistency,
         }
     }
 }
@@ -738,8 +760,10 @@ fn read_params(read: Read, base: &str) -> String {
             params.push(format!("wait={}", crate::duration::to_consul(wait)));
         }
     }
-    if read.stale {
-        params.push("stale".to_string());
+    match read.consistency {
+        Consistency::Default => {}
+        Consistency::Stale => params.push("stale".to_string()),
+        Consistency::Consistent => params.push("consistent".to_string()),
     }
     params.join("&")
 }
@@ -1096,11 +1120,15 @@ mod tests {
 
     #[test]
     fn blocking_reads_carry_index_wait_and_stale() {
-        let read = Read::blocking(42, Duration::from_secs(300), true);
+        let read = Read::blocking(42, Duration::from_secs(300), Consistency::Stale);
         assert_eq!(
             read_params(read, "recurse"),
             "recurse&index=42&wait=300s&stale"
         );
         assert_eq!(read_params(Read::now(), ""), "");
+        assert_eq!(
+            read_params(Read::consistent(), "recurse"),
+            "recurse&consistent"
+        );
     }
 }

@@ -19,14 +19,15 @@
 //!   would sit out its whole wait. The answer shows the index as it is;
 //! - reads may be `?stale` (any server answers, followers share the load),
 //!   but the first one, and the first after a failure or a backwards index,
-//!   is answered by the leader: a follower that lags must never be the one
-//!   that sets where reading starts from.
+//!   is `?consistent`: answered by a leader that has caught up, so neither a
+//!   follower that lags nor a leader fresh from an election sets where
+//!   reading starts from.
 //!
 //! The cursor is pure: it decides, the caller sleeps and reads.
 
 use std::time::{Duration, Instant};
 
-use crate::consul::Read;
+use crate::consul::{Consistency, Read};
 use crate::pacing::{Backoff, TokenBucket};
 
 /// How long Consul may hold a blocking query before answering unchanged.
@@ -86,14 +87,20 @@ impl Cursor {
     /// The next read: at once with index 0 or after a pause, else blocking
     /// on the index.
     pub(crate) fn read(&self) -> Read {
-        let stale = self.stale && !self.from_leader;
+        let consistency = if self.from_leader {
+            Consistency::Consistent
+        } else if self.stale {
+            Consistency::Stale
+        } else {
+            Consistency::Default
+        };
         if self.index == 0 || self.paused {
             Read {
-                stale,
+                consistency,
                 ..Read::now()
             }
         } else {
-            Read::blocking(self.index, self.wait, stale)
+            Read::blocking(self.index, self.wait, consistency)
         }
     }
 
@@ -157,13 +164,25 @@ mod tests {
     fn the_first_read_answers_at_once_and_later_ones_block_on_the_last_index() {
         let mut cursor = cursor();
         assert_eq!(cursor.read().index, 0);
-        assert!(!cursor.read().stale, "the first read is the leader's");
+        assert_eq!(
+            cursor.read().consistency,
+            Consistency::Consistent,
+            "the first read is the leader's"
+        );
         assert_eq!(cursor.answered(42, true), Answered::Forward);
         let read = cursor.read();
         assert_eq!((read.index, read.wait), (42, Some(WAIT)));
-        assert!(read.stale, "then any server may answer");
+        assert_eq!(
+            read.consistency,
+            Consistency::Stale,
+            "then any server may answer"
+        );
         cursor.failed();
-        assert!(!cursor.read().stale, "after a failure, the leader again");
+        assert_eq!(
+            cursor.read().consistency,
+            Consistency::Consistent,
+            "after a failure, the leader again"
+        );
     }
 
     #[test]

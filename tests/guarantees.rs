@@ -226,3 +226,30 @@ fn remove_wait_says_which_nodes_vanished_with_their_agent_instead_of_counting_th
         "node2's directory is still there, as the message says"
     );
 }
+
+#[test]
+fn the_reads_a_command_decides_on_are_consistent_not_served_by_a_leader_still_catching_up() {
+    // Right after an election, Consul serves default reads before the new
+    // leader has applied what the old one committed (its barrier); only
+    // `?consistent` waits for it. A deploy that read an old `current` there
+    // exited 5, saying current had moved "while it waited" (seen in the soak).
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    let proxy = Proxy::start(&fleet.consul.addr());
+    fleet
+        .depro_via(&proxy.addr(), &["deploy", "v2", "-nodes=2"])
+        .output()
+        .unwrap();
+    let log = proxy.log();
+    let reads: Vec<&String> = log
+        .iter()
+        .filter(|r| r.starts_with("GET ") && !r.contains("stale") && !r.contains("index="))
+        .collect();
+    assert!(!reads.is_empty(), "{log:#?}");
+    for read in reads {
+        assert!(
+            read.contains("consistent"),
+            "a deciding read that may be stale: {read}"
+        );
+    }
+}

@@ -177,7 +177,7 @@ impl Agent {
     fn resolve_lock_conflict(&mut self, key: &str) -> Result<(), Failure> {
         let holder = self
             .consul
-            .get(key, Read::now())?
+            .get(key, Read::consistent())?
             .value
             .and_then(|e| e.session);
         let Some(holder) = holder else {
@@ -440,12 +440,15 @@ impl Agent {
             return;
         };
         let key = deployment.spec.prefix.node_key(version, &self.config.name);
-        let verdict = self.consul.get(&key, Read::now()).and_then(|answer| {
-            if answer.value.is_some() {
-                return Ok(None); // a follower lagged: it is still there
-            }
-            Ok(Some(self.consul.session_info(&session)?.is_some()))
-        });
+        let verdict = self
+            .consul
+            .get(&key, Read::consistent())
+            .and_then(|answer| {
+                if answer.value.is_some() {
+                    return Ok(None); // a follower lagged: it is still there
+                }
+                Ok(Some(self.consul.session_info(&session)?.is_some()))
+            });
         match verdict {
             Ok(None) => {}
             Ok(Some(true)) => super::reload::retry(&mut self.deployments[index], version),

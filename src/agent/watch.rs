@@ -173,11 +173,7 @@ fn tree_loop(
 /// Reads the tree once, at once (no blocking): for the main loop, when a
 /// write proved its view outdated.
 pub(crate) fn look_now(consul: &Consul, target: &Target) -> Result<TreeSeen, ConsulError> {
-    let read = crate::consul::Read {
-        stale: false,
-        ..crate::consul::Read::now()
-    };
-    let answer = consul.keys(target.prefix.as_dir(), read)?;
+    let answer = consul.keys(target.prefix.as_dir(), crate::consul::Read::consistent())?;
     look(consul, target, answer.value)
 }
 

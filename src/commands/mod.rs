@@ -148,10 +148,11 @@ impl Ctx {
         }
     }
 
-    /// Reads the whole tree under the prefix (from the leader).
+    /// Reads the whole tree under the prefix (`?consistent`: the reads a
+    /// command decides on come from a leader that has caught up).
     pub(crate) fn read_tree(&mut self) -> Result<Tree> {
         let prefix = self.prefix.as_dir().to_string();
-        let answer = self.retrying(|c| c.list(&prefix, Read::now()))?;
+        let answer = self.retrying(|c| c.list(&prefix, Read::consistent()))?;
         let tree = Tree::parse(&self.prefix, &answer.value);
         self.plain = tree
             .versions
@@ -165,7 +166,7 @@ impl Ctx {
     /// Reads one version's keys from the leader: its key and its nodes.
     pub(crate) fn read_version(&self, version: &VersionName) -> Result<VersionInfo> {
         let listing = self.version_listing(version);
-        let answer = self.retrying(|c| c.list_starting_with(&listing, Read::now()))?;
+        let answer = self.retrying(|c| c.list_starting_with(&listing, Read::consistent()))?;
         Ok(Tree::parse(&self.prefix, &answer.value)
             .versions
             .remove(version)
@@ -175,7 +176,7 @@ impl Ctx {
     /// Reads `current` from the leader.
     pub(crate) fn read_current(&self) -> Result<Option<CurrentKey>> {
         let key = self.prefix.current_key();
-        let answer = self.retrying(|c| c.get(&key, Read::now()))?;
+        let answer = self.retrying(|c| c.get(&key, Read::consistent()))?;
         Ok(answer.value.map(|e| CurrentKey::from_entry(&e)))
     }
 
