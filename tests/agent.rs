@@ -470,6 +470,11 @@ fn hostile_version_keys_are_ignored_with_one_warning_and_touch_nothing_outside()
     fleet.add_version("v2");
     fleet.expect_state("v2", "ready");
     let agent = &fleet.agents[0];
+    // current's watch sees it on its own schedule (paced while the key did
+    // not exist and other writes woke it).
+    wait_for("the invalid current to be noticed", || {
+        agent.log().contains("current = \"../../etc\"")
+    });
     let log = agent.log();
     // One level down, `../../etc/` and `../escape` are both the name `..`.
     for name in ["../", ".hidden/", "-rf/", "a b/", "x;reboot/"] {
