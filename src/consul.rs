@@ -1,15 +1,18 @@
 //! The Consul HTTP API client: the only module that knows HTTP and `ureq`.
 //!
 //! It speaks the small part of the API depro needs: KV reads (single keys,
-//! recursive listings, key listings, blocking queries), KV writes (plain,
-//! check-and-set, transactions that check-and-set and lock keys with a
-//! session), deletes and sessions. Invariants it keeps:
+//! recursive listings, key listings, blocking queries, at a chosen
+//! consistency), transactions (writes that check-and-set, check, lock keys
+//! with a session; read-only ones any server answers) whose rejections say
+//! why, and sessions. Invariants it keeps:
 //! - the ACL token travels only in the `X-Consul-Token` header, never in a
 //!   URL, a log line or an error;
 //! - every error names the request and the key it was about;
 //! - a blocking query's HTTP timeout is longer than Consul's own wait plus
 //!   its jitter (wait/16), so Consul, not the client, ends an idle wait;
-//! - a missing key or prefix is a value (`None`, empty), not an error.
+//! - a missing key or prefix is a value (`None`, empty), not an error;
+//! - a client made with [`Consul::with_own_connections`] can be shut down,
+//!   ending its requests in flight at once.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -207,6 +210,8 @@ pub(crate) enum TxnOp<'a> {
     },
     /// Delete `key` only if its ModifyIndex is `index`.
     DeleteCas { key: &'a str, index: u64 },
+    /// Set `key` unconditionally.
+    Set { key: &'a str, value: &'a [u8] },
     /// Set `key` and hold it with `session` (fails if another session holds it).
     Lock {
         key: &'a str,
@@ -227,6 +232,7 @@ impl TxnOp<'_> {
         match self {
             TxnOp::Cas { key, .. }
             | TxnOp::DeleteCas { key, .. }
+            | TxnOp::Set { key, .. }
             | TxnOp::Lock { key, .. }
             | TxnOp::Delete { key }
             | TxnOp::Get { key }
@@ -240,6 +246,9 @@ impl TxnOp<'_> {
                 "Verb": "cas", "Key": key, "Value": base64_encode(value), "Index": index}),
             TxnOp::DeleteCas { key, index } => {
                 serde_json::json!({"Verb": "delete-cas", "Key": key, "Index": index})
+            }
+            TxnOp::Set { key, value } => {
+                serde_json::json!({"Verb": "set", "Key": key, "Value": base64_encode(value)})
             }
             TxnOp::Lock {
                 key,
@@ -347,6 +356,8 @@ pub(crate) struct SessionInfo {
 /// A connection to one Consul agent.
 pub(crate) struct Consul {
     agent: ureq::Agent,
+    /// What `agent` was built from, for clients with connections of their own.
+    config: ureq::config::Config,
     base: String,
     token: Option<Secret>,
     datacenter: Option<String>,
@@ -372,13 +383,36 @@ impl Consul {
         if base.starts_with("https://") {
             config = config.tls_config(tls_config(settings)?);
         }
+        let config = config.build();
         Ok(Consul {
-            agent: config.build().new_agent(),
+            agent: config.clone().new_agent(),
+            config,
             base,
             token: settings.token.clone(),
             datacenter: settings.datacenter.clone(),
             requests: AtomicU64::new(0),
         })
+    }
+
+    /// A client of the same Consul with connections of its own, so that
+    /// [`Consul::shut_down`] on it ends only its own requests.
+    pub(crate) fn with_own_connections(&self) -> Consul {
+        Consul {
+            agent: self.config.clone().new_agent(),
+            config: self.config.clone(),
+            base: self.base.clone(),
+            token: self.token.clone(),
+            datacenter: self.datacenter.clone(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Closes this client's connections, idle ones and those in use: a
+    /// blocking query in flight on another thread fails at once instead of
+    /// holding its thread and connection until its wait ends. New requests
+    /// fail too.
+    pub(crate) fn shut_down(&self) {
+        self.agent.clone().shutdown();
     }
 
     /// The base URL, for messages (it never contains a token).
@@ -450,24 +484,6 @@ impl Consul {
         let (index, body) = self.read_call(&url, read, doing)?;
         let value = parse(body).map_err(|why| self.bad(doing(), why))?;
         Ok(Answer { index, value })
-    }
-
-    /// Creates a key if it does not exist yet (check-and-set 0); false if it
-    /// existed.
-    pub(crate) fn create(&self, key: &str, value: &[u8]) -> Result<bool> {
-        let doing = || format!("creating key {key:?}");
-        let url = self.url(&format!("kv/{}", encode_path(key)), "cas=0");
-        let body = self.call("PUT", &url, Some(value), CALL_TIMEOUT, &doing)?;
-        parse_verdict(&body).map_err(|why| self.bad(doing(), why))
-    }
-
-    /// Deletes one key (with `cas`, only if its ModifyIndex still matches).
-    pub(crate) fn delete(&self, key: &str, cas: Option<u64>) -> Result<bool> {
-        let doing = || format!("deleting key {key:?}");
-        let params = cas.map(|c| format!("cas={c}")).unwrap_or_default();
-        let url = self.url(&format!("kv/{}", encode_path(key)), &params);
-        let body = self.call("DELETE", &url, None, CALL_TIMEOUT, &doing)?;
-        parse_verdict(&body).map_err(|why| self.bad(doing(), why))
     }
 
     /// Runs operations atomically, through the leader. A rejected
@@ -863,17 +879,6 @@ fn encode_path(text: &str) -> String {
         }
     }
     out
-}
-
-fn parse_verdict(body: &[u8]) -> std::result::Result<bool, String> {
-    match std::str::from_utf8(body).map(str::trim) {
-        Ok("true") => Ok(true),
-        Ok("false") => Ok(false),
-        _ => Err(format!(
-            "expected true or false, got {:?}",
-            String::from_utf8_lossy(body)
-        )),
-    }
 }
 
 /// A transaction's answer: `Results` when it committed, `Errors` when not.

@@ -109,7 +109,19 @@ impl Prefix {
     pub(crate) fn node_key(&self, version: &VersionName, node: &str) -> String {
         format!("{}{version}/{node}", self.0)
     }
+
+    /// The doorbell: the depro CLI writes it in the same transaction as
+    /// every change it makes to the versions (create, remove, retry), so
+    /// that agents, which watch it alone, react at once even while their
+    /// watch of the whole prefix is paced. Other tools need not write it.
+    pub(crate) fn changed_key(&self) -> String {
+        format!("{}{CHANGED}", self.0)
+    }
 }
+
+/// The name of the doorbell key under a prefix (not a version: it starts
+/// with a dot).
+pub(crate) const CHANGED: &str = ".changed";
 
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -193,7 +205,7 @@ impl Listing {
             let Some(rest) = key.strip_prefix(prefix.as_dir()) else {
                 continue;
             };
-            if rest.is_empty() || rest == "current" {
+            if rest.is_empty() || rest == "current" || rest == CHANGED {
                 continue;
             }
             let (name, is_folder) = match rest.strip_suffix('/') {
@@ -314,6 +326,9 @@ impl Tree {
             }
             if rest == "current" {
                 tree.current = Some(CurrentKey::from_entry(entry));
+                continue;
+            }
+            if rest == CHANGED {
                 continue;
             }
             let (name, node) = match rest.split_once('/') {
@@ -469,6 +484,7 @@ mod tests {
         let keys: Vec<String> = [
             "api/version/",
             "api/version/current",
+            "api/version/.changed",
             "api/version/v1/",
             "api/version/v2",
             "api/version/../",

@@ -679,3 +679,96 @@ fn the_seed_config_runs_verbatim() {
         std::fs::remove_dir_all(path).unwrap();
     }
 }
+
+/// The agent's threads and its open sockets (TCP connections to Consul).
+fn threads_and_sockets(pid: i32) -> (usize, usize) {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count();
+    (threads, sockets)
+}
+
+#[test]
+fn an_agent_with_hundreds_of_versions_keeps_the_threads_and_connections_it_has_with_one() {
+    let mut fleet = Fleet::new(1);
+    fleet.agents[0].deployments[0]["deploy"] = serde_json::json!(["true"]);
+    fleet.agents[0].deployments[0]["rollout"] = serde_json::json!(["true"]);
+    fleet.start_all();
+    fleet.add_version("v0");
+    fleet.expect_state("v0", "ready");
+    let pid = fleet.agents[0].pid();
+    let (threads, sockets) = threads_and_sockets(pid);
+    assert!(threads <= 8, "{threads} threads with one version");
+    // 300 versions, created in a few transactions.
+    let p = fleet.prefix.clone();
+    for chunk in (1..=300).collect::<Vec<_>>().chunks(60) {
+        let ops: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|i| serde_json::json!({"KV": {"Verb": "set", "Key": format!("{p}/v{i}/"), "Value": ""}}))
+            .collect();
+        fleet.consul.call(
+            "PUT",
+            "txn",
+            Some(serde_json::to_string(&ops).unwrap().as_bytes()),
+        );
+    }
+    fleet.wait_within(Duration::from_secs(120), "300 versions ready", |f| {
+        f.node_state("v300", "node1").as_deref() == Some("ready")
+            && f.node_state("v1", "node1").as_deref() == Some("ready")
+    });
+    let (threads_after, sockets_after) = threads_and_sockets(pid);
+    assert_eq!(threads_after, threads, "threads grew with the versions");
+    assert!(
+        sockets_after <= sockets + 2,
+        "connections grew with the versions: {sockets} -> {sockets_after}"
+    );
+}
+
+#[test]
+fn a_deployment_removed_by_a_reload_ends_its_watches_and_connections_at_once() {
+    // A Consul of its own, so that no other test's write wakes a query.
+    let consul = Consul::start();
+    let root = tempfile::tempdir().unwrap();
+    let api = support::unique_prefix("api");
+    let web = support::unique_prefix("web");
+    // Under web there is nothing this agent acts on or writes: its watches
+    // sit in their blocking queries until something changes there.
+    consul.put(&format!("{web}/.readme"), "no versions yet");
+    let mut agent = Agent::new(root.path(), "both", &consul.addr(), &api);
+    agent
+        .deployments
+        .push(support::default_deployment("web", &agent.dir, &web));
+    agent.start();
+    consul.put(&format!("{api}/v1/"), "");
+    wait_for("api v1 ready", || {
+        consul.get(&format!("{api}/v1/both")).as_deref() == Some("ready")
+    });
+    let pid = agent.pid();
+    let (threads, sockets) = threads_and_sockets(pid);
+    agent.deployments.pop();
+    agent.write_config();
+    agent.signal(Signal::SIGHUP);
+    // web's watches wait in queries that would return only after their
+    // wait (a minute): they end now, with their connections.
+    support::wait_for_within(
+        Duration::from_secs(5),
+        "web's watch threads and connections to go",
+        &mut || {
+            let (t, s) = threads_and_sockets(pid);
+            t <= threads - 3 && s <= sockets - 3
+        },
+        || {
+            format!(
+                "{:?} then {:?}\n{}",
+                (threads, sockets),
+                threads_and_sockets(pid),
+                agent.log()
+            )
+        },
+    );
+}

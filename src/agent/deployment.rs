@@ -3,6 +3,7 @@
 //! watches.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ pub(crate) struct DeploymentState {
     /// The versions this node reported `failed`: the tree watch checks that
     /// their keys still exist (an operator deleting one asks for a retry).
     own_failed: Arc<Mutex<BTreeSet<VersionName>>>,
+    /// The index of this node's last write under the prefix (see `watch`).
+    own_write: Arc<AtomicU64>,
 }
 
 impl DeploymentState {
@@ -76,6 +79,7 @@ impl DeploymentState {
             watch_retry: None,
             watch_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             own_failed: Arc::default(),
+            own_write: Arc::default(),
         })
     }
 
@@ -94,7 +98,13 @@ impl DeploymentState {
             prefix: self.spec.prefix.clone(),
             node: node.to_string(),
             own: self.own_failed.clone(),
+            own_write: self.own_write.clone(),
         }
+    }
+
+    /// Records the index a write of this node under the prefix got.
+    pub(crate) fn wrote_at(&self, index: u64) {
+        self.own_write.store(index, Ordering::Relaxed);
     }
 
     /// This node's keys are gone or unknown (a new session, Consul's state

@@ -96,8 +96,12 @@ impl Agent {
         let outcome = self.consul.txn(&ops)?;
         self.health.reachable(&self.consul);
         let failures = match outcome {
-            TxnOutcome::Committed(_) => {
+            TxnOutcome::Committed(entries) => {
                 let deployment = &mut self.deployments[index];
+                // Deletes return no entry; the others all got the same index.
+                if let Some(at) = entries.iter().map(|e| e.modify_index).max() {
+                    deployment.wrote_at(at);
+                }
                 for action in batch {
                     match action {
                         Action::Report(version, state) => {
@@ -229,7 +233,10 @@ impl Agent {
         let outcome = self.consul.txn(&ops)?;
         let deployment = &mut self.deployments[index];
         match &outcome {
-            TxnOutcome::Committed(_) => {
+            TxnOutcome::Committed(entries) => {
+                if let Some(at) = entries.iter().map(|e| e.modify_index).max() {
+                    deployment.wrote_at(at);
+                }
                 log::warn!(
                     "{}: current names {version} but its folder key was missing; re-created it",
                     deployment.spec.id

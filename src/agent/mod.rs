@@ -324,7 +324,7 @@ impl Agent {
             let id = self.next_watch;
             let tx = self.tx.clone();
             let started = watch::start(
-                self.consul.clone(),
+                &self.consul,
                 deployment.watch_target(&self.config.name),
                 self.health.clone(),
                 move |seen| tx.send(Event::Seen { watch: id, seen }).is_ok(),

@@ -11,6 +11,11 @@
 //!   the number of versions; 64 keys per transaction.
 //! - The current watch blocks on `<prefix>/current` alone, so a switch is
 //!   seen at once even while node writes keep the tree watch busy.
+//! - The doorbell watch blocks on `<prefix>/.changed` alone, which the depro
+//!   CLI writes with every change it makes to the versions: when it rings,
+//!   the tree watch stops any pause and reads at once. So a new version
+//!   never waits behind the pacing of other nodes' writes (another tool's
+//!   change is seen within the pacing interval).
 //!
 //! Each posts only when what it saw differs from what it posted last. Both
 //! follow the [`Cursor`] rules: a failed request or an index that went
@@ -19,16 +24,28 @@
 //! main loop registers this node's keys again. Reads use `?stale`, so
 //! followers share the load.
 //!
-//! Threads and connections per deployment: two, whatever the tree holds.
+//! Threads and connections per deployment: three, whatever the tree holds.
+//! Each watch has a client with connections of its own; dropping the
+//! [`Watches`] shuts them down, so a removed deployment's queries end at once
+//! (not when their wait runs out) and its threads exit.
+//!
+//! Pacing: an answer caused by this node's own write (its index is the one
+//! the agent's last write got) is not an idle wake-up and is not paced; nor
+//! is anything that changed what the watch sees. Only other nodes' writes
+//! are coalesced. Queries wait at most [`WAIT`]: an agent killed while its
+//! queries wait leaves them on the server no longer than that.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::view::{CurrentSeen, ListingSeen, TreeSeen};
 use crate::consul::{Consul, ConsulError, MAX_TXN_OPS, TxnOp, TxnOutcome};
-use crate::cursor::{Answered, Cursor, Pacing, WAIT};
+use crate::cursor::{Answered, Cursor, Pacing};
+
+/// How long a watch's query may wait for a change.
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 use crate::tree::{Listing, Prefix};
 use crate::version_name::VersionName;
 
@@ -67,48 +84,146 @@ pub(crate) struct Target {
     /// Versions whose node key of this node the tree watch must check
     /// (those it reported `failed`: their deletion asks for a retry).
     pub own: Arc<Mutex<BTreeSet<VersionName>>>,
+    /// The index this node's last write under the prefix got: a wake-up
+    /// at that index is this node's own doing, not other nodes' noise.
+    pub own_write: Arc<AtomicU64>,
 }
 
-/// Stops both watch threads when dropped (each notices after its current
-/// blocking query returns, and exits without posting).
+/// Tells the watch threads to stop, and wakes them from a pause: to stop,
+/// or (the doorbell) to read at once.
+#[derive(Default)]
+struct Stop {
+    state: Mutex<Wake>,
+    wake: Condvar,
+    flag: AtomicBool,
+}
+
+#[derive(Default)]
+struct Wake {
+    stopped: bool,
+    rung: bool,
+}
+
+impl Stop {
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps for `duration`, or less if told to stop or the doorbell rang;
+    /// returns whether to stop.
+    fn sleep(&self, duration: Duration) -> bool {
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = self
+            .wake
+            .wait_timeout_while(guard, duration, |w| !w.stopped && !w.rung)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.rung = false;
+        guard.stopped
+    }
+
+    /// The doorbell rang: a pause ends now.
+    fn ring(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).rung = true;
+        self.wake.notify_all();
+    }
+
+    fn stop(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).stopped = true;
+        self.wake.notify_all();
+    }
+}
+
+/// A deployment's running watches: dropping them ends their queries and
+/// threads at once.
 pub(crate) struct Watches {
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
+    clients: Vec<Arc<Consul>>,
 }
 
 impl Drop for Watches {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.stop();
+        for client in &self.clients {
+            client.shut_down();
+        }
     }
 }
 
-/// Starts a deployment's two watches. `post` is called with each new
-/// observation; when it returns false (the main loop is gone) a watch ends.
-/// Fails only if a thread cannot be started (then none runs).
+/// Starts a deployment's two watches, each with a client of its own.
+/// `post` is called with each new observation; when it returns false (the
+/// main loop is gone) a watch ends. Fails only if a thread cannot be
+/// started (then none runs).
 pub(crate) fn start(
-    consul: Arc<Consul>,
+    consul: &Consul,
     target: Target,
     health: Arc<Health>,
     post: impl Fn(Seen) -> bool + Clone + Send + 'static,
 ) -> std::io::Result<Watches> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let watches = Watches { stop: stop.clone() };
+    let stop = Arc::new(Stop::default());
+    let tree = Arc::new(consul.with_own_connections());
+    let current = Arc::new(consul.with_own_connections());
+    let bell = Arc::new(consul.with_own_connections());
+    let watches = Watches {
+        stop: stop.clone(),
+        clients: vec![tree.clone(), current.clone(), bell.clone()],
+    };
     {
-        let (consul, target, health, stop, post) = (
-            consul.clone(),
-            target.clone(),
-            health.clone(),
-            stop.clone(),
-            post.clone(),
-        );
+        let (target, health, stop, post) =
+            (target.clone(), health.clone(), stop.clone(), post.clone());
         spawn("watch-tree", move || {
-            tree_loop(&consul, &target, &health, &stop, post)
+            tree_loop(&tree, &target, &health, &stop, post)
         })?;
     }
-    // If this one cannot start, dropping `watches` stops the first.
+    // If one of these cannot start, dropping `watches` stops the others.
+    {
+        let (target, health, stop) = (target.clone(), health.clone(), stop.clone());
+        spawn("watch-changed", move || {
+            doorbell_loop(&bell, &target, &health, &stop)
+        })?;
+    }
     spawn("watch-current", move || {
-        current_loop(&consul, &target, &health, &stop, post)
+        current_loop(&current, &target, &health, &stop, post)
     })?;
     Ok(watches)
+}
+
+/// Watches the doorbell key; each time it changes, the tree watch reads at once.
+fn doorbell_loop(consul: &Consul, target: &Target, health: &Health, stop: &Stop) {
+    let key = target.prefix.changed_key();
+    let mut cursor = Cursor::new(WAIT, true, IDLE);
+    let mut last: Option<u64> = None;
+    loop {
+        let pause = cursor.pause(Instant::now());
+        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
+            return;
+        }
+        let read = consul.get(&key, cursor.read());
+        if stop.stopped() {
+            return;
+        }
+        match read {
+            Ok(answer) => {
+                health.reachable(consul);
+                let seen = answer.value.map_or(0, |e| e.modify_index);
+                let changed = last.is_some_and(|l| l != seen);
+                cursor.answered(answer.index, changed || last.is_none());
+                if changed {
+                    stop.ring();
+                }
+                last = Some(seen);
+            }
+            Err(e) => {
+                if stop.stopped() {
+                    return;
+                }
+                health.unreachable(&e);
+                if stop.sleep(cursor.failed()) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
@@ -123,36 +238,34 @@ fn tree_loop(
     consul: &Consul,
     target: &Target,
     health: &Health,
-    stop: &AtomicBool,
+    stop: &Stop,
     post: impl Fn(Seen) -> bool,
 ) {
     let mut cursor = Cursor::new(WAIT, true, IDLE);
     let mut last: Option<TreeSeen> = None;
     loop {
         let pause = cursor.pause(Instant::now());
-        if !pause.is_zero() {
-            std::thread::sleep(pause);
-        }
-        if stop.load(Ordering::Relaxed) {
+        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
             return;
         }
         let read = consul
             .keys(target.prefix.as_dir(), cursor.read())
             .and_then(|answer| Ok((answer.index, look(consul, target, answer.value)?)));
-        if stop.load(Ordering::Relaxed) {
+        if stop.stopped() {
             return;
         }
         match read {
             Ok((index, seen)) => {
                 health.reachable(consul);
-                let mut changed = last.as_ref() != Some(&seen);
-                if cursor.answered(index, changed) == Answered::Backwards {
-                    if !post(Seen::Replaced(Part::Tree)) {
-                        return;
-                    }
-                    changed = true;
+                // This node's own write is no noise to coalesce: the next
+                // real change must not wait behind it.
+                let own = index == target.own_write.load(Ordering::Relaxed);
+                let differs = last.as_ref() != Some(&seen);
+                let replaced = cursor.answered(index, differs || own) == Answered::Backwards;
+                if replaced && !post(Seen::Replaced(Part::Tree)) {
+                    return;
                 }
-                if changed {
+                if differs || replaced {
                     if !post(Seen::Tree(seen.clone())) {
                         return;
                     }
@@ -160,11 +273,16 @@ fn tree_loop(
                 }
             }
             Err(e) => {
+                if stop.stopped() {
+                    return;
+                }
                 health.unreachable(&e);
                 // The Consul that answers next may hold another tree: post it
                 // even if it looks the same.
                 last = None;
-                std::thread::sleep(cursor.failed());
+                if stop.sleep(cursor.failed()) {
+                    return;
+                }
             }
         }
     }
@@ -268,7 +386,7 @@ fn current_loop(
     consul: &Consul,
     target: &Target,
     health: &Health,
-    stop: &AtomicBool,
+    stop: &Stop,
     post: impl Fn(Seen) -> bool,
 ) {
     let key = target.prefix.current_key();
@@ -276,14 +394,11 @@ fn current_loop(
     let mut last: Option<CurrentSeen> = None;
     loop {
         let pause = cursor.pause(Instant::now());
-        if !pause.is_zero() {
-            std::thread::sleep(pause);
-        }
-        if stop.load(Ordering::Relaxed) {
+        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
             return;
         }
         let read = consul.get(&key, cursor.read());
-        if stop.load(Ordering::Relaxed) {
+        if stop.stopped() {
             return;
         }
         match read {
@@ -308,9 +423,14 @@ fn current_loop(
                 }
             }
             Err(e) => {
+                if stop.stopped() {
+                    return;
+                }
                 health.unreachable(&e);
                 last = None;
-                std::thread::sleep(cursor.failed());
+                if stop.sleep(cursor.failed()) {
+                    return;
+                }
             }
         }
     }

@@ -104,9 +104,18 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         };
         let key = ctx.prefix.folder_key(&version);
         let meta = meta.to_json();
-        ctx.retrying(|c| c.create(&key, &meta))?;
-        ctx.out
-            .line(&format!("created {version} under {}", ctx.prefix));
+        let create = TxnOp::Cas {
+            key: &key,
+            value: &meta,
+            index: 0,
+        };
+        // Rejected: someone created it first, which is as good.
+        if let TxnOutcome::Committed(_) =
+            ctx.write_ringing(&[create], &format!("created {version}"))?
+        {
+            ctx.out
+                .line(&format!("created {version} under {}", ctx.prefix));
+        }
     }
     let mut retried = BTreeSet::new();
     for (node, entry) in info
@@ -115,7 +124,12 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         .filter(|(_, e)| e.state == NodeState::Failed)
     {
         let key = ctx.prefix.node_key(&version, node);
-        if ctx.retrying(|c| c.delete(&key, Some(entry.modify_index)))? {
+        let delete = TxnOp::DeleteCas {
+            key: &key,
+            index: entry.modify_index,
+        };
+        let what = format!("asked {node} to retry {version}");
+        if let TxnOutcome::Committed(_) = ctx.write_ringing(&[delete], &what)? {
             ctx.out
                 .line(&format!("{node}: failed before; asked it to try again"));
             retried.insert(node.clone());

@@ -18,7 +18,7 @@ pub(crate) use status::status;
 
 use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
-use crate::consul::{Consul, ConsulError, KvEntry, Read};
+use crate::consul::{Conflict, Consul, ConsulError, KvEntry, Read, TxnOp, TxnOutcome};
 use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeEntry, Prefix, Tree, VersionInfo};
@@ -146,6 +146,29 @@ impl Ctx {
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// Runs `ops` in one transaction together with a write of the doorbell
+    /// key (`<prefix>/.changed`, saying `what`), so that the agents react at
+    /// once. Retried like any request; every use is safe to repeat.
+    pub(crate) fn write_ringing(&self, ops: &[TxnOp<'_>], what: &str) -> Result<TxnOutcome> {
+        let bell = self.prefix.changed_key();
+        let note = format!("{what} by {} at {}", self.user, crate::logging::timestamp());
+        let mut all = ops.to_vec();
+        all.push(TxnOp::Set {
+            key: &bell,
+            value: note.as_bytes(),
+        });
+        let outcome = self.retrying(|c| c.txn(&all))?;
+        if let TxnOutcome::Rejected(failures) = &outcome {
+            if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
+                return Err(Error::Consul(Box::new(self.consul.denied(
+                    format!("writing {:?}", all[denied.op].key()),
+                    denied.what.clone(),
+                ))));
+            }
+        }
+        Ok(outcome)
     }
 
     /// Reads the whole tree under the prefix (`?consistent`: the reads a

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::{Ctx, Seen, Vanished, names, took, version_arg};
 use crate::cli::{PruneArgs, RemoveArgs};
 use crate::config::Env;
+use crate::consul::TxnOp;
 use crate::error::{Error, Result};
 use crate::tree::Tree;
 use crate::version_name::VersionName;
@@ -103,7 +104,10 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
 /// Deletes the key that makes `version` exist (never its node keys).
 pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
     if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
-        ctx.retrying(|c| c.delete(&key, None))?;
+        ctx.write_ringing(
+            &[TxnOp::Delete { key: &key }],
+            &format!("removed {version}"),
+        )?;
     }
     Ok(())
 }
