@@ -387,3 +387,24 @@ fn on_a_terminal_the_count_updates_in_place() {
     );
     fleet.expect_active("v1");
 }
+
+#[test]
+fn a_deploy_reads_current_and_its_version_never_the_whole_prefix() {
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    let proxy = support::proxy::Proxy::start(&fleet.consul.addr());
+    fleet
+        .depro_via(&proxy.addr(), &["deploy", "v2", "-nodes=2"])
+        .output()
+        .unwrap();
+    fleet.expect_active("v2");
+    let whole = format!("GET /v1/kv/{}/?", fleet.prefix);
+    let log = proxy.log();
+    assert!(
+        !log.iter().any(|r| r.starts_with(&whole)),
+        "read the whole prefix: {log:#?}"
+    );
+    // The switch read the version's key alone (no ?recurse).
+    let key = format!("GET /v1/kv/{}/v2/?consistent", fleet.prefix);
+    assert!(log.iter().any(|r| r == &key), "{log:#?}");
+}

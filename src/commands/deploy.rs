@@ -15,7 +15,7 @@ use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, NodeEntry, NodeState, Tree, VersionMeta, shown};
+use crate::tree::{CurrentKey, NodeEntry, NodeState, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 /// Where a version stands before the switch.
@@ -91,11 +91,11 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let start = Instant::now();
     let deadline = start + args.switch.timeout;
     ctx.deadline = deadline;
-    let tree = ctx.read_tree()?;
-    let base = tree.current.clone();
+    // current, and this version's keys: nothing else of the tree is needed.
+    let base = ctx.read_current()?;
+    let info = ctx.read_version(&version)?;
 
     // 1. The version's folder key, and a retry for nodes that failed it.
-    let info = tree.versions.get(&version).cloned().unwrap_or_default();
     if !info.exists {
         let meta = VersionMeta {
             created_at: Some(crate::logging::timestamp()),
@@ -180,8 +180,9 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
-    let tree = ctx.read_existing_tree()?;
-    roll_to(&mut ctx, &tree, &version, &args.switch, start)
+    let base = ctx.read_current()?;
+    let exists = ctx.read_version_key(&version)?.is_some();
+    roll_to(&mut ctx, base, &version, exists, &args.switch, start)
 }
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
@@ -206,24 +207,25 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     };
     ctx.out
         .line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
-    roll_to(&mut ctx, &tree, &to, &args.switch, start)
+    let exists = tree.versions.get(&to).is_some_and(|i| i.exists);
+    roll_to(&mut ctx, tree.current, &to, exists, &args.switch, start)
 }
 
 /// Steps 2 to 4 for a version that is already in the tree.
 fn roll_to(
     ctx: &mut Ctx,
-    tree: &Tree,
+    base: Option<CurrentKey>,
     version: &VersionName,
+    exists: bool,
     switch: &SwitchFlags,
     start: Instant,
 ) -> Result<()> {
-    if !tree.versions.get(version).is_some_and(|i| i.exists) {
+    if !exists {
         return Err(Error::Refused(format!(
             "{version} is not in the tree under {}; deploy it with `depro deploy {version} -prefix={}`",
             ctx.prefix, ctx.prefix
         )));
     }
-    let base = tree.current.clone();
     let wait = Wait {
         version,
         need: switch.nodes,
@@ -362,10 +364,9 @@ fn lost_race(ctx: &Ctx, version: &VersionName, now: Option<&CurrentKey>, ours: &
 /// Who made `current` what it is, if depro recorded it in the same write.
 fn switched_by(ctx: &Ctx, current: &CurrentKey) -> Option<String> {
     let version = current.version.as_ref()?;
-    let info = ctx.read_version(version).ok()?;
-    let (_, index) = info.key?;
-    (index == current.modify_index)
-        .then_some(info.meta.current_by)
+    let entry = ctx.read_version_key(version).ok()??;
+    (entry.modify_index == current.modify_index)
+        .then(|| VersionMeta::parse(&entry.value).current_by)
         .flatten()
         .map(|by| shown(&by))
 }
@@ -483,11 +484,12 @@ fn switch_current(
     // A version's key changes when another command records its own
     // switch to it; a few rounds settle that.
     for _ in 0..5 {
-        let info = ctx.read_version(version)?;
-        let Some((version_key, version_index)) = info.key.clone().filter(|_| info.exists) else {
+        // The version's key alone: its metadata and index, nothing else.
+        let Some(entry) = ctx.read_version_key(version)? else {
             return Err(removed_before_switch(ctx, version, base));
         };
-        let mut meta = info.meta.clone();
+        let (version_key, version_index) = (entry.key.clone(), entry.modify_index);
+        let mut meta = VersionMeta::parse(&entry.value);
         meta.current_since = Some(crate::logging::timestamp());
         meta.current_by = Some(ctx.user.clone());
         meta.current_order = Some(base_index);
@@ -584,13 +586,13 @@ fn ours_after_all(
     let Some(now) = now.filter(|c| c.version.as_ref() == Some(version)) else {
         return Ok(None);
     };
-    let info = ctx.read_version(version)?;
-    let same_write = info
-        .key
-        .as_ref()
-        .is_some_and(|(_, i)| *i == now.modify_index);
-    let from_our_base = info.meta.current_order == Some(base_index);
-    let by_us = info.meta.current_by.as_deref() == Some(ctx.user.as_str());
+    let Some(entry) = ctx.read_version_key(version)? else {
+        return Ok(None);
+    };
+    let meta = VersionMeta::parse(&entry.value);
+    let same_write = entry.modify_index == now.modify_index;
+    let from_our_base = meta.current_order == Some(base_index);
+    let by_us = meta.current_by.as_deref() == Some(ctx.user.as_str());
     Ok((same_write && from_our_base && by_us).then_some(now.modify_index))
 }
 

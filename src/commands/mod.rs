@@ -36,8 +36,8 @@ pub(crate) struct Ctx {
     /// continue across the phases of a command.
     seen: BTreeMap<VersionName, BTreeMap<String, NodeEntry>>,
     /// Versions that exist as plain keys (`<prefix>/<version>`, made by
-    /// other tools), as the last whole-tree read found.
-    plain: BTreeSet<VersionName>,
+    /// other tools), as reads found them.
+    plain: std::cell::RefCell<BTreeSet<VersionName>>,
     /// Until when requests that fail for a passing reason (Consul
     /// unreachable, a 5xx during a leader election) are tried again: the
     /// command's deadline, or [`RETRY_FOR`] from its start.
@@ -107,7 +107,7 @@ impl Ctx {
             out: Progress::new(),
             user: format!("{user}@{host}"),
             seen: BTreeMap::new(),
-            plain: BTreeSet::new(),
+            plain: Default::default(),
             deadline: Instant::now() + RETRY_FOR,
             contacted: std::cell::Cell::new(false),
         })
@@ -177,7 +177,7 @@ impl Ctx {
         let prefix = self.prefix.as_dir().to_string();
         let answer = self.retrying(|c| c.list(&prefix, Read::consistent()))?;
         let tree = Tree::parse(&self.prefix, &answer.value);
-        self.plain = tree
+        *self.plain.borrow_mut() = tree
             .versions
             .iter()
             .filter(|(_, info)| info.key.as_ref().is_some_and(|(k, _)| !k.ends_with('/')))
@@ -188,12 +188,43 @@ impl Ctx {
 
     /// Reads one version's keys from the leader: its key and its nodes.
     pub(crate) fn read_version(&self, version: &VersionName) -> Result<VersionInfo> {
-        let listing = self.version_listing(version);
-        let answer = self.retrying(|c| c.list_starting_with(&listing, Read::consistent()))?;
-        Ok(Tree::parse(&self.prefix, &answer.value)
-            .versions
-            .remove(version)
-            .unwrap_or_default())
+        let read = |listing: String| -> Result<VersionInfo> {
+            let answer = self.retrying(|c| c.list_starting_with(&listing, Read::consistent()))?;
+            Ok(Tree::parse(&self.prefix, &answer.value)
+                .versions
+                .remove(version)
+                .unwrap_or_default())
+        };
+        let info = read(self.version_listing(version))?;
+        if info.exists || self.plain.borrow().contains(version) {
+            return Ok(info);
+        }
+        // No folder key: perhaps another tool made it a plain key.
+        let plain = format!("{}{version}", self.prefix.as_dir());
+        if self
+            .retrying(|c| c.get(&plain, Read::consistent()))?
+            .value
+            .is_some()
+        {
+            self.plain.borrow_mut().insert(version.clone());
+            return read(self.version_listing(version));
+        }
+        Ok(info)
+    }
+
+    /// Reads the key that makes `version` exist (its folder key, or a plain
+    /// key), alone: `None` if there is none.
+    pub(crate) fn read_version_key(&self, version: &VersionName) -> Result<Option<KvEntry>> {
+        let keys = [
+            self.prefix.folder_key(version),
+            format!("{}{version}", self.prefix.as_dir()),
+        ];
+        for key in keys {
+            if let Some(entry) = self.retrying(|c| c.get(&key, Read::consistent()))?.value {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads `current` from the leader.
@@ -223,7 +254,7 @@ impl Ctx {
     /// plain key `<prefix>/<version>` is listed by the bare name, which
     /// also matches longer names (the parser keeps only this version).
     fn version_listing(&self, version: &VersionName) -> String {
-        if self.plain.contains(version) {
+        if self.plain.borrow().contains(version) {
             format!("{}{version}", self.prefix.as_dir())
         } else {
             self.prefix.folder_key(version)
