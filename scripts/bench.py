@@ -1,261 +1,56 @@
 #!/usr/bin/env python3
 """depro's benchmark harness (run it through scripts/bench.sh).
 
-Against one Consul dev agent on loopback that it starts itself, with depro
-agents as separate processes on this machine, it measures:
+Against Consul agents it starts itself on loopback, with depro agents as
+separate processes on this machine, it measures:
 
-1. fleet scaling: for N agents, the time from the start of
-   `depro deploy V -nodes=N` until every node's `live` points at V and the
-   command has exited, and the time of `depro remove V -wait` until every
-   directory is gone; split into the hooks' own CPU time and the rest
-   (coordination); and the Consul requests each costs;
+1. fleet scaling: for N agents on one dev Consul, the time from the start
+   of `depro deploy V -nodes=N` until every node's `live` points at V and
+   the command has exited, and of `depro remove V -wait` until every
+   directory is gone; the hooks' CPU and the rest (coordination); the CPU
+   of the agents, Consul and the CLI per deploy and per host; requests;
 2. reaction latency: from the write of `current` to the start of the
-   rollout hook, for a depro agent and for `consul watch -type=key` with an
-   equivalent handler, on the same key changes;
-3. footprint: the agent's resident memory idle and after 200 deploy/remove
-   cycles, its CPU time over idle seconds, the Consul requests an idle agent
-   makes, the binary's size.
+   rollout hook, for a depro agent and for `consul watch`, same changes;
+3. footprint: an agent's resident memory idle and over deploy/remove
+   cycles, its idle CPU and requests, the binary's size;
+4. versions: one agent with 2, 100 and 1,000 versions under its prefix:
+   threads, sockets, memory, idle CPU, reaction latency;
+5. 1,000 agents on this machine, with Consul's per-client connection limit
+   set to what they are counted to use;
+6. a 3-server cluster with the agents spread over the servers;
+7. the server's cost of the requests agents make, against the number of
+   keys under a prefix;
+8. back-to-back deploys, against the Go original (`../shared/baselines/`)
+   in the same run.
 
-It writes docs/benchmarks.md and docs/fleet-scaling.svg. Only the standard
-library is used.
+It writes docs/benchmarks.md, docs/fleet-scaling.svg and
+docs/benchmarks.json. Only the standard library is used.
 """
 
 import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
+import threading
 import time
-import urllib.request
 
-TICK = os.sysconf("SC_CLK_TCK")
-CORES = os.cpu_count() or 1
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_until(what, condition, timeout=120.0, step=0.002):
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise SystemExit(f"bench: timed out waiting for {what}")
-        time.sleep(step)
-
-
-def median(values):
-    return statistics.median(values) if values else float("nan")
-
-
-def p95(values):
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-
-
-def conns_limit():
-    """As many connections per client as the file descriptor limit allows."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    except (ValueError, OSError):
-        pass
-    return max(200, min(16384, soft - 100))
-
-
-class Consul:
-    """A dev agent on free loopback ports, logging every HTTP request."""
-
-    def __init__(self, binary, work):
-        self.binary = binary
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        self.log_path = os.path.join(work, "consul.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            # Every agent here connects from 127.0.0.1, where a fleet has one
-            # IP per host: lift Consul's per-client connection limit (200).
-            [binary, "agent", "-dev", "-log-level=debug", "-node", "bench",
-             "-hcl", f"limits {{ http_max_conns_per_client = {conns_limit()} }}",
-             "-bind", "127.0.0.1", "-client", "127.0.0.1",
-             f"-http-port={self.port}", "-dns-port=-1", "-grpc-port=-1",
-             f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}",
-             f"-server-port={free_port()}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until("consul's leader", lambda: "127.0.0.1" in self._leader(), timeout=30, step=0.05)
-
-    def _leader(self):
-        try:
-            return urllib.request.urlopen(f"http://{self.addr}/v1/status/leader", timeout=1).read().decode()
-        except OSError:
-            return ""
-
-    def call(self, method, path, body=None):
-        req = urllib.request.Request(f"http://{self.addr}/v1/{path}", data=body, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.read().decode()
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-
-    def put(self, key, value=""):
-        self.call("PUT", f"kv/{key}", value.encode())
-
-    def get(self, key):
-        return self.call("GET", f"kv/{key}?raw")
-
-    def log_offset(self):
-        self.log.flush()
-        return os.path.getsize(self.log_path)
-
-    def requests_since(self, offset):
-        """Counts the HTTP requests Consul finished since a log offset, by kind."""
-        with open(self.log_path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        kinds = {}
-        for method, url in re.findall(r"Request finished: method=(\w+) url=(\S+)", text):
-            kind = method + " " + classify(url)
-            kinds[kind] = kinds.get(kind, 0) + 1
-        return kinds
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def classify(url):
-    if url.startswith("/v1/session/renew"):
-        return "session renew"
-    if url.startswith("/v1/session/"):
-        return "session other"
-    if url.startswith("/v1/txn"):
-        return "txn"
-    if "index=" in url:
-        return "blocking read"
-    if url.startswith("/v1/kv/"):
-        return "kv"
-    return url.split("?")[0]
-
-
-def registered(consul, name_prefix):
-    """How many sessions of agents whose name starts with a prefix exist."""
-    sessions = json.loads(consul.call("GET", "session/list") or "[]")
-    return sum(1 for s in sessions if s.get("Name", "").startswith(name_prefix))
-
-
-def proc_stat(pid):
-    """(user, system, children's user, children's system) CPU seconds of a process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0, 0.0, 0.0
-    return tuple(int(x) / TICK for x in fields[11:15])
-
-
-def proc_split(pid):
-    """(user, system) CPU seconds of a process itself."""
-    return proc_stat(pid)[:2]
-
-
-def proc_times(pid):
-    """(own CPU seconds, reaped children's CPU seconds) of a process."""
-    utime, stime, cutime, cstime = proc_stat(pid)
-    return utime + stime, cutime + cstime
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-ALL_AGENTS = []
-
-
-class Agent:
-    def __init__(self, depro, work, name, consul, deployments, shell="sh"):
-        ALL_AGENTS.append(self)
-        self.name = name
-        self.dir = os.path.join(work, name)
-        os.makedirs(os.path.join(self.dir, "conf"), exist_ok=True)
-        config = {"name": name, "server": consul.addr, "deployments": deployments(self.dir)}
-        with open(os.path.join(self.dir, "conf", "depro.json"), "w") as f:
-            json.dump(config, f)
-        self.log = open(os.path.join(self.dir, "agent.log"), "w")
-        self.proc = subprocess.Popen([depro, "agent", f"-config-dir={self.dir}/conf"],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "DEPRO_LOG": "warn"})
-
-    def live(self, deployment="app"):
-        try:
-            return os.path.basename(os.readlink(os.path.join(self.dir, deployment, "live")))
-        except OSError:
-            return None
-
-    def has_dir(self, version, deployment="app"):
-        return os.path.isdir(os.path.join(self.dir, deployment, version))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self):
-        try:
-            self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def app_deployment(prefix, artifact, rollout_first_line=None, shell="sh"):
-    def make(node_dir):
-        rollout = ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live.tmp\"",
-                   "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\""]
-        if rollout_first_line:
-            rollout.insert(0, rollout_first_line.replace("{dir}", node_dir))
-        return [{"id": "app", "path": os.path.join(node_dir, "app"), "prefix": prefix, "shell": shell,
-                 "deploy": [f"tar xzf {artifact}"], "rollout": rollout}]
-    return make
-
-
-def run_depro(depro, consul, *args):
-    out = subprocess.run([depro, *args, f"-server={consul.addr}"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"bench: depro {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
-    return out
-
+from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, app_deployment, make_artifact, median, ms,
+                      p95, proc_split, proc_times, raise_fd_limit, registered, rss_kib, run_depro, stop_all,
+                      threads_sockets, wait_until)
 
 def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
+    """Section 1: N agents on one dev Consul; deploy and cleanup times, CPU by
+    process kind, requests by kind."""
     results = []
     for n in sizes:
         prefix = f"bench{n}/version"
         agents = [Agent(depro, work, f"n{n}-{i}", consul, app_deployment(prefix, artifact)) for i in range(n)]
-        wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent n{n}-") >= n, timeout=120, step=0.05)
+        wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent n{n}-") >= n, timeout=300, step=0.05)
 
         def hooks_cpu():
             return sum(proc_times(a.proc.pid)[1] for a in agents)
@@ -267,13 +62,13 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)
             return usage.ru_utime + usage.ru_stime
 
-        def measure(run, done):
+        def measure(run, done, step=0.002):
             """Runs one operation; its wall time and who spent CPU on it."""
             offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
             consul0, cli0 = proc_times(consul.proc.pid)[0], cli_cpu()
             t0 = time.monotonic()
             run()
-            wait_until("the fleet to converge", done)
+            wait_until("the fleet to converge", done, step=step)
             elapsed = time.monotonic() - t0
             time.sleep(0.3)  # let the last node-state wake-ups land in the log
             return {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
@@ -286,13 +81,13 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
             version = f"v{r}"
             sample = measure(
                 lambda: run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=60s"),
-                lambda: all(a.live() == version for a in agents))
+                lambda: all(a.live() == version for a in agents), step=0.005 if n < 200 else 0.02)
             if r > 0:
                 deploys.append(sample)
             if previous is not None:
                 sample = measure(
                     lambda: run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=60s"),
-                    lambda: not any(a.has_dir(previous) for a in agents))
+                    lambda: not any(a.has_dir(previous) for a in agents), step=0.005 if n < 200 else 0.02)
                 if r > 1:
                     removes.append(sample)
             previous = version
@@ -475,16 +270,299 @@ def svg_chart(results, path):
         f.write("\n".join(out) + "\n")
 
 
-def ms(v):
-    return f"{v * 1000:.1f}"
+def versions_section(depro, consul, work, counts, idle_seconds, changes):
+    """Section 4: one agent, `count` versions under its prefix."""
+    results = []
+    for count in counts:
+        prefix = f"versions{count}/version"
+        name = f"ver{count}"
+        record = "echo $EPOCHREALTIME >> {dir}/starts"
+        agent = Agent(depro, work, name, consul,
+                      app_deployment(prefix, None, rollout_first_line=record, shell="bash"))
+        names = [f"x{i}" for i in range(count)]
+        consul.put_many([f"{prefix}/{n}/" for n in names])
+        consul.put(f"{prefix}/current", names[0])
+        wait_until(f"{count} versions ready", lambda: consul.get(f"{prefix}/{names[-1]}/{name}") in ("ready", "active")
+                   and agent.live() == names[0], timeout=900, step=0.05)
+        time.sleep(1)
+        pid = agent.proc.pid
+        threads, sockets = threads_sockets(pid)
+        rss = rss_kib(pid)
+        cpu0, offset = proc_times(pid)[0], consul.log_offset()
+        time.sleep(idle_seconds)
+        idle_cpu = proc_times(pid)[0] - cpu0
+        idle_requests = sum(consul.requests_since(offset).values())
+        starts = os.path.join(agent.dir, "starts")
+
+        def lines():
+            try:
+                with open(starts) as f:
+                    return [float(x) for x in f.read().split()]
+            except OSError:
+                return []
+        latencies = []
+        for i in range(changes):
+            target = names[1] if i % 2 == 0 else names[0]
+            seen = len(lines())
+            time.sleep(0.05)
+            t_write = time.time()
+            consul.put(f"{prefix}/current", target)
+            wait_until("the rollout hook", lambda: len(lines()) > seen)
+            wait_until("active", lambda: consul.get(f"{prefix}/{target}/{name}") == "active")
+            latencies.append(lines()[seen] - t_write)
+        agent.stop()
+        agent.wait()
+        row = {"count": count, "threads": threads, "sockets": sockets, "rss_kib": rss,
+               "idle_seconds": idle_seconds, "idle_cpu": idle_cpu, "idle_requests": idle_requests,
+               "latency": latencies}
+        results.append(row)
+        print(f"  {count:5} versions: {threads} threads, {sockets} sockets, {rss / 1024:.2f} MiB, "
+              f"idle CPU {idle_cpu * 1000:.0f} ms/{idle_seconds} s, latency {ms(median(latencies))} ms", flush=True)
+    return results
 
 
-def report(args, depro, consul_version, fleet, latency, foot, binary_size, started, path, notes=None,
-           run_minutes=None):
-    if run_minutes is None:
-        run_minutes = (time.time() - started) / 60
+def many_agents(depro, consul_binary, work, n, rounds):
+    """Section 5: n agents with trivial hooks, Consul's per-client limit set
+    to what they use (counted on a probe agent first)."""
+    raise_fd_limit()
+    probe_consul = Consul(consul_binary, work, name="probe")
+    probe = Agent(depro, work, "probe", probe_consul, app_deployment("probe/version"))
+    wait_until("the probe registered", lambda: registered(probe_consul, "depro agent probe") >= 1, step=0.05)
+    probe_consul.put("probe/version/p1/")
+    probe_consul.put("probe/version/current", "p1")
+    wait_until("the probe live", lambda: probe.live() == "p1", step=0.02)
+    time.sleep(1)
+    per_agent = threads_sockets(probe.proc.pid)[1]
+    probe.stop()
+    probe.wait()
+    probe_consul.stop()
+    # What n hosts would use, each with its own limit: n × an agent's
+    # connections, plus one each for the main loop's occasional extra one.
+    limit = n * (per_agent + 1)
+    consul = Consul(consul_binary, work, name="many", conns=limit)
+    prefix = "many/version"
+    start = time.monotonic()
+    agents = [Agent(depro, work, f"k{i}", consul, app_deployment(prefix)) for i in range(n)]
+    wait_until(f"{n} agents registered", lambda: registered(consul, "depro agent k") >= n, timeout=600, step=0.5)
+    startup = time.monotonic() - start
+    print(f"  {n} agents registered in {startup:.1f} s; {per_agent} sockets each, limit {limit}", flush=True)
+
+    def hooks_cpu():
+        return sum(proc_times(a.proc.pid)[1] for a in agents)
+
+    def agents_cpu():
+        return sum(proc_times(a.proc.pid)[0] for a in agents)
+
+    def cli_cpu():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    samples = []
+    previous = None
+    cleanups = []
+    for r in range(rounds + 1):
+        version = f"m{r}"
+        offset, cpu0, own0, consul0, cli0 = consul.log_offset(), hooks_cpu(), agents_cpu(), consul.cpu(), cli_cpu()
+        t0 = time.monotonic()
+        run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=300s")
+        wait_until("every node live", lambda: all(a.live() == version for a in agents), timeout=300, step=0.05)
+        elapsed = time.monotonic() - t0
+        time.sleep(1)
+        sample = {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
+                  "consul_cpu": consul.cpu() - consul0, "cli_cpu": cli_cpu() - cli0,
+                  "requests": consul.requests_since(offset)}
+        if r > 0:
+            samples.append(sample)
+        print(f"  deploy {version}: {elapsed:.2f} s", flush=True)
+        if previous is not None:
+            t0 = time.monotonic()
+            run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=300s")
+            cleanups.append(time.monotonic() - t0)
+        previous = version
+    rss = median([rss_kib(a.proc.pid) for a in agents[:50]])
+    threads, sockets = threads_sockets(agents[0].proc.pid)
+    stop_all(agents)
+    consul.stop()
+    return {"n": n, "per_agent_sockets": per_agent, "limit": limit, "startup": startup,
+            "deploy": summarize(samples), "cleanup": cleanups, "rss_kib": rss, "threads": threads,
+            "sockets": sockets}
+
+
+def cluster_section(depro, consul_binary, work, artifact, sizes, rounds):
+    """Section 6: a 3-server cluster, agents spread over the servers."""
+    cluster = Cluster(consul_binary, work)
+    results = []
+    try:
+        for n in sizes:
+            prefix = f"cluster{n}/version"
+            agents = [Agent(depro, work, f"c{n}-{i}", cluster.servers[i % 3], app_deployment(prefix, artifact))
+                      for i in range(n)]
+            wait_until(f"{n} agents registered", lambda: registered(cluster.servers[0], f"depro agent c{n}-") >= n,
+                       timeout=300, step=0.1)
+            times, server_cpu = [], [[] for _ in cluster.servers]
+            for r in range(rounds + 1):
+                version = f"v{r}"
+                cpu0 = [s.cpu() for s in cluster.servers]
+                t0 = time.monotonic()
+                run_depro(depro, cluster.servers[0], "deploy", version, f"-nodes={n}", f"-prefix={prefix}",
+                          "-timeout=120s")
+                wait_until("every node live", lambda: all(a.live() == version for a in agents), step=0.01)
+                elapsed = time.monotonic() - t0
+                time.sleep(0.5)
+                if r > 0:
+                    times.append(elapsed)
+                    for i, s in enumerate(cluster.servers):
+                        server_cpu[i].append(s.cpu() - cpu0[i])
+            stop_all(agents)
+            leader = next((i for i, s in enumerate(cluster.servers)
+                           if "127.0.0.1" in s._leader() and str(s.port) != ""), None)
+            results.append({"n": n, "t": median(times), "server_cpu": [median(c) for c in server_cpu],
+                            "leader": leader})
+            print(f"  cluster N={n}: {median(times):.2f} s; servers' CPU "
+                  + ", ".join(f"{median(c) * 1000:.0f} ms" for c in server_cpu), flush=True)
+    finally:
+        cluster.stop()
+    return results
+
+
+def server_cost(consul_binary, work, key_counts, samples):
+    """Section 7: what the requests an agent makes cost the server, against
+    the keys under the prefix (10 versions, the rest node keys)."""
+    import urllib.request
+    consul = Consul(consul_binary, work, name="cost")
+    results = []
+
+    def timed(url, count, method="GET", body=None):
+        cpu0, t0 = consul.cpu(), time.monotonic()
+        for _ in range(count):
+            req = urllib.request.Request(url, data=body, method=method)
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                resp.read()
+        return (time.monotonic() - t0) / count, (consul.cpu() - cpu0) / count
+    try:
+        for keys in key_counts:
+            prefix = f"cost{keys}/version"
+            nodes = keys // 10
+            names = [f"{prefix}/v{v}/" for v in range(10)]
+            names += [f"{prefix}/v{v}/n{i}" for v in range(10) for i in range(nodes)]
+            consul.put_many(names, "ready")
+            consul.put(f"{prefix}/current", "v0")
+            base = f"http://{consul.addr}/v1"
+            listing = timed(f"{base}/kv/{prefix}/?keys&separator=%2F&stale", samples)
+            single = timed(f"{base}/kv/{prefix}/current?stale", samples)
+            folders = json.dumps([{"KV": {"Verb": "get", "Key": f"{prefix}/v{v}/"}} for v in range(10)]).encode()
+            txn = timed(f"{base}/txn?stale", samples, "PUT", folders)
+            recurse = timed(f"{base}/kv/{prefix}/v0/?recurse&stale", max(5, samples // 10))
+            # A blocking listing's answer after a node write: the wake-up.
+            wakes = []
+            for i in range(max(5, samples // 10)):
+                with urllib.request.urlopen(f"{base}/kv/{prefix}/?keys&separator=%2F&stale", timeout=30) as r:
+                    index = r.headers["X-Consul-Index"]
+                result = {}
+
+                def block():
+                    with urllib.request.urlopen(f"{base}/kv/{prefix}/?keys&separator=%2F&stale&index={index}&wait=30s",
+                                                timeout=60) as r:
+                        r.read()
+                    result["at"] = time.monotonic()
+                waiter = threading.Thread(target=block)
+                waiter.start()
+                time.sleep(0.05)
+                t_write = time.monotonic()
+                consul.put(f"{prefix}/v0/n{i}", "active")
+                waiter.join()
+                wakes.append(result["at"] - t_write)
+            results.append({"keys": len(names), "listing": listing, "single": single, "txn": txn,
+                            "recurse_one_version": recurse, "wake": median(wakes)})
+            print(f"  {len(names):6} keys: listing {listing[1] * 1e6:.0f} µs CPU, get {single[1] * 1e6:.0f} µs, "
+                  f"txn of 10 gets {txn[1] * 1e6:.0f} µs, one version's recurse {recurse[1] * 1e6:.0f} µs", flush=True)
+    finally:
+        consul.stop()
+    return results
+
+
+def back_to_back(depro, go_binary, consul_binary, work, sizes, rounds, pause):
+    """Section 8: deploys started as soon as the previous command returned,
+    and with a pause before each, for depro and the Go original, converged
+    measured on the hosts (their `live` links)."""
+    results = []
+    impls = [("depro", depro)] + ([("go", go_binary)] if go_binary else [])
+    for impl, binary in impls:
+        for n in sizes:
+            consul = Consul(consul_binary, work, name=f"b2b-{impl}-{n}")
+            prefix = f"b2b/version"
+            # bash for both: the Go original's executor knows no other shell.
+            agents = [Agent(binary, work, f"{impl}{n}-{i}", consul, app_deployment(prefix, shell="bash"),
+                            go=impl == "go") for i in range(n)]
+            done = {}
+            stop = threading.Event()
+
+            def monitor():
+                # Records when each version was first live on every node.
+                while not stop.is_set():
+                    lives = {a.live() for a in agents}
+                    if len(lives) == 1:
+                        version = lives.pop()
+                        if version and version not in done:
+                            done[version] = time.monotonic()
+                    time.sleep(0.0005)
+            watcher = threading.Thread(target=monitor)
+            watcher.start()
+
+            def deploy(version):
+                if impl == "depro":
+                    return subprocess.run([binary, "deploy", version, f"-nodes={n}", f"-prefix={prefix}",
+                                           f"-server={consul.addr}", "-timeout=30s"], capture_output=True)
+                wait = os.path.join(work, f"wait-{n}.json")
+                with open(wait, "w") as f:
+                    json.dump({"wait": "30s", "server": consul.addr, "prefix": prefix}, f)
+                return subprocess.run([binary, "deploy", f"-server={consul.addr}", f"-prefix={prefix}",
+                                       f"-nodes={n}", f"-config={wait}", version], capture_output=True)
+            # Warm up: every agent up and following.
+            deploy("w0")
+            try:
+                wait_until(f"{impl} N={n} warm-up", lambda: "w0" in done, timeout=60, step=0.01)
+            except SystemExit:
+                pass
+            row = {"impl": impl, "n": n}
+            for mode in ("back-to-back", "spaced"):
+                times, lost = [], 0
+                for r in range(rounds):
+                    version = f"{mode[0]}{r}"
+                    if mode == "spaced":
+                        time.sleep(pause)
+                    t0 = time.monotonic()
+                    deploy(version)
+                    if mode == "spaced" or r == rounds - 1:
+                        deadline = time.monotonic() + 30
+                        while version not in done and time.monotonic() < deadline:
+                            time.sleep(0.001)
+                    started = t0
+                    done.setdefault(f"start-{version}", started)
+                # Converged times, measured from each command's start.
+                for r in range(rounds):
+                    version = f"{mode[0]}{r}"
+                    if version in done:
+                        times.append(done[version] - done[f"start-{version}"])
+                    else:
+                        lost += 1
+                row[mode] = {"t": median(times), "all": times, "lost": lost}
+            stop.set()
+            watcher.join()
+            stop_all(agents)
+            consul.stop()
+            results.append(row)
+            print(f"  {impl:5} N={n:3}: back-to-back {ms(row['back-to-back']['t'])} ms "
+                  f"(lost {row['back-to-back']['lost']}), spaced {ms(row['spaced']['t'])} ms "
+                  f"(lost {row['spaced']['lost']})", flush=True)
+    return results
+
+def report(args, d, path):
+    started = d["started"]
+    fleet, latency, foot = d.get("fleet"), d.get("latency"), d.get("footprint")
     lines = []
     w = lines.append
+    targets = []  # (name, wanted, measured, met)
     cpu_model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -500,169 +578,250 @@ def report(args, depro, consul_version, fleet, latency, foot, binary_size, start
       "these machines are shared and noisy, so compare ratios within one run, not across runs.\n")
     w(f"- Command: `{args.command_line}`")
     w(f"- Machine: {platform.system()} {platform.release()}, {CORES} cores ({cpu_model}), {mem_gib:.0f} GiB")
-    w(f"- Consul: {consul_version} (one dev agent on loopback); depro binary: `{os.path.relpath(depro)}` "
-      f"({binary_size} bytes)")
+    w(f"- Consul: {d.get('consul_version', '?')} on loopback; depro binary: `{os.path.relpath(d['depro'])}` "
+      f"({d['binary_size']} bytes)")
     w(f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; run time "
-      f"{run_minutes:.1f} min\n")
+      f"{d.get('run_minutes', 0):.1f} min\n")
 
-    w("## 1. Fleet scaling\n")
-    w(f"N agents on this machine, each with its own directory; hooks do real but small work: the deploy "
-      f"hook extracts a {args.artifact_kib} KiB tarball of {args.artifact_files} files, the rollout hook "
-      f"swaps a `live` symlink (shell: `sh`). Deploy: from the start of `depro deploy V -nodes=N` until "
-      f"every node's `live` points at V and the command has exited (it exits only once every node reports "
-      f"`active`). Cleanup: `depro remove V -wait` until every directory is gone. {args.rounds} rounds per N "
-      f"after one warm-up round.\n")
-    w("The hooks of all N hosts share this machine's cores, while on a real fleet they run in parallel on N "
-      "machines, so each time is split: **coordination** = total − (hooks' CPU time summed over the N "
-      f"hosts) / {CORES} cores. That is the part made of Consul round trips, agent wake-ups and waiting, "
-      "which is what must stay flat as N grows.\n")
-    w("| N | deploy total ms | hooks CPU ms (sum) | deploy coordination ms | cleanup total ms | "
-      "cleanup coordination ms | requests per deploy | requests per cleanup | requests per deploy per host |")
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in fleet:
-        d, c = r["deploy"], r["remove"]
-        w(f"| {r['n']} | {ms(d['t'])} | {ms(d['hooks_cpu'])} | {ms(d['coord'])} | {ms(c['t'])} | "
-          f"{ms(c['coord'])} | {d['requests']:.0f} | {c['requests']:.0f} | {d['requests'] / r['n']:.1f} |")
-    w("")
-    if len(fleet) >= 2:
-        a, b = fleet[0], fleet[-1]
-        w("Per-host marginal cost, between consecutive fleet sizes (Δtime / Δhosts):\n")
-        w("| from N | to N | deploy ms per added host | deploy coordination ms per added host | "
-          "cleanup ms per added host |")
-        w("|---:|---:|---:|---:|---:|")
-        for p, q in zip(fleet, fleet[1:]):
-            dn = q["n"] - p["n"]
-            w(f"| {p['n']} | {q['n']} | {ms((q['deploy']['t'] - p['deploy']['t']) / dn)} | "
-              f"{ms((q['deploy']['coord'] - p['deploy']['coord']) / dn)} | "
-              f"{ms((q['remove']['t'] - p['remove']['t']) / dn)} |")
+    if fleet:
+        w("## 1. Fleet scaling\n")
+        w(f"N agents on this machine against one dev Consul, each with its own directory; hooks do real but "
+          f"small work: the deploy hook extracts a {args.artifact_kib} KiB tarball of {args.artifact_files} files, "
+          f"the rollout hook swaps a `live` symlink (shell: `sh`). Deploy: from the start of "
+          f"`depro deploy V -nodes=N` until every node's `live` points at V and the command has exited (it exits "
+          f"only once every node reports `active`). Cleanup: `depro remove V -wait` until every directory is gone. "
+          f"{args.rounds} rounds per N after one warm-up round.\n")
+        w("The hooks of all N hosts share this machine's cores, while on a real fleet they run in parallel on N "
+          "machines, so each time is split: **coordination** = total − (hooks' CPU time summed over the N "
+          f"hosts) / {CORES} cores.\n")
+        w("| N | deploy total ms | hooks CPU ms (sum) | deploy coordination ms | cleanup total ms | "
+          "cleanup coordination ms | requests per deploy | requests per deploy per host |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in fleet:
+            dd, c = r["deploy"], r["remove"]
+            w(f"| {r['n']} | {ms(dd['t'])} | {ms(dd['hooks_cpu'])} | {ms(dd['coord'])} | {ms(c['t'])} | "
+              f"{ms(c['coord'])} | {dd['requests']:.0f} | {dd['requests'] / r['n']:.1f} |")
         w("")
-        growth = lambda key, part: b[key][part] / a[key][part] if a[key][part] > 0 else float("nan")
-        w(f"From N={a['n']} to N={b['n']} ({b['n'] // a['n']}× the hosts): deploy total ×{growth('deploy', 't'):.1f}, "
-          f"deploy coordination ×{growth('deploy', 'coord'):.1f}, cleanup total ×{growth('remove', 't'):.1f}, "
-          f"cleanup coordination ×{growth('remove', 'coord'):.1f}.\n")
-        mid = [r for r in fleet if r["n"] == 16]
-        if mid:
-            m = mid[0]
-            w(f"From N=16 to N={b['n']} ({b['n'] // 16}× the hosts): deploy coordination "
-              f"×{b['deploy']['coord'] / max(m['deploy']['coord'], 1e-9):.1f}, cleanup coordination "
-              f"×{b['remove']['coord'] / max(m['remove']['coord'], 1e-9):.1f}.\n")
-    w("![deploy and cleanup time vs N](fleet-scaling.svg)\n")
-    w(f"Where the CPU went per deploy on this machine (summed over processes; {CORES} cores): a deploy can "
-      "take no less than the total divided by the cores.\n")
-    w("| N | hooks ms | agents ms | Consul ms | CLI ms | total CPU ms | ÷ cores ms | measured wall ms |")
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in fleet:
-        d = r["deploy"]
-        total = d["hooks_cpu"] + d["agents_cpu"] + d["consul_cpu"] + d["cli_cpu"]
-        w(f"| {r['n']} | {ms(d['hooks_cpu'])} | {ms(d['agents_cpu'])} | {ms(d['consul_cpu'])} | "
-          f"{ms(d['cli_cpu'])} | {ms(total)} | {ms(total / CORES)} | {ms(d['t'])} |")
-    w("")
-    w("Consul requests per deploy, by kind (mean over the rounds, all agents and the CLI together):\n")
-    kinds = sorted({k for r in fleet for k in r["deploy"]["kinds"]})
-    w("| N | " + " | ".join(kinds) + " |")
-    w("|---:|" + "---:|" * len(kinds))
-    for r in fleet:
-        w(f"| {r['n']} | " + " | ".join(f"{r['deploy']['kinds'].get(k, 0):.0f}" for k in kinds) + " |")
-    w("")
+        w("![deploy and cleanup time vs N](fleet-scaling.svg)\n")
+        w(f"Where the CPU went per deploy (summed over processes; {CORES} cores), and per host:\n")
+        w("| N | hooks ms | agents ms | Consul ms | CLI ms | ÷ cores ms | wall ms | **Consul ms per host** | "
+          "**agent ms per host** |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in fleet:
+            dd = r["deploy"]
+            total = dd["hooks_cpu"] + dd["agents_cpu"] + dd["consul_cpu"] + dd["cli_cpu"]
+            w(f"| {r['n']} | {ms(dd['hooks_cpu'])} | {ms(dd['agents_cpu'])} | {ms(dd['consul_cpu'])} | "
+              f"{ms(dd['cli_cpu'])} | {ms(total / CORES)} | {ms(dd['t'])} | {ms(dd['consul_cpu'] / r['n'])} | "
+              f"{ms(dd['agents_cpu'] / r['n'])} |")
+        w("")
+        w("Consul requests per deploy, by kind (mean over the rounds, all agents and the CLI together):\n")
+        kinds = sorted({k for r in fleet for k in r["deploy"]["kinds"]})
+        w("| N | " + " | ".join(kinds) + " |")
+        w("|---:|" + "---:|" * len(kinds))
+        for r in fleet:
+            w(f"| {r['n']} | " + " | ".join(f"{r['deploy']['kinds'].get(k, 0):.0f}" for k in kinds) + " |")
+        w("")
+        by_n = {r["n"]: r for r in fleet}
+        if 128 in by_n:
+            big = by_n[128]
+            targets.append(("deploy converged at N=128", "≤ 2.0 s", f"{big['deploy']['t']:.2f} s",
+                            big["deploy"]["t"] <= 2.0))
+            targets.append(("deploy coordination at N=128", "≤ 0.5 s", f"{big['deploy']['coord']:.2f} s",
+                            big["deploy"]["coord"] <= 0.5))
+        ends = [n for n in (16, 256) if n in by_n]
+        if len(ends) == 2:
+            a, b = by_n[16], by_n[256]
+            for label, key in (("Consul", "consul_cpu"), ("agents'", "agents_cpu")):
+                ra = a["deploy"][key] / 16
+                rb = b["deploy"][key] / 256
+                growth = rb / ra if ra > 0 else float("nan")
+                targets.append((f"{label} CPU per deploy per host, N=16 → 256", "flat within ×1.3",
+                                f"{ms(ra)} → {ms(rb)} ms (×{growth:.2f})", growth <= 1.3))
 
-    w("## 2. Reaction latency\n")
-    w(f"From just before the HTTP write of `current` to the first line of the rollout hook (bash, "
-      f"`echo $EPOCHREALTIME`), over {len(latency['depro'])} changes alternating between two deployed "
-      f"versions. In the same run, on the same key changes, `consul watch -type=key` ran an equivalent "
-      f"bash handler.\n")
-    w("| watcher | median ms | p95 ms | min ms | max ms |")
-    w("|---|---:|---:|---:|---:|")
-    for label, key in (("depro agent", "depro"), ("consul watch", "watch")):
-        v = latency[key]
-        w(f"| {label} | {ms(median(v))} | {ms(p95(v))} | {ms(min(v))} | {ms(max(v))} |")
-    ratio = median(latency["depro"]) / median(latency["watch"]) if median(latency["watch"]) > 0 else float("nan")
-    w(f"\ndepro's median is {ratio:.2f}× consul watch's in this run. `consul watch` resident memory: "
-      f"{latency['watch_rss_kib'] / 1024:.1f} MiB.\n")
+    if latency:
+        w("## 2. Reaction latency\n")
+        w(f"From just before the HTTP write of `current` to the first line of the rollout hook (bash, "
+          f"`echo $EPOCHREALTIME`), over {len(latency['depro'])} changes alternating between two deployed "
+          f"versions. In the same run, on the same key changes, `consul watch -type=key` ran an equivalent "
+          f"bash handler.\n")
+        w("| watcher | median ms | p95 ms | min ms | max ms |")
+        w("|---|---:|---:|---:|---:|")
+        for label, key in (("depro agent", "depro"), ("consul watch", "watch")):
+            v = latency[key]
+            w(f"| {label} | {ms(median(v))} | {ms(p95(v))} | {ms(min(v))} | {ms(max(v))} |")
+        lat = median(latency["depro"])
+        w("")
+        targets.append(("reaction latency, median", "below consul watch",
+                        f"{ms(lat)} ms (consul watch {ms(median(latency['watch']))} ms)",
+                        lat < median(latency["watch"])))
 
-    w("## 3. Footprint\n")
-    reqs = foot["idle_requests"]
-    per_min = sum(reqs.values()) * 60 / foot["idle_seconds"]
-    w("| measure | value |")
-    w("|---|---:|")
-    w(f"| agent resident memory, idle, 2 deployments | {foot['rss_idle_kib'] / 1024:.2f} MiB |")
-    w(f"| after {foot['cycles']} deploy/remove cycles | {foot['rss_after_kib'] / 1024:.2f} MiB |")
-    w("| during the cycles (every 50) | " + ", ".join(f"{kib / 1024:.2f}" for _, kib in foot["rss_samples"]) + " MiB |")
-    w(f"| CPU time over {foot['idle_seconds']} idle seconds | {foot['idle_cpu'] * 1000:.0f} ms |")
-    w(f"| Consul requests per idle minute | {per_min:.1f} ({', '.join(f'{k}: {v}' for k, v in sorted(reqs.items())) or 'none'} in {foot['idle_seconds']} s) |")
-    w(f"| binary size (stripped) | {binary_size / 1e6:.2f} MB |")
-    w("")
-    w("## Targets\n")
-    big = fleet[-1] if fleet else None
-    rows = []
-    if big:
-        rows.append((f"deploy converged at N={big['n']}", "≤ 2 s", f"{big['deploy']['t']:.2f} s", big["deploy"]["t"] <= 2))
-        rows.append((f"deploy coordination at N={big['n']}", "≤ 0.5 s", f"{big['deploy']['coord']:.2f} s", big["deploy"]["coord"] <= 0.5))
-        rows.append((f"cleanup at N={big['n']}", "≤ 2 s", f"{big['remove']['t']:.2f} s", big["remove"]["t"] <= 2))
-        sixteen = [r for r in fleet if r["n"] == 16]
-        if sixteen:
-            growth = big["deploy"]["coord"] / max(sixteen[0]["deploy"]["coord"], 1e-9)
-            hosts = big["n"] / 16
-            rows.append((f"coordination growth N=16 → {big['n']}", f"less than linear (< ×{hosts:.0f})",
-                         f"×{growth:.1f}", growth < hosts))
-    lat = median(latency["depro"])
-    rows.append(("reaction latency, median", "≤ 5 ms and below consul watch",
-                 f"{ms(lat)} ms (consul watch {ms(median(latency['watch']))} ms)",
-                 lat <= 0.005 and lat < median(latency["watch"])))
-    rows.append(("idle resident memory", "≤ 5 MiB", f"{foot['rss_idle_kib'] / 1024:.2f} MiB", foot["rss_idle_kib"] <= 5 * 1024))
-    # Growth is judged after warm-up (the first 50 cycles allocate what the
-    # agent keeps: hook threads' stacks, allocator caches), from then to the end.
-    warm = foot["rss_samples"][0][1] if foot["rss_samples"] else foot["rss_idle_kib"]
-    growth_kib = foot["rss_after_kib"] - warm
-    rows.append((f"memory growth, cycle {foot['rss_samples'][0][0] if foot['rss_samples'] else 0} → {foot['cycles']}",
-                 "none", f"{growth_kib:+d} KiB (idle → end: {foot['rss_after_kib'] - foot['rss_idle_kib']:+d} KiB)",
-                 growth_kib <= 64))
-    extra = {k: v for k, v in foot["idle_requests"].items() if k not in ("GET blocking read", "PUT session renew")}
-    rows.append(("idle requests beyond blocking queries and renewals", "none", str(sum(extra.values())), not extra))
-    w("| target | wanted | measured | |")
-    w("|---|---|---|---|")
-    for name, wanted, got, ok in rows:
-        w(f"| {name} | {wanted} | {got} | {'met' if ok else '**missed**'} |")
-    w("")
-    w("Anchors from the issue (measured earlier on this machine kind, not in this run): the original Go "
-      "implementation converged in 0.016 s at N=1, 0.077 s at N=8, 0.20–0.28 s at N=32, and did not converge "
-      "within 120 s at N=64; its agent used 11–14 MB resident and its binary was 9.8 MB, dynamically linked. "
-      "`consul watch` reacted in ~17 ms and used 44 MB.\n")
-    if notes and os.path.exists(notes):
-        with open(notes) as f:
+    if foot:
+        w("## 3. Footprint\n")
+        reqs = foot["idle_requests"]
+        per_min = sum(reqs.values()) * 60 / foot["idle_seconds"]
+        w("| measure | value |")
+        w("|---|---:|")
+        w(f"| agent resident memory, idle, 2 deployments | {foot['rss_idle_kib'] / 1024:.2f} MiB |")
+        w(f"| after {foot['cycles']} deploy/remove cycles | {foot['rss_after_kib'] / 1024:.2f} MiB |")
+        w("| during the cycles (every 50) | " + ", ".join(f"{kib / 1024:.2f}" for _, kib in foot["rss_samples"])
+          + " MiB |")
+        w(f"| CPU time over {foot['idle_seconds']} idle seconds | {foot['idle_cpu'] * 1000:.0f} ms |")
+        w(f"| Consul requests per idle minute | {per_min:.1f} "
+          f"({', '.join(f'{k}: {v}' for k, v in sorted(reqs.items())) or 'none'} in {foot['idle_seconds']} s) |")
+        w(f"| binary size (stripped) | {d['binary_size'] / 1e6:.2f} MB |")
+        w("")
+        targets.append(("idle resident memory", "≤ 5 MiB", f"{foot['rss_idle_kib'] / 1024:.2f} MiB",
+                        foot["rss_idle_kib"] <= 5 * 1024))
+
+    versions = d.get("versions")
+    if versions:
+        w("## 4. Versions under the prefix\n")
+        w("One agent, one deployment, trivial hooks; all versions deployed, then an idle spell and a series of "
+          "switches of `current` between two of them (2 is the fewest that a switch needs).\n")
+        w("| versions | threads | sockets | resident MiB | CPU ms per idle minute | requests per idle minute | "
+          "reaction latency ms |")
+        w("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in versions:
+            per_min = 60 / r["idle_seconds"]
+            w(f"| {r['count']} | {r['threads']} | {r['sockets']} | {r['rss_kib'] / 1024:.2f} | "
+              f"{r['idle_cpu'] * 1000 * per_min:.0f} | {r['idle_requests'] * per_min:.1f} | "
+              f"{ms(median(r['latency']))} |")
+        w("")
+        a, b = versions[0], versions[-1]
+        targets.append((f"threads and sockets, {a['count']} → {b['count']} versions", "flat",
+                        f"{a['threads']}/{a['sockets']} → {b['threads']}/{b['sockets']}",
+                        b["threads"] <= a["threads"] and b["sockets"] <= a["sockets"] + 1))
+
+    many = d.get("many")
+    if many:
+        dd = many["deploy"]
+        n = many["n"]
+        w(f"## 5. {n} agents on this machine\n")
+        w(f"{n} depro agent processes, trivial hooks (`true`, and a symlink swap), one dev Consul whose "
+          f"per-client connection limit is set to what they use: a probe agent kept {many['per_agent_sockets']} "
+          f"sockets open, so the limit is {n} × ({many['per_agent_sockets']} + 1) = {many['limit']} (on a fleet "
+          f"each host is its own client, under Consul's default of 200). The harness raises its open-files limit "
+          f"to the hard limit; the agents inherit it. All {n} registered in {many['startup']:.0f} s.\n")
+        w("| measure | value |")
+        w("|---|---:|")
+        w(f"| deploy converged (median of {dd['rounds']}) | {dd['t']:.2f} s |")
+        w(f"| hooks CPU (sum) | {dd['hooks_cpu']:.2f} s |")
+        w(f"| agents CPU (sum) | {dd['agents_cpu']:.2f} s ({ms(dd['agents_cpu'] / n)} ms per host) |")
+        w(f"| Consul CPU | {dd['consul_cpu']:.2f} s ({ms(dd['consul_cpu'] / n)} ms per host) |")
+        w(f"| CLI CPU | {dd['cli_cpu']:.2f} s |")
+        w(f"| requests per deploy | {dd['requests']:.0f} ({dd['requests'] / n:.1f} per host) |")
+        w(f"| cleanup (`remove -wait`), median | {median(many['cleanup']):.2f} s |")
+        w(f"| one agent: threads, sockets; resident memory (median of 50) | {many['threads']}, "
+          f"{many['sockets']}; {many['rss_kib'] / 1024:.2f} MiB |")
+        w("")
+        w("Requests by kind per deploy: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(dd["kinds"].items()))
+          + ".\n")
+        targets.append((f"deploy converged on {n} agents", "≤ 5 s", f"{dd['t']:.2f} s", dd["t"] <= 5))
+        if fleet:
+            by_n = {r["n"]: r for r in fleet}
+            if 128 in by_n:
+                ref = by_n[128]["deploy"]
+                for label, key in (("Consul", "consul_cpu"), ("agents'", "agents_cpu")):
+                    a, b = ref[key] / 128, dd[key] / n
+                    targets.append((f"{label} CPU per host, N={n} vs N=128", "equal (within ×1.3)",
+                                    f"{ms(b)} vs {ms(a)} ms (×{b / a:.2f})", b <= a * 1.3))
+
+    cluster = d.get("cluster")
+    if cluster:
+        w("## 6. A 3-server cluster\n")
+        w("Three Consul servers on loopback (`raft_multiplier = 1`), the agents spread over the three HTTP "
+          "addresses (agents read with `?stale`: followers answer them), the CLI on the first server; "
+          "same hooks as section 1.\n")
+        w("| N | deploy converged ms | server 1 CPU ms | server 2 CPU ms | server 3 CPU ms |")
+        w("|---:|---:|---:|---:|---:|")
+        for r in cluster:
+            w(f"| {r['n']} | {ms(r['t'])} | " + " | ".join(ms(c) for c in r["server_cpu"]) + " |")
+        w("")
+
+    cost = d.get("cost")
+    if cost:
+        w("## 7. What a request costs the server\n")
+        w("A prefix holding 10 versions and the rest node keys; each request repeated, Consul's CPU per request "
+          "(with its HTTP handling). The agent's tree watch makes the listing and the transaction on each wake-up; "
+          "its `current` and doorbell watches make single-key reads; the CLI follows one version's folder.\n")
+        w("| keys under the prefix | one-level listing µs | single key µs | transaction of 10 gets µs | "
+          "one version's folder (recurse) µs | blocking listing, write → answer ms |")
+        w("|---:|---:|---:|---:|---:|---:|")
+        for r in cost:
+            w(f"| {r['keys']} | {r['listing'][1] * 1e6:.0f} | {r['single'][1] * 1e6:.0f} | {r['txn'][1] * 1e6:.0f} | "
+              f"{r['recurse_one_version'][1] * 1e6:.0f} | {ms(r['wake'])} |")
+        w("")
+
+    b2b = d.get("b2b")
+    if b2b:
+        w("## 8. Back-to-back deploys, against the Go original\n")
+        w(f"Trivial hooks; each deploy starts as soon as the previous command returned (back-to-back), or after "
+          f"{args.b2b_pause if hasattr(args, 'b2b_pause') else 2} s (spaced). Converged: from the command's start "
+          f"until every node's `live` names the version, measured on the hosts (the Go original's command can "
+          f"return before that). Lost: versions that never became live everywhere within 30 s.\n")
+        w("| implementation | N | back-to-back ms | lost | spaced ms | lost |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for r in b2b:
+            w(f"| {r['impl']} | {r['n']} | {ms(r['back-to-back']['t'])} | {r['back-to-back']['lost']} | "
+              f"{ms(r['spaced']['t'])} | {r['spaced']['lost']} |")
+        w("")
+        rows = {(r["impl"], r["n"]): r for r in b2b}
+        for n in sorted({r["n"] for r in b2b}):
+            ours = rows.get(("depro", n))
+            theirs = rows.get(("go", n))
+            if ours:
+                b, sp = ours["back-to-back"]["t"], ours["spaced"]["t"]
+                targets.append((f"back-to-back vs spaced, N={n}", "within ×1.5",
+                                f"{ms(b)} vs {ms(sp)} ms (×{b / sp:.2f})", b <= 1.5 * sp))
+            if ours and theirs:
+                b, g = ours["back-to-back"]["t"], theirs["back-to-back"]["t"]
+                lost = theirs["back-to-back"]["lost"]
+                ok = b <= g or (lost > 0 and ours["back-to-back"]["lost"] == 0)
+                targets.append((f"back-to-back converged vs the Go original, N={n}", "at least as fast",
+                                f"{ms(b)} vs {ms(g)} ms (Go lost {lost})", ok))
+
+    if targets:
+        w("## Targets\n")
+        w("| target | wanted | measured | |")
+        w("|---|---|---|---|")
+        for name, wanted, got, ok in targets:
+            w(f"| {name} | {wanted} | {got} | {'met' if ok else '**missed**'} |")
+        w("")
+    if args.notes and os.path.exists(args.notes):
+        with open(args.notes) as f:
             w(f.read())
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-
-def make_artifact(work, files, kib):
-    src = os.path.join(work, "artifact-src")
-    os.makedirs(src, exist_ok=True)
-    per = max(1, kib * 1024 // files)
-    for i in range(files):
-        with open(os.path.join(src, f"file{i}.txt"), "wb") as f:
-            f.write(os.urandom(per // 2).hex().encode()[:per])
-    path = os.path.join(work, "artifact.tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(src, arcname=".")
-    return path
+PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depro", required=True)
     parser.add_argument("--consul", required=True)
-    parser.add_argument("--sizes", default="1,4,16,64,128")
+    parser.add_argument("--go", default="", help="the Go original's binary, for section 8")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--sizes", default="1,16,64,128,256")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--idle", type=int, default=60)
+    parser.add_argument("--version-counts", default="2,100,1000")
+    parser.add_argument("--many", type=int, default=1000)
+    parser.add_argument("--many-rounds", type=int, default=3)
+    parser.add_argument("--cluster-sizes", default="64,128")
+    parser.add_argument("--cost-keys", default="1000,10000,50000")
+    parser.add_argument("--cost-samples", type=int, default=300)
+    parser.add_argument("--b2b-sizes", default="1,8,32")
+    parser.add_argument("--b2b-rounds", type=int, default=10)
+    parser.add_argument("--b2b-pause", type=float, default=2.0)
     parser.add_argument("--artifact-files", type=int, default=20)
     parser.add_argument("--artifact-kib", type=int, default=64)
     parser.add_argument("--out", default="docs")
     parser.add_argument("--command-line", default="scripts/bench.sh")
     parser.add_argument("--notes", default="docs/benchmarks-notes.md",
                         help="hand-written analysis appended to the report")
-    parser.add_argument("--only", default="", help="latency (to study one part; no report)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from OUT/benchmarks.json (after editing the notes)")
     args = parser.parse_args()
@@ -672,44 +831,62 @@ def main():
             d = json.load(f)
         for key in ("rounds", "artifact_kib", "artifact_files", "command_line"):
             setattr(args, key, d.get(key, getattr(args, key)))
-        svg_chart(d["fleet"], os.path.join(args.out, "fleet-scaling.svg"))
-        report(args, d.get("depro", args.depro), d["consul_version"], d["fleet"], d["latency"], d["footprint"],
-               d["binary_size"], d["started"], os.path.join(args.out, "benchmarks.md"), notes=args.notes,
-               run_minutes=d["run_minutes"])
+        if d.get("fleet"):
+            svg_chart(d["fleet"], os.path.join(args.out, "fleet-scaling.svg"))
+        report(args, d, os.path.join(args.out, "benchmarks.md"))
         return
 
+    parts = [p for p in args.parts.split(",") if p]
     started = time.time()
     work = tempfile.mkdtemp(prefix="depro-bench.")
+    raise_fd_limit()
+    d = {"started": started, "depro": args.depro, "rounds": args.rounds, "artifact_kib": args.artifact_kib,
+         "artifact_files": args.artifact_files, "command_line": args.command_line,
+         "binary_size": os.path.getsize(args.depro)}
     consul = Consul(args.consul, work)
     try:
-        consul_version = subprocess.run([args.consul, "version"], capture_output=True, text=True).stdout.split("\n")[0]
+        d["consul_version"] = subprocess.run([args.consul, "version"], capture_output=True,
+                                             text=True).stdout.split("\n")[0]
         artifact = make_artifact(work, args.artifact_files, args.artifact_kib)
-        if args.only == "latency":
-            latency = reaction_latency(args.depro, consul, work, artifact, args.changes)
-            print("depro", " ".join(ms(v) for v in latency["depro"]))
-            print("watch", " ".join(ms(v) for v in latency["watch"]))
-            return
-        sizes = [int(n) for n in args.sizes.split(",")]
-        print(f"bench: fleet scaling for N in {sizes}", flush=True)
-        fleet = fleet_scaling(args.depro, consul, work, artifact, sizes, args.rounds)
-        print("bench: reaction latency", flush=True)
-        latency = reaction_latency(args.depro, consul, work, artifact, args.changes)
-        print(f"bench: depro {ms(median(latency['depro']))} ms, consul watch {ms(median(latency['watch']))} ms (medians)", flush=True)
-        print("bench: footprint", flush=True)
-        foot = footprint(args.depro, consul, work, artifact, args.cycles, args.idle)
-        binary_size = os.path.getsize(args.depro)
+        if "fleet" in parts:
+            sizes = [int(n) for n in args.sizes.split(",")]
+            print(f"bench: 1. fleet scaling for N in {sizes}", flush=True)
+            d["fleet"] = fleet_scaling(args.depro, consul, work, artifact, sizes, args.rounds)
+        if "latency" in parts:
+            print("bench: 2. reaction latency", flush=True)
+            d["latency"] = reaction_latency(args.depro, consul, work, artifact, args.changes)
+        if "footprint" in parts:
+            print("bench: 3. footprint", flush=True)
+            d["footprint"] = footprint(args.depro, consul, work, artifact, args.cycles, args.idle)
+        if "versions" in parts:
+            print("bench: 4. versions", flush=True)
+            counts = [int(n) for n in args.version_counts.split(",")]
+            d["versions"] = versions_section(args.depro, consul, work, counts, args.idle, min(args.changes, 20))
+        consul.stop()
+        if "many" in parts:
+            print(f"bench: 5. {args.many} agents", flush=True)
+            d["many"] = many_agents(args.depro, args.consul, work, args.many, args.many_rounds)
+        if "cluster" in parts:
+            print("bench: 6. 3-server cluster", flush=True)
+            sizes = [int(n) for n in args.cluster_sizes.split(",")]
+            d["cluster"] = cluster_section(args.depro, args.consul, work, artifact, sizes, args.rounds)
+        if "cost" in parts:
+            print("bench: 7. server cost model", flush=True)
+            keys = [int(n) for n in args.cost_keys.split(",")]
+            d["cost"] = server_cost(args.consul, work, keys, args.cost_samples)
+        if "b2b" in parts:
+            print("bench: 8. back-to-back deploys", flush=True)
+            sizes = [int(n) for n in args.b2b_sizes.split(",")]
+            d["b2b"] = back_to_back(args.depro, args.go, args.consul, work, sizes, args.b2b_rounds,
+                                    args.b2b_pause)
+        d["run_minutes"] = (time.time() - started) / 60
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
-            json.dump({"fleet": fleet, "latency": latency, "footprint": foot, "binary_size": binary_size,
-                       "consul_version": consul_version, "started": started,
-                       "run_minutes": (time.time() - started) / 60, "depro": args.depro,
-                       "rounds": args.rounds, "artifact_kib": args.artifact_kib,
-                       "artifact_files": args.artifact_files, "command_line": args.command_line}, f, indent=1)
-        svg_chart(fleet, os.path.join(args.out, "fleet-scaling.svg"))
-        report(args, args.depro, consul_version, fleet, latency, foot, binary_size, started,
-               os.path.join(args.out, "benchmarks.md"), notes=args.notes)
-        print(f"bench: wrote {args.out}/benchmarks.md and {args.out}/fleet-scaling.svg "
-              f"in {(time.time() - started) / 60:.1f} min", flush=True)
+            json.dump(d, f, indent=1)
+        if d.get("fleet"):
+            svg_chart(d["fleet"], os.path.join(args.out, "fleet-scaling.svg"))
+        report(args, d, os.path.join(args.out, "benchmarks.md"))
+        print(f"bench: wrote {args.out}/benchmarks.md in {d['run_minutes']:.1f} min", flush=True)
     except BaseException:
         for agent in ALL_AGENTS:
             if agent.proc.poll() is None:
@@ -717,7 +894,9 @@ def main():
         consul.stop()
         print(f"bench: failed; logs kept in {work}", file=sys.stderr)
         raise
-    consul.stop()
+    for agent in ALL_AGENTS:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The benchmark harness: fleet scaling, reaction latency and footprint, against
-# a dev Consul on loopback. Writes docs/benchmarks.md, docs/fleet-scaling.svg
-# (and docs/benchmarks.json). About 5 minutes on 2 cores. Not part of the tests.
+# The benchmark harness (scripts/bench.py says what it measures), against Consul
+# agents on loopback. Writes docs/benchmarks.md, docs/fleet-scaling.svg and
+# docs/benchmarks.json. About 20 minutes on 2 cores. Not part of the tests
+# (tests/bench_smoke.rs runs --smoke).
 #   scripts/bench.sh            the full run
 #   scripts/bench.sh --smoke    a quick run of every part, into target/bench-smoke
 set -euo pipefail
@@ -16,8 +17,13 @@ else
   cargo build --release --locked --quiet
   depro=target/release/depro
 fi
+# The Go original, for the back-to-back comparison (section 8), if present.
+go=../shared/baselines/depro-go-original
+[ -x "$go" ] || go=""
 if [ "${1:-}" = --smoke ]; then
-  exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --sizes 1,4 --rounds 1 \
-    --changes 5 --cycles 4 --idle 2 --out target/bench-smoke --command-line "scripts/bench.sh --smoke"
+  exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --go "$go" --sizes 1,4 --rounds 1 \
+    --changes 5 --cycles 4 --idle 2 --version-counts 2,10 --many 12 --many-rounds 1 --cluster-sizes 3 \
+    --cost-keys 1000 --cost-samples 20 --b2b-sizes 1,2 --b2b-rounds 3 --b2b-pause 0.2 \
+    --out target/bench-smoke --command-line "scripts/bench.sh --smoke"
 fi
-exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --command-line "scripts/bench.sh" "$@"
+exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --go "$go" --command-line "scripts/bench.sh" "$@"

@@ -1,0 +1,335 @@
+"""The pieces depro's benchmark harness is made of (see scripts/bench.py):
+Consul dev agents and 3-server clusters on loopback, depro (and the Go
+original's) agents as processes, and readings of /proc. Standard library only.
+"""
+
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import tarfile
+import time
+import urllib.request
+
+TICK = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_until(what, condition, timeout=120.0, step=0.002):
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        time.sleep(step)
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def p95(values):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def ms(v):
+    return f"{v * 1000:.1f}"
+
+
+def raise_fd_limit():
+    """Lets this process (and so its children) open as many files as allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def lifted_conns_limit():
+    """As many connections per client as the file descriptor limit allows."""
+    return max(200, min(16384, raise_fd_limit() - 100))
+
+
+class Consul:
+    """A dev agent on free loopback ports, logging every HTTP request.
+
+    `conns`: Consul's per-client HTTP connection limit. All agents here
+    connect from 127.0.0.1, where a fleet has one address per host; `None`
+    keeps Consul's default (200)."""
+
+    def __init__(self, binary, work, conns="lifted", name="bench", server_args=None, port=None):
+        self.binary = binary
+        self.port = port or free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.work = work
+        self.log_path = os.path.join(work, f"consul-{name}.log")
+        self.log = open(self.log_path, "w")
+        args = [binary, "agent", "-log-level=debug", "-node", name,
+                "-bind", "127.0.0.1", "-client", "127.0.0.1",
+                f"-http-port={self.port}", "-dns-port=-1", "-grpc-port=-1"]
+        if conns == "lifted":
+            conns = lifted_conns_limit()
+        if conns is not None:
+            args += ["-hcl", f"limits {{ http_max_conns_per_client = {conns} }}"]
+        self.conns = conns or 200
+        if server_args is None:
+            args += ["-dev", f"-serf-lan-port={free_port()}", f"-serf-wan-port={free_port()}",
+                     f"-server-port={free_port()}"]
+        else:
+            args += server_args
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        if server_args is None:
+            self.wait_leader()
+
+    def _leader(self):
+        try:
+            return urllib.request.urlopen(f"http://{self.addr}/v1/status/leader", timeout=1).read().decode()
+        except OSError:
+            return ""
+
+    def wait_leader(self):
+        wait_until("consul's leader", lambda: "127.0.0.1" in self._leader(), timeout=60, step=0.05)
+
+    def call(self, method, path, body=None):
+        req = urllib.request.Request(f"http://{self.addr}/v1/{path}", data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    def put(self, key, value=""):
+        self.call("PUT", f"kv/{key}", value.encode())
+
+    def get(self, key):
+        return self.call("GET", f"kv/{key}?raw")
+
+    def txn(self, ops):
+        self.call("PUT", "txn", json.dumps(ops).encode())
+
+    def put_many(self, keys, value=""):
+        """Writes many keys, 64 to a transaction."""
+        import base64
+        encoded = base64.b64encode(value.encode()).decode()
+        for i in range(0, len(keys), 64):
+            self.txn([{"KV": {"Verb": "set", "Key": k, "Value": encoded}} for k in keys[i:i + 64]])
+
+    def cpu(self):
+        return proc_times(self.proc.pid)[0]
+
+    def log_offset(self):
+        self.log.flush()
+        return os.path.getsize(self.log_path)
+
+    def requests_since(self, offset):
+        """Counts the HTTP requests Consul finished since a log offset, by kind."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        kinds = {}
+        for method, url in re.findall(r"Request finished: method=(\w+) url=(\S+)", text):
+            kind = method + " " + classify(url)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Cluster:
+    """Three Consul servers on loopback (raft_multiplier 1, data dirs)."""
+
+    def __init__(self, binary, work):
+        ports = [{k: free_port() for k in ("http", "lan", "wan", "rpc")} for _ in range(3)]
+        self.servers = []
+        for i, p in enumerate(ports):
+            data = os.path.join(work, f"s{i}")
+            os.makedirs(data, exist_ok=True)
+            args = ["-server", "-bootstrap-expect", "3", f"-data-dir={data}",
+                    f"-serf-lan-port={p['lan']}", f"-serf-wan-port={p['wan']}",
+                    f"-server-port={p['rpc']}", "-hcl", "performance { raft_multiplier = 1 }"]
+            args += [f"-retry-join=127.0.0.1:{q['lan']}" for j, q in enumerate(ports) if j != i]
+            self.servers.append(Consul(binary, work, name=f"s{i}", server_args=args, port=p["http"]))
+        for s in self.servers:
+            s.wait_leader()
+
+        def voters():
+            try:
+                config = json.loads(self.servers[0].call("GET", "operator/raft/configuration") or "{}")
+                return sum(1 for s in config.get("Servers", []) if s.get("Voter"))
+            except OSError:
+                return 0
+        wait_until("three voters", lambda: voters() == 3, timeout=60, step=0.1)
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
+
+
+def classify(url):
+    if url.startswith("/v1/session/renew"):
+        return "session renew"
+    if url.startswith("/v1/session/"):
+        return "session other"
+    if url.startswith("/v1/txn"):
+        return "txn"
+    if "index=" in url:
+        return "blocking read"
+    if url.startswith("/v1/kv/"):
+        return "kv"
+    return url.split("?")[0]
+
+
+def registered(consul, name_prefix):
+    """How many sessions of agents whose name starts with a prefix exist."""
+    sessions = json.loads(consul.call("GET", "session/list") or "[]")
+    return sum(1 for s in sessions if s.get("Name", "").startswith(name_prefix))
+
+
+def proc_stat(pid):
+    """(user, system, children's user, children's system) CPU seconds of a process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0, 0.0, 0.0
+    return tuple(int(x) / TICK for x in fields[11:15])
+
+
+def proc_split(pid):
+    """(user, system) CPU seconds of a process itself."""
+    return proc_stat(pid)[:2]
+
+
+def proc_times(pid):
+    """(own CPU seconds, reaped children's CPU seconds) of a process."""
+    utime, stime, cutime, cstime = proc_stat(pid)
+    return utime + stime, cutime + cstime
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def threads_sockets(pid):
+    """(threads, open sockets) of a process."""
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    sockets = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                sockets += 1
+        except OSError:
+            pass
+    return threads, sockets
+
+
+ALL_AGENTS = []
+
+
+class Agent:
+    """A depro agent (or, with `go=True`, the Go original's) as a process."""
+
+    def __init__(self, depro, work, name, server, deployments, go=False, log_level="warn"):
+        ALL_AGENTS.append(self)
+        self.name = name
+        self.dir = os.path.join(work, name)
+        os.makedirs(os.path.join(self.dir, "conf"), mode=0o700, exist_ok=True)
+        addr = server.addr if hasattr(server, "addr") else server
+        config = {"name": name, "server": addr, "deployments": deployments(self.dir)}
+        with open(os.path.join(self.dir, "conf", "depro.json"), "w") as f:
+            json.dump(config, f)
+        self.log = open(os.path.join(self.dir, "agent.log"), "w")
+        self.proc = subprocess.Popen([depro, "agent", f"-config-dir={self.dir}/conf"],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "DEPRO_LOG": log_level})
+
+    def live(self, deployment="app"):
+        try:
+            return os.path.basename(os.readlink(os.path.join(self.dir, deployment, "live")))
+        except OSError:
+            return None
+
+    def has_dir(self, version, deployment="app"):
+        return os.path.isdir(os.path.join(self.dir, deployment, version))
+
+    def cpu(self):
+        return proc_times(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self):
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stop_all(agents):
+    for a in agents:
+        a.stop()
+    for a in agents:
+        a.wait()
+
+
+def app_deployment(prefix, artifact=None, rollout_first_line=None, shell="sh"):
+    """A deployment whose deploy hook unpacks `artifact` (or does nothing),
+    and whose rollout hook swaps a `live` symlink (with the variables the Go
+    original sets too: it has no VERSION_PATH)."""
+    def make(node_dir):
+        rollout = ["ln -sfn \"$DEPLOYMENT_PATH/$VERSION\" \"$DEPLOYMENT_PATH/live.tmp\"",
+                   "mv -T \"$DEPLOYMENT_PATH/live.tmp\" \"$DEPLOYMENT_PATH/live\""]
+        if rollout_first_line:
+            rollout.insert(0, rollout_first_line.replace("{dir}", node_dir))
+        deploy = [f"tar xzf {artifact}"] if artifact else ["true"]
+        return [{"id": "app", "path": os.path.join(node_dir, "app"), "prefix": prefix, "shell": shell,
+                 "deploy": deploy, "rollout": rollout}]
+    return make
+
+
+def run_depro(depro, consul, *args, check=True):
+    addr = consul.addr if hasattr(consul, "addr") else consul
+    out = subprocess.run([depro, *args, f"-server={addr}"], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise SystemExit(f"bench: depro {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out
+
+
+def make_artifact(work, files, kib):
+    src = os.path.join(work, "artifact-src")
+    os.makedirs(src, exist_ok=True)
+    per = max(1, kib * 1024 // files)
+    for i in range(files):
+        with open(os.path.join(src, f"file{i}.txt"), "wb") as f:
+            f.write(os.urandom(per // 2).hex().encode()[:per])
+    path = os.path.join(work, "artifact.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname=".")
+    return path
