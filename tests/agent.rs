@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use support::{Agent, Consul, Fleet, wait_for};
@@ -527,6 +527,50 @@ fn two_deployments_in_one_agent_both_react_promptly() {
             || agent.log(),
         );
     }
+}
+
+#[test]
+fn the_first_switch_under_a_fresh_prefix_is_rolled_out_at_once_after_a_burst_of_node_writes() {
+    // A Consul of its own. Before the first switch `current` does not
+    // exist, and Consul wakes a query on a missing key at every write
+    // anywhere: the nodes' busy and ready writes wake every agent's watch
+    // of `current` with nothing new, and such wake-ups are paced (one per
+    // five seconds after a burst). The switch itself must not wait behind
+    // that pacing.
+    let consul = Consul::start();
+    let mut fleet = Fleet::on(&consul, 3);
+    fleet.start_all();
+    for agent in &fleet.agents {
+        wait_for("the agent to register", || {
+            agent.log().contains("registered with Consul")
+        });
+    }
+    let mut child = fleet
+        .depro_command(&["deploy", "v1", "-nodes=3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut switched, mut active) = (None, None);
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(stdout) {
+        let line = line.unwrap();
+        if line.starts_with("current: unset -> v1") {
+            switched = Some(Instant::now());
+        }
+        if line == "3/3 active" {
+            active = Some(Instant::now());
+        }
+        seen.push(line);
+    }
+    assert!(child.wait().unwrap().success(), "{seen:#?}");
+    let (switched, active) = (switched.expect("no switch"), active.expect("not active"));
+    let took = active - switched;
+    assert!(
+        took < Duration::from_secs(3),
+        "the rollout came {took:?} after the switch (the pacing of idle wake-ups is 5 s)\n{seen:#?}\n{}",
+        fleet.diagnostics()
+    );
 }
 
 #[test]

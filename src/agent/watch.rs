@@ -1,4 +1,4 @@
-//! The watches of a deployment: two threads that sit in Consul blocking
+//! The watches of a deployment: three threads that sit in Consul blocking
 //! queries and tell the main loop what they saw. They decide nothing.
 //!
 //! - The tree watch blocks on the one-level listing of the prefix
@@ -12,10 +12,12 @@
 //! - The current watch blocks on `<prefix>/current` alone, so a switch is
 //!   seen at once even while node writes keep the tree watch busy.
 //! - The doorbell watch blocks on `<prefix>/.changed` alone, which the depro
-//!   CLI writes with every change it makes to the versions: when it rings,
-//!   the tree watch stops any pause and reads at once. So a new version
-//!   never waits behind the pacing of other nodes' writes (another tool's
-//!   change is seen within the pacing interval).
+//!   CLI writes with every change it makes to the versions and `current`:
+//!   when it rings, the other two end any pause and read at once. So a new
+//!   version never waits behind the pacing of other nodes' writes, nor the
+//!   first switch behind that of the watch of a missing `current` (Consul
+//!   wakes it at every write anywhere). Another tool's change is seen
+//!   within the pacing interval.
 //!
 //! Each posts only when what it saw differs from what it posted last. Both
 //! follow the [`Cursor`] rules: a failed request or an index that went
@@ -50,12 +52,15 @@ use crate::tree::{Listing, Prefix};
 use crate::version_name::VersionName;
 
 /// Answers that changed nothing a watch cares about (another node's write
-/// under the same prefix) are paced: a burst of this many reads, then two a
-/// second while they keep coming. A storm of N nodes' writes costs each
-/// agent at most two reads a second, instead of one per write (N² in all).
+/// under the same prefix) are paced: a burst of two reads, then one every
+/// five seconds while they keep coming. A storm of N nodes' writes costs
+/// each agent a few reads, instead of one per write (N² in all). Nothing
+/// depro does waits on this: `current` and the doorbell have watches of
+/// their own. Only other tools' changes (which do not ring the doorbell)
+/// are seen late, and only during a storm: at most this long.
 const IDLE: Pacing = Pacing {
-    burst: 3,
-    refill: Duration::from_millis(500),
+    burst: 2,
+    refill: Duration::from_secs(5),
 };
 
 /// What the watches tell the main loop.
@@ -101,7 +106,9 @@ struct Stop {
 #[derive(Default)]
 struct Wake {
     stopped: bool,
-    rung: bool,
+    /// How many times the doorbell rang. Each watch keeps the count it had
+    /// when it last read: a ring during its query ends its next pause too.
+    rings: u64,
 }
 
 impl Stop {
@@ -109,21 +116,25 @@ impl Stop {
         self.flag.load(Ordering::Relaxed)
     }
 
-    /// Sleeps for `duration`, or less if told to stop or the doorbell rang;
-    /// returns whether to stop.
-    fn sleep(&self, duration: Duration) -> bool {
+    /// The rings so far: a watch notes them just before it reads.
+    fn rings(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).rings
+    }
+
+    /// Sleeps for `duration`, or less if told to stop or the doorbell rang
+    /// since the watch noted `read_at`; returns whether to stop.
+    fn sleep(&self, duration: Duration, read_at: u64) -> bool {
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut guard, _) = self
+        let (guard, _) = self
             .wake
-            .wait_timeout_while(guard, duration, |w| !w.stopped && !w.rung)
+            .wait_timeout_while(guard, duration, |w| !w.stopped && w.rings == read_at)
             .unwrap_or_else(|e| e.into_inner());
-        guard.rung = false;
         guard.stopped
     }
 
-    /// The doorbell rang: a pause ends now.
+    /// The doorbell rang: pauses end now.
     fn ring(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).rung = true;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).rings += 1;
         self.wake.notify_all();
     }
 
@@ -150,7 +161,7 @@ impl Drop for Watches {
     }
 }
 
-/// Starts a deployment's two watches, each with a client of its own.
+/// Starts a deployment's three watches, each with a client of its own.
 /// `post` is called with each new observation; when it returns false (the
 /// main loop is gone) a watch ends. Fails only if a thread cannot be
 /// started (then none runs).
@@ -195,7 +206,7 @@ fn doorbell_loop(consul: &Consul, target: &Target, health: &Health, stop: &Stop)
     let mut last: Option<u64> = None;
     loop {
         let pause = cursor.pause(Instant::now());
-        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
+        if (!pause.is_zero() && stop.sleep(pause, stop.rings())) || stop.stopped() {
             return;
         }
         let read = consul.get(&key, cursor.read());
@@ -218,7 +229,7 @@ fn doorbell_loop(consul: &Consul, target: &Target, health: &Health, stop: &Stop)
                     return;
                 }
                 health.unreachable(&e);
-                if stop.sleep(cursor.failed()) {
+                if stop.sleep(cursor.failed(), stop.rings()) {
                     return;
                 }
             }
@@ -243,11 +254,13 @@ fn tree_loop(
 ) {
     let mut cursor = Cursor::new(WAIT, true, IDLE);
     let mut last: Option<TreeSeen> = None;
+    let mut read_at = stop.rings();
     loop {
         let pause = cursor.pause(Instant::now());
-        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
+        if (!pause.is_zero() && stop.sleep(pause, read_at)) || stop.stopped() {
             return;
         }
+        read_at = stop.rings();
         let read = consul
             .keys(target.prefix.as_dir(), cursor.read())
             .and_then(|answer| Ok((answer.index, look(consul, target, answer.value)?)));
@@ -280,7 +293,7 @@ fn tree_loop(
                 // The Consul that answers next may hold another tree: post it
                 // even if it looks the same.
                 last = None;
-                if stop.sleep(cursor.failed()) {
+                if stop.sleep(cursor.failed(), read_at) {
                     return;
                 }
             }
@@ -392,11 +405,13 @@ fn current_loop(
     let key = target.prefix.current_key();
     let mut cursor = Cursor::new(WAIT, true, IDLE);
     let mut last: Option<CurrentSeen> = None;
+    let mut read_at = stop.rings();
     loop {
         let pause = cursor.pause(Instant::now());
-        if (!pause.is_zero() && stop.sleep(pause)) || stop.stopped() {
+        if (!pause.is_zero() && stop.sleep(pause, read_at)) || stop.stopped() {
             return;
         }
+        read_at = stop.rings();
         let read = consul.get(&key, cursor.read());
         if stop.stopped() {
             return;
@@ -428,7 +443,7 @@ fn current_loop(
                 }
                 health.unreachable(&e);
                 last = None;
-                if stop.sleep(cursor.failed()) {
+                if stop.sleep(cursor.failed(), read_at) {
                     return;
                 }
             }
@@ -465,5 +480,52 @@ impl Health {
         } else {
             log::debug!("{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ring_ends_the_pause_of_every_watch_that_sleeps() {
+        let stop = Arc::new(Stop::default());
+        let sleepers: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                let read_at = stop.rings();
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    stop.sleep(Duration::from_secs(60), read_at);
+                    start.elapsed()
+                })
+            })
+            .collect();
+        stop.ring();
+        for sleeper in sleepers {
+            assert!(sleeper.join().unwrap() < Duration::from_secs(30));
+        }
+    }
+
+    #[test]
+    fn a_ring_while_a_watch_reads_ends_its_next_pause() {
+        let stop = Stop::default();
+        let read_at = stop.rings();
+        stop.ring(); // while the watch's query was out
+        let start = Instant::now();
+        assert!(!stop.sleep(Duration::from_secs(60), read_at));
+        assert!(start.elapsed() < Duration::from_secs(30));
+        // Once it has read again, a pause lasts.
+        let start = Instant::now();
+        assert!(!stop.sleep(Duration::from_millis(50), stop.rings()));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn stopping_ends_a_pause_and_says_so() {
+        let stop = Stop::default();
+        stop.stop();
+        assert!(stop.sleep(Duration::from_secs(60), stop.rings()));
+        assert!(stop.stopped());
     }
 }

@@ -494,6 +494,7 @@ fn switch_current(
         meta.current_by = Some(ctx.user.clone());
         meta.current_order = Some(base_index);
         let meta_json = meta.to_json();
+        let (bell, note) = ctx.doorbell(&format!("switched to {version}"));
         let ops = [
             TxnOp::Cas {
                 key: &current_key,
@@ -504,6 +505,12 @@ fn switch_current(
                 key: &version_key,
                 value: &meta_json,
                 index: version_index,
+            },
+            // Agents whose watch of a missing `current` is paced (every
+            // write anywhere wakes it) see the first switch at once.
+            TxnOp::Set {
+                key: &bell,
+                value: note.as_bytes(),
             },
         ];
         let outcome = match ctx.consul.txn(&ops) {
@@ -669,7 +676,12 @@ fn restore_current(
         },
     };
     let was = base.map_or("unset".to_string(), |c| shown(&c.value));
-    Ok(match ctx.consul.txn(&[op])? {
+    let (bell, note) = ctx.doorbell(&format!("{version} rolled back"));
+    let ring = TxnOp::Set {
+        key: &bell,
+        value: note.as_bytes(),
+    };
+    Ok(match ctx.consul.txn(&[op, ring])? {
         TxnOutcome::Committed(_) => {
             ctx.out
                 .line(&format!("current: {version} -> {was} (rolled back)"));

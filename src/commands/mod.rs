@@ -148,12 +148,18 @@ impl Ctx {
         }
     }
 
+    /// The doorbell key and what to write in it: a transaction that sets it
+    /// wakes every agent's watches at once, paused or not.
+    pub(crate) fn doorbell(&self, what: &str) -> (String, String) {
+        let note = format!("{what} by {} at {}", self.user, crate::logging::timestamp());
+        (self.prefix.changed_key(), note)
+    }
+
     /// Runs `ops` in one transaction together with a write of the doorbell
     /// key (`<prefix>/.changed`, saying `what`), so that the agents react at
     /// once. Retried like any request; every use is safe to repeat.
     pub(crate) fn write_ringing(&self, ops: &[TxnOp<'_>], what: &str) -> Result<TxnOutcome> {
-        let bell = self.prefix.changed_key();
-        let note = format!("{what} by {} at {}", self.user, crate::logging::timestamp());
+        let (bell, note) = self.doorbell(what);
         let mut all = ops.to_vec();
         all.push(TxnOp::Set {
             key: &bell,
