@@ -131,8 +131,7 @@ def reaction_latency(depro, consul, work, artifact, changes):
     record = "echo $EPOCHREALTIME >> {dir}/starts"
     agent = Agent(depro, work, "latency", consul,
                   app_deployment(prefix, artifact, rollout_first_line=record, shell="bash"))
-    for v in ("a", "b"):
-        consul.put(f"{prefix}/{v}/")
+    consul.add_versions(prefix, ["a", "b"])
     consul.put(f"{prefix}/current", "a")
     wait_until("the latency agent's first rollout", lambda: agent.live() == "a")
     wait_until("b ready", lambda: consul.get(f"{prefix}/b/latency") == "ready")
@@ -191,7 +190,7 @@ def footprint(depro, consul, work, artifact, cycles, idle_seconds):
 
     agent = Agent(depro, work, "footprint", consul, deployments)
     for prefix in prefixes:
-        consul.put(f"{prefix}/v0/")
+        consul.add_versions(prefix, ["v0"])
         consul.put(f"{prefix}/current", "v0")
     wait_until("both deployments live", lambda: agent.live("app0") == "v0" and agent.live("app1") == "v0")
     time.sleep(1)
@@ -280,7 +279,7 @@ def versions_section(depro, consul, work, counts, idle_seconds, changes):
         agent = Agent(depro, work, name, consul,
                       app_deployment(prefix, None, rollout_first_line=record, shell="bash"))
         names = [f"x{i}" for i in range(count)]
-        consul.put_many([f"{prefix}/{n}/" for n in names])
+        consul.add_versions(prefix, names)
         consul.put(f"{prefix}/current", names[0])
         wait_until(f"{count} versions ready", lambda: consul.get(f"{prefix}/{names[-1]}/{name}") in ("ready", "active")
                    and agent.live() == names[0], timeout=900, step=0.05)
@@ -304,7 +303,7 @@ def versions_section(depro, consul, work, counts, idle_seconds, changes):
             # Switching needs a second version: added after the footprint
             # was measured with one.
             names.append("x1")
-            consul.put(f"{prefix}/x1/")
+            consul.add_versions(prefix, ["x1"])
             wait_until("x1 ready", lambda: consul.get(f"{prefix}/x1/{name}") == "ready", step=0.05)
         latencies = []
         for i in range(changes):
@@ -334,7 +333,7 @@ def many_agents(depro, consul_binary, work, n, rounds):
     probe_consul = Consul(consul_binary, work, name="probe")
     probe = Agent(depro, work, "probe", probe_consul, app_deployment("probe/version"))
     wait_until("the probe registered", lambda: registered(probe_consul, "depro agent probe") >= 1, step=0.05)
-    probe_consul.put("probe/version/p1/")
+    probe_consul.add_versions("probe/version", ["p1"])
     probe_consul.put("probe/version/current", "p1")
     wait_until("the probe live", lambda: probe.live() == "p1", step=0.02)
     time.sleep(1)

@@ -131,6 +131,14 @@ class Consul:
         for i in range(0, len(keys), 64):
             self.txn([{"KV": {"Verb": "set", "Key": k, "Value": encoded}} for k in keys[i:i + 64]])
 
+    def add_versions(self, prefix, names):
+        """Creates versions' folder keys as a tool other than the depro CLI
+        would, then rings the prefix's doorbell with a new value (agents
+        then read the tree whole; Consul ignores a write that changes
+        nothing)."""
+        self.put_many([f"{prefix}/{n}/" for n in names])
+        self.put(f"{prefix}/.changed", f"changed by the benchmark at {time.time_ns()}")
+
     def cpu(self):
         return proc_times(self.proc.pid)[0]
 

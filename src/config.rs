@@ -22,6 +22,7 @@ pub(crate) const DEFAULT_SERVER: &str = "127.0.0.1:8500";
 pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Reads an environment variable; empty counts as unset.
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -48,6 +49,7 @@ struct FileConfig {
     log_level: Option<String>,
     shutdown_grace: Option<String>,
     session_ttl: Option<String>,
+    rescan_interval: Option<String>,
     #[serde(default)]
     deployments: Vec<FileDeployment>,
 }
@@ -93,6 +95,9 @@ pub(crate) struct AgentConfig {
     pub log_level: log::LevelFilter,
     pub shutdown_grace: Duration,
     pub session_ttl: Duration,
+    /// How often at most an agent reads each tree whole, to catch changes
+    /// made by tools that do not ring the doorbell.
+    pub rescan_interval: Duration,
     pub deployments: Vec<Deployment>,
     /// The config files that were read, for messages.
     pub files: Vec<PathBuf>,
@@ -129,7 +134,13 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         take!(
             name, server, datacenter, token, token_file, ca_file, cert_file, key_file
         );
-        take!(tls_skip_verify, log_level, shutdown_grace, session_ttl);
+        take!(
+            tls_skip_verify,
+            log_level,
+            shutdown_grace,
+            session_ttl,
+            rescan_interval
+        );
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
         }
@@ -193,6 +204,17 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             origin("session_ttl")
         )));
     }
+    let rescan_interval = duration_field(
+        &merged.rescan_interval,
+        "rescan_interval",
+        DEFAULT_RESCAN_INTERVAL,
+    )?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(86400)).contains(&rescan_interval) {
+        return Err(Error::Config(format!(
+            "{}: give an interval from 1s to 24h",
+            origin("rescan_interval")
+        )));
+    }
 
     let mut resolved: Vec<Deployment> = Vec::new();
     for (origin, raw) in deployments {
@@ -247,6 +269,7 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         log_level,
         shutdown_grace,
         session_ttl,
+        rescan_interval,
         deployments: resolved,
         files,
     })
@@ -790,6 +813,26 @@ mod tests {
         let err = setup.resolve_dir().unwrap_err();
         assert!(
             err.contains("session_ttl") && !err.contains("very-secret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rescan_interval_defaults_to_five_minutes_and_is_bounded() {
+        let setup = Setup::new();
+        assert_eq!(
+            setup.resolve_dir().unwrap().rescan_interval,
+            Duration::from_secs(300)
+        );
+        setup.file("a.json", r#"{"rescan_interval": "30s"}"#);
+        assert_eq!(
+            setup.resolve_dir().unwrap().rescan_interval,
+            Duration::from_secs(30)
+        );
+        setup.file("a.json", r#"{"rescan_interval": "100ms"}"#);
+        let err = setup.resolve_dir().unwrap_err();
+        assert!(
+            err.contains("a.json") && err.contains("rescan_interval") && err.contains("1s to 24h"),
             "{err}"
         );
     }

@@ -14,6 +14,7 @@
 //! - a client made with [`Consul::with_own_connections`] can be shut down,
 //!   ending its requests in flight at once.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -210,8 +211,6 @@ pub(crate) enum TxnOp<'a> {
     },
     /// Delete `key` only if its ModifyIndex is `index`.
     DeleteCas { key: &'a str, index: u64 },
-    /// Set `key` unconditionally.
-    Set { key: &'a str, value: &'a [u8] },
     /// Set `key` and hold it with `session` (fails if another session holds it).
     Lock {
         key: &'a str,
@@ -232,7 +231,6 @@ impl TxnOp<'_> {
         match self {
             TxnOp::Cas { key, .. }
             | TxnOp::DeleteCas { key, .. }
-            | TxnOp::Set { key, .. }
             | TxnOp::Lock { key, .. }
             | TxnOp::Delete { key }
             | TxnOp::Get { key }
@@ -246,9 +244,6 @@ impl TxnOp<'_> {
                 "Verb": "cas", "Key": key, "Value": base64_encode(value), "Index": index}),
             TxnOp::DeleteCas { key, index } => {
                 serde_json::json!({"Verb": "delete-cas", "Key": key, "Index": index})
-            }
-            TxnOp::Set { key, value } => {
-                serde_json::json!({"Verb": "set", "Key": key, "Value": base64_encode(value)})
             }
             TxnOp::Lock {
                 key,
@@ -490,20 +485,26 @@ impl Consul {
     /// transaction is an answer, not an error: see [`TxnOutcome`]. At most
     /// [`MAX_TXN_OPS`] operations.
     pub(crate) fn txn(&self, ops: &[TxnOp<'_>]) -> Result<TxnOutcome> {
-        self.run_txn(ops, false)
+        self.run_txn(ops, None)
     }
 
-    /// Runs read-only operations (`Get`, `CheckIndex`) in one request that
-    /// any server may answer (`?stale`): no raft write, no leader.
-    pub(crate) fn read_txn(&self, ops: &[TxnOp<'_>]) -> Result<TxnOutcome> {
+    /// Runs read-only operations (`Get`, `CheckIndex`) in one request: no
+    /// raft write. Its answer carries no index, so nothing tells a lagging
+    /// follower's answer apart; `consistency` says who may answer.
+    pub(crate) fn read_txn(
+        &self,
+        ops: &[TxnOp<'_>],
+        consistency: Consistency,
+    ) -> Result<TxnOutcome> {
         debug_assert!(
             ops.iter()
                 .all(|op| matches!(op, TxnOp::Get { .. } | TxnOp::CheckIndex { .. }))
         );
-        self.run_txn(ops, true)
+        self.run_txn(ops, Some(consistency))
     }
 
-    fn run_txn(&self, ops: &[TxnOp<'_>], stale: bool) -> Result<TxnOutcome> {
+    fn run_txn(&self, ops: &[TxnOp<'_>], read: Option<Consistency>) -> Result<TxnOutcome> {
+        let stale = read.is_some();
         debug_assert!(ops.len() <= MAX_TXN_OPS);
         let doing = || {
             let keys: Vec<&str> = ops.iter().map(TxnOp::key).collect();
@@ -514,13 +515,45 @@ impl Consul {
             }
         };
         let body: Vec<serde_json::Value> = ops.iter().map(|op| op.to_json()).collect();
-        let url = self.url("txn", if stale { "stale" } else { "" });
+        let url = self.url(
+            "txn",
+            match read {
+                Some(Consistency::Stale) => "stale",
+                Some(Consistency::Consistent) => "consistent",
+                Some(Consistency::Default) | None => "",
+            },
+        );
         let payload = serde_json::to_vec(&body).map_err(|e| self.bad(doing(), e.to_string()))?;
         let (status, _, answer) = self.send("PUT", &url, Some(&payload), CALL_TIMEOUT, &doing)?;
         if status != 200 && status != 409 {
             return Err(self.status_error(doing(), status, &answer));
         }
         parse_txn_answer(&answer).map_err(|why| self.bad(doing(), why))
+    }
+
+    /// Which of `keys` do not exist, by read-only transactions of `Get`s
+    /// (no raft write). The leader answers: a transaction's answer carries
+    /// no index, so a follower that lags could not be told apart.
+    pub(crate) fn missing_keys<'a>(&self, keys: &[&'a str]) -> Result<BTreeSet<&'a str>> {
+        let mut missing = BTreeSet::new();
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp<'_>> = chunk.iter().map(|key| TxnOp::Get { key }).collect();
+            let TxnOutcome::Rejected(failures) = self.read_txn(&ops, Consistency::Default)? else {
+                continue;
+            };
+            for failure in failures {
+                let key = chunk.get(failure.op).copied().unwrap_or_default();
+                let doing = || format!("reading {key:?}");
+                match failure.conflict {
+                    Conflict::Missing => {
+                        missing.insert(key);
+                    }
+                    Conflict::Denied => return Err(self.denied(doing(), failure.what)),
+                    _ => return Err(self.unexpected(doing(), failure.what)),
+                }
+            }
+        }
+        Ok(missing)
     }
 
     /// What Consul knows of a session; `None` if it does not exist.

@@ -10,6 +10,7 @@ mod commands;
 mod config;
 mod consul;
 mod cursor;
+mod doorbell;
 mod duration;
 mod error;
 mod help;

@@ -110,10 +110,9 @@ impl Prefix {
         format!("{}{version}/{node}", self.0)
     }
 
-    /// The doorbell: the depro CLI writes it in the same transaction as
-    /// every change it makes to the versions (create, remove, retry), so
-    /// that agents, which watch it alone, react at once even while their
-    /// watch of the whole prefix is paced. Other tools need not write it.
+    /// The doorbell: the depro CLI rings it in the same transaction as
+    /// every change it makes under the prefix (see [`crate::doorbell`]);
+    /// agents watch it alone.
     pub(crate) fn changed_key(&self) -> String {
         format!("{}{CHANGED}", self.0)
     }

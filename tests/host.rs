@@ -32,6 +32,9 @@ fn a_full_disk_fails_the_new_version_with_its_reason_and_never_blocks_cleaning_t
     let txn = serde_json::json!([
         {"KV": {"Verb": "delete", "Key": format!("{p}/v1/")}},
         {"KV": {"Verb": "set", "Key": format!("{p}/v3/"), "Value": ""}},
+        // A ring in the same transaction, as a tool would that rings.
+        {"KV": {"Verb": "set", "Key": format!("{p}/.changed"),
+                "Value": support::base64("removed v1 and created v3")}},
     ]);
     fleet
         .consul

@@ -62,10 +62,13 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
             .iter()
             .all(|a| !f.consul.agent_sessions(&a.name).is_empty())
     });
-    // ...and the empty tree stays empty: no node key, nothing cleaned.
+    // ...and the empty tree stays empty: no node key, nothing cleaned (an
+    // agent creates the doorbell, which is no version).
     let prefix = format!("{}/", fleet.prefix);
+    let doorbell = format!("{prefix}.changed");
     holds_for(Duration::from_secs(3), "the empty tree", || {
-        let tree = consul.tree(&prefix);
+        let mut tree = consul.tree(&prefix);
+        tree.remove(&doorbell);
         if !tree.is_empty() {
             return Some(format!("{tree:?}"));
         }
@@ -196,6 +199,9 @@ fn repair_never_resurrects_a_version_an_operator_removed_while_the_agent_saw_an_
     let txn = serde_json::json!([
         {"KV": {"Verb": "set", "Key": format!("{p}/current"), "Value": "djI="}},
         {"KV": {"Verb": "delete", "Key": format!("{p}/v1/")}},
+        // A ring in the same transaction, as a tool would that rings.
+        {"KV": {"Verb": "set", "Key": format!("{p}/.changed"),
+                "Value": support::base64("switched to v2 and removed v1")}},
     ]);
     consul.call("PUT", "txn", Some(txn.to_string().as_bytes()));
     fleet.expect_active("v2");
@@ -293,7 +299,7 @@ fn a_deployment_whose_watch_cannot_start_is_retried_not_left_stalled() {
         .push(support::default_deployment("web", &agent.dir, &web));
     agent.write_config();
     agent.signal(nix::sys::signal::Signal::SIGHUP);
-    consul.put(&format!("{web}/w1/"), "");
+    consul.add_version(&web, "w1");
     wait_for("the failure to start to be logged", || {
         agent.log().contains("cannot start")
     });

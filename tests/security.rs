@@ -60,7 +60,7 @@ fn with_acls_a_good_token_works_and_a_bad_one_is_reported_without_showing_it() {
     bad.extra = serde_json::json!({"token": "bogus-s3cr3t-token"});
     bad.start();
 
-    consul.put(&format!("{prefix}/v1/"), "");
+    consul.add_version(&prefix, "v1");
     wait_for("the good agent to report v1 ready", || {
         consul.get(&format!("{prefix}/v1/good")).as_deref() == Some("ready")
     });
@@ -179,7 +179,7 @@ verify_incoming = true"#,
     anonymous.extra = serde_json::json!({"ca_file": file("consul-agent-ca.pem")});
     anonymous.start();
 
-    consul.put(&format!("{prefix}/v1/"), "");
+    consul.add_version(&prefix, "v1");
     consul.put(&format!("{prefix}/current"), "v1");
     wait_for("v1 active over https", || {
         consul.get(&format!("{prefix}/v1/secure")).as_deref() == Some("active")

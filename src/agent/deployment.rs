@@ -3,12 +3,11 @@
 //! watches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::view::View;
-use super::watch::{Target, Watches};
+use super::watch::{Book, Target, Watches};
 use crate::config::Deployment;
 use crate::error::{Error, Result};
 use crate::hooks;
@@ -40,14 +39,24 @@ pub(crate) struct DeploymentState {
     /// The versions this node reported `failed`: the tree watch checks that
     /// their keys still exist (an operator deleting one asks for a retry).
     own_failed: Arc<Mutex<BTreeSet<VersionName>>>,
-    /// The index of this node's last write under the prefix (see `watch`).
-    own_write: Arc<AtomicU64>,
+    /// The tree watch's snapshot (see `watch::Book`).
+    book: Arc<Mutex<Book>>,
+    /// How often at most the tree is read whole.
+    pub rescan: Duration,
+    /// When to check next that this node's `failed` keys still exist (set
+    /// while there are any).
+    pub own_check_at: Option<Instant>,
 }
+
+/// How often this node's `failed` keys are checked while it has some: an
+/// operator who deletes one by hand (not through the CLI, which rings)
+/// asks for a retry.
+pub(crate) const OWN_CHECK: Duration = Duration::from_secs(10);
 
 impl DeploymentState {
     /// Opens the deployment's directory (taking its lock), kills the hook
     /// an earlier run left running, and loads what the disk holds.
-    pub(crate) fn open(spec: Deployment) -> Result<DeploymentState> {
+    pub(crate) fn open(spec: Deployment, rescan: Duration) -> Result<DeploymentState> {
         let wrap = |e: Error| Error::Config(format!("{}.path: {e}", spec.origin));
         let dir = DeploymentDir::open(&spec.path).map_err(wrap)?;
         if let Some(leftover) = dir.leftover_hook() {
@@ -79,7 +88,9 @@ impl DeploymentState {
             watch_retry: None,
             watch_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             own_failed: Arc::default(),
-            own_write: Arc::default(),
+            book: Arc::default(),
+            rescan,
+            own_check_at: None,
         })
     }
 
@@ -98,13 +109,9 @@ impl DeploymentState {
             prefix: self.spec.prefix.clone(),
             node: node.to_string(),
             own: self.own_failed.clone(),
-            own_write: self.own_write.clone(),
+            book: self.book.clone(),
+            rescan: self.rescan,
         }
-    }
-
-    /// Records the index a write of this node under the prefix got.
-    pub(crate) fn wrote_at(&self, index: u64) {
-        self.own_write.store(index, Ordering::Relaxed);
     }
 
     /// This node's keys are gone or unknown (a new session, Consul's state
@@ -127,13 +134,26 @@ impl DeploymentState {
         self.sync_own_failed();
     }
 
-    fn sync_own_failed(&self) {
+    /// The versions this node reported `failed`.
+    pub(crate) fn own_failed(&self) -> BTreeSet<VersionName> {
+        self.own_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn sync_own_failed(&mut self) {
         let failed: BTreeSet<VersionName> = self
             .reported
             .iter()
             .filter(|(_, s)| **s == NodeState::Failed)
             .map(|(v, _)| v.clone())
             .collect();
+        self.own_check_at = match (failed.is_empty(), self.own_check_at) {
+            (true, _) => None,
+            (false, Some(at)) => Some(at),
+            (false, None) => Some(Instant::now() + OWN_CHECK),
+        };
         *self.own_failed.lock().unwrap_or_else(|e| e.into_inner()) = failed;
     }
 }

@@ -16,6 +16,7 @@
 //! has its name.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use super::{Agent, Failure};
 use crate::consul::{Conflict, Read, TxnOp, TxnOutcome};
@@ -96,12 +97,8 @@ impl Agent {
         let outcome = self.consul.txn(&ops)?;
         self.health.reachable(&self.consul);
         let failures = match outcome {
-            TxnOutcome::Committed(entries) => {
+            TxnOutcome::Committed(_) => {
                 let deployment = &mut self.deployments[index];
-                // Deletes return no entry; the others all got the same index.
-                if let Some(at) = entries.iter().map(|e| e.modify_index).max() {
-                    deployment.wrote_at(at);
-                }
                 for action in batch {
                     match action {
                         Action::Report(version, state) => {
@@ -161,7 +158,7 @@ impl Agent {
 
     /// Replaces the view of the tree with a fresh read; if Consul does not
     /// answer, voids it (the watch posts once Consul answers again).
-    fn refresh_tree(&mut self, index: usize) {
+    pub(super) fn refresh_tree(&mut self, index: usize) {
         let target = self.deployments[index].watch_target(&self.config.name);
         let prefix = self.deployments[index].spec.prefix.as_dir().to_string();
         match super::watch::look_now(&self.consul, &target) {
@@ -233,10 +230,7 @@ impl Agent {
         let outcome = self.consul.txn(&ops)?;
         let deployment = &mut self.deployments[index];
         match &outcome {
-            TxnOutcome::Committed(entries) => {
-                if let Some(at) = entries.iter().map(|e| e.modify_index).max() {
-                    deployment.wrote_at(at);
-                }
+            TxnOutcome::Committed(_) => {
                 log::warn!(
                     "{}: current names {version} but its folder key was missing; re-created it",
                     deployment.spec.id
@@ -438,6 +432,41 @@ impl Agent {
     /// it asks for a retry; a lost session deletes it too, and is no such
     /// request. Confirmed on the leader, then told apart by asking Consul
     /// whether the session lives.
+    /// Checks, for each deployment whose time has come, that this node's
+    /// `failed` keys still exist (one read-only transaction): one deleted by
+    /// hand asks for a retry.
+    pub(super) fn check_own_keys(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.deployments.len() {
+            let deployment = &mut self.deployments[index];
+            if deployment.own_check_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            deployment.own_check_at = Some(now + super::deployment::OWN_CHECK);
+            let own: Vec<VersionName> = deployment.own_failed().into_iter().collect();
+            let keys: Vec<String> = own
+                .iter()
+                .map(|v| deployment.spec.prefix.node_key(v, &self.config.name))
+                .collect();
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let missing: Vec<VersionName> = match self.consul.missing_keys(&refs) {
+                Ok(missing) => own
+                    .into_iter()
+                    .zip(&keys)
+                    .filter(|(_, key)| missing.contains(key.as_str()))
+                    .map(|(v, _)| v)
+                    .collect(),
+                Err(e) => {
+                    self.health.unreachable(&e);
+                    continue;
+                }
+            };
+            for version in missing {
+                self.own_key_gone(index, &version);
+            }
+        }
+    }
+
     pub(super) fn own_key_gone(&mut self, index: usize, version: &VersionName) {
         let deployment = &self.deployments[index];
         if deployment.reported.get(version) != Some(&crate::tree::NodeState::Failed) {

@@ -126,7 +126,7 @@ impl Agent {
         let mut deployments = Vec::new();
         let mut recorded = Vec::new();
         for spec in &config.deployments {
-            let state = DeploymentState::open(spec.clone())?;
+            let state = DeploymentState::open(spec.clone(), config.rescan_interval)?;
             for id in state.dir.saved_sessions() {
                 if !recorded.contains(&id) {
                     recorded.push(id);
@@ -161,6 +161,7 @@ impl Agent {
             }
             self.ensure_session();
             self.start_watches();
+            self.check_own_keys();
             if let Some((index, action)) = self.next_action() {
                 self.execute(index, action);
                 continue;
@@ -269,6 +270,13 @@ impl Agent {
                 if let Some(warning) = deployment.view.see_current(current, &key) {
                     deployment.warn_once(warning);
                 }
+                if deployment.view.current_unlisted() {
+                    log::debug!(
+                        "{}: current names a version the tree did not list; reading it whole",
+                        deployment.spec.id
+                    );
+                    self.refresh_tree(index);
+                }
             }
             Seen::Replaced(part) => {
                 log::warn!(
@@ -359,9 +367,13 @@ impl Agent {
             .retry_at()
             .filter(|_| !self.deployments.is_empty());
         for deployment in &self.deployments {
-            for time in [deployment.blocked_until, deployment.watch_retry]
-                .into_iter()
-                .flatten()
+            for time in [
+                deployment.blocked_until,
+                deployment.watch_retry,
+                deployment.own_check_at,
+            ]
+            .into_iter()
+            .flatten()
             {
                 at = Some(at.map_or(time, |a| a.min(time)));
             }

@@ -39,13 +39,17 @@ impl Agent {
         let mut opened = BTreeMap::new();
         for spec in &new.deployments {
             if !self.deployments.iter().any(|d| d.spec.path == spec.path) {
-                opened.insert(spec.path.clone(), DeploymentState::open(spec.clone())?);
+                opened.insert(
+                    spec.path.clone(),
+                    DeploymentState::open(spec.clone(), new.rescan_interval)?,
+                );
             }
         }
         crate::logging::set_level(new.log_level);
         let reconnect = new.consul != self.config.consul
             || new.name != self.config.name
-            || new.session_ttl != self.config.session_ttl;
+            || new.session_ttl != self.config.session_ttl
+            || new.rescan_interval != self.config.rescan_interval;
         let mut old = std::mem::take(&mut self.deployments);
         let mut topology_changed = old.len() != new.deployments.len() || !opened.is_empty();
         for spec in &new.deployments {
@@ -62,6 +66,7 @@ impl Agent {
                         kept.pipefail = shell_pipefail(spec);
                     }
                     kept.spec = spec.clone();
+                    kept.rescan = new.rescan_interval;
                     kept
                 }
             };

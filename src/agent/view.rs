@@ -51,6 +51,9 @@ pub(crate) struct View {
     /// A ModifyIndex of `current` that a repair found outdated: no repair
     /// until `current` is seen anew.
     outdated_current: Option<u64>,
+    /// The ModifyIndex of the last `current` that named a version the
+    /// snapshot did not list (so the tree was read whole for it).
+    looked_up_current: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +186,28 @@ impl View {
         self.repaired.insert(version.clone(), key);
     }
 
+    /// Whether `current` names a version the snapshot of the tree does not
+    /// list: a tool that does not ring the doorbell created it, or its
+    /// folder key is missing. True once per value of `current`, so that the
+    /// agent reads the tree whole once before it acts on that value.
+    pub(crate) fn current_unlisted(&mut self) -> bool {
+        let Some(Current {
+            version: Some(version),
+            index,
+        }) = &self.current
+        else {
+            return false;
+        };
+        if self.tree.is_none()
+            || self.key_of(version).is_some()
+            || self.looked_up_current == Some(*index)
+        {
+            return false;
+        }
+        self.looked_up_current = Some(*index);
+        true
+    }
+
     /// A repair found `current` changed since it was seen: wait for the new one.
     pub(crate) fn current_outdated(&mut self) {
         self.outdated_current = self.current_index();
@@ -288,6 +313,23 @@ mod tests {
         assert!(!view.wanted().unwrap().may_repair);
         view.see_current(current("v2", 8), "p/current");
         assert!(view.wanted().unwrap().may_repair);
+    }
+
+    #[test]
+    fn a_current_the_tree_does_not_list_asks_for_one_whole_read_per_value() {
+        let mut view = View::default();
+        view.see_current(current("v5", 7), "p/current");
+        assert!(
+            !view.current_unlisted(),
+            "no snapshot yet: the first read is whole"
+        );
+        view.see_tree(tree(&["v1"]), "p/");
+        assert!(view.current_unlisted());
+        assert!(!view.current_unlisted(), "once per value of current");
+        view.see_current(current("v1", 8), "p/current");
+        assert!(!view.current_unlisted(), "v1 is listed");
+        view.see_current(current("v5", 9), "p/current");
+        assert!(view.current_unlisted(), "a new value of current");
     }
 
     #[test]

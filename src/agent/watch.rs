@@ -1,67 +1,77 @@
-//! The watches of a deployment: three threads that sit in Consul blocking
+//! The watches of a deployment: two threads that sit in Consul blocking
 //! queries and tell the main loop what they saw. They decide nothing.
 //!
-//! - The tree watch blocks on the one-level listing of the prefix
-//!   (`?keys&separator=/`). A listing cannot tell a real folder key from a
-//!   folder implied by node keys, nor does it change when a folder key is
-//!   deleted while node keys remain; so after each answer the watch reads
-//!   the folder keys it lists, and this node's keys it was asked to check,
-//!   in one read-only transaction (`Get` fails for a missing key, and the
-//!   answer names every missing one). Two requests per wake-up, whatever
-//!   the number of versions; 64 keys per transaction.
+//! - The tree watch blocks on the doorbell, `<prefix>/.changed`, alone. The
+//!   depro CLI rings it in the same transaction as every change it makes,
+//!   with a line that says what changed and the doorbell's index before
+//!   (`created v2/ after 1234 by …`, see [`crate::doorbell`]). A ring that
+//!   follows the last one heard is applied to the watch's snapshot of the
+//!   tree without reading anything; other nodes' state writes do not wake
+//!   it at all. So an agent's work for a deploy does not grow with the fleet.
+//! - It reads the whole tree only when it must: at start; when it missed a
+//!   ring or cannot read one (another tool rang); after a failure or when
+//!   Consul's index went backwards; and every `rescan_interval` (jittered)
+//!   for changes by tools that do not ring. A whole read is the one-level
+//!   listing (`?keys&separator=/`), which costs the server a walk over every
+//!   key under the prefix (nodes × versions), then one read-only transaction
+//!   that checks the listed folder keys exist (a listing cannot tell a folder
+//!   key from a folder implied by node keys).
+//! - A whole read also checks that this node's `failed` keys exist: the
+//!   CLI's retry deletes one and rings (`retried v/node`). The main loop
+//!   checks them too, every few seconds while there are any, for an
+//!   operator who deletes one by hand.
 //! - The current watch blocks on `<prefix>/current` alone, so a switch is
-//!   seen at once even while node writes keep the tree watch busy.
-//! - The doorbell watch blocks on `<prefix>/.changed` alone, which the depro
-//!   CLI writes with every change it makes to the versions and `current`:
-//!   when it rings, the other two end any pause and read at once. So a new
-//!   version never waits behind the pacing of other nodes' writes, nor the
-//!   first switch behind that of the watch of a missing `current` (Consul
-//!   wakes it at every write anywhere). Another tool's change is seen
-//!   within the pacing interval.
+//!   seen at once. Before the first switch the key does not exist, and
+//!   Consul wakes a query on a missing key at every write anywhere: those
+//!   wake-ups are paced, and a ring ends the pause.
 //!
 //! Each posts only when what it saw differs from what it posted last. Both
 //! follow the [`Cursor`] rules: a failed request or an index that went
-//! backwards makes them read again from index 0 (Consul lost or replaced
-//! its state); an index that went backwards is also posted, so that the
-//! main loop registers this node's keys again. Reads use `?stale`, so
-//! followers share the load.
+//! backwards makes them read again from index 0, from the leader (Consul
+//! lost or replaced its state); an index that went backwards is also
+//! posted, so that the main loop registers this node's keys again. Blocking
+//! reads use `?stale`, so followers share the load; a whole read after a
+//! ring at index I waits until the server that answers has reached I.
 //!
-//! Threads and connections per deployment: three, whatever the tree holds.
+//! Threads and connections per deployment: two, whatever the tree holds.
 //! Each watch has a client with connections of its own; dropping the
 //! [`Watches`] shuts them down, so a removed deployment's queries end at once
-//! (not when their wait runs out) and its threads exit.
-//!
-//! Pacing: an answer caused by this node's own write (its index is the one
-//! the agent's last write got) is not an idle wake-up and is not paced; nor
-//! is anything that changed what the watch sees. Only other nodes' writes
-//! are coalesced. Queries wait at most [`WAIT`]: an agent killed while its
-//! queries wait leaves them on the server no longer than that.
+//! (not when their wait runs out) and its threads exit. Queries wait at most
+//! [`WAIT`]: an agent killed while its queries wait leaves them on the server
+//! no longer than that.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::view::{CurrentSeen, ListingSeen, TreeSeen};
-use crate::consul::{Consul, ConsulError, MAX_TXN_OPS, TxnOp, TxnOutcome};
+use crate::consul::{Consistency, Consul, ConsulError, Read, TxnOp, TxnOutcome};
 use crate::cursor::{Answered, Cursor, Pacing};
-
-/// How long a watch's query may wait for a change.
-pub(crate) const WAIT: Duration = Duration::from_secs(60);
+use crate::doorbell::{Change, Ring};
+use crate::pacing::Backoff;
 use crate::tree::{Listing, Prefix};
 use crate::version_name::VersionName;
 
-/// Answers that changed nothing a watch cares about (another node's write
-/// under the same prefix) are paced: a burst of two reads, then one every
-/// five seconds while they keep coming. A storm of N nodes' writes costs
-/// each agent a few reads, instead of one per write (N² in all). Nothing
-/// depro does waits on this: `current` and the doorbell have watches of
-/// their own. Only other tools' changes (which do not ring the doorbell)
-/// are seen late, and only during a storm: at most this long.
+/// How long a watch's query may wait for a change.
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
+
+/// How long a whole read after a ring waits for the answering server to
+/// reach the ring's index (a follower that lags), before taking what it has.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Answers that changed nothing a watch cares about (the doorbell or
+/// `current` while missing, which Consul wakes at every write anywhere)
+/// are paced: a burst of two reads, then one every five seconds while they
+/// keep coming. A ring ends the current watch's pause.
 const IDLE: Pacing = Pacing {
     burst: 2,
     refill: Duration::from_secs(5),
 };
+
+/// Rings remembered, to apply again over a whole read that started before
+/// them (see [`Book::whole`]).
+const RINGS_KEPT: usize = 64;
 
 /// What the watches tell the main loop.
 #[derive(Debug)]
@@ -89,9 +99,101 @@ pub(crate) struct Target {
     /// Versions whose node key of this node the tree watch must check
     /// (those it reported `failed`: their deletion asks for a retry).
     pub own: Arc<Mutex<BTreeSet<VersionName>>>,
-    /// The index this node's last write under the prefix got: a wake-up
-    /// at that index is this node's own doing, not other nodes' noise.
-    pub own_write: Arc<AtomicU64>,
+    /// The tree watch's snapshot, shared with the main loop's whole reads.
+    pub book: Arc<Mutex<Book>>,
+    /// How often at most the tree is read whole (for tools that do not ring).
+    pub rescan: Duration,
+}
+
+impl Target {
+    fn own(&self) -> BTreeSet<VersionName> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The snapshot of the tree the rings are applied to, and the last rings
+/// heard. The main loop's whole reads ([`look_now`]) go through it too, so a
+/// ring heard while one was under way is not lost.
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    seen: Option<TreeSeen>,
+    rings: VecDeque<(u64, Change)>,
+}
+
+impl Book {
+    /// A whole read, as of the listing's index `as_of`: the rings heard
+    /// since are applied over it (applying a ring twice changes nothing).
+    fn whole(&mut self, mut seen: TreeSeen, as_of: u64, target: &Target) -> TreeSeen {
+        for (index, change) in &self.rings {
+            if *index > as_of {
+                apply(&mut seen, change, target);
+            }
+        }
+        keep_own(&mut seen, &target.own());
+        self.seen = Some(seen.clone());
+        seen
+    }
+
+    /// A ring at `index`: applied to the snapshot, if there is one yet.
+    fn ring(&mut self, index: u64, change: Change, target: &Target) -> Option<TreeSeen> {
+        if self.rings.len() == RINGS_KEPT {
+            self.rings.pop_front();
+        }
+        let seen = self.seen.as_mut().map(|seen| {
+            apply(seen, &change, target);
+            keep_own(seen, &target.own());
+            seen.clone()
+        });
+        self.rings.push_back((index, change));
+        seen
+    }
+
+    /// Consul's state was replaced: indexes from before mean nothing.
+    fn forget(&mut self) {
+        self.seen = None;
+        self.rings.clear();
+    }
+}
+
+/// Applies what a ring says to a snapshot.
+fn apply(seen: &mut TreeSeen, change: &Change, target: &Target) {
+    match change {
+        Change::Created(version) => {
+            seen.listing
+                .get_or_insert_with(ListingSeen::default)
+                .versions
+                .insert(version.clone(), target.prefix.folder_key(version));
+        }
+        Change::Removed { version, folder } => {
+            let key = if *folder {
+                target.prefix.folder_key(version)
+            } else {
+                format!("{}{version}", target.prefix.as_dir())
+            };
+            if let Some(listing) = &mut seen.listing {
+                if listing.versions.get(version) == Some(&key) {
+                    listing.versions.remove(version);
+                }
+            }
+        }
+        Change::Retried { version, node } if *node == target.node => {
+            if let Some(listing) = &mut seen.listing {
+                listing.own_missing.insert(version.clone());
+            }
+        }
+        Change::Retried { .. } | Change::Switched(_) | Change::Restored(_) | Change::Opened => {}
+    }
+}
+
+/// Only versions this node still has `failed` can have their key missing.
+fn keep_own(seen: &mut TreeSeen, own: &BTreeSet<VersionName>) {
+    if let Some(listing) = &mut seen.listing {
+        listing.own_missing.retain(|v| own.contains(v));
+    }
 }
 
 /// Tells the watch threads to stop, and wakes them from a pause: to stop,
@@ -161,7 +263,7 @@ impl Drop for Watches {
     }
 }
 
-/// Starts a deployment's three watches, each with a client of its own.
+/// Starts a deployment's two watches, each with a client of its own.
 /// `post` is called with each new observation; when it returns false (the
 /// main loop is gone) a watch ends. Fails only if a thread cannot be
 /// started (then none runs).
@@ -174,10 +276,9 @@ pub(crate) fn start(
     let stop = Arc::new(Stop::default());
     let tree = Arc::new(consul.with_own_connections());
     let current = Arc::new(consul.with_own_connections());
-    let bell = Arc::new(consul.with_own_connections());
     let watches = Watches {
         stop: stop.clone(),
-        clients: vec![tree.clone(), current.clone(), bell.clone()],
+        clients: vec![tree.clone(), current.clone()],
     };
     {
         let (target, health, stop, post) =
@@ -186,55 +287,11 @@ pub(crate) fn start(
             tree_loop(&tree, &target, &health, &stop, post)
         })?;
     }
-    // If one of these cannot start, dropping `watches` stops the others.
-    {
-        let (target, health, stop) = (target.clone(), health.clone(), stop.clone());
-        spawn("watch-changed", move || {
-            doorbell_loop(&bell, &target, &health, &stop)
-        })?;
-    }
+    // If this one cannot start, dropping `watches` stops the other.
     spawn("watch-current", move || {
         current_loop(&current, &target, &health, &stop, post)
     })?;
     Ok(watches)
-}
-
-/// Watches the doorbell key; each time it changes, the tree watch reads at once.
-fn doorbell_loop(consul: &Consul, target: &Target, health: &Health, stop: &Stop) {
-    let key = target.prefix.changed_key();
-    let mut cursor = Cursor::new(WAIT, true, IDLE);
-    let mut last: Option<u64> = None;
-    loop {
-        let pause = cursor.pause(Instant::now());
-        if (!pause.is_zero() && stop.sleep(pause, stop.rings())) || stop.stopped() {
-            return;
-        }
-        let read = consul.get(&key, cursor.read());
-        if stop.stopped() {
-            return;
-        }
-        match read {
-            Ok(answer) => {
-                health.reachable(consul);
-                let seen = answer.value.map_or(0, |e| e.modify_index);
-                let changed = last.is_some_and(|l| l != seen);
-                cursor.answered(answer.index, changed || last.is_none());
-                if changed {
-                    stop.ring();
-                }
-                last = Some(seen);
-            }
-            Err(e) => {
-                if stop.stopped() {
-                    return;
-                }
-                health.unreachable(&e);
-                if stop.sleep(cursor.failed(), stop.rings()) {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
@@ -245,6 +302,17 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
         .map(drop)
 }
 
+/// Where the next whole read of the tree comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Whole {
+    /// A leader that has caught up: after a start, a failure or a replaced
+    /// state, when nothing else says how far Consul got.
+    Leader,
+    /// Any server that has reached the doorbell's index `at`.
+    From { at: u64 },
+}
+
+/// The tree watch: the doorbell, the snapshot, whole reads when needed.
 fn tree_loop(
     consul: &Consul,
     target: &Target,
@@ -252,37 +320,129 @@ fn tree_loop(
     stop: &Stop,
     post: impl Fn(Seen) -> bool,
 ) {
+    let key = target.prefix.changed_key();
+    target.book().forget(); // a new start: possibly another Consul
     let mut cursor = Cursor::new(WAIT, true, IDLE);
+    // The doorbell's ModifyIndex as last heard (0: missing); `None` until
+    // the first answer since a start or failure.
+    let mut bell: Option<u64> = None;
+    let mut whole = Some(Whole::Leader);
+    let mut opened = false;
     let mut last: Option<TreeSeen> = None;
-    let mut read_at = stop.rings();
-    loop {
-        let pause = cursor.pause(Instant::now());
-        if (!pause.is_zero() && stop.sleep(pause, read_at)) || stop.stopped() {
-            return;
+    let mut rescans = Backoff::new(target.rescan, target.rescan);
+    let mut rescan_at = Instant::now() + rescans.next_delay();
+    let publish = |seen: Option<TreeSeen>, last: &mut Option<TreeSeen>| -> bool {
+        match seen {
+            Some(seen) if last.as_ref() != Some(&seen) => {
+                *last = Some(seen.clone());
+                post(Seen::Tree(seen))
+            }
+            _ => true,
         }
-        read_at = stop.rings();
-        let read = consul
-            .keys(target.prefix.as_dir(), cursor.read())
-            .and_then(|answer| Ok((answer.index, look(consul, target, answer.value)?)));
+    };
+    loop {
         if stop.stopped() {
             return;
         }
-        match read {
-            Ok((index, seen)) => {
-                health.reachable(consul);
-                // This node's own write is no noise to coalesce: the next
-                // real change must not wait behind it.
-                let own = index == target.own_write.load(Ordering::Relaxed);
-                let differs = last.as_ref() != Some(&seen);
-                let replaced = cursor.answered(index, differs || own) == Answered::Backwards;
-                if replaced && !post(Seen::Replaced(Part::Tree)) {
-                    return;
-                }
-                if differs || replaced {
-                    if !post(Seen::Tree(seen.clone())) {
+        // Whole reads and own checks come once the doorbell's index is
+        // known, so that any ring after them is heard.
+        if let Some(at) = bell {
+            let now = Instant::now();
+            if whole.is_none() && now >= rescan_at {
+                whole = Some(Whole::From { at });
+            }
+            let result = match whole {
+                Some(from) => read_whole(consul, target, from).map(|(seen, as_of)| {
+                    log::debug!(
+                        "{}: read the tree whole ({from:?}), as of {as_of}",
+                        target.prefix
+                    );
+                    whole = None;
+                    rescan_at = now + rescans.next_delay();
+                    Some(target.book().whole(seen, as_of, target))
+                }),
+                None => Ok(None),
+            };
+            match result {
+                Ok(seen) => {
+                    if !publish(seen, &mut last) {
                         return;
                     }
-                    last = Some(seen);
+                }
+                Err(e) => {
+                    if stop.stopped() {
+                        return;
+                    }
+                    health.unreachable(&e);
+                    // Whoever answers next may hold another tree: start over.
+                    (bell, whole, last) = (None, Some(Whole::Leader), None);
+                    if stop.sleep(cursor.failed(), stop.rings()) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        // The doorbell.
+        let pause = cursor.pause(Instant::now());
+        if (!pause.is_zero() && stop.sleep(pause, stop.rings())) || stop.stopped() {
+            return;
+        }
+        let mut read = cursor.read();
+        let until_due = rescan_at.saturating_duration_since(Instant::now());
+        read.wait = read
+            .wait
+            .map(|wait| wait.min(until_due.max(Duration::from_secs(1))));
+        let answer = consul.get(&key, read);
+        if stop.stopped() {
+            return;
+        }
+        match answer {
+            Ok(answer) => {
+                health.reachable(consul);
+                let index = answer.value.as_ref().map_or(0, |e| e.modify_index);
+                let changed = bell != Some(index);
+                if cursor.answered(answer.index, changed) == Answered::Backwards {
+                    if !post(Seen::Replaced(Part::Tree)) {
+                        return;
+                    }
+                    target.book().forget();
+                    (bell, whole, last) = (None, Some(Whole::Leader), None);
+                    continue;
+                }
+                let Some(before) = bell.replace(index) else {
+                    // The first answer: rings are heard from here on.
+                    if answer.value.is_none() && !opened {
+                        opened = true;
+                        open_doorbell(consul, target);
+                    }
+                    continue;
+                };
+                if !changed {
+                    continue;
+                }
+                stop.ring();
+                let ring = answer.value.as_ref().and_then(|e| Ring::parse(&e.value));
+                log::debug!(
+                    "{}: the doorbell rang at {index} (heard {before} before): {}",
+                    target.prefix,
+                    match (&ring, &answer.value) {
+                        (Some(ring), _) => format!("{} after {}", ring.change, ring.after),
+                        (None, Some(_)) => "not a depro ring".to_string(),
+                        (None, None) => "deleted".to_string(),
+                    }
+                );
+                match ring {
+                    Some(ring) if ring.after == before => {
+                        let seen = target.book().ring(index, ring.change, target);
+                        if !publish(seen, &mut last) {
+                            return;
+                        }
+                    }
+                    // A ring missed, another tool's ring, or the doorbell
+                    // deleted: read the whole tree.
+                    _ if index > 0 => whole = Some(Whole::From { at: index }),
+                    _ => whole = Some(Whole::Leader),
                 }
             }
             Err(e) => {
@@ -290,10 +450,8 @@ fn tree_loop(
                     return;
                 }
                 health.unreachable(&e);
-                // The Consul that answers next may hold another tree: post it
-                // even if it looks the same.
-                last = None;
-                if stop.sleep(cursor.failed(), read_at) {
+                (bell, whole, last) = (None, Some(Whole::Leader), None);
+                if stop.sleep(cursor.failed(), stop.rings()) {
                     return;
                 }
             }
@@ -301,31 +459,65 @@ fn tree_loop(
     }
 }
 
-/// Reads the tree once, at once (no blocking): for the main loop, when a
-/// write proved its view outdated.
-pub(crate) fn look_now(consul: &Consul, target: &Target) -> Result<TreeSeen, ConsulError> {
-    let answer = consul.keys(target.prefix.as_dir(), crate::consul::Read::consistent())?;
-    look(consul, target, answer.value)
+/// Creates the doorbell if it does not exist yet, so that the watch blocks
+/// on a key that only rings wake (a query on a missing key wakes at every
+/// write anywhere). Only if missing (check-and-set on 0); many agents may
+/// try at once, one succeeds. Failure is harmless: the watch still works.
+fn open_doorbell(consul: &Consul, target: &Target) {
+    let key = target.prefix.changed_key();
+    let ring = Ring {
+        change: Change::Opened,
+        after: 0,
+    };
+    let value = ring.text(
+        &format!("agent {}", target.node),
+        &crate::logging::timestamp(),
+    );
+    let op = TxnOp::Cas {
+        key: &key,
+        value: value.as_bytes(),
+        index: 0,
+    };
+    match consul.txn(&[op]) {
+        Ok(TxnOutcome::Committed(_)) => log::debug!("created the doorbell {key}"),
+        Ok(TxnOutcome::Rejected(_)) => {} // another agent was first, or no write permission
+        Err(e) => log::debug!("could not create the doorbell {key}: {e}"),
+    }
 }
 
-/// Turns a listing into a snapshot: which listed folders have their key,
-/// and which of this node's keys to check are missing.
-fn look(
+/// Reads the tree whole, through the book (for the main loop, when a write
+/// proved its view outdated): from a leader that has caught up.
+pub(crate) fn look_now(consul: &Consul, target: &Target) -> Result<TreeSeen, ConsulError> {
+    let (seen, as_of) = read_whole(consul, target, Whole::Leader)?;
+    Ok(target.book().whole(seen, as_of, target))
+}
+
+/// Reads the tree whole: the listing, then which listed folders have their
+/// key and which of this node's `failed` keys are missing. Returns the
+/// snapshot and the listing's index.
+fn read_whole(
     consul: &Consul,
     target: &Target,
-    keys: Option<Vec<String>>,
-) -> Result<TreeSeen, ConsulError> {
-    let Some(keys) = keys else {
-        return Ok(TreeSeen { listing: None });
+    from: Whole,
+) -> Result<(TreeSeen, u64), ConsulError> {
+    let read = match from {
+        Whole::Leader => Read::consistent(),
+        // Blocks until the server has reached the ring (the doorbell is
+        // under the prefix, so the listing's index moves with it).
+        Whole::From { at } => Read::blocking(at.saturating_sub(1), CATCH_UP, Consistency::Stale),
+    };
+    let answer = consul.keys(target.prefix.as_dir(), read)?;
+    // Nothing but the doorbell (which agents create) is an empty prefix
+    // too: it never cleans anything.
+    let changed = target.prefix.changed_key();
+    let Some(keys) = answer
+        .value
+        .filter(|keys| keys.iter().any(|key| *key != changed))
+    else {
+        return Ok((TreeSeen { listing: None }, answer.index));
     };
     let listing = Listing::parse(&target.prefix, &keys);
-    let own: Vec<VersionName> = target
-        .own
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .cloned()
-        .collect();
+    let own: Vec<VersionName> = target.own().into_iter().collect();
     let folder_keys: Vec<String> = listing
         .folders
         .iter()
@@ -340,7 +532,8 @@ fn look(
         .chain(&own_keys)
         .map(String::as_str)
         .collect();
-    let missing: BTreeSet<String> = missing_keys(consul, &all)?
+    let missing: BTreeSet<String> = consul
+        .missing_keys(&all)?
         .into_iter()
         .map(String::from)
         .collect();
@@ -362,37 +555,10 @@ fn look(
             seen.own_missing.insert(version);
         }
     }
-    Ok(TreeSeen {
+    let seen = TreeSeen {
         listing: Some(seen),
-    })
-}
-
-/// Which of `keys` do not exist, by read-only transactions of `Get`s.
-fn missing_keys<'a>(consul: &Consul, keys: &[&'a str]) -> Result<BTreeSet<&'a str>, ConsulError> {
-    let mut missing = BTreeSet::new();
-    for chunk in keys.chunks(MAX_TXN_OPS) {
-        let ops: Vec<TxnOp<'_>> = chunk.iter().map(|key| TxnOp::Get { key }).collect();
-        match consul.read_txn(&ops)? {
-            TxnOutcome::Committed(_) => {}
-            TxnOutcome::Rejected(failures) => {
-                for failure in failures {
-                    let key = chunk.get(failure.op).copied().unwrap_or_default();
-                    match failure.conflict {
-                        crate::consul::Conflict::Missing => {
-                            missing.insert(key);
-                        }
-                        crate::consul::Conflict::Denied => {
-                            return Err(consul.denied(format!("reading {key:?}"), failure.what));
-                        }
-                        _ => {
-                            return Err(consul.unexpected(format!("reading {key:?}"), failure.what));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(missing)
+    };
+    Ok((seen, answer.index))
 }
 
 fn current_loop(

@@ -14,6 +14,7 @@ use super::{Ctx, Seen, names, took, version_arg};
 use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
+use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeEntry, NodeState, VersionMeta, shown};
 use crate::version_name::VersionName;
@@ -111,7 +112,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         };
         // Rejected: someone created it first, which is as good.
         if let TxnOutcome::Committed(_) =
-            ctx.write_ringing(&[create], &format!("created {version}"))?
+            ctx.write_ringing(&[create], Change::Created(version.clone()))?
         {
             ctx.out
                 .line(&format!("created {version} under {}", ctx.prefix));
@@ -128,8 +129,11 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
             key: &key,
             index: entry.modify_index,
         };
-        let what = format!("asked {node} to retry {version}");
-        if let TxnOutcome::Committed(_) = ctx.write_ringing(&[delete], &what)? {
+        let change = Change::Retried {
+            version: version.clone(),
+            node: node.clone(),
+        };
+        if let TxnOutcome::Committed(_) = ctx.write_ringing(&[delete], change)? {
             ctx.out
                 .line(&format!("{node}: failed before; asked it to try again"));
             retried.insert(node.clone());
@@ -494,7 +498,7 @@ fn switch_current(
         meta.current_by = Some(ctx.user.clone());
         meta.current_order = Some(base_index);
         let meta_json = meta.to_json();
-        let (bell, note) = ctx.doorbell(&format!("switched to {version}"));
+        let bell = ctx.ring(Change::Switched(version.clone()))?;
         let ops = [
             TxnOp::Cas {
                 key: &current_key,
@@ -508,10 +512,7 @@ fn switch_current(
             },
             // Agents whose watch of a missing `current` is paced (every
             // write anywhere wakes it) see the first switch at once.
-            TxnOp::Set {
-                key: &bell,
-                value: note.as_bytes(),
-            },
+            bell.op(),
         ];
         let outcome = match ctx.consul.txn(&ops) {
             Ok(outcome) => outcome,
@@ -553,8 +554,10 @@ fn switch_current(
                         "is ready but not current",
                     ));
                 }
-                if outcome.failure_of(1).is_some() {
-                    continue; // the version's key changed or went: read it again
+                if outcome.failure_of(1).is_some() || outcome.failure_of(2).is_some() {
+                    // The version's key changed or went (read it again), or
+                    // another command rang the doorbell first (ring again).
+                    continue;
                 }
                 let what: Vec<&str> = failures.iter().map(|f| f.what.as_str()).collect();
                 return Err(Error::Consul(Box::new(ctx.consul.unexpected(
@@ -676,12 +679,21 @@ fn restore_current(
         },
     };
     let was = base.map_or("unset".to_string(), |c| shown(&c.value));
-    let (bell, note) = ctx.doorbell(&format!("{version} rolled back"));
-    let ring = TxnOp::Set {
-        key: &bell,
-        value: note.as_bytes(),
+    let restored = base.and_then(|c| VersionName::parse(&c.value).ok());
+    let mut outcome = None;
+    for _ in 0..5 {
+        let bell = ctx.ring(Change::Restored(restored.clone()))?;
+        let attempt = ctx.consul.txn(&[op, bell.op()])?;
+        // Only the ring failed: another command rang first; ring again.
+        if !matches!(&attempt, TxnOutcome::Rejected(f) if f.iter().all(|f| f.op == 1)) {
+            outcome = Some(attempt);
+            break;
+        }
+    }
+    let Some(outcome) = outcome else {
+        return Err(ctx.bell_kept_ringing());
     };
-    Ok(match ctx.consul.txn(&[op, ring])? {
+    Ok(match outcome {
         TxnOutcome::Committed(_) => {
             ctx.out
                 .line(&format!("current: {version} -> {was} (rolled back)"));

@@ -20,10 +20,31 @@ use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
 use crate::consul::{Conflict, Consul, ConsulError, KvEntry, Read, TxnOp, TxnOutcome};
 use crate::cursor::{Cursor, Pacing, WAIT};
+use crate::doorbell::{Change, Ring};
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeEntry, Prefix, Tree, VersionInfo};
 use crate::version_name::VersionName;
 use progress::Progress;
+
+/// How many times a command rings again when another one rang first.
+const RING_TRIES: usize = 10;
+
+/// A ring of the doorbell, ready to go into a transaction.
+pub(crate) struct Bell {
+    key: String,
+    value: String,
+    index: u64,
+}
+
+impl Bell {
+    pub(crate) fn op(&self) -> TxnOp<'_> {
+        TxnOp::Cas {
+            key: &self.key,
+            value: self.value.as_bytes(),
+            index: self.index,
+        }
+    }
+}
 
 /// What every tree command works with.
 pub(crate) struct Ctx {
@@ -148,33 +169,56 @@ impl Ctx {
         }
     }
 
-    /// The doorbell key and what to write in it: a transaction that sets it
-    /// wakes every agent's watches at once, paused or not.
-    pub(crate) fn doorbell(&self, what: &str) -> (String, String) {
-        let note = format!("{what} by {} at {}", self.user, crate::logging::timestamp());
-        (self.prefix.changed_key(), note)
+    /// The doorbell's part of a transaction that makes `change`: a
+    /// check-and-set of `<prefix>/.changed` on its index as read now, so
+    /// that agents can tell whether they missed a ring (see `doorbell`).
+    pub(crate) fn ring(&self, change: Change) -> Result<Bell> {
+        let key = self.prefix.changed_key();
+        // From the leader, like every read a write is conditioned on: right
+        // after an election a default read may be older than the last ring.
+        let answer = self.retrying(|c| c.get(&key, Read::consistent()))?;
+        let after = answer.value.map_or(0, |e| e.modify_index);
+        let value = Ring { change, after }.text(&self.user, &crate::logging::timestamp());
+        Ok(Bell {
+            key,
+            value,
+            index: after,
+        })
     }
 
-    /// Runs `ops` in one transaction together with a write of the doorbell
-    /// key (`<prefix>/.changed`, saying `what`), so that the agents react at
-    /// once. Retried like any request; every use is safe to repeat.
-    pub(crate) fn write_ringing(&self, ops: &[TxnOp<'_>], what: &str) -> Result<TxnOutcome> {
-        let (bell, note) = self.doorbell(what);
-        let mut all = ops.to_vec();
-        all.push(TxnOp::Set {
-            key: &bell,
-            value: note.as_bytes(),
-        });
-        let outcome = self.retrying(|c| c.txn(&all))?;
-        if let TxnOutcome::Rejected(failures) = &outcome {
-            if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
-                return Err(Error::Consul(Box::new(self.consul.denied(
-                    format!("writing {:?}", all[denied.op].key()),
-                    denied.what.clone(),
-                ))));
+    /// Runs `ops` in one transaction together with a ring of the doorbell
+    /// that says what they change, so that the agents act at once. Retried
+    /// like any request (every use is safe to repeat), and again when only
+    /// the ring failed (another command rang first).
+    pub(crate) fn write_ringing(&self, ops: &[TxnOp<'_>], change: Change) -> Result<TxnOutcome> {
+        for _ in 0..RING_TRIES {
+            let bell = self.ring(change.clone())?;
+            let mut all = ops.to_vec();
+            all.push(bell.op());
+            let outcome = self.retrying(|c| c.txn(&all))?;
+            if let TxnOutcome::Rejected(failures) = &outcome {
+                if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
+                    return Err(Error::Consul(Box::new(self.consul.denied(
+                        format!("writing {:?}", all[denied.op].key()),
+                        denied.what.clone(),
+                    ))));
+                }
+                if failures.iter().all(|f| f.op == ops.len()) {
+                    continue;
+                }
             }
+            return Ok(outcome);
         }
-        Ok(outcome)
+        Err(self.bell_kept_ringing())
+    }
+
+    /// Other commands kept ringing the doorbell faster than this one could.
+    pub(crate) fn bell_kept_ringing(&self) -> Error {
+        Error::LostRace(format!(
+            "{} kept changing while this command tried to write (other commands on {} at the same time?); try again",
+            self.prefix.changed_key(),
+            self.prefix
+        ))
     }
 
     /// Reads the whole tree under the prefix (`?consistent`: the reads a

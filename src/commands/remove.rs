@@ -9,6 +9,7 @@ use super::{Ctx, Seen, Vanished, names, took, version_arg};
 use crate::cli::{PruneArgs, RemoveArgs};
 use crate::config::Env;
 use crate::consul::TxnOp;
+use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::Tree;
 use crate::version_name::VersionName;
@@ -104,10 +105,11 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
 /// Deletes the key that makes `version` exist (never its node keys).
 pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
     if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
-        ctx.write_ringing(
-            &[TxnOp::Delete { key: &key }],
-            &format!("removed {version}"),
-        )?;
+        let change = Change::Removed {
+            version: version.clone(),
+            folder: key.ends_with('/'),
+        };
+        ctx.write_ringing(&[TxnOp::Delete { key: &key }], change)?;
     }
     Ok(())
 }

@@ -346,6 +346,25 @@ impl Consul {
         );
     }
 
+    /// Rings the doorbell of `prefix` as a tool other than the depro CLI
+    /// would after changing its versions: agents read the tree whole.
+    pub fn ring(&self, prefix: &str) {
+        // A new value each time: Consul ignores a write that changes nothing.
+        static RINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let ring = RINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.put(
+            &format!("{prefix}/.changed"),
+            &format!("changed by the test harness ({ring}, {:?})", Instant::now()),
+        );
+    }
+
+    /// Creates a version's folder key under `prefix` as another tool
+    /// would, and rings the doorbell (see [`Consul::ring`]).
+    pub fn add_version(&self, prefix: &str, version: &str) {
+        self.put(&format!("{prefix}/{version}/"), "");
+        self.ring(prefix);
+    }
+
     pub fn delete(&self, key: &str) {
         self.call("DELETE", &format!("kv/{key}"), None);
     }
@@ -468,7 +487,7 @@ impl Drop for Consul {
     }
 }
 
-fn base64(text: &str) -> String {
+pub fn base64(text: &str) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in text.as_bytes().chunks(3) {
@@ -885,12 +904,17 @@ impl<'c> Fleet<'c> {
         self.agents.last_mut().unwrap()
     }
 
+    /// Creates a version's folder key as another tool would, then rings
+    /// the doorbell (with a value that is not a depro ring: the agents then
+    /// read the whole tree).
     pub fn add_version(&self, version: &str) {
         self.consul.put(&format!("{}/{version}/", self.prefix), "");
+        self.consul.ring(&self.prefix);
     }
 
     pub fn remove_version(&self, version: &str) {
         self.consul.delete(&format!("{}/{version}/", self.prefix));
+        self.consul.ring(&self.prefix);
     }
 
     pub fn set_current(&self, version: &str) {
