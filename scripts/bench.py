@@ -73,7 +73,7 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
             time.sleep(0.3)  # let the last node-state wake-ups land in the log
             return {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
                     "consul_cpu": proc_times(consul.proc.pid)[0] - consul0, "cli_cpu": cli_cpu() - cli0,
-                    "requests": consul.requests_since(offset)}
+                    "requests": consul.requests_since(offset, [prefix])}
 
         deploys, removes = [], []
         previous = None
@@ -200,7 +200,7 @@ def footprint(depro, consul, work, artifact, cycles, idle_seconds):
     cpu0 = proc_times(agent.proc.pid)[0]
     time.sleep(idle_seconds)
     idle_cpu = proc_times(agent.proc.pid)[0] - cpu0
-    idle_requests = consul.requests_since(offset)
+    idle_requests = consul.requests_since(offset, prefixes)
 
     prefix = prefixes[0]
     previous = "v0"
@@ -290,7 +290,7 @@ def versions_section(depro, consul, work, counts, idle_seconds, changes):
         cpu0, offset = proc_times(pid)[0], consul.log_offset()
         time.sleep(idle_seconds)
         idle_cpu = proc_times(pid)[0] - cpu0
-        idle_requests = sum(consul.requests_since(offset).values())
+        idle_requests = sum(consul.requests_since(offset, [prefix]).values())
         starts = os.path.join(agent.dir, "starts")
 
         def lines():
@@ -375,7 +375,7 @@ def many_agents(depro, consul_binary, work, n, rounds):
         time.sleep(1)
         sample = {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
                   "consul_cpu": consul.cpu() - consul0, "cli_cpu": cli_cpu() - cli0,
-                  "requests": consul.requests_since(offset)}
+                  "requests": consul.requests_since(offset, [prefix])}
         if r > 0:
             samples.append(sample)
         print(f"  deploy {version}: {elapsed:.2f} s", flush=True)
@@ -868,6 +868,10 @@ def main():
             sizes = [int(n) for n in args.sizes.split(",")]
             print(f"bench: 1. fleet scaling for N in {sizes}", flush=True)
             d["fleet"] = fleet_scaling(args.depro, consul, work, artifact, sizes, args.rounds)
+            # A fresh Consul for what follows: not one still busy with the
+            # state and the held queries that hundreds of agents left.
+            consul.stop()
+            consul = Consul(args.consul, work, name="single")
         if "latency" in parts:
             print("bench: 2. reaction latency", flush=True)
             d["latency"] = reaction_latency(args.depro, consul, work, artifact, args.changes)

@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 CONSUL=$(scripts/get-consul.sh)
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 static=dist/depro-$version-x86_64-unknown-linux-musl
-if [ -x "$static" ] && [ "$static" -nt src ]; then
+# The static binary if no source file is newer (a directory's time does not
+# move when a file in it is edited).
+if [ -x "$static" ] && [ -z "$(find src Cargo.toml -newer "$static" -print -quit)" ]; then
   depro=$static
 else
   echo "bench.sh: $static missing or older than src/; building a release binary (run packaging/build.sh for the static one)" >&2

@@ -146,13 +146,19 @@ class Consul:
         self.log.flush()
         return os.path.getsize(self.log_path)
 
-    def requests_since(self, offset):
-        """Counts the HTTP requests Consul finished since a log offset, by kind."""
+    def requests_since(self, offset, prefixes=None):
+        """Counts the HTTP requests Consul finished since a log offset, by
+        kind. With `prefixes`, KV requests count only under them: agents
+        stopped earlier leave blocking queries that finish up to their wait
+        (a minute) later, and must not be counted against what follows."""
         with open(self.log_path, "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
         kinds = {}
         for method, url in re.findall(r"Request finished: method=(\w+) url=(\S+)", text):
+            if prefixes and url.startswith("/v1/kv/") and \
+                    not any(url.startswith(f"/v1/kv/{p}") for p in prefixes):
+                continue
             kind = method + " " + classify(url)
             kinds[kind] = kinds.get(kind, 0) + 1
         return kinds

@@ -141,39 +141,45 @@ fn rollout_of_current(wanted: &Wanted, disk: &OnDisk) -> Option<Action> {
 }
 
 /// Decides what to do next; see the module documentation for the order.
+/// Linear in the number of versions: the sets and maps are walked side by
+/// side in their common order, never searched per version.
 pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
     let rollout = rollout_of_current(wanted, disk);
     let switching = rollout.is_some() || disk.rollout.is_some();
+    let is_current = |v: &VersionName| wanted.current.as_ref() == Some(v);
 
     // 1. Reports and repair. Only versions whose key exists are reported
     // (a node key is never written for a version the tree lacks); a key
     // is deleted only once its version left the disk.
     if let Reports::Online(reported) = reports {
-        let desired: BTreeMap<&VersionName, NodeState> = disk
-            .versions
-            .iter()
-            .filter(|(v, _)| wanted.versions.contains(*v))
-            .map(|(v, local)| (v, report_for(v, *local, disk, switching)))
-            .collect();
+        let mut changed: Vec<(&VersionName, NodeState)> = Vec::new();
+        let mut gone: Vec<&VersionName> = Vec::new();
+        let on_disk = side_by_side(
+            disk.versions.iter(),
+            wanted.versions.iter().map(|v| (v, ())),
+        );
+        let kept = on_disk.filter_map(|(v, local, listed)| Some((v, local?, listed?)));
+        for (version, here, there) in side_by_side(kept.map(|(v, l, _)| (v, l)), reported.iter()) {
+            match (here, there) {
+                (Some(local), there) => {
+                    let state = report_for(version, *local, disk, switching);
+                    if there != Some(&state) {
+                        changed.push((version, state));
+                    }
+                }
+                (None, Some(_)) if !disk.versions.contains_key(version) => gone.push(version),
+                (None, _) => {}
+            }
+        }
         // A new `active` goes first in its batch (one transaction anyway).
-        let mut changed: Vec<(&VersionName, NodeState)> = desired
-            .iter()
-            .filter(|(v, state)| reported.get(**v) != Some(*state))
-            .map(|(v, state)| (*v, *state))
-            .collect();
-        changed.sort_by_key(|(v, state)| (*state != NodeState::Active, (*v).clone()));
+        changed.sort_by_key(|(v, state)| (*state != NodeState::Active, *v));
         actions.extend(
             changed
                 .into_iter()
                 .map(|(v, s)| Action::Report(v.clone(), s)),
         );
-        actions.extend(
-            reported
-                .keys()
-                .filter(|v| !disk.versions.contains_key(*v))
-                .map(|v| Action::Unreport(v.clone())),
-        );
+        actions.extend(gone.into_iter().map(|v| Action::Unreport(v.clone())));
         if let Some(current) = &wanted.current {
             let has_it = disk.versions.get(current) == Some(&LocalVersion::Ready);
             if has_it && !wanted.versions.contains(current) && wanted.may_repair {
@@ -183,21 +189,25 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
     }
 
     // 2. Deploys, `current` first.
-    let wanted_versions: Vec<&VersionName> = wanted
-        .current
-        .iter()
-        .chain(
-            wanted
-                .versions
-                .iter()
-                .filter(|v| Some(*v) != wanted.current.as_ref()),
-        )
-        .collect();
-    for version in &wanted_versions {
-        match disk.versions.get(*version) {
-            None => actions.push(Action::Stage((*version).clone())),
-            Some(LocalVersion::Deploying) => actions.push(Action::Deploy((*version).clone())),
-            Some(LocalVersion::Ready | LocalVersion::DeployFailed) => {}
+    let deploy = |version: &VersionName| match disk.versions.get(version) {
+        None => Some(Action::Stage(version.clone())),
+        Some(LocalVersion::Deploying) => Some(Action::Deploy(version.clone())),
+        Some(LocalVersion::Ready | LocalVersion::DeployFailed) => None,
+    };
+    actions.extend(wanted.current.iter().filter_map(deploy));
+    for (version, listed, here) in side_by_side(
+        wanted.versions.iter().map(|v| (v, ())),
+        disk.versions.iter(),
+    ) {
+        if is_current(version) {
+            continue;
+        }
+        match (listed, here) {
+            (Some(()), None) => actions.push(Action::Stage(version.clone())),
+            (Some(()), Some(LocalVersion::Deploying)) => {
+                actions.push(Action::Deploy(version.clone()))
+            }
+            _ => {}
         }
     }
 
@@ -205,15 +215,41 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
     actions.extend(rollout);
 
     // 4. Cleaning.
-    for version in disk.versions.keys() {
-        let wanted_here = wanted_versions.contains(&version);
+    for (version, here, listed) in side_by_side(
+        disk.versions.iter(),
+        wanted.versions.iter().map(|v| (v, ())),
+    ) {
+        let wanted_here = listed.is_some() || is_current(version);
         let live = disk.live.as_ref() == Some(version);
         let rolling = disk.rollout.as_ref().is_some_and(|r| &r.to == version);
-        if !wanted_here && !live && !rolling {
+        if here.is_some() && !wanted_here && !live && !rolling {
             actions.push(Action::Clean(version.clone()));
         }
     }
     actions
+}
+
+/// Walks two sequences sorted by key (a `BTreeMap`'s or `BTreeSet`'s
+/// order) side by side: each key once, with what each side has for it.
+fn side_by_side<'a, K: Ord + 'a, A, B>(
+    left: impl Iterator<Item = (&'a K, A)>,
+    right: impl Iterator<Item = (&'a K, B)>,
+) -> impl Iterator<Item = (&'a K, Option<A>, Option<B>)> {
+    let (mut left, mut right) = (left.peekable(), right.peekable());
+    std::iter::from_fn(move || match (left.peek(), right.peek()) {
+        (None, None) => None,
+        (Some(_), None) => left.next().map(|(k, a)| (k, Some(a), None)),
+        (None, Some(_)) => right.next().map(|(k, b)| (k, None, Some(b))),
+        (Some((l, _)), Some((r, _))) => match l.cmp(r) {
+            std::cmp::Ordering::Less => left.next().map(|(k, a)| (k, Some(a), None)),
+            std::cmp::Ordering::Greater => right.next().map(|(k, b)| (k, None, Some(b))),
+            std::cmp::Ordering::Equal => {
+                let (k, a) = left.next()?;
+                let (_, b) = right.next()?;
+                Some((k, Some(a), Some(b)))
+            }
+        },
+    })
 }
 
 #[cfg(test)]

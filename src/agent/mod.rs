@@ -402,7 +402,7 @@ impl Agent {
                 Some(_) => Reports::Online(&deployment.reported),
                 None => Reports::Offline,
             };
-            let actions = plan(&wanted, &deployment.disk, reports);
+            let actions = plan(wanted, &deployment.disk, reports);
             let reports = actions.iter().take_while(|a| is_report(a)).count();
             // Two operations per report (a check and a write), at most 64.
             let batch: Vec<Action> = actions

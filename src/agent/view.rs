@@ -8,6 +8,7 @@
 //! prefix: Consul answers the same for "everything was deleted" and "the
 //! token may not read this", and only the first would justify cleaning.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::Wanted;
@@ -54,6 +55,8 @@ pub(crate) struct View {
     /// The ModifyIndex of the last `current` that named a version the
     /// snapshot did not list (so the tree was read whole for it).
     looked_up_current: Option<u64>,
+    /// What [`View::wanted`] built from the above; emptied by every change.
+    wanted: OnceCell<Option<Wanted>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +82,7 @@ pub(crate) struct Noticed {
 impl View {
     /// Takes a snapshot of the tree.
     pub(crate) fn see_tree(&mut self, seen: TreeSeen, prefix: &str) -> Noticed {
+        self.wanted.take();
         let mut noticed = Noticed::default();
         match &seen.listing {
             None => {
@@ -114,6 +118,7 @@ impl View {
 
     /// Takes `current` as read; says why it is ignored if it is.
     pub(crate) fn see_current(&mut self, seen: CurrentSeen, key: &str) -> Option<String> {
+        self.wanted.take();
         let text = seen
             .value
             .as_ref()
@@ -141,7 +146,13 @@ impl View {
 
     /// What the tree wants of this node, once both the tree and `current`
     /// have been seen and the prefix is not empty.
-    pub(crate) fn wanted(&self) -> Option<Wanted> {
+    /// Computed once per change of the view (the main loop asks after every
+    /// action; with a thousand versions, building it is not free).
+    pub(crate) fn wanted(&self) -> Option<&Wanted> {
+        self.wanted.get_or_init(|| self.build_wanted()).as_ref()
+    }
+
+    fn build_wanted(&self) -> Option<Wanted> {
         let listing = self.tree.as_ref()?.listing.as_ref()?;
         let current = self.current.as_ref()?;
         let mut versions: BTreeSet<VersionName> = listing.versions.keys().cloned().collect();
@@ -171,6 +182,7 @@ impl View {
     /// What was seen of the tree is void (Consul's state was replaced, or a
     /// write proved it outdated): nothing is wanted until it is seen again.
     pub(crate) fn forget_tree(&mut self) {
+        self.wanted.take();
         self.tree = None;
         self.repaired.clear();
     }
@@ -178,11 +190,13 @@ impl View {
     /// What was seen of `current` is void: nothing is wanted until it is
     /// seen again.
     pub(crate) fn forget_current(&mut self) {
+        self.wanted.take();
         self.current = None;
     }
 
     /// This node re-created `version`'s folder key.
     pub(crate) fn repaired(&mut self, version: &VersionName, key: String) {
+        self.wanted.take();
         self.repaired.insert(version.clone(), key);
     }
 
@@ -210,6 +224,7 @@ impl View {
 
     /// A repair found `current` changed since it was seen: wait for the new one.
     pub(crate) fn current_outdated(&mut self) {
+        self.wanted.take();
         self.outdated_current = self.current_index();
     }
 }
