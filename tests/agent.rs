@@ -856,3 +856,36 @@ fn other_nodes_writes_during_deploys_cost_an_agent_no_walk_of_the_prefix() {
         during.len()
     );
 }
+
+#[test]
+fn an_agent_that_crash_restarts_never_locks_its_host_out_of_consul_under_default_limits() {
+    // Consul's default limits: 200 HTTP connections per client address. A
+    // query that a killed agent left waiting stays on the server until its
+    // wait runs out, so each start costs what its watches hold then. With
+    // one watch per version, 20 versions and 9 quick restarts locked every
+    // client of the host (agent, CLI, curl) out of Consul.
+    let consul = Consul::start_with_default_limits();
+    let mut fleet = Fleet::on(&consul, 1);
+    fleet.agents[0].deployments[0]["deploy"] = serde_json::json!(["true"]);
+    fleet.agents[0].deployments[0]["rollout"] = serde_json::json!(["true"]);
+    fleet.start_all();
+    for i in 0..20 {
+        fleet.add_version(&format!("v{i}"));
+    }
+    fleet.set_current("v0");
+    fleet.expect_state("v0", "active");
+    fleet.expect_state("v19", "ready");
+    let registered = |agent: &Agent| agent.log().matches("registered with Consul").count();
+    for restart in 1..=15 {
+        let agent = &mut fleet.agents[0];
+        agent.kill9();
+        agent.start();
+        wait_for("the agent to register again", || {
+            registered(&fleet.agents[0]) > restart
+        });
+    }
+    // The CLI still reaches Consul from this address, and the agent still
+    // follows a deploy.
+    fleet.depro(&["deploy", "v20", "-nodes=1"]).ok();
+    fleet.expect_state("v20", "active");
+}

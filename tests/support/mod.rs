@@ -168,6 +168,16 @@ impl Consul {
         consul
     }
 
+    /// Starts a private Consul with its default limits, among them 200 HTTP
+    /// connections per client address (the others lift it: all test agents
+    /// share 127.0.0.1, where a fleet has one address per host).
+    pub fn start_with_default_limits() -> Consul {
+        let consul = Consul::start_with("");
+        std::fs::write(consul.data.path().join("default-limits"), "").unwrap();
+        consul.restart();
+        consul
+    }
+
     /// A client of servers that run elsewhere: every request goes to the
     /// first that answers, and writes are retried through elections.
     pub fn remote(addrs: Vec<String>) -> Consul {
@@ -223,12 +233,7 @@ impl Consul {
                 "127.0.0.1",
             ])
             .args(["-dns-port", "-1", "-grpc-port", "-1"])
-            // All test agents connect from 127.0.0.1, where a fleet has one
-            // IP per host: lift the per-client connection limit (200).
-            .args([
-                "-hcl",
-                &format!("limits {{ http_max_conns_per_client = {} }}", conns_limit()),
-            ])
+            .args(self.limits_args())
             .arg(format!("-http-port={}", self.http_port))
             .arg(format!("-serf-lan-port={serf_lan}"))
             .arg(format!("-serf-wan-port={serf_wan}"))
@@ -252,6 +257,19 @@ impl Consul {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// All test agents connect from 127.0.0.1, where a fleet has one
+    /// address per host: the per-client connection limit (200) is lifted,
+    /// unless made with [`Consul::start_with_default_limits`].
+    fn limits_args(&self) -> Vec<String> {
+        if self.data.path().join("default-limits").exists() {
+            return Vec::new();
+        }
+        vec![
+            "-hcl".into(),
+            format!("limits {{ http_max_conns_per_client = {} }}", conns_limit()),
+        ]
     }
 
     fn extra_config_args(&self) -> Vec<String> {
