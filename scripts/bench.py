@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,9 +38,9 @@ import tempfile
 import threading
 import time
 
-from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, app_deployment, make_artifact, median, ms,
-                      p95, proc_split, proc_times, raise_fd_limit, registered, rss_kib, run_depro, stop_all,
-                      threads_sockets, wait_until)
+from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, CpuMeter, app_deployment, make_artifact,
+                      median, ms, p95, proc_split, proc_times, raise_fd_limit, registered, rss_kib, run_depro,
+                      stop_all, threads_sockets, wait_until)
 
 def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
     """Section 1: N agents on one dev Consul; deploy and cleanup times, CPU by
@@ -52,28 +51,17 @@ def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
         agents = [Agent(depro, work, f"n{n}-{i}", consul, app_deployment(prefix, artifact)) for i in range(n)]
         wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent n{n}-") >= n, timeout=300, step=0.05)
 
-        def hooks_cpu():
-            return sum(proc_times(a.proc.pid)[1] for a in agents)
-
-        def agents_cpu():
-            return sum(proc_times(a.proc.pid)[0] for a in agents)
-
-        def cli_cpu():
-            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-            return usage.ru_utime + usage.ru_stime
+        meter = CpuMeter(consul, agents)
 
         def measure(run, done, step=0.002):
             """Runs one operation; its wall time and who spent CPU on it."""
-            offset, cpu0, own0 = consul.log_offset(), hooks_cpu(), agents_cpu()
-            consul0, cli0 = proc_times(consul.proc.pid)[0], cli_cpu()
+            offset, before = consul.log_offset(), meter.now()
             t0 = time.monotonic()
             run()
             wait_until("the fleet to converge", done, step=step)
             elapsed = time.monotonic() - t0
             time.sleep(0.3)  # let the last node-state wake-ups land in the log
-            return {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
-                    "consul_cpu": proc_times(consul.proc.pid)[0] - consul0, "cli_cpu": cli_cpu() - cli0,
-                    "requests": consul.requests_since(offset, [prefix])}
+            return {"t": elapsed, **meter.since(before), "requests": consul.requests_since(offset, [prefix])}
 
         deploys, removes = [], []
         previous = None
@@ -352,30 +340,19 @@ def many_agents(depro, consul_binary, work, n, rounds):
     startup = time.monotonic() - start
     print(f"  {n} agents registered in {startup:.1f} s; {per_agent} sockets each, limit {limit}", flush=True)
 
-    def hooks_cpu():
-        return sum(proc_times(a.proc.pid)[1] for a in agents)
-
-    def agents_cpu():
-        return sum(proc_times(a.proc.pid)[0] for a in agents)
-
-    def cli_cpu():
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
+    meter = CpuMeter(consul, agents)
     samples = []
     previous = None
     cleanups = []
     for r in range(rounds + 1):
         version = f"m{r}"
-        offset, cpu0, own0, consul0, cli0 = consul.log_offset(), hooks_cpu(), agents_cpu(), consul.cpu(), cli_cpu()
+        offset, before = consul.log_offset(), meter.now()
         t0 = time.monotonic()
         run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=300s")
         wait_until("every node live", lambda: all(a.live() == version for a in agents), timeout=300, step=0.05)
         elapsed = time.monotonic() - t0
         time.sleep(1)
-        sample = {"t": elapsed, "hooks_cpu": hooks_cpu() - cpu0, "agents_cpu": agents_cpu() - own0,
-                  "consul_cpu": consul.cpu() - consul0, "cli_cpu": cli_cpu() - cli0,
-                  "requests": consul.requests_since(offset, [prefix])}
+        sample = {"t": elapsed, **meter.since(before), "requests": consul.requests_since(offset, [prefix])}
         if r > 0:
             samples.append(sample)
         print(f"  deploy {version}: {elapsed:.2f} s", flush=True)

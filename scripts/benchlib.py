@@ -266,6 +266,26 @@ def threads_sockets(pid):
 ALL_AGENTS = []
 
 
+class CpuMeter:
+    """Who spent CPU between two moments: the agents' hooks (their reaped
+    children), the agents themselves, Consul, and this harness's own reaped
+    children (the CLI)."""
+
+    def __init__(self, consul, agents):
+        self.consul, self.agents = consul, agents
+
+    def now(self):
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"hooks_cpu": sum(proc_times(a.proc.pid)[1] for a in self.agents),
+                "agents_cpu": sum(proc_times(a.proc.pid)[0] for a in self.agents),
+                "consul_cpu": self.consul.cpu(),
+                "cli_cpu": usage.ru_utime + usage.ru_stime}
+
+    def since(self, before):
+        now = self.now()
+        return {k: now[k] - before[k] for k in now}
+
+
 class Agent:
     """A depro agent (or, with `go=True`, the Go original's) as a process."""
 

@@ -8,13 +8,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use support::cluster::Cluster;
 use support::recorder::Findings;
-use support::{Consul, Fleet, Output, Rng, finish, wait_for};
+use support::{Consul, Fleet, Output, Rng, finish, spawn, wait_for};
 
 /// How long converging may take after the last fault (an election, a
 /// session that must expire, agents that back off).
@@ -26,14 +26,6 @@ fn long() -> bool {
 
 fn rounds(short: usize, long_form: usize) -> usize {
     if long() { long_form } else { short }
-}
-
-fn spawn(mut command: std::process::Command) -> Child {
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 /// Exit codes seen, and what the commands that did not succeed said.

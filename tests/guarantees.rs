@@ -5,19 +5,11 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use support::proxy::{Action, Match, Proxy};
-use support::{Fleet, Output, finish, wait_for};
-
-fn spawn(mut command: std::process::Command) -> Child {
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
+use support::{Fleet, Output, finish, spawn, wait_for};
 
 /// The transaction that switches `current` (it names the current key).
 fn switch_txn() -> Match {

@@ -10,19 +10,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use support::cluster::Cluster;
-use support::{Consul, Fleet, Output, Rng, finish};
-
-fn spawn(mut command: std::process::Command) -> Child {
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
+use support::{Consul, Fleet, Output, Rng, finish, spawn};
 
 #[derive(Default, Debug, serde::Serialize)]
 struct Report {

@@ -370,15 +370,11 @@ fn tree_loop(
                     }
                 }
                 Err(e) => {
-                    if stop.stopped() {
+                    if failed(&e, &mut cursor, health, stop, stop.rings()) {
                         return;
                     }
-                    health.unreachable(&e);
                     // Whoever answers next may hold another tree: start over.
                     (bell, whole, last) = (None, Some(Whole::Leader), None);
-                    if stop.sleep(cursor.failed(), stop.rings()) {
-                        return;
-                    }
                     continue;
                 }
             }
@@ -446,17 +442,30 @@ fn tree_loop(
                 }
             }
             Err(e) => {
-                if stop.stopped() {
+                if failed(&e, &mut cursor, health, stop, stop.rings()) {
                     return;
                 }
-                health.unreachable(&e);
                 (bell, whole, last) = (None, Some(Whole::Leader), None);
-                if stop.sleep(cursor.failed(), stop.rings()) {
-                    return;
-                }
             }
         }
     }
+}
+
+/// A request failed: says so (once per outage) and waits the cursor's
+/// backoff, or less if the doorbell rang since `read_at`. Returns whether
+/// to stop.
+fn failed(
+    err: &ConsulError,
+    cursor: &mut Cursor,
+    health: &Health,
+    stop: &Stop,
+    read_at: u64,
+) -> bool {
+    if stop.stopped() {
+        return true;
+    }
+    health.unreachable(err);
+    stop.sleep(cursor.failed(), read_at)
 }
 
 /// Creates the doorbell if it does not exist yet, so that the watch blocks
@@ -604,14 +613,10 @@ fn current_loop(
                 }
             }
             Err(e) => {
-                if stop.stopped() {
+                if failed(&e, &mut cursor, health, stop, read_at) {
                     return;
                 }
-                health.unreachable(&e);
                 last = None;
-                if stop.sleep(cursor.failed(), read_at) {
-                    return;
-                }
             }
         }
     }

@@ -122,6 +122,15 @@ pub fn wait_for_within(
 
 // ---------------------------------------------------------------- Consul
 
+/// The harness's own HTTP client: statuses are answers, not errors.
+fn http_client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent()
+}
+
 /// A Consul agent in dev mode on loopback ports of its own; or, made with
 /// [`Consul::remote`], a client of servers the harness runs elsewhere (a
 /// [`cluster::Cluster`]).
@@ -146,17 +155,24 @@ impl Consul {
     /// Starts a private Consul with extra agent configuration (HCL), e.g.
     /// ACLs or TLS. `{data}` in it is replaced by its data directory.
     pub fn start_with(extra_config: &str) -> Consul {
+        Consul::start_configured(extra_config, false)
+    }
+
+    /// Starts a private Consul with its default limits, among them 200 HTTP
+    /// connections per client address (the others lift it: all test agents
+    /// share 127.0.0.1, where a fleet has one address per host).
+    pub fn start_with_default_limits() -> Consul {
+        Consul::start_configured("", true)
+    }
+
+    fn start_configured(extra_config: &str, default_limits: bool) -> Consul {
         let ports = [free_port(), free_port(), free_port()];
         let consul = Consul {
             child: Mutex::new(None),
             http_port: free_port(),
             ports,
             data: tempfile::tempdir().unwrap(),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .new_agent(),
+            agent: http_client(),
             token: Mutex::new(None),
             remote: Vec::new(),
         };
@@ -164,17 +180,11 @@ impl Consul {
             let text = extra_config.replace("{data}", &consul.data.path().display().to_string());
             std::fs::write(consul.data.path().join("extra.hcl"), text).unwrap();
         }
+        if default_limits {
+            // Read by every launch, restarts included.
+            std::fs::write(consul.data.path().join("default-limits"), "").unwrap();
+        }
         consul.launch();
-        consul
-    }
-
-    /// Starts a private Consul with its default limits, among them 200 HTTP
-    /// connections per client address (the others lift it: all test agents
-    /// share 127.0.0.1, where a fleet has one address per host).
-    pub fn start_with_default_limits() -> Consul {
-        let consul = Consul::start_with("");
-        std::fs::write(consul.data.path().join("default-limits"), "").unwrap();
-        consul.restart();
         consul
     }
 
@@ -186,11 +196,7 @@ impl Consul {
             http_port: 0,
             ports: [0; 3],
             data: tempfile::tempdir().unwrap(),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .new_agent(),
+            agent: http_client(),
             token: Mutex::new(None),
             remote: addrs,
         }
@@ -1226,6 +1232,15 @@ impl Rng {
     pub fn upto(&mut self, max: Duration) -> Duration {
         Duration::from_millis(self.next() % (max.as_millis() as u64).max(1))
     }
+}
+
+/// Starts a command with its output captured, to [`finish`] later.
+pub fn spawn(mut command: Command) -> Child {
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Collects a spawned command's output.
