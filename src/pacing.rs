@@ -82,7 +82,9 @@ impl TokenBucket {
         self.last = now;
         self.tokens =
             (self.tokens + elapsed.as_secs_f64() / self.refill.as_secs_f64()).min(self.burst);
-        self.tokens -= 1.0;
+        // A wait cut short (a ring ends a watch's pause) is not owed: the
+        // debt never exceeds one request, so no pause exceeds one refill.
+        self.tokens = (self.tokens - 1.0).max(-1.0);
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
@@ -132,6 +134,23 @@ mod tests {
         let later = start + wait;
         let wait2 = bucket.take(later);
         assert!(wait2 > Duration::from_millis(99), "{wait2:?}");
+    }
+
+    #[test]
+    fn a_pause_cut_short_never_makes_the_next_one_longer_than_one_refill() {
+        // A watch pauses for the wait `take` returns, but a ring ends the
+        // pause early and the watch reads at once. Its next pause must
+        // still be at most one refill: the reads it skipped are not owed.
+        let start = Instant::now();
+        let refill = Duration::from_secs(5);
+        let mut bucket = TokenBucket::new(2, refill, start);
+        bucket.take(start);
+        bucket.take(start);
+        assert_eq!(bucket.take(start), refill);
+        let cut_short = start + Duration::from_millis(10);
+        let wait = bucket.take(cut_short);
+        assert!(wait <= refill, "{wait:?}");
+        assert!(wait > refill - Duration::from_millis(20), "{wait:?}");
     }
 
     #[test]
