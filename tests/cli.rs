@@ -122,11 +122,15 @@ fn of_two_racing_deploys_exactly_one_wins_and_the_other_exits_5() {
     } else {
         ("vb", "va", &a)
     };
+    // The loser lost either while it waited ("is not current") or at its
+    // own check-and-set, when both became ready at once ("is ready but
+    // not current"): both say who won and that its version is not current.
     loser_out.fails(
         5,
         &[
             &format!("was changed to {winner} by "),
-            &format!("{loser} is not current"),
+            &format!("; {loser} is "),
+            "not current",
         ],
     );
     assert_eq!(fleet.current().as_deref(), Some(winner));
