@@ -58,21 +58,103 @@ pub(crate) struct TreeArgs {
     pub connection: ConnectionFlags,
 }
 
+/// How many nodes `-nodes` asks for.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum Need {
+    /// At least this many (today's meaning of a plain number).
+    Count(u32),
+    /// Every live agent that follows the prefix when the switch is decided.
+    All,
+    /// This share (1 to 100 percent) of those agents, rounded up.
+    Share(u32),
+}
+
+impl Need {
+    /// The count it means when `live` agents follow the prefix.
+    pub(crate) fn count(self, live: usize) -> u32 {
+        match self {
+            Need::Count(n) => n,
+            Need::All => (live as u32).max(1),
+            Need::Share(percent) => {
+                ((live as u64 * u64::from(percent)).div_ceil(100) as u32).max(1)
+            }
+        }
+    }
+
+    /// Whether it depends on the agents that follow the prefix.
+    pub(crate) fn counts_agents(self) -> bool {
+        !matches!(self, Need::Count(_))
+    }
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Need::Count(n) => write!(f, "{n}"),
+            Need::All => f.write_str("all"),
+            Need::Share(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// A wave size: a number of nodes or a share of them.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum Batch {
+    Count(u32),
+    Share(u32),
+}
+
+impl Batch {
+    /// How many nodes a wave takes out of `total`.
+    pub(crate) fn of(self, total: usize) -> usize {
+        match self {
+            Batch::Count(n) => n as usize,
+            Batch::Share(p) => (total * p as usize).div_ceil(100),
+        }
+        .max(1)
+    }
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Batch::Count(n) => write!(f, "{n}"),
+            Batch::Share(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
 /// Flags of the commands that move `current` (deploy, rollout, rollback).
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub(crate) struct SwitchFlags {
     /// How many nodes must have the version before the switch.
-    pub nodes: u32,
+    pub nodes: Need,
     pub timeout: Duration,
     pub rollback_on_failure: bool,
+    /// A first wave of this many nodes.
+    pub canary: Option<u32>,
+    /// Then waves of this size.
+    pub batch: Option<Batch>,
+    /// How long to wait between waves.
+    pub pause: Duration,
+}
+
+impl SwitchFlags {
+    /// Whether nodes switch in waves rather than all at once.
+    pub(crate) fn progressive(&self) -> bool {
+        self.canary.is_some() || self.batch.is_some()
+    }
 }
 
 impl Default for SwitchFlags {
     fn default() -> SwitchFlags {
         SwitchFlags {
-            nodes: 1,
+            nodes: Need::Count(1),
             timeout: DEFAULT_TIMEOUT,
             rollback_on_failure: false,
+            canary: None,
+            batch: None,
+            pause: Duration::ZERO,
         }
     }
 }
@@ -301,6 +383,48 @@ fn number(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<u32,
     })
 }
 
+/// `-nodes`: a number (at least 1), `all`, or a share such as `90%`.
+fn nodes(parser: &mut lexopt::Parser, command: &str) -> Result<Need, Error> {
+    let text = string(parser, command)?;
+    if text == "all" {
+        return Ok(Need::All);
+    }
+    match share(&text) {
+        Some(Ok(p)) => return Ok(Need::Share(p)),
+        Some(Err(())) => return Err(bad_share("nodes", &text, command)),
+        None => {}
+    }
+    match text.parse::<u32>() {
+        Ok(0) => Err(Error::Usage(format!(
+            "-nodes=0: at least 1 node must have the version before current moves; \
+             run `depro help {command}`"
+        ))),
+        Ok(n) => Ok(Need::Count(n)),
+        Err(_) => Err(Error::Usage(format!(
+            "-nodes: {text:?} is not a whole number, `all` or a share such as 90%; \
+             run `depro help {command}`"
+        ))),
+    }
+}
+
+/// `P%` with P from 1 to 100: `Some(Ok(P))`; another `…%`: `Some(Err)`.
+fn share(text: &str) -> Option<Result<u32, ()>> {
+    let number = text.strip_suffix('%')?;
+    Some(
+        number
+            .parse::<u32>()
+            .ok()
+            .filter(|p| (1..=100).contains(p))
+            .ok_or(()),
+    )
+}
+
+fn bad_share(name: &str, text: &str, command: &str) -> Error {
+    Error::Usage(format!(
+        "-{name}: {text:?} is not a share from 1% to 100%; run `depro help {command}`"
+    ))
+}
+
 fn duration(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<Duration, Error> {
     let text = string(parser, command)?;
     crate::duration::parse(&text).map_err(|why| Error::Usage(format!("-{name}: {why}")))
@@ -377,15 +501,34 @@ fn switch_flag(
     command: &str,
 ) -> Result<bool, Error> {
     match arg.key() {
-        Key::Long("nodes") => {
-            flags.nodes = number(parser, "nodes", command)?;
-            if flags.nodes == 0 {
+        Key::Long("nodes") => flags.nodes = nodes(parser, command)?,
+        Key::Long("canary") => {
+            let n = number(parser, "canary", command)?;
+            if n == 0 {
                 return Err(Error::Usage(format!(
-                    "-nodes=0: at least 1 node must have the version before current moves; \
+                    "-canary=0: a canary wave needs at least 1 node; leave the flag out for none; \
                      run `depro help {command}`"
                 )));
             }
+            flags.canary = Some(n);
         }
+        Key::Long("batch") => {
+            let text = string(parser, command)?;
+            flags.batch = Some(match share(&text) {
+                Some(Ok(p)) => Batch::Share(p),
+                Some(Err(())) => return Err(bad_share("batch", &text, command)),
+                None => match text.parse::<u32>() {
+                    Ok(n) if n > 0 => Batch::Count(n),
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "-batch: {text:?} is not a number of nodes (at least 1) or a share \
+                             such as 25%; run `depro help {command}`"
+                        )));
+                    }
+                },
+            });
+        }
+        Key::Long("pause") => flags.pause = duration(parser, "pause", command)?,
         Key::Long("timeout") => flags.timeout = timeout(parser, command)?,
         Key::Long("rollback-on-failure") => {
             flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
@@ -566,7 +709,7 @@ mod tests {
         let Command::Deploy(args) = cmd else { panic!() };
         assert_eq!(args.version, "585ecfabf5b41bae1db7bd566ce984d77568987d");
         assert_eq!(args.tree.prefix.as_deref(), Some("api/version"));
-        assert_eq!(args.switch.nodes, 3);
+        assert_eq!(args.switch.nodes, Need::Count(3));
         assert_eq!(args.switch.timeout, DEFAULT_TIMEOUT);
     }
 
@@ -584,7 +727,7 @@ mod tests {
             };
             assert_eq!(
                 (args.switch.nodes, args.switch.timeout),
-                (3, Duration::from_secs(60)),
+                (Need::Count(3), Duration::from_secs(60)),
                 "{form:?}"
             );
         }
@@ -647,6 +790,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("-timeout") && err.contains("no unit"), "{err}");
+        for (flag, why) in [
+            ("-nodes=0%", "1% to 100%"),
+            ("-nodes=101%", "1% to 100%"),
+            ("-nodes=most", "`all`"),
+            ("-batch=0", "at least 1"),
+            ("-batch=x%", "1% to 100%"),
+            ("-canary=0", "at least 1"),
+            ("-pause=5", "no unit"),
+        ] {
+            let err = parse_str(&["rollout", "v1", flag]).unwrap_err().to_string();
+            assert!(
+                err.contains(why) && err.contains("depro help rollout") || flag == "-pause=5",
+                "{flag}: {err}"
+            );
+            assert!(
+                err.contains(&flag[..flag.find('=').unwrap()]),
+                "{flag}: {err}"
+            );
+        }
         let err = parse_str(&["deploy", "v1", "-nodes=0"])
             .unwrap_err()
             .to_string();
@@ -680,5 +842,37 @@ mod tests {
             panic!()
         };
         assert!(args.json);
+    }
+
+    #[test]
+    fn nodes_all_and_shares_and_waves_parse_and_mean_what_they_say() {
+        let Command::Rollout(args) = parse_str(&[
+            "rollout",
+            "v2",
+            "-nodes=all",
+            "-canary=1",
+            "-batch=25%",
+            "-pause=30s",
+        ])
+        .unwrap() else {
+            panic!("not a rollout")
+        };
+        assert_eq!(args.switch.nodes, Need::All);
+        assert_eq!(args.switch.canary, Some(1));
+        assert_eq!(args.switch.batch, Some(Batch::Share(25)));
+        assert_eq!(args.switch.pause, Duration::from_secs(30));
+        assert!(args.switch.progressive());
+        assert_eq!(Need::All.count(7), 7);
+        assert_eq!(Need::Share(90).count(10), 9);
+        assert_eq!(Need::Share(90).count(11), 10, "rounded up");
+        assert_eq!(Need::Count(3).count(100), 3, "a number keeps its meaning");
+        assert_eq!(Batch::Share(25).of(10), 3);
+        assert_eq!(Batch::Share(1).of(10), 1, "never an empty wave");
+        let Command::Deploy(args) = parse_str(&["deploy", "v2", "-nodes=90%", "-batch=2"]).unwrap()
+        else {
+            panic!("not a deploy")
+        };
+        assert_eq!(args.switch.nodes, Need::Share(90));
+        assert_eq!(args.switch.batch, Some(Batch::Count(2)));
     }
 }

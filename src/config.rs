@@ -23,6 +23,7 @@ pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
 pub(crate) const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Reads an environment variable; empty counts as unset.
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -67,7 +68,10 @@ struct FileDeployment {
     rollout: Vec<String>,
     #[serde(default)]
     clean: Vec<String>,
+    #[serde(default)]
+    health: Vec<String>,
     timeout: Option<String>,
+    health_timeout: Option<String>,
 }
 
 /// A deployment, ready to run.
@@ -80,7 +84,11 @@ pub(crate) struct Deployment {
     pub deploy: Vec<String>,
     pub rollout: Vec<String>,
     pub clean: Vec<String>,
+    /// Run after each rollout, again until it succeeds or `health_timeout`
+    /// passes: the node reports the version `active` only once healthy.
+    pub health: Vec<String>,
     pub timeout: Duration,
+    pub health_timeout: Duration,
     /// Where it was defined, for messages: `/etc/depro/api.json, deployments[0]`.
     pub origin: String,
 }
@@ -539,6 +547,19 @@ fn resolve_deployment(
     if timeout.is_zero() {
         return Err(bad("timeout", "must be longer than 0s".into()));
     }
+    let health_timeout = match &raw.health_timeout {
+        None => DEFAULT_HEALTH_TIMEOUT,
+        Some(text) => crate::duration::parse(text).map_err(|why| bad("health_timeout", why))?,
+    };
+    if health_timeout.is_zero() {
+        return Err(bad("health_timeout", "must be longer than 0s".into()));
+    }
+    if raw.health_timeout.is_some() && raw.health.is_empty() {
+        return Err(bad(
+            "health_timeout",
+            "is set but there is no health hook; add \"health\": [...] or remove it".into(),
+        ));
+    }
     Ok(Deployment {
         id: raw.id,
         path,
@@ -547,7 +568,9 @@ fn resolve_deployment(
         deploy: raw.deploy,
         rollout: raw.rollout,
         clean: raw.clean,
+        health: raw.health,
         timeout,
+        health_timeout,
         origin,
     })
 }

@@ -36,6 +36,10 @@ pub(crate) enum Change {
     /// The doorbell was created by an agent, so that it exists before the
     /// first change (a query on a missing key wakes at every write).
     Opened,
+    /// The progressive rollout under way (`<prefix>/.rollout`) was started
+    /// or moved to its next wave (`Some`), or undone (`None`): agents read
+    /// that one key again.
+    Wave(Option<VersionName>),
 }
 
 /// One ring: the change, and the doorbell's index before it.
@@ -86,6 +90,8 @@ impl Ring {
             "restored" if subject == "-" => Change::Restored(None),
             "restored" => Change::Restored(Some(version(subject)?)),
             "opened" if subject == "-" => Change::Opened,
+            "wave" if subject == "-" => Change::Wave(None),
+            "wave" => Change::Wave(Some(version(subject)?)),
             _ => return None,
         };
         Some(Ring { change, after })
@@ -104,6 +110,8 @@ impl fmt::Display for Change {
             Change::Restored(Some(v)) => write!(f, "restored {v}"),
             Change::Restored(None) => write!(f, "restored -"),
             Change::Opened => write!(f, "opened -"),
+            Change::Wave(Some(v)) => write!(f, "wave {v}"),
+            Change::Wave(None) => write!(f, "wave -"),
         }
     }
 }
@@ -136,6 +144,8 @@ mod tests {
             Change::Restored(Some(v("v1"))),
             Change::Restored(None),
             Change::Opened,
+            Change::Wave(Some(v("v3"))),
+            Change::Wave(None),
         ] {
             let ring = Ring { change, after: 42 };
             let text = ring.text("ops@build1", "2026-11-27T08:00:00.000Z");

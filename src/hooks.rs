@@ -33,10 +33,13 @@
 //! replaced itself with another program or the group's leader exited, and
 //! kills it before deploying afresh.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -51,6 +54,8 @@ pub(crate) const MARK_VARIABLE: &str = "DEPRO_HOOK_ID";
 pub(crate) enum HookKind {
     Deploy,
     Rollout,
+    /// Run after the rollout hook until it succeeds or `health_timeout`.
+    Health,
     Clean,
 }
 
@@ -59,8 +64,152 @@ impl HookKind {
         match self {
             HookKind::Deploy => "deploy",
             HookKind::Rollout => "rollout",
+            HookKind::Health => "health",
             HookKind::Clean => "clean",
         }
+    }
+}
+
+/// How many bytes of a hook's last output lines a failure keeps.
+pub(crate) const TAIL_MAX: usize = 1024;
+
+/// Why a hook failed: how it ended and the last lines it printed. The
+/// agent logs it and reports it with the node's `failed` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HookFailure {
+    pub kind: HookKind,
+    /// How it ended, in words: `exited with status 3`, `timed out after
+    /// 5s and was killed by SIGTERM`.
+    pub what: String,
+    pub exit_code: Option<i32>,
+    /// The signal that killed it (`SIGKILL`).
+    pub signal: Option<String>,
+    pub timed_out: bool,
+    /// Its last output lines, at most [`TAIL_MAX`] bytes (not escaped).
+    pub output: String,
+}
+
+impl HookFailure {
+    /// A hook that ended with `status`; `None` if it succeeded.
+    pub(crate) fn of(kind: HookKind, status: &std::io::Result<ExitStatus>) -> Option<HookFailure> {
+        let what = failure(status)?;
+        let (exit_code, signal) = match status {
+            Ok(status) => (
+                status.code(),
+                status
+                    .signal()
+                    .map(|number| match Signal::try_from(number) {
+                        Ok(signal) => signal.to_string(),
+                        Err(_) => format!("signal {number}"),
+                    }),
+            ),
+            Err(_) => (None, None),
+        };
+        Some(HookFailure {
+            kind,
+            what,
+            exit_code,
+            signal,
+            timed_out: false,
+            output: String::new(),
+        })
+    }
+
+    /// A hook that could not run at all.
+    pub(crate) fn not_run(kind: HookKind, what: String) -> HookFailure {
+        HookFailure {
+            kind,
+            what,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            output: String::new(),
+        }
+    }
+}
+
+impl crate::tree::FailReason {
+    /// A hook's failure, as the node reports it.
+    pub(crate) fn of_hook(failure: &HookFailure) -> crate::tree::FailReason {
+        crate::tree::FailReason {
+            hook: Some(failure.kind.as_str().to_string()),
+            error: failure.to_string(),
+            exit_code: failure.exit_code,
+            signal: failure.signal.clone(),
+            timed_out: failure.timed_out,
+            output: failure.output.clone(),
+            at: Some(crate::logging::timestamp()),
+        }
+    }
+
+    /// A failure that is not a hook's exit (`hook`: the step it stopped).
+    pub(crate) fn other(hook: Option<HookKind>, error: String) -> crate::tree::FailReason {
+        crate::tree::FailReason {
+            hook: hook.map(|k| k.as_str().to_string()),
+            error,
+            at: Some(crate::logging::timestamp()),
+            ..crate::tree::FailReason::default()
+        }
+    }
+}
+
+impl std::fmt::Display for HookFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the {} hook {}", self.kind.as_str(), self.what)
+    }
+}
+
+/// The last lines a hook printed, bounded to [`TAIL_MAX`] bytes, filled by
+/// its output's reader thread.
+#[derive(Default)]
+pub(crate) struct Tail {
+    state: Mutex<TailState>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct TailState {
+    lines: VecDeque<String>,
+    bytes: usize,
+    ended: bool,
+}
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut line = line.to_string();
+        if line.len() > TAIL_MAX {
+            let mut cut = line.len() - TAIL_MAX;
+            while !line.is_char_boundary(cut) {
+                cut += 1;
+            }
+            line = line.split_off(cut);
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.bytes += line.len() + 1;
+        state.lines.push_back(line);
+        while state.bytes > TAIL_MAX + 1 {
+            let Some(first) = state.lines.pop_front() else {
+                break;
+            };
+            state.bytes -= first.len() + 1;
+        }
+    }
+
+    fn end(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+        self.ended.notify_all();
+    }
+
+    /// The lines so far, joined; waits up to `patience` for the output to
+    /// end (a hook's last lines may still be in the pipe when it exits).
+    pub(crate) fn text(&self, patience: Duration) -> String {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = self
+            .ended
+            .wait_timeout_while(state, patience, |s| !s.ended)
+            .unwrap_or_else(|e| e.into_inner());
+        let lines: Vec<&str> = state.lines.iter().map(String::as_str).collect();
+        lines.join("\n")
     }
 }
 
@@ -111,6 +260,7 @@ pub(crate) struct Running {
     child: std::process::Child,
     pgid: Pid,
     mark: String,
+    tail: Arc<Tail>,
 }
 
 /// What the agent records of a running hook, to find it after a crash.
@@ -226,6 +376,12 @@ impl Running {
         let _ = killpg(self.pgid, Signal::SIGTERM);
     }
 
+    /// The last lines the hook printed (after it ended: waits briefly for
+    /// what is still in the pipe).
+    pub(crate) fn output_tail(&self) -> String {
+        self.tail.text(Duration::from_millis(500))
+    }
+
     /// Stops every process of the hook at once (SIGKILL to the group).
     /// Also what ends a finished hook's leftover background jobs.
     pub(crate) fn kill(&self) {
@@ -258,9 +414,11 @@ pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
     let mut child = command.spawn()?;
     drop(command); // closes our copies of the pipe's write end
     let pgid = Pid::from_raw(child.id() as i32);
+    let tail = Arc::new(Tail::default());
     let forwarded = forward_lines(
         std::fs::File::from(output),
         format!("{} {}", hook.label, hook.kind.as_str()),
+        tail.clone(),
     );
     if let Err(e) = forwarded {
         // Nobody would read its output: stop it rather than let it block.
@@ -268,12 +426,21 @@ pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
         let _ = child.wait();
         return Err(e);
     }
-    Ok(Running { child, pgid, mark })
+    Ok(Running {
+        child,
+        pgid,
+        mark,
+        tail,
+    })
 }
 
 /// Sends each line a hook prints to the log, with its label (bounded and
 /// with control characters escaped: a hook's output is not trusted either).
-fn forward_lines(stream: impl Read + Send + 'static, label: String) -> std::io::Result<()> {
+fn forward_lines(
+    stream: impl Read + Send + 'static,
+    label: String,
+    tail: Arc<Tail>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("hook-output".into())
         .stack_size(64 * 1024)
@@ -284,11 +451,13 @@ fn forward_lines(stream: impl Read + Send + 'static, label: String) -> std::io::
                 if n == 0 {
                     break;
                 }
-                let text = String::from_utf8_lossy(&line);
-                let text = crate::tree::shown_line(text.trim_end_matches(['\n', '\r']));
-                log::info!("[{label}] {text}");
+                let raw = String::from_utf8_lossy(&line);
+                let raw = raw.trim_end_matches(['\n', '\r']);
+                log::info!("[{label}] {}", crate::tree::shown_line(raw));
+                tail.push(raw);
                 line.clear();
             }
+            tail.end();
         })
         .map(drop)
 }
@@ -389,6 +558,42 @@ mod tests {
     fn hooks_carry_a_mark_of_their_own() {
         assert_eq!(run(&[&format!("test -n \"${MARK_VARIABLE}\"")]), None);
         assert_ne!(new_mark(), new_mark());
+    }
+
+    #[test]
+    fn a_failure_keeps_the_last_kilobyte_of_output_in_whole_lines() {
+        let lines: Vec<String> = vec![
+            "for i in $(seq 1 200); do echo \"line $i\"; done".into(),
+            "printf 'esc \\033[31m red\\n' >&2".into(),
+            "exit 9".into(),
+        ];
+        let hook = Hook {
+            kind: HookKind::Health,
+            shell: Path::new("sh"),
+            lines: &lines,
+            cwd: Path::new("/"),
+            env: vec![],
+            label: "test v1".into(),
+            pipefail: false,
+        };
+        let mut running = spawn(&hook).unwrap();
+        let status = running.child.wait();
+        let mut failure = HookFailure::of(HookKind::Health, &status).unwrap();
+        failure.output = running.output_tail();
+        assert_eq!(failure.exit_code, Some(9));
+        assert_eq!(failure.to_string(), "the health hook exited with status 9");
+        assert!(failure.output.len() <= TAIL_MAX, "{}", failure.output.len());
+        assert!(
+            failure.output.ends_with("line 200\nesc \u{1b}[31m red"),
+            "{:?}",
+            failure.output
+        );
+        assert!(
+            failure.output.starts_with("line "),
+            "whole lines: {:?}",
+            failure.output
+        );
+        assert!(!failure.output.contains("line 1\n"));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! <prefix>/current            = <version>                    written by operators
 //! <prefix>/<version>/         = "" or CLI metadata (JSON)    the version exists
 //! <prefix>/<version>/<node>   = busy | ready | active | failed   written by <node>'s agent
+//! <prefix>/<version>/.reason/<node> = why it failed (JSON)   written by <node>'s agent
+//! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
+//! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
+//! <prefix>/.changed           = the doorbell (see `doorbell`)
 //! ```
 //!
 //! Everything read from the tree is untrusted: a name under the prefix
@@ -110,6 +114,27 @@ impl Prefix {
         format!("{}{version}/{node}", self.0)
     }
 
+    /// Why `node` failed `version` (next to its node key; a node name never
+    /// starts with a dot, so this is never a node key).
+    pub(crate) fn reason_key(&self, version: &VersionName, node: &str) -> String {
+        format!("{}{version}/{REASON}/{node}", self.0)
+    }
+
+    /// Where the agent on `node` announces that it follows this prefix.
+    pub(crate) fn agent_key(&self, node: &str) -> String {
+        format!("{}{AGENTS}/{node}", self.0)
+    }
+
+    /// The folder of the agents' announcements.
+    pub(crate) fn agents_dir(&self) -> String {
+        format!("{}{AGENTS}/", self.0)
+    }
+
+    /// The progressive rollout under way, if any.
+    pub(crate) fn rollout_key(&self) -> String {
+        format!("{}{ROLLOUT}", self.0)
+    }
+
     /// The doorbell: the depro CLI rings it in the same transaction as
     /// every change it makes under the prefix (see [`crate::doorbell`]);
     /// agents watch it alone.
@@ -121,6 +146,134 @@ impl Prefix {
 /// The name of the doorbell key under a prefix (not a version: it starts
 /// with a dot).
 pub(crate) const CHANGED: &str = ".changed";
+/// The folder of the agents' announcements under a prefix.
+pub(crate) const AGENTS: &str = ".agents";
+/// The progressive rollout under way.
+pub(crate) const ROLLOUT: &str = ".rollout";
+/// The folder of failure reasons inside a version's folder.
+pub(crate) const REASON: &str = ".reason";
+
+/// Names under a prefix that are depro's own (never versions, never warned
+/// about): the doorbell, the agents' folder, the rollout under way.
+fn is_depro_name(rest: &str) -> bool {
+    rest == CHANGED || rest == ROLLOUT || rest == format!("{AGENTS}/")
+}
+
+/// Why a node failed a version, as its agent reports it next to its
+/// `failed` key (`<prefix>/<version>/.reason/<node>`, JSON). Every field is
+/// optional, so older and newer depro versions read each other's reasons.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FailReason {
+    /// `deploy`, `rollout` or `health`; none when no hook was to blame (a
+    /// full disk, a state directory a hook deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// What happened, in words: `the deploy hook exited with status 3`.
+    #[serde(default)]
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// The hook's last output lines (at most 1 KiB, as printed: readers
+    /// escape control characters before showing them).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+impl FailReason {
+    pub(crate) fn parse(value: &[u8]) -> FailReason {
+        serde_json::from_slice(value).unwrap_or_else(|_| FailReason {
+            error: shown(&String::from_utf8_lossy(value)),
+            ..FailReason::default()
+        })
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// For a terminal: the error, then the output's last lines, indented,
+    /// control characters escaped (the values come from another host).
+    pub(crate) fn shown(&self, indent: &str) -> String {
+        let mut text = shown_line(&self.error);
+        for line in self.output.lines().filter(|l| !l.trim().is_empty()) {
+            text.push('\n');
+            text.push_str(indent);
+            text.push_str("| ");
+            text.push_str(&shown_line(line));
+        }
+        text
+    }
+}
+
+/// What an agent announces under `<prefix>/.agents/<node>` while it runs
+/// (held by its session: a dead agent drops out).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AgentRecord {
+    /// The agent's depro version.
+    #[serde(default)]
+    pub depro: String,
+    /// When this agent's session started following the prefix.
+    #[serde(default)]
+    pub since: String,
+}
+
+/// A progressive rollout under way (`<prefix>/.rollout`, JSON), written by
+/// the CLI. Agents on the nodes in `switched` run `version` instead of
+/// `current`, as long as `current` still has the ModifyIndex `base_index`
+/// (any other change of `current` ends the rollout for every agent). The
+/// last wave makes `version` current and deletes this key in one
+/// transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RolloutPlan {
+    pub version: String,
+    /// `current` when the rollout started (empty: unset) and its index.
+    #[serde(default)]
+    pub base: String,
+    #[serde(default)]
+    pub base_index: u64,
+    /// The waves, each a list of nodes, in order.
+    #[serde(default)]
+    pub waves: Vec<Vec<String>>,
+    /// How many waves have been told to switch (1 = the first).
+    #[serde(default)]
+    pub started_waves: usize,
+    /// Every node told to switch so far (the first `started_waves` waves).
+    #[serde(default)]
+    pub switched: BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// How it was asked for, to resume it the same way: `-canary=1 -batch=25%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<String>,
+}
+
+impl RolloutPlan {
+    pub(crate) fn parse(value: &[u8]) -> Option<RolloutPlan> {
+        serde_json::from_slice(value).ok()
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The version it rolls out, if the name is valid.
+    pub(crate) fn target(&self) -> Option<VersionName> {
+        VersionName::parse(&self.version).ok()
+    }
+
+    /// Whether it still applies to `current` as read (index 0: unset).
+    pub(crate) fn applies_to(&self, current_index: u64) -> bool {
+        self.base_index == current_index
+    }
+}
 
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -204,7 +357,7 @@ impl Listing {
             let Some(rest) = key.strip_prefix(prefix.as_dir()) else {
                 continue;
             };
-            if rest.is_empty() || rest == "current" || rest == CHANGED {
+            if rest.is_empty() || rest == "current" || is_depro_name(rest) {
                 continue;
             }
             let (name, is_folder) = match rest.strip_suffix('/') {
@@ -302,6 +455,8 @@ pub(crate) struct VersionInfo {
     pub meta: VersionMeta,
     /// Live nodes (their key is held by a session) and their state.
     pub nodes: BTreeMap<String, NodeEntry>,
+    /// Why nodes failed it, as they reported (held by their session).
+    pub reasons: BTreeMap<String, FailReason>,
 }
 
 /// The whole tree under a prefix, as the CLI reads it (`?recurse`).
@@ -309,6 +464,10 @@ pub(crate) struct VersionInfo {
 pub(crate) struct Tree {
     pub current: Option<CurrentKey>,
     pub versions: BTreeMap<VersionName, VersionInfo>,
+    /// The live agents that follow the prefix (their key held by a session).
+    pub agents: BTreeMap<String, AgentRecord>,
+    /// A progressive rollout under way, and its key's ModifyIndex.
+    pub rollout: Option<(RolloutPlan, u64)>,
     /// Names that are not valid versions, and node keys with bad values.
     pub ignored: BTreeSet<String>,
 }
@@ -330,6 +489,17 @@ impl Tree {
             if rest == CHANGED {
                 continue;
             }
+            if rest == ROLLOUT {
+                tree.rollout = RolloutPlan::parse(&entry.value).map(|p| (p, entry.modify_index));
+                continue;
+            }
+            if let Some(node) = rest.strip_prefix(AGENTS).and_then(|r| r.strip_prefix('/')) {
+                if entry.session.is_some() && check_node_name(node).is_ok() {
+                    let record = serde_json::from_slice(&entry.value).unwrap_or_default();
+                    tree.agents.insert(node.to_string(), record);
+                }
+                continue;
+            }
             let (name, node) = match rest.split_once('/') {
                 Some((name, node)) => (name, Some(node)),
                 None => (rest, None),
@@ -340,6 +510,16 @@ impl Tree {
                 continue;
             };
             let info = tree.versions.entry(version).or_default();
+            if let Some(reason_of) = node
+                .and_then(|n| n.strip_prefix(REASON))
+                .and_then(|n| n.strip_prefix('/'))
+            {
+                if entry.session.is_some() && check_node_name(reason_of).is_ok() {
+                    info.reasons
+                        .insert(reason_of.to_string(), FailReason::parse(&entry.value));
+                }
+                continue;
+            }
             match node {
                 None | Some("") => {
                     info.exists = true;

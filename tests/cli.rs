@@ -284,8 +284,10 @@ fn status_shows_a_fleet_with_mixed_states_as_a_table_and_as_json() {
     };
     assert_eq!(words(row("v1"))[..6], ["v1", "current", "3", "0", "0", "0"]);
     assert_eq!(words(row("v2"))[..5], ["v2", "0", "1", "1", "1"]);
-    assert_eq!(words(row("node2")), ["node2", "active", "failed"]);
-    assert_eq!(words(row("node3")), ["node3", "active", "busy"]);
+    // Each node's agent (its depro version), then its state per version.
+    let agent = env!("CARGO_PKG_VERSION");
+    assert_eq!(words(row("node2")), ["node2", agent, "active", "failed"]);
+    assert_eq!(words(row("node3")), ["node3", agent, "active", "busy"]);
     // Columns line up.
     let header = row("VERSION");
     assert_eq!(header.find("ACTIVE"), row("v1").find('3'));

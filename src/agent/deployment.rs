@@ -14,7 +14,7 @@ use crate::hooks;
 use crate::local_state::DeploymentDir;
 use crate::pacing::Backoff;
 use crate::plan::OnDisk;
-use crate::tree::NodeState;
+use crate::tree::{FailReason, NodeState};
 use crate::version_name::VersionName;
 
 pub(crate) struct DeploymentState {
@@ -46,6 +46,14 @@ pub(crate) struct DeploymentState {
     /// When to check next that this node's `failed` keys still exist (set
     /// while there are any).
     pub own_check_at: Option<Instant>,
+    /// Why versions failed here, to report with their `failed` key.
+    pub reasons: BTreeMap<VersionName, FailReason>,
+    /// Versions whose reason key this node wrote: deleted with the next
+    /// report of another state.
+    pub reasons_written: BTreeSet<VersionName>,
+    /// This node's announcement under `<prefix>/.agents/` is written under
+    /// the current session.
+    pub announced: bool,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -91,6 +99,9 @@ impl DeploymentState {
             book: Arc::default(),
             rescan,
             own_check_at: None,
+            reasons: BTreeMap::new(),
+            reasons_written: BTreeSet::new(),
+            announced: false,
         })
     }
 
@@ -118,6 +129,7 @@ impl DeploymentState {
     /// replaced): every key is written again by the next plans.
     pub(crate) fn forget_reports(&mut self) {
         self.reported.clear();
+        self.announced = false;
         self.sync_own_failed();
     }
 

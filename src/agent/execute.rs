@@ -16,17 +16,22 @@
 //! has its name.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Agent, Failure};
 use crate::consul::{Conflict, Read, TxnOp, TxnOutcome};
 use crate::hooks::HookKind;
 use crate::plan::{Action, LocalVersion, RolloutAttempt};
+use crate::tree::{FailReason, NodeState};
 use crate::version_name::VersionName;
 
-/// Reports written in one transaction: two operations each (the version's
-/// key checked, the node key written), and Consul takes at most 64.
-pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 2;
+/// Reports written in one transaction: at most three operations each (the
+/// version's key checked, the node key written, its failure reason written
+/// or deleted), and Consul takes at most 64.
+pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 3;
+
+/// How long after a failed health check the next one runs.
+const HEALTH_RETRY: Duration = Duration::from_secs(1);
 
 impl Agent {
     pub(super) fn execute(&mut self, index: usize, mut batch: Vec<Action>) {
@@ -74,6 +79,25 @@ impl Agent {
                 _ => unreachable!("only reports are batched"),
             }
         }
+        // Failure reasons: written with a `failed` key, deleted with the
+        // next report of another state.
+        let mut reasons: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        for action in batch {
+            let (version, failed) = match action {
+                Action::Report(version, state) => (version, *state == NodeState::Failed),
+                Action::Unreport(version) => (version, false),
+                _ => continue,
+            };
+            let key = deployment.spec.prefix.reason_key(version, &name);
+            if failed {
+                let reason = deployment.reasons.get(version).cloned().unwrap_or_else(|| {
+                    FailReason::other(None, "failed in an earlier run of the agent".into())
+                });
+                reasons.push((key, Some(reason.to_json())));
+            } else if deployment.reasons_written.contains(version) {
+                reasons.push((key, None));
+            }
+        }
         // The operations, and for each the action it belongs to.
         let mut ops: Vec<TxnOp<'_>> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
@@ -94,6 +118,16 @@ impl Agent {
                 }
             }
         }
+        for (key, value) in &reasons {
+            ops.push(match value {
+                Some(value) => TxnOp::Lock {
+                    key,
+                    value,
+                    session: &session,
+                },
+                None => TxnOp::Delete { key },
+            });
+        }
         let outcome = self.consul.txn(&ops)?;
         self.health.reachable(&self.consul);
         let failures = match outcome {
@@ -104,10 +138,16 @@ impl Agent {
                         Action::Report(version, state) => {
                             log::info!("{}: {state}", deployment.label(version));
                             deployment.record_report(version, Some(*state));
+                            if *state == NodeState::Failed {
+                                deployment.reasons_written.insert(version.clone());
+                            } else {
+                                deployment.reasons_written.remove(version);
+                            }
                         }
                         Action::Unreport(version) => {
                             log::info!("{}: removed", deployment.label(version));
                             deployment.record_report(version, None);
+                            deployment.reasons_written.remove(version);
                         }
                         _ => {}
                     }
@@ -154,6 +194,55 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Announces this agent under `<prefix>/.agents/<node>` for every
+    /// deployment that has not under the current session: held by the
+    /// session, so the announcement ends with the agent.
+    pub(super) fn announce_membership(&mut self) {
+        let Some(session) = self.sessions.id().map(String::from) else {
+            return;
+        };
+        let now = Instant::now();
+        let record = crate::tree::AgentRecord {
+            depro: env!("CARGO_PKG_VERSION").to_string(),
+            since: self.started_at.clone(),
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        for index in 0..self.deployments.len() {
+            let deployment = &self.deployments[index];
+            if deployment.announced || deployment.blocked_until.is_some_and(|at| at > now) {
+                continue;
+            }
+            let key = deployment.spec.prefix.agent_key(&self.config.name);
+            let op = TxnOp::Lock {
+                key: &key,
+                value: &value,
+                session: &session,
+            };
+            let result = match self.consul.txn(&[op]) {
+                Ok(TxnOutcome::Committed(_)) => {
+                    log::debug!("{}: announced as {key}", deployment.spec.id);
+                    self.deployments[index].announced = true;
+                    Ok(())
+                }
+                Ok(TxnOutcome::Rejected(failures)) => match failures.first().map(|f| f.conflict) {
+                    Some(Conflict::InvalidSession) => {
+                        self.session_lost(&session);
+                        return;
+                    }
+                    Some(Conflict::LockHeld) => self.resolve_lock_conflict(&key),
+                    _ => Err(Failure::Other(format!(
+                        "Consul refused to write {key:?}: {}; retrying",
+                        failures.first().map(|f| f.what.as_str()).unwrap_or("")
+                    ))),
+                },
+                Err(e) => Err(Failure::Consul(e)),
+            };
+            if result.is_err() {
+                self.settle(index, result);
+            }
+        }
     }
 
     /// Replaces the view of the tree with a fresh read; if Consul does not
@@ -270,7 +359,7 @@ impl Agent {
             }
             // A disk that is full, a directory that is not depro's: this
             // version fails here, the others go on (cleaning may free space).
-            Err(e) => self.deploy_failed(index, version, &e.to_string()),
+            Err(e) => self.deploy_failed(index, version, FailReason::other(None, e.to_string())),
         }
         Ok(())
     }
@@ -279,7 +368,7 @@ impl Agent {
         let dir = match self.deployments[index].dir.fresh_version_dir(version) {
             Ok(dir) => dir,
             Err(e) => {
-                self.deploy_failed(index, version, &e.to_string());
+                self.deploy_failed(index, version, FailReason::other(None, e.to_string()));
                 return Ok(());
             }
         };
@@ -288,18 +377,23 @@ impl Agent {
             self.deployments[index].label(version),
             dir.display()
         );
-        let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None);
+        let timeout = self.deployments[index].spec.timeout;
+        let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None, timeout);
         if let Some(why) = self.recover_state_dir(index, "deploy")? {
-            self.deploy_failed(index, version, &why);
+            self.deploy_failed(
+                index,
+                version,
+                FailReason::other(Some(HookKind::Deploy), why),
+            );
             return Ok(());
         }
         let outcome = outcome
-            .map_err(|why| format!("the deploy hook {why}"))
+            .map_err(|failure| Box::new(FailReason::of_hook(&failure)))
             .and_then(|()| {
                 self.deployments[index]
                     .dir
                     .mark_ready(version)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| Box::new(FailReason::other(None, e.to_string())))
             });
         match outcome {
             Ok(()) => {
@@ -310,23 +404,26 @@ impl Agent {
                     .insert(version.clone(), LocalVersion::Ready);
                 log::info!("{}: deployed", deployment.label(version));
             }
-            Err(why) => self.deploy_failed(index, version, &why),
+            Err(why) => self.deploy_failed(index, version, *why),
         }
         Ok(())
     }
 
-    /// `version` failed here: reported `failed` until an operator retries.
-    fn deploy_failed(&mut self, index: usize, version: &VersionName, why: &str) {
+    /// `version` failed here: reported `failed` (with why) until an
+    /// operator retries.
+    fn deploy_failed(&mut self, index: usize, version: &VersionName, why: FailReason) {
         let deployment = &mut self.deployments[index];
         deployment
             .disk
             .versions
             .insert(version.clone(), LocalVersion::DeployFailed);
         log::error!(
-            "{}: {why}; reporting failed (fix it, then run `depro deploy {version} -prefix={}` again to retry)",
+            "{}: {}; reporting failed (fix it, then run `depro deploy {version} -prefix={}` again to retry)",
             deployment.label(version),
+            why.error,
             deployment.spec.prefix
         );
+        deployment.reasons.insert(version.clone(), why);
     }
 
     fn rollout(
@@ -338,7 +435,7 @@ impl Agent {
         let deployment = &mut self.deployments[index];
         if let Err(e) = deployment.dir.begin_rollout(to) {
             // The hook never ran: what runs is what ran before.
-            self.rollout_failed(index, to, &e.to_string());
+            self.rollout_failed(index, to, FailReason::other(None, e.to_string()));
             return Ok(());
         }
         deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
@@ -347,21 +444,31 @@ impl Agent {
             .unwrap_or_else(|| "nothing".into());
         log::info!("{}: rolling out (from {from_text})", deployment.label(to));
         let cwd = deployment.spec.path.clone();
-        let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from));
+        let timeout = deployment.spec.timeout;
+        let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from), timeout);
         if let Some(why) = self.recover_state_dir(index, "rollout")? {
-            self.rollout_failed(index, to, &why);
+            self.rollout_failed(index, to, FailReason::other(Some(HookKind::Rollout), why));
             return Ok(());
         }
-        let outcome = outcome
-            .map_err(|why| format!("the rollout hook {why}"))
-            .and_then(|()| {
-                // The hook switched; if this cannot be recorded, the node's
-                // state is not what it would say: report the rollout failed.
-                self.deployments[index]
-                    .dir
-                    .finish_rollout(to)
-                    .map_err(|e| format!("the rollout hook succeeded but {e}"))
-            });
+        let outcome = match outcome {
+            Ok(()) => self.health_gate(index, to, from),
+            Err(failure) => Err(Some(Box::new(FailReason::of_hook(&failure)))),
+        };
+        if outcome == Err(None) {
+            // The shutdown cut the health checks short: the rollout stays
+            // unsettled, and runs again when the agent starts again.
+            return Ok(());
+        }
+        let outcome = outcome.map_err(Option::unwrap_or_default).and_then(|()| {
+            // The hook switched; if this cannot be recorded, the node's
+            // state is not what it would say: report the rollout failed.
+            self.deployments[index].dir.finish_rollout(to).map_err(|e| {
+                Box::new(FailReason::other(
+                    None,
+                    format!("the rollout hook succeeded but {e}"),
+                ))
+            })
+        });
         match outcome {
             Ok(()) => {
                 let deployment = &mut self.deployments[index];
@@ -371,19 +478,84 @@ impl Agent {
             }
             // The rollout stays unsettled (so the next one runs whatever
             // current is) and the version failed until an operator retries.
-            Err(why) => self.rollout_failed(index, to, &why),
+            Err(why) => self.rollout_failed(index, to, *why),
         }
         Ok(())
     }
 
-    fn rollout_failed(&mut self, index: usize, to: &VersionName, why: &str) {
+    /// After a successful rollout hook: runs the health hook (if any) until
+    /// it succeeds or `health_timeout` passes, one second apart. `Err(None)`:
+    /// the agent is shutting down.
+    fn health_gate(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<&VersionName>,
+    ) -> Result<(), Option<Box<FailReason>>> {
+        let spec = &self.deployments[index].spec;
+        if spec.health.is_empty() {
+            return Ok(());
+        }
+        let (limit, timeout) = (spec.health_timeout, spec.timeout);
+        let cwd = spec.path.clone();
+        let deadline = Instant::now() + limit;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = timeout.min(left.max(Duration::from_secs(1)));
+            let outcome = self.run_hook(
+                index,
+                HookKind::Health,
+                to,
+                cwd.clone(),
+                Some(from),
+                attempt,
+            );
+            let failure = match outcome {
+                Ok(()) => {
+                    log::info!(
+                        "{}: healthy (health hook passed, attempt {attempts})",
+                        self.deployments[index].label(to)
+                    );
+                    return Ok(());
+                }
+                Err(failure) => failure,
+            };
+            if self.stopping {
+                return Err(None);
+            }
+            if Instant::now() + HEALTH_RETRY >= deadline {
+                let mut reason = FailReason::of_hook(&failure);
+                reason.error = format!(
+                    "the health hook did not pass within {} ({attempts} attempts; the last one {})",
+                    crate::duration::human(limit),
+                    failure.what
+                );
+                reason.timed_out = true;
+                return Err(Some(Box::new(reason)));
+            }
+            log::info!(
+                "{}: {failure}; checking again in {}",
+                self.deployments[index].label(to),
+                crate::duration::human(HEALTH_RETRY)
+            );
+            if self.pause(HEALTH_RETRY) {
+                return Err(None);
+            }
+        }
+    }
+
+    fn rollout_failed(&mut self, index: usize, to: &VersionName, why: FailReason) {
         let deployment = &mut self.deployments[index];
         deployment.disk.rollout_failed.insert(to.clone());
         log::error!(
-            "{}: {why}; reporting failed (fix it, then run `depro deploy {to} -prefix={}` again to retry)",
+            "{}: {}; reporting failed (fix it, then run `depro deploy {to} -prefix={}` again to retry)",
             deployment.label(to),
+            why.error,
             deployment.spec.prefix
         );
+        deployment.reasons.insert(to.clone(), why);
     }
 
     fn clean(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
@@ -393,9 +565,10 @@ impl Agent {
         if deployment.dir.owns(version) {
             // From here a crash leaves it "not ready", never ready-but-partial.
             deployment.dir.begin_clean(version)?;
-            if let Err(why) = self.run_hook(index, HookKind::Clean, version, cwd, None) {
+            let timeout = deployment.spec.timeout;
+            if let Err(why) = self.run_hook(index, HookKind::Clean, version, cwd, None, timeout) {
                 log::warn!(
-                    "{}: the clean hook {why}; removing the directory anyway",
+                    "{}: {why}; removing the directory anyway",
                     self.deployments[index].label(version)
                 );
             }
@@ -407,6 +580,7 @@ impl Agent {
         deployment.dir.remove_version(version)?;
         deployment.disk.versions.remove(version);
         deployment.disk.rollout_failed.remove(version);
+        deployment.reasons.remove(version);
         Ok(())
     }
 

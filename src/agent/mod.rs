@@ -90,6 +90,8 @@ pub(crate) struct Agent {
     stopping: bool,
     next_watch: u64,
     last_served: usize,
+    /// When this agent started, for its announcements.
+    started_at: String,
 }
 
 /// How an action failed.
@@ -147,6 +149,7 @@ impl Agent {
             stopping: false,
             next_watch: 0,
             last_served: 0,
+            started_at: crate::logging::timestamp(),
         })
     }
 
@@ -161,6 +164,7 @@ impl Agent {
             }
             self.ensure_session();
             self.start_watches();
+            self.announce_membership();
             self.check_own_keys();
             if let Some((index, action)) = self.next_action() {
                 self.execute(index, action);

@@ -111,6 +111,7 @@ pub(super) fn shell_pipefail(spec: &Deployment) -> bool {
         .iter()
         .chain(&spec.rollout)
         .chain(&spec.clean)
+        .chain(&spec.health)
         .any(|l| hooks::has_pipe(l));
     if piped && !pipefail {
         log::warn!(
@@ -134,6 +135,7 @@ pub(super) fn retry(deployment: &mut DeploymentState, version: &VersionName) {
         deployment.disk.versions.remove(version);
     }
     deployment.disk.rollout_failed.remove(version);
+    deployment.reasons.remove(version);
 }
 
 pub(super) fn describe_files(files: &[PathBuf]) -> String {

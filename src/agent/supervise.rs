@@ -12,7 +12,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use super::{Agent, Event};
-use crate::hooks::{self, Hook, HookKind};
+use crate::hooks::{self, Hook, HookFailure, HookKind};
 use crate::signals::Signal;
 use crate::version_name::VersionName;
 
@@ -31,11 +31,13 @@ impl Agent {
         version: &VersionName,
         cwd: PathBuf,
         previous: Option<Option<&VersionName>>,
-    ) -> Result<(), String> {
+        timeout: Duration,
+    ) -> Result<(), HookFailure> {
         let spec = &self.deployments[index].spec;
         let lines = match kind {
             HookKind::Deploy => &spec.deploy,
             HookKind::Rollout => &spec.rollout,
+            HookKind::Health => &spec.health,
             HookKind::Clean => &spec.clean,
         };
         if lines.is_empty() {
@@ -58,7 +60,6 @@ impl Agent {
                 previous.map(|v| v.to_string()).unwrap_or_default(),
             ));
         }
-        let timeout = spec.timeout;
         let hook = Hook {
             kind,
             shell: &spec.shell,
@@ -68,8 +69,12 @@ impl Agent {
             label: format!("{} {version}", spec.id),
             pipefail: self.deployments[index].pipefail,
         };
-        let mut running = hooks::spawn(&hook)
-            .map_err(|e| format!("could not be started with {}: {e}", spec.shell.display()))?;
+        let mut running = hooks::spawn(&hook).map_err(|e| {
+            HookFailure::not_run(
+                kind,
+                format!("could not be started with {}: {e}", spec.shell.display()),
+            )
+        })?;
         let dir = &self.deployments[index].dir;
         if let Err(e) = dir.record_hook(&running.leftover()) {
             log::warn!("{e}");
@@ -81,6 +86,26 @@ impl Agent {
         outcome
     }
 
+    /// Waits `duration` between hook runs, keeping other events for later;
+    /// returns whether the agent was told to stop meanwhile.
+    pub(super) fn pause(&mut self, duration: Duration) -> bool {
+        let end = Instant::now() + duration;
+        while !self.stopping {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.rx.recv_timeout(left) {
+                Ok(Event::Signal(Signal::Stop(number))) => self.stop(number),
+                Ok(Event::Signal(Signal::ChildExited)) => {}
+                Ok(other) => self.pending.push_back(other),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return true,
+            }
+        }
+        self.stopping
+    }
+
     fn wait_for_hook(
         &mut self,
         running: &mut hooks::Running,
@@ -88,7 +113,7 @@ impl Agent {
         version: &VersionName,
         index: usize,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), HookFailure> {
         #[derive(Clone, Copy, PartialEq)]
         enum Phase {
             Running,
@@ -111,19 +136,27 @@ impl Agent {
             if let Some(status) = running.try_wait() {
                 // A hook's processes end with it: its background jobs too.
                 running.kill();
-                return match (hooks::failure(&status), phase) {
-                    (None, _) => Ok(()),
-                    (Some(failure), Phase::Running) => Err(failure),
-                    (Some(failure), _) => Err(match why {
-                        Why::Timeout => format!(
-                            "timed out after {} and {failure}",
-                            crate::duration::human(timeout)
-                        ),
-                        Why::Shutdown => {
-                            format!("was stopped by the agent's shutdown and {failure}")
-                        }
-                    }),
+                let Some(mut failure) = HookFailure::of(kind, &status) else {
+                    return Ok(());
                 };
+                failure.output = running.output_tail();
+                if phase != Phase::Running {
+                    match why {
+                        Why::Timeout => {
+                            failure.timed_out = true;
+                            failure.what = format!(
+                                "timed out after {} and {}",
+                                crate::duration::human(timeout),
+                                failure.what
+                            );
+                        }
+                        Why::Shutdown => {
+                            failure.what =
+                                format!("was stopped by the agent's shutdown and {}", failure.what);
+                        }
+                    }
+                }
+                return Err(failure);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -146,7 +179,13 @@ impl Agent {
                         running.kill();
                         phase = Phase::Killed;
                     }
-                    Phase::Killed => return Err("did not end even after SIGKILL".to_string()),
+                    Phase::Killed => {
+                        let mut failure =
+                            HookFailure::not_run(kind, "did not end even after SIGKILL".into());
+                        failure.timed_out = matches!(why, Why::Timeout);
+                        failure.output = running.output_tail();
+                        return Err(failure);
+                    }
                 }
                 deadline = now + KILL_AFTER;
                 continue;
@@ -173,7 +212,9 @@ impl Agent {
                     }
                 }
                 Ok(other) => self.pending.push_back(other),
-                Err(RecvTimeoutError::Disconnected) => return Err("lost track of the hook".into()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(HookFailure::not_run(kind, "lost track of the hook".into()));
+                }
             }
         }
     }

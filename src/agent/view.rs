@@ -32,6 +32,10 @@ pub(crate) struct ListingSeen {
     /// This node's keys that were checked (those it reported `failed`)
     /// and found missing.
     pub own_missing: BTreeSet<VersionName>,
+    /// A progressive rollout under way that names this node: run this
+    /// version instead of `current`, as long as `current` still has this
+    /// ModifyIndex (see `tree::RolloutPlan`).
+    pub wave: Option<(VersionName, u64)>,
 }
 
 /// `<prefix>/current` as read.
@@ -157,6 +161,19 @@ impl View {
         let current = self.current.as_ref()?;
         let mut versions: BTreeSet<VersionName> = listing.versions.keys().cloned().collect();
         versions.extend(self.repaired.keys().cloned());
+        // A wave of a progressive rollout that names this node, started on
+        // the `current` this node sees, for a version the tree has.
+        if let Some((version, _)) = listing
+            .wave
+            .as_ref()
+            .filter(|(v, base)| *base == current.index && versions.contains(v))
+        {
+            return Some(Wanted {
+                versions,
+                current: Some(version.clone()),
+                may_repair: false,
+            });
+        }
         Some(Wanted {
             versions,
             current: current.version.clone(),

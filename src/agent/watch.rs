@@ -121,16 +121,24 @@ impl Target {
 #[derive(Debug, Default)]
 pub(crate) struct Book {
     seen: Option<TreeSeen>,
-    rings: VecDeque<(u64, Change)>,
+    rings: VecDeque<(u64, Heard)>,
+}
+
+/// A ring as the tree watch applied it: a change, or (for a wave ring) what
+/// it then read of the rollout under way.
+#[derive(Clone, Debug)]
+enum Heard {
+    Change(Change),
+    Wave(Option<(VersionName, u64)>),
 }
 
 impl Book {
     /// A whole read, as of the listing's index `as_of`: the rings heard
     /// since are applied over it (applying a ring twice changes nothing).
     fn whole(&mut self, mut seen: TreeSeen, as_of: u64, target: &Target) -> TreeSeen {
-        for (index, change) in &self.rings {
+        for (index, heard) in &self.rings {
             if *index > as_of {
-                apply(&mut seen, change, target);
+                apply(&mut seen, heard, target);
             }
         }
         keep_own(&mut seen, &target.own());
@@ -139,16 +147,16 @@ impl Book {
     }
 
     /// A ring at `index`: applied to the snapshot, if there is one yet.
-    fn ring(&mut self, index: u64, change: Change, target: &Target) -> Option<TreeSeen> {
+    fn ring(&mut self, index: u64, heard: Heard, target: &Target) -> Option<TreeSeen> {
         if self.rings.len() == RINGS_KEPT {
             self.rings.pop_front();
         }
         let seen = self.seen.as_mut().map(|seen| {
-            apply(seen, &change, target);
+            apply(seen, &heard, target);
             keep_own(seen, &target.own());
             seen.clone()
         });
-        self.rings.push_back((index, change));
+        self.rings.push_back((index, heard));
         seen
     }
 
@@ -160,7 +168,16 @@ impl Book {
 }
 
 /// Applies what a ring says to a snapshot.
-fn apply(seen: &mut TreeSeen, change: &Change, target: &Target) {
+fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
+    let change = match heard {
+        Heard::Wave(wave) => {
+            if let Some(listing) = &mut seen.listing {
+                listing.wave = wave.clone();
+            }
+            return;
+        }
+        Heard::Change(change) => change,
+    };
     match change {
         Change::Created(version) => {
             seen.listing
@@ -185,7 +202,13 @@ fn apply(seen: &mut TreeSeen, change: &Change, target: &Target) {
                 listing.own_missing.insert(version.clone());
             }
         }
-        Change::Retried { .. } | Change::Switched(_) | Change::Restored(_) | Change::Opened => {}
+        Change::Switched(_) | Change::Restored(_) => {
+            // `current` moved: a rollout under way no longer applies.
+            if let Some(listing) = &mut seen.listing {
+                listing.wave = None;
+            }
+        }
+        Change::Retried { .. } | Change::Opened | Change::Wave(_) => {}
     }
 }
 
@@ -430,7 +453,20 @@ fn tree_loop(
                 );
                 match ring {
                     Some(ring) if ring.after == before => {
-                        let seen = target.book().ring(index, ring.change, target);
+                        let heard = match ring.change {
+                            Change::Wave(_) => match read_wave(consul, target, Some(index)) {
+                                Ok(wave) => Heard::Wave(wave),
+                                Err(e) => {
+                                    if failed(&e, &mut cursor, health, stop, stop.rings()) {
+                                        return;
+                                    }
+                                    (bell, whole, last) = (None, Some(Whole::Leader), None);
+                                    continue;
+                                }
+                            },
+                            change => Heard::Change(change),
+                        };
+                        let seen = target.book().ring(index, heard, target);
                         if !publish(seen, &mut last) {
                             return;
                         }
@@ -494,6 +530,31 @@ fn open_doorbell(consul: &Consul, target: &Target) {
     }
 }
 
+/// Reads the progressive rollout under way (`<prefix>/.rollout`): the
+/// version this node is told to run and the `current` index it applies to,
+/// if the rollout names this node. After a ring at index `at`, from a
+/// server that has reached it; otherwise from the leader.
+fn read_wave(
+    consul: &Consul,
+    target: &Target,
+    at: Option<u64>,
+) -> Result<Option<(VersionName, u64)>, ConsulError> {
+    let read = match at {
+        Some(at) => Read::blocking(at.saturating_sub(1), CATCH_UP, Consistency::Stale),
+        None => Read::consistent(),
+    };
+    let answer = consul.get(&target.prefix.rollout_key(), read)?;
+    let plan = answer
+        .value
+        .and_then(|e| crate::tree::RolloutPlan::parse(&e.value));
+    Ok(plan.and_then(|plan| {
+        let version = plan.target()?;
+        plan.switched
+            .contains(&target.node)
+            .then_some((version, plan.base_index))
+    }))
+}
+
 /// Reads the tree whole, through the book (for the main loop, when a write
 /// proved its view outdated): from a leader that has caught up.
 pub(crate) fn look_now(consul: &Consul, target: &Target) -> Result<TreeSeen, ConsulError> {
@@ -546,8 +607,14 @@ fn read_whole(
         .into_iter()
         .map(String::from)
         .collect();
+    let rollout_key = target.prefix.rollout_key();
+    let wave = match keys.contains(&rollout_key) {
+        true => read_wave(consul, target, None)?,
+        false => None,
+    };
     let mut seen = ListingSeen {
         ignored: listing.ignored,
+        wave,
         ..ListingSeen::default()
     };
     for version in listing.plain {

@@ -10,13 +10,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use super::{Ctx, Seen, names, took, version_arg};
-use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
+use super::{Also, Ctx, Seen, names, took, version_arg};
+use crate::cli::{DeployArgs, Need, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, NodeEntry, NodeState, VersionMeta, shown};
+use crate::tree::{CurrentKey, FailReason, NodeEntry, NodeState, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 /// Where a version stands before the switch.
@@ -92,6 +92,9 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let start = Instant::now();
     let deadline = start + args.switch.timeout;
     ctx.deadline = deadline;
+    if !args.no_rollout {
+        super::waves::check_none_other(&ctx, &version)?;
+    }
     // current, and this version's keys: nothing else of the tree is needed.
     let base = ctx.read_current()?;
     let info = ctx.read_version(&version)?;
@@ -125,15 +128,19 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         .filter(|(_, e)| e.state == NodeState::Failed)
     {
         let key = ctx.prefix.node_key(&version, node);
-        let delete = TxnOp::DeleteCas {
-            key: &key,
-            index: entry.modify_index,
-        };
+        let reason = ctx.prefix.reason_key(&version, node);
+        let delete = [
+            TxnOp::DeleteCas {
+                key: &key,
+                index: entry.modify_index,
+            },
+            TxnOp::Delete { key: &reason },
+        ];
         let change = Change::Retried {
             version: version.clone(),
             node: node.clone(),
         };
-        if let TxnOutcome::Committed(_) = ctx.write_ringing(&[delete], change)? {
+        if let TxnOutcome::Committed(_) = ctx.write_ringing(&delete, change)? {
             ctx.out
                 .line(&format!("{node}: failed before; asked it to try again"));
             retried.insert(node.clone());
@@ -164,13 +171,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     }
 
     // 3 and 4. Switch `current`, confirm the rollout.
-    switch_and_confirm(
-        &mut ctx,
-        &wait,
-        ready_nodes,
-        args.switch.rollback_on_failure,
-        start,
-    )?;
+    super::waves::switch(&mut ctx, &wait, ready_nodes, &args.switch, start)?;
 
     // 5. Keep only the newest versions.
     if let Some(keep) = args.keep {
@@ -184,6 +185,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
+    super::waves::check_none_other(&ctx, &version)?;
     let base = ctx.read_current()?;
     let exists = ctx.read_version_key(&version)?.is_some();
     roll_to(&mut ctx, base, &version, exists, &args.switch, start)
@@ -193,6 +195,11 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
+    // A progressive rollout under way is undone, whatever it rolls out.
+    let deadline = ctx.deadline;
+    if super::waves::undo_under_way(&mut ctx, deadline, start)? {
+        return Ok(());
+    }
     let tree = ctx.read_existing_tree()?;
     let from = tree.current_version().cloned().ok_or_else(|| {
         Error::Refused(format!(
@@ -239,7 +246,7 @@ fn roll_to(
         abort_if_current_moves: true,
     };
     let ready = wait_ready(ctx, &wait)?;
-    switch_and_confirm(ctx, &wait, ready, switch.rollback_on_failure, start)
+    super::waves::switch(ctx, &wait, ready, switch, start)
 }
 
 fn describe_current(current: Option<&CurrentKey>) -> String {
@@ -250,21 +257,37 @@ fn describe_current(current: Option<&CurrentKey>) -> String {
 }
 
 /// What the waits before and after the switch need to know.
-struct Wait<'a> {
-    version: &'a VersionName,
-    need: u32,
-    deadline: Instant,
+pub(super) struct Wait<'a> {
+    pub version: &'a VersionName,
+    pub need: Need,
+    pub deadline: Instant,
     /// Nodes asked to retry, which must report again.
-    retried: &'a BTreeSet<String>,
+    pub retried: &'a BTreeSet<String>,
     /// `current` as read when the command started.
-    base: Option<&'a CurrentKey>,
+    pub base: Option<&'a CurrentKey>,
     /// End the wait (exit 5) as soon as someone else moves `current`.
-    abort_if_current_moves: bool,
+    pub abort_if_current_moves: bool,
+}
+
+/// Failed nodes with what their agents reported: `node2 (the deploy hook
+/// exited with status 3)`.
+pub(super) fn failed_nodes(failed: &[String], reasons: &BTreeMap<String, FailReason>) -> String {
+    let described: Vec<String> = failed
+        .iter()
+        .map(|node| match reasons.get(node) {
+            Some(reason) if !reason.error.is_empty() => {
+                format!("{node} ({})", crate::tree::shown_line(&reason.error))
+            }
+            _ => node.clone(),
+        })
+        .collect();
+    names(&described)
 }
 
 /// Why a wait ended without the outcome it waited for.
 enum Interrupted {
-    Failed(Vec<String>),
+    /// These nodes failed, with what they reported.
+    Failed(Vec<String>, BTreeMap<String, FailReason>),
     /// The version's key is gone: someone removed it.
     Removed,
     /// `current` moved, to this.
@@ -280,7 +303,14 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
         ready: 0,
         reported: 0,
     };
-    let outcome = ctx.follow(version, wait.deadline, |out, seen: &Seen| {
+    let mut need = 0;
+    // With -nodes=all or a share: the agents that have not reported yet.
+    let mut missing: Vec<String> = Vec::new();
+    let also = Also {
+        agents: wait.need.counts_agents(),
+        rollout: false,
+    };
+    let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen: &Seen| {
         if !seen.info.exists {
             return Some(Err(Interrupted::Removed));
         }
@@ -289,18 +319,32 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
         {
             return Some(Err(Interrupted::Moved(seen.current.clone())));
         }
-        last = readiness(&seen.info.nodes, wait.need, wait.retried);
+        need = wait.need.count(seen.agents.len());
+        missing = seen
+            .agents
+            .keys()
+            .filter(|n| !seen.info.nodes.get(*n).is_some_and(|e| e.state.has_it()))
+            .cloned()
+            .collect();
+        last = readiness(&seen.info.nodes, need, wait.retried);
+        let of = match wait.need {
+            Need::Count(_) => String::new(),
+            other => format!(" (-nodes={other} of {} agents)", seen.agents.len()),
+        };
         match &last {
             Readiness::Waiting { ready, .. } => {
-                out.count(&format!("{ready}/{} ready", wait.need));
+                out.count(&format!("{ready}/{need} ready{of}"));
                 None
             }
             Readiness::Ready => {
                 let ready = seen.info.nodes.len();
-                out.count(&format!("{ready}/{} ready", wait.need.max(ready as u32)));
+                out.count(&format!("{ready}/{} ready{of}", need.max(ready as u32)));
                 Some(Ok(seen.info.nodes.keys().cloned().collect()))
             }
-            Readiness::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
+            Readiness::Failed(nodes) => Some(Err(Interrupted::Failed(
+                nodes.clone(),
+                seen.info.reasons.clone(),
+            ))),
         }
     })?;
     match outcome {
@@ -311,11 +355,18 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
                 Readiness::Waiting { ready, reported } => (ready, reported),
                 _ => (0, 0),
             };
+            let lagging = if wait.need.counts_agents() && !missing.is_empty() {
+                format!(
+                    "; the agents without it: {}",
+                    names(&missing.iter().map(|n| shown(n)).collect::<Vec<_>>())
+                )
+            } else {
+                String::new()
+            };
             Err(Error::Timeout(format!(
-                "timed out waiting for {version}: {ready} of the {} nodes needed have it \
-                 ({reported} reported); current unchanged ({}); check the agents (`depro status -prefix={}`) \
-                 or use a longer -timeout",
-                wait.need,
+                "timed out waiting for {version}: {ready} of the {need} nodes needed have it \
+                 ({reported} reported{lagging}); current unchanged ({}); check the agents \
+                 (`depro status -prefix={}`) or use a longer -timeout",
                 describe_current(wait.base),
                 ctx.prefix
             )))
@@ -327,10 +378,10 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
 fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
     let version = wait.version;
     match why {
-        Interrupted::Failed(failed) => Error::Refused(format!(
+        Interrupted::Failed(failed, reasons) => Error::Refused(format!(
             "{version} failed on {}; current unchanged ({}); see the agent's log there \
              (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={}` again to retry",
-            names(&failed),
+            failed_nodes(&failed, &reasons),
             describe_current(wait.base),
             ctx.prefix
         )),
@@ -375,13 +426,15 @@ fn switched_by(ctx: &Ctx, current: &CurrentKey) -> Option<String> {
         .map(|by| shown(&by))
 }
 
-/// Steps 3 and 4.
-fn switch_and_confirm(
+/// Steps 3 and 4. `finishing`: the progressive rollout whose last step
+/// this switch is (its key and index, deleted in the same transaction).
+pub(super) fn switch_and_confirm(
     ctx: &mut Ctx,
     wait: &Wait<'_>,
     expected: BTreeSet<String>,
     rollback_on_failure: bool,
     start: Instant,
+    finishing: Option<u64>,
 ) -> Result<()> {
     let version = wait.version;
     let base = wait.base;
@@ -390,7 +443,7 @@ fn switch_and_confirm(
     let ours = match base {
         Some(c) if already => c.modify_index,
         _ => {
-            let index = switch_current(ctx, version, base, wait.deadline)?;
+            let index = switch_current(ctx, version, base, wait.deadline, finishing)?;
             ctx.out.line(&format!(
                 "current: {} -> {version}",
                 was.as_deref().unwrap_or("unset")
@@ -414,7 +467,10 @@ fn switch_and_confirm(
                 out.count(&format!("{total}/{total} active"));
                 Some(Ok(()))
             }
-            Confirmation::Failed(nodes) => Some(Err(Interrupted::Failed(nodes.clone()))),
+            Confirmation::Failed(nodes) => Some(Err(Interrupted::Failed(
+                nodes.clone(),
+                seen.info.reasons.clone(),
+            ))),
         }
     })?;
     match outcome {
@@ -443,8 +499,11 @@ fn switch_and_confirm(
         Some(Err(Interrupted::Removed)) => {
             unreachable!("only the wait before the switch ends on it")
         }
-        Some(Err(Interrupted::Failed(failed))) => {
-            let mut message = format!("the rollout of {version} failed on {}", names(&failed));
+        Some(Err(Interrupted::Failed(failed, reasons))) => {
+            let mut message = format!(
+                "the rollout of {version} failed on {}",
+                failed_nodes(&failed, &reasons)
+            );
             if rollback_on_failure && !already {
                 message.push_str(&restore_current(ctx, version, base, ours)?);
             } else {
@@ -482,9 +541,11 @@ fn switch_current(
     version: &VersionName,
     base: Option<&CurrentKey>,
     deadline: Instant,
+    finishing: Option<u64>,
 ) -> Result<u64> {
     let base_index = base.map_or(0, |c| c.modify_index);
     let current_key = ctx.prefix.current_key();
+    let rollout_key = ctx.prefix.rollout_key();
     // A version's key changes when another command records its own
     // switch to it; a few rounds settle that.
     for _ in 0..5 {
@@ -499,7 +560,7 @@ fn switch_current(
         meta.current_order = Some(base_index);
         let meta_json = meta.to_json();
         let bell = ctx.ring(Change::Switched(version.clone()))?;
-        let ops = [
+        let mut ops = vec![
             TxnOp::Cas {
                 key: &current_key,
                 value: version.as_str().as_bytes(),
@@ -514,6 +575,14 @@ fn switch_current(
             // write anywhere wakes it) see the first switch at once.
             bell.op(),
         ];
+        if let Some(index) = finishing {
+            // The last step of a progressive rollout: its key goes in the
+            // same transaction, and only if nobody changed it meanwhile.
+            ops.push(TxnOp::DeleteCas {
+                key: &rollout_key,
+                index,
+            });
+        }
         let outcome = match ctx.consul.txn(&ops) {
             Ok(outcome) => outcome,
             Err(e) if e.is_transient() => {
@@ -521,7 +590,7 @@ fn switch_current(
                     "depro: the answer to the switch was lost ({}); reading {current_key} to find out what happened",
                     e.summary()
                 );
-                return settle_unknown_switch(ctx, version, base_index, deadline);
+                return settle_unknown_switch(ctx, version, base_index, deadline, finishing);
             }
             Err(e) => return Err(e.into()),
         };
@@ -553,6 +622,14 @@ fn switch_current(
                         now.as_ref(),
                         "is ready but not current",
                     ));
+                }
+                if outcome.failure_of(3).is_some() {
+                    return Err(Error::LostRace(format!(
+                        "the progressive rollout of {version} under {} was changed by another command \
+                         (undone or replaced) before its last step; current unchanged; check with \
+                         `depro status -prefix={}`",
+                        ctx.prefix, ctx.prefix
+                    )));
                 }
                 if outcome.failure_of(1).is_some() || outcome.failure_of(2).is_some() {
                     // The version's key changed or went (read it again), or
@@ -615,6 +692,7 @@ fn settle_unknown_switch(
     version: &VersionName,
     base_index: u64,
     deadline: Instant,
+    finishing: Option<u64>,
 ) -> Result<u64> {
     let mut backoff = crate::pacing::Backoff::new(
         std::time::Duration::from_millis(200),
@@ -631,7 +709,7 @@ fn settle_unknown_switch(
                 if unchanged {
                     eprintln!("depro: the switch did not happen; trying again");
                     let base = now.clone();
-                    return switch_current(ctx, version, base.as_ref(), deadline);
+                    return switch_current(ctx, version, base.as_ref(), deadline, finishing);
                 }
                 return Err(lost_race(
                     ctx,

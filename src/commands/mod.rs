@@ -6,6 +6,7 @@ mod deploy;
 mod progress;
 mod remove;
 mod status;
+mod waves;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::consul::{Conflict, Consul, ConsulError, KvEntry, Read, TxnOp, TxnOutc
 use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::doorbell::{Change, Ring};
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, NodeEntry, Prefix, Tree, VersionInfo};
+use crate::tree::{AgentRecord, CurrentKey, NodeEntry, Prefix, RolloutPlan, Tree, VersionInfo};
 use crate::version_name::VersionName;
 use progress::Progress;
 
@@ -80,6 +81,17 @@ pub(crate) struct Seen {
     pub current: Option<CurrentKey>,
     /// Nodes whose key disappeared while following, and why.
     pub vanished: BTreeMap<String, Vanished>,
+    /// The live agents that follow the prefix (when followed, see [`Also`]).
+    pub agents: BTreeMap<String, AgentRecord>,
+    /// The progressive rollout under way and its index (when followed).
+    pub rollout: Option<(RolloutPlan, u64)>,
+}
+
+/// What [`Ctx::follow`] follows besides the version and `current`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Also {
+    pub agents: bool,
+    pub rollout: bool,
 }
 
 /// Why a node's key disappeared.
@@ -97,6 +109,8 @@ pub(crate) enum Vanished {
 enum Update {
     Version(Vec<KvEntry>),
     Current(Option<KvEntry>),
+    Agents(Vec<KvEntry>),
+    Rollout(Option<KvEntry>),
     Retrying(String),
     Failed(ConsulError),
 }
@@ -284,6 +298,22 @@ impl Ctx {
         Ok(answer.value.map(|e| CurrentKey::from_entry(&e)))
     }
 
+    /// Reads the live agents that follow the prefix, from the leader.
+    pub(crate) fn read_agents(&self) -> Result<BTreeMap<String, AgentRecord>> {
+        let dir = self.prefix.agents_dir();
+        let answer = self.retrying(|c| c.list_starting_with(&dir, Read::consistent()))?;
+        Ok(Tree::parse(&self.prefix, &answer.value).agents)
+    }
+
+    /// Reads the progressive rollout under way, if any, from the leader.
+    pub(crate) fn read_rollout(&self) -> Result<Option<(RolloutPlan, u64)>> {
+        let key = self.prefix.rollout_key();
+        let answer = self.retrying(|c| c.get(&key, Read::consistent()))?;
+        Ok(answer
+            .value
+            .and_then(|e| RolloutPlan::parse(&e.value).map(|p| (p, e.modify_index))))
+    }
+
     /// Reads the tree and fails clearly if there is nothing under the prefix.
     pub(crate) fn read_existing_tree(&mut self) -> Result<Tree> {
         let tree = self.read_tree()?;
@@ -323,6 +353,17 @@ impl Ctx {
         &mut self,
         version: &VersionName,
         deadline: Instant,
+        decide: impl FnMut(&mut Progress, &Seen) -> Option<T>,
+    ) -> Result<Option<T>> {
+        self.follow_also(version, deadline, Also::default(), decide)
+    }
+
+    /// [`Ctx::follow`], also following the agents or the rollout under way.
+    pub(crate) fn follow_also<T>(
+        &mut self,
+        version: &VersionName,
+        deadline: Instant,
+        also: Also,
         mut decide: impl FnMut(&mut Progress, &Seen) -> Option<T>,
     ) -> Result<Option<T>> {
         let (tx, rx) = mpsc::channel();
@@ -332,13 +373,29 @@ impl Ctx {
             let answer = consul.list_starting_with(&listing, read)?;
             Ok((answer.index, Update::Version(answer.value)))
         });
-        spawn_reader(self.consul.clone(), tx, move |consul, read| {
+        spawn_reader(self.consul.clone(), tx.clone(), move |consul, read| {
             let answer = consul.get(&current_key, read)?;
             Ok((answer.index, Update::Current(answer.value)))
         });
+        if also.agents {
+            let agents = self.prefix.agents_dir();
+            spawn_reader(self.consul.clone(), tx.clone(), move |consul, read| {
+                let answer = consul.list_starting_with(&agents, read)?;
+                Ok((answer.index, Update::Agents(answer.value)))
+            });
+        }
+        if also.rollout {
+            let key = self.prefix.rollout_key();
+            spawn_reader(self.consul.clone(), tx.clone(), move |consul, read| {
+                let answer = consul.get(&key, read)?;
+                Ok((answer.index, Update::Rollout(answer.value)))
+            });
+        }
+        drop(tx);
         let mut printed = self.seen.remove(version).unwrap_or_default();
         let mut seen = Seen::default();
         let (mut have_version, mut have_current) = (false, false);
+        let (mut have_agents, mut have_rollout) = (!also.agents, !also.rollout);
         let outcome = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let update = match rx.recv_timeout(left) {
@@ -360,18 +417,36 @@ impl Ctx {
                     have_current = true;
                     seen.current = entry.map(|e| CurrentKey::from_entry(&e));
                 }
+                Update::Agents(entries) => {
+                    have_agents = true;
+                    seen.agents = Tree::parse(&self.prefix, &entries).agents;
+                }
+                Update::Rollout(entry) => {
+                    have_rollout = true;
+                    seen.rollout = entry
+                        .and_then(|e| RolloutPlan::parse(&e.value).map(|p| (p, e.modify_index)));
+                }
                 Update::Retrying(why) => {
                     self.out.line(&format!("(Consul: {why}; retrying)"));
                     continue;
                 }
                 Update::Failed(e) => break Err(e.into()),
             }
-            if have_version && have_current && decide(&mut self.out, &seen).is_some() {
+            let complete = have_version && have_current && have_agents && have_rollout;
+            if complete && decide(&mut self.out, &seen).is_some() {
                 let leader = match self.read_version(version).and_then(|info| {
                     Ok(Seen {
                         info,
                         current: self.read_current()?,
                         vanished: seen.vanished.clone(),
+                        agents: match also.agents {
+                            true => self.read_agents()?,
+                            false => BTreeMap::new(),
+                        },
+                        rollout: match also.rollout {
+                            true => self.read_rollout()?,
+                            false => None,
+                        },
                     })
                 }) {
                     Ok(leader) => leader,
@@ -398,12 +473,18 @@ impl Ctx {
     ) {
         for (node, entry) in &info.nodes {
             vanished.remove(node);
-            match printed.get(node) {
-                None => self.out.line(&format!("{node}: {}", entry.state)),
-                Some(old) if old.state != entry.state => self
-                    .out
-                    .line(&format!("{node}: {} -> {}", old.state, entry.state)),
-                Some(_) => {}
+            let line = match printed.get(node) {
+                None => format!("{node}: {}", entry.state),
+                Some(old) if old.state != entry.state => {
+                    format!("{node}: {} -> {}", old.state, entry.state)
+                }
+                Some(_) => continue,
+            };
+            match info.reasons.get(node) {
+                Some(reason) if entry.state == crate::tree::NodeState::Failed => {
+                    self.out.line(&format!("{line}: {}", reason.shown("    ")))
+                }
+                _ => self.out.line(&line),
             }
         }
         let gone: BTreeSet<String> = printed
@@ -489,8 +570,8 @@ fn spawn_reader(
 /// What makes two answers the same: keys, values, sessions and indexes.
 fn fingerprint(update: &Update) -> Vec<(String, u64, Option<String>)> {
     let entries: Vec<&KvEntry> = match update {
-        Update::Version(entries) => entries.iter().collect(),
-        Update::Current(entry) => entry.iter().collect(),
+        Update::Version(entries) | Update::Agents(entries) => entries.iter().collect(),
+        Update::Current(entry) | Update::Rollout(entry) => entry.iter().collect(),
         _ => Vec::new(),
     };
     entries

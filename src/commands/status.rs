@@ -13,9 +13,18 @@
 //!       "created_at": "2026-11-26T10:00:00.000Z", "created_by": "ops@host",   // or null
 //!       "current_since": null, "current_by": null,
 //!       "counts": { "busy": 0, "ready": 3, "active": 0, "failed": 0 },
-//!       "nodes": { "node1": "ready", "node2": "ready", "node3": "ready" } } ],
+//!       "nodes": { "node1": "ready", "node2": "ready", "node3": "ready" },
+//!       "reasons": { "node4": { "hook": "deploy", "error": "the deploy hook exited with status 3",
+//!                               "exit_code": 3, "output": "…", "at": "…" } } } ],
+//!   "agents": { "node1": { "depro": "0.3.0", "since": "2026-11-26T09:00:00.000Z" } },
+//!   "rollout": null,                       // or the progressive rollout under way, see below
 //!   "ignored": [ "../" ] }
 //! ```
+//!
+//! `rollout`, while a progressive rollout is under way: `{ "version", "base",
+//! "waves": [[nodes]], "started_waves", "switched": [nodes], "by", "since",
+//! "in_effect" }` (`in_effect` is false when `current` moved since it
+//! started: then no agent follows it).
 
 use std::collections::BTreeSet;
 
@@ -76,6 +85,16 @@ pub(crate) fn json(
                 .iter()
                 .map(|(n, e)| (n.clone(), e.state.as_str().into()))
                 .collect();
+            let reasons: serde_json::Map<String, serde_json::Value> = info
+                .reasons
+                .iter()
+                .filter(|(n, _)| {
+                    info.nodes
+                        .get(*n)
+                        .is_some_and(|e| e.state == NodeState::Failed)
+                })
+                .map(|(n, r)| (n.clone(), serde_json::to_value(r).unwrap_or_default()))
+                .collect();
             serde_json::json!({
                 "name": name.as_str(),
                 "current": Some(name) == current,
@@ -90,15 +109,74 @@ pub(crate) fn json(
                     "active": count(NodeState::Active), "failed": count(NodeState::Failed),
                 },
                 "nodes": nodes,
+                "reasons": reasons,
             })
         })
         .collect();
+    let rollout = tree.rollout.as_ref().map(|(plan, _)| {
+        serde_json::json!({
+            "version": plan.version,
+            "base": plan.base,
+            "waves": plan.waves,
+            "started_waves": plan.started_waves,
+            "switched": plan.switched,
+            "by": plan.by,
+            "since": plan.since,
+            "in_effect": rollout_in_effect(tree),
+        })
+    });
     serde_json::json!({
         "prefix": prefix.to_string(),
         "current": current.map(|c| c.as_str()),
         "versions": versions,
+        "agents": tree.agents,
+        "rollout": rollout,
         "ignored": tree.ignored.iter().collect::<Vec<_>>(),
     })
+}
+
+/// Whether the rollout under way still applies: `current` has not moved
+/// since it started.
+fn rollout_in_effect(tree: &Tree) -> bool {
+    let index = tree.current.as_ref().map_or(0, |c| c.modify_index);
+    tree.rollout
+        .as_ref()
+        .is_some_and(|(plan, _)| plan.applies_to(index))
+}
+
+/// The progressive rollout under way, in words, with the commands that
+/// finish or undo it.
+pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
+    let (plan, _) = tree.rollout.as_ref()?;
+    let version = shown(&plan.version);
+    if !rollout_in_effect(tree) {
+        return Some(format!(
+            "a progressive rollout of {version} was left behind, but current changed since it started: \
+             no agent follows it (the next rollout replaces it)\n"
+        ));
+    }
+    let switched: Vec<String> = plan.switched.iter().map(|n| shown(n)).collect();
+    let base = if plan.base.is_empty() {
+        "nothing".to_string()
+    } else {
+        shown(&plan.base)
+    };
+    Some(format!(
+        "progressive rollout of {version} under way: wave {} of {}{}{}\n  \
+         switched to {version}: {}\n  every other node runs current ({base})\n  \
+         resume: depro rollout {version} -prefix={prefix}\n  undo:   depro rollback -prefix={prefix}\n",
+        plan.started_waves,
+        plan.waves.len(),
+        plan.by
+            .as_deref()
+            .map(|b| format!(", by {}", shown(b)))
+            .unwrap_or_default(),
+        plan.since
+            .as_deref()
+            .map(|t| format!(" since {}", shown(t)))
+            .unwrap_or_default(),
+        super::names(&switched),
+    ))
 }
 
 /// Two aligned tables: versions with their counts, then nodes × versions.
@@ -157,7 +235,15 @@ pub(crate) fn table(
         rows.push(row);
     }
     out.push_str(&align(&rows));
-    let nodes: BTreeSet<&String> = versions.iter().flat_map(|(_, i)| i.nodes.keys()).collect();
+    if let Some(rollout) = describe_rollout(prefix, tree) {
+        out.push('\n');
+        out.push_str(&rollout);
+    }
+    let nodes: BTreeSet<&String> = versions
+        .iter()
+        .flat_map(|(_, i)| i.nodes.keys())
+        .chain(tree.agents.keys())
+        .collect();
     let one_version = versions.len() == 1;
     if nodes.len() > MATRIX_NODES && !one_version {
         out.push_str(&format!(
@@ -167,12 +253,18 @@ pub(crate) fn table(
     } else if !nodes.is_empty() {
         out.push('\n');
         let mut rows = vec![
-            std::iter::once("NODE".to_string())
+            ["NODE", "AGENT"]
+                .into_iter()
+                .map(String::from)
                 .chain(versions.iter().map(|(v, _)| v.to_string()))
                 .collect(),
         ];
         for node in nodes {
-            let mut row = vec![node.clone()];
+            let agent = tree
+                .agents
+                .get(node)
+                .map_or("-".to_string(), |a| shown(&a.depro));
+            let mut row = vec![node.clone(), agent];
             for (_, info) in &versions {
                 row.push(
                     info.nodes
@@ -183,6 +275,25 @@ pub(crate) fn table(
             rows.push(row);
         }
         out.push_str(&align(&rows));
+        out.push_str(
+            "(AGENT: the depro version of the live agent that follows the prefix, - if none; \
+             -: no report on that version)\n",
+        );
+    }
+    let failures: Vec<String> = versions
+        .iter()
+        .flat_map(|(version, info)| {
+            info.nodes
+                .iter()
+                .filter(|(_, e)| e.state == NodeState::Failed)
+                .map(move |(node, _)| match info.reasons.get(node) {
+                    Some(reason) => format!("  {version} on {node}: {}", reason.shown("    ")),
+                    None => format!("  {version} on {node}: (no reason reported)"),
+                })
+        })
+        .collect();
+    if !failures.is_empty() {
+        out.push_str(&format!("\nfailures:\n{}\n", failures.join("\n")));
     }
     if !tree.ignored.is_empty() {
         let list: Vec<String> = tree.ignored.iter().take(20).map(|n| shown(n)).collect();
@@ -244,6 +355,21 @@ mod tests {
                 entry("api/version/v1/", "", 1),
                 entry("api/version/v1/node1", "ready", 2),
                 entry("api/version/v1/node2", "failed", 3),
+                entry(
+                    "api/version/v1/.reason/node2",
+                    r#"{"hook":"deploy","error":"the deploy hook exited with status 3","exit_code":3,"output":"curl: (22) 404\n\u001b[31mgone"}"#,
+                    3,
+                ),
+                entry(
+                    "api/version/.agents/node1",
+                    r#"{"depro":"0.3.0","since":"t0"}"#,
+                    1,
+                ),
+                entry(
+                    "api/version/.agents/node3",
+                    r#"{"depro":"0.3.0","since":"t0"}"#,
+                    1,
+                ),
             ],
         );
         (prefix, tree)
@@ -260,11 +386,56 @@ VERSION           ACTIVE  READY  BUSY  FAILED  CREATED
 v1                0       1      0     1       -
 v2       current  1       0      1     0       -
 
-NODE   v1      v2
-node1  ready   active
-node2  failed  busy
+NODE   AGENT  v1      v2
+node1  0.3.0  ready   active
+node2  -      failed  busy
+node3  0.3.0  -       -
+(AGENT: the depro version of the live agent that follows the prefix, - if none; -: no report on that version)
+
+failures:
+  v1 on node2: the deploy hook exited with status 3
+    | curl: (22) 404
+    | \\u{1b}[31mgone
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn json_carries_agents_failure_reasons_and_the_rollout_under_way() {
+        let (prefix, mut tree) = sample();
+        let doc = json(&prefix, &tree, &|_| true);
+        assert_eq!(doc["agents"]["node3"]["depro"], "0.3.0");
+        let v1 = &doc["versions"][0];
+        assert_eq!(v1["reasons"]["node2"]["exit_code"], 3);
+        assert_eq!(v1["reasons"]["node2"]["hook"], "deploy");
+        assert!(doc["rollout"].is_null());
+        tree.rollout = Some((
+            crate::tree::RolloutPlan {
+                version: "v3".into(),
+                base: "v2".into(),
+                base_index: 9,
+                waves: vec![vec!["node1".into()], vec!["node2".into()]],
+                started_waves: 1,
+                switched: ["node1".to_string()].into(),
+                ..Default::default()
+            },
+            20,
+        ));
+        let doc = json(&prefix, &tree, &|_| true);
+        assert_eq!(doc["rollout"]["in_effect"], true);
+        assert_eq!(doc["rollout"]["switched"][0], "node1");
+        let text = table(&prefix, &tree, &|_| true);
+        assert!(
+            text.contains("rollout of v3 under way: wave 1 of 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("depro rollback -prefix=api/version"),
+            "{text}"
+        );
+        tree.current.as_mut().unwrap().modify_index = 30;
+        let text = table(&prefix, &tree, &|_| true);
+        assert!(text.contains("no agent follows it"), "{text}");
     }
 
     #[test]
@@ -294,7 +465,7 @@ node2  failed  busy
         );
         assert!(!all.contains("node07"), "{all}");
         let one = table(&prefix, &tree, &|v| v.as_str() == "v2");
-        assert!(one.contains("node07  active"), "{one}");
+        assert!(one.contains("node07  -      active"), "{one}");
     }
 
     #[test]

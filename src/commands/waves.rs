@@ -1,0 +1,520 @@
+//! Progressive rollouts: `-canary=N` and `-batch=K|P%` on `deploy`,
+//! `rollout` and `rollback`. Nodes switch in waves, each `active` (and so
+//! healthy) before the next starts; the first failure halts the rollout.
+//!
+//! The waves live in one key, `<prefix>/.rollout` ([`RolloutPlan`]), which
+//! the command writes by check-and-set, ringing the doorbell each time. An
+//! agent on a node the plan names runs the plan's version instead of
+//! `current`, but only while `current` has the ModifyIndex the plan started
+//! from: any switch of `current` (another operator, the last step) ends the
+//! plan's effect everywhere at once. Every other node, and a host that
+//! joins meanwhile, follows `current`, never a half-done wave. The last step
+//! switches `current` and deletes the plan in one transaction.
+//!
+//! So at every moment each node runs the previous version or the new one;
+//! a killed command leaves the plan in the tree (`depro status` shows it),
+//! where `depro rollout V` resumes it and `depro rollback` undoes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::deploy::{Wait, failed_nodes, switch_and_confirm};
+use super::{Also, Ctx, names, took};
+use crate::cli::{Batch, SwitchFlags};
+use crate::consul::{Conflict, TxnOp, TxnOutcome};
+use crate::doorbell::Change;
+use crate::error::{Error, Result};
+use crate::tree::{CurrentKey, NodeState, RolloutPlan, shown};
+use crate::version_name::VersionName;
+
+/// The waves for `nodes` (in name order): the canary first, then batches.
+pub(crate) fn plan_waves(
+    nodes: &BTreeSet<String>,
+    canary: Option<u32>,
+    batch: Option<Batch>,
+) -> Vec<Vec<String>> {
+    let all: Vec<String> = nodes.iter().cloned().collect();
+    let mut waves = Vec::new();
+    let mut rest: &[String] = &all;
+    if let Some(canary) = canary {
+        let n = (canary as usize).min(rest.len());
+        waves.push(rest[..n].to_vec());
+        rest = &rest[n..];
+    }
+    let size = batch.map_or(rest.len(), |b| b.of(all.len())).max(1);
+    waves.extend(rest.chunks(size).map(<[String]>::to_vec));
+    waves.retain(|w| !w.is_empty());
+    waves
+}
+
+/// Before a command that would switch `current` to `version` does
+/// anything: a progressive rollout of another version under way is
+/// another operator's, and must be finished or undone first (exit 5).
+pub(crate) fn check_none_other(ctx: &Ctx, version: &VersionName) -> Result<()> {
+    match in_effect(ctx)? {
+        Some((plan, _)) if plan.version != version.as_str() => Err(other_under_way(ctx, &plan)),
+        _ => Ok(()),
+    }
+}
+
+/// Exit 5: another version's progressive rollout is under way.
+fn other_under_way(ctx: &Ctx, plan: &RolloutPlan) -> Error {
+    Error::LostRace(format!(
+        "a progressive rollout of {} is under way under {} (wave {} of {}{}); finish it with \
+         `depro rollout {} -prefix={}` or undo it with `depro rollback -prefix={}` first",
+        shown(&plan.version),
+        ctx.prefix,
+        plan.started_waves,
+        plan.waves.len(),
+        plan.by
+            .as_deref()
+            .map(|b| format!(", by {}", shown(b)))
+            .unwrap_or_default(),
+        shown(&plan.version),
+        ctx.prefix,
+        ctx.prefix
+    ))
+}
+
+/// The rollout under way, if it still applies to `current`.
+fn in_effect(ctx: &Ctx) -> Result<Option<(RolloutPlan, u64)>> {
+    let Some((plan, index)) = ctx.read_rollout()? else {
+        return Ok(None);
+    };
+    let current = ctx.read_current()?.map_or(0, |c| c.modify_index);
+    Ok(plan.applies_to(current).then_some((plan, index)))
+}
+
+/// Steps 3 and 4 of `deploy`, `rollout` and `rollback`: all at once, or in
+/// waves when asked to (or when a rollout of this version is under way:
+/// it is resumed).
+pub(crate) fn switch(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    ready: BTreeSet<String>,
+    flags: &SwitchFlags,
+    start: Instant,
+) -> Result<()> {
+    let version = wait.version;
+    let base_index = wait.base.map_or(0, |c| c.modify_index);
+    let under_way = ctx
+        .read_rollout()?
+        .filter(|(plan, _)| plan.applies_to(base_index));
+    let resume = match under_way {
+        Some((plan, index)) if plan.version == version.as_str() => Some((plan, index)),
+        Some((plan, _)) => return Err(other_under_way(ctx, &plan)),
+        None => None,
+    };
+    if resume.is_none() && !flags.progressive() {
+        return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
+    }
+    if wait
+        .base
+        .is_some_and(|c| c.version.as_ref() == Some(version))
+    {
+        // Already current: nothing to switch in waves.
+        return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
+    }
+    let Some(base) = wait.base.filter(|c| c.version.is_some()) else {
+        return Err(Error::Refused(format!(
+            "{}/current is not set, so there is no version to keep on the nodes outside a wave; \
+             roll out the first version to every node at once (without -canary or -batch)",
+            ctx.prefix
+        )));
+    };
+    let (mut plan, mut index) = match resume {
+        Some((plan, index)) => {
+            ctx.out.line(&format!(
+                "resuming the rollout of {version}: wave {} of {} was started{}",
+                plan.started_waves,
+                plan.waves.len(),
+                plan.by
+                    .as_deref()
+                    .map(|b| format!(" by {}", shown(b)))
+                    .unwrap_or_default()
+            ));
+            (plan, index)
+        }
+        None => start_plan(ctx, version, base, &ready, flags)?,
+    };
+    let total = plan.waves.len();
+    let mut wave = plan.started_waves.max(1) - 1;
+    loop {
+        let nodes = plan.waves[wave].clone();
+        ctx.out.line(&format!(
+            "wave {}/{total}: {} switching to {version}",
+            wave + 1,
+            names(&nodes)
+        ));
+        match wait_wave(ctx, wait, &plan, index, &nodes, base_index)? {
+            Ok(()) => ctx.out.line(&format!(
+                "wave {}/{total}: {} active on {version} ({})",
+                wave + 1,
+                names(&nodes),
+                took(start)
+            )),
+            Err(why) => return Err(halted(ctx, wait, &plan, index, wave, why, flags)),
+        }
+        wave += 1;
+        if wave == total {
+            break;
+        }
+        if !flags.pause.is_zero() {
+            ctx.out.line(&format!(
+                "pausing {} before wave {}/{total}",
+                crate::duration::human(flags.pause),
+                wave + 1
+            ));
+            std::thread::sleep(
+                flags
+                    .pause
+                    .min(wait.deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        plan.started_waves = wave + 1;
+        plan.switched.extend(plan.waves[wave].iter().cloned());
+        index = write_plan(ctx, &plan, index)?;
+    }
+    // Every wave is active: `current` moves and the plan goes, at once.
+    let expected: BTreeSet<String> = ready.union(&plan.switched).cloned().collect();
+    switch_and_confirm(
+        ctx,
+        wait,
+        expected,
+        flags.rollback_on_failure,
+        start,
+        Some(index),
+    )
+}
+
+/// Writes a new plan (its first wave started), by check-and-set: over a
+/// plan left behind that no longer applies, or where there is none.
+fn start_plan(
+    ctx: &mut Ctx,
+    version: &VersionName,
+    base: &CurrentKey,
+    ready: &BTreeSet<String>,
+    flags: &SwitchFlags,
+) -> Result<(RolloutPlan, u64)> {
+    let waves = plan_waves(ready, flags.canary, flags.batch);
+    let mut how = Vec::new();
+    if let Some(canary) = flags.canary {
+        how.push(format!("-canary={canary}"));
+    }
+    if let Some(batch) = flags.batch {
+        how.push(format!("-batch={batch}"));
+    }
+    let plan = RolloutPlan {
+        version: version.to_string(),
+        base: base.value.clone(),
+        base_index: base.modify_index,
+        switched: waves.first().into_iter().flatten().cloned().collect(),
+        waves,
+        started_waves: 1,
+        by: Some(ctx.user.clone()),
+        since: Some(crate::logging::timestamp()),
+        how: Some(how.join(" ")),
+    };
+    let left_behind = ctx.read_rollout()?.map_or(0, |(_, index)| index);
+    ctx.out.line(&format!(
+        "rolling out {version} in {} waves ({}); the other nodes stay on {}",
+        plan.waves.len(),
+        plan.waves
+            .iter()
+            .map(|w| w.len().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        shown(&base.value)
+    ));
+    let index = write_plan(ctx, &plan, left_behind)?;
+    Ok((plan, index))
+}
+
+/// Writes the plan by check-and-set on `index` (0: only if absent), with a
+/// ring; returns its new index. Exit 5 if someone else changed it.
+fn write_plan(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<u64> {
+    let key = ctx.prefix.rollout_key();
+    let value = plan.to_json();
+    let op = TxnOp::Cas {
+        key: &key,
+        value: &value,
+        index,
+    };
+    let change = Change::Wave(plan.target());
+    match ctx.write_ringing(&[op], change)? {
+        outcome @ TxnOutcome::Committed(_) => Ok(outcome.index_of(&key).unwrap_or_default()),
+        TxnOutcome::Rejected(_) => Err(Error::LostRace(format!(
+            "another command started, changed or undid a progressive rollout under {} meanwhile; \
+             check with `depro status -prefix={}`",
+            ctx.prefix, ctx.prefix
+        ))),
+    }
+}
+
+/// Why a wave did not complete.
+enum Halt {
+    Failed(Vec<String>, BTreeMap<String, crate::tree::FailReason>),
+    /// `current` moved, or the plan was changed or undone by another command.
+    Overtaken(String),
+    Timeout(usize),
+}
+
+/// Waits until every node switched so far runs `version` (`active`); a
+/// failed one halts the rollout.
+fn wait_wave(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    plan: &RolloutPlan,
+    index: u64,
+    wave: &[String],
+    base_index: u64,
+) -> Result<std::result::Result<(), Halt>> {
+    let version = wait.version;
+    let switched = &plan.switched;
+    let also = Also {
+        agents: false,
+        rollout: true,
+    };
+    let mut active = 0;
+    let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen| {
+        if seen.current.as_ref().map_or(0, |c| c.modify_index) != base_index {
+            return Some(Err(Halt::Overtaken(format!(
+                "current was changed to {} meanwhile",
+                seen.current
+                    .as_ref()
+                    .map_or("unset".to_string(), |c| shown(&c.value))
+            ))));
+        }
+        if seen.rollout.as_ref().map(|(_, i)| *i) != Some(index) {
+            return Some(Err(Halt::Overtaken(
+                "the rollout was undone or replaced by another command meanwhile".into(),
+            )));
+        }
+        let state = |n: &String| seen.info.nodes.get(n).map(|e| e.state);
+        let failed: Vec<String> = switched
+            .iter()
+            .filter(|n| state(n) == Some(NodeState::Failed))
+            .cloned()
+            .collect();
+        if !failed.is_empty() {
+            return Some(Err(Halt::Failed(failed, seen.info.reasons.clone())));
+        }
+        // A node whose agent died meanwhile drops out of the count.
+        let counted: Vec<&String> = switched
+            .iter()
+            .filter(|n| seen.vanished.get(*n) != Some(&super::Vanished::AgentGone))
+            .collect();
+        active = counted
+            .iter()
+            .filter(|n| state(n) == Some(NodeState::Active))
+            .count();
+        out.count(&format!("{active}/{} active", counted.len()));
+        (active == counted.len() && wave.iter().any(|n| counted.contains(&n))).then_some(Ok(()))
+    })?;
+    Ok(outcome.unwrap_or(Err(Halt::Timeout(active))))
+}
+
+/// The first failure halts the rollout: say which nodes run what, and with
+/// `-rollback-on-failure` undo the waves first.
+fn halted(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    plan: &RolloutPlan,
+    index: u64,
+    wave: usize,
+    why: Halt,
+    flags: &SwitchFlags,
+) -> Error {
+    let version = wait.version;
+    let base = shown(&plan.base);
+    let at = format!(
+        "the rollout of {version} halted in wave {} of {}",
+        wave + 1,
+        plan.waves.len()
+    );
+    let switched: Vec<String> = plan.switched.iter().cloned().collect();
+    let (what, exit_timeout) = match why {
+        Halt::Overtaken(what) => {
+            return Error::LostRace(format!(
+                "{at}: {what}; check with `depro status -prefix={}`",
+                ctx.prefix
+            ));
+        }
+        Halt::Failed(failed, reasons) => (
+            format!("failed on {}", failed_nodes(&failed, &reasons)),
+            false,
+        ),
+        Halt::Timeout(active) => (
+            format!(
+                "timed out with {active} of the {} switched nodes active",
+                switched.len()
+            ),
+            true,
+        ),
+    };
+    let rest = if flags.rollback_on_failure {
+        match undo(
+            ctx,
+            plan,
+            index,
+            wait.deadline.max(Instant::now() + UNDO_PATIENCE),
+        ) {
+            Ok(()) => format!(
+                "; rolled back: {} run {base} again, like every other node; current stays {base}",
+                names(&switched)
+            ),
+            Err(e) => format!("; the rollback did not complete: {e}"),
+        }
+    } else {
+        format!(
+            "; {} switched to {version} (the failed ones run what their hooks left), every other node \
+             runs {base} (current); fix the cause and resume with `depro deploy {version} -prefix={}` \
+             (it retries failed nodes), or undo with `depro rollback -prefix={}`",
+            names(&switched),
+            ctx.prefix,
+            ctx.prefix
+        )
+    };
+    let message = format!("{at}: {what}{rest}");
+    if exit_timeout {
+        Error::Timeout(message)
+    } else {
+        Error::Refused(message)
+    }
+}
+
+/// How long an undo waits at least for the switched nodes to run the
+/// previous version again, even when the command's -timeout has passed.
+const UNDO_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Deletes the plan (check-and-set on `index`, with a ring) and waits until
+/// every node it switched runs `current` again.
+fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Result<()> {
+    let key = ctx.prefix.rollout_key();
+    let op = TxnOp::DeleteCas { key: &key, index };
+    match ctx.write_ringing(&[op], Change::Wave(None))? {
+        TxnOutcome::Committed(_) => {}
+        TxnOutcome::Rejected(failures) => {
+            if failures.iter().any(|f| f.conflict == Conflict::Denied) {
+                return Err(Error::Refused(format!(
+                    "the ACL token may not delete {key}"
+                )));
+            }
+            return Err(Error::LostRace(format!(
+                "{key} was changed by another command meanwhile; check with `depro status -prefix={}`",
+                ctx.prefix
+            )));
+        }
+    }
+    ctx.out.line(&format!(
+        "undoing the rollout of {}: {} go back to {}",
+        shown(&plan.version),
+        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
+        shown(&plan.base)
+    ));
+    let Ok(base) = VersionName::parse(&plan.base) else {
+        return Ok(());
+    };
+    let switched = plan.switched.clone();
+    let outcome = ctx.follow(&base, deadline, |out, seen| {
+        let state = |n: &String| seen.info.nodes.get(n).map(|e| e.state);
+        let failed: Vec<String> = switched
+            .iter()
+            .filter(|n| state(n) == Some(NodeState::Failed))
+            .cloned()
+            .collect();
+        if !failed.is_empty() {
+            return Some(Err(failed_nodes(&failed, &seen.info.reasons)));
+        }
+        let counted: Vec<&String> = switched
+            .iter()
+            .filter(|n| seen.vanished.get(*n) != Some(&super::Vanished::AgentGone))
+            .collect();
+        let back = counted
+            .iter()
+            .filter(|n| state(n) == Some(NodeState::Active))
+            .count();
+        out.count(&format!("{back}/{} back on {base}", counted.len()));
+        (back == counted.len()).then_some(Ok(()))
+    })?;
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(failed)) => Err(Error::Refused(format!(
+            "{base} failed on {failed} on the way back"
+        ))),
+        None => Err(Error::Timeout(format!(
+            "not every switched node reports {base} active yet; check with `depro status -prefix={}`",
+            ctx.prefix
+        ))),
+    }
+}
+
+/// `depro rollback` while a progressive rollout is under way: undo it.
+/// Returns false when there is none (an ordinary rollback then).
+pub(crate) fn undo_under_way(ctx: &mut Ctx, deadline: Instant, start: Instant) -> Result<bool> {
+    let Some((plan, index)) = in_effect(ctx)? else {
+        return Ok(false);
+    };
+    undo(ctx, &plan, index, deadline)?;
+    println!(
+        "undid the rollout of {} under {} (it had started wave {} of {}): {} run {} again, like every \
+         other node; current is {} ({})",
+        shown(&plan.version),
+        ctx.prefix,
+        plan.started_waves,
+        plan.waves.len(),
+        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
+        shown(&plan.base),
+        shown(&plan.base),
+        took(start)
+    );
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> BTreeSet<String> {
+        (1..=n).map(|i| format!("node{i:02}")).collect()
+    }
+
+    fn sizes(waves: &[Vec<String>]) -> Vec<usize> {
+        waves.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn a_canary_goes_first_then_batches_of_the_rest() {
+        let waves = plan_waves(&nodes(10), Some(1), Some(Batch::Count(4)));
+        assert_eq!(sizes(&waves), [1, 4, 4, 1]);
+        assert_eq!(waves[0], ["node01"]);
+        assert_eq!(waves[1][0], "node02");
+    }
+
+    #[test]
+    fn a_share_is_of_the_whole_fleet_and_never_empty() {
+        assert_eq!(
+            sizes(&plan_waves(&nodes(10), None, Some(Batch::Share(25)))),
+            [3, 3, 3, 1]
+        );
+        assert_eq!(
+            sizes(&plan_waves(&nodes(3), None, Some(Batch::Share(1)))),
+            [1, 1, 1]
+        );
+    }
+
+    #[test]
+    fn a_canary_alone_is_followed_by_everyone_else() {
+        assert_eq!(sizes(&plan_waves(&nodes(5), Some(2), None)), [2, 3]);
+        assert_eq!(sizes(&plan_waves(&nodes(2), Some(5), None)), [2]);
+    }
+
+    #[test]
+    fn every_node_is_in_exactly_one_wave() {
+        let all = nodes(17);
+        let waves = plan_waves(&all, Some(2), Some(Batch::Share(30)));
+        let flat: Vec<&String> = waves.iter().flatten().collect();
+        assert_eq!(flat.len(), all.len());
+        assert_eq!(flat.into_iter().cloned().collect::<BTreeSet<_>>(), all);
+    }
+}

@@ -1,0 +1,444 @@
+//! Progressive delivery (issue 10), against real Consul with real agents:
+//! fleet membership and `-nodes=all`, failure reasons, health gates, and
+//! canary and batched rollouts.
+
+mod support;
+
+use nix::sys::signal::Signal;
+use support::{Fleet, spawn, wait_for};
+
+/// Adds a health hook to every agent of the fleet (before they start): it
+/// passes on a node once `healthy` (or `healthy-$VERSION`) exists in the
+/// node's directory, and says so either way.
+fn with_health(fleet: &mut Fleet<'_>, health_timeout: &str) {
+    for agent in &mut fleet.agents {
+        let ctl = agent.dir.display().to_string();
+        agent.deployments[0]["health"] = serde_json::json!([
+            format!("echo \"health $VERSION\" >> {ctl}/hooks.log"),
+            format!(
+                "if [ -e {ctl}/healthy ] || [ -e {ctl}/healthy-$VERSION ]; then exit 0; fi; \
+                 echo \"$VERSION answers 503 on $AGENT_NAME\"; exit 7"
+            ),
+        ]);
+        agent.deployments[0]["health_timeout"] = health_timeout.into();
+    }
+}
+
+fn healthy_everywhere(fleet: &Fleet<'_>) {
+    for agent in &fleet.agents {
+        agent.set_flag("healthy", true);
+    }
+}
+
+// ------------------------------------------------------------ membership
+
+#[test]
+fn status_lists_the_agents_that_follow_the_prefix_and_a_stopped_agent_drops_out() {
+    let mut fleet = Fleet::start(2);
+    let key = |node: &str| format!("{}/.agents/{node}", fleet.prefix);
+    fleet.wait("both agents announced", |f| {
+        f.consul.get(&key("node1")).is_some() && f.consul.get(&key("node2")).is_some()
+    });
+    let record: serde_json::Value =
+        serde_json::from_str(&fleet.consul.get(&key("node1")).unwrap()).unwrap();
+    assert_eq!(record["depro"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        record["since"].as_str().unwrap().starts_with("20"),
+        "{record}"
+    );
+
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    let status = fleet.depro(&["status"]).ok().to_string();
+    assert!(
+        status.contains(&format!("node1  {}", env!("CARGO_PKG_VERSION"))),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert!(json["agents"]["node2"]["since"].is_string(), "{json}");
+
+    // A stopped agent's session ends, and its announcement with it.
+    fleet.agents[1].signal(Signal::SIGTERM);
+    fleet.agents[1].wait_exit();
+    fleet.wait("node2's announcement gone", |f| {
+        f.consul.get(&key("node2")).is_none()
+    });
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert!(json["agents"]["node2"].is_null(), "{json}");
+    assert!(json["agents"]["node1"].is_object(), "{json}");
+}
+
+#[test]
+fn nodes_all_counts_every_live_agent_and_not_one_that_stopped() {
+    let mut fleet = Fleet::start(3);
+    let out = fleet.depro(&["deploy", "v1", "-nodes=all"]);
+    assert!(out.ok().contains("3/3 ready"), "{out:#?}");
+    fleet.expect_active("v1");
+
+    fleet.agents[2].signal(Signal::SIGTERM);
+    fleet.agents[2].wait_exit();
+    fleet.wait("node3's announcement gone", |f| {
+        f.consul
+            .get(&format!("{}/.agents/node3", f.prefix))
+            .is_none()
+    });
+    let out = fleet.depro(&["deploy", "v2", "-nodes=all"]);
+    assert!(out.ok().contains("2/2 ready"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    for agent in &fleet.agents[..2] {
+        assert_eq!(agent.live("api").as_deref(), Some("v2"));
+    }
+}
+
+#[test]
+fn nodes_all_with_an_agent_that_never_reports_times_out_names_it_and_keeps_current() {
+    let fleet = Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=all"]).ok();
+    // node3's agent runs and follows the prefix, but never gets v2 ready.
+    fleet.agents[2].set_flag("block-deploy", true);
+    let out = fleet.depro(&["deploy", "v2", "-nodes=all", "-timeout=3s"]);
+    out.fails(3, &["timed out", "node3", "current unchanged (still v1)"]);
+    assert!(
+        !out.stderr.contains("node1") && !out.stderr.contains("node2"),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    fleet.agents[2].set_flag("release", true);
+}
+
+// ------------------------------------------------------- failure reasons
+
+#[test]
+fn a_failed_deploy_hook_s_exit_status_and_output_reach_the_cli_and_status() {
+    let fleet = Fleet::start(2);
+    fleet.agents[1].set_flag("fail-deploy", true);
+    let out = fleet.depro(&["deploy", "v1", "-nodes=2"]);
+    out.fails(
+        2,
+        &["v1 failed on node2 (the deploy hook exited with status 3)"],
+    );
+    assert!(
+        out.stdout
+            .contains("node2: busy -> failed: the deploy hook exited with status 3"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains("    | deploy fails on purpose"),
+        "{out:#?}"
+    );
+
+    let status = fleet.depro(&["status"]).ok().to_string();
+    assert!(
+        status.contains("v1 on node2: the deploy hook exited with status 3"),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    let reason = &json["versions"][0]["reasons"]["node2"];
+    assert_eq!(reason["hook"], "deploy", "{json}");
+    assert_eq!(reason["exit_code"], 3, "{json}");
+    assert!(
+        reason["output"]
+            .as_str()
+            .unwrap()
+            .ends_with("deploy fails on purpose"),
+        "{json}"
+    );
+
+    // Fixed and retried: the reason goes with the failed key.
+    fleet.agents[1].set_flag("fail-deploy", false);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    assert_eq!(
+        fleet
+            .consul
+            .get(&format!("{}/v1/.reason/node2", fleet.prefix)),
+        None
+    );
+    fleet.expect_active("v1");
+}
+
+#[test]
+fn a_hook_s_output_reaches_the_terminal_with_control_characters_escaped() {
+    let mut fleet = Fleet::new(1);
+    let ctl = fleet.agents[0].dir.display().to_string();
+    fleet.agents[0].deployments[0]["deploy"] = serde_json::json!([
+        "printf 'evil \\033]0;owned\\007 title\\n'",
+        format!("if [ -e {ctl}/fail-deploy ]; then exit 5; fi"),
+    ]);
+    fleet.agents[0].set_flag("fail-deploy", true);
+    fleet.start_all();
+    let out = fleet.depro(&["deploy", "v1"]);
+    out.fails(2, &["the deploy hook exited with status 5"]);
+    assert!(
+        out.stdout.contains("| evil \\u{1b}]0;owned\\u{7} title"),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stdout.contains('\x1b') && !out.stdout.contains('\x07'),
+        "{out:#?}"
+    );
+}
+
+// ----------------------------------------------------------- health gates
+
+#[test]
+fn a_node_reports_active_only_once_its_health_hook_passes() {
+    let mut fleet = Fleet::new(1);
+    with_health(&mut fleet, "1m");
+    fleet.start_all();
+    let deploy = spawn(fleet.depro_command(&["deploy", "v1"]));
+    let agent = &fleet.agents[0];
+    wait_for("two failed health checks", || {
+        agent
+            .hooks_log()
+            .iter()
+            .filter(|l| *l == "health v1")
+            .count()
+            >= 2
+    });
+    // Rolled out, but not healthy yet: not active.
+    assert_eq!(fleet.node_state("v1", "node1").as_deref(), Some("ready"));
+    agent.set_flag("healthy", true);
+    let out = support::finish(deploy);
+    assert!(out.ok().contains("active on 1/1 nodes"), "{out:#?}");
+    fleet.expect_active("v1");
+}
+
+#[test]
+fn an_unhealthy_node_is_reported_failed_with_the_health_hook_s_reason() {
+    let mut fleet = Fleet::new(2);
+    with_health(&mut fleet, "2s");
+    fleet.start_all();
+    healthy_everywhere(&fleet);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.agents[1].set_flag("healthy", false);
+    let out = fleet.depro(&["deploy", "v2", "-nodes=2"]);
+    out.fails(
+        2,
+        &[
+            "the rollout of v2 failed on node2",
+            "the health hook did not pass within 2s",
+            "exited with status 7",
+        ],
+    );
+    assert!(
+        out.stdout.contains("    | v2 answers 503 on node2"),
+        "{out:#?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    let reason = &json["versions"][1]["reasons"]["node2"];
+    assert_eq!(reason["hook"], "health", "{json}");
+    assert_eq!(reason["exit_code"], 7, "{json}");
+    assert_eq!(reason["timed_out"], true, "{json}");
+    // Rolling back puts node2 on v1 again, healthy (v1 is healthy-v1 there).
+    fleet.agents[1].set_flag("healthy-v1", true);
+    fleet.depro(&["rollback"]).ok();
+    fleet.expect_active("v1");
+}
+
+// ------------------------------------------------ canary and batched rollouts
+
+/// Every agent's live version, by node.
+fn live(fleet: &Fleet<'_>) -> Vec<Option<String>> {
+    fleet.agents.iter().map(|a| a.live("api")).collect()
+}
+
+#[test]
+fn a_canary_rollout_switches_in_waves_and_each_node_runs_the_old_or_the_new_version() {
+    let mut fleet = Fleet::new(4);
+    with_health(&mut fleet, "30s");
+    fleet.start_all();
+    healthy_everywhere(&fleet);
+    fleet.depro(&["deploy", "v1", "-nodes=4"]).ok();
+    let deploy = spawn(fleet.depro_command(&[
+        "deploy",
+        "v2",
+        "-nodes=all",
+        "-canary=1",
+        "-batch=2",
+        "-pause=2s",
+    ]));
+    // The canary is active on v2 while the rest still run v1, and current
+    // has not moved.
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    assert_eq!(
+        live(&fleet),
+        [Some("v2"), Some("v1"), Some("v1"), Some("v1")].map(|v| v.map(String::from))
+    );
+    for node in ["node2", "node3", "node4"] {
+        assert_eq!(fleet.node_state("v2", node).as_deref(), Some("ready"));
+        assert_eq!(fleet.node_state("v1", node).as_deref(), Some("active"));
+    }
+    let out = support::finish(deploy);
+    let text = out.ok();
+    for line in [
+        "rolling out v2 in 3 waves (1 + 2 + 1); the other nodes stay on v1",
+        "wave 1/3: node1 active on v2",
+        "pausing 2s before wave 2/3",
+        "wave 2/3: node2, node3 active on v2",
+        "wave 3/3: node4 active on v2",
+        "v2 is current",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {out:#?}");
+    }
+    fleet.expect_active("v2");
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+    // Every node ran exactly one rollout of v2.
+    for agent in &fleet.agents {
+        let rollouts = agent
+            .hooks_log()
+            .iter()
+            .filter(|l| l.starts_with("rollout v2"))
+            .count();
+        assert_eq!(rollouts, 1, "{}", agent.name);
+    }
+}
+
+#[test]
+fn a_failing_health_hook_on_the_canary_halts_the_rollout_and_rollback_on_failure_restores_it() {
+    let mut fleet = Fleet::new(3);
+    with_health(&mut fleet, "2s");
+    fleet.start_all();
+    for agent in &fleet.agents {
+        agent.set_flag("healthy-v1", true);
+    }
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    // v2 is healthy everywhere but on the canary, node1.
+    for agent in &fleet.agents[1..] {
+        agent.set_flag("healthy-v2", true);
+    }
+    let out = fleet.depro(&[
+        "deploy",
+        "v2",
+        "-nodes=3",
+        "-canary=1",
+        "-batch=1",
+        "-rollback-on-failure",
+    ]);
+    out.fails(
+        2,
+        &[
+            "the rollout of v2 halted in wave 1 of 3",
+            "failed on node1 (the health hook did not pass within 2s",
+            "rolled back: node1 run v1 again",
+            "current stays v1",
+        ],
+    );
+    assert!(
+        out.stdout.contains("    | v2 answers 503 on node1"),
+        "{out:#?}"
+    );
+    // No node of a later wave switched, and every node runs v1 again.
+    for agent in &fleet.agents[1..] {
+        assert!(
+            !agent
+                .hooks_log()
+                .iter()
+                .any(|l| l.starts_with("rollout v2")),
+            "{}: {:?}",
+            agent.name,
+            agent.hooks_log()
+        );
+    }
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    fleet.expect_active("v1");
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+}
+
+#[test]
+fn an_interrupted_progressive_rollout_shows_in_status_and_is_resumed_or_undone() {
+    let mut fleet = Fleet::new(3);
+    with_health(&mut fleet, "30s");
+    fleet.start_all();
+    healthy_everywhere(&fleet);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+        .ok();
+
+    // The operator's laptop closes during the pause after the canary.
+    let interrupted = |fleet: &Fleet<'_>, version: &str| {
+        let mut rollout =
+            spawn(fleet.depro_command(&["rollout", version, "-canary=1", "-batch=1", "-pause=1m"]));
+        fleet.wait("the canary active", |f| {
+            f.node_state(version, "node1").as_deref() == Some("active")
+        });
+        rollout.kill().unwrap();
+        rollout.wait().unwrap();
+    };
+    interrupted(&fleet, "v2");
+    let status = fleet.depro(&["status"]).ok().to_string();
+    for line in [
+        "progressive rollout of v2 under way: wave 1 of 3",
+        "switched to v2: node1",
+        "every other node runs current (v1)",
+        "depro rollout v2 -prefix=",
+        "depro rollback -prefix=",
+    ] {
+        assert!(status.contains(line), "{line:?} missing: {status}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(json["rollout"]["version"], "v2", "{json}");
+    assert_eq!(json["rollout"]["in_effect"], true, "{json}");
+    assert_eq!(json["rollout"]["started_waves"], 1, "{json}");
+
+    // Another operator's rollout of another version is refused meanwhile.
+    fleet
+        .depro(&["rollout", "v1"])
+        .fails(5, &["progressive rollout of v2 is under way"]);
+
+    // A host that joins now follows current (v1), not the half-done wave.
+    fleet.join("node4");
+    healthy_everywhere(&fleet);
+    fleet.wait("node4 active on v1", |f| {
+        f.node_state("v1", "node4").as_deref() == Some("active")
+    });
+    assert_eq!(fleet.agents[3].live("api").as_deref(), Some("v1"));
+
+    // Resumed: the remaining waves, then current.
+    let out = fleet.depro(&["rollout", "v2", "-nodes=4"]);
+    let text = out.ok();
+    assert!(text.contains("resuming the rollout of v2"), "{out:#?}");
+    assert!(text.contains("wave 3/3: node3 active on v2"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    fleet.expect_active("v2");
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+
+    // Interrupted again with v3, then undone with `depro rollback`.
+    fleet
+        .depro(&["deploy", "v3", "-nodes=4", "-no-rollout"])
+        .ok();
+    interrupted(&fleet, "v3");
+    let out = fleet.depro(&["rollback"]);
+    assert!(out.ok().contains("undid the rollout of v3"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    fleet.expect_active("v2");
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+}
+
+#[test]
+fn progressive_flags_without_a_current_version_are_refused() {
+    let fleet = Fleet::start(1);
+    fleet
+        .depro(&["deploy", "v1", "-canary=1"])
+        .fails(2, &["current is not set", "without -canary or -batch"]);
+    assert_eq!(fleet.current(), None);
+}
