@@ -61,11 +61,17 @@ Creates VERSION in the tree, waits until at least N nodes have it and none
 failed, switches current to it (check-and-set), and waits for the rollout.
 
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -nodes=N                nodes that must have the version [1]
+  -nodes=N|all|P%         nodes that must have the version [1]; all: every
+                          live agent of the prefix; P%: a share of them
   -timeout=DURATION       give up after this long [10m]
   -keep=K                 afterwards, remove all but the K newest versions
   -no-rollout             stop once the version is ready everywhere
-  -rollback-on-failure    switch current back if a rollout fails
+  -rollback-on-failure    switch current back (or undo the waves) on failure
+  -canary=N               switch N nodes first, then the rest in waves
+  -batch=K|P%             switch K nodes (or P% of them) per wave
+  -pause=DURATION         wait this long between waves
+
+Example: depro deploy v2 -prefix=api/version -nodes=all -canary=1 -batch=25%
 "
         }
         "rollout" => {
@@ -76,9 +82,14 @@ Makes a version that is already in the tree current, with the same checks as
 deploy (rollforward, or rollback to a named version).
 
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -nodes=N                nodes that must have the version [1]
+  -nodes=N|all|P%         nodes that must have the version [1]
   -timeout=DURATION       give up after this long [10m]
-  -rollback-on-failure    switch current back if a rollout fails
+  -rollback-on-failure    switch current back (or undo the waves) on failure
+  -canary=N               switch N nodes first, then the rest in waves
+  -batch=K|P%             switch K nodes (or P% of them) per wave
+  -pause=DURATION         wait this long between waves
+
+A progressive rollout of VERSION that was interrupted is resumed.
 "
         }
         "rollback" => {
@@ -86,12 +97,16 @@ deploy (rollforward, or rollback to a named version).
 Usage: depro rollback -prefix=PREFIX [-nodes=N] [-to=VERSION] [flags]
 
 Makes the version that was current before the present one current again.
+While a progressive rollout is under way, undoes it instead.
 
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
   -to=VERSION             roll back to this version instead
-  -nodes=N                nodes that must have the version [1]
+  -nodes=N|all|P%         nodes that must have the version [1]
   -timeout=DURATION       give up after this long [10m]
-  -rollback-on-failure    switch current back if the rollout fails
+  -rollback-on-failure    switch current back (or undo the waves) on failure
+  -canary=N               switch N nodes first, then the rest in waves
+  -batch=K|P%             switch K nodes (or P% of them) per wave
+  -pause=DURATION         wait this long between waves
 "
         }
         "remove" => {
