@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A self-contained local demo: a dev Consul on loopback, three agents, two
-# versions deployed, a rollback and a removal, the tree and the directories
-# shown along the way. Cleans up after itself (Consul, agents, files).
+# A self-contained local demo: a dev Consul on loopback, three agents, a
+# first version, a canary rollout in batches, a broken build whose canary
+# fails its health hook (halted and rolled back on its own, with the reason
+# shown), a rollback and a removal; the tree and the directories shown along
+# the way. Cleans up after itself (Consul, agents, files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,12 +36,14 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-echo "==> making two builds (tarballs) of a tiny web site"
-for v in v1 v2; do
+echo "==> making three builds (tarballs) of a tiny web site; v3 is broken"
+for v in v1 v2 v3; do
   mkdir -p "$work/build/$v"
   echo "<h1>demo $v</h1>" >"$work/build/$v/index.html"
   tar czf "$work/$v.tar.gz" -C "$work/build/$v" .
 done
+echo "<h1>500 internal server error</h1>" >"$work/build/v3/index.html"
+tar czf "$work/v3.tar.gz" -C "$work/build/v3" .
 
 echo "==> starting three agents (node1..node3)"
 for n in 1 2 3; do
@@ -50,6 +54,8 @@ for n in 1 2 3; do
     { "id": "web", "path": "$work/node$n/web", "prefix": "demo/version", "shell": "bash",
       "deploy":  ["tar xzf $work/\$VERSION.tar.gz"],
       "rollout": ["ln -sfn \"\$VERSION_PATH\" \"\$DEPLOYMENT_PATH/live\""],
+      "health":  ["if ! grep -q demo \"\$DEPLOYMENT_PATH/live/index.html\"; then echo \"GET / on node$n: \$(cat \$DEPLOYMENT_PATH/live/index.html)\"; exit 22; fi"],
+      "health_timeout": "3s",
       "clean":   ["echo \"node$n cleans \$VERSION\""] } ] }
 JSON
   "$DEPRO" agent -config-dir="$work/node$n/conf" >"$work/node$n/agent.log" 2>&1 &
@@ -67,16 +73,24 @@ show() {
   done
 }
 
-echo; echo "==> depro deploy v1 -nodes=3"
-"$DEPRO" deploy v1 -nodes=3
-echo; echo "==> depro deploy v2 -nodes=3"
-"$DEPRO" deploy v2 -nodes=3
+echo; echo "==> depro deploy v1 -nodes=all        (every live agent of the prefix)"
+"$DEPRO" deploy v1 -nodes=all
+echo; echo "==> depro deploy v2 -nodes=all -canary=1 -batch=1        (a canary, then one node at a time)"
+"$DEPRO" deploy v2 -nodes=all -canary=1 -batch=1
 show
-echo; echo "==> depro status"
+echo; echo "==> depro deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure        (v3 is broken)"
+if "$DEPRO" deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure; then
+  echo "demo: the broken v3 was rolled out; that should not happen" >&2
+  exit 1
+else
+  echo "    (exit $?: the canary failed its health hook; the rollout halted and was rolled back)"
+fi
+show
+echo; echo "==> depro status        (v3 failed on the canary, and why)"
 "$DEPRO" status
-echo; echo "==> depro rollback -nodes=3"
-"$DEPRO" rollback -nodes=3
-echo; echo "==> depro remove v2 -wait"
-"$DEPRO" remove v2 -wait
+echo; echo "==> depro rollback -nodes=all"
+"$DEPRO" rollback -nodes=all
+echo; echo "==> depro remove v2 v3 -wait"
+"$DEPRO" remove v2 v3 -wait
 show
 echo; echo "==> demo done: stopping the agents and Consul, removing $work"

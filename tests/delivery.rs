@@ -328,7 +328,7 @@ fn a_failing_health_hook_on_the_canary_halts_the_rollout_and_rollback_on_failure
         &[
             "the rollout of v2 halted in wave 1 of 3",
             "failed on node1 (the health hook did not pass within 2s",
-            "rolled back: node1 run v1 again",
+            "rolled back: v1 runs again on node1",
             "current stays v1",
         ],
     );

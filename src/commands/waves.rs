@@ -360,7 +360,7 @@ fn halted(
             wait.deadline.max(Instant::now() + UNDO_PATIENCE),
         ) {
             Ok(()) => format!(
-                "; rolled back: {} run {base} again, like every other node; current stays {base}",
+                "; rolled back: {base} runs again on {}, like on every other node; current stays {base}",
                 names(&switched)
             ),
             Err(e) => format!("; the rollback did not complete: {e}"),
@@ -407,10 +407,10 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
         }
     }
     ctx.out.line(&format!(
-        "undoing the rollout of {}: {} go back to {}",
+        "undoing the rollout of {}: back to {} on {}",
         shown(&plan.version),
-        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
-        shown(&plan.base)
+        shown(&plan.base),
+        names(&plan.switched.iter().cloned().collect::<Vec<_>>())
     ));
     let Ok(base) = VersionName::parse(&plan.base) else {
         return Ok(());
@@ -457,14 +457,14 @@ pub(crate) fn undo_under_way(ctx: &mut Ctx, deadline: Instant, start: Instant) -
     };
     undo(ctx, &plan, index, deadline)?;
     println!(
-        "undid the rollout of {} under {} (it had started wave {} of {}): {} run {} again, like every \
-         other node; current is {} ({})",
+        "undid the rollout of {} under {} (it had started wave {} of {}): {} runs again on {}, like on \
+         every other node; current is {} ({})",
         shown(&plan.version),
         ctx.prefix,
         plan.started_waves,
         plan.waves.len(),
-        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
         shown(&plan.base),
+        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
         shown(&plan.base),
         took(start)
     );
