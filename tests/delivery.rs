@@ -245,6 +245,47 @@ fn live(fleet: &Fleet<'_>) -> Vec<Option<String>> {
     fleet.agents.iter().map(|a| a.live("api")).collect()
 }
 
+/// Samples every agent's live version every few milliseconds until told
+/// to stop: what each node ran, in order (consecutive repeats dropped).
+struct LiveSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Vec<String>>>,
+}
+
+impl LiveSampler {
+    fn start(fleet: &Fleet<'_>) -> LiveSampler {
+        let paths: Vec<std::path::PathBuf> = fleet
+            .agents
+            .iter()
+            .map(|a| a.deployment_path("api").join("live"))
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: Vec<Vec<String>> = vec![Vec::new(); paths.len()];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for (path, seen) in paths.iter().zip(&mut seen) {
+                    let live = std::fs::read_link(path)
+                        .ok()
+                        .and_then(|t| Some(t.file_name()?.to_string_lossy().into_owned()))
+                        .unwrap_or_default();
+                    if seen.last() != Some(&live) {
+                        seen.push(live);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            seen
+        });
+        LiveSampler { stop, thread }
+    }
+
+    fn finish(self) -> Vec<Vec<String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn a_canary_rollout_switches_in_waves_and_each_node_runs_the_old_or_the_new_version() {
     let mut fleet = Fleet::new(4);
@@ -252,6 +293,8 @@ fn a_canary_rollout_switches_in_waves_and_each_node_runs_the_old_or_the_new_vers
     fleet.start_all();
     healthy_everywhere(&fleet);
     fleet.depro(&["deploy", "v1", "-nodes=4"]).ok();
+    let recorder = fleet.record(&[fleet.consul.addr()]);
+    let sampler = LiveSampler::start(&fleet);
     let deploy = spawn(fleet.depro_command(&[
         "deploy",
         "v2",
@@ -291,6 +334,13 @@ fn a_canary_rollout_switches_in_waves_and_each_node_runs_the_old_or_the_new_vers
         fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
         None
     );
+    // All along, every node ran v1, then v2: never anything else, never
+    // back and forth.
+    for (agent, ran) in fleet.agents.iter().zip(sampler.finish()) {
+        assert_eq!(ran, ["v1", "v2"], "{}", agent.name);
+    }
+    let findings = recorder.finish();
+    assert!(findings.violations.is_empty(), "{:#?}", findings.violations);
     // Every node ran exactly one rollout of v2.
     for agent in &fleet.agents {
         let rollouts = agent
@@ -300,6 +350,46 @@ fn a_canary_rollout_switches_in_waves_and_each_node_runs_the_old_or_the_new_vers
             .count();
         assert_eq!(rollouts, 1, "{}", agent.name);
     }
+}
+
+#[test]
+fn of_two_operators_starting_progressive_rollouts_at_once_exactly_one_wins() {
+    let fleet = Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    for version in ["v2", "v3"] {
+        fleet
+            .depro(&["deploy", version, "-nodes=3", "-no-rollout"])
+            .ok();
+    }
+    let start = |version: &str| {
+        spawn(fleet.depro_command(&["rollout", version, "-canary=1", "-batch=1", "-pause=1s"]))
+    };
+    let (a, b) = (start("v2"), start("v3"));
+    let (a, b) = (support::finish(a), support::finish(b));
+    let (winner, loser) = match (a.code, b.code) {
+        (Some(0), Some(5)) => ("v2", &b),
+        (Some(5), Some(0)) => ("v3", &a),
+        _ => panic!("not exactly one winner:\n{a:#?}\n{b:#?}"),
+    };
+    assert!(loser.stderr.contains("progressive rollout"), "{loser:#?}");
+    assert_eq!(fleet.current().as_deref(), Some(winner));
+    fleet.expect_active(winner);
+}
+
+#[test]
+fn a_rollback_can_go_in_waves_too() {
+    let fleet = Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet.depro(&["deploy", "v2", "-nodes=3"]).ok();
+    let out = fleet.depro(&["rollback", "-nodes=all", "-batch=1"]);
+    let text = out.ok();
+    assert!(
+        text.contains("rolling out v1 in 3 waves (1 + 1 + 1)"),
+        "{out:#?}"
+    );
+    assert!(text.contains("wave 3/3: node3 active on v1"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    fleet.expect_active("v1");
 }
 
 #[test]

@@ -1002,10 +1002,23 @@ impl<'c> Fleet<'c> {
                 .map(String::from)
                 .collect();
             for (agent, running) in self.agents.iter().zip(&running) {
+                // Node keys and failure reasons; the agent's announcement
+                // (`.agents/<node>`) is checked apart.
                 let mine: Vec<&String> = tree
                     .keys()
                     .filter(|k| k.ends_with(&format!("/{}", agent.name)))
+                    .filter(|k| !k[prefix.len()..].starts_with('.'))
                     .collect();
+                let announced = tree.contains_key(&format!("{prefix}.agents/{}", agent.name));
+                if announced != *running {
+                    last = format!(
+                        "{} is {} but its announcement is {}",
+                        agent.name,
+                        if *running { "running" } else { "stopped" },
+                        if announced { "there" } else { "missing" }
+                    );
+                    return false;
+                }
                 if !running {
                     if !mine.is_empty() {
                         last = format!("{} is stopped but has keys {mine:?}", agent.name);
