@@ -118,9 +118,11 @@ fn a_failed_deploy_hook_s_exit_status_and_output_reach_the_cli_and_status() {
         2,
         &["v1 failed on node2 (the deploy hook exited with status 3)"],
     );
+    // (`node2: busy -> failed: …`, or `node2: failed: …` when the command
+    // saw it failed first.)
     assert!(
         out.stdout
-            .contains("node2: busy -> failed: the deploy hook exited with status 3"),
+            .contains("failed: the deploy hook exited with status 3\n"),
         "{out:#?}"
     );
     assert!(
@@ -531,4 +533,68 @@ fn progressive_flags_without_a_current_version_are_refused() {
         .depro(&["deploy", "v1", "-canary=1"])
         .fails(2, &["current is not set", "without -canary or -batch"]);
     assert_eq!(fleet.current(), None);
+}
+
+#[test]
+fn a_halted_rollout_is_resumed_by_deploy_once_the_cause_is_fixed() {
+    let mut fleet = Fleet::new(3);
+    with_health(&mut fleet, "2s");
+    fleet.start_all();
+    for agent in &fleet.agents {
+        agent.set_flag("healthy-v1", true);
+    }
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    for agent in &fleet.agents[..2] {
+        agent.set_flag("healthy-v2", true);
+    }
+    // The second wave's node3 fails; nothing is rolled back.
+    let out = fleet.depro(&["deploy", "v2", "-nodes=3", "-canary=1", "-batch=2"]);
+    out.fails(
+        2,
+        &[
+            "halted in wave 2 of 2",
+            "failed on node3",
+            "resume with `depro deploy v2",
+        ],
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    // Removing the version being rolled out is refused meanwhile.
+    fleet
+        .depro(&["remove", "v2"])
+        .fails(2, &["being rolled out progressively"]);
+    // Fixed, then resumed: node3 is asked to try again, and the rollout
+    // goes on from its second wave.
+    fleet.agents[2].set_flag("healthy-v2", true);
+    let out = fleet.depro(&["deploy", "v2", "-nodes=3"]);
+    let text = out.ok();
+    assert!(
+        text.contains("node3: failed before; asked it to try again"),
+        "{out:#?}"
+    );
+    assert!(
+        text.contains("resuming the rollout of v2: wave 2 of 2"),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    fleet.expect_active("v2");
+}
+
+#[test]
+fn a_node_whose_agent_dies_during_the_rollout_drops_out_of_the_count() {
+    let mut fleet = Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet.agents[2].set_flag("block-rollout", true);
+    let deploy = spawn(fleet.depro_command(&["deploy", "v2", "-nodes=3"]));
+    let pid_file = fleet.agents[2].dir.join("rollout.pid");
+    wait_for("node3's rollout hook to run", || pid_file.exists());
+    // node3's host dies: its agent is gone and Consul ends its session.
+    let session = fleet.session_of("v2", "node3").unwrap();
+    fleet.agents[2].kill9();
+    fleet.consul.destroy_session(&session);
+    let out = support::finish(deploy);
+    let text = out.ok();
+    assert!(text.contains("active on 2/2 nodes"), "{out:#?}");
+    assert!(text.contains("gone meanwhile"), "{out:#?}");
+    assert!(text.contains("node3"), "{out:#?}");
+    fleet.agents[2].set_flag("release-rollout", true);
 }

@@ -62,13 +62,19 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
             .iter()
             .all(|a| !f.consul.agent_sessions(&a.name).is_empty())
     });
-    // ...and the empty tree stays empty: no node key, nothing cleaned (an
-    // agent creates the doorbell, which is no version).
+    // ...and the empty tree stays empty: no node key, nothing cleaned (the
+    // agents create the doorbell and announce themselves: no versions).
     let prefix = format!("{}/", fleet.prefix);
     let doorbell = format!("{prefix}.changed");
+    fleet.wait("both agents announced again", |f| {
+        f.agents
+            .iter()
+            .all(|a| consul.get(&format!("{prefix}.agents/{}", a.name)).is_some())
+    });
     holds_for(Duration::from_secs(3), "the empty tree", || {
         let mut tree = consul.tree(&prefix);
         tree.remove(&doorbell);
+        tree.retain(|key, _| !key.starts_with(&format!("{prefix}.agents/")));
         if !tree.is_empty() {
             return Some(format!("{tree:?}"));
         }
@@ -311,4 +317,41 @@ fn a_deployment_whose_watch_cannot_start_is_retried_not_left_stalled() {
         &mut || consul.get(&key).as_deref() == Some("ready"),
         || agent.log(),
     );
+}
+
+#[test]
+fn a_prefix_holding_only_depro_s_own_keys_counts_as_empty_and_nothing_is_cleaned() {
+    // The agents write the doorbell and their announcements themselves, so
+    // a tree that lost everything else still holds them: it must read as
+    // empty (nothing is cleaned), as a prefix with nothing at all does.
+    let fleet = Fleet::start(1);
+    fleet.add_version("v1");
+    fleet.add_version("v2");
+    fleet.set_current("v2");
+    fleet.expect_active("v2");
+    fleet.expect_state("v1", "ready");
+    let prefix = format!("{}/", fleet.prefix);
+    wait_for("the agent's announcement", || {
+        fleet
+            .consul
+            .get(&format!("{prefix}.agents/node1"))
+            .is_some()
+    });
+    for key in ["current", "v1/node1", "v2/node1", "v1/", "v2/"] {
+        fleet.consul.delete(&format!("{prefix}{key}"));
+    }
+    fleet.consul.ring(&fleet.prefix);
+    let agent = &fleet.agents[0];
+    wait_for("the agent to see an empty prefix", || {
+        agent.log().contains("nothing under")
+    });
+    holds_for(Duration::from_secs(2), "the versions on disk", || {
+        (agent.version_dirs("api") != ["v1", "v2"]).then(|| {
+            format!(
+                "{:?} left on disk\n{}",
+                agent.version_dirs("api"),
+                agent.log()
+            )
+        })
+    });
 }

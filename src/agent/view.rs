@@ -288,6 +288,29 @@ mod tests {
     }
 
     #[test]
+    fn a_wave_that_names_this_node_applies_only_while_current_keeps_its_index() {
+        let mut view = View::default();
+        let mut seen = tree(&["v1", "v2"]);
+        seen.listing.as_mut().unwrap().wave = Some((v("v2"), 7));
+        view.see_tree(seen.clone(), "p/");
+        view.see_current(current("v1", 7), "p/current");
+        let wanted = view.wanted().unwrap();
+        assert_eq!(wanted.current, Some(v("v2")), "the wave applies");
+        assert!(!wanted.may_repair);
+        // The last step: current moves (to the same version, or another),
+        // whether or not the snapshot still has the wave.
+        view.see_current(current("v2", 9), "p/current");
+        assert_eq!(view.wanted().unwrap().current, Some(v("v2")));
+        view.see_current(current("v1", 11), "p/current");
+        assert_eq!(view.wanted().unwrap().current, Some(v("v1")), "ended");
+        // A wave for a version the tree lacks never applies.
+        let mut gone = tree(&["v1"]);
+        gone.listing.as_mut().unwrap().wave = Some((v("v2"), 11));
+        view.see_tree(gone, "p/");
+        assert_eq!(view.wanted().unwrap().current, Some(v("v1")));
+    }
+
+    #[test]
     fn an_empty_prefix_wants_nothing_at_all() {
         let mut view = View::default();
         view.see_tree(tree(&["v1"]), "p/");

@@ -202,13 +202,15 @@ fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
                 listing.own_missing.insert(version.clone());
             }
         }
-        Change::Switched(_) | Change::Restored(_) => {
-            // `current` moved: a rollout under way no longer applies.
-            if let Some(listing) = &mut seen.listing {
-                listing.wave = None;
-            }
-        }
-        Change::Retried { .. } | Change::Opened | Change::Wave(_) => {}
+        // A switch of `current` ends a rollout's effect through `current`'s
+        // index (see `View`), not here: this ring may reach the main loop
+        // before the new `current` does, and clearing the wave now would
+        // send a node of the last wave back to the old version meanwhile.
+        Change::Switched(_)
+        | Change::Restored(_)
+        | Change::Retried { .. }
+        | Change::Opened
+        | Change::Wave(_) => {}
     }
 }
 
@@ -577,13 +579,16 @@ fn read_whole(
         Whole::From { at } => Read::blocking(at.saturating_sub(1), CATCH_UP, Consistency::Stale),
     };
     let answer = consul.keys(target.prefix.as_dir(), read)?;
-    // Nothing but the doorbell (which agents create) is an empty prefix
+    // Nothing but depro's own keys (the doorbell and the agents'
+    // announcements, which agents write themselves) is an empty prefix
     // too: it never cleans anything.
-    let changed = target.prefix.changed_key();
-    let Some(keys) = answer
-        .value
-        .filter(|keys| keys.iter().any(|key| *key != changed))
-    else {
+    let dir = target.prefix.as_dir();
+    let Some(keys) = answer.value.filter(|keys| {
+        keys.iter().any(|key| {
+            key.strip_prefix(dir)
+                .is_some_and(|name| !name.is_empty() && !name.starts_with('.'))
+        })
+    }) else {
         return Ok((TreeSeen { listing: None }, answer.index));
     };
     let listing = Listing::parse(&target.prefix, &keys);
@@ -724,6 +729,45 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target() -> Target {
+        Target {
+            prefix: Prefix::parse("p").unwrap(),
+            node: "node4".into(),
+            own: Arc::default(),
+            book: Arc::default(),
+            rescan: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn the_switch_that_ends_a_rollout_leaves_its_wave_to_current_s_index() {
+        // The last step of a rollout rings `switched v2`; the main loop may
+        // hear it before it sees the new `current`. Clearing the wave here
+        // would send the node back to the old version meanwhile.
+        let target = target();
+        let v2 = VersionName::parse("v2").unwrap();
+        let mut book = Book::default();
+        let listing = ListingSeen {
+            versions: [(v2.clone(), "p/v2/".to_string())].into(),
+            wave: Some((v2.clone(), 7)),
+            ..ListingSeen::default()
+        };
+        book.whole(
+            TreeSeen {
+                listing: Some(listing),
+            },
+            10,
+            &target,
+        );
+        let seen = book
+            .ring(11, Heard::Change(Change::Switched(v2.clone())), &target)
+            .unwrap();
+        assert_eq!(seen.listing.unwrap().wave, Some((v2, 7)));
+        // An undo (the plan deleted) clears it.
+        let seen = book.ring(12, Heard::Wave(None), &target).unwrap();
+        assert_eq!(seen.listing.unwrap().wave, None);
+    }
 
     #[test]
     fn a_ring_ends_the_pause_of_every_watch_that_sleeps() {

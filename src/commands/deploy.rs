@@ -452,12 +452,22 @@ pub(super) fn switch_and_confirm(
         }
     };
     let mut last = Confirmation::Waiting { active: 0 };
-    let total = expected.len();
+    let mut total = expected.len();
+    // Nodes whose agent died since the switch (their session ended).
+    let mut gone: BTreeSet<String> = BTreeSet::new();
     let outcome = ctx.follow(version, wait.deadline, |out, seen| {
         if seen.current.as_ref().map(|c| c.modify_index) != Some(ours) {
             return Some(Err(Interrupted::Moved(seen.current.clone())));
         }
-        last = confirmation(&seen.info.nodes, &expected);
+        // A dead node drops out of the count.
+        gone = expected
+            .iter()
+            .filter(|n| seen.vanished.get(*n) == Some(&super::Vanished::AgentGone))
+            .cloned()
+            .collect();
+        let counted: BTreeSet<String> = expected.difference(&gone).cloned().collect();
+        total = counted.len();
+        last = confirmation(&seen.info.nodes, &counted);
         match &last {
             Confirmation::Waiting { active } => {
                 out.count(&format!("{active}/{total} active"));
@@ -482,8 +492,16 @@ pub(super) fn switch_and_confirm(
             Ok(())
         }
         Some(Ok(())) => {
+            let dropped = if gone.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; gone meanwhile (their agents stopped, so they were not counted): {}",
+                    names(&gone)
+                )
+            };
             println!(
-                "{version} is current under {} (was {}): active on {total}/{total} nodes in {}",
+                "{version} is current under {} (was {}): active on {total}/{total} nodes in {}{dropped}",
                 ctx.prefix,
                 was.as_deref().unwrap_or("unset"),
                 took(start)

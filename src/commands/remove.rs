@@ -33,6 +33,18 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
                 ctx.prefix
             )));
         }
+        let rolling_out = tree.rollout.as_ref().is_some_and(|(plan, _)| {
+            plan.version == version.as_str()
+                && plan.applies_to(tree.current.as_ref().map_or(0, |c| c.modify_index))
+        });
+        if rolling_out {
+            return Err(Error::Refused(format!(
+                "{version} is being rolled out progressively under {}: finish it with \
+                 `depro rollout {version} -prefix={}` or undo it with `depro rollback -prefix={}`, \
+                 then remove it",
+                ctx.prefix, ctx.prefix, ctx.prefix
+            )));
+        }
         if !tree.versions.contains_key(version) {
             return Err(Error::Refused(format!(
                 "{version} is not in the tree under {}; `depro status -prefix={}` lists the versions",
