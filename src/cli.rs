@@ -127,8 +127,11 @@ impl std::fmt::Display for Batch {
 /// Flags of the commands that move `current` (deploy, rollout, rollback).
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub(crate) struct SwitchFlags {
-    /// How many nodes must have the version before the switch.
+    /// How many nodes must have the version before the switch (see
+    /// [`SwitchFlags::need`]).
     pub nodes: Need,
+    /// `-nodes` was given.
+    pub nodes_given: bool,
     pub timeout: Duration,
     pub rollback_on_failure: bool,
     /// A first wave of this many nodes.
@@ -144,12 +147,24 @@ impl SwitchFlags {
     pub(crate) fn progressive(&self) -> bool {
         self.canary.is_some() || self.batch.is_some()
     }
+
+    /// The nodes to wait for: `-nodes`, or with waves and no `-nodes`,
+    /// every live agent (waves are drawn from the nodes ready at the
+    /// start; one node ready of a fleet would leave the rest to switch at
+    /// once at the end).
+    pub(crate) fn need(&self) -> Need {
+        match (self.nodes_given, self.progressive()) {
+            (false, true) => Need::All,
+            _ => self.nodes,
+        }
+    }
 }
 
 impl Default for SwitchFlags {
     fn default() -> SwitchFlags {
         SwitchFlags {
             nodes: Need::Count(1),
+            nodes_given: false,
             timeout: DEFAULT_TIMEOUT,
             rollback_on_failure: false,
             canary: None,
@@ -501,7 +516,10 @@ fn switch_flag(
     command: &str,
 ) -> Result<bool, Error> {
     match arg.key() {
-        Key::Long("nodes") => flags.nodes = nodes(parser, command)?,
+        Key::Long("nodes") => {
+            flags.nodes = nodes(parser, command)?;
+            flags.nodes_given = true;
+        }
         Key::Long("canary") => {
             let n = number(parser, "canary", command)?;
             if n == 0 {
@@ -874,5 +892,14 @@ mod tests {
         };
         assert_eq!(args.switch.nodes, Need::Share(90));
         assert_eq!(args.switch.batch, Some(Batch::Count(2)));
+        assert_eq!(args.switch.need(), Need::Share(90));
+        let Command::Rollout(args) = parse_str(&["rollout", "v2", "-batch=1"]).unwrap() else {
+            panic!("not a rollout")
+        };
+        assert_eq!(args.switch.need(), Need::All, "waves wait for every agent");
+        let Command::Rollout(args) = parse_str(&["rollout", "v2"]).unwrap() else {
+            panic!("not a rollout")
+        };
+        assert_eq!(args.switch.need(), Need::Count(1));
     }
 }

@@ -109,9 +109,14 @@ impl Host {
             .unwrap_or(0)
     }
 
-    /// The binary the running agent was started from, as bytes.
-    fn running(&self) -> Vec<u8> {
-        std::fs::read(format!("/proc/{}/exe", self.agent_pid())).unwrap_or_default()
+    /// The mark of the binary the running agent was started from (see
+    /// [`install`]), or why it cannot be told.
+    fn running(&self) -> String {
+        let pid = self.agent_pid();
+        match std::fs::read(format!("/proc/{pid}/exe")) {
+            Ok(bytes) => mark_of(&bytes),
+            Err(e) => format!("no agent running as {pid} ({e})"),
+        }
     }
 
     fn log(&self) -> String {
@@ -141,13 +146,25 @@ fn install(path: &Path, mark: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Publishes a build of depro as `version` in the artifact store.
-fn publish(root: &Path, version: &str) -> Vec<u8> {
+/// The mark [`install`] appended to a binary.
+fn mark_of(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(64)..]);
+    text.trim_end()
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Publishes a build of depro as `version` in the artifact store; returns
+/// its mark.
+fn publish(root: &Path, version: &str) -> String {
     let dir = root.join("artifacts").join(version);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("depro-{}", std::env::consts::ARCH));
-    install(&path, &format!("artifact {version}"));
-    std::fs::read(path).unwrap()
+    let mark = format!("artifact {version}");
+    install(&path, &mark);
+    mark
 }
 
 /// Processes that are hooks of this test's agents (their environment
@@ -194,8 +211,8 @@ fn the_fleet_upgrades_depro_through_its_own_tree_in_batches() {
     let out = depro(&["deploy", "1.0.1", "-nodes=all", "-timeout=2m"]);
     assert!(out.code == Some(0), "{out:#?}\n{}", hosts[0].log());
     for host in &hosts {
-        assert_eq!(host.running(), v1, "{} runs another binary", host.name);
-        assert_eq!(host.restarts(), 1, "{}", host.name);
+        assert_eq!(host.running(), v1, "{}:\n{}", host.name, host.log());
+        assert_eq!(host.restarts(), 1, "{}:\n{}", host.name, host.log());
     }
 
     // The next one in batches. node1, the canary, is held down after its

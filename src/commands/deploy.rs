@@ -150,7 +150,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     // 2. Ready on enough nodes, failed on none.
     let wait = Wait {
         version: &version,
-        need: args.switch.nodes,
+        need: args.switch.need(),
         deadline,
         retried: &retried,
         base: base.as_ref(),
@@ -239,7 +239,7 @@ fn roll_to(
     }
     let wait = Wait {
         version,
-        need: switch.nodes,
+        need: switch.need(),
         deadline: start + switch.timeout,
         retried: &BTreeSet::new(),
         base: base.as_ref(),
@@ -452,22 +452,22 @@ pub(super) fn switch_and_confirm(
         }
     };
     let mut last = Confirmation::Waiting { active: 0 };
-    let mut total = expected.len();
-    // Nodes whose agent died since the switch (their session ended).
+    let total = expected.len();
+    // Nodes whose key vanished with their agent's session since the switch.
+    // They are still waited for: an agent that restarts (an upgrade, a
+    // crash and `Restart=`) looks the same for a moment, and comes back.
     let mut gone: BTreeSet<String> = BTreeSet::new();
     let outcome = ctx.follow(version, wait.deadline, |out, seen| {
         if seen.current.as_ref().map(|c| c.modify_index) != Some(ours) {
             return Some(Err(Interrupted::Moved(seen.current.clone())));
         }
-        // A dead node drops out of the count.
         gone = expected
             .iter()
+            .filter(|n| !seen.info.nodes.contains_key(*n))
             .filter(|n| seen.vanished.get(*n) == Some(&super::Vanished::AgentGone))
             .cloned()
             .collect();
-        let counted: BTreeSet<String> = expected.difference(&gone).cloned().collect();
-        total = counted.len();
-        last = confirmation(&seen.info.nodes, &counted);
+        last = confirmation(&seen.info.nodes, &expected);
         match &last {
             Confirmation::Waiting { active } => {
                 out.count(&format!("{active}/{total} active"));
@@ -492,16 +492,8 @@ pub(super) fn switch_and_confirm(
             Ok(())
         }
         Some(Ok(())) => {
-            let dropped = if gone.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; gone meanwhile (their agents stopped, so they were not counted): {}",
-                    names(&gone)
-                )
-            };
             println!(
-                "{version} is current under {} (was {}): active on {total}/{total} nodes in {}{dropped}",
+                "{version} is current under {} (was {}): active on {total}/{total} nodes in {}",
                 ctx.prefix,
                 was.as_deref().unwrap_or("unset"),
                 took(start)
@@ -533,11 +525,19 @@ pub(super) fn switch_and_confirm(
             Err(Error::Refused(message))
         }
         None => Err(Error::Timeout(format!(
-            "timed out waiting for the rollout of {version}: {} of {total} nodes active; current is {version}; \
+            "timed out waiting for the rollout of {version}: {} of {total} nodes active{}; current is {version}; \
              check the agents with `depro status -prefix={}`",
             match last {
                 Confirmation::Waiting { active } => active,
                 _ => 0,
+            },
+            if gone.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (the agents of {} stopped during the rollout and have not come back)",
+                    names(&gone)
+                )
             },
             ctx.prefix
         ))),

@@ -247,8 +247,10 @@ pub(crate) fn table(
     let one_version = versions.len() == 1;
     if nodes.len() > MATRIX_NODES && !one_version {
         out.push_str(&format!(
-            "\n{} nodes: `depro status -prefix={prefix} VERSION` lists them for one version, -json for all\n",
-            nodes.len()
+            "\n{} nodes ({} live agents follow the prefix): `depro status -prefix={prefix} VERSION` \
+             lists them for one version, -json for all\n",
+            nodes.len(),
+            tree.agents.len()
         ));
     } else if !nodes.is_empty() {
         out.push('\n');
@@ -460,7 +462,7 @@ failures:
         let tree = Tree::parse(&prefix, &entries);
         let all = table(&prefix, &tree, &|_| true);
         assert!(
-            all.contains("25 nodes: `depro status -prefix=api/version VERSION`"),
+            all.contains("25 nodes (0 live agents follow the prefix): `depro status -prefix=api/version VERSION`"),
             "{all}"
         );
         assert!(!all.contains("node07"), "{all}");

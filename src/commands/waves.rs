@@ -146,7 +146,7 @@ pub(crate) fn switch(
             wave + 1,
             names(&nodes)
         ));
-        match wait_wave(ctx, wait, &plan, index, &nodes, base_index)? {
+        match wait_wave(ctx, wait, &plan, index, base_index)? {
             Ok(()) => ctx.out.line(&format!(
                 "wave {}/{total}: {} active on {version} ({})",
                 wave + 1,
@@ -266,7 +266,6 @@ fn wait_wave(
     wait: &Wait<'_>,
     plan: &RolloutPlan,
     index: u64,
-    wave: &[String],
     base_index: u64,
 ) -> Result<std::result::Result<(), Halt>> {
     let version = wait.version;
@@ -299,17 +298,14 @@ fn wait_wave(
         if !failed.is_empty() {
             return Some(Err(Halt::Failed(failed, seen.info.reasons.clone())));
         }
-        // A node whose agent died meanwhile drops out of the count.
-        let counted: Vec<&String> = switched
-            .iter()
-            .filter(|n| seen.vanished.get(*n) != Some(&super::Vanished::AgentGone))
-            .collect();
-        active = counted
+        // Every switched node, also one whose agent is restarting (its key
+        // is gone for a moment): it comes back and reports.
+        active = switched
             .iter()
             .filter(|n| state(n) == Some(NodeState::Active))
             .count();
-        out.count(&format!("{active}/{} active", counted.len()));
-        (active == counted.len() && wave.iter().any(|n| counted.contains(&n))).then_some(Ok(()))
+        out.count(&format!("{active}/{} active", switched.len()));
+        (active == switched.len()).then_some(Ok(()))
     })?;
     Ok(outcome.unwrap_or(Err(Halt::Timeout(active))))
 }
@@ -426,16 +422,12 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
         if !failed.is_empty() {
             return Some(Err(failed_nodes(&failed, &seen.info.reasons)));
         }
-        let counted: Vec<&String> = switched
-            .iter()
-            .filter(|n| seen.vanished.get(*n) != Some(&super::Vanished::AgentGone))
-            .collect();
-        let back = counted
+        let back = switched
             .iter()
             .filter(|n| state(n) == Some(NodeState::Active))
             .count();
-        out.count(&format!("{back}/{} back on {base}", counted.len()));
-        (back == counted.len()).then_some(Ok(()))
+        out.count(&format!("{back}/{} back on {base}", switched.len()));
+        (back == switched.len()).then_some(Ok(()))
     })?;
     match outcome {
         Some(Ok(())) => Ok(()),
