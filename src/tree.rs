@@ -269,6 +269,14 @@ impl RolloutPlan {
         VersionName::parse(&self.version).ok()
     }
 
+    /// `, by ops@build1` when the plan says who started it (escaped).
+    pub(crate) fn by_whom(&self) -> String {
+        self.by
+            .as_deref()
+            .map(|b| format!(", by {}", shown(b)))
+            .unwrap_or_default()
+    }
+
     /// Whether it still applies to `current` as read (index 0: unset).
     pub(crate) fn applies_to(&self, current_index: u64) -> bool {
         self.base_index == current_index

@@ -24,6 +24,19 @@ fn with_health(fleet: &mut Fleet<'_>, health_timeout: &str) {
     }
 }
 
+/// `n` agents with a health hook (`health_timeout`) on which v1 is healthy,
+/// running v1.
+fn healthy_on_v1(n: usize, health_timeout: &str) -> Fleet<'static> {
+    let mut fleet = Fleet::new(n);
+    with_health(&mut fleet, health_timeout);
+    fleet.start_all();
+    for agent in &fleet.agents {
+        agent.set_flag("healthy-v1", true);
+    }
+    fleet.depro(&["deploy", "v1", &format!("-nodes={n}")]).ok();
+    fleet
+}
+
 fn healthy_everywhere(fleet: &Fleet<'_>) {
     for agent in &fleet.agents {
         agent.set_flag("healthy", true);
@@ -396,13 +409,7 @@ fn a_rollback_can_go_in_waves_too() {
 
 #[test]
 fn a_failing_health_hook_on_the_canary_halts_the_rollout_and_rollback_on_failure_restores_it() {
-    let mut fleet = Fleet::new(3);
-    with_health(&mut fleet, "2s");
-    fleet.start_all();
-    for agent in &fleet.agents {
-        agent.set_flag("healthy-v1", true);
-    }
-    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    let fleet = healthy_on_v1(3, "2s");
     // v2 is healthy everywhere but on the canary, node1.
     for agent in &fleet.agents[1..] {
         agent.set_flag("healthy-v2", true);
@@ -537,13 +544,7 @@ fn progressive_flags_without_a_current_version_are_refused() {
 
 #[test]
 fn a_halted_rollout_is_resumed_by_deploy_once_the_cause_is_fixed() {
-    let mut fleet = Fleet::new(3);
-    with_health(&mut fleet, "2s");
-    fleet.start_all();
-    for agent in &fleet.agents {
-        agent.set_flag("healthy-v1", true);
-    }
-    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    let fleet = healthy_on_v1(3, "2s");
     for agent in &fleet.agents[..2] {
         agent.set_flag("healthy-v2", true);
     }

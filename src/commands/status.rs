@@ -167,10 +167,7 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
          resume: depro rollout {version} -prefix={prefix}\n  undo:   depro rollback -prefix={prefix}\n",
         plan.started_waves,
         plan.waves.len(),
-        plan.by
-            .as_deref()
-            .map(|b| format!(", by {}", shown(b)))
-            .unwrap_or_default(),
+        plan.by_whom(),
         plan.since
             .as_deref()
             .map(|t| format!(" since {}", shown(t)))

@@ -66,10 +66,7 @@ fn other_under_way(ctx: &Ctx, plan: &RolloutPlan) -> Error {
         ctx.prefix,
         plan.started_waves,
         plan.waves.len(),
-        plan.by
-            .as_deref()
-            .map(|b| format!(", by {}", shown(b)))
-            .unwrap_or_default(),
+        plan.by_whom(),
         shown(&plan.version),
         ctx.prefix,
         ctx.prefix
@@ -128,10 +125,7 @@ pub(crate) fn switch(
                 "resuming the rollout of {version}: wave {} of {} was started{}",
                 plan.started_waves,
                 plan.waves.len(),
-                plan.by
-                    .as_deref()
-                    .map(|b| format!(" by {}", shown(b)))
-                    .unwrap_or_default()
+                plan.by_whom()
             ));
             (plan, index)
         }
@@ -289,25 +283,26 @@ fn wait_wave(
                 "the rollout was undone or replaced by another command meanwhile".into(),
             )));
         }
-        let state = |n: &String| seen.info.nodes.get(n).map(|e| e.state);
-        let failed: Vec<String> = switched
-            .iter()
-            .filter(|n| state(n) == Some(NodeState::Failed))
-            .cloned()
-            .collect();
+        let failed = in_state(seen, switched, NodeState::Failed);
         if !failed.is_empty() {
             return Some(Err(Halt::Failed(failed, seen.info.reasons.clone())));
         }
         // Every switched node, also one whose agent is restarting (its key
         // is gone for a moment): it comes back and reports.
-        active = switched
-            .iter()
-            .filter(|n| state(n) == Some(NodeState::Active))
-            .count();
+        active = in_state(seen, switched, NodeState::Active).len();
         out.count(&format!("{active}/{} active", switched.len()));
         (active == switched.len()).then_some(Ok(()))
     })?;
     Ok(outcome.unwrap_or(Err(Halt::Timeout(active))))
+}
+
+/// The nodes among `nodes` that report the followed version in `state`.
+fn in_state(seen: &super::Seen, nodes: &BTreeSet<String>, state: NodeState) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| seen.info.nodes.get(*n).map(|e| e.state) == Some(state))
+        .cloned()
+        .collect()
 }
 
 /// The first failure halts the rollout: say which nodes run what, and with
@@ -413,19 +408,11 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
     };
     let switched = plan.switched.clone();
     let outcome = ctx.follow(&base, deadline, |out, seen| {
-        let state = |n: &String| seen.info.nodes.get(n).map(|e| e.state);
-        let failed: Vec<String> = switched
-            .iter()
-            .filter(|n| state(n) == Some(NodeState::Failed))
-            .cloned()
-            .collect();
+        let failed = in_state(seen, &switched, NodeState::Failed);
         if !failed.is_empty() {
             return Some(Err(failed_nodes(&failed, &seen.info.reasons)));
         }
-        let back = switched
-            .iter()
-            .filter(|n| state(n) == Some(NodeState::Active))
-            .count();
+        let back = in_state(seen, &switched, NodeState::Active).len();
         out.count(&format!("{back}/{} back on {base}", switched.len()));
         (back == switched.len()).then_some(Ok(()))
     })?;
