@@ -46,6 +46,8 @@ pub(crate) struct AgentArgs {
     pub config_files: Vec<PathBuf>,
     /// Accept config files others could change (logged as warnings).
     pub allow_insecure_config: bool,
+    /// Only validate the configuration (`-check`), then exit.
+    pub check: bool,
     pub name: Option<String>,
     pub log_level: Option<String>,
     pub connection: ConnectionFlags,
@@ -488,6 +490,7 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             Key::Long("allow-insecure-config") => {
                 args.allow_insecure_config = boolean(parser, "allow-insecure-config", command)?
             }
+            Key::Long("check") => args.check = boolean(parser, "check", command)?,
             _ => return Err(unexpected(&arg, command)),
         }
     }

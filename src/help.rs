@@ -51,6 +51,10 @@ finish within shutdown_grace), SIGHUP reloads the configuration.
   -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
   -log-level=LEVEL    error, warn, info, debug or trace [info]
   -allow-insecure-config  accept config files or directories others could change
+  -check              validate the configuration as the agent would, without
+                      contacting Consul, and exit (0: valid, 1: the problem)
+
+Example: depro agent -check -config-dir=/etc/depro/ && systemctl reload depro
 "
         }
         "deploy" => {

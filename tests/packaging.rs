@@ -202,6 +202,24 @@ fn the_deb_installs_keeps_an_edited_conffile_and_purges_clean() {
 /// must idle and say so, survive a reload, and stop cleanly.
 fn idles_with_the_packaged_config(unit: &str) {
     let text = std::fs::read_to_string(unit).unwrap();
+    // The configuration is checked before a start and before a reload,
+    // with the command the unit runs.
+    let check = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPre="))
+        .expect("no ExecStartPre");
+    assert!(check.contains("agent -check"), "{check}");
+    let reload: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert_eq!(reload.first(), Some(&check), "{reload:?}");
+    let words: Vec<&str> = check.split_whitespace().collect();
+    let out = Command::new(words[0]).args(&words[1..]).output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("is valid"),
+        "{out:?}"
+    );
     let exec = text
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))

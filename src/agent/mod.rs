@@ -22,8 +22,10 @@
 //! - [`deployment`]: one deployment's state, opened from its directory;
 //! - [`execute`]: doing a plan's actions, and what a failure of each means;
 //! - [`supervise`]: running a hook to its end, its timeout, or shutdown;
-//! - [`reload`]: SIGHUP, and shutting down.
+//! - [`reload`]: SIGHUP, and shutting down;
+//! - [`check`]: `agent -check`, the configuration validated without Consul.
 
+mod check;
 mod deployment;
 mod execute;
 mod reload;
@@ -62,6 +64,10 @@ pub(crate) enum Event {
 
 /// Runs the agent until it is told to stop.
 pub(crate) fn run(args: AgentArgs) -> Result<()> {
+    if args.check {
+        println!("{}", check::check(&args)?);
+        return Ok(());
+    }
     let config = config::resolve_agent(&args, &config::process_env)?;
     crate::logging::init(config.log_level);
     for warning in &config.warnings {

@@ -1,0 +1,191 @@
+//! The operator's day (issue 11): the checks and outputs an operator and
+//! their scripts rely on, against the real binary.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::{Output, depro_bin};
+
+/// `depro agent -check` with a config directory holding `files`.
+fn check(dir: &Path, files: &[(&str, &str)]) -> Output {
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    for (name, text) in files {
+        std::fs::write(conf.join(name), text).unwrap();
+    }
+    Output::of(
+        Command::new(depro_bin())
+            .arg("agent")
+            .arg("-check")
+            .arg(format!("-config-dir={}", conf.display()))
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .output()
+            .unwrap(),
+    )
+}
+
+fn deployment(dir: &Path, extra: &str) -> String {
+    format!(
+        r#"{{ "name": "web-1", "server": "127.0.0.1:1",
+             "deployments": [ {{ "id": "api", "path": "{}/deploy/api", "prefix": "api/version",
+                                 "deploy": ["true"]{extra} }} ] }}"#,
+        dir.display()
+    )
+}
+
+#[test]
+fn agent_check_accepts_a_valid_configuration_without_contacting_consul() {
+    let dir = tempfile::tempdir().unwrap();
+    // 127.0.0.1:1 answers nothing: a check that contacted Consul would fail.
+    let out = check(dir.path(), &[("depro.json", &deployment(dir.path(), ""))]);
+    let text = out.ok();
+    assert!(
+        text.contains("the configuration is valid: node web-1, 1 deployment (api)"),
+        "{out:#?}"
+    );
+    assert!(text.contains("(not contacted)"), "{out:#?}");
+    assert!(text.contains("depro.json"), "{out:#?}");
+    assert!(
+        !dir.path().join("deploy/api/.depro").exists(),
+        "a check changes nothing"
+    );
+}
+
+#[test]
+fn agent_check_names_the_file_and_field_of_each_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            deployment(dir.path(), r#", "timeout": "ten""#),
+            &["depro.json", "timeout", "ten"],
+        ),
+        (
+            deployment(dir.path(), r#", "shell": "no-such-shell""#),
+            &["depro.json", "shell", "no-such-shell"],
+        ),
+        (
+            deployment(dir.path(), r#", "health_timeout": "1m""#),
+            &["health_timeout", "no health hook"],
+        ),
+        ("{ \"nmae\": \"x\" }".to_string(), &["depro.json", "nmae"]),
+    ];
+    for (text, needles) in cases {
+        check(dir.path(), &[("depro.json", &text)]).fails(1, needles);
+    }
+    // A deployment path that cannot be a directory.
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let text = format!(
+        r#"{{ "deployments": [ {{ "id": "api", "path": "{}/file/api", "prefix": "api/version" }} ] }}"#,
+        dir.path().display()
+    );
+    check(dir.path(), &[("depro.json", &text)]).fails(1, &["path", "Not a directory"]);
+    // A config file others may change.
+    let conf = dir.path().join("conf/depro.json");
+    std::fs::write(&conf, deployment(dir.path(), "")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o666)).unwrap();
+    check(dir.path(), &[]).fails(1, &["depro.json", "chmod"]);
+}
+
+/// The example of depro.json(5), as the page shows it (roff escapes undone).
+fn man_page_example() -> String {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("man/depro.json.5"))
+            .unwrap();
+    let examples = &page[page.find(".SH EXAMPLES").unwrap()..];
+    let start = examples.find(".EX\n").unwrap() + 4;
+    let end = examples.find(".EE\n").unwrap();
+    examples[start..end]
+        .replace("\\-", "-")
+        .replace("\\e", "\\")
+}
+
+#[test]
+fn the_depro_json_5_example_deploys_and_rolls_out_on_a_fresh_host_and_again() {
+    let consul = support::Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The tools the example calls, as stand-ins: wget serves a build,
+    // rackadmin, systemctl and curl succeed.
+    let bin = root.join("bin");
+    std::fs::create_dir_all(root.join("build")).unwrap();
+    std::fs::write(root.join("build/index.html"), "hello").unwrap();
+    let tarball = root.join("build.tar.gz");
+    assert!(
+        Command::new("tar")
+            .arg("czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(root.join("build"))
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::create_dir_all(&bin).unwrap();
+    for (tool, body) in [
+        ("wget", format!("cat {}", tarball.display())),
+        ("rackadmin", "exit 0".into()),
+        ("systemctl", "exit 0".into()),
+        ("curl", "exit 0".into()),
+    ] {
+        let path = bin.join(tool);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let api = support::unique_prefix("api");
+    let web = support::unique_prefix("website");
+    let example = man_page_example();
+    let mut config = example.clone();
+    for (from, to) in [
+        ("localhost:8500", consul.addr()),
+        ("/data/deploy/", format!("{}/deploy/", root.display())),
+        ("\"api/version\"", format!("\"{api}\"")),
+        ("\"website/version\"", format!("\"{web}\"")),
+    ] {
+        assert!(config.contains(from), "the example no longer has {from:?}");
+        config = config.replace(from, &to);
+    }
+    std::fs::create_dir_all(root.join("conf")).unwrap();
+    std::fs::write(root.join("conf/depro.json"), &config).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new(depro_bin());
+    command
+        .arg("agent")
+        .arg(format!("-config-dir={}", root.join("conf").display()))
+        .env("PATH", &path)
+        .env_remove("CONSUL_HTTP_ADDR")
+        .stdout(std::fs::File::create(root.join("agent.log")).unwrap())
+        .stderr(std::fs::File::create(root.join("agent.err")).unwrap());
+    support::die_with_parent(&mut command);
+    let mut agent = command.spawn().unwrap();
+    let log = || std::fs::read_to_string(root.join("agent.err")).unwrap_or_default();
+    // A fresh host (no live link yet), then again over a live version.
+    for version in ["v1", "v2"] {
+        for prefix in [&api, &web] {
+            let out = Output::of(
+                support::depro_command(&consul.addr(), &["deploy", version])
+                    .arg(format!("-prefix={prefix}"))
+                    .output()
+                    .unwrap(),
+            );
+            assert_eq!(out.code, Some(0), "{out:#?}\n{}", log());
+        }
+        let live = std::fs::read_link(root.join("deploy/website/live")).unwrap();
+        assert_eq!(live, root.join("deploy/website").join(version));
+        assert_eq!(
+            std::fs::read_to_string(live.join("index.html")).unwrap(),
+            "hello"
+        );
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
