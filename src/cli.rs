@@ -25,6 +25,7 @@ pub(crate) enum Command {
     Remove(RemoveArgs),
     Prune(PruneArgs),
     Status(StatusArgs),
+    Completion(crate::completion::Shell),
 }
 
 /// How to reach Consul, as given on the command line.
@@ -224,9 +225,18 @@ pub(crate) struct StatusArgs {
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The commands, for `help` and error messages.
-pub(crate) const COMMANDS: [&str; 10] = [
-    "agent", "deploy", "rollout", "rollback", "remove", "prune", "status", "query", "version",
+pub(crate) const COMMANDS: [&str; 11] = [
+    "agent",
+    "deploy",
+    "rollout",
+    "rollback",
+    "remove",
+    "prune",
+    "status",
+    "query",
+    "version",
     "help",
+    "completion",
 ];
 
 /// Turns Go-style single-dash long flags into GNU-style ones, which is what
@@ -278,6 +288,19 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "prune" => parse_prune(&mut parser),
         "status" | "query" => parse_status(&mut parser, &first),
         "version" => Ok(Command::Version),
+        "completion" => match next_arg(&mut parser, Some("completion"))? {
+            Some(Arg::Value(shell)) => {
+                if let Some(extra) = next_arg(&mut parser, Some("completion"))? {
+                    return Err(unexpected(&extra, "completion"));
+                }
+                crate::completion::Shell::parse(&shell).map(Command::Completion)
+            }
+            Some(Arg::Short('h')) => Ok(Command::Help(Some("completion".into()))),
+            Some(Arg::Long(name)) if name == "help" => Ok(Command::Help(Some("completion".into()))),
+            _ => Err(Error::Usage(
+                "completion needs a shell: bash, zsh or fish, e.g. `depro completion bash`".into(),
+            )),
+        },
         "help" => {
             let topic = match next_arg(&mut parser, None)? {
                 Some(Arg::Value(v)) => Some(v),

@@ -17,6 +17,7 @@ Commands:
   prune      remove all but the newest versions
   status     show versions and every node's state (alias: query)
   version    print the version
+  completion print a completion script for bash, zsh or fish
 
 Flags take Go style (-nodes=3, -nodes 3) or GNU style (--nodes 3).
 Run `depro help <command>` for a command's flags, `man depro` for all of it.
@@ -94,6 +95,8 @@ deploy (rollforward, or rollback to a named version).
   -pause=DURATION         wait this long between waves
 
 A progressive rollout of VERSION that was interrupted is resumed.
+
+Example: depro rollout v42 -prefix=api/version -nodes=all -batch=25% -pause=1m
 "
         }
         "rollback" => {
@@ -111,6 +114,9 @@ While a progressive rollout is under way, undoes it instead.
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+
+Examples: depro rollback -prefix=api/version -nodes=all
+          depro rollback -prefix=api/version -to=v41
 "
         }
         "remove" => {
@@ -122,6 +128,8 @@ Removes versions (never current): every node cleans its directory.
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -wait               follow the purge until no node has the version
   -timeout=DURATION   with -wait, give up after this long [10m]
+
+Example: depro remove v40 v41 -prefix=api/version -wait
 "
         }
         "prune" => {
@@ -132,6 +140,8 @@ Removes all but the K newest versions (never current nor the previous one).
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -keep=K             how many versions to keep
+
+Example: depro prune -prefix=api/version -keep=5
 "
         }
         "status" | "query" => {
@@ -142,6 +152,19 @@ Shows every version in creation order, which is current, and each node's state.
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -json               print a machine-readable document instead of a table
+
+Examples: depro status -prefix=api/version
+          depro status -prefix=api/version v42 -json | jq '.versions[0].counts'
+"
+        }
+        "completion" => {
+            "\
+Usage: depro completion bash|zsh|fish
+
+Prints a completion script (the packages install them already).
+
+Examples: source <(depro completion bash)
+          depro completion fish > ~/.config/fish/completions/depro.fish
 "
         }
         "version" => "Usage: depro version (or depro --version)\n",
@@ -161,7 +184,7 @@ pub(crate) fn text(topic: Option<&str>) -> Result<String> {
                     crate::cli::COMMANDS.join(", ")
                 ))
             })?;
-            let connection = !matches!(command, "version" | "help");
+            let connection = !matches!(command, "version" | "help" | "completion");
             Ok(if connection {
                 format!("{text}\n{CONNECTION}")
             } else {

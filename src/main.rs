@@ -7,6 +7,7 @@
 mod agent;
 mod cli;
 mod commands;
+mod completion;
 mod config;
 mod consul;
 mod cursor;
@@ -49,5 +50,9 @@ fn run(command: Command) -> Result<()> {
         Command::Remove(args) => commands::remove(args, env),
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),
+        Command::Completion(shell) => {
+            print!("{}", completion::script(shell));
+            Ok(())
+        }
     }
 }

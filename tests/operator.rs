@@ -189,3 +189,115 @@ fn the_depro_json_5_example_deploys_and_rolls_out_on_a_fresh_host_and_again() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+// ------------------------------------------------------------ completion
+
+fn completion(shell: &str) -> String {
+    Output::of(
+        Command::new(depro_bin())
+            .args(["completion", shell])
+            .output()
+            .unwrap(),
+    )
+    .ok()
+    .to_string()
+}
+
+/// Runs `script` in `shell` (installed by scripts/test.sh).
+fn in_shell(shell: &str, script: &str) -> String {
+    let out = Command::new(shell)
+        .args(["-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("{shell}: {e} (apt-get install {shell}; scripts/test.sh does)"));
+    assert!(out.status.success(), "{shell}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_packaged_completion_scripts_are_what_depro_completion_prints() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/completions");
+    for (shell, file) in [
+        ("bash", "depro.bash"),
+        ("zsh", "_depro"),
+        ("fish", "depro.fish"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(file)).unwrap(),
+            completion(shell),
+            "packaging/completions/{file} is stale: run `depro completion {shell} > packaging/completions/{file}`"
+        );
+    }
+    Output::of(
+        Command::new(depro_bin())
+            .args(["completion", "tcsh"])
+            .output()
+            .unwrap(),
+    )
+    .fails(1, &["bash, zsh or fish"]);
+}
+
+#[test]
+fn bash_completes_commands_flags_and_file_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("depro.bash");
+    std::fs::write(&script, completion("bash")).unwrap();
+    std::fs::write(dir.path().join("token.txt"), "").unwrap();
+    let complete = |words: &str| {
+        in_shell(
+            "bash",
+            &format!(
+                "source {}; cd {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+                 _depro; echo \"${{COMPREPLY[@]}}\"",
+                script.display(),
+                dir.path().display()
+            ),
+        )
+    };
+    assert_eq!(complete("depro dep").trim(), "deploy");
+    assert_eq!(complete("depro deploy -pre").trim(), "-prefix=");
+    assert_eq!(complete("depro rollout -can").trim(), "-canary=");
+    assert_eq!(complete("depro agent -che").trim(), "-check");
+    assert_eq!(
+        complete("depro status -prefix = x -token-file = tok").trim(),
+        "token.txt"
+    );
+    assert_eq!(complete("depro completion f").trim(), "fish");
+}
+
+#[test]
+fn zsh_and_fish_complete_commands_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let zsh = dir.path().join("_depro");
+    std::fs::write(&zsh, completion("zsh")).unwrap();
+    // zsh's completion system needs a terminal; its functions are stood in
+    // for, so that what the script asks them to offer is printed.
+    let offered = in_shell(
+        "zsh",
+        &format!(
+            "_describe() {{ print -l -- \"${{(@P)2}}\" }}; _arguments() {{ print -l -- \"$@\" }}; \
+             _values() {{ print -l -- \"$@\" }}; source {}; \
+             words=(depro); CURRENT=2; _depro; echo SPLIT; \
+             words=(depro deploy -); CURRENT=3; _depro",
+            zsh.display()
+        ),
+    );
+    let (commands, deploy) = offered.split_once("SPLIT").unwrap();
+    assert!(commands.contains("deploy:add a version"), "{offered}");
+    assert!(
+        deploy.contains("-prefix=[the KV prefix of the deployment]"),
+        "{offered}"
+    );
+    assert!(deploy.contains("-canary=["), "{offered}");
+
+    let fish = dir.path().join("depro.fish");
+    std::fs::write(&fish, completion("fish")).unwrap();
+    let offered = in_shell(
+        "fish",
+        &format!(
+            "source {}; complete -C 'depro dep'; complete -C 'depro rollout -ba'",
+            fish.display()
+        ),
+    );
+    assert!(offered.contains("deploy\tadd a version"), "{offered}");
+    assert!(offered.contains("-batch\t"), "{offered}");
+}

@@ -114,6 +114,11 @@ fn normalise(paths: impl IntoIterator<Item = String>) -> BTreeSet<String> {
             p.trim_end_matches(".gz")
                 .replace("/etc/sysconfig/depro", "/etc/default/depro")
                 .replace("/lib/systemd/system/", "/usr/lib/systemd/system/")
+                // zsh's directory for packaged functions differs by distribution.
+                .replace(
+                    "/usr/share/zsh/site-functions/",
+                    "/usr/share/zsh/vendor-completions/",
+                )
                 .replace("/usr/usr/", "/usr/")
         })
         .collect()
@@ -144,6 +149,16 @@ fn the_deb_installs_keeps_an_edited_conffile_and_purges_clean() {
     assert!(run("/usr/bin/depro", &["--version"]).starts_with(&format!("depro {VERSION}")));
     let page = run("man", &["-w", "depro"]);
     assert!(page.trim().ends_with("/man1/depro.1.gz"), "{page}");
+    for completion in [
+        "/usr/share/bash-completion/completions/depro",
+        "/usr/share/zsh/vendor-completions/_depro",
+        "/usr/share/fish/vendor_completions.d/depro.fish",
+    ] {
+        assert!(
+            installed.iter().any(|p| p == completion),
+            "{completion} not installed: {installed:?}"
+        );
+    }
     let unit = installed
         .iter()
         .find(|p| p.ends_with("/depro.service"))
