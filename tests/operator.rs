@@ -301,3 +301,26 @@ fn zsh_and_fish_complete_commands_and_flags() {
     assert!(offered.contains("deploy\tadd a version"), "{offered}");
     assert!(offered.contains("-batch\t"), "{offered}");
 }
+
+// ------------------------------------------------------- status -json
+
+#[test]
+fn status_json_is_an_interface_even_on_an_empty_prefix() {
+    let fleet = support::Fleet::start(1);
+    let empty = fleet.depro(&["status", "-json"]);
+    assert_eq!(empty.code, Some(2), "{empty:#?}");
+    assert_eq!(empty.stderr.lines().count(), 1, "{empty:#?}");
+    let doc: serde_json::Value = serde_json::from_str(&empty.stdout).unwrap();
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["versions"], serde_json::json!([]));
+    assert!(doc["current"].is_null(), "{doc}");
+
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet.depro(&["deploy", "v2"]).ok();
+    let doc: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(doc["current"], "v2");
+    assert_eq!(doc["previous"], "v1", "the rollback target");
+    assert!(doc["versions"][0]["current_since"].is_null(), "{doc}");
+    assert!(doc["versions"][1]["current_since"].is_string(), "{doc}");
+}

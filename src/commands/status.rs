@@ -4,14 +4,16 @@
 //! The JSON document (stable; fields are only ever added):
 //!
 //! ```json
-//! { "prefix": "api/version",
+//! { "schema": 1,                           // the document's version (see SCHEMA)
+//!   "prefix": "api/version",
 //!   "current": "v2",                       // null when unset or invalid
+//!   "previous": "v1",                      // what `depro rollback` would go back to, or null
 //!   "versions": [
 //!     { "name": "v1", "current": false,
 //!       "removing": false,                  // folder key gone, nodes still cleaning
 //!       "create_index": 12,
 //!       "created_at": "2026-11-26T10:00:00.000Z", "created_by": "ops@host",   // or null
-//!       "current_since": null, "current_by": null,
+//!       "current_since": null, "current_by": null,   // set only on the current version
 //!       "counts": { "busy": 0, "ready": 3, "active": 0, "failed": 0 },
 //!       "nodes": { "node1": "ready", "node2": "ready", "node3": "ready" },
 //!       "reasons": { "node4": { "hook": "deploy", "error": "the deploy hook exited with status 3",
@@ -37,7 +39,20 @@ use crate::tree::{NodeState, Prefix, Tree, shown};
 pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let only = args.version.as_deref().map(version_arg).transpose()?;
-    let tree = ctx.read_existing_tree()?;
+    let tree = match ctx.read_existing_tree() {
+        // A script reading -json gets a document even for an empty prefix
+        // (no versions), then the error and its exit code.
+        Err(e @ Error::Refused(_)) if args.json => {
+            let empty = ctx.read_tree()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json(&ctx.prefix, &empty, &|_| true))
+                    .unwrap_or_default()
+            );
+            return Err(e);
+        }
+        other => other?,
+    };
     if let Some(version) = &only {
         if !tree.versions.contains_key(version) {
             return Err(Error::Refused(format!(
@@ -57,6 +72,10 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The version of the `-json` document: fields are only ever added within
+/// a schema; a change of meaning or a removal makes a new one.
+pub(crate) const SCHEMA: u32 = 1;
 
 /// Above this many nodes, the node × version table is only printed for one version.
 const MATRIX_NODES: usize = 20;
@@ -102,8 +121,10 @@ pub(crate) fn json(
                 "create_index": info.create_index,
                 "created_at": info.meta.created_at,
                 "created_by": info.meta.created_by,
-                "current_since": info.meta.current_since,
-                "current_by": info.meta.current_by,
+                // Only on the version that is current: for the others these
+                // are stale (the last time each was current).
+                "current_since": info.meta.current_since.as_ref().filter(|_| Some(name) == current),
+                "current_by": info.meta.current_by.as_ref().filter(|_| Some(name) == current),
                 "counts": {
                     "busy": count(NodeState::Busy), "ready": count(NodeState::Ready),
                     "active": count(NodeState::Active), "failed": count(NodeState::Failed),
@@ -126,8 +147,10 @@ pub(crate) fn json(
         })
     });
     serde_json::json!({
+        "schema": SCHEMA,
         "prefix": prefix.to_string(),
         "current": current.map(|c| c.as_str()),
+        "previous": tree.previous().map(|v| v.as_str()),
         "versions": versions,
         "agents": tree.agents,
         "rollout": rollout,
@@ -397,6 +420,29 @@ failures:
     | \\u{1b}[31mgone
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn json_has_a_schema_the_rollback_target_and_current_since_only_on_current() {
+        let prefix = Prefix::parse("api/version").unwrap();
+        let meta = |since: &str| format!(r#"{{"current_since": "{since}", "current_by": "ops"}}"#);
+        let mut entries = vec![
+            entry("api/version/current", "v2", 9),
+            entry("api/version/v1/", &meta("t1"), 1),
+            entry("api/version/v2/", &meta("t2"), 5),
+        ];
+        for e in &mut entries {
+            e.session = None;
+        }
+        let doc = json(&prefix, &Tree::parse(&prefix, &entries), &|_| true);
+        assert_eq!(doc["schema"], SCHEMA);
+        assert_eq!(doc["previous"], "v1");
+        assert!(doc["versions"][0]["current_since"].is_null(), "{doc}");
+        assert_eq!(doc["versions"][1]["current_since"], "t2");
+        assert_eq!(doc["versions"][1]["current_by"], "ops");
+        let empty = json(&prefix, &Tree::default(), &|_| true);
+        assert_eq!(empty["versions"], serde_json::json!([]));
+        assert!(empty["current"].is_null() && empty["previous"].is_null());
     }
 
     #[test]
