@@ -25,6 +25,7 @@ pub(crate) enum Command {
     Remove(RemoveArgs),
     Prune(PruneArgs),
     Status(StatusArgs),
+    History(HistoryArgs),
     Completion(crate::completion::Shell),
 }
 
@@ -221,11 +222,17 @@ pub(crate) struct StatusArgs {
     pub json: bool,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct HistoryArgs {
+    pub tree: TreeArgs,
+    pub json: bool,
+}
+
 /// The default of `-timeout` for commands that wait on nodes.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The commands, for `help` and error messages.
-pub(crate) const COMMANDS: [&str; 11] = [
+pub(crate) const COMMANDS: [&str; 12] = [
     "agent",
     "deploy",
     "rollout",
@@ -234,6 +241,7 @@ pub(crate) const COMMANDS: [&str; 11] = [
     "prune",
     "status",
     "query",
+    "history",
     "version",
     "help",
     "completion",
@@ -287,6 +295,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "remove" => parse_remove(&mut parser),
         "prune" => parse_prune(&mut parser),
         "status" | "query" => parse_status(&mut parser, &first),
+        "history" => parse_history(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
             Some(Arg::Value(shell)) => {
@@ -702,6 +711,22 @@ fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         Error::Usage("`depro prune` needs -keep=K, the number of newest versions to keep".into())
     })?;
     Ok(Command::Prune(PruneArgs { tree, keep }))
+}
+
+fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "history";
+    let (mut tree, mut json) = (TreeArgs::default(), false);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("json") => json = boolean(parser, "json", command)?,
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::History(HistoryArgs { tree, json }))
 }
 
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {

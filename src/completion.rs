@@ -95,6 +95,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("prune", "remove all but the newest versions"),
     ("status", "show versions and nodes"),
     ("query", "show versions and nodes (as status)"),
+    ("history", "which version was current when, and how"),
     ("version", "print the depro version"),
     ("help", "show help for a command"),
     ("completion", "print a shell completion script"),
@@ -148,7 +149,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "rollback" => &[ROLLBACK, SWITCH, CONNECTION],
         "remove" => &[REMOVE, CONNECTION],
         "prune" => &[PRUNE, CONNECTION],
-        "status" | "query" => &[STATUS, CONNECTION],
+        "status" | "query" | "history" => &[STATUS, CONNECTION],
         _ => &[],
     };
     let mut all: Vec<&'static Flag> = own.iter().flat_map(|f| f.iter()).collect();

@@ -16,6 +16,7 @@ Commands:
   remove     remove versions from every node
   prune      remove all but the newest versions
   status     show versions and every node's state (alias: query)
+  history    which version was current when, switched by whom and how
   version    print the version
   completion print a completion script for bash, zsh or fish
 
@@ -155,6 +156,20 @@ Shows every version in creation order, which is current, and each node's state.
 
 Examples: depro status -prefix=api/version
           depro status -prefix=api/version v42 -json | jq '.versions[0].counts'
+"
+        }
+        "history" => {
+            "\
+Usage: depro history -prefix=PREFIX [-json] [flags]
+
+Which version was current when, switched by whom and how (deploy, rollout,
+rollback, rollback-on-failure; \"(waves)\" for a progressive rollout), newest
+first: the last 100 switches, then older ones from the versions' keys.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -json               print a machine-readable document instead of a table
+
+Example: depro history -prefix=api/version -json | jq -r '.switches[0].by'
 "
         }
         "completion" => {

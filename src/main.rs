@@ -50,6 +50,7 @@ fn run(command: Command) -> Result<()> {
         Command::Remove(args) => commands::remove(args, env),
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),
+        Command::History(args) => commands::history(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));
             Ok(())

@@ -9,6 +9,7 @@
 //! <prefix>/<version>/.reason/<node> = why it failed (JSON)   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
+//! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.changed           = the doorbell (see `doorbell`)
 //! ```
 //!
@@ -135,6 +136,11 @@ impl Prefix {
         format!("{}{ROLLOUT}", self.0)
     }
 
+    /// The record of the last switches of `current`.
+    pub(crate) fn history_key(&self) -> String {
+        format!("{}{HISTORY}", self.0)
+    }
+
     /// The doorbell: the depro CLI rings it in the same transaction as
     /// every change it makes under the prefix (see [`crate::doorbell`]);
     /// agents watch it alone.
@@ -150,13 +156,15 @@ pub(crate) const CHANGED: &str = ".changed";
 pub(crate) const AGENTS: &str = ".agents";
 /// The progressive rollout under way.
 pub(crate) const ROLLOUT: &str = ".rollout";
+/// The record of the last switches of `current`.
+pub(crate) const HISTORY: &str = ".history";
 /// The folder of failure reasons inside a version's folder.
 pub(crate) const REASON: &str = ".reason";
 
 /// Names under a prefix that are depro's own (never versions, never warned
 /// about): the doorbell, the agents' folder, the rollout under way.
 fn is_depro_name(rest: &str) -> bool {
-    rest == CHANGED || rest == ROLLOUT || rest == format!("{AGENTS}/")
+    rest == CHANGED || rest == ROLLOUT || rest == HISTORY || rest == format!("{AGENTS}/")
 }
 
 /// Why a node failed a version, as its agent reports it next to its
@@ -221,6 +229,51 @@ pub(crate) struct AgentRecord {
     /// When this agent's session started following the prefix.
     #[serde(default)]
     pub since: String,
+}
+
+/// One switch of `current`, as `<prefix>/.history` records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Switch {
+    /// The version made current (empty: `current` deleted).
+    pub version: String,
+    /// What `current` was before (empty: unset).
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub by: String,
+    /// `deploy`, `rollout`, `rollback`, `rollback-on-failure` (with `waves`
+    /// for a progressive rollout's last step).
+    #[serde(default)]
+    pub how: String,
+}
+
+/// `<prefix>/.history`: the last [`HISTORY_KEPT`] switches, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct History {
+    #[serde(default)]
+    pub switches: Vec<Switch>,
+}
+
+/// How many switches `.history` keeps.
+pub(crate) const HISTORY_KEPT: usize = 100;
+
+impl History {
+    pub(crate) fn parse(value: &[u8]) -> History {
+        serde_json::from_slice(value).unwrap_or_default()
+    }
+
+    /// This history with `switch` recorded first.
+    pub(crate) fn with(&self, switch: Switch) -> History {
+        let mut switches = vec![switch];
+        switches.extend(self.switches.iter().take(HISTORY_KEPT - 1).cloned());
+        History { switches }
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 /// A progressive rollout under way (`<prefix>/.rollout`, JSON), written by
@@ -398,11 +451,13 @@ pub(crate) struct VersionMeta {
     pub created_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
-    /// When and by whom it was last made current.
+    /// When and by whom it was last made current, and how.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_how: Option<String>,
     /// The ModifyIndex `current` had just before this version was made
     /// current: it grows with every switch, so the highest one among the
     /// other versions names the version that was current before.
@@ -476,6 +531,8 @@ pub(crate) struct Tree {
     pub agents: BTreeMap<String, AgentRecord>,
     /// A progressive rollout under way, and its key's ModifyIndex.
     pub rollout: Option<(RolloutPlan, u64)>,
+    /// The record of the last switches.
+    pub history: History,
     /// Names that are not valid versions, and node keys with bad values.
     pub ignored: BTreeSet<String>,
 }
@@ -499,6 +556,10 @@ impl Tree {
             }
             if rest == ROLLOUT {
                 tree.rollout = RolloutPlan::parse(&entry.value).map(|p| (p, entry.modify_index));
+                continue;
+            }
+            if rest == HISTORY {
+                tree.history = History::parse(&entry.value);
                 continue;
             }
             if let Some(node) = rest.strip_prefix(AGENTS).and_then(|r| r.strip_prefix('/')) {

@@ -324,3 +324,54 @@ fn status_json_is_an_interface_even_on_an_empty_prefix() {
     assert!(doc["versions"][0]["current_since"].is_null(), "{doc}");
     assert!(doc["versions"][1]["current_since"].is_string(), "{doc}");
 }
+
+// ------------------------------------------------------------- history
+
+#[test]
+fn history_lists_each_switch_newest_first_with_who_and_how() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
+    fleet.depro(&["rollback", "-nodes=2"]).ok();
+    fleet.depro(&["rollout", "v2", "-nodes=2", "-batch=1"]).ok();
+    // A rollout that fails on node2 and is switched back.
+    fleet.agents[1].set_flag("fail-rollout-v3", true);
+    fleet
+        .depro(&["deploy", "v3", "-nodes=2", "-rollback-on-failure"])
+        .fails(2, &["failed on node2"]);
+
+    let doc: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["history", "-json"]).ok()).unwrap();
+    let switches: Vec<(String, String, String)> = doc["switches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["version"].as_str().unwrap().to_string(),
+                s["from"].as_str().unwrap().to_string(),
+                s["how"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("v2", "v3", "rollback-on-failure"),
+        ("v3", "v2", "deploy"),
+        ("v2", "v1", "rollout (waves)"),
+        ("v1", "v2", "rollback"),
+        ("v2", "v1", "deploy"),
+        ("v1", "", "deploy"),
+    ]
+    .map(|(v, f, h)| (v.to_string(), f.to_string(), h.to_string()));
+    assert_eq!(switches, expected, "{doc}");
+    assert!(
+        doc["switches"][0]["by"].as_str().unwrap().contains('@'),
+        "{doc}"
+    );
+
+    let table = fleet.depro(&["history"]).ok().to_string();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("SINCE"), "{table}");
+    assert!(lines[1].contains("rollback-on-failure"), "{table}");
+    assert_eq!(lines.len(), 7, "{table}");
+}

@@ -16,7 +16,7 @@ use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, FailReason, NodeEntry, NodeState, VersionMeta, shown};
+use crate::tree::{CurrentKey, FailReason, NodeEntry, NodeState, Switch, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 /// Where a version stands before the switch.
@@ -156,6 +156,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         base: base.as_ref(),
         // Without a switch to make, another operator's switch is not ours to mind.
         abort_if_current_moves: !args.no_rollout,
+        how: "deploy",
     };
     let ready_nodes = wait_ready(&mut ctx, &wait)?;
     if args.no_rollout {
@@ -188,7 +189,15 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     super::waves::check_none_other(&ctx, &version)?;
     let base = ctx.read_current()?;
     let exists = ctx.read_version_key(&version)?.is_some();
-    roll_to(&mut ctx, base, &version, exists, &args.switch, start)
+    roll_to(
+        &mut ctx,
+        base,
+        &version,
+        exists,
+        &args.switch,
+        start,
+        "rollout",
+    )
 }
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
@@ -219,7 +228,15 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     ctx.out
         .line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
     let exists = tree.versions.get(&to).is_some_and(|i| i.exists);
-    roll_to(&mut ctx, tree.current, &to, exists, &args.switch, start)
+    roll_to(
+        &mut ctx,
+        tree.current,
+        &to,
+        exists,
+        &args.switch,
+        start,
+        "rollback",
+    )
 }
 
 /// Steps 2 to 4 for a version that is already in the tree.
@@ -230,6 +247,7 @@ fn roll_to(
     exists: bool,
     switch: &SwitchFlags,
     start: Instant,
+    how: &'static str,
 ) -> Result<()> {
     if !exists {
         return Err(Error::Refused(format!(
@@ -244,6 +262,7 @@ fn roll_to(
         retried: &BTreeSet::new(),
         base: base.as_ref(),
         abort_if_current_moves: true,
+        how,
     };
     let ready = wait_ready(ctx, &wait)?;
     super::waves::switch(ctx, &wait, ready, switch, start)
@@ -267,6 +286,8 @@ pub(super) struct Wait<'a> {
     pub base: Option<&'a CurrentKey>,
     /// End the wait (exit 5) as soon as someone else moves `current`.
     pub abort_if_current_moves: bool,
+    /// The command, for the history: `deploy`, `rollout` or `rollback`.
+    pub how: &'static str,
 }
 
 /// Failed nodes with what their agents reported: `node2 (the deploy hook
@@ -443,7 +464,11 @@ pub(super) fn switch_and_confirm(
     let ours = match base {
         Some(c) if already => c.modify_index,
         _ => {
-            let index = switch_current(ctx, version, base, wait.deadline, finishing)?;
+            let how = match finishing {
+                Some(_) => format!("{} (waves)", wait.how),
+                None => wait.how.to_string(),
+            };
+            let index = switch_current(ctx, version, base, wait.deadline, finishing, &how)?;
             ctx.out.line(&format!(
                 "current: {} -> {version}",
                 was.as_deref().unwrap_or("unset")
@@ -560,10 +585,12 @@ fn switch_current(
     base: Option<&CurrentKey>,
     deadline: Instant,
     finishing: Option<u64>,
+    how: &str,
 ) -> Result<u64> {
     let base_index = base.map_or(0, |c| c.modify_index);
     let current_key = ctx.prefix.current_key();
     let rollout_key = ctx.prefix.rollout_key();
+    let history_key = ctx.prefix.history_key();
     // A version's key changes when another command records its own
     // switch to it; a few rounds settle that.
     for _ in 0..5 {
@@ -573,10 +600,22 @@ fn switch_current(
         };
         let (version_key, version_index) = (entry.key.clone(), entry.modify_index);
         let mut meta = VersionMeta::parse(&entry.value);
-        meta.current_since = Some(crate::logging::timestamp());
+        let since = crate::logging::timestamp();
+        meta.current_since = Some(since.clone());
         meta.current_by = Some(ctx.user.clone());
         meta.current_order = Some(base_index);
+        meta.current_how = Some(how.to_string());
         let meta_json = meta.to_json();
+        let (history, history_index) = ctx.read_history()?;
+        let history = history
+            .with(Switch {
+                version: version.to_string(),
+                from: base.map(|c| c.value.clone()).unwrap_or_default(),
+                since,
+                by: ctx.user.clone(),
+                how: how.to_string(),
+            })
+            .to_json();
         let bell = ctx.ring(Change::Switched(version.clone()))?;
         let mut ops = vec![
             TxnOp::Cas {
@@ -592,6 +631,11 @@ fn switch_current(
             // Agents whose watch of a missing `current` is paced (every
             // write anywhere wakes it) see the first switch at once.
             bell.op(),
+            TxnOp::Cas {
+                key: &history_key,
+                value: &history,
+                index: history_index,
+            },
         ];
         if let Some(index) = finishing {
             // The last step of a progressive rollout: its key goes in the
@@ -608,7 +652,7 @@ fn switch_current(
                     "depro: the answer to the switch was lost ({}); reading {current_key} to find out what happened",
                     e.summary()
                 );
-                return settle_unknown_switch(ctx, version, base_index, deadline, finishing);
+                return settle_unknown_switch(ctx, version, base_index, deadline, finishing, how);
             }
             Err(e) => return Err(e.into()),
         };
@@ -641,7 +685,7 @@ fn switch_current(
                         "is ready but not current",
                     ));
                 }
-                if outcome.failure_of(3).is_some() {
+                if outcome.failure_of(4).is_some() {
                     return Err(Error::LostRace(format!(
                         "the progressive rollout of {version} under {} was changed by another command \
                          (undone or replaced) before its last step; current unchanged; check with \
@@ -649,7 +693,7 @@ fn switch_current(
                         ctx.prefix, ctx.prefix
                     )));
                 }
-                if outcome.failure_of(1).is_some() || outcome.failure_of(2).is_some() {
+                if (1..=3).any(|op| outcome.failure_of(op).is_some()) {
                     // The version's key changed or went (read it again), or
                     // another command rang the doorbell first (ring again).
                     continue;
@@ -711,6 +755,7 @@ fn settle_unknown_switch(
     base_index: u64,
     deadline: Instant,
     finishing: Option<u64>,
+    how: &str,
 ) -> Result<u64> {
     let mut backoff = crate::pacing::Backoff::new(
         std::time::Duration::from_millis(200),
@@ -727,7 +772,7 @@ fn settle_unknown_switch(
                 if unchanged {
                     eprintln!("depro: the switch did not happen; trying again");
                     let base = now.clone();
-                    return switch_current(ctx, version, base.as_ref(), deadline, finishing);
+                    return switch_current(ctx, version, base.as_ref(), deadline, finishing, how);
                 }
                 return Err(lost_race(
                     ctx,
@@ -777,11 +822,27 @@ fn restore_current(
     let was = base.map_or("unset".to_string(), |c| shown(&c.value));
     let restored = base.and_then(|c| VersionName::parse(&c.value).ok());
     let mut outcome = None;
+    let history_key = ctx.prefix.history_key();
     for _ in 0..5 {
         let bell = ctx.ring(Change::Restored(restored.clone()))?;
-        let attempt = ctx.consul.txn(&[op, bell.op()])?;
-        // Only the ring failed: another command rang first; ring again.
-        if !matches!(&attempt, TxnOutcome::Rejected(f) if f.iter().all(|f| f.op == 1)) {
+        let (history, history_index) = ctx.read_history()?;
+        let history = history
+            .with(Switch {
+                version: base.map(|c| c.value.clone()).unwrap_or_default(),
+                from: version.to_string(),
+                since: crate::logging::timestamp(),
+                by: ctx.user.clone(),
+                how: "rollback-on-failure".into(),
+            })
+            .to_json();
+        let record = TxnOp::Cas {
+            key: &history_key,
+            value: &history,
+            index: history_index,
+        };
+        let attempt = ctx.consul.txn(&[op, bell.op(), record])?;
+        // Only the ring or the record failed: another command wrote first.
+        if !matches!(&attempt, TxnOutcome::Rejected(f) if f.iter().all(|f| f.op >= 1)) {
             outcome = Some(attempt);
             break;
         }

@@ -3,6 +3,7 @@
 //! settings into a [`Ctx`] first, then talks to Consul through it.
 
 mod deploy;
+mod history;
 mod progress;
 mod remove;
 mod status;
@@ -14,6 +15,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 pub(crate) use deploy::{deploy, rollback, rollout};
+pub(crate) use history::history;
 pub(crate) use remove::{prune, remove};
 pub(crate) use status::status;
 
@@ -303,6 +305,16 @@ impl Ctx {
         let dir = self.prefix.agents_dir();
         let answer = self.retrying(|c| c.list_starting_with(&dir, Read::consistent()))?;
         Ok(Tree::parse(&self.prefix, &answer.value).agents)
+    }
+
+    /// Reads the record of the last switches and its index (0: none yet),
+    /// from the leader.
+    pub(crate) fn read_history(&self) -> Result<(crate::tree::History, u64)> {
+        let key = self.prefix.history_key();
+        let answer = self.retrying(|c| c.get(&key, Read::consistent()))?;
+        Ok(answer.value.map_or_else(Default::default, |e| {
+            (crate::tree::History::parse(&e.value), e.modify_index)
+        }))
     }
 
     /// Reads the progressive rollout under way, if any, from the leader.
