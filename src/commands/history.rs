@@ -85,7 +85,7 @@ pub(crate) fn switches(tree: &Tree) -> Vec<Switch> {
             })
         })
         .collect();
-    older.sort_by(|a, b| b.0.cmp(&a.0));
+    older.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
     switches.extend(older.into_iter().map(|(_, s)| s));
     switches
 }
