@@ -26,6 +26,7 @@ pub(crate) enum Command {
     Prune(PruneArgs),
     Status(StatusArgs),
     History(HistoryArgs),
+    Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
 
@@ -222,6 +223,22 @@ pub(crate) struct StatusArgs {
     pub json: bool,
 }
 
+/// What `depro wait` waits for.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum WaitFor {
+    Ready,
+    Active,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct WaitArgs {
+    pub tree: TreeArgs,
+    pub version: String,
+    pub state: WaitFor,
+    pub nodes: Need,
+    pub timeout: Duration,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct HistoryArgs {
     pub tree: TreeArgs,
@@ -232,7 +249,7 @@ pub(crate) struct HistoryArgs {
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The commands, for `help` and error messages.
-pub(crate) const COMMANDS: [&str; 12] = [
+pub(crate) const COMMANDS: [&str; 13] = [
     "agent",
     "deploy",
     "rollout",
@@ -242,6 +259,7 @@ pub(crate) const COMMANDS: [&str; 12] = [
     "status",
     "query",
     "history",
+    "wait",
     "version",
     "help",
     "completion",
@@ -296,6 +314,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "prune" => parse_prune(&mut parser),
         "status" | "query" => parse_status(&mut parser, &first),
         "history" => parse_history(&mut parser),
+        "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
             Some(Arg::Value(shell)) => {
@@ -711,6 +730,44 @@ fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         Error::Usage("`depro prune` needs -keep=K, the number of newest versions to keep".into())
     })?;
     Ok(Command::Prune(PruneArgs { tree, keep }))
+}
+
+fn parse_wait(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "wait";
+    let mut tree = TreeArgs::default();
+    let (mut version, mut state, mut need, mut timeout) =
+        (None, WaitFor::Active, Need::Count(1), DEFAULT_TIMEOUT);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("for") => {
+                state = match string(parser, command)?.as_str() {
+                    "ready" => WaitFor::Ready,
+                    "active" => WaitFor::Active,
+                    other => {
+                        return Err(Error::Usage(format!(
+                            "-for: {other:?} is not ready or active; run `depro help wait`"
+                        )));
+                    }
+                }
+            }
+            Key::Long("nodes") => need = nodes(parser, command)?,
+            Key::Long("timeout") => timeout = self::timeout(parser, command)?,
+            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    let version = version.ok_or_else(|| missing_version(command))?;
+    Ok(Command::Wait(WaitArgs {
+        tree,
+        version,
+        state,
+        nodes: need,
+        timeout,
+    }))
 }
 
 fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {

@@ -96,6 +96,10 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("status", "show versions and nodes"),
     ("query", "show versions and nodes (as status)"),
     ("history", "which version was current when, and how"),
+    (
+        "wait",
+        "wait until a version is ready or active on enough nodes",
+    ),
     ("version", "print the depro version"),
     ("help", "show help for a command"),
     ("completion", "print a shell completion script"),
@@ -142,6 +146,11 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
     ];
     const PRUNE: &[Flag] = &[flag("keep", Value::Text, "how many versions to keep")];
     const STATUS: &[Flag] = &[flag("json", Value::None, "print JSON")];
+    const WAIT: &[Flag] = &[
+        flag("for", Value::Text, "ready or active"),
+        flag("nodes", Value::Text, "how many nodes: N, all or P%"),
+        flag("timeout", Value::Text, "give up after this long"),
+    ];
     let own: &[&'static [Flag]] = match command {
         "agent" => &[AGENT, CONNECTION],
         "deploy" => &[DEPLOY, SWITCH, CONNECTION],
@@ -150,6 +159,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "remove" => &[REMOVE, CONNECTION],
         "prune" => &[PRUNE, CONNECTION],
         "status" | "query" | "history" => &[STATUS, CONNECTION],
+        "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };
     let mut all: Vec<&'static Flag> = own.iter().flat_map(|f| f.iter()).collect();
@@ -336,11 +346,12 @@ mod tests {
                     "nodes" | "canary" | "batch" | "keep" => "=2",
                     "timeout" | "pause" => "=5s",
                     "log-level" => "=info",
+                    "for" => "=ready",
                     _ if flag.value == Value::None => "",
                     _ => "=x",
                 };
                 let mut args = vec![command.to_string()];
-                if matches!(*command, "deploy" | "rollout" | "remove") {
+                if matches!(*command, "deploy" | "rollout" | "remove" | "wait") {
                     args.push("v1".into());
                 }
                 if *command == "prune" && flag.name != "keep" {

@@ -17,6 +17,7 @@ Commands:
   prune      remove all but the newest versions
   status     show versions and every node's state (alias: query)
   history    which version was current when, switched by whom and how
+  wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
 
@@ -156,6 +157,21 @@ Shows every version in creation order, which is current, and each node's state.
 
 Examples: depro status -prefix=api/version
           depro status -prefix=api/version v42 -json | jq '.versions[0].counts'
+"
+        }
+        "wait" => {
+            "\
+Usage: depro wait VERSION -prefix=PREFIX [-for=ready|active] [-nodes=N|all|P%] [flags]
+
+Waits until VERSION is active (or ready) on enough nodes, for scripts that
+started a deploy elsewhere; a failed node ends it at once, with its reason.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+  -for=STATE          ready or active [active]
+  -nodes=N|all|P%     how many nodes [1]; all: every live agent of the prefix
+  -timeout=DURATION   give up after this long [10m]
+
+Example: depro wait v42 -prefix=api/version -for=active -nodes=all -timeout=5m
 "
         }
         "history" => {

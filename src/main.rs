@@ -51,6 +51,7 @@ fn run(command: Command) -> Result<()> {
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),
         Command::History(args) => commands::history(args, env),
+        Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));
             Ok(())

@@ -375,3 +375,42 @@ fn history_lists_each_switch_newest_first_with_who_and_how() {
     assert!(lines[1].contains("rollback-on-failure"), "{table}");
     assert_eq!(lines.len(), 7, "{table}");
 }
+
+// ---------------------------------------------------------------- wait
+
+#[test]
+fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_nodes() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    // Another script deploys v2 (node2 is slow); this one waits for it.
+    fleet.agents[1].set_flag("block-deploy", true);
+    let deploy = support::spawn(fleet.depro_command(&["deploy", "v2", "-no-rollout", "-nodes=2"]));
+    fleet.wait("node2 busy with v2", |f| {
+        f.node_state("v2", "node2").as_deref() == Some("busy")
+    });
+    let waiting = support::spawn(fleet.depro_command(&["wait", "v2", "-for=ready", "-nodes=all"]));
+    fleet.agents[1].set_flag("release", true);
+    let out = support::finish(waiting);
+    assert!(out.ok().contains("v2 is ready on 2 nodes"), "{out:#?}");
+    support::finish(deploy).ok();
+
+    // Active: only once rolled out.
+    let out = fleet.depro(&["wait", "v2", "-for=active", "-nodes=2", "-timeout=1s"]);
+    out.fails(3, &["timed out", "v2 is active on 0 of the 2 nodes"]);
+    fleet.depro(&["rollout", "v2", "-nodes=2"]).ok();
+    let out = fleet.depro(&["wait", "v2", "-nodes=all"]);
+    assert!(out.ok().contains("v2 is active on 2 nodes"), "{out:#?}");
+
+    // A failure ends the wait at once, with the reason.
+    fleet.agents[0].set_flag("fail-deploy", true);
+    fleet
+        .depro(&["deploy", "v3", "-no-rollout", "-nodes=2"])
+        .fails(2, &["failed"]);
+    fleet.depro(&["wait", "v3", "-for=ready"]).fails(
+        2,
+        &["v3 failed on node1 (the deploy hook exited with status 3)"],
+    );
+    fleet
+        .depro(&["wait", "v9"])
+        .fails(2, &["v9 is not in the tree"]);
+}

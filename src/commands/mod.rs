@@ -7,6 +7,7 @@ mod history;
 mod progress;
 mod remove;
 mod status;
+mod wait;
 mod waves;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,7 @@ pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
 pub(crate) use remove::{prune, remove};
 pub(crate) use status::status;
+pub(crate) use wait::wait;
 
 use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};

@@ -1,0 +1,86 @@
+//! `wait`: for scripts that started a deploy elsewhere (or let agents
+//! bootstrap a new host): waits until a version is ready, or active, on
+//! enough nodes, and fails at once, with the reasons, if one fails.
+
+use std::time::Instant;
+
+use super::deploy::{Readiness, failed_nodes, readiness};
+use super::{Also, Ctx, took, version_arg};
+use crate::cli::{WaitArgs, WaitFor};
+use crate::config::Env;
+use crate::error::{Error, Result};
+use crate::tree::NodeState;
+
+pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
+    let mut ctx = Ctx::resolve(&args.tree, env)?;
+    let version = version_arg(&args.version)?;
+    let start = Instant::now();
+    let deadline = start + args.timeout;
+    ctx.deadline = deadline;
+    let also = Also {
+        agents: args.nodes.counts_agents(),
+        rollout: false,
+    };
+    let word = match args.state {
+        WaitFor::Ready => "ready",
+        WaitFor::Active => "active",
+    };
+    let mut last = (0, 0);
+    let prefix = ctx.prefix.clone();
+    let outcome = ctx.follow_also(&version, deadline, also, |out, seen| {
+        if !seen.info.exists {
+            return Some(Err(Error::Refused(format!(
+                "{version} is not in the tree under {prefix} (or was removed); deploy it with \
+                 `depro deploy {version} -prefix={prefix}`"
+            ))));
+        }
+        let need = args.nodes.count(seen.agents.len());
+        let nodes = &seen.info.nodes;
+        let failed: Vec<String> = nodes
+            .iter()
+            .filter(|(_, e)| e.state == NodeState::Failed)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !failed.is_empty() {
+            return Some(Err(Error::Refused(format!(
+                "{version} failed on {}",
+                failed_nodes(&failed, &seen.info.reasons)
+            ))));
+        }
+        let (have, done) = match args.state {
+            WaitFor::Ready => {
+                let have = nodes.values().filter(|e| e.state.has_it()).count();
+                let no_retries = std::collections::BTreeSet::new();
+                (
+                    have,
+                    readiness(nodes, need, &no_retries) == Readiness::Ready,
+                )
+            }
+            WaitFor::Active => {
+                let have = nodes
+                    .values()
+                    .filter(|e| e.state == NodeState::Active)
+                    .count();
+                (have, have >= need as usize)
+            }
+        };
+        last = (have, need);
+        out.count(&format!("{have}/{need} {word}"));
+        done.then_some(Ok(have))
+    });
+    match outcome? {
+        Some(Ok(have)) => {
+            println!(
+                "{version} is {word} on {have} nodes under {prefix} ({})",
+                took(start)
+            );
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        None => Err(Error::Timeout(format!(
+            "timed out: {version} is {word} on {} of the {} nodes needed under {prefix}; \
+             check the agents with `depro status -prefix={prefix} {version}`",
+            last.0, last.1
+        ))),
+    }
+}
