@@ -51,6 +51,8 @@ pub(crate) struct AgentArgs {
     pub allow_insecure_config: bool,
     /// Only validate the configuration (`-check`), then exit.
     pub check: bool,
+    /// `-log-format=text|json`.
+    pub log_format: crate::logging::Format,
     pub name: Option<String>,
     pub log_level: Option<String>,
     pub connection: ConnectionFlags,
@@ -542,6 +544,14 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
                 args.allow_insecure_config = boolean(parser, "allow-insecure-config", command)?
             }
             Key::Long("check") => args.check = boolean(parser, "check", command)?,
+            Key::Long("log-format") => {
+                let text = string(parser, command)?;
+                args.log_format = crate::logging::Format::parse(&text).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "-log-format: {text:?} is not text or json; run `depro help agent`"
+                    ))
+                })?;
+            }
             _ => return Err(unexpected(&arg, command)),
         }
     }

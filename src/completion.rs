@@ -346,6 +346,7 @@ mod tests {
                     "nodes" | "canary" | "batch" | "keep" => "=2",
                     "timeout" | "pause" => "=5s",
                     "log-level" => "=info",
+                    "log-format" => "=json",
                     "for" => "=ready",
                     _ if flag.value == Value::None => "",
                     _ => "=x",

@@ -53,6 +53,8 @@ finish within shutdown_grace), SIGHUP reloads the configuration.
   -config-file=FILE   read FILE (repeatable)
   -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
   -log-level=LEVEL    error, warn, info, debug or trace [info]
+  -log-format=FORMAT  text, or json: one object per line (time, level, node,
+                      deployment, version, message) for log shippers [text]
   -allow-insecure-config  accept config files or directories others could change
   -check              validate the configuration as the agent would, without
                       contacting Consul, and exit (0: valid, 1: the problem)

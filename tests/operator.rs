@@ -414,3 +414,69 @@ fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_n
         .depro(&["wait", "v9"])
         .fails(2, &["v9 is not in the tree"]);
 }
+
+// -------------------------------------------------------- agent logs
+
+#[test]
+fn the_agent_logs_one_json_object_per_line_with_its_deployment_and_version() {
+    let consul = support::Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("json");
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    let mut deployment = support::default_deployment("api", dir.path(), &prefix);
+    deployment["deploy"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, "echo fetching $VERSION".into());
+    let config = serde_json::json!({
+        "name": "web-1",
+        "server": consul.addr(),
+        "deployments": [deployment],
+    });
+    std::fs::write(dir.path().join("conf/depro.json"), config.to_string()).unwrap();
+    let log = dir.path().join("agent.log");
+    let mut command = Command::new(depro_bin());
+    command
+        .arg("agent")
+        .arg(format!("-config-dir={}", dir.path().join("conf").display()))
+        .arg("-log-format=json")
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("DEPRO_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(std::fs::File::create(&log).unwrap());
+    support::die_with_parent(&mut command);
+    let mut agent = command.spawn().unwrap();
+    let out = Output::of(
+        support::depro_command(&consul.addr(), &["deploy", "v1"])
+            .arg(format!("-prefix={prefix}"))
+            .output()
+            .unwrap(),
+    );
+    out.ok();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(lines.len() > 5, "{text}");
+    for line in &lines {
+        assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
+        assert!(["info", "warn", "error", "debug"].contains(&line["level"].as_str().unwrap()));
+        assert_eq!(line["node"], "web-1");
+    }
+    let active = lines
+        .iter()
+        .find(|l| l["message"] == "api v1: active")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(active["deployment"], "api");
+    assert_eq!(active["version"], "v1");
+    let hook = lines.iter().find(|l| {
+        l["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("[api v1 deploy]")
+    });
+    assert!(hook.is_some_and(|h| h["version"] == "v1"), "{text}");
+}

@@ -62,6 +62,14 @@ pub(crate) enum Event {
     Signal(Signal),
 }
 
+/// The deployments' ids, longest first (so that `api-web` is told from `api`
+/// in log lines).
+pub(crate) fn deployment_ids(config: &AgentConfig) -> Vec<String> {
+    let mut ids: Vec<String> = config.deployments.iter().map(|d| d.id.clone()).collect();
+    ids.sort_by_key(|id| std::cmp::Reverse(id.len()));
+    ids
+}
+
 /// Runs the agent until it is told to stop.
 pub(crate) fn run(args: AgentArgs) -> Result<()> {
     if args.check {
@@ -69,7 +77,8 @@ pub(crate) fn run(args: AgentArgs) -> Result<()> {
         return Ok(());
     }
     let config = config::resolve_agent(&args, &config::process_env)?;
-    crate::logging::init(config.log_level);
+    crate::logging::init(config.log_level, args.log_format);
+    crate::logging::set_context(&config.name, deployment_ids(&config));
     for warning in &config.warnings {
         log::warn!("{warning}");
     }

@@ -46,6 +46,7 @@ impl Agent {
             }
         }
         crate::logging::set_level(new.log_level);
+        crate::logging::set_context(&new.name, super::deployment_ids(&new));
         let reconnect = new.consul != self.config.consul
             || new.name != self.config.name
             || new.session_ttl != self.config.session_ttl
