@@ -223,6 +223,8 @@ pub(crate) struct StatusArgs {
     pub tree: TreeArgs,
     pub version: Option<String>,
     pub json: bool,
+    /// Follow changes until interrupted.
+    pub watch: bool,
 }
 
 /// What `depro wait` waits for.
@@ -798,7 +800,7 @@ fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
     let mut tree = TreeArgs::default();
-    let (mut version, mut json) = (None, false);
+    let (mut version, mut json, mut watch) = (None, false, false);
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
@@ -806,14 +808,22 @@ fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, E
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("json") => json = boolean(parser, "json", command)?,
+            Key::Long("watch") => watch = boolean(parser, "watch", command)?,
             Key::Value(v) if version.is_none() => version = Some(v.to_string()),
             _ => return Err(unexpected(&arg, command)),
         }
+    }
+    if watch && json {
+        return Err(Error::Usage(
+            "-watch and -json do not go together; use -watch for people and logs, or poll -json"
+                .into(),
+        ));
     }
     Ok(Command::Status(StatusArgs {
         tree,
         version,
         json,
+        watch,
     }))
 }
 

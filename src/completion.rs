@@ -145,7 +145,11 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         ),
     ];
     const PRUNE: &[Flag] = &[flag("keep", Value::Text, "how many versions to keep")];
-    const STATUS: &[Flag] = &[flag("json", Value::None, "print JSON")];
+    const STATUS: &[Flag] = &[
+        flag("json", Value::None, "print JSON"),
+        flag("watch", Value::None, "follow changes until interrupted"),
+    ];
+    const HISTORY: &[Flag] = &[flag("json", Value::None, "print JSON")];
     const WAIT: &[Flag] = &[
         flag("for", Value::Text, "ready or active"),
         flag("nodes", Value::Text, "how many nodes: N, all or P%"),
@@ -158,7 +162,8 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "rollback" => &[ROLLBACK, SWITCH, CONNECTION],
         "remove" => &[REMOVE, CONNECTION],
         "prune" => &[PRUNE, CONNECTION],
-        "status" | "query" | "history" => &[STATUS, CONNECTION],
+        "status" | "query" => &[STATUS, CONNECTION],
+        "history" => &[HISTORY, CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };

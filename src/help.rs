@@ -156,6 +156,8 @@ Shows every version in creation order, which is current, and each node's state.
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -json               print a machine-readable document instead of a table
+  -watch              follow changes until interrupted: the table redrawn on a
+                      terminal, one line per change otherwise
 
 Examples: depro status -prefix=api/version
           depro status -prefix=api/version v42 -json | jq '.versions[0].counts'

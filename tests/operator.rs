@@ -480,3 +480,63 @@ fn the_agent_logs_one_json_object_per_line_with_its_deployment_and_version() {
     });
     assert!(hook.is_some_and(|h| h["version"] == "v1"), "{text}");
 }
+
+// ------------------------------------------------------- status -watch
+
+#[test]
+fn status_watch_prints_a_line_per_change_when_not_on_a_terminal() {
+    use std::io::BufRead;
+    let fleet = support::Fleet::start(2);
+    let mut watch = support::spawn(fleet.depro_command(&["status", "-watch"]));
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    // Answers may coalesce quick changes (busy, then ready), so only what
+    // every reading shows is required: the creation, the switch, and each
+    // node ending active.
+    let mut seen: Vec<String> = Vec::new();
+    let done = |seen: &[String]| {
+        seen.iter().any(|l| l.ends_with("v1: created"))
+            && seen.iter().any(|l| l.ends_with("current: unset -> v1"))
+            && ["node1", "node2"].iter().all(|n| {
+                seen.iter()
+                    .any(|l| l.contains(&format!("v1 {n}: ")) && l.ends_with("active"))
+            })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("not every change was printed: {seen:#?}"),
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    // Each line starts with a timestamp.
+    assert!(
+        seen.iter().all(|l| l.starts_with("20") && l.contains("Z ")),
+        "{seen:#?}"
+    );
+    // The order of events is kept: created first, the switch before the
+    // nodes are active.
+    let at = |f: &dyn Fn(&String) -> bool| seen.iter().position(f).unwrap();
+    assert_eq!(
+        at(&|l| l.contains("v1")),
+        at(&|l| l.ends_with("v1: created"))
+    );
+    assert!(
+        at(&|l| l.ends_with("current: unset -> v1"))
+            < at(&|l| l.contains("v1 node1: ") && l.ends_with("active"))
+    );
+}

@@ -39,6 +39,9 @@ use crate::tree::{NodeState, Prefix, Tree, shown};
 pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let only = args.version.as_deref().map(version_arg).transpose()?;
+    if args.watch {
+        return watch(&mut ctx, only.as_ref());
+    }
     let tree = match ctx.read_existing_tree() {
         // A script reading -json gets a document even for an empty prefix
         // (no versions), then the error and its exit code.
@@ -71,6 +74,105 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
         print!("{}", table(&ctx.prefix, &tree, &filter));
     }
     Ok(())
+}
+
+/// `status -watch`: on a terminal, the table redrawn at every change; else
+/// one line per change (a node's state, `current`, a version created or
+/// removed), for logs. Follows the prefix with blocking `?stale` reads,
+/// paced like the commands' follow loop, until interrupted.
+fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    let filter = |v: &crate::version_name::VersionName| only.is_none_or(|o| o == v);
+    let prefix = ctx.prefix.as_dir().to_string();
+    let pacing = crate::cursor::Pacing {
+        burst: 4,
+        refill: std::time::Duration::from_millis(100),
+    };
+    let mut cursor = crate::cursor::Cursor::new(crate::cursor::WAIT, true, pacing);
+    let mut last: Option<Tree> = None;
+    loop {
+        let pause = cursor.pause(std::time::Instant::now());
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        let read = cursor.read();
+        let answer = match ctx.consul.list(&prefix, read) {
+            Ok(answer) => answer,
+            Err(e) if e.is_transient() => {
+                eprintln!("depro: Consul: {}; retrying", e.summary());
+                std::thread::sleep(cursor.failed());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tree = Tree::parse(&ctx.prefix, &answer.value);
+        let changed = last.as_ref() != Some(&tree);
+        cursor.answered(answer.index, changed);
+        if !changed {
+            continue;
+        }
+        if tty {
+            print!("\x1b[H\x1b[2J{}", table(&ctx.prefix, &tree, &filter));
+        } else {
+            for line in changes(last.as_ref(), &tree, &filter) {
+                println!("{} {line}", crate::logging::timestamp());
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        last = Some(tree);
+    }
+}
+
+/// What changed between two reads of the tree, one line each.
+fn changes(
+    before: Option<&Tree>,
+    after: &Tree,
+    filter: &dyn Fn(&crate::version_name::VersionName) -> bool,
+) -> Vec<String> {
+    let empty = Tree::default();
+    let before = before.unwrap_or(&empty);
+    let mut lines = Vec::new();
+    let name = |t: &Tree| {
+        t.current
+            .as_ref()
+            .map_or("unset".to_string(), |c| shown(&c.value))
+    };
+    if before.current.as_ref().map(|c| &c.value) != after.current.as_ref().map(|c| &c.value) {
+        lines.push(format!("current: {} -> {}", name(before), name(after)));
+    }
+    let versions: BTreeSet<&crate::version_name::VersionName> = before
+        .versions
+        .keys()
+        .chain(after.versions.keys())
+        .filter(|v| filter(v))
+        .collect();
+    let none = crate::tree::VersionInfo::default();
+    for version in versions {
+        let (old, new) = (
+            before.versions.get(version).unwrap_or(&none),
+            after.versions.get(version).unwrap_or(&none),
+        );
+        if old.exists != new.exists {
+            lines.push(format!(
+                "{version}: {}",
+                if new.exists { "created" } else { "removed" }
+            ));
+        }
+        let nodes: BTreeSet<&String> = old.nodes.keys().chain(new.nodes.keys()).collect();
+        for node in nodes {
+            let state = |i: &crate::tree::VersionInfo| i.nodes.get(node).map(|e| e.state);
+            match (state(old), state(new)) {
+                (a, b) if a == b => {}
+                (None, Some(b)) => lines.push(format!("{version} {node}: {b}")),
+                (Some(a), None) => lines.push(format!("{version} {node}: {a} -> gone")),
+                (Some(a), Some(b)) => lines.push(format!("{version} {node}: {a} -> {b}")),
+                (None, None) => {}
+            }
+        }
+    }
+    lines
 }
 
 /// The version of the `-json` document: fields are only ever added within
