@@ -431,7 +431,35 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
             path.display()
         ))
     })?;
-    serde_json::from_str(&strip_comments(&text)).map_err(|e| {
+    if strip_comments(&text).trim().is_empty() {
+        return Err(Error::Config(format!(
+            "{}: the config file is empty; write a JSON object (e.g. {{\"deployments\": []}}, \
+             see depro.json(5)) or remove the file",
+            path.display()
+        )));
+    }
+    let mut file: FileConfig = parse_file(path, &text)?;
+    // Relative file names in a config file are relative to its directory,
+    // not to wherever the agent was started.
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    for name in [
+        &mut file.token_file,
+        &mut file.ca_file,
+        &mut file.cert_file,
+        &mut file.key_file,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if name.is_relative() {
+            *name = dir.join(&*name);
+        }
+    }
+    Ok(file)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, Error> {
+    serde_json::from_str(&strip_comments(text)).map_err(|e| {
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
             Some(at) => message[..at].to_string(),

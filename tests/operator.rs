@@ -540,3 +540,37 @@ fn status_watch_prints_a_line_per_change_when_not_on_a_terminal() {
             < at(&|l| l.contains("v1 node1: ") && l.ends_with("active"))
     );
 }
+
+// -------------------------------------------------------------- errors
+
+#[test]
+fn an_empty_config_file_gets_its_own_message() {
+    let dir = tempfile::tempdir().unwrap();
+    check(dir.path(), &[("depro.json", "  \n// nothing yet\n")]).fails(
+        1,
+        &["depro.json", "the config file is empty", "remove the file"],
+    );
+}
+
+#[test]
+fn a_relative_token_file_is_read_from_the_config_file_s_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(dir.path().join("conf/token"), "s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("conf/token"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let text = r#"{ "name": "web-1", "token_file": "token" }"#;
+    // The check runs from the crate's directory, not from conf/.
+    let out = check(dir.path(), &[("depro.json", text)]);
+    assert!(out.ok().contains("is valid"), "{out:#?}");
+    assert!(!out.stdout.contains("s3cret") && !out.stderr.contains("s3cret"));
+    let missing = r#"{ "name": "web-1", "token_file": "nope" }"#;
+    check(dir.path(), &[("depro.json", missing)]).fails(
+        1,
+        &[&format!("{}/conf/nope", dir.path().display()), "token_file"],
+    );
+}
