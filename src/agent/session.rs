@@ -169,6 +169,9 @@ impl Sessions {
                 "the Consul session expired or was lost; making a new one and registering again"
             );
             self.active = None;
+            // Due now: the main loop may have passed `ensure` already in
+            // this pass, and must not sleep before making a new one.
+            self.retry_at = Some(Instant::now());
             true
         } else {
             false
@@ -253,6 +256,26 @@ mod tests {
         assert_eq!(sessions.leftover, BTreeSet::from(["b".to_string()]));
         assert!(sessions.is_own_old("a") && sessions.is_own_old("b"));
         assert!(!sessions.is_own_old("someone-else"));
+    }
+
+    #[test]
+    fn a_lost_session_asks_the_main_loop_to_make_a_new_one_at_once() {
+        // Found when a session loss was noticed after `ensure` in the same
+        // pass (the agent's announcement was refused): with nothing else
+        // due, the main loop slept until its watches' next answer, up to a
+        // minute, without a session.
+        let mut sessions = Sessions::new(Vec::new());
+        let (stop, _) = mpsc::channel();
+        sessions.active = Some(Active {
+            id: "s1".into(),
+            _keeper: Keeper { _stop: stop },
+        });
+        assert_eq!(sessions.retry_at(), None);
+        assert!(sessions.lost("s1"));
+        assert!(
+            sessions.retry_at().is_some_and(|at| at <= Instant::now()),
+            "nothing wakes the main loop to make a new session"
+        );
     }
 
     #[test]
