@@ -147,6 +147,8 @@ pub(crate) struct SwitchFlags {
     pub batch: Option<Batch>,
     /// How long to wait between waves.
     pub pause: Duration,
+    /// Print what would be done, do nothing (`-dry-run`).
+    pub dry_run: bool,
 }
 
 impl SwitchFlags {
@@ -177,6 +179,7 @@ impl Default for SwitchFlags {
             canary: None,
             batch: None,
             pause: Duration::ZERO,
+            dry_run: false,
         }
     }
 }
@@ -210,12 +213,14 @@ pub(crate) struct RemoveArgs {
     pub versions: Vec<String>,
     pub wait: bool,
     pub timeout: Duration,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct PruneArgs {
     pub tree: TreeArgs,
     pub keep: u32,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -613,6 +618,7 @@ fn switch_flag(
             });
         }
         Key::Long("pause") => flags.pause = duration(parser, "pause", command)?,
+        Key::Long("dry-run") => flags.dry_run = boolean(parser, "dry-run", command)?,
         Key::Long("timeout") => flags.timeout = timeout(parser, command)?,
         Key::Long("rollback-on-failure") => {
             flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
@@ -701,6 +707,7 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "remove";
     let mut tree = TreeArgs::default();
     let (mut versions, mut wait, mut timeout) = (Vec::new(), false, DEFAULT_TIMEOUT);
+    let mut dry_run = false;
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
@@ -709,6 +716,7 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("wait") => wait = boolean(parser, "wait", command)?,
             Key::Long("timeout") => timeout = self::timeout(parser, command)?,
+            Key::Long("dry-run") => dry_run = boolean(parser, "dry-run", command)?,
             Key::Value(v) => versions.push(v.to_string()),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -721,13 +729,14 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         versions,
         wait,
         timeout,
+        dry_run,
     }))
 }
 
 fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "prune";
     let mut tree = TreeArgs::default();
-    let mut keep = None;
+    let (mut keep, mut dry_run) = (None, false);
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
@@ -735,13 +744,18 @@ fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
+            Key::Long("dry-run") => dry_run = boolean(parser, "dry-run", command)?,
             _ => return Err(unexpected(&arg, command)),
         }
     }
     let keep = keep.ok_or_else(|| {
         Error::Usage("`depro prune` needs -keep=K, the number of newest versions to keep".into())
     })?;
-    Ok(Command::Prune(PruneArgs { tree, keep }))
+    Ok(Command::Prune(PruneArgs {
+        tree,
+        keep,
+        dry_run,
+    }))
 }
 
 fn parse_wait(parser: &mut lexopt::Parser) -> Result<Command, Error> {

@@ -83,6 +83,11 @@ const SWITCH: &[Flag] = &[
     flag("canary", Value::Text, "switch N nodes first"),
     flag("batch", Value::Text, "then K nodes (or P%) per wave"),
     flag("pause", Value::Text, "wait this long between waves"),
+    flag(
+        "dry-run",
+        Value::None,
+        "print what would be done, do nothing",
+    ),
 ];
 
 /// The commands, with a line each.
@@ -137,6 +142,11 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
     ];
     const ROLLBACK: &[Flag] = &[flag("to", Value::Text, "roll back to this version")];
     const REMOVE: &[Flag] = &[
+        flag(
+            "dry-run",
+            Value::None,
+            "print what would be done, do nothing",
+        ),
         flag("wait", Value::None, "follow the purge node by node"),
         flag(
             "timeout",
@@ -144,7 +154,14 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
             "with -wait, give up after this long",
         ),
     ];
-    const PRUNE: &[Flag] = &[flag("keep", Value::Text, "how many versions to keep")];
+    const PRUNE: &[Flag] = &[
+        flag("keep", Value::Text, "how many versions to keep"),
+        flag(
+            "dry-run",
+            Value::None,
+            "print what would be done, do nothing",
+        ),
+    ];
     const STATUS: &[Flag] = &[
         flag("json", Value::None, "print JSON"),
         flag("watch", Value::None, "follow changes until interrupted"),

@@ -79,6 +79,7 @@ failed, switches current to it (check-and-set), and waits for the rollout.
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -dry-run                print what would be written and waited for; write nothing
 
 Example: depro deploy v2 -prefix=api/version -nodes=all -canary=1 -batch=25%
 "
@@ -97,6 +98,7 @@ deploy (rollforward, or rollback to a named version).
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -dry-run                print what would be written and waited for; write nothing
 
 A progressive rollout of VERSION that was interrupted is resumed.
 
@@ -118,6 +120,7 @@ While a progressive rollout is under way, undoes it instead.
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -dry-run                print what would be written and waited for; write nothing
 
 Examples: depro rollback -prefix=api/version -nodes=all
           depro rollback -prefix=api/version -to=v41
@@ -132,6 +135,7 @@ Removes versions (never current): every node cleans its directory.
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -wait               follow the purge until no node has the version
   -timeout=DURATION   with -wait, give up after this long [10m]
+  -dry-run            print what would be deleted; delete nothing
 
 Example: depro remove v40 v41 -prefix=api/version -wait
 "
@@ -144,6 +148,7 @@ Removes all but the K newest versions (never current nor the previous one).
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
   -keep=K             how many versions to keep
+  -dry-run            print what would be removed; remove nothing
 
 Example: depro prune -prefix=api/version -keep=5
 "

@@ -574,3 +574,45 @@ fn a_relative_token_file_is_read_from_the_config_file_s_directory() {
         &[&format!("{}/conf/nope", dir.path().display()), "token_file"],
     );
 }
+
+// ------------------------------------------------------------- dry run
+
+#[test]
+fn dry_runs_print_what_would_happen_write_nothing_and_exit_as_the_real_run_would_start() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
+    let prefix = format!("{}/", fleet.prefix);
+    let before = fleet.consul.tree(&prefix);
+
+    let out = fleet.depro(&["deploy", "v3", "-nodes=all", "-canary=1", "-dry-run"]);
+    let text = out.ok();
+    for line in [
+        &format!("dry run: would create {prefix}v3/"),
+        "would wait until 2 nodes (-nodes=all of 2 live agents) have v3 ready",
+        "would roll out in waves",
+        "would switch",
+        "from v2 to v3",
+        "dry run: nothing was written",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {out:#?}");
+    }
+    let out = fleet.depro(&["rollback", "-dry-run"]);
+    assert!(out.ok().contains("from v2 to v1"), "{out:#?}");
+    let out = fleet.depro(&["remove", "v1", "-wait", "-dry-run"]);
+    assert!(
+        out.ok().contains(&format!("would delete {prefix}v1/")),
+        "{out:#?}"
+    );
+    let out = fleet.depro(&["prune", "-keep=1", "-dry-run"]);
+    assert!(out.ok().contains("dry run: nothing to prune"), "{out:#?}");
+    // Refusals are the real run's, with its exit code.
+    fleet
+        .depro(&["remove", "v2", "-dry-run"])
+        .fails(2, &["v2 is current"]);
+    fleet
+        .depro(&["rollout", "v9", "-dry-run"])
+        .fails(2, &["v9 is not in the tree"]);
+
+    assert_eq!(fleet.consul.tree(&prefix), before, "a dry run wrote");
+}

@@ -88,6 +88,15 @@ pub(crate) fn confirmation(
 
 pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    if args.switch.dry_run {
+        return super::dry_run::deploy(
+            &mut ctx,
+            &args.version,
+            &args.switch,
+            args.no_rollout,
+            args.keep,
+        );
+    }
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     let deadline = start + args.switch.timeout;
@@ -183,6 +192,9 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    if args.switch.dry_run {
+        return super::dry_run::rollout(&mut ctx, &args.version, &args.switch);
+    }
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
@@ -202,6 +214,9 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    if args.switch.dry_run {
+        return super::dry_run::rollback(&mut ctx, args.to.as_deref(), &args.switch);
+    }
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
     // A progressive rollout under way is undone, whatever it rolls out.

@@ -3,6 +3,7 @@
 //! settings into a [`Ctx`] first, then talks to Consul through it.
 
 mod deploy;
+mod dry_run;
 mod history;
 mod progress;
 mod remove;

@@ -52,6 +52,10 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
             )));
         }
     }
+    if args.dry_run {
+        super::dry_run::remove(&ctx, &tree, &versions, args.wait);
+        return Ok(());
+    }
     for version in &versions {
         remove_one(&mut ctx, &tree, version)?;
     }
@@ -129,6 +133,10 @@ pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> R
 pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let tree = ctx.read_existing_tree()?;
+    if args.dry_run {
+        super::dry_run::prune(&ctx, &tree, args.keep);
+        return Ok(());
+    }
     let doomed = tree.prune(args.keep as usize);
     for version in &doomed {
         remove_one(&mut ctx, &tree, version)?;
