@@ -603,3 +603,30 @@ fn a_node_whose_agent_stops_during_the_rollout_is_waited_for_and_named_if_it_nev
     );
     fleet.agents[2].set_flag("release-rollout", true);
 }
+
+#[test]
+fn a_rollout_plan_depro_did_not_write_is_never_resumed_only_undone() {
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=2", "-no-rollout"])
+        .ok();
+    let index = fleet
+        .modify_index(&format!("{}/current", fleet.prefix))
+        .unwrap();
+    // Another tool (or a hand edit) left a plan with no waves.
+    let plan = serde_json::json!({
+        "version": "v2", "base": "v1", "base_index": index,
+        "waves": [], "started_waves": 3, "switched": [],
+    });
+    fleet
+        .consul
+        .put(&format!("{}/.rollout", fleet.prefix), &plan.to_string());
+    fleet
+        .depro(&["rollout", "v2", "-nodes=2"])
+        .fails(2, &["cannot resume", "depro rollback"]);
+    let out = fleet.depro(&["rollback"]);
+    assert!(out.ok().contains("undid the rollout of v2"), "{out:#?}");
+    fleet.depro(&["rollout", "v2", "-nodes=2"]).ok();
+    fleet.expect_active("v2");
+}

@@ -98,6 +98,20 @@ pub(crate) fn switch(
         .read_rollout()?
         .filter(|(plan, _)| plan.applies_to(base_index));
     let resume = match under_way {
+        // The plan comes from Consul: one depro could not have written is
+        // not resumed (nor indexed into), only undone.
+        Some((plan, _))
+            if plan.version == version.as_str()
+                && (plan.waves.iter().any(Vec::is_empty)
+                    || !(1..=plan.waves.len()).contains(&plan.started_waves)) =>
+        {
+            return Err(Error::Refused(format!(
+                "{} holds a progressive rollout of {version} that depro cannot resume (its waves \
+                 are empty or it names no started wave); undo it with `depro rollback -prefix={}`",
+                ctx.prefix.rollout_key(),
+                ctx.prefix
+            )));
+        }
         Some((plan, index)) if plan.version == version.as_str() => Some((plan, index)),
         Some((plan, _)) => return Err(other_under_way(ctx, &plan)),
         None => None,
