@@ -75,6 +75,11 @@ pub(crate) enum ConsulErrorKind {
     Status(u16, String),
     /// An answer depro could not understand.
     BadAnswer(String),
+    /// Something answers, but not like Consul's HTTP API (no
+    /// X-Consul-Index on a KV read): the address names another server.
+    NotConsul(String),
+    /// Consul has no path to the datacenter asked for.
+    NoDatacenter(String),
 }
 
 impl ConsulError {
@@ -84,7 +89,10 @@ impl ConsulError {
         match &self.kind {
             ConsulErrorKind::Unreachable(_) => true,
             ConsulErrorKind::Status(code, _) => *code >= 500 || *code == 429,
-            ConsulErrorKind::Denied(_) | ConsulErrorKind::BadAnswer(_) => false,
+            ConsulErrorKind::Denied(_)
+            | ConsulErrorKind::BadAnswer(_)
+            | ConsulErrorKind::NotConsul(_)
+            | ConsulErrorKind::NoDatacenter(_) => false,
         }
     }
 
@@ -96,6 +104,8 @@ impl ConsulError {
             ConsulErrorKind::Denied(body) => format!("permission denied ({body})"),
             ConsulErrorKind::Status(code, body) => format!("HTTP {code} ({body})"),
             ConsulErrorKind::BadAnswer(why) => format!("unexpected answer ({why})"),
+            ConsulErrorKind::NotConsul(why) => format!("not Consul ({why})"),
+            ConsulErrorKind::NoDatacenter(body) => format!("no such datacenter ({body})"),
         }
     }
 }
@@ -108,10 +118,31 @@ impl fmt::Display for ConsulError {
             kind,
         } = self;
         match kind {
+            ConsulErrorKind::Unreachable(why)
+                if server.starts_with("https://") && speaks_plain_http(why) =>
+            {
+                write!(
+                    f,
+                    "Consul at {server} does not speak https on that port while {doing} ({why}); \
+                     use http://{}, or the port of Consul's HTTPS listener",
+                    server.trim_start_matches("https://")
+                )
+            }
             ConsulErrorKind::Unreachable(why) => write!(
                 f,
                 "Consul at {server} is unreachable while {doing}: {why}; check that Consul runs there \
                  or set -server / CONSUL_HTTP_ADDR"
+            ),
+            ConsulErrorKind::NotConsul(why) => write!(
+                f,
+                "the server at {server} does not answer like Consul's HTTP API while {doing} ({why}); \
+                 check -server / CONSUL_HTTP_ADDR: it should be a Consul agent's HTTP address \
+                 (127.0.0.1:8500 by default)"
+            ),
+            ConsulErrorKind::NoDatacenter(body) => write!(
+                f,
+                "Consul at {server} knows no such datacenter while {doing} ({body}); check \
+                 -datacenter (DEPRO_DATACENTER, \"datacenter\"): `consul catalog datacenters` lists them"
             ),
             ConsulErrorKind::Denied(body) => write!(
                 f,
@@ -675,6 +706,15 @@ impl Consul {
             _ => CALL_TIMEOUT,
         };
         let (status, index, body) = self.send("GET", url, None, timeout, doing)?;
+        if index.is_none() && matches!(status, 200 | 404) {
+            return Err(ConsulError {
+                server: self.base.clone(),
+                doing: doing(),
+                kind: ConsulErrorKind::NotConsul(format!(
+                    "an HTTP {status} answer without an X-Consul-Index header"
+                )),
+            });
+        }
         let index = index.ok_or_else(|| self.bad(doing(), "no X-Consul-Index header".into()));
         match status {
             200 => Ok((index?, Some(body))),
@@ -768,6 +808,8 @@ impl Consul {
             doing,
             kind: if status == 403 {
                 ConsulErrorKind::Denied(text)
+            } else if text.contains("No path to datacenter") {
+                ConsulErrorKind::NoDatacenter(text)
             } else {
                 ConsulErrorKind::Status(status, text)
             },
@@ -889,6 +931,19 @@ fn tls_config(settings: &ConsulSettings) -> std::result::Result<ureq::tls::TlsCo
         }
     }
     Ok(builder.build())
+}
+
+/// Whether a TLS failure says the other end answered in plain text (https
+/// spoken to an http port).
+fn speaks_plain_http(why: &str) -> bool {
+    [
+        "InvalidContentType",
+        "corrupt message",
+        "invalid record",
+        "wrong version number",
+    ]
+    .iter()
+    .any(|sign| why.contains(sign))
 }
 
 fn describe_transport_error(e: &ureq::Error) -> String {

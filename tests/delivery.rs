@@ -131,6 +131,14 @@ fn a_failed_deploy_hook_s_exit_status_and_output_reach_the_cli_and_status() {
         2,
         &["v1 failed on node2 (the deploy hook exited with status 3)"],
     );
+    // The retry hint is a complete command, -nodes included.
+    assert!(
+        out.stderr.contains(&format!(
+            "`depro deploy v1 -prefix={} -nodes=2` again to retry",
+            fleet.prefix
+        )),
+        "{out:#?}"
+    );
     // (`node2: busy -> failed: …`, or `node2: failed: …` when the command
     // saw it failed first.)
     assert!(

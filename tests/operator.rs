@@ -616,3 +616,43 @@ fn dry_runs_print_what_would_happen_write_nothing_and_exit_as_the_real_run_would
 
     assert_eq!(fleet.consul.tree(&prefix), before, "a dry run wrote");
 }
+
+#[test]
+fn a_wrong_datacenter_https_on_an_http_port_and_a_server_that_is_not_consul_each_say_what_to_fix() {
+    let consul = support::Consul::shared();
+    let status = |server: &str, extra: &[&str]| {
+        let mut args = vec!["status", "-prefix=api/version"];
+        args.extend_from_slice(extra);
+        Output::of(support::depro_command(server, &args).output().unwrap())
+    };
+    status(&consul.addr(), &["-datacenter=nowhere"]).fails(
+        4,
+        &[
+            "knows no such datacenter",
+            "-datacenter",
+            "consul catalog datacenters",
+        ],
+    );
+    let addr = consul.addr();
+    let host_port = addr.trim_start_matches("http://");
+    status(&format!("https://{host_port}"), &[]).fails(
+        4,
+        &["does not speak https", &format!("use http://{host_port}")],
+    );
+    // Another web server on that address: it answers, but not like Consul.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
+            );
+        }
+    });
+    status(&format!("{other}"), &[])
+        .fails(4, &["does not answer like Consul's HTTP API", "-server"]);
+}

@@ -416,10 +416,12 @@ fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
     match why {
         Interrupted::Failed(failed, reasons) => Error::Refused(format!(
             "{version} failed on {}; current unchanged ({}); see the agent's log there \
-             (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={}` again to retry",
+             (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={} -nodes={}` \
+             again to retry",
             failed_nodes(&failed, &reasons),
             describe_current(wait.base),
-            ctx.prefix
+            ctx.prefix,
+            wait.need
         )),
         Interrupted::Removed => Error::Refused(format!(
             "{version} was removed from {} while this command waited (by another operator?); \
