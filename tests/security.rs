@@ -303,3 +303,33 @@ fn the_documented_least_privilege_policies_are_enough_and_less_is_reported_as_de
         .unwrap();
     support::Output::of(out).fails(4, &["denied", "v3"]);
 }
+
+#[test]
+fn a_token_that_may_not_read_the_prefix_gets_exit_4_not_nothing_under_the_prefix() {
+    let consul = acl_consul();
+    let prefix = support::unique_prefix("acl");
+    // Something is there, and this token may read nothing of it.
+    consul.put(&format!("{prefix}/current"), "v1");
+    let blind = token_with(
+        &consul,
+        "blind",
+        "session_prefix \"\" { policy = \"read\" }",
+    );
+    let out = support::Output::of(
+        support::depro_command(&consul.addr(), &["status", &format!("-prefix={prefix}")])
+            .arg(format!("-token={blind}"))
+            .output()
+            .unwrap(),
+    );
+    out.fails(4, &["denied", "ACL token"]);
+    assert!(!out.stderr.contains(&blind), "the token was printed");
+    // An empty prefix the token may read is still "nothing under" (exit 2).
+    let reader = token_for(&consul, "other/version");
+    let out = support::Output::of(
+        support::depro_command(&consul.addr(), &["status", "-prefix=other/version"])
+            .arg(format!("-token={reader}"))
+            .output()
+            .unwrap(),
+    );
+    out.fails(2, &["nothing under other/version"]);
+}

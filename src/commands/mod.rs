@@ -333,6 +333,11 @@ impl Ctx {
     pub(crate) fn read_existing_tree(&mut self) -> Result<Tree> {
         let tree = self.read_tree()?;
         if tree.versions.is_empty() && tree.current.is_none() {
+            // Consul answers a listing the token may not read as an empty
+            // one; a read of one key under the prefix tells them apart
+            // (denied: exit 4, with Consul's reason).
+            let probe = self.prefix.changed_key();
+            self.retrying(|c| c.get(&probe, Read::consistent()))?;
             return Err(Error::Refused(format!(
                 "nothing under {}/ in Consul at {}: check -prefix (and that the ACL token may read it), \
                  or deploy a first version with `depro deploy VERSION -prefix={}`",
