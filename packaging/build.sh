@@ -32,7 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 for tool in cargo-deb:cargo-deb cargo-generate-rpm:cargo-generate-rpm; do
   command -v "${tool%%:*}" >/dev/null 2>&1 && continue
-  step "installing ${tool#*:} from crates.io (cargo install --locked)"
+  step "installing ${tool#*:} (cargo install --locked)"
   cargo install --locked --quiet "${tool#*:}" || die "cargo install ${tool#*:} failed"
 done
 
