@@ -131,6 +131,8 @@ fn of_two_racing_deploys_exactly_one_wins_and_the_other_exits_5() {
             &format!("was changed to {winner} by "),
             &format!("; {loser} is "),
             "not current",
+            // The hint is a command to paste as it is, -nodes included.
+            &format!("`depro rollout {loser} -prefix={} -nodes=2`", fleet.prefix),
         ],
     );
     assert_eq!(fleet.current().as_deref(), Some(winner));

@@ -563,7 +563,10 @@ fn a_halted_rollout_is_resumed_by_deploy_once_the_cause_is_fixed() {
         &[
             "halted in wave 2 of 2",
             "failed on node3",
-            "resume with `depro deploy v2",
+            &format!(
+                "resume with `depro deploy v2 -prefix={} -nodes=3`",
+                fleet.prefix
+            ),
         ],
     );
     assert_eq!(fleet.current().as_deref(), Some("v1"));

@@ -88,6 +88,7 @@ pub(crate) fn confirmation(
 
 pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
     if args.switch.dry_run {
         return super::dry_run::deploy(
             &mut ctx,
@@ -170,12 +171,13 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let ready_nodes = wait_ready(&mut ctx, &wait)?;
     if args.no_rollout {
         println!(
-            "{version} is ready on {} nodes under {} ({}); current unchanged ({}); switch with `depro rollout {version} -prefix={}`",
+            "{version} is ready on {} nodes under {} ({}); current unchanged ({}); switch with `depro rollout {version} -prefix={}{}`",
             ready_nodes.len(),
             ctx.prefix,
             took(start),
             describe_current(base.as_ref()),
-            ctx.prefix
+            ctx.prefix,
+            ctx.nodes_flag
         );
         return Ok(());
     }
@@ -192,6 +194,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
     if args.switch.dry_run {
         return super::dry_run::rollout(&mut ctx, &args.version, &args.switch);
     }
@@ -214,6 +217,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
     if args.switch.dry_run {
         return super::dry_run::rollback(&mut ctx, args.to.as_deref(), &args.switch);
     }
@@ -425,10 +429,11 @@ fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
         )),
         Interrupted::Removed => Error::Refused(format!(
             "{version} was removed from {} while this command waited (by another operator?); \
-             current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}` if it is still wanted",
+             current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}{}` if it is still wanted",
             ctx.prefix,
             describe_current(wait.base),
-            ctx.prefix
+            ctx.prefix,
+            ctx.nodes_flag
         )),
         Interrupted::Moved(now) => lost_race(
             ctx,
@@ -449,8 +454,8 @@ fn lost_race(ctx: &Ctx, version: &VersionName, now: Option<&CurrentKey>, ours: &
         .unwrap_or_default();
     Error::LostRace(format!(
         "{}/current was changed to {winner}{by} while this command waited; {version} {ours}; \
-         check with `depro status -prefix={}`, then `depro rollout {version} -prefix={}` if it should still win",
-        ctx.prefix, ctx.prefix, ctx.prefix
+         check with `depro status -prefix={}`, then `depro rollout {version} -prefix={}{}` if it should still win",
+        ctx.prefix, ctx.prefix, ctx.prefix, ctx.nodes_flag
     ))
 }
 
@@ -560,8 +565,8 @@ pub(super) fn switch_and_confirm(
                 message.push_str(&restore_current(ctx, version, base, ours)?);
             } else {
                 message.push_str(&format!(
-                    "; current stays {version}; roll back with `depro rollback -prefix={}`",
-                    ctx.prefix
+                    "; current stays {version}; roll back with `depro rollback -prefix={}{}`",
+                    ctx.prefix, ctx.nodes_flag
                 ));
             }
             Err(Error::Refused(message))
@@ -733,10 +738,11 @@ fn switch_current(
 fn removed_before_switch(ctx: &Ctx, version: &VersionName, base: Option<&CurrentKey>) -> Error {
     Error::Refused(format!(
         "{version} was removed from {} while this command waited (by another operator?); \
-         current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}` if it is still wanted",
+         current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}{}` if it is still wanted",
         ctx.prefix,
         describe_current(base),
-        ctx.prefix
+        ctx.prefix,
+        ctx.nodes_flag
     ))
 }
 

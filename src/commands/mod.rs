@@ -72,6 +72,9 @@ pub(crate) struct Ctx {
     /// Consul has answered this command once: from then on an unreachable
     /// Consul is a passing outage, not a wrong address.
     contacted: std::cell::Cell<bool>,
+    /// The command's own `-nodes`, for hints that name a command to run
+    /// (` -nodes=3`; empty for commands without one).
+    pub nodes_flag: String,
 }
 
 /// How long a command without a -timeout rides out a passing failure.
@@ -150,6 +153,7 @@ impl Ctx {
             plain: Default::default(),
             deadline: Instant::now() + RETRY_FOR,
             contacted: std::cell::Cell::new(false),
+            nodes_flag: String::new(),
         })
     }
 

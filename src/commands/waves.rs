@@ -373,10 +373,11 @@ fn halted(
     } else {
         format!(
             "; {} switched to {version} (the failed ones run what their hooks left), every other node \
-             runs {base} (current); fix the cause and resume with `depro deploy {version} -prefix={}` \
+             runs {base} (current); fix the cause and resume with `depro deploy {version} -prefix={}{}` \
              (it retries failed nodes), or undo with `depro rollback -prefix={}`",
             names(&switched),
             ctx.prefix,
+            ctx.nodes_flag,
             ctx.prefix
         )
     };
