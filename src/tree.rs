@@ -505,6 +505,15 @@ pub(crate) struct NodeEntry {
     pub session: String,
 }
 
+/// The nodes that report `state`, in name order.
+pub(crate) fn nodes_in(nodes: &BTreeMap<String, NodeEntry>, state: NodeState) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|(_, e)| e.state == state)
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 /// One version in the tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct VersionInfo {
@@ -623,6 +632,15 @@ impl Tree {
             }
         }
         tree
+    }
+
+    /// The progressive rollout under way and its index, if it still
+    /// applies: `current` has not moved since it started.
+    pub(crate) fn rollout_in_effect(&self) -> Option<&(RolloutPlan, u64)> {
+        let index = self.current.as_ref().map_or(0, |c| c.modify_index);
+        self.rollout
+            .as_ref()
+            .filter(|(plan, _)| plan.applies_to(index))
     }
 
     /// The version `current` names, if valid.

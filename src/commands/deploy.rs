@@ -16,7 +16,7 @@ use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
-use crate::tree::{CurrentKey, FailReason, NodeEntry, NodeState, Switch, VersionMeta, shown};
+use crate::tree::{CurrentKey, FailReason, NodeEntry, NodeState, Switch, Tree, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 /// Where a version stands before the switch.
@@ -34,11 +34,7 @@ pub(crate) fn readiness(
     need: u32,
     awaiting: &BTreeSet<String>,
 ) -> Readiness {
-    let failed: Vec<String> = nodes
-        .iter()
-        .filter(|(_, e)| e.state == NodeState::Failed)
-        .map(|(n, _)| n.clone())
-        .collect();
+    let failed = crate::tree::nodes_in(nodes, NodeState::Failed);
     if !failed.is_empty() {
         return Readiness::Failed(failed);
     }
@@ -229,21 +225,7 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
         return Ok(());
     }
     let tree = ctx.read_existing_tree()?;
-    let from = tree.current_version().cloned().ok_or_else(|| {
-        Error::Refused(format!(
-            "{}/current is not set: there is nothing to roll back from",
-            ctx.prefix
-        ))
-    })?;
-    let to = match &args.to {
-        Some(text) => version_arg(text)?,
-        None => tree.previous().cloned().ok_or_else(|| {
-            Error::Refused(format!(
-                "no earlier version of {} is left to roll back to; `depro status -prefix={}` lists them",
-                ctx.prefix, ctx.prefix
-            ))
-        })?,
-    };
+    let (from, to) = rollback_target(&ctx, &tree, args.to.as_deref())?;
     ctx.out
         .line(&format!("rolling back {} from {from} to {to}", ctx.prefix));
     let exists = tree.versions.get(&to).is_some_and(|i| i.exists);
@@ -258,6 +240,39 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     )
 }
 
+/// What `rollback` switches from and to: `current`, and `-to` or the
+/// version that was current before it.
+pub(super) fn rollback_target(
+    ctx: &Ctx,
+    tree: &Tree,
+    to: Option<&str>,
+) -> Result<(VersionName, VersionName)> {
+    let from = tree.current_version().cloned().ok_or_else(|| {
+        Error::Refused(format!(
+            "{}/current is not set: there is nothing to roll back from",
+            ctx.prefix
+        ))
+    })?;
+    let to = match to {
+        Some(text) => version_arg(text)?,
+        None => tree.previous().cloned().ok_or_else(|| {
+            Error::Refused(format!(
+                "no earlier version of {} is left to roll back to; `depro status -prefix={}` lists them",
+                ctx.prefix, ctx.prefix
+            ))
+        })?,
+    };
+    Ok((from, to))
+}
+
+/// Exit 2: `version` is not in the tree, so it cannot be made current.
+pub(super) fn not_in_tree(ctx: &Ctx, version: &VersionName) -> Error {
+    Error::Refused(format!(
+        "{version} is not in the tree under {}; deploy it with `depro deploy {version} -prefix={}{}`",
+        ctx.prefix, ctx.prefix, ctx.nodes_flag
+    ))
+}
+
 /// Steps 2 to 4 for a version that is already in the tree.
 fn roll_to(
     ctx: &mut Ctx,
@@ -269,10 +284,7 @@ fn roll_to(
     how: &'static str,
 ) -> Result<()> {
     if !exists {
-        return Err(Error::Refused(format!(
-            "{version} is not in the tree under {}; deploy it with `depro deploy {version} -prefix={}`",
-            ctx.prefix, ctx.prefix
-        )));
+        return Err(not_in_tree(ctx, version));
     }
     let wait = Wait {
         version,

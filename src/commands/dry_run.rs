@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use super::deploy::{not_in_tree, rollback_target};
 use super::{Ctx, names, version_arg, waves};
 use crate::cli::{Need, SwitchFlags};
 use crate::error::{Error, Result};
@@ -17,13 +18,6 @@ fn say(line: &str) {
 
 /// What the nodes say of `version` now, for the lines about waiting.
 fn nodes_now(info: &VersionInfo) -> String {
-    let of = |state: NodeState| -> Vec<String> {
-        info.nodes
-            .iter()
-            .filter(|(_, e)| e.state == state)
-            .map(|(n, _)| n.clone())
-            .collect()
-    };
     let mut parts = Vec::new();
     for state in [
         NodeState::Active,
@@ -31,7 +25,7 @@ fn nodes_now(info: &VersionInfo) -> String {
         NodeState::Busy,
         NodeState::Failed,
     ] {
-        let nodes = of(state);
+        let nodes = crate::tree::nodes_in(&info.nodes, state);
         if !nodes.is_empty() {
             parts.push(format!("{state}: {}", names(&nodes)));
         }
@@ -139,14 +133,10 @@ pub(crate) fn deploy(
             ctx.prefix.changed_key()
         ));
     }
-    for (node, _) in info
-        .nodes
-        .iter()
-        .filter(|(_, e)| e.state == NodeState::Failed)
-    {
+    for node in crate::tree::nodes_in(&info.nodes, NodeState::Failed) {
         say(&format!(
             "would delete {} and its reason: ask {node} to try again",
-            ctx.prefix.node_key(&version, node)
+            ctx.prefix.node_key(&version, &node)
         ));
     }
     if no_rollout {
@@ -181,10 +171,7 @@ pub(crate) fn rollout(ctx: &mut Ctx, text: &str, flags: &SwitchFlags) -> Result<
     waves::check_none_other(ctx, &version)?;
     let base = ctx.read_current()?;
     if ctx.read_version_key(&version)?.is_none() {
-        return Err(Error::Refused(format!(
-            "{version} is not in the tree under {}; deploy it with `depro deploy {version} -prefix={}`",
-            ctx.prefix, ctx.prefix
-        )));
+        return Err(not_in_tree(ctx, &version));
     }
     let info = ctx.read_version(&version)?;
     switch_lines(ctx, &version, base.as_ref(), &info, flags)?;
@@ -194,11 +181,7 @@ pub(crate) fn rollout(ctx: &mut Ctx, text: &str, flags: &SwitchFlags) -> Result<
 
 pub(crate) fn rollback(ctx: &mut Ctx, to: Option<&str>, flags: &SwitchFlags) -> Result<()> {
     let tree = ctx.read_existing_tree()?;
-    let in_effect = tree
-        .rollout
-        .as_ref()
-        .filter(|(plan, _)| plan.applies_to(tree.current.as_ref().map_or(0, |c| c.modify_index)));
-    if let Some((plan, index)) = in_effect {
+    if let Some((plan, index)) = tree.rollout_in_effect() {
         say(&format!(
             "would undo the progressive rollout of {}: delete {} (check-and-set on index {index}), \
              then wait until {} run {} again",
@@ -210,36 +193,14 @@ pub(crate) fn rollback(ctx: &mut Ctx, to: Option<&str>, flags: &SwitchFlags) -> 
         say("nothing was written");
         return Ok(());
     }
-    let target = rollback_target(ctx, &tree, to)?;
+    let (_, target) = rollback_target(ctx, &tree, to)?;
+    if !tree.versions.get(&target).is_some_and(|i| i.exists) {
+        return Err(not_in_tree(ctx, &target));
+    }
     let info = tree.versions.get(&target).cloned().unwrap_or_default();
     switch_lines(ctx, &target, tree.current.as_ref(), &info, flags)?;
     say("nothing was written");
     Ok(())
-}
-
-fn rollback_target(ctx: &Ctx, tree: &Tree, to: Option<&str>) -> Result<VersionName> {
-    if tree.current_version().is_none() {
-        return Err(Error::Refused(format!(
-            "{}/current is not set: there is nothing to roll back from",
-            ctx.prefix
-        )));
-    }
-    let target = match to {
-        Some(text) => version_arg(text)?,
-        None => tree.previous().cloned().ok_or_else(|| {
-            Error::Refused(format!(
-                "no earlier version of {} is left to roll back to; `depro status -prefix={}` lists them",
-                ctx.prefix, ctx.prefix
-            ))
-        })?,
-    };
-    if !tree.versions.get(&target).is_some_and(|i| i.exists) {
-        return Err(Error::Refused(format!(
-            "{target} is not in the tree under {}; deploy it with `depro deploy {target} -prefix={}`",
-            ctx.prefix, ctx.prefix
-        )));
-    }
-    Ok(target)
 }
 
 /// `remove -dry-run`, after the real command's checks passed.

@@ -33,10 +33,9 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
                 ctx.prefix
             )));
         }
-        let rolling_out = tree.rollout.as_ref().is_some_and(|(plan, _)| {
-            plan.version == version.as_str()
-                && plan.applies_to(tree.current.as_ref().map_or(0, |c| c.modify_index))
-        });
+        let rolling_out = tree
+            .rollout_in_effect()
+            .is_some_and(|(plan, _)| plan.version == version.as_str());
         if rolling_out {
             return Err(Error::Refused(format!(
                 "{version} is being rolled out progressively under {}: finish it with \

@@ -245,7 +245,7 @@ pub(crate) fn json(
             "switched": plan.switched,
             "by": plan.by,
             "since": plan.since,
-            "in_effect": rollout_in_effect(tree),
+            "in_effect": tree.rollout_in_effect().is_some(),
         })
     });
     serde_json::json!({
@@ -260,21 +260,12 @@ pub(crate) fn json(
     })
 }
 
-/// Whether the rollout under way still applies: `current` has not moved
-/// since it started.
-fn rollout_in_effect(tree: &Tree) -> bool {
-    let index = tree.current.as_ref().map_or(0, |c| c.modify_index);
-    tree.rollout
-        .as_ref()
-        .is_some_and(|(plan, _)| plan.applies_to(index))
-}
-
 /// The progressive rollout under way, in words, with the commands that
 /// finish or undo it.
 pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
     let (plan, _) = tree.rollout.as_ref()?;
     let version = shown(&plan.version);
-    if !rollout_in_effect(tree) {
+    if tree.rollout_in_effect().is_none() {
         return Some(format!(
             "a progressive rollout of {version} was left behind, but current changed since it started: \
              no agent follows it (the next rollout replaces it)\n"

@@ -36,11 +36,7 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
         }
         let need = args.nodes.count(seen.agents.len());
         let nodes = &seen.info.nodes;
-        let failed: Vec<String> = nodes
-            .iter()
-            .filter(|(_, e)| e.state == NodeState::Failed)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let failed = crate::tree::nodes_in(nodes, NodeState::Failed);
         if !failed.is_empty() {
             return Some(Err(Error::Refused(format!(
                 "{version} failed on {}",
@@ -57,10 +53,7 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
                 )
             }
             WaitFor::Active => {
-                let have = nodes
-                    .values()
-                    .filter(|e| e.state == NodeState::Active)
-                    .count();
+                let have = crate::tree::nodes_in(nodes, NodeState::Active).len();
                 (have, have >= need as usize)
             }
         };
