@@ -94,9 +94,12 @@ pub(crate) fn switch(
 ) -> Result<()> {
     let version = wait.version;
     let base_index = wait.base.map_or(0, |c| c.modify_index);
-    let under_way = ctx
-        .read_rollout()?
-        .filter(|(plan, _)| plan.applies_to(base_index));
+    // Read once: the plan a new one replaces is the one read here, so that
+    // a plan another operator writes after this read makes this command's
+    // check-and-set fail (exit 5) rather than overwrite it.
+    let found = ctx.read_rollout()?;
+    let left_behind = found.as_ref().map_or(0, |(_, index)| *index);
+    let under_way = found.filter(|(plan, _)| plan.applies_to(base_index));
     let resume = match under_way {
         // The plan comes from Consul: one depro could not have written is
         // not resumed (nor indexed into), only undone.
@@ -143,7 +146,7 @@ pub(crate) fn switch(
             ));
             (plan, index)
         }
-        None => start_plan(ctx, version, base, &ready, flags)?,
+        None => start_plan(ctx, version, base, &ready, flags, left_behind)?,
     };
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
@@ -195,14 +198,16 @@ pub(crate) fn switch(
     )
 }
 
-/// Writes a new plan (its first wave started), by check-and-set: over a
-/// plan left behind that no longer applies, or where there is none.
+/// Writes a new plan (its first wave started), by check-and-set on
+/// `left_behind`: the index of a plan that no longer applies, as read
+/// before, or 0 where there was none.
 fn start_plan(
     ctx: &mut Ctx,
     version: &VersionName,
     base: &CurrentKey,
     ready: &BTreeSet<String>,
     flags: &SwitchFlags,
+    left_behind: u64,
 ) -> Result<(RolloutPlan, u64)> {
     let waves = plan_waves(ready, flags.canary, flags.batch);
     let mut how = Vec::new();
@@ -223,7 +228,6 @@ fn start_plan(
         since: Some(crate::logging::timestamp()),
         how: Some(how.join(" ")),
     };
-    let left_behind = ctx.read_rollout()?.map_or(0, |(_, index)| index);
     ctx.out.line(&format!(
         "rolling out {version} in {} waves ({}); the other nodes stay on {}",
         plan.waves.len(),
