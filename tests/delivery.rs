@@ -105,6 +105,31 @@ fn nodes_all_counts_every_live_agent_and_not_one_that_stopped() {
 }
 
 #[test]
+fn nodes_as_a_share_counts_that_share_of_the_live_agents_rounded_up() {
+    let fleet = Fleet::start(4);
+    fleet.wait("every agent announced", |f| {
+        (1..=4).all(|i| {
+            f.consul
+                .get(&format!("{}/.agents/node{i}", f.prefix))
+                .is_some()
+        })
+    });
+    // 50% of 4 live agents: 2 nodes needed.
+    let out = fleet.depro(&["deploy", "v1", "-nodes=50%"]);
+    assert!(
+        out.ok().contains("/2 ready (-nodes=50% of 4 agents)"),
+        "{out:#?}"
+    );
+    // 60% of 4, rounded up: 3.
+    let out = fleet.depro(&["deploy", "v2", "-nodes=60%"]);
+    assert!(
+        out.ok().contains("/3 ready (-nodes=60% of 4 agents)"),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+}
+
+#[test]
 fn nodes_all_with_an_agent_that_never_reports_times_out_names_it_and_keeps_current() {
     let fleet = Fleet::start(3);
     fleet.depro(&["deploy", "v1", "-nodes=all"]).ok();
