@@ -62,6 +62,8 @@ pub(crate) struct AgentArgs {
 #[derive(Debug, Default, PartialEq, Eq, Clone)]
 pub(crate) struct TreeArgs {
     pub prefix: Option<String>,
+    /// `-quiet`: no progress on stderr, only the result and errors.
+    pub quiet: bool,
     pub connection: ConnectionFlags,
 }
 
@@ -572,9 +574,16 @@ fn tree_flag(
     tree: &mut TreeArgs,
     command: &str,
 ) -> Result<bool, Error> {
-    if let Key::Long("prefix") = arg.key() {
-        tree.prefix = Some(string(parser, command)?);
-        return Ok(true);
+    match arg.key() {
+        Key::Long("prefix") => {
+            tree.prefix = Some(string(parser, command)?);
+            return Ok(true);
+        }
+        Key::Long("quiet") => {
+            tree.quiet = boolean(parser, "quiet", command)?;
+            return Ok(true);
+        }
+        _ => {}
     }
     connection_flag(arg, parser, &mut tree.connection, command)
 }

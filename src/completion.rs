@@ -67,6 +67,11 @@ const CONNECTION: &[Flag] = &[
 ];
 
 const PREFIX: Flag = flag("prefix", Value::Text, "the KV prefix of the deployment");
+const QUIET: Flag = flag(
+    "quiet",
+    Value::None,
+    "no progress: the result and errors only",
+);
 
 const SWITCH: &[Flag] = &[
     flag(
@@ -187,6 +192,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
     let mut all: Vec<&'static Flag> = own.iter().flat_map(|f| f.iter()).collect();
     if command != "agent" && own.iter().any(|f| !f.is_empty()) {
         all.insert(0, &PREFIX);
+        all.insert(1, &QUIET);
     }
     all
 }

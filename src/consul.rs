@@ -228,6 +228,9 @@ pub(crate) struct KvEntry {
     pub session: Option<String>,
     pub create_index: u64,
     pub modify_index: u64,
+    /// The key's flags: on node keys, when the agent wrote the state
+    /// (milliseconds since the Unix epoch; 0 from older agents).
+    pub flags: u64,
 }
 
 /// One operation of a transaction (`/v1/txn`).
@@ -242,11 +245,13 @@ pub(crate) enum TxnOp<'a> {
     },
     /// Delete `key` only if its ModifyIndex is `index`.
     DeleteCas { key: &'a str, index: u64 },
-    /// Set `key` and hold it with `session` (fails if another session holds it).
+    /// Set `key` and hold it with `session` (fails if another session
+    /// holds it), with `flags` (see [`KvEntry::flags`]).
     Lock {
         key: &'a str,
         value: &'a [u8],
         session: &'a str,
+        flags: u64,
     },
     /// Delete `key` unconditionally.
     Delete { key: &'a str },
@@ -280,8 +285,10 @@ impl TxnOp<'_> {
                 key,
                 value,
                 session,
+                flags,
             } => serde_json::json!({
-                "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session}),
+                "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session,
+                "Flags": flags}),
             TxnOp::Delete { key } => serde_json::json!({"Verb": "delete", "Key": key}),
             TxnOp::Get { key } => serde_json::json!({"Verb": "get", "Key": key}),
             TxnOp::CheckIndex { key, index } => {
@@ -1025,6 +1032,8 @@ struct RawEntry {
     create_index: u64,
     #[serde(rename = "ModifyIndex")]
     modify_index: u64,
+    #[serde(rename = "Flags", default)]
+    flags: u64,
 }
 
 fn parse_entries(body: &[u8]) -> std::result::Result<Vec<KvEntry>, String> {
@@ -1045,6 +1054,7 @@ fn entry_from_raw(r: RawEntry) -> std::result::Result<KvEntry, String> {
         session: r.session.filter(|s| !s.is_empty()),
         create_index: r.create_index,
         modify_index: r.modify_index,
+        flags: r.flags,
     })
 }
 

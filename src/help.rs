@@ -26,6 +26,11 @@ Run `depro help <command>` for a command's flags, `man depro` for all of it.
 ";
 
 const CONNECTION: &str = "\
+Output: the result on stdout, progress (with seconds since the start) on stderr.
+  -quiet              no progress: the result and errors only
+Ctrl-C while a command writes or waits says what it leaves behind and how to finish
+or undo it (exit 130).
+
 Consul connection (also from CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
 CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL_VERIFY, DEPRO_SERVER,
 DEPRO_TOKEN, DEPRO_DATACENTER):

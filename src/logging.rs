@@ -137,10 +137,20 @@ pub(crate) fn set_level(level: log::LevelFilter) {
 
 /// Now, as `2026-11-26T10:18:16.123Z` (UTC).
 pub(crate) fn timestamp() -> String {
-    let now = std::time::SystemTime::now()
+    timestamp_of(now_ms())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs();
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// `ms` since the Unix epoch in RFC 3339, UTC, e.g. `2026-11-27T10:00:00.000Z`.
+pub(crate) fn timestamp_of(ms: u64) -> String {
+    let secs = ms / 1000;
     let (days, rem) = (secs / 86400, secs % 86400);
     let (y, m, d) = civil_from_days(days as i64);
     format!(
@@ -148,7 +158,7 @@ pub(crate) fn timestamp() -> String {
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
-        now.subsec_millis()
+        ms % 1000
     )
 }
 

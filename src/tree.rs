@@ -501,6 +501,9 @@ impl CurrentKey {
 pub(crate) struct NodeEntry {
     pub state: NodeState,
     pub modify_index: u64,
+    /// When the agent wrote this state, in milliseconds since the Unix
+    /// epoch, or 0 if it did not say (the key's flags; see `agent::execute`).
+    pub since_ms: u64,
     /// The agent's session that holds the key.
     pub session: String,
 }
@@ -614,6 +617,7 @@ impl Tree {
                                 NodeEntry {
                                     state,
                                     modify_index: entry.modify_index,
+                                    since_ms: entry.flags,
                                     session: session.clone(),
                                 },
                             );
@@ -792,6 +796,7 @@ mod tests {
             session: session.then(|| "s".to_string()),
             create_index: create,
             modify_index: create,
+            flags: 0,
         }
     }
 

@@ -555,18 +555,19 @@ fn the_first_switch_under_a_fresh_prefix_is_rolled_out_at_once_after_a_burst_of_
     }
     let mut child = fleet
         .depro_command(&["deploy", "v1", "-nodes=3"])
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let progress = std::io::BufReader::new(child.stderr.take().unwrap());
     let (mut switched, mut active) = (None, None);
     let mut seen = Vec::new();
-    for line in std::io::BufRead::lines(stdout) {
+    for line in std::io::BufRead::lines(progress) {
         let line = line.unwrap();
-        if line.starts_with("current: unset -> v1") {
+        let text = support::without_elapsed(&line);
+        if text.starts_with("current: unset -> v1") {
             switched = Some(Instant::now());
         }
-        if line == "3/3 active" {
+        if text == "3/3 active" {
             active = Some(Instant::now());
         }
         seen.push(line);

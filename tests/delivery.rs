@@ -138,7 +138,7 @@ fn nodes_all_with_an_agent_that_never_reports_times_out_names_it_and_keeps_curre
     let out = fleet.depro(&["deploy", "v2", "-nodes=all", "-timeout=3s"]);
     out.fails(3, &["timed out", "node3", "current unchanged (still v1)"]);
     assert!(
-        !out.stderr.contains("node1") && !out.stderr.contains("node2"),
+        !out.error().contains("node1") && !out.error().contains("node2"),
         "{out:#?}"
     );
     assert_eq!(fleet.current().as_deref(), Some("v1"));
@@ -167,12 +167,12 @@ fn a_failed_deploy_hook_s_exit_status_and_output_reach_the_cli_and_status() {
     // (`node2: busy -> failed: …`, or `node2: failed: …` when the command
     // saw it failed first.)
     assert!(
-        out.stdout
+        out.shown
             .contains("failed: the deploy hook exited with status 3\n"),
         "{out:#?}"
     );
     assert!(
-        out.stdout.contains("    | deploy fails on purpose"),
+        out.shown.contains("    | deploy fails on purpose"),
         "{out:#?}"
     );
 
@@ -219,11 +219,11 @@ fn a_hook_s_output_reaches_the_terminal_with_control_characters_escaped() {
     let out = fleet.depro(&["deploy", "v1"]);
     out.fails(2, &["the deploy hook exited with status 5"]);
     assert!(
-        out.stdout.contains("| evil \\u{1b}]0;owned\\u{7} title"),
+        out.shown.contains("| evil \\u{1b}]0;owned\\u{7} title"),
         "{out:#?}"
     );
     assert!(
-        !out.stdout.contains('\x1b') && !out.stdout.contains('\x07'),
+        !out.shown.contains('\x1b') && !out.shown.contains('\x07'),
         "{out:#?}"
     );
 }
@@ -271,7 +271,7 @@ fn an_unhealthy_node_is_reported_failed_with_the_health_hook_s_reason() {
         ],
     );
     assert!(
-        out.stdout.contains("    | v2 answers 503 on node2"),
+        out.shown.contains("    | v2 answers 503 on node2"),
         "{out:#?}"
     );
     let json: serde_json::Value =
@@ -419,7 +419,7 @@ fn of_two_operators_starting_progressive_rollouts_at_once_exactly_one_wins() {
         (Some(5), Some(0)) => ("v3", &a),
         _ => panic!("not exactly one winner:\n{a:#?}\n{b:#?}"),
     };
-    assert!(loser.stderr.contains("progressive rollout"), "{loser:#?}");
+    assert!(loser.error().contains("progressive rollout"), "{loser:#?}");
     assert_eq!(fleet.current().as_deref(), Some(winner));
     fleet.expect_active(winner);
 }
@@ -465,7 +465,7 @@ fn a_failing_health_hook_on_the_canary_halts_the_rollout_and_rollback_on_failure
         ],
     );
     assert!(
-        out.stdout.contains("    | v2 answers 503 on node1"),
+        out.shown.contains("    | v2 answers 503 on node1"),
         "{out:#?}"
     );
     // No node of a later wave switched, and every node runs v1 again.

@@ -36,7 +36,7 @@ impl Outcomes {
     fn add(&mut self, out: &Output) {
         *self.0.entry(out.code).or_default() += 1;
         if out.code != Some(0) {
-            self.1.push(out.stderr.trim().to_string());
+            self.1.push(out.error().to_string());
         }
     }
 }

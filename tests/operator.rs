@@ -323,6 +323,20 @@ fn status_json_is_an_interface_even_on_an_empty_prefix() {
     assert_eq!(doc["previous"], "v1", "the rollback target");
     assert!(doc["versions"][0]["current_since"].is_null(), "{doc}");
     assert!(doc["versions"][1]["current_since"].is_string(), "{doc}");
+    // When each node's state was written: v1 went back to ready before
+    // v2's rollout hook ran, and v2 became active after it.
+    let since = |v: usize| {
+        doc["versions"][v]["nodes_since"]["node1"]
+            .as_str()
+            .map(String::from)
+    };
+    let (v1_ready, v2_active) = (since(0).expect("v1's time"), since(1).expect("v2's time"));
+    assert!(v1_ready.ends_with('Z') && v1_ready.len() == 24, "{doc}");
+    assert!(v1_ready <= v2_active, "{doc}");
+    assert!(
+        v2_active.as_str() >= doc["versions"][1]["current_since"].as_str().unwrap(),
+        "active before current moved: {doc}"
+    );
 }
 
 // ------------------------------------------------------------- history
@@ -655,4 +669,252 @@ fn a_wrong_datacenter_https_on_an_http_port_and_a_server_that_is_not_consul_each
     });
     status(&format!("{other}"), &[])
         .fails(4, &["does not answer like Consul's HTTP API", "-server"]);
+}
+
+// ------------------------------------------------- output for scripts
+
+/// Whether `line` starts with the time since the command started (` 1.2s `).
+fn is_timed(line: &str) -> bool {
+    line.trim_start()
+        .split_once("s ")
+        .is_some_and(|(time, _)| time.parse::<f64>().is_ok())
+}
+
+#[test]
+fn a_deploy_prints_its_result_alone_on_stdout_and_timed_progress_on_stderr() {
+    let fleet = support::Fleet::start(2);
+    let out = fleet.depro(&["deploy", "v1", "-nodes=2"]);
+    // `v=$(depro deploy …)` gets exactly the result.
+    let result = out.result();
+    assert_eq!(result.lines().count(), 1, "{out:#?}");
+    assert!(
+        result.starts_with(&format!("v1 is current under {}", fleet.prefix)),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("node1: "), "{out:#?}");
+    assert!(out.stderr.lines().all(is_timed), "{out:#?}");
+    // -quiet: the result and nothing else.
+    let quiet = fleet.depro(&["deploy", "v2", "-nodes=2", "-quiet"]);
+    assert!(quiet.result().starts_with("v2 is current"), "{quiet:#?}");
+    assert_eq!(quiet.stderr, "", "{quiet:#?}");
+    // An error is still printed, alone.
+    fleet.agents[1].set_flag("fail-deploy", true);
+    let failed = fleet.depro(&["deploy", "v3", "-nodes=2", "-quiet"]);
+    failed.fails(2, &["v3 failed on node2"]);
+    assert_eq!(failed.stderr.lines().count(), 1, "{failed:#?}");
+    assert_eq!(failed.stdout, "", "{failed:#?}");
+}
+
+#[test]
+fn a_fleet_of_more_than_twenty_nodes_gets_counts_and_the_failing_nodes_not_a_line_per_node() {
+    let fleet = support::Fleet::start(22);
+    let out = fleet.depro(&["deploy", "v1", "-nodes=22"]);
+    assert!(out.result().contains("active on 22/22 nodes"), "{out:#?}");
+    let progress = &out.stderr;
+    assert!(
+        !progress.contains("node7: busy") && !progress.contains("node7: ready"),
+        "a line per node:\n{progress}"
+    );
+    assert!(progress.contains("22/22 ready"), "{progress}");
+    assert!(progress.contains("22/22 active"), "{progress}");
+    assert!(
+        progress.lines().count() < 22,
+        "not compact ({} lines):\n{progress}",
+        progress.lines().count()
+    );
+    // The node that fails gets its line, with its reason.
+    fleet.agents[16].set_flag("fail-deploy", true);
+    let out = fleet.depro(&["deploy", "v2", "-nodes=22"]);
+    out.fails(2, &["v2 failed on node17"]);
+    assert!(
+        out.stderr.lines().any(|l| l.contains("node17: ")
+            && l.contains("failed: the deploy hook exited with status 3")),
+        "{out:#?}"
+    );
+    assert!(!out.stderr.contains("node3: busy"), "{out:#?}");
+    // The few nodes that lag are named.
+    fleet.agents[16].set_flag("fail-deploy", false);
+    fleet.agents[4].set_flag("block-deploy", true);
+    let out = fleet.depro(&["deploy", "v3", "-nodes=22", "-timeout=3s"]);
+    out.fails(3, &["timed out"]);
+    assert!(
+        out.stderr.contains("21/22 ready; waiting for node5\n"),
+        "{out:#?}"
+    );
+    fleet.agents[4].set_flag("release", true);
+}
+
+/// The command between backticks after `after` in `text`, as arguments.
+fn pasted_command(text: &str, after: &str) -> Vec<String> {
+    let rest = &text[text
+        .find(after)
+        .unwrap_or_else(|| panic!("{after:?} missing: {text}"))
+        + after.len()..];
+    let command = &rest[rest.find('`').unwrap() + 1..];
+    let command = &command[..command.find('`').unwrap()];
+    let words: Vec<String> = command.split_whitespace().map(String::from).collect();
+    assert_eq!(words[0], "depro", "{command}");
+    words[1..].to_vec()
+}
+
+fn interrupt(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+}
+
+#[test]
+fn ctrl_c_while_waiting_for_nodes_says_what_is_left_and_the_command_it_names_finishes() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.agents[1].set_flag("block-deploy", true);
+    let child = fleet
+        .depro_command(&["deploy", "v2", "-nodes=2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fleet.wait("v2 ready on node1", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("ready")
+    });
+    interrupt(&child);
+    let out = Output::of(child.wait_with_output().unwrap());
+    out.fails(
+        130,
+        &[
+            "interrupted",
+            "v2 stays under",
+            "current is unchanged (still v1)",
+            &format!("`depro remove v2 -prefix={}`", fleet.prefix),
+        ],
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    // The command it names finishes the deploy, pasted as it is.
+    fleet.agents[1].set_flag("release", true);
+    let finish = pasted_command(out.error(), "finish with");
+    let args: Vec<&str> = finish.iter().map(String::as_str).collect();
+    let done = Output::of(
+        support::depro_command(&fleet.consul.addr(), &args)
+            .output()
+            .unwrap(),
+    );
+    assert!(done.result().starts_with("v2 is current"), "{done:#?}");
+}
+
+#[test]
+fn ctrl_c_after_the_switch_says_current_moved_and_how_to_go_back() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=2", "-no-rollout"])
+        .ok();
+    fleet.agents[1].set_flag("block-rollout", true);
+    let child = fleet
+        .depro_command(&["rollout", "v2", "-nodes=2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fleet.wait("current moved to v2", |f| {
+        f.current().as_deref() == Some("v2")
+    });
+    interrupt(&child);
+    let out = Output::of(child.wait_with_output().unwrap());
+    out.fails(
+        130,
+        &[
+            "current is v2",
+            &format!(
+                "`depro wait v2 -for=active -prefix={} -nodes=2`",
+                fleet.prefix
+            ),
+            &format!(
+                "go back with `depro rollout v1 -prefix={} -nodes=2`",
+                fleet.prefix
+            ),
+        ],
+    );
+    fleet.agents[1].set_flag("release-rollout", true);
+    let back = pasted_command(out.error(), "go back with");
+    let args: Vec<&str> = back.iter().map(String::as_str).collect();
+    let done = Output::of(
+        support::depro_command(&fleet.consul.addr(), &args)
+            .output()
+            .unwrap(),
+    );
+    assert!(done.result().starts_with("v1 is current"), "{done:#?}");
+    for agent in &fleet.agents {
+        assert_eq!(agent.live("api").as_deref(), Some("v1"));
+    }
+}
+
+/// The command lines of depro(1)'s EXAMPLES, in order, as the page shows
+/// them (roff escapes undone, continued lines joined).
+fn depro_1_examples() -> Vec<String> {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("man/depro.1")).unwrap();
+    let examples = &page[page.find(".SH EXAMPLES").unwrap()..page.find(".SH SEE ALSO").unwrap()];
+    let mut lines = Vec::new();
+    for block in examples.split(".EX\n").skip(1) {
+        let block = &block[..block.find(".EE\n").unwrap()];
+        let text = block
+            .replace("\\-", "-")
+            .replace("\\e", "\\")
+            .replace("\\\n", " ");
+        lines.extend(text.lines().map(str::to_string));
+    }
+    lines
+}
+
+#[test]
+fn the_depro_1_examples_run_as_shown_against_a_fleet() {
+    let fleet = support::Fleet::start(10);
+    let consul = fleet.consul;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    // ACLs are off here: Consul accepts any token; depro must read the file.
+    std::fs::write(&token, "00000000-0000-0000-0000-000000000000\n").unwrap();
+    let examples = depro_1_examples();
+    assert!(examples.len() >= 12, "{examples:#?}");
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut ran = 0;
+    for line in &examples {
+        // Adapted to the test bed: this fleet's prefix, a token file of its
+        // own, and pauses between waves of a second, not a minute.
+        let line = line
+            .replace("api/version", &fleet.prefix)
+            .replace("/etc/depro/token", &token.display().to_string())
+            .replace("-pause=1m", "-pause=1s");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["export", ref assignments @ ..] => {
+                for assignment in assignments {
+                    let (name, value) = assignment.split_once('=').unwrap();
+                    env.push((name.into(), value.into()));
+                }
+            }
+            // The agents of this fleet run already.
+            ["depro", "agent", ..] => {}
+            ["depro", ref args @ ..] => {
+                let mut command = support::depro_command(&consul.addr(), args);
+                command.envs(env.iter().map(|(k, v)| (k, v)));
+                let out = Output::of(command.output().unwrap());
+                assert_eq!(out.code, Some(0), "{line}\n{out:#?}");
+                ran += 1;
+            }
+            _ => panic!("not a depro command: {line}"),
+        }
+    }
+    assert!(ran >= 10, "{ran} commands ran");
+    // The story the examples tell ends with v43 current on all ten hosts,
+    // the five newest versions kept.
+    fleet.expect_active("v43");
+    assert!(
+        fleet
+            .consul
+            .get(&format!("{}/v42/", fleet.prefix))
+            .is_none()
+    );
 }

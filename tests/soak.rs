@@ -34,7 +34,7 @@ impl Report {
     fn command(&mut self, what: &str, out: &Output) {
         let code = out.code.map_or("killed".into(), |c| c.to_string());
         if out.code != Some(0) && self.refusals.len() < 30 {
-            self.refusals.push(format!("{what}: {}", out.stderr.trim()));
+            self.refusals.push(format!("{what}: {}", out.error()));
         }
         *self
             .commands

@@ -59,6 +59,7 @@ impl Agent {
         };
         let name = self.config.name.clone();
         let deployment = &mut self.deployments[index];
+        let now_ms = crate::logging::now_ms();
         // Per action: the node key, and the version key it is checked against.
         let mut keys: Vec<(String, Option<String>)> = Vec::new();
         for action in batch {
@@ -105,10 +106,12 @@ impl Agent {
             match (action, version_key) {
                 (Action::Report(_, state), Some(version_key)) => {
                     ops.push(TxnOp::Get { key: version_key });
+                    // The flags say when: `depro status -json` shows it.
                     ops.push(TxnOp::Lock {
                         key: node_key,
                         value: state.as_str().as_bytes(),
                         session: &session,
+                        flags: now_ms,
                     });
                     owner.extend([i, i]);
                 }
@@ -124,6 +127,7 @@ impl Agent {
                     key,
                     value,
                     session: &session,
+                    flags: 0,
                 },
                 None => TxnOp::Delete { key },
             });
@@ -219,6 +223,7 @@ impl Agent {
                 key: &key,
                 value: &value,
                 session: &session,
+                flags: 0,
             };
             let result = match self.consul.txn(&[op]) {
                 Ok(TxnOutcome::Committed(_)) => {

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use super::{Also, Ctx, Seen, names, took, version_arg};
+use super::{Also, Ctx, Seen, interrupt, names, took, version_arg};
 use crate::cli::{DeployArgs, Need, RollbackArgs, RolloutArgs, SwitchFlags};
 use crate::config::Env;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
@@ -98,6 +98,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let start = Instant::now();
     let deadline = start + args.switch.timeout;
     ctx.deadline = deadline;
+    interrupt::catch();
     if !args.no_rollout {
         super::waves::check_none_other(&ctx, &version)?;
     }
@@ -153,6 +154,18 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         }
     }
 
+    interrupt::leaves(format!(
+        "{version} stays under {} and the agents go on deploying it; current is unchanged \
+         ({}); finish with `depro deploy {version} -prefix={}{}{}`, or drop it with \
+         `depro remove {version} -prefix={}`",
+        ctx.prefix,
+        describe_current(base.as_ref()),
+        ctx.prefix,
+        ctx.nodes_flag,
+        if args.no_rollout { " -no-rollout" } else { "" },
+        ctx.prefix
+    ));
+
     // 2. Ready on enough nodes, failed on none.
     let wait = Wait {
         version: &version,
@@ -197,6 +210,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
+    interrupt::catch();
     super::waves::check_none_other(&ctx, &version)?;
     let base = ctx.read_current()?;
     let exists = ctx.read_version_key(&version)?.is_some();
@@ -219,6 +233,7 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     }
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
+    interrupt::catch();
     // A progressive rollout under way is undone, whatever it rolls out.
     let deadline = ctx.deadline;
     if super::waves::undo_under_way(&mut ctx, deadline, start)? {
@@ -362,6 +377,9 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
         agents: wait.need.counts_agents(),
         rollout: false,
     };
+    if let Need::Count(n) = wait.need {
+        ctx.out.nodes_seen(n as usize);
+    }
     let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen: &Seen| {
         if !seen.info.exists {
             return Some(Err(Interrupted::Removed));
@@ -385,7 +403,14 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
         };
         match &last {
             Readiness::Waiting { ready, .. } => {
-                out.count(&format!("{ready}/{need} ready{of}"));
+                // Lagging: nodes that reported and are still busy, and the
+                // agents (with -nodes=all or a share) that have not.
+                let busy = crate::tree::nodes_in(&seen.info.nodes, NodeState::Busy);
+                let lagging = busy
+                    .iter()
+                    .chain(missing.iter().filter(|n| !busy.contains(n)));
+                let left = (need as usize).saturating_sub(*ready);
+                out.count_lagging(&format!("{ready}/{need} ready{of}"), left, lagging);
                 None
             }
             Readiness::Ready => {
@@ -496,13 +521,27 @@ pub(super) fn switch_and_confirm(
     let was = base.map(|c| shown(&c.value));
     let already = base.is_some_and(|c| c.version.as_ref() == Some(version));
     let ours = match base {
-        Some(c) if already => c.modify_index,
+        Some(c) if already => {
+            interrupt::leaves(format!(
+                "{version} was already current; follow its nodes with `depro wait {version} \
+                 -for=active -prefix={}{}`",
+                ctx.prefix, ctx.nodes_flag
+            ));
+            c.modify_index
+        }
         _ => {
             let how = match finishing {
                 Some(_) => format!("{} (waves)", wait.how),
                 None => wait.how.to_string(),
             };
+            interrupt::leaves(format!(
+                "current was being switched to {version}: `depro status -prefix={}` tells \
+                 whether it was; if so, {}",
+                ctx.prefix,
+                ctx.back_to(base)
+            ));
             let index = switch_current(ctx, version, base, wait.deadline, finishing, &how)?;
+            ctx.leaves_rolling_out(version, base);
             ctx.out.line(&format!(
                 "current: {} -> {version}",
                 was.as_deref().unwrap_or("unset")
@@ -529,7 +568,11 @@ pub(super) fn switch_and_confirm(
         last = confirmation(&seen.info.nodes, &expected);
         match &last {
             Confirmation::Waiting { active } => {
-                out.count(&format!("{active}/{total} active"));
+                let lagging = expected.iter().filter(|n| {
+                    seen.info.nodes.get(*n).map(|e| e.state) != Some(NodeState::Active)
+                });
+                let left = total.saturating_sub(*active);
+                out.count_lagging(&format!("{active}/{total} active"), left, lagging);
                 None
             }
             Confirmation::Confirmed => {
@@ -682,10 +725,10 @@ fn switch_current(
         let outcome = match ctx.consul.txn(&ops) {
             Ok(outcome) => outcome,
             Err(e) if e.is_transient() => {
-                eprintln!(
-                    "depro: the answer to the switch was lost ({}); reading {current_key} to find out what happened",
+                ctx.out.line(&format!(
+                    "the answer to the switch was lost ({}); reading {current_key} to find out what happened",
                     e.summary()
-                );
+                ));
                 return settle_unknown_switch(ctx, version, base_index, deadline, finishing, how);
             }
             Err(e) => return Err(e.into()),
@@ -800,12 +843,13 @@ fn settle_unknown_switch(
         match ctx.read_current() {
             Ok(now) => {
                 if let Some(index) = ours_after_all(ctx, version, base_index, now.as_ref())? {
-                    eprintln!("depro: the switch went through: current is {version}");
+                    ctx.out
+                        .line(&format!("the switch went through: current is {version}"));
                     return Ok(index);
                 }
                 let unchanged = now.as_ref().map_or(0, |c| c.modify_index) == base_index;
                 if unchanged {
-                    eprintln!("depro: the switch did not happen; trying again");
+                    ctx.out.line("the switch did not happen; trying again");
                     let base = now.clone();
                     return switch_current(ctx, version, base.as_ref(), deadline, finishing, how);
                 }
@@ -856,6 +900,12 @@ fn restore_current(
     };
     let was = base.map_or("unset".to_string(), |c| shown(&c.value));
     let restored = base.and_then(|c| VersionName::parse(&c.value).ok());
+    interrupt::leaves(format!(
+        "{version} failed and current was being switched back to {was}: `depro status \
+         -prefix={}` tells whether it was; if not, {}",
+        ctx.prefix,
+        ctx.back_to(base)
+    ));
     let mut outcome = None;
     let history_key = ctx.prefix.history_key();
     for _ in 0..5 {
@@ -905,8 +955,11 @@ fn restore_current(
 /// `-keep=K` after a deploy: the same as `depro prune`.
 fn prune_to(ctx: &mut Ctx, keep: u32) -> Result<()> {
     let tree = ctx.read_tree()?;
-    for version in tree.prune(keep as usize) {
-        super::remove::remove_one(ctx, &tree, &version)?;
+    let doomed = tree.prune(keep as usize);
+    let prefix = ctx.prefix.clone();
+    let again = |_: &[VersionName]| format!("`depro prune -keep={keep} -prefix={prefix}`");
+    super::remove::remove_each(ctx, &tree, &doomed, again)?;
+    for version in doomed {
         ctx.out.line(&format!("pruned {version}"));
     }
     Ok(())
@@ -925,6 +978,7 @@ mod tests {
                     NodeEntry {
                         state: *s,
                         modify_index: 1,
+                        since_ms: 0,
                         session: "s".into(),
                     },
                 )

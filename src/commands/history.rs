@@ -103,6 +103,7 @@ mod tests {
             session: None,
             create_index: index,
             modify_index: index,
+            flags: 0,
         }
     }
 

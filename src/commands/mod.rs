@@ -5,6 +5,7 @@
 mod deploy;
 mod dry_run;
 mod history;
+mod interrupt;
 mod progress;
 mod remove;
 mod status;
@@ -147,7 +148,7 @@ impl Ctx {
         Ok(Ctx {
             consul: Arc::new(consul),
             prefix,
-            out: Progress::new(),
+            out: Progress::new(args.quiet),
             user: format!("{user}@{host}"),
             seen: BTreeMap::new(),
             plain: Default::default(),
@@ -183,13 +184,40 @@ impl Ctx {
                         && self.contacted.get()
                         && Instant::now() < self.deadline =>
                 {
-                    eprintln!("depro: Consul: {}; retrying", e.summary());
+                    self.out
+                        .line(&format!("(Consul: {}; retrying)", e.summary()));
                     let left = self.deadline.saturating_duration_since(Instant::now());
                     std::thread::sleep(backoff.next_delay().min(left));
                 }
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// A command to paste that rolls `current` back out to `base` as it
+    /// was read (or a note that it was unset).
+    pub(crate) fn back_to(&self, base: Option<&CurrentKey>) -> String {
+        match base.and_then(|c| c.version.as_ref()) {
+            Some(v) => format!(
+                "go back with `depro rollout {v} -prefix={}{}`",
+                self.prefix, self.nodes_flag
+            ),
+            None => format!(
+                "current was {} before",
+                base.map_or("unset".into(), |c| crate::tree::shown(&c.value))
+            ),
+        }
+    }
+
+    /// Records what an interruption leaves once `current` is `version`:
+    /// the nodes are rolling it out.
+    pub(crate) fn leaves_rolling_out(&self, version: &VersionName, base: Option<&CurrentKey>) {
+        interrupt::leaves(format!(
+            "current is {version} and the nodes go on rolling it out; follow them with              `depro wait {version} -for=active -prefix={}{}`, or {}",
+            self.prefix,
+            self.nodes_flag,
+            self.back_to(base)
+        ));
     }
 
     /// The doorbell's part of a transaction that makes `change`: a
@@ -430,12 +458,10 @@ impl Ctx {
             match update {
                 Update::Version(entries) => {
                     have_version = true;
-                    let info = Tree::parse(&self.prefix, &entries)
+                    seen.info = Tree::parse(&self.prefix, &entries)
                         .versions
                         .remove(version)
                         .unwrap_or_default();
-                    self.print_changes(&mut printed, &info, &mut seen.vanished);
-                    seen.info = info;
                 }
                 Update::Current(entry) => {
                     have_current = true;
@@ -444,6 +470,7 @@ impl Ctx {
                 Update::Agents(entries) => {
                     have_agents = true;
                     seen.agents = Tree::parse(&self.prefix, &entries).agents;
+                    self.out.nodes_seen(seen.agents.len());
                 }
                 Update::Rollout(entry) => {
                     have_rollout = true;
@@ -457,7 +484,13 @@ impl Ctx {
                 Update::Failed(e) => break Err(e.into()),
             }
             let complete = have_version && have_current && have_agents && have_rollout;
-            if complete && decide(&mut self.out, &seen).is_some() {
+            if !complete {
+                continue;
+            }
+            // Printed once everything is read: the agents tell how many
+            // nodes to expect, and so whether progress is compact.
+            self.print_changes(&mut printed, &seen.info, &mut seen.vanished);
+            if decide(&mut self.out, &seen).is_some() {
                 let leader = match self.read_version(version).and_then(|info| {
                     Ok(Seen {
                         info,
@@ -495,6 +528,7 @@ impl Ctx {
         info: &VersionInfo,
         vanished: &mut BTreeMap<String, Vanished>,
     ) {
+        self.out.nodes_seen(info.nodes.len());
         for (node, entry) in &info.nodes {
             vanished.remove(node);
             let line = match printed.get(node) {
@@ -508,7 +542,8 @@ impl Ctx {
                 Some(reason) if entry.state == crate::tree::NodeState::Failed => {
                     self.out.line(&format!("{line}: {}", reason.shown("    ")))
                 }
-                _ => self.out.line(&line),
+                _ if entry.state == crate::tree::NodeState::Failed => self.out.line(&line),
+                _ => self.out.node_line(&line),
             }
         }
         let gone: BTreeSet<String> = printed
@@ -524,12 +559,12 @@ impl Ctx {
                 // Cannot tell: say the agent may be gone, the cautious reading.
                 Err(_) => Vanished::AgentGone,
             };
-            self.out.line(&match why {
-                Vanished::ByAgent => format!("{node}: removed its key"),
-                Vanished::AgentGone => {
-                    format!("{node}: gone (its agent stopped: its session ended)")
-                }
-            });
+            match why {
+                Vanished::ByAgent => self.out.node_line(&format!("{node}: removed its key")),
+                Vanished::AgentGone => self.out.line(&format!(
+                    "{node}: gone (its agent stopped: its session ended)"
+                )),
+            }
             vanished.insert(node, why);
         }
         *printed = info.nodes.clone();

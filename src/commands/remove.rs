@@ -55,9 +55,13 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
         super::dry_run::remove(&ctx, &tree, &versions, args.wait);
         return Ok(());
     }
-    for version in &versions {
-        remove_one(&mut ctx, &tree, version)?;
-    }
+    super::interrupt::catch();
+    let prefix = ctx.prefix.clone();
+    let again = |rest: &[VersionName]| {
+        let rest: Vec<&str> = rest.iter().map(VersionName::as_str).collect();
+        format!("`depro remove {} -prefix={prefix}`", rest.join(" "))
+    };
+    remove_each(&mut ctx, &tree, &versions, again)?;
     if !args.wait {
         let list: Vec<&str> = versions.iter().map(VersionName::as_str).collect();
         println!(
@@ -117,6 +121,32 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Removes `versions` one by one; an interruption says which are removed
+/// and which are left, with the command (`again` of them) that finishes.
+pub(crate) fn remove_each(
+    ctx: &mut Ctx,
+    tree: &Tree,
+    versions: &[VersionName],
+    again: impl Fn(&[VersionName]) -> String,
+) -> Result<()> {
+    for (i, version) in versions.iter().enumerate() {
+        remove_one(ctx, tree, version)?;
+        let done: Vec<&str> = versions[..=i].iter().map(VersionName::as_str).collect();
+        let rest = &versions[i + 1..];
+        let mut leaves = format!(
+            "removed {} from {}; the agents go on cleaning up (`depro status -prefix={}` shows them)",
+            done.join(", "),
+            ctx.prefix,
+            ctx.prefix
+        );
+        if !rest.is_empty() {
+            leaves.push_str(&format!("; not removed yet: finish with {}", again(rest)));
+        }
+        super::interrupt::leaves(leaves);
+    }
+    Ok(())
+}
+
 /// Deletes the key that makes `version` exist (never its node keys).
 pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
     if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
@@ -137,9 +167,10 @@ pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
         return Ok(());
     }
     let doomed = tree.prune(args.keep as usize);
-    for version in &doomed {
-        remove_one(&mut ctx, &tree, version)?;
-    }
+    super::interrupt::catch();
+    let (keep, prefix) = (args.keep, ctx.prefix.clone());
+    let again = |_: &[VersionName]| format!("`depro prune -keep={keep} -prefix={prefix}`");
+    remove_each(&mut ctx, &tree, &doomed, again)?;
     let kept: Vec<String> = tree
         .in_creation_order()
         .into_iter()

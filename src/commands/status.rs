@@ -16,6 +16,7 @@
 //!       "current_since": null, "current_by": null,   // set only on the current version
 //!       "counts": { "busy": 0, "ready": 3, "active": 0, "failed": 0 },
 //!       "nodes": { "node1": "ready", "node2": "ready", "node3": "ready" },
+//!       "nodes_since": { "node1": "2026-11-26T10:00:02.113Z", … },   // when each state was written, or null
 //!       "reasons": { "node4": { "hook": "deploy", "error": "the deploy hook exited with status 3",
 //!                               "exit_code": 3, "output": "…", "at": "…" } } } ],
 //!   "agents": { "node1": { "depro": "0.3.0", "since": "2026-11-26T09:00:00.000Z" } },
@@ -206,6 +207,16 @@ pub(crate) fn json(
                 .iter()
                 .map(|(n, e)| (n.clone(), e.state.as_str().into()))
                 .collect();
+            // When each node's agent wrote its state (null where it did
+            // not say: an older depro, or another tool).
+            let since: serde_json::Map<String, serde_json::Value> = info
+                .nodes
+                .iter()
+                .map(|(n, e)| {
+                    let at = (e.since_ms > 0).then(|| crate::logging::timestamp_of(e.since_ms));
+                    (n.clone(), at.into())
+                })
+                .collect();
             let reasons: serde_json::Map<String, serde_json::Value> = info
                 .reasons
                 .iter()
@@ -232,6 +243,7 @@ pub(crate) fn json(
                     "active": count(NodeState::Active), "failed": count(NodeState::Failed),
                 },
                 "nodes": nodes,
+                "nodes_since": since,
                 "reasons": reasons,
             })
         })
@@ -455,6 +467,7 @@ mod tests {
             session: (!key.ends_with('/') && !key.ends_with("/current")).then(|| "s".to_string()),
             create_index: create,
             modify_index: create,
+            flags: 0,
         }
     }
 

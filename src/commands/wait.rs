@@ -17,6 +17,10 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
     let start = Instant::now();
     let deadline = start + args.timeout;
     ctx.deadline = deadline;
+    super::interrupt::catch();
+    if let crate::cli::Need::Count(n) = args.nodes {
+        ctx.out.nodes_seen(n as usize);
+    }
     let also = Also {
         agents: args.nodes.counts_agents(),
         rollout: false,

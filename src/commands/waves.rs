@@ -151,6 +151,7 @@ pub(crate) fn switch(
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
     loop {
+        leaves_wave(ctx, &plan);
         let nodes = plan.waves[wave].clone();
         ctx.out.line(&format!(
             "wave {}/{total}: {} switching to {version}",
@@ -196,6 +197,24 @@ pub(crate) fn switch(
         start,
         Some(index),
     )
+}
+
+/// Records what an interruption leaves while `plan` is under way.
+fn leaves_wave(ctx: &Ctx, plan: &RolloutPlan) {
+    super::interrupt::leaves(format!(
+        "the rollout of {} stays at wave {} of {} ({} of its nodes run it, the others {}, \
+         current is unchanged); resume with `depro rollout {} -prefix={}{}`, or undo with \
+         `depro rollback -prefix={}`",
+        shown(&plan.version),
+        plan.started_waves,
+        plan.waves.len(),
+        plan.switched.len(),
+        shown(&plan.base),
+        shown(&plan.version),
+        ctx.prefix,
+        ctx.nodes_flag,
+        ctx.prefix
+    ));
 }
 
 /// Writes a new plan (its first wave started), by check-and-set on
@@ -307,8 +326,15 @@ fn wait_wave(
         }
         // Every switched node, also one whose agent is restarting (its key
         // is gone for a moment): it comes back and reports.
-        active = in_state(seen, switched, NodeState::Active).len();
-        out.count(&format!("{active}/{} active", switched.len()));
+        let on = in_state(seen, switched, NodeState::Active);
+        active = on.len();
+        let lagging = switched.iter().filter(|n| !on.contains(n));
+        let left = switched.len() - active;
+        out.count_lagging(
+            &format!("{active}/{} active", switched.len()),
+            left,
+            lagging,
+        );
         (active == switched.len()).then_some(Ok(()))
     })?;
     Ok(outcome.unwrap_or(Err(Halt::Timeout(active))))
@@ -416,6 +442,13 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
             )));
         }
     }
+    super::interrupt::leaves(format!(
+        "the rollout of {} is undone (current stays {}) and the nodes it had switched go on \
+         rolling back; follow them with `depro status -prefix={}`",
+        shown(&plan.version),
+        shown(&plan.base),
+        ctx.prefix
+    ));
     ctx.out.line(&format!(
         "undoing the rollout of {}: back to {} on {}",
         shown(&plan.version),

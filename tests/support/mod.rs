@@ -1126,35 +1126,69 @@ impl<'c> Fleet<'c> {
 #[derive(Debug)]
 pub struct Output {
     pub code: Option<i32>,
+    /// The result: one line for the commands that follow a deploy.
     pub stdout: String,
+    /// Progress lines, then the error if any.
     pub stderr: String,
+    /// What a terminal shows: the progress (stderr), then the result.
+    pub shown: String,
 }
 
 impl Output {
     pub fn of(out: std::process::Output) -> Output {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         Output {
             code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            shown: format!("{stderr}{stdout}"),
+            stdout,
+            stderr,
         }
     }
 
-    /// Asserts success and returns stdout.
+    /// Asserts success and returns what a terminal shows (progress and result).
     pub fn ok(&self) -> &str {
+        assert_eq!(self.code, Some(0), "failed: {self:#?}");
+        &self.shown
+    }
+
+    /// Asserts success and returns the result alone (stdout).
+    pub fn result(&self) -> &str {
         assert_eq!(self.code, Some(0), "failed: {self:#?}");
         &self.stdout
     }
 
-    /// Asserts exit code `code` with a one-line error mentioning `needles`.
+    /// The error: the last line of stderr (progress lines come before it).
+    pub fn error(&self) -> &str {
+        self.stderr.lines().last().unwrap_or("")
+    }
+
+    /// Asserts exit code `code` with a one-line error mentioning `needles`:
+    /// the last line of stderr, and the only one that starts with `depro:`
+    /// (the lines before it are progress).
     pub fn fails(&self, code: i32, needles: &[&str]) {
         assert_eq!(self.code, Some(code), "{self:#?}");
-        assert_eq!(self.stderr.lines().count(), 1, "not one line: {self:#?}");
+        let errors = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("depro:"))
+            .count();
+        assert_eq!(errors, 1, "not one error line: {self:#?}");
+        let error = self.error();
+        assert!(error.starts_with("depro:"), "not last: {self:#?}");
         for needle in needles {
-            assert!(
-                self.stderr.contains(needle),
-                "{needle:?} missing: {self:#?}"
-            );
+            assert!(error.contains(needle), "{needle:?} missing: {self:#?}");
         }
+    }
+}
+
+/// A progress line without the time since the command started
+/// (`  1.2s node1: busy` → `node1: busy`).
+pub fn without_elapsed(line: &str) -> &str {
+    let trimmed = line.trim_start();
+    match trimmed.split_once("s ") {
+        Some((time, rest)) if time.parse::<f64>().is_ok() => rest,
+        _ => line,
     }
 }
 
