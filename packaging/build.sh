@@ -1,34 +1,71 @@
 #!/usr/bin/env bash
-# Builds what depro ships, under dist/:
-#   depro-<version>-x86_64-unknown-linux-musl   fully static, stripped, with TLS
-#   depro_<version>_amd64.deb                   from that binary (cargo-deb)
-#   depro-<version>.x86_64.rpm                  from that binary (cargo-generate-rpm)
-# On a fresh Debian/Ubuntu machine it installs what it needs first.
+# Builds what depro ships, under dist/, for three architectures:
+#   depro-<version>-x86_64-unknown-linux-musl        fully static, stripped, with TLS
+#   depro-<version>-aarch64-unknown-linux-musl       the same for 64-bit ARM
+#   depro-<version>-armv7-unknown-linux-musleabihf   the same for 32-bit ARM (hard-float)
+#   depro_<version>_amd64.deb, _arm64.deb, _armhf.deb   from those binaries (cargo-deb)
+#   depro-<version>.x86_64.rpm, .aarch64.rpm            (cargo-generate-rpm)
+# On a fresh Debian bookworm machine it installs what it needs first.
+# DEPRO_TARGETS="x86_64-unknown-linux-musl" (say) builds only those targets.
 #
 # The static build follows the recipe that works on Debian bookworm, where
-# rustup's toolchains have no musl std: Debian's rustc-web/cargo-web with
-# rust-web-src build std for musl (-Zbuild-std), musl-gcc links it non-PIE
-# (-C relocation-model=static, so no ELF interpreter), and std's unwinder
-# comes from LLVM's libunwind.a plus a one-function shim for the glibc-only
-# __fprintf_chk it references.
+# rustup's toolchains have no musl std (and cannot download one): Debian's
+# rustc-web/cargo-web with rust-web-src build std for musl (-Zbuild-std), a
+# musl-linking gcc links it non-PIE (-C relocation-model=static, so no ELF
+# interpreter), and std's unwinder comes from a libunwind.a made here:
+# - x86_64: musl-gcc (musl-tools); LLVM's libunwind.a plus a one-function
+#   shim for the glibc-only __fprintf_chk it references.
+# - aarch64, armv7: Debian's cross gcc with the musl-gcc.specs that the
+#   multiarch musl-dev:arm64/armhf package ships; the cross gcc's
+#   libgcc_eh.a plus a shim for glibc's _dl_find_object ("not found": depro
+#   is built with panic=abort and never unwinds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-target=x86_64-unknown-linux-musl
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 die() { echo "packaging/build.sh: $*" >&2; exit 1; }
 step() { echo "==> $*" >&2; }
+read -r -a targets <<<"${DEPRO_TARGETS:-x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf}"
+# Each binary's budget, stripped.
+max_size=$((2500 * 1024))
+
+# Per target: cross gcc prefix, Debian architecture (.deb), rpm architecture
+# ("" for none), multiarch musl directory.
+target_facts() {
+  case "$1" in
+    x86_64-unknown-linux-musl) echo "- amd64 x86_64 x86_64-linux-musl" ;;
+    aarch64-unknown-linux-musl) echo "aarch64-linux-gnu arm64 aarch64 aarch64-linux-musl" ;;
+    armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf armhf - arm-linux-musleabihf" ;;
+    *) die "unknown target $1 (x86_64-unknown-linux-musl, aarch64-unknown-linux-musl, armv7-unknown-linux-musleabihf)" ;;
+  esac
+}
 
 # ---- tools
 debs=(rustc-web cargo-web rust-web-src musl-tools libunwind-16-dev gcc binutils rpm file)
+foreign=()
+for target in "${targets[@]}"; do
+  read -r cross debarch _ _ <<<"$(target_facts "$target")"
+  [ "$cross" = - ] && continue
+  debs+=("gcc-$cross" "musl-dev:$debarch")
+  foreign+=("$debarch")
+done
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  added=0
+  for arch in "${foreign[@]}"; do
+    if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+      dpkg --add-architecture "$arch" && added=1
+    fi
+  done
+  # A mirror in the middle of a sync can fail one index: what the
+  # install needs usually came through, so the install decides.
+  if [ "$added" = 1 ]; then apt-get update -qq >&2 || true; fi
   apt-get install -y -qq "${missing[@]}" >&2 \
-    || { apt-get update -qq >&2 && apt-get install -y -qq "${missing[@]}" >&2; } \
-    || die "could not install ${missing[*]} with apt-get; they are Debian bookworm packages (rustc-web, cargo-web and rust-web-src carry a Rust with std's sources; musl-tools gives musl-gcc; libunwind-16-dev gives libunwind.a)"
+    || { apt-get update -qq >&2 || true; apt-get install -y -qq "${missing[@]}" >&2; } \
+    || die "could not install ${missing[*]} with apt-get; they are Debian bookworm packages (rustc-web, cargo-web and rust-web-src carry a Rust with std's sources; musl-tools gives musl-gcc; libunwind-16-dev gives libunwind.a; gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf are the cross compilers; musl-dev:arm64 and musl-dev:armhf need 'dpkg --add-architecture arm64 armhf')"
 fi
 for tool in cargo-deb:cargo-deb cargo-generate-rpm:cargo-generate-rpm; do
   command -v "${tool%%:*}" >/dev/null 2>&1 && continue
@@ -39,13 +76,16 @@ done
 debian_rustc=/usr/bin/rustc
 debian_cargo=/usr/bin/cargo
 [ -x "$debian_rustc" ] && [ -x "$debian_cargo" ] || die "Debian's rustc/cargo (rustc-web, cargo-web) are not at /usr/bin"
-libunwind=/usr/lib/llvm-16/lib/libunwind.a
-[ -f "$libunwind" ] || die "$libunwind is missing (package libunwind-16-dev)"
+export RUSTC_BOOTSTRAP=1 RUSTC=$debian_rustc
 
-# ---- the unwinder, completed for musl
-shim=target/musl-shim
-mkdir -p "$shim"
-cat >"$shim/fprintf_chk.c" <<'C'
+# ---- the linker and the unwinder of one target, under target/musl-shim/<target>
+prepare_target() {
+  local target=$1 cross=$2 musl_dir=$3 shim=target/musl-shim/$1
+  mkdir -p "$shim"
+  if [ "$cross" = - ]; then
+    local libunwind=/usr/lib/llvm-16/lib/libunwind.a
+    [ -f "$libunwind" ] || die "$libunwind is missing (package libunwind-16-dev)"
+    cat >"$shim/shim.c" <<'C'
 #include <stdarg.h>
 #include <stdio.h>
 /* glibc's fortified fprintf, referenced by LLVM's libunwind.a; musl has none. */
@@ -58,35 +98,85 @@ int __fprintf_chk(FILE *stream, int flag, const char *format, ...) {
     return written;
 }
 C
-musl-gcc -O2 -c "$shim/fprintf_chk.c" -o "$shim/fprintf_chk.o"
-cp "$libunwind" "$shim/libunwind.a"
-ar rs "$shim/libunwind.a" "$shim/fprintf_chk.o" 2>/dev/null
+    musl-gcc -O2 -c "$shim/shim.c" -o "$shim/shim.o"
+    cp "$libunwind" "$shim/libunwind.a"
+    echo musl-gcc >"$shim/linker-name"
+  else
+    local specs=/usr/lib/$musl_dir/musl-gcc.specs
+    [ -f "$specs" ] || die "$specs is missing (package musl-dev for $target's architecture)"
+    command -v "$cross-gcc" >/dev/null || die "$cross-gcc is missing (package gcc-$cross)"
+    cat >"$shim/cc" <<SH
+#!/bin/sh
+# $cross-gcc linking against musl: the specs of Debian's musl-dev for it.
+exec $cross-gcc -specs $specs "\$@"
+SH
+    chmod +x "$shim/cc"
+    cat >"$shim/shim.c" <<'C'
+/* glibc's _dl_find_object, referenced by the cross gcc's libgcc_eh.a (built
+   for glibc); musl has none. "Not found" leaves the unwinder without frame
+   info, which depro never needs: it is built with panic=abort. */
+struct dl_find_object;
+int _dl_find_object(void *address, struct dl_find_object *result) {
+    (void)address;
+    (void)result;
+    return -1;
+}
+C
+    "$shim/cc" -O2 -c "$shim/shim.c" -o "$shim/shim.o"
+    local libgcc_eh
+    libgcc_eh=$("$cross-gcc" -print-file-name=libgcc_eh.a)
+    [ -f "$libgcc_eh" ] || die "$cross-gcc has no libgcc_eh.a"
+    cp "$libgcc_eh" "$shim/libunwind.a"
+    echo "$PWD/$shim/cc" >"$shim/linker-name"
+  fi
+  local ar=ar
+  [ "$cross" = - ] || ar=$cross-ar
+  "$ar" rs "$shim/libunwind.a" "$shim/shim.o" 2>/dev/null
+}
 
-# ---- the static binary
-step "building depro $version for $target (Debian's $("$debian_rustc" --version))"
-export RUSTC_BOOTSTRAP=1 RUSTC=$debian_rustc
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=musl-gcc
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C relocation-model=static -C target-feature=+crt-static -C link-self-contained=no -L native=$PWD/$shim"
-"$debian_cargo" build --release --locked --quiet \
-  -Zbuild-std=std,panic_abort --target "$target" \
-  || die "the musl build failed (see above)"
-binary=target/$target/release/depro
-strip "$binary"
-if file "$binary" | grep -q "dynamically linked"; then
-  die "$binary is dynamically linked: $(file -b "$binary")"
-fi
+# ---- one static binary
+build_target() {
+  local target=$1 cross=$2 musl_dir=$3
+  prepare_target "$target" "$cross" "$musl_dir"
+  local shim=target/musl-shim/$target upper linker ar=ar
+  upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
+  linker=$(cat "$shim/linker-name")
+  [ "$cross" = - ] || ar=$cross-ar
+  step "building depro $version for $target (Debian's $("$debian_rustc" --version))"
+  env "CARGO_TARGET_${upper}_LINKER=$linker" \
+    "CARGO_TARGET_${upper}_RUSTFLAGS=-C relocation-model=static -C target-feature=+crt-static -C link-self-contained=no -L native=$PWD/$shim" \
+    "CC_${target//-/_}=$linker" "AR_${target//-/_}=$ar" \
+    "$debian_cargo" build --release --locked --quiet \
+    -Zbuild-std=std,panic_abort --target "$target" \
+    || die "the $target build failed (see above)"
+  local binary=target/$target/release/depro strip=strip
+  [ "$cross" = - ] || strip=$cross-strip
+  "$strip" "$binary"
+  if file "$binary" | grep -q "dynamically linked"; then
+    die "$binary is dynamically linked: $(file -b "$binary")"
+  fi
+  mkdir -p dist
+  local static=dist/depro-$version-$target size
+  cp "$binary" "$static.tmp" && mv -f "$static.tmp" "$static"
+  size=$(stat -c %s "$static")
+  [ "$size" -le "$max_size" ] || die "$static is $size bytes, over the 2.5 MB budget"
+  step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes"
+}
 
-mkdir -p dist
-static=dist/depro-$version-$target
-cp "$binary" "$static.tmp" && mv -f "$static.tmp" "$static"
-size=$(stat -c %s "$static")
-[ "$size" -le $((2500 * 1024)) ] || die "$static is $size bytes, over the 2.5 MB budget"
-step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes"
+for target in "${targets[@]}"; do
+  read -r cross _ _ musl_dir <<<"$(target_facts "$target")"
+  build_target "$target" "$cross" "$musl_dir"
+done
 
 # ---- packages
 step "packaging"
-cargo deb --no-build --no-strip --target "$target" --output "dist/depro_${version}_amd64.deb" >/dev/null \
-  || die "cargo deb failed"
-cargo generate-rpm --target "$target" --output "dist/depro-$version.x86_64.rpm" \
-  || die "cargo generate-rpm failed"
+for target in "${targets[@]}"; do
+  read -r _ debarch rpmarch _ <<<"$(target_facts "$target")"
+  cargo deb --no-build --no-strip --target "$target" --output "dist/depro_${version}_${debarch}.deb" >/dev/null \
+    || die "cargo deb failed for $target"
+  if [ "$rpmarch" != - ]; then
+    cargo generate-rpm --target "$target" --arch "$rpmarch" --output "dist/depro-$version.$rpmarch.rpm" \
+      || die "cargo generate-rpm failed for $target"
+  fi
+done
 ls -l dist >&2

@@ -650,7 +650,10 @@ def report(args, d, path):
         w(f"| CPU time over {foot['idle_seconds']} idle seconds | {foot['idle_cpu'] * 1000:.0f} ms |")
         w(f"| Consul requests per idle minute | {per_min:.1f} "
           f"({', '.join(f'{k}: {v}' for k, v in sorted(reqs.items())) or 'none'} in {foot['idle_seconds']} s) |")
-        w(f"| binary size (stripped) | {d['binary_size'] / 1e6:.2f} MB |")
+        w(f"| binary size of the benchmarked build (stripped) | {d['binary_size'] / 1e6:.2f} MB |")
+        for target, size in sorted(d.get("binary_sizes", {}).items()):
+            w(f"| binary size, {target} (stripped, static; dist/ when this report was written) "
+              f"| {size / 1e6:.2f} MB ({size} bytes) |")
         w("")
         targets.append(("idle resident memory", "≤ 5 MiB", f"{foot['rss_idle_kib'] / 1024:.2f} MiB",
                         foot["rss_idle_kib"] <= 5 * 1024))
@@ -789,6 +792,22 @@ def report(args, d, path):
 PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b"]
 
 
+def dist_sizes(depro):
+    """The sizes of the static binaries packaging/build.sh left next to
+    `depro` (dist/depro-<version>-<target>), by target."""
+    name = os.path.basename(depro)
+    if not name.startswith("depro-"):
+        return {}
+    version = name.split("-")[1]
+    folder = os.path.dirname(os.path.abspath(depro))
+    sizes = {}
+    for entry in sorted(os.listdir(folder)):
+        prefix = f"depro-{version}-"
+        if entry.startswith(prefix) and not entry.endswith((".deb", ".rpm", ".tmp")):
+            sizes[entry[len(prefix):]] = os.path.getsize(os.path.join(folder, entry))
+    return sizes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depro", required=True)
@@ -822,6 +841,11 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "benchmarks.json")) as f:
             d = json.load(f)
+        if "binary_sizes" not in d:
+            # Reports from before the ARM builds: the sizes of today's dist/.
+            d["binary_sizes"] = dist_sizes(d["depro"])
+            with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
+                json.dump(d, f, indent=1)
         for key in ("rounds", "artifact_kib", "artifact_files", "command_line"):
             setattr(args, key, d.get(key, getattr(args, key)))
         if d.get("fleet"):
@@ -835,7 +859,7 @@ def main():
     raise_fd_limit()
     d = {"started": started, "depro": args.depro, "rounds": args.rounds, "artifact_kib": args.artifact_kib,
          "artifact_files": args.artifact_files, "command_line": args.command_line,
-         "binary_size": os.path.getsize(args.depro)}
+         "binary_size": os.path.getsize(args.depro), "binary_sizes": dist_sizes(args.depro)}
     consul = Consul(args.consul, work)
     try:
         d["consul_version"] = subprocess.run([args.consul, "version"], capture_output=True,

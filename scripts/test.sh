@@ -12,7 +12,8 @@ need() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 for pair in bash:bash tar:tar gzip:gzip mandoc:mandoc lintian:lintian rpm:rpm man:man-db \
             file:file readelf:binutils systemd-analyze:systemd python3:python3 script:bsdutils \
-            curl:curl cmp:diffutils install:coreutils zsh:zsh fish:fish; do
+            curl:curl cmp:diffutils install:coreutils zsh:zsh fish:fish \
+            qemu-aarch64-static:qemu-user-static cpio:cpio; do
   need "${pair%%:*}" || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -323,3 +323,119 @@ fn the_rpm_has_the_same_files_installs_into_a_scratch_root_and_keeps_configs() {
             .exists()
     );
 }
+
+/// The ARM builds: target, the qemu-user that runs it here, what file(1)
+/// says of its machine, and the architectures of its packages (.deb, .rpm).
+const ARM: &[(&str, &str, &str, &str, Option<&str>)] = &[
+    (
+        "aarch64-unknown-linux-musl",
+        "qemu-aarch64-static",
+        "ARM aarch64",
+        "arm64",
+        Some("aarch64"),
+    ),
+    (
+        "armv7-unknown-linux-musleabihf",
+        "qemu-arm-static",
+        "ARM, EABI5",
+        "armhf",
+        None,
+    ),
+];
+
+#[test]
+fn each_arm_binary_is_static_small_and_runs_an_agent_among_x86_64_agents_under_qemu() {
+    for &(target, qemu, machine, _, _) in ARM {
+        let binary = dist(&format!("depro-{VERSION}-{target}"));
+        let path = binary.to_str().unwrap();
+        let kind = run("file", &[path]);
+        assert!(kind.contains("statically linked"), "{kind}");
+        assert!(kind.contains(machine), "{kind}");
+        assert!(
+            kind.contains("stripped") && !kind.contains("not stripped"),
+            "{kind}"
+        );
+        let headers = run("readelf", &["--program-headers", path]);
+        assert!(!headers.contains("INTERP"), "{headers}");
+        let size = std::fs::metadata(&binary).unwrap().len();
+        assert!(size <= 2_500 * 1024, "{target}: {size} bytes");
+        let version = run(qemu, &[path, "--version"]);
+        assert!(
+            version.starts_with(&format!("depro {VERSION}")),
+            "{target}: {version}"
+        );
+
+        // One ARM agent among two x86_64 agents: it deploys, reports, and
+        // rolls out like they do, against the test Consul.
+        let mut fleet = Fleet::new(3);
+        fleet.agents[1].program = vec![qemu.to_string(), path.to_string()];
+        fleet.start_all();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", fleet.agents[1].pid())).unwrap();
+        assert!(
+            exe.to_string_lossy().contains("qemu"),
+            "node2 does not run under qemu: {}",
+            exe.display()
+        );
+        fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+        fleet.expect_active("v1");
+        fleet
+            .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+            .ok();
+        assert_eq!(fleet.node_state("v2", "node2").as_deref(), Some("ready"));
+        fleet.depro(&["rollout", "v2", "-nodes=3"]).ok();
+        fleet.expect_active("v2");
+        assert_eq!(
+            fleet.agents[1].live("api").as_deref(),
+            Some("v2"),
+            "{target}:\n{}",
+            fleet.agents[1].log()
+        );
+        fleet.depro(&["remove", "v1", "-wait"]).ok();
+        assert!(
+            !fleet.agents[1].dir.join("deploy/api/v1").exists(),
+            "{target}: v1 not cleaned"
+        );
+    }
+}
+
+/// The machine of the `depro` a package installs, as file(1) says it.
+fn packaged_binary_kind(extract: &str, package: &str, dir: &Path) -> String {
+    let out = dir.join(package.rsplit('/').next().unwrap());
+    std::fs::create_dir_all(&out).unwrap();
+    let script = match extract {
+        "deb" => format!("dpkg-deb -x {package} {}", out.display()),
+        _ => format!(
+            "cd {} && rpm2cpio {package} | cpio -id --quiet",
+            out.display()
+        ),
+    };
+    run("sh", &["-c", &script]);
+    run("file", &[out.join("usr/bin/depro").to_str().unwrap()])
+}
+
+#[test]
+fn the_arm_packages_install_the_same_files_as_the_x86_64_ones() {
+    let amd64 = dist(&format!("depro_{VERSION}_amd64.deb"));
+    let x86_64_rpm = dist(&format!("depro-{VERSION}.x86_64.rpm"));
+    let deb_reference = deb_files(amd64.to_str().unwrap());
+    let rpm_reference = run("rpm", &["-qlp", x86_64_rpm.to_str().unwrap()]);
+    let scratch = tempfile::tempdir().unwrap();
+    for &(target, _, machine, debarch, rpmarch) in ARM {
+        let deb = dist(&format!("depro_{VERSION}_{debarch}.deb"));
+        let deb = deb.to_str().unwrap();
+        assert_eq!(deb_files(deb), deb_reference, "{deb}");
+        assert_eq!(
+            run("dpkg-deb", &["--field", deb, "Architecture"]).trim(),
+            debarch
+        );
+        let kind = packaged_binary_kind("deb", deb, scratch.path());
+        assert!(kind.contains(machine), "{deb} holds {kind}");
+        let Some(rpmarch) = rpmarch else { continue };
+        let rpm = dist(&format!("depro-{VERSION}.{rpmarch}.rpm"));
+        let rpm = rpm.to_str().unwrap();
+        assert_eq!(run("rpm", &["-qlp", rpm]), rpm_reference, "{rpm}");
+        assert_eq!(run("rpm", &["-qp", "--qf", "%{ARCH}", rpm]), rpmarch);
+        let kind = packaged_binary_kind("rpm", rpm, scratch.path());
+        assert!(kind.contains(machine), "{target}: {rpm} holds {kind}");
+    }
+}

@@ -608,6 +608,9 @@ pub struct Agent {
     pub deployments: Vec<serde_json::Value>,
     /// Extra environment variables for the agent process.
     pub env: Vec<(String, String)>,
+    /// What runs the agent, if not this build's depro: a program and its
+    /// first arguments (e.g. qemu-user and an ARM binary).
+    pub program: Vec<String>,
     child: Option<Child>,
     starts: usize,
 }
@@ -625,6 +628,7 @@ impl Agent {
             extra: serde_json::json!({}),
             deployments: vec![deployment],
             env: Vec::new(),
+            program: Vec::new(),
             child: None,
             starts: 0,
         }
@@ -659,7 +663,14 @@ impl Agent {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut command = Command::new(depro_bin());
+        let mut command = match &self.program[..] {
+            [] => Command::new(depro_bin()),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args);
+                command
+            }
+        };
         command
             .arg("agent")
             .arg(format!("-config-dir={}", self.dir.join("conf").display()))
