@@ -695,33 +695,50 @@ fn current_loop(
 }
 
 /// Whether Consul answers, shared by every thread of the agent, so that an
-/// outage is logged once when it starts and once when it ends, not once per
-/// request.
+/// outage is logged once when it starts and once when it ends (with how
+/// long it lasted), not once per request: an edge box may be cut off for
+/// hours. What changes in between (refused, timed out, reset) is debug.
 #[derive(Default)]
 pub(crate) struct Health {
-    down: Mutex<Option<String>>,
+    down: Mutex<Option<Outage>>,
+}
+
+struct Outage {
+    since: std::time::Instant,
+    summary: String,
 }
 
 impl Health {
     pub(crate) fn reachable(&self, consul: &Consul) {
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-        if down.take().is_some() {
-            log::info!("Consul at {} answers again", consul.server());
+        if let Some(outage) = down.take() {
+            log::info!(
+                "Consul at {} answers again after {} without it; catching up",
+                consul.server(),
+                crate::duration::human(outage.since.elapsed())
+            );
         }
     }
 
     pub(crate) fn unreachable(&self, err: &ConsulError) {
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         let summary = err.summary();
-        if down.as_deref() != Some(summary.as_str()) {
-            if down.is_none() {
-                log::warn!("{err}; retrying with backoff");
-            } else {
-                log::warn!("Consul at {} is still failing, now: {summary}", err.server);
+        match down.as_mut() {
+            None => {
+                log::warn!(
+                    "{err}; retrying with backoff (the running version stays; logged again \
+                     when Consul answers)"
+                );
+                *down = Some(Outage {
+                    since: std::time::Instant::now(),
+                    summary,
+                });
             }
-            *down = Some(summary);
-        } else {
-            log::debug!("{err}");
+            Some(outage) if outage.summary != summary => {
+                log::debug!("Consul at {} is still failing, now: {summary}", err.server);
+                outage.summary = summary;
+            }
+            Some(_) => log::debug!("{err}"),
         }
     }
 }

@@ -1,0 +1,173 @@
+//! The agent on a small, locked-down box (issue 12): it works inside a
+//! 32 MiB memory cgroup (with its hooks), and its state on disk is small.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use support::Fleet;
+
+const LIMIT: u64 = 32 * 1024 * 1024;
+
+/// A memory cgroup limited to [`LIMIT`]; removed on drop.
+struct MemoryCgroup {
+    dir: PathBuf,
+    /// cgroup v2 (`memory.max`) or v1 (`memory.limit_in_bytes`).
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    /// Makes one where this machine lets us: cgroup v2 with the memory
+    /// controller, or v1's memory hierarchy. `Err` says why not.
+    fn make(name: &str) -> Result<MemoryCgroup, String> {
+        let v2_root = Path::new("/sys/fs/cgroup");
+        let controllers = std::fs::read_to_string(v2_root.join("cgroup.controllers"));
+        let (dir, v2) = match controllers {
+            Ok(list) if list.split_whitespace().any(|c| c == "memory") => {
+                (v2_root.join(name), true)
+            }
+            _ => (v2_root.join("memory").join(name), false),
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let cgroup = MemoryCgroup { dir, v2 };
+        let limit = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        std::fs::write(cgroup.dir.join(limit), LIMIT.to_string())
+            .map_err(|e| format!("cannot set {limit}: {e}"))?;
+        if !v2 {
+            // Without swap accounting this file is absent: then there is no
+            // swap to escape to either.
+            let _ = std::fs::write(
+                cgroup.dir.join("memory.memsw.limit_in_bytes"),
+                LIMIT.to_string(),
+            );
+        }
+        Ok(cgroup)
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// The most memory the group used (v1), or its current use (v2, which
+    /// has no peak before Linux 5.19), and how often it hit the limit.
+    fn usage_and_pressure(&self) -> (u64, u64) {
+        let read = |name: &str| {
+            std::fs::read_to_string(self.dir.join(name))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        if self.v2 {
+            let peak = read("memory.peak")
+                .parse()
+                .or_else(|_| read("memory.current").parse())
+                .unwrap_or(0);
+            let events = read("memory.events");
+            let count = |key: &str| {
+                events
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (peak, count("oom ") + count("oom_kill "))
+        } else {
+            (
+                read("memory.max_usage_in_bytes").parse().unwrap_or(0),
+                read("memory.failcnt").parse().unwrap_or(0),
+            )
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn disk_usage(path: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            disk_usage(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+#[test]
+fn an_agent_in_a_32_mib_memory_cgroup_deploys_rolls_out_and_cleans_with_small_state() {
+    let name = format!("depro-test-{}", std::process::id());
+    let cgroup = match MemoryCgroup::make(&name) {
+        Ok(cgroup) => Some(cgroup),
+        Err(why) => {
+            // A machine that lets no process make a cgroup: the memory
+            // limit is not tested here, the rest of the test still runs.
+            eprintln!("no memory cgroup on this machine ({why}); running without the limit");
+            None
+        }
+    };
+    let mut fleet = Fleet::new(1);
+    if let Some(cgroup) = &cgroup {
+        // The agent joins the group before it starts; its hooks inherit it.
+        fleet.agents[0].program = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo $$ > {} && exec \"$0\" \"$@\"",
+                cgroup.procs().display()
+            ),
+            support::depro_bin().to_string(),
+        ];
+    }
+    fleet.start_all();
+    for version in ["v1", "v2", "v3"] {
+        fleet.depro(&["deploy", version]).ok();
+        fleet.expect_active(version);
+    }
+    fleet.depro(&["rollback"]).ok();
+    fleet.expect_active("v2");
+    fleet.depro(&["remove", "v1", "v3", "-wait"]).ok();
+    let pid = fleet.agents[0].pid();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent died:\n{}",
+        fleet.agents[0].log()
+    );
+
+    // depro's own state on disk: the bookkeeping under <path>/.depro.
+    let state = disk_usage(&fleet.agents[0].dir.join("api/.depro"));
+    assert!(state < 16 * 1024, "{state} bytes of state");
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(str::trim).map(String::from))
+        .unwrap();
+    eprintln!("agent: {rss} resident, {state} bytes of state");
+
+    if let Some(cgroup) = &cgroup {
+        let member = std::fs::read_to_string(cgroup.procs()).unwrap();
+        assert!(
+            member.lines().any(|p| p == pid.to_string()),
+            "the agent is not in {}",
+            cgroup.dir.display()
+        );
+        let (peak, pressure) = cgroup.usage_and_pressure();
+        eprintln!(
+            "cgroup {}: peak {} KiB of {} KiB, limit hit {pressure} times",
+            cgroup.dir.display(),
+            peak / 1024,
+            LIMIT / 1024
+        );
+        assert!(peak > 0 && peak < LIMIT, "peak {peak}");
+        assert_eq!(pressure, 0, "the group hit its 32 MiB limit");
+    }
+    fleet.agents.clear();
+}

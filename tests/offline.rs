@@ -1,0 +1,155 @@
+//! An agent cut off from Consul for a long time (issue 12), as an edge box
+//! on a link that drops for hours: it keeps running its version, logs the
+//! outage once at each end, stays flat in memory and CPU, and catches up in
+//! one pass when the link returns.
+//!
+//! The cut lasts 40 s here (four session TTLs: the node's keys are long
+//! gone). `DEPRO_OFFLINE=2h cargo test --test offline` holds it for hours.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Fleet, proxy::Proxy};
+
+/// How long the link stays cut: `DEPRO_OFFLINE` (e.g. `90s`, `2h`) or 40 s.
+fn offline_for() -> Duration {
+    let Ok(text) = std::env::var("DEPRO_OFFLINE") else {
+        return Duration::from_secs(40);
+    };
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number.parse().expect("DEPRO_OFFLINE: e.g. 90s, 30m, 2h");
+    Duration::from_secs(match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => panic!("DEPRO_OFFLINE: e.g. 90s, 30m, 2h"),
+    })
+}
+
+/// The process's resident memory (KiB) and CPU time (clock ticks).
+fn rss_and_cpu(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime, stime
+    // are the 12th and 13th of them.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let cpu = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    (rss, cpu)
+}
+
+#[test]
+fn an_agent_cut_off_from_consul_keeps_its_version_and_catches_up_in_one_pass() {
+    let offline = offline_for();
+    let mut fleet = Fleet::new(2);
+    let proxy = Proxy::start(&fleet.consul.addr());
+    fleet.agents[1].server = proxy.addr();
+    fleet.start_all();
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=2", "-no-rollout"])
+        .ok();
+    let edge = &fleet.agents[1];
+    let hooks_before = edge.hooks_log().len();
+
+    proxy.cut();
+    let pid = edge.pid();
+    support::wait_for("the outage to be logged", || {
+        edge.log().contains("retrying with backoff")
+    });
+    let cut_at = Instant::now();
+    let (rss_start, cpu_start) = rss_and_cpu(pid);
+
+    // While it is away its session expires and its keys go with it: a
+    // deploy started elsewhere counts it as absent and goes on without it.
+    fleet.wait_within(Duration::from_secs(60), "node2's keys to expire", |f| {
+        f.node_state("v1", "node2").is_none()
+    });
+    let out = fleet.depro(&["deploy", "v3", "-nodes=all"]);
+    assert!(
+        out.result().contains("active on 1/1 nodes"),
+        "node2 was counted: {out:#?}"
+    );
+    fleet.depro(&["remove", "v2"]).ok();
+    // It keeps running what it ran.
+    assert_eq!(edge.live("api").as_deref(), Some("v1"));
+
+    // The rest of the outage, sampled once a second: the version stays,
+    // memory and CPU stay flat.
+    let mut peak_rss = rss_start;
+    while cut_at.elapsed() < offline {
+        std::thread::sleep(Duration::from_secs(1).min(offline.saturating_sub(cut_at.elapsed())));
+        peak_rss = peak_rss.max(rss_and_cpu(pid).0);
+        assert_eq!(edge.live("api").as_deref(), Some("v1"));
+    }
+    let (_, cpu_end) = rss_and_cpu(pid);
+    let ticks = (cpu_end - cpu_start) as f64;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    let cpu_share = ticks / per_second / cut_at.elapsed().as_secs_f64();
+    assert!(
+        cpu_share < 0.01,
+        "{:.2}% of a core while cut off",
+        cpu_share * 100.0
+    );
+    assert!(
+        peak_rss <= rss_start + 512,
+        "memory grew while cut off: {rss_start} KiB -> {peak_rss} KiB"
+    );
+
+    // The link returns: one pass deploys v3, rolls it out, cleans v2, and
+    // registers again (a new session, its node keys and announcement).
+    proxy.heal();
+    let healed = Instant::now();
+    fleet.wait_within(Duration::from_secs(60), "node2 caught up", |f| {
+        f.node_state("v3", "node2").as_deref() == Some("active")
+            && f.node_state("v1", "node2").as_deref() == Some("ready")
+            && f.node_state("v2", "node2").is_none()
+            && !f.agents[1].dir.join("api/v2").exists()
+            && f.agents[1].live("api").as_deref() == Some("v3")
+    });
+    let caught_up = healed.elapsed();
+    assert!(
+        fleet
+            .consul
+            .get(&format!("{}/.agents/node2", fleet.prefix))
+            .is_some(),
+        "node2 did not announce itself again"
+    );
+
+    // Each hook ran once: nothing run again for having been away.
+    let hooks: Vec<String> = edge.hooks_log()[hooks_before..].to_vec();
+    let count = |line: &str| hooks.iter().filter(|l| l.starts_with(line)).count();
+    assert_eq!(count("deploy v3 "), 1, "{hooks:#?}");
+    assert_eq!(count("rollout v3 "), 1, "{hooks:#?}");
+    assert_eq!(count("clean v2"), 1, "{hooks:#?}");
+    assert_eq!(
+        hooks.len(),
+        4,
+        "deploy, deployed, rollout, clean: {hooks:#?}"
+    );
+
+    // The outage is in the log once at each end, with how long it lasted.
+    let log = edge.log();
+    assert_eq!(
+        log.matches("retrying with backoff").count(),
+        1,
+        "the outage's start, once:\n{log}"
+    );
+    let ends: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("answers again after"))
+        .collect();
+    assert_eq!(ends.len(), 1, "the outage's end, once:\n{log}");
+    eprintln!(
+        "cut off for {:?}; caught up {caught_up:?} after the link returned; {}",
+        cut_at.elapsed(),
+        ends[0]
+    );
+}
