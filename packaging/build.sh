@@ -30,12 +30,12 @@ read -r -a targets <<<"${DEPRO_TARGETS:-x86_64-unknown-linux-musl aarch64-unknow
 max_size=$((2500 * 1024))
 
 # Per target: cross gcc prefix, Debian architecture (.deb), rpm architecture
-# ("" for none), multiarch musl directory.
+# ("-" for none), multiarch musl directory, the qemu-user that runs it here.
 target_facts() {
   case "$1" in
-    x86_64-unknown-linux-musl) echo "- amd64 x86_64 x86_64-linux-musl" ;;
-    aarch64-unknown-linux-musl) echo "aarch64-linux-gnu arm64 aarch64 aarch64-linux-musl" ;;
-    armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf armhf - arm-linux-musleabihf" ;;
+    x86_64-unknown-linux-musl) echo "- amd64 x86_64 x86_64-linux-musl -" ;;
+    aarch64-unknown-linux-musl) echo "aarch64-linux-gnu arm64 aarch64 aarch64-linux-musl qemu-aarch64-static" ;;
+    armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf armhf - arm-linux-musleabihf qemu-arm-static" ;;
     *) die "unknown target $1 (x86_64-unknown-linux-musl, aarch64-unknown-linux-musl, armv7-unknown-linux-musleabihf)" ;;
   esac
 }
@@ -44,9 +44,9 @@ target_facts() {
 debs=(rustc-web cargo-web rust-web-src musl-tools libunwind-16-dev gcc binutils rpm file)
 foreign=()
 for target in "${targets[@]}"; do
-  read -r cross debarch _ _ <<<"$(target_facts "$target")"
+  read -r cross debarch _ _ _ <<<"$(target_facts "$target")"
   [ "$cross" = - ] && continue
-  debs+=("gcc-$cross" "musl-dev:$debarch")
+  debs+=("gcc-$cross" "musl-dev:$debarch" qemu-user-static)
   foreign+=("$debarch")
 done
 missing=()
@@ -65,7 +65,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$added" = 1 ]; then apt-get update -qq >&2 || true; fi
   apt-get install -y -qq "${missing[@]}" >&2 \
     || { apt-get update -qq >&2 || true; apt-get install -y -qq "${missing[@]}" >&2; } \
-    || die "could not install ${missing[*]} with apt-get; they are Debian bookworm packages (rustc-web, cargo-web and rust-web-src carry a Rust with std's sources; musl-tools gives musl-gcc; libunwind-16-dev gives libunwind.a; gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf are the cross compilers; musl-dev:arm64 and musl-dev:armhf need 'dpkg --add-architecture arm64 armhf')"
+    || die "could not install ${missing[*]} with apt-get; they are Debian bookworm packages (rustc-web, cargo-web and rust-web-src carry a Rust with std's sources; musl-tools gives musl-gcc; libunwind-16-dev gives libunwind.a; gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf are the cross compilers; musl-dev:arm64 and musl-dev:armhf need 'dpkg --add-architecture arm64 armhf'; qemu-user-static runs the ARM builds)"
 fi
 for tool in cargo-deb:cargo-deb cargo-generate-rpm:cargo-generate-rpm; do
   command -v "${tool%%:*}" >/dev/null 2>&1 && continue
@@ -136,7 +136,7 @@ C
 
 # ---- one static binary
 build_target() {
-  local target=$1 cross=$2 musl_dir=$3
+  local target=$1 cross=$2 musl_dir=$3 qemu=$4
   prepare_target "$target" "$cross" "$musl_dir"
   local shim=target/musl-shim/$target upper linker ar=ar
   upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
@@ -160,18 +160,23 @@ build_target() {
   cp "$binary" "$static.tmp" && mv -f "$static.tmp" "$static"
   size=$(stat -c %s "$static")
   [ "$size" -le "$max_size" ] || die "$static is $size bytes, over the 2.5 MB budget"
-  step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes"
+  # It runs (an ARM build under qemu-user).
+  local runner=() runs
+  [ "$qemu" = - ] || runner=("$qemu")
+  runs=$("${runner[@]}" "$static" --version 2>&1) \
+    || die "$static does not run (${runner[*]:-natively}): $runs"
+  step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes; --version: $runs"
 }
 
 for target in "${targets[@]}"; do
-  read -r cross _ _ musl_dir <<<"$(target_facts "$target")"
-  build_target "$target" "$cross" "$musl_dir"
+  read -r cross _ _ musl_dir qemu <<<"$(target_facts "$target")"
+  build_target "$target" "$cross" "$musl_dir" "$qemu"
 done
 
 # ---- packages
 step "packaging"
 for target in "${targets[@]}"; do
-  read -r _ debarch rpmarch _ <<<"$(target_facts "$target")"
+  read -r _ debarch rpmarch _ _ <<<"$(target_facts "$target")"
   cargo deb --no-build --no-strip --target "$target" --output "dist/depro_${version}_${debarch}.deb" >/dev/null \
     || die "cargo deb failed for $target"
   if [ "$rpmarch" != - ]; then

@@ -3,8 +3,8 @@
 //! outage once at each end, stays flat in memory and CPU, and catches up in
 //! one pass when the link returns.
 //!
-//! The cut lasts 40 s here (four session TTLs: the node's keys are long
-//! gone). `DEPRO_OFFLINE=2h cargo test --test offline` holds it for hours.
+//! The cut lasts two minutes here (twelve session TTLs: the node's keys are
+//! long gone). `DEPRO_OFFLINE=2h cargo test --test offline` holds it for hours.
 
 mod support;
 
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use support::{Fleet, proxy::Proxy};
 
-/// How long the link stays cut: `DEPRO_OFFLINE` (e.g. `90s`, `2h`) or 40 s.
+/// How long the link stays cut: `DEPRO_OFFLINE` (e.g. `90s`, `2h`) or 2 minutes.
 fn offline_for() -> Duration {
     let Ok(text) = std::env::var("DEPRO_OFFLINE") else {
-        return Duration::from_secs(40);
+        return Duration::from_secs(120);
     };
     let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
     let n: u64 = number.parse().expect("DEPRO_OFFLINE: e.g. 90s, 30m, 2h");
