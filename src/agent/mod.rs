@@ -59,6 +59,9 @@ pub(crate) enum Event {
     SessionLost {
         session: String,
     },
+    /// Consul answers again after an outage that may have left the watches'
+    /// queries on dead connections.
+    ConsulBack,
     Signal(Signal),
 }
 
@@ -151,11 +154,16 @@ impl Agent {
             }
             deployments.push(state);
         }
+        let health = Arc::new(Health::default());
+        let back = tx.clone();
+        health.on_return(move || {
+            let _ = back.send(Event::ConsulBack);
+        });
         Ok(Agent {
             args,
             config,
             consul,
-            health: Arc::new(Health::default()),
+            health,
             tx,
             rx,
             pending: VecDeque::new(),
@@ -232,6 +240,7 @@ impl Agent {
         match event {
             Event::Seen { watch, seen } => self.seen(watch, seen),
             Event::SessionLost { session } => self.session_lost(&session),
+            Event::ConsulBack => self.restart_watches(),
             Event::Signal(Signal::ChildExited) => {} // no hook runs now
             Event::Signal(Signal::Stop(number)) => self.stop(number),
             Event::Signal(Signal::Reload) => self.reload(),
@@ -336,6 +345,18 @@ impl Agent {
                     log::warn!("{}: {e}", deployment.spec.id);
                 }
             }
+        }
+    }
+
+    /// Ends every deployment's watches (their queries and connections at
+    /// once); the next pass starts them again, and they read the tree and
+    /// `current` afresh. After an outage a blocking query may sit on a
+    /// connection that died with the link until it times out (a minute):
+    /// the catch-up must not wait for it.
+    fn restart_watches(&mut self) {
+        log::debug!("restarting the watches after the outage");
+        for deployment in &mut self.deployments {
+            deployment.watches = None;
         }
     }
 

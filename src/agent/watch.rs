@@ -701,7 +701,15 @@ fn current_loop(
 #[derive(Default)]
 pub(crate) struct Health {
     down: Mutex<Option<Outage>>,
+    /// Told when an outage of at least [`STRANDING`] ends.
+    on_return: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
+
+/// An outage this long may have stranded requests on connections that
+/// died with the link (a link that drops packets is only noticed through
+/// timeouts, seconds long): when it ends, the agent restarts its watches
+/// rather than wait for their blocking queries to time out.
+const STRANDING: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Outage {
     since: std::time::Instant,
@@ -709,14 +717,26 @@ struct Outage {
 }
 
 impl Health {
+    /// Calls `f` (from whichever thread sees Consul answer again) when an
+    /// outage that may have stranded requests ends.
+    pub(crate) fn on_return(&self, f: impl Fn() + Send + 'static) {
+        *self.on_return.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
     pub(crate) fn reachable(&self, consul: &Consul) {
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(outage) = down.take() {
+            let lasted = outage.since.elapsed();
             log::info!(
                 "Consul at {} answers again after {} without it; catching up",
                 consul.server(),
-                crate::duration::human(outage.since.elapsed())
+                crate::duration::human(lasted)
             );
+            if lasted >= STRANDING {
+                if let Some(f) = &*self.on_return.lock().unwrap_or_else(|e| e.into_inner()) {
+                    f();
+                }
+            }
         }
     }
 

@@ -1,8 +1,10 @@
 //! A TCP proxy between depro and Consul that understands just enough
 //! HTTP/1.1 to act on one kind of request: hold it until released, delay
 //! it or its answer, forward it and then drop the answer (the request
-//! happened, the client cannot know), or cut every connection (a network
-//! partition). It makes races deterministic without touching depro.
+//! happened, the client cannot know), cut every connection (a network
+//! partition that refuses), or go silent (a link that drops every packet:
+//! connections open, nothing comes back). It makes races deterministic
+//! without touching depro.
 //!
 //! ```ignore
 //! let proxy = Proxy::start(&consul.addr());
@@ -108,6 +110,8 @@ struct Shared {
     /// Every request seen, as "METHOD target", in order.
     log: Vec<String>,
     cut: bool,
+    /// Requests are read and never forwarded nor answered (see `silence`).
+    silent: bool,
 }
 
 pub struct Proxy {
@@ -238,13 +242,26 @@ impl Proxy {
     /// A partition: closes every connection and refuses new ones until `heal`.
     pub fn cut(&self) {
         self.shared.0.lock().unwrap().cut = true;
+        self.shared.1.notify_all();
         for stream in self.connections.lock().unwrap().drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
 
+    /// A link that drops every packet: connections still open (as behind a
+    /// middlebox), requests go unanswered, answers on their way are lost;
+    /// the client finds out only through its own timeouts. `heal` ends it,
+    /// and the connections that went silent are closed then (by then a
+    /// real TCP connection would have timed out).
+    pub fn silence(&self) {
+        self.shared.0.lock().unwrap().silent = true;
+    }
+
     pub fn heal(&self) {
-        self.shared.0.lock().unwrap().cut = false;
+        let mut state = self.shared.0.lock().unwrap();
+        state.cut = false;
+        state.silent = false;
+        self.shared.1.notify_all();
     }
 
     /// How many connections clients have opened.
@@ -281,6 +298,10 @@ fn serve(
         let Some(request) = read_request(&mut reader) else {
             return;
         };
+        if wait_out_silence(shared) {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
         let action = {
             let mut state = shared.0.lock().unwrap();
             if state.cut {
@@ -348,10 +369,28 @@ fn serve(
             Some((_, Action::DelayAnswer(delay))) => std::thread::sleep(delay),
             _ => {}
         }
+        if wait_out_silence(shared) {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
         if client.write_all(&response).is_err() {
             return;
         }
     }
+}
+
+/// If the link is silent, waits until it is healed and says to close the
+/// connection (whatever was on its way is lost; other handles of the socket
+/// are held elsewhere, so the caller shuts it down rather than drop it).
+fn wait_out_silence(shared: &(Mutex<Shared>, Condvar)) -> bool {
+    let mut state = shared.0.lock().unwrap();
+    if !state.silent {
+        return false;
+    }
+    while state.silent && !state.cut {
+        state = shared.1.wait(state).unwrap();
+    }
+    true
 }
 
 /// Reads one request: its head (verbatim) and its body (Content-Length).
