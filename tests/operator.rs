@@ -757,6 +757,18 @@ fn pasted_command(text: &str, after: &str) -> Vec<String> {
     words[1..].to_vec()
 }
 
+/// Runs the command `text` names between backticks after `after`, as an
+/// operator would paste it.
+fn run_pasted(fleet: &support::Fleet, text: &str, after: &str) -> Output {
+    let words = pasted_command(text, after);
+    let args: Vec<&str> = words.iter().map(String::as_str).collect();
+    Output::of(
+        support::depro_command(&fleet.consul.addr(), &args)
+            .output()
+            .unwrap(),
+    )
+}
+
 fn interrupt(child: &std::process::Child) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -793,13 +805,7 @@ fn ctrl_c_while_waiting_for_nodes_says_what_is_left_and_the_command_it_names_fin
     assert_eq!(fleet.current().as_deref(), Some("v1"));
     // The command it names finishes the deploy, pasted as it is.
     fleet.agents[1].set_flag("release", true);
-    let finish = pasted_command(out.error(), "finish with");
-    let args: Vec<&str> = finish.iter().map(String::as_str).collect();
-    let done = Output::of(
-        support::depro_command(&fleet.consul.addr(), &args)
-            .output()
-            .unwrap(),
-    );
+    let done = run_pasted(&fleet, out.error(), "finish with");
     assert!(done.result().starts_with("v2 is current"), "{done:#?}");
 }
 
@@ -837,13 +843,7 @@ fn ctrl_c_after_the_switch_says_current_moved_and_how_to_go_back() {
         ],
     );
     fleet.agents[1].set_flag("release-rollout", true);
-    let back = pasted_command(out.error(), "go back with");
-    let args: Vec<&str> = back.iter().map(String::as_str).collect();
-    let done = Output::of(
-        support::depro_command(&fleet.consul.addr(), &args)
-            .output()
-            .unwrap(),
-    );
+    let done = run_pasted(&fleet, out.error(), "go back with");
     assert!(done.result().starts_with("v1 is current"), "{done:#?}");
     for agent in &fleet.agents {
         assert_eq!(agent.live("api").as_deref(), Some("v1"));

@@ -51,20 +51,7 @@ fn run(program: &str, args: &[&str]) -> String {
 fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
     let binary = dist(&format!("depro-{VERSION}-x86_64-unknown-linux-musl"));
     let path = binary.to_str().unwrap();
-    let kind = run("file", &[path]);
-    assert!(
-        kind.contains("statically linked") || kind.contains("static-pie linked"),
-        "{kind}"
-    );
-    assert!(!kind.contains("interpreter"), "{kind}");
-    assert!(
-        kind.contains("stripped") && !kind.contains("not stripped"),
-        "{kind}"
-    );
-    let headers = run("readelf", &["--program-headers", path]);
-    assert!(!headers.contains("INTERP"), "{headers}");
-    let size = std::fs::metadata(&binary).unwrap().len();
-    assert!(size <= 2_500 * 1024, "{size} bytes");
+    assert_static_stripped_small(path, "x86-64");
     let version = run(path, &["--version"]);
     assert!(
         version.starts_with(&format!("depro {VERSION}")),
@@ -92,6 +79,26 @@ fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
     let stdout = support::Output::of(out).ok().to_string();
     assert!(stdout.contains("active on 2/2 nodes"), "{stdout}");
     fleet.expect_active("v1");
+}
+
+/// A shipped binary: static (no ELF interpreter), stripped, for `machine`
+/// (as file(1) names it), and within the 2.5 MB budget.
+fn assert_static_stripped_small(path: &str, machine: &str) {
+    let kind = run("file", &[path]);
+    assert!(
+        kind.contains("statically linked") || kind.contains("static-pie linked"),
+        "{kind}"
+    );
+    assert!(kind.contains(machine), "{kind}");
+    assert!(!kind.contains("interpreter"), "{kind}");
+    assert!(
+        kind.contains("stripped") && !kind.contains("not stripped"),
+        "{kind}"
+    );
+    let headers = run("readelf", &["--program-headers", path]);
+    assert!(!headers.contains("INTERP"), "{headers}");
+    let size = std::fs::metadata(path).unwrap().len();
+    assert!(size <= 2_500 * 1024, "{path}: {size} bytes");
 }
 
 /// The files a package installs, normalised for comparison: man pages
@@ -348,17 +355,7 @@ fn each_arm_binary_is_static_small_and_runs_an_agent_among_x86_64_agents_under_q
     for &(target, qemu, machine, _, _) in ARM {
         let binary = dist(&format!("depro-{VERSION}-{target}"));
         let path = binary.to_str().unwrap();
-        let kind = run("file", &[path]);
-        assert!(kind.contains("statically linked"), "{kind}");
-        assert!(kind.contains(machine), "{kind}");
-        assert!(
-            kind.contains("stripped") && !kind.contains("not stripped"),
-            "{kind}"
-        );
-        let headers = run("readelf", &["--program-headers", path]);
-        assert!(!headers.contains("INTERP"), "{headers}");
-        let size = std::fs::metadata(&binary).unwrap().len();
-        assert!(size <= 2_500 * 1024, "{target}: {size} bytes");
+        assert_static_stripped_small(path, machine);
         let version = run(qemu, &[path, "--version"]);
         assert!(
             version.starts_with(&format!("depro {VERSION}")),
