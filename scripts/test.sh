@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian/Ubuntu machine with Rust:
 # fetches Consul (scripts/get-consul.sh), checks formatting and lints, builds
-# the static binary and the packages (packaging/build.sh), and runs every
-# unit and integration test against a real Consul on loopback, including the
-# packaging checks (which install the .deb on this machine: run as root).
+# the static binaries for x86_64, aarch64 and armv7 and their packages
+# (packaging/build.sh), and runs every unit and integration test against a
+# real Consul on loopback, including the packaging checks (which install the
+# .deb on this machine: run as root) and the ARM binaries under qemu-user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
