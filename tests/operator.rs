@@ -918,3 +918,72 @@ fn the_depro_1_examples_run_as_shown_against_a_fleet() {
             .is_none()
     );
 }
+
+#[test]
+fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finishes_it() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+        .ok();
+    let child = fleet
+        .depro_command(&["rollout", "v2", "-canary=1", "-batch=1", "-pause=10m"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The canary runs v2; the command pauses before the next wave.
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    interrupt(&child);
+    let out = Output::of(child.wait_with_output().unwrap());
+    out.fails(
+        130,
+        &[
+            "the rollout of v2 stays at wave 1 of 3",
+            "current is unchanged",
+            &format!("undo with `depro rollback -prefix={}`", fleet.prefix),
+        ],
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    // The canary (node1, first in name order) runs v2, the others v1.
+    assert_eq!(fleet.agents[0].live("api").as_deref(), Some("v2"));
+    assert_eq!(fleet.agents[2].live("api").as_deref(), Some("v1"));
+    // The command it names resumes from the wave reached.
+    let done = run_pasted(&fleet, out.error(), "resume with");
+    assert!(done.result().starts_with("v2 is current"), "{done:#?}");
+    fleet.expect_active("v2");
+}
+
+#[test]
+fn ctrl_c_while_remove_waits_says_what_is_removed_and_that_the_agents_go_on() {
+    let fleet = support::Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
+    fleet.agents[1].set_flag("block-clean", true);
+    let child = fleet
+        .depro_command(&["remove", "v1", "-wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fleet.wait("node1 cleaned v1", |f| {
+        f.node_state("v1", "node1").is_none()
+    });
+    interrupt(&child);
+    let out = Output::of(child.wait_with_output().unwrap());
+    out.fails(
+        130,
+        &[
+            &format!("removed v1 from {}", fleet.prefix),
+            "the agents go on cleaning up",
+        ],
+    );
+    assert!(!out.error().contains("not removed yet"), "{out:#?}");
+    // They do: node2 finishes once its clean hook may.
+    fleet.agents[1].set_flag("release-clean", true);
+    fleet.wait("node2 cleaned v1", |f| {
+        f.node_state("v1", "node2").is_none()
+    });
+}
