@@ -402,10 +402,33 @@ fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_n
     fleet.wait("node2 busy with v2", |f| {
         f.node_state("v2", "node2").as_deref() == Some("busy")
     });
-    let waiting = support::spawn(fleet.depro_command(&["wait", "v2", "-for=ready", "-nodes=all"]));
+    let mut waiting = fleet
+        .depro_command(&["wait", "v2", "-for=ready", "-nodes=all"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It waits: its progress says one of the two is ready before node2 may finish.
+    let progress = std::io::BufReader::new(waiting.stderr.take().unwrap());
+    let mut lines = std::io::BufRead::lines(progress);
+    let mut seen = Vec::new();
+    // (`lines` lives on: the command's later progress must not meet a closed pipe.)
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let waiting_for_node2 = line.ends_with(" 1/2 ready");
+        seen.push(line);
+        if waiting_for_node2 {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.ends_with(" 1/2 ready")),
+        "{seen:#?}"
+    );
     fleet.agents[1].set_flag("release", true);
-    let out = support::finish(waiting);
-    assert!(out.ok().contains("v2 is ready on 2 nodes"), "{out:#?}");
+    let out = Output::of(waiting.wait_with_output().unwrap());
+    assert!(out.result().contains("v2 is ready on 2 nodes"), "{out:#?}");
+    drop(lines);
     support::finish(deploy).ok();
 
     // Active: only once rolled out.

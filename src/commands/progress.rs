@@ -148,13 +148,15 @@ impl Progress {
     /// Ends an in-place count line, or prints the count held back.
     pub(crate) fn finish(&self) {
         let mut state = self.state.borrow_mut();
+        // Never a panic for a closed stderr: progress is not worth dying for.
+        let mut err = std::io::stderr().lock();
         if let Some(text) = state.pending.take() {
             if !self.quiet {
-                eprintln!("{} {text}", self.elapsed());
+                let _ = writeln!(err, "{} {text}", self.elapsed());
             }
         }
         if state.count_on_screen {
-            eprintln!();
+            let _ = writeln!(err);
             state.count_on_screen = false;
         }
         state.count = None;
