@@ -364,6 +364,13 @@ impl Ctx {
     /// Reads the tree and fails clearly if there is nothing under the prefix.
     pub(crate) fn read_existing_tree(&mut self) -> Result<Tree> {
         let tree = self.read_tree()?;
+        self.check_not_empty(&tree)?;
+        Ok(tree)
+    }
+
+    /// Fails clearly if `tree` (as read) holds nothing: exit 2, or exit 4
+    /// when the token may not read the prefix.
+    pub(crate) fn check_not_empty(&self, tree: &Tree) -> Result<()> {
         if tree.versions.is_empty() && tree.current.is_none() {
             // Consul answers a listing the token may not read as an empty
             // one; a read of one key under the prefix tells them apart
@@ -378,7 +385,7 @@ impl Ctx {
                 self.prefix
             )));
         }
-        Ok(tree)
+        Ok(())
     }
 
     /// The prefix that lists a version's keys: its folder, which holds the

@@ -43,20 +43,20 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     if args.watch {
         return watch(&mut ctx, only.as_ref());
     }
-    let tree = match ctx.read_existing_tree() {
+    let tree = ctx.read_tree()?;
+    match ctx.check_not_empty(&tree) {
         // A script reading -json gets a document even for an empty prefix
         // (no versions), then the error and its exit code.
         Err(e @ Error::Refused(_)) if args.json => {
-            let empty = ctx.read_tree()?;
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json(&ctx.prefix, &empty, &|_| true))
+                serde_json::to_string_pretty(&json(&ctx.prefix, &tree, &|_| true))
                     .unwrap_or_default()
             );
             return Err(e);
         }
         other => other?,
-    };
+    }
     if let Some(version) = &only {
         if !tree.versions.contains_key(version) {
             return Err(Error::Refused(format!(
