@@ -171,3 +171,43 @@ fn an_agent_in_a_32_mib_memory_cgroup_deploys_rolls_out_and_cleans_with_small_st
     }
     fleet.agents.clear();
 }
+
+#[test]
+fn an_agent_on_a_read_only_root_file_system_works_with_only_its_node_directory_writable() {
+    // What the hardened unit's ProtectSystem=strict with ReadWritePaths=
+    // does, without systemd: a mount namespace of its own where / is
+    // read-only but for the node's directory (its deployment path, and the
+    // hooks.log the test hooks write). The agent must need nothing else.
+    let mut fleet = Fleet::new(1);
+    let node = fleet.agents[0].dir.display().to_string();
+    fleet.agents[0].program = vec![
+        "unshare".into(),
+        "--mount".into(),
+        "--propagation".into(),
+        "private".into(),
+        "sh".into(),
+        "-c".into(),
+        format!("mount --bind {node} {node} && mount -o remount,bind,ro / && exec \"$0\" \"$@\""),
+        support::depro_bin().to_string(),
+    ];
+    fleet.start_all();
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet.depro(&["deploy", "v2"]).ok();
+    fleet.expect_active("v2");
+    fleet.depro(&["rollback"]).ok();
+    fleet.expect_active("v1");
+    fleet.depro(&["remove", "v2", "-wait"]).ok();
+    let log = fleet.agents[0].log();
+    assert!(!log.contains("Read-only file system"), "{log}");
+    // The namespace really is read-only outside the node's directory.
+    let pid = fleet.agents[0].pid();
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let root = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/"))
+        .unwrap();
+    assert!(
+        root.split_whitespace().nth(3).unwrap().starts_with("ro"),
+        "{root}"
+    );
+}
