@@ -63,8 +63,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   # A mirror in the middle of a sync can fail one index: what the
   # install needs usually came through, so the install decides.
   if [ "$added" = 1 ]; then apt-get update -qq >&2 || true; fi
-  apt-get install -y -qq "${missing[@]}" >&2 \
-    || { apt-get update -qq >&2 || true; apt-get install -y -qq "${missing[@]}" >&2; } \
+  installed=0
+  for attempt in 1 2 3; do
+    if apt-get install -y -qq "${missing[@]}" >&2; then installed=1; break; fi
+    # Stale indexes: read them again. A second failure may be a mirror in
+    # the middle of a sync (an index that does not match its Release file
+    # for a minute or so): wait, then read them once more.
+    case "$attempt" in
+      1) apt-get update -qq >&2 || true ;;
+      2) sleep 20; apt-get update -qq >&2 || true ;;
+    esac
+  done
+  [ "$installed" = 1 ] \
     || die "could not install ${missing[*]} with apt-get; they are Debian bookworm packages (rustc-web, cargo-web and rust-web-src carry a Rust with std's sources; musl-tools gives musl-gcc; libunwind-16-dev gives libunwind.a; gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf are the cross compilers; musl-dev:arm64 and musl-dev:armhf need 'dpkg --add-architecture arm64 armhf'; qemu-user-static runs the ARM builds)"
 fi
 for tool in cargo-deb:cargo-deb cargo-generate-rpm:cargo-generate-rpm; do
