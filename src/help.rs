@@ -25,12 +25,15 @@ Flags take Go style (-nodes=3, -nodes 3) or GNU style (--nodes 3).
 Run `depro help <command>` for a command's flags, `man depro` for all of it.
 ";
 
-const CONNECTION: &str = "\
+/// For the commands that take -prefix (not the agent).
+const OUTPUT: &str = "\
 Output: the result on stdout, progress (with seconds since the start) on stderr.
   -quiet              no progress: the result and errors only
 Ctrl-C while a command writes or waits says what it leaves behind and how to finish
 or undo it (exit 130).
+";
 
+const CONNECTION: &str = "\
 Consul connection (also from CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
 CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL_VERIFY, DEPRO_SERVER,
 DEPRO_TOKEN, DEPRO_DATACENTER):
@@ -229,11 +232,10 @@ pub(crate) fn text(topic: Option<&str>) -> Result<String> {
                     crate::cli::COMMANDS.join(", ")
                 ))
             })?;
-            let connection = !matches!(command, "version" | "help" | "completion");
-            Ok(if connection {
-                format!("{text}\n{CONNECTION}")
-            } else {
-                text.to_string()
+            Ok(match command {
+                "version" | "help" | "completion" => text.to_string(),
+                "agent" => format!("{text}\n{CONNECTION}"),
+                _ => format!("{text}\n{OUTPUT}\n{CONNECTION}"),
             })
         }
     }
@@ -244,5 +246,43 @@ pub(crate) fn version() -> String {
     match option_env!("DEPRO_COMMIT") {
         Some(commit) => format!("depro {} (commit {commit})", env!("CARGO_PKG_VERSION")),
         None => format!("depro {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags a help text lists (`  -name=VALUE   …` lines).
+    fn listed_flags(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("  -"))
+            .map(|rest| {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                name
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_flag_a_command_s_help_lists_is_one_the_command_takes() {
+        for command in crate::cli::COMMANDS {
+            let Ok(text) = text(Some(command)) else {
+                continue;
+            };
+            for flag in listed_flags(&text) {
+                let args = [command.to_string(), format!("-{flag}=1")];
+                let parsed = crate::cli::parse(args.iter().map(std::ffi::OsString::from));
+                if let Err(e) = parsed {
+                    assert!(
+                        !e.to_string().contains("unknown flag"),
+                        "`depro help {command}` lists -{flag}, which it refuses: {e}"
+                    );
+                }
+            }
+        }
     }
 }
