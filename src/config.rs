@@ -431,14 +431,15 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
             path.display()
         ))
     })?;
-    if strip_comments(&text).trim().is_empty() {
+    let json = strip_comments(&text);
+    if json.trim().is_empty() {
         return Err(Error::Config(format!(
             "{}: the config file is empty; write a JSON object (e.g. {{\"deployments\": []}}, \
              see depro.json(5)) or remove the file",
             path.display()
         )));
     }
-    let mut file: FileConfig = parse_file(path, &text)?;
+    let mut file: FileConfig = parse_file(path, &json)?;
     // Relative file names in a config file are relative to its directory,
     // not to wherever the agent was started.
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -458,8 +459,10 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
     Ok(file)
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, Error> {
-    serde_json::from_str(&strip_comments(text)).map_err(|e| {
+/// Parses a config file's text, its comments already blanked out (lines
+/// and columns are those of the file).
+fn parse_file(path: &Path, json: &str) -> Result<FileConfig, Error> {
+    serde_json::from_str(json).map_err(|e| {
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
             Some(at) => message[..at].to_string(),

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use super::deploy::{not_in_tree, rollback_target};
 use super::{Ctx, names, version_arg, waves};
 use crate::cli::{Need, SwitchFlags};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tree::{CurrentKey, NodeState, Tree, VersionInfo, shown};
 use crate::version_name::VersionName;
 
@@ -67,13 +67,7 @@ fn switch_lines(
     let from = base.map_or("unset".to_string(), |c| shown(&c.value));
     let index = base.map_or(0, |c| c.modify_index);
     if flags.progressive() {
-        if base.is_none() {
-            return Err(Error::Refused(format!(
-                "{}/current is not set, so there is no version to keep on the nodes outside a wave; \
-                 roll out the first version to every node at once (without -canary or -batch)",
-                ctx.prefix
-            )));
-        }
+        waves::base_for_waves(ctx, base)?;
         let ready: BTreeSet<String> = info
             .nodes
             .iter()

@@ -57,6 +57,21 @@ pub(crate) fn check_none_other(ctx: &Ctx, version: &VersionName) -> Result<()> {
     }
 }
 
+/// The version the nodes outside a wave stay on: `current`, which must name
+/// a version (exit 2 otherwise).
+pub(crate) fn base_for_waves<'a>(
+    ctx: &Ctx,
+    base: Option<&'a CurrentKey>,
+) -> Result<&'a CurrentKey> {
+    base.filter(|c| c.version.is_some()).ok_or_else(|| {
+        Error::Refused(format!(
+            "{}/current is not set, so there is no version to keep on the nodes outside a wave; \
+             roll out the first version to every node at once (without -canary or -batch)",
+            ctx.prefix
+        ))
+    })
+}
+
 /// Exit 5: another version's progressive rollout is under way.
 fn other_under_way(ctx: &Ctx, plan: &RolloutPlan) -> Error {
     Error::LostRace(format!(
@@ -129,13 +144,7 @@ pub(crate) fn switch(
         // Already current: nothing to switch in waves.
         return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
     }
-    let Some(base) = wait.base.filter(|c| c.version.is_some()) else {
-        return Err(Error::Refused(format!(
-            "{}/current is not set, so there is no version to keep on the nodes outside a wave; \
-             roll out the first version to every node at once (without -canary or -batch)",
-            ctx.prefix
-        )));
-    };
+    let base = base_for_waves(ctx, wait.base)?;
     let (mut plan, mut index) = match resume {
         Some((plan, index)) => {
             ctx.out.line(&format!(
