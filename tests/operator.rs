@@ -856,7 +856,7 @@ fn ctrl_c_after_the_switch_says_current_moved_and_how_to_go_back() {
         &[
             "current is v2",
             &format!(
-                "`depro wait v2 -for=active -prefix={} -nodes=2`",
+                "follow them with `depro wait v2 -for=active -prefix={} -nodes=2`",
                 fleet.prefix
             ),
             &format!(

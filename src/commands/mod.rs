@@ -213,7 +213,8 @@ impl Ctx {
     /// the nodes are rolling it out.
     pub(crate) fn leaves_rolling_out(&self, version: &VersionName, base: Option<&CurrentKey>) {
         interrupt::leaves(format!(
-            "current is {version} and the nodes go on rolling it out; follow them with              `depro wait {version} -for=active -prefix={}{}`, or {}",
+            "current is {version} and the nodes go on rolling it out; follow them with \
+             `depro wait {version} -for=active -prefix={}{}`, or {}",
             self.prefix,
             self.nodes_flag,
             self.back_to(base)
