@@ -101,7 +101,9 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
         let answer = match ctx.consul.list(&prefix, read) {
             Ok(answer) => answer,
             Err(e) if e.is_transient() => {
-                eprintln!("depro: Consul: {}; retrying", e.summary());
+                // A notice like every command's, not an error line.
+                ctx.out
+                    .line(&format!("(Consul: {}; retrying)", e.summary()));
                 std::thread::sleep(cursor.failed());
                 continue;
             }
