@@ -169,6 +169,26 @@ impl SwitchFlags {
             _ => self.nodes,
         }
     }
+
+    /// The flags as a command to paste repeats them, so that a retry is the
+    /// same rollout (canary and batches included): ` -nodes=all -canary=1
+    /// -batch=25% -pause=1m -rollback-on-failure`.
+    pub(crate) fn repeated(&self) -> String {
+        let mut flags = format!(" -nodes={}", self.need());
+        if let Some(canary) = self.canary {
+            flags.push_str(&format!(" -canary={canary}"));
+        }
+        if let Some(batch) = self.batch {
+            flags.push_str(&format!(" -batch={batch}"));
+        }
+        if !self.pause.is_zero() {
+            flags.push_str(&format!(" -pause={}", crate::duration::human(self.pause)));
+        }
+        if self.rollback_on_failure {
+            flags.push_str(" -rollback-on-failure");
+        }
+        flags
+    }
 }
 
 impl Default for SwitchFlags {
@@ -856,6 +876,36 @@ mod tests {
 
     fn parse_str(args: &[&str]) -> Result<Command, Error> {
         parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn a_retry_hint_repeats_the_rollout_s_flags() {
+        let given = [
+            "deploy",
+            "v2",
+            "-canary=1",
+            "-batch=25%",
+            "-pause=1m30s",
+            "-rollback-on-failure",
+        ];
+        let Command::Deploy(args) = parse_str(&given).unwrap() else {
+            panic!()
+        };
+        let hint = args.switch.repeated();
+        assert_eq!(
+            hint,
+            " -nodes=all -canary=1 -batch=25% -pause=1m30s -rollback-on-failure"
+        );
+        let mut again = vec!["deploy", "v2"];
+        again.extend(hint.split_whitespace());
+        let Command::Deploy(pasted) = parse_str(&again).unwrap() else {
+            panic!()
+        };
+        assert_eq!(pasted.switch.repeated(), hint);
+        let Command::Deploy(plain) = parse_str(&["deploy", "v2", "-nodes=3"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(plain.switch.repeated(), " -nodes=3");
     }
 
     #[test]

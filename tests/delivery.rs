@@ -589,7 +589,8 @@ fn a_halted_rollout_is_resumed_by_deploy_once_the_cause_is_fixed() {
             "halted in wave 2 of 2",
             "failed on node3",
             &format!(
-                "resume with `depro deploy v2 -prefix={} -nodes=3`",
+                // The same rollout: its canary and batch flags too.
+                "resume with `depro deploy v2 -prefix={} -nodes=3 -canary=1 -batch=2`",
                 fleet.prefix
             ),
         ],

@@ -84,7 +84,7 @@ pub(crate) fn confirmation(
 
 pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
+    ctx.hints_repeat(&args.switch);
     if args.switch.dry_run {
         return super::dry_run::deploy(
             &mut ctx,
@@ -161,7 +161,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
         ctx.prefix,
         describe_current(base.as_ref()),
         ctx.prefix,
-        ctx.nodes_flag,
+        ctx.switch_flags,
         if args.no_rollout { " -no-rollout" } else { "" },
         ctx.prefix
     ));
@@ -203,7 +203,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
+    ctx.hints_repeat(&args.switch);
     if args.switch.dry_run {
         return super::dry_run::rollout(&mut ctx, &args.version, &args.switch);
     }
@@ -227,7 +227,7 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.nodes_flag = format!(" -nodes={}", args.switch.need());
+    ctx.hints_repeat(&args.switch);
     if args.switch.dry_run {
         return super::dry_run::rollback(&mut ctx, args.to.as_deref(), &args.switch);
     }
@@ -457,12 +457,12 @@ fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
     match why {
         Interrupted::Failed(failed, reasons) => Error::Refused(format!(
             "{version} failed on {}; current unchanged ({}); see the agent's log there \
-             (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={} -nodes={}` \
+             (journalctl -u depro), fix the hook, and run `depro deploy {version} -prefix={}{}` \
              again to retry",
             failed_nodes(&failed, &reasons),
             describe_current(wait.base),
             ctx.prefix,
-            wait.need
+            ctx.switch_flags
         )),
         Interrupted::Removed => Error::Refused(format!(
             "{version} was removed from {} while this command waited (by another operator?); \
@@ -470,7 +470,7 @@ fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
             ctx.prefix,
             describe_current(wait.base),
             ctx.prefix,
-            ctx.nodes_flag
+            ctx.switch_flags
         )),
         Interrupted::Moved(now) => lost_race(
             ctx,
@@ -797,7 +797,7 @@ fn removed_before_switch(ctx: &Ctx, version: &VersionName, base: Option<&Current
         ctx.prefix,
         describe_current(base),
         ctx.prefix,
-        ctx.nodes_flag
+        ctx.switch_flags
     ))
 }
 

@@ -76,6 +76,9 @@ pub(crate) struct Ctx {
     /// The command's own `-nodes`, for hints that name a command to run
     /// (` -nodes=3`; empty for commands without one).
     pub nodes_flag: String,
+    /// All its switch flags (see `SwitchFlags::repeated`), for hints that
+    /// run the same deploy or rollout again.
+    pub switch_flags: String,
 }
 
 /// How long a command without a -timeout rides out a passing failure.
@@ -155,6 +158,7 @@ impl Ctx {
             deadline: Instant::now() + RETRY_FOR,
             contacted: std::cell::Cell::new(false),
             nodes_flag: String::new(),
+            switch_flags: String::new(),
         })
     }
 
@@ -192,6 +196,12 @@ impl Ctx {
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// Notes the command's switch flags for the hints it prints.
+    pub(crate) fn hints_repeat(&mut self, flags: &crate::cli::SwitchFlags) {
+        self.nodes_flag = format!(" -nodes={}", flags.need());
+        self.switch_flags = flags.repeated();
     }
 
     /// A command to paste that rolls `current` back out to `base` as it

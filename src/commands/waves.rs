@@ -416,7 +416,7 @@ fn halted(
              (it retries failed nodes), or undo with `depro rollback -prefix={}`",
             names(&switched),
             ctx.prefix,
-            ctx.nodes_flag,
+            ctx.switch_flags,
             ctx.prefix
         )
     };
