@@ -402,12 +402,8 @@ fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_n
     fleet.wait("node2 busy with v2", |f| {
         f.node_state("v2", "node2").as_deref() == Some("busy")
     });
-    let mut waiting = fleet
-        .depro_command(&["wait", "v2", "-for=ready", "-nodes=all"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut waiting =
+        support::spawn(fleet.depro_command(&["wait", "v2", "-for=ready", "-nodes=all"]));
     // It waits: its progress says one of the two is ready before node2 may finish.
     let progress = std::io::BufReader::new(waiting.stderr.take().unwrap());
     let mut lines = std::io::BufRead::lines(progress);
@@ -426,7 +422,7 @@ fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_n
         "{seen:#?}"
     );
     fleet.agents[1].set_flag("release", true);
-    let out = Output::of(waiting.wait_with_output().unwrap());
+    let out = support::finish(waiting);
     assert!(out.result().contains("v2 is ready on 2 nodes"), "{out:#?}");
     drop(lines);
     support::finish(deploy).ok();
@@ -805,17 +801,12 @@ fn ctrl_c_while_waiting_for_nodes_says_what_is_left_and_the_command_it_names_fin
     let fleet = support::Fleet::start(2);
     fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
     fleet.agents[1].set_flag("block-deploy", true);
-    let child = fleet
-        .depro_command(&["deploy", "v2", "-nodes=2"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = support::spawn(fleet.depro_command(&["deploy", "v2", "-nodes=2"]));
     fleet.wait("v2 ready on node1", |f| {
         f.node_state("v2", "node1").as_deref() == Some("ready")
     });
     interrupt(&child);
-    let out = Output::of(child.wait_with_output().unwrap());
+    let out = support::finish(child);
     out.fails(
         130,
         &[
@@ -840,17 +831,12 @@ fn ctrl_c_after_the_switch_says_current_moved_and_how_to_go_back() {
         .depro(&["deploy", "v2", "-nodes=2", "-no-rollout"])
         .ok();
     fleet.agents[1].set_flag("block-rollout", true);
-    let child = fleet
-        .depro_command(&["rollout", "v2", "-nodes=2"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = support::spawn(fleet.depro_command(&["rollout", "v2", "-nodes=2"]));
     fleet.wait("current moved to v2", |f| {
         f.current().as_deref() == Some("v2")
     });
     interrupt(&child);
-    let out = Output::of(child.wait_with_output().unwrap());
+    let out = support::finish(child);
     out.fails(
         130,
         &[
@@ -949,18 +935,19 @@ fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finis
     fleet
         .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
         .ok();
-    let child = fleet
-        .depro_command(&["rollout", "v2", "-canary=1", "-batch=1", "-pause=10m"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = support::spawn(fleet.depro_command(&[
+        "rollout",
+        "v2",
+        "-canary=1",
+        "-batch=1",
+        "-pause=10m",
+    ]));
     // The canary runs v2; the command pauses before the next wave.
     fleet.wait("the canary active on v2", |f| {
         f.node_state("v2", "node1").as_deref() == Some("active")
     });
     interrupt(&child);
-    let out = Output::of(child.wait_with_output().unwrap());
+    let out = support::finish(child);
     out.fails(
         130,
         &[
@@ -985,17 +972,12 @@ fn ctrl_c_while_remove_waits_says_what_is_removed_and_that_the_agents_go_on() {
     fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
     fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
     fleet.agents[1].set_flag("block-clean", true);
-    let child = fleet
-        .depro_command(&["remove", "v1", "-wait"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = support::spawn(fleet.depro_command(&["remove", "v1", "-wait"]));
     fleet.wait("node1 cleaned v1", |f| {
         f.node_state("v1", "node1").is_none()
     });
     interrupt(&child);
-    let out = Output::of(child.wait_with_output().unwrap());
+    let out = support::finish(child);
     out.fails(
         130,
         &[
