@@ -233,6 +233,22 @@ pub(crate) struct KvEntry {
     pub flags: u64,
 }
 
+#[cfg(test)]
+impl KvEntry {
+    /// An entry for unit tests: `key` = `value`, created and last modified
+    /// at `index`, held by session `s` if `held`.
+    pub(crate) fn sample(key: &str, value: &str, held: bool, index: u64) -> KvEntry {
+        KvEntry {
+            key: key.to_string(),
+            value: value.as_bytes().to_vec(),
+            session: held.then(|| "s".to_string()),
+            create_index: index,
+            modify_index: index,
+            flags: 0,
+        }
+    }
+}
+
 /// One operation of a transaction (`/v1/txn`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum TxnOp<'a> {

@@ -790,14 +790,7 @@ mod tests {
     }
 
     fn entry(key: &str, value: &str, session: bool, create: u64) -> KvEntry {
-        KvEntry {
-            key: key.to_string(),
-            value: value.as_bytes().to_vec(),
-            session: session.then(|| "s".to_string()),
-            create_index: create,
-            modify_index: create,
-            flags: 0,
-        }
+        KvEntry::sample(key, value, session, create)
     }
 
     fn sample() -> Tree {

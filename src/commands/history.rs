@@ -97,14 +97,7 @@ mod tests {
     use crate::tree::{History, Prefix};
 
     fn entry(key: &str, value: &str, index: u64) -> KvEntry {
-        KvEntry {
-            key: key.into(),
-            value: value.as_bytes().to_vec(),
-            session: None,
-            create_index: index,
-            modify_index: index,
-            flags: 0,
-        }
+        KvEntry::sample(key, value, false, index)
     }
 
     #[test]

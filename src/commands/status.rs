@@ -462,15 +462,10 @@ mod tests {
     use super::*;
     use crate::consul::KvEntry;
 
+    /// Node keys are held by a session; folder keys and `current` are not.
     fn entry(key: &str, value: &str, create: u64) -> KvEntry {
-        KvEntry {
-            key: key.into(),
-            value: value.as_bytes().to_vec(),
-            session: (!key.ends_with('/') && !key.ends_with("/current")).then(|| "s".to_string()),
-            create_index: create,
-            modify_index: create,
-            flags: 0,
-        }
+        let held = !key.ends_with('/') && !key.ends_with("/current");
+        KvEntry::sample(key, value, held, create)
     }
 
     fn sample() -> (Prefix, Tree) {
