@@ -26,8 +26,10 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 die() { echo "packaging/build.sh: $*" >&2; exit 1; }
 step() { echo "==> $*" >&2; }
 read -r -a targets <<<"${DEPRO_TARGETS:-x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf}"
-# Each binary's budget, stripped.
-max_size=$((2500 * 1024))
+# Each binary's budget, stripped: Cargo.toml's [package.metadata.depro]
+# max-binary-bytes, which packaging/size.sh checks and tests/packaging.rs reads.
+max_size=$(sed -n 's/^max-binary-bytes = \([0-9][0-9]*\).*/\1/p' Cargo.toml)
+[ -n "$max_size" ] || die "Cargo.toml has no max-binary-bytes = N under [package.metadata.depro]"
 
 # Per target: cross gcc prefix, Debian architecture (.deb), rpm architecture
 # ("-" for none), multiarch musl directory, the qemu-user that runs it here.
@@ -152,16 +154,26 @@ build_target() {
   upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
   linker=$(cat "$shim/linker-name")
   [ "$cross" = - ] || ar=$cross-ar
-  step "building depro $version for $target (Debian's $("$debian_rustc" --version))"
+  step "building depro $version for $target ($toolchain)"
+  # Size (docs/benchmarks.md, "Binary size", has the measures): std without
+  # its backtrace symbolizer and with its optimize_for_size algorithms
+  # (-Zbuild-std-features), and no unwind tables (panic=abort never
+  # unwinds). The symbols stay until after the build, for packaging/bloat.sh.
   env "CARGO_TARGET_${upper}_LINKER=$linker" \
-    "CARGO_TARGET_${upper}_RUSTFLAGS=-C relocation-model=static -C target-feature=+crt-static -C link-self-contained=no -L native=$PWD/$shim" \
+    "CARGO_TARGET_${upper}_RUSTFLAGS=-C relocation-model=static -C target-feature=+crt-static -C link-self-contained=no -C force-unwind-tables=no -L native=$PWD/$shim" \
     "CC_${target//-/_}=$linker" "AR_${target//-/_}=$ar" \
+    CARGO_PROFILE_RELEASE_STRIP=false \
     "$debian_cargo" build --release --locked --quiet \
-    -Zbuild-std=std,panic_abort --target "$target" \
+    -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size --target "$target" \
     || die "the $target build failed (see above)"
   local binary=target/$target/release/depro strip=strip
   [ "$cross" = - ] || strip=$cross-strip
-  "$strip" "$binary"
+  # (A build cargo found up to date left the stripped binary of the last
+  # one, and its .symbols, in place.)
+  if file "$binary" | grep -q "not stripped"; then
+    cp "$binary" "$binary.symbols"
+    "$strip" "$binary"
+  fi
   if file "$binary" | grep -q "dynamically linked"; then
     die "$binary is dynamically linked: $(file -b "$binary")"
   fi
@@ -169,7 +181,8 @@ build_target() {
   local static=dist/depro-$version-$target size
   cp "$binary" "$static.tmp" && mv -f "$static.tmp" "$static"
   size=$(stat -c %s "$static")
-  [ "$size" -le "$max_size" ] || die "$static is $size bytes, over the 2.5 MB budget"
+  packaging/size.sh --check "$static" "$binary.symbols" || exit 1
+  sizes+=("$target $size")
   # It runs (an ARM build under qemu-user).
   local runner=() runs
   [ "$qemu" = - ] || runner=("$qemu")
@@ -177,6 +190,9 @@ build_target() {
     || die "$static does not run (${runner[*]:-natively}): $runs"
   step "$static: $(file -b "$static" | cut -d, -f1-4), $size bytes; --version: $runs"
 }
+
+toolchain="Debian's $("$debian_rustc" --version | cut -d' ' -f1-2) (rustc-web $(dpkg-query -W -f '${Version}' rustc-web 2>/dev/null || echo '?'))"
+sizes=()
 
 for target in "${targets[@]}"; do
   read -r cross _ _ musl_dir qemu <<<"$(target_facts "$target")"
@@ -195,3 +211,9 @@ for target in "${targets[@]}"; do
   fi
 done
 ls -l dist >&2
+step "built by $toolchain; each static binary's size, stripped, against the budget of $max_size bytes:"
+for entry in "${sizes[@]}"; do
+  read -r target size <<<"$entry"
+  printf '    %-32s %8d bytes  %3d%% of the budget, %d KB left\n' \
+    "$target" "$size" $((size * 100 / max_size)) $(((max_size - size) / 1024)) >&2
+done

@@ -81,8 +81,20 @@ fn the_static_binary_has_no_interpreter_is_small_and_deploys() {
     fleet.expect_active("v1");
 }
 
+/// Each static binary's budget: Cargo.toml's `max-binary-bytes`, which
+/// packaging/build.sh reads too.
+fn max_binary_bytes() -> u64 {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("max-binary-bytes = "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("Cargo.toml: max-binary-bytes = N under [package.metadata.depro]")
+}
+
 /// A shipped binary: static (no ELF interpreter), stripped, for `machine`
-/// (as file(1) names it), and within the 2.5 MB budget.
+/// (as file(1) names it), and within the budget.
 fn assert_static_stripped_small(path: &str, machine: &str) {
     let kind = run("file", &[path]);
     assert!(
@@ -98,7 +110,69 @@ fn assert_static_stripped_small(path: &str, machine: &str) {
     let headers = run("readelf", &["--program-headers", path]);
     assert!(!headers.contains("INTERP"), "{headers}");
     let size = std::fs::metadata(path).unwrap().len();
-    assert!(size <= 2_500 * 1024, "{path}: {size} bytes");
+    let budget = max_binary_bytes();
+    assert!(size <= budget, "{path}: {size} bytes, over {budget}");
+}
+
+#[test]
+fn the_size_check_passes_each_shipped_binary_and_names_the_toolchain_and_crates_over_budget() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let check = |manifest: Option<&Path>, target: &str| {
+        let shipped = dist(&format!("depro-{VERSION}-{target}"));
+        let symbols = root.join(format!("target/{target}/release/depro.symbols"));
+        let mut command = Command::new(root.join("packaging/size.sh"));
+        command.arg("--check");
+        if let Some(manifest) = manifest {
+            command.arg("--manifest").arg(manifest);
+        }
+        let out = command.arg(&shipped).arg(&symbols).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for target in [
+        "x86_64-unknown-linux-musl",
+        "aarch64-unknown-linux-musl",
+        "armv7-unknown-linux-musleabihf",
+    ] {
+        assert_eq!(check(None, target), (Some(0), String::new()), "{target}");
+    }
+    // Over a budget: one line with the toolchain (read from the binary) and
+    // the crates that weigh most, largest first.
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = scratch.path().join("Cargo.toml");
+    std::fs::write(
+        &manifest,
+        "[package.metadata.depro]\nmax-binary-bytes = 1000000\n",
+    )
+    .unwrap();
+    let (code, why) = check(Some(&manifest), "x86_64-unknown-linux-musl");
+    assert_eq!(code, Some(1), "{why}");
+    assert_eq!(why.lines().count(), 1, "{why}");
+    for needle in [
+        "over the budget of 1000000",
+        "max-binary-bytes",
+        "built by rustc version 1.",
+        "the largest contributors: ",
+        "depro ",
+        "rustls ",
+    ] {
+        assert!(why.contains(needle), "{needle:?} missing: {why}");
+    }
+    let list = why.split("the largest contributors: ").nth(1).unwrap();
+    let list = &list[..list.find(';').unwrap()];
+    let kilobytes: Vec<u64> = list
+        .split(", ")
+        .map(|entry| {
+            let number = entry
+                .strip_suffix(" KB")
+                .unwrap_or_else(|| panic!("{entry}"));
+            number.rsplit(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(kilobytes.len(), 8, "{why}");
+    assert!(kilobytes.windows(2).all(|w| w[0] >= w[1]), "{why}");
 }
 
 /// The files a package installs, normalised for comparison: man pages

@@ -174,6 +174,19 @@ verify_incoming = true"#,
     });
     agent.start();
 
+    // No ca_file: the host's trust store is used, as for a Consul whose
+    // certificate a public CA signed (SSL_CERT_FILE stands in for the
+    // host's bundle, which the test may not change).
+    let mut public = Agent::new(root.path(), "public", &server, &prefix);
+    public.extra = serde_json::json!({
+        "cert_file": file("dc1-client-consul-0.pem"),
+        "key_file": file("dc1-client-consul-0-key.pem"),
+    });
+    public
+        .env
+        .push(("SSL_CERT_FILE".into(), file("consul-agent-ca.pem")));
+    public.start();
+
     // Without a client certificate, Consul refuses the handshake.
     let mut anonymous = Agent::new(root.path(), "anonymous", &server, &prefix);
     anonymous.extra = serde_json::json!({"ca_file": file("consul-agent-ca.pem")});
@@ -183,6 +196,7 @@ verify_incoming = true"#,
     consul.put(&format!("{prefix}/current"), "v1");
     wait_for("v1 active over https", || {
         consul.get(&format!("{prefix}/v1/secure")).as_deref() == Some("active")
+            && consul.get(&format!("{prefix}/v1/public")).as_deref() == Some("active")
     });
     wait_for("the handshake failure to be logged", || {
         anonymous.log().contains("is unreachable")
@@ -217,6 +231,29 @@ verify_incoming = true"#,
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // No -ca-file: the host's store decides (SSL_CERT_FILE here); a store
+    // without Consul's CA is refused, and depro trusts no CA of its own.
+    let with_host_store = |bundle: &str| {
+        status()
+            .arg(format!("-client-cert={}", file("dc1-client-consul-0.pem")))
+            .arg(format!(
+                "-client-key={}",
+                file("dc1-client-consul-0-key.pem")
+            ))
+            .env("SSL_CERT_FILE", bundle)
+            .output()
+            .unwrap()
+    };
+    let out = with_host_store(&file("consul-agent-ca.pem"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tls(&["ca", "create", "-domain", "elsewhere"]);
+    let out = support::Output::of(with_host_store(&file("elsewhere-agent-ca.pem")));
+    out.fails(4, &["UnknownIssuer"]);
     // Without the client certificate: exit 4, and the reason.
     let out = status()
         .arg(format!("-ca-file={}", file("consul-agent-ca.pem")))

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod tls;
+
 /// Connection settings, resolved from flags, environment and config files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ConsulSettings {
@@ -430,7 +432,7 @@ impl Consul {
             .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections_per_host(64);
         if base.starts_with("https://") {
-            config = config.tls_config(tls_config(settings)?);
+            config = config.tls_config(tls::config(settings)?);
         }
         let config = config.build();
         Ok(Consul {
@@ -900,60 +902,6 @@ fn base_url(settings: &ConsulSettings) -> std::result::Result<String, String> {
         ));
     }
     Ok(format!("{scheme}://{rest}"))
-}
-
-fn tls_config(settings: &ConsulSettings) -> std::result::Result<ureq::tls::TlsConfig, String> {
-    use ureq::tls::{ClientCert, PemItem, RootCerts, TlsConfig, parse_pem};
-    let read = |path: &PathBuf, what: &str| {
-        std::fs::read(path).map_err(|e| format!("{}: cannot read the {what}: {e}", path.display()))
-    };
-    let mut builder = TlsConfig::builder().disable_verification(!settings.verify_tls);
-    if let Some(ca) = &settings.ca_file {
-        let pem = read(ca, "CA certificate (CONSUL_CACERT)")?;
-        let mut certs = Vec::new();
-        for item in parse_pem(&pem) {
-            if let Ok(PemItem::Certificate(cert)) = item {
-                certs.push(cert);
-            }
-        }
-        if certs.is_empty() {
-            return Err(format!(
-                "{}: no PEM certificate found in the CA file",
-                ca.display()
-            ));
-        }
-        builder = builder.root_certs(RootCerts::new_with_certs(&certs));
-    }
-    match (&settings.cert_file, &settings.key_file) {
-        (Some(cert_path), Some(key_path)) => {
-            let mut certs = Vec::new();
-            for item in parse_pem(&read(cert_path, "client certificate")?) {
-                if let Ok(PemItem::Certificate(cert)) = item {
-                    certs.push(cert);
-                }
-            }
-            if certs.is_empty() {
-                return Err(format!("{}: no PEM certificate found", cert_path.display()));
-            }
-            let key_pem = read(key_path, "client key")?;
-            let key = parse_pem(&key_pem)
-                .find_map(|item| match item {
-                    Ok(PemItem::PrivateKey(key)) => Some(key),
-                    _ => None,
-                })
-                .ok_or_else(|| format!("{}: no PEM private key found", key_path.display()))?;
-            builder = builder.client_cert(Some(ClientCert::new_with_certs(&certs, key)));
-        }
-        (None, None) => {}
-        _ => {
-            return Err(
-                "a client certificate needs both a certificate file and a key file \
-                        (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)"
-                    .into(),
-            );
-        }
-    }
-    Ok(builder.build())
 }
 
 /// Whether a TLS failure says the other end answered in plain text (https

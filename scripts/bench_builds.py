@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Two builds of depro side by side, in the same run (a size or compiler
+change must not cost the agent's speed):
+
+    python3 scripts/bench_builds.py --consul CONSUL BASELINE CANDIDATE [--rounds 6]
+
+Each round runs both builds, in alternating order, against one dev Consul on
+loopback, and for each measures:
+- reaction latency: the time from the write of `current` to the start of the
+  rollout hook, over --changes switches between two ready versions;
+- the agent's CPU per deploy: its own CPU time (hooks excluded) over
+  --cycles cycles of `deploy` (a new version, made current) and `remove
+  -wait` (the one before), divided by the cycles;
+- its resident memory once idle after them.
+It prints a Markdown table: the median of each measure per build over the
+rounds, and the candidate's ratio to the baseline. Only the standard library.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (Agent, Consul, app_deployment, median, proc_times, raise_fd_limit, rss_kib,  # noqa: E402
+                      run_depro, stop_all, wait_until)
+
+
+def one_build(depro, consul, work, tag, changes, cycles):
+    prefix = f"builds-{tag}/version"
+    record = "echo $EPOCHREALTIME >> {dir}/starts"
+    agent = Agent(depro, work, f"agent-{tag}", consul,
+                  app_deployment(prefix, rollout_first_line=record, shell="bash"))
+    try:
+        consul.add_versions(prefix, ["a", "b"])
+        consul.put(f"{prefix}/current", "a")
+        wait_until("the first rollout", lambda: agent.live() == "a")
+        wait_until("b ready", lambda: consul.get(f"{prefix}/b/agent-{tag}") == "ready")
+        starts = os.path.join(agent.dir, "starts")
+
+        def lines():
+            try:
+                with open(starts) as f:
+                    return [float(x) for x in f.read().split()]
+            except OSError:
+                return []
+
+        latencies = []
+        for i in range(changes):
+            target = "b" if i % 2 == 0 else "a"
+            seen = len(lines())
+            time.sleep(0.05)
+            t_write = time.time()
+            consul.put(f"{prefix}/current", target)
+            wait_until("the rollout hook", lambda: len(lines()) > seen)
+            wait_until("active", lambda: consul.get(f"{prefix}/{target}/agent-{tag}") == "active")
+            latencies.append(lines()[seen] - t_write)
+
+        cpu0 = proc_times(agent.proc.pid)[0]
+        previous = consul.get(f"{prefix}/current")
+        for i in range(cycles):
+            run_depro(depro, consul, "deploy", f"c{i}", f"-prefix={prefix}", "-quiet")
+            run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-quiet")
+            previous = f"c{i}"
+        cpu = (proc_times(agent.proc.pid)[0] - cpu0) / cycles
+        time.sleep(1)
+        return {"latency": median(latencies), "cpu": cpu, "rss": rss_kib(agent.proc.pid)}
+    finally:
+        stop_all([agent])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("baseline")
+    parser.add_argument("candidate")
+    parser.add_argument("--consul", required=True)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument("--cycles", type=int, default=30)
+    args = parser.parse_args()
+    raise_fd_limit()
+    work = tempfile.mkdtemp(prefix="depro-builds.")
+    builds = {"baseline": os.path.abspath(args.baseline), "candidate": os.path.abspath(args.candidate)}
+    results = {name: [] for name in builds}
+    # Lifted per-client connection limit: with Consul's default (200), the
+    # CLI run ~100 times a minute from one address locks it out (each run
+    # that exits leaves its blocking query held on the server until its
+    # wait ends), which this benchmark is not about.
+    consul = Consul(args.consul, work)
+    try:
+        for r in range(args.rounds):
+            order = list(builds) if r % 2 == 0 else list(reversed(builds))
+            for name in order:
+                m = one_build(builds[name], consul, work, f"{name}-{r}", args.changes, args.cycles)
+                results[name].append(m)
+                print(f"round {r + 1} {name}: latency {m['latency'] * 1000:.2f} ms, "
+                      f"CPU/deploy {m['cpu'] * 1000:.2f} ms, RSS {m['rss']} KiB", file=sys.stderr, flush=True)
+    finally:
+        consul.stop()
+
+    def med(name, key):
+        return median([m[key] for m in results[name]])
+
+    print(f"| measure (median of {args.rounds} rounds, alternating) | baseline | candidate | ratio |")
+    print("|---|---|---|---|")
+    for key, label, scale, unit in (("latency", f"reaction latency (median of {args.changes} switches)", 1000, "ms"),
+                                    ("cpu", f"agent CPU per deploy + remove ({args.cycles} cycles)", 1000, "ms"),
+                                    ("rss", "agent RSS after the cycles", 1, "KiB")):
+        a, b = med("baseline", key), med("candidate", key)
+        print(f"| {label} | {a * scale:.2f} {unit} | {b * scale:.2f} {unit} | ×{b / a:.2f} |")
+    for name, path in builds.items():
+        print(f"\n{name}: {path} ({os.path.getsize(path)} bytes)")
+
+
+if __name__ == "__main__":
+    main()
