@@ -51,6 +51,7 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     session_ttl: Option<String>,
     rescan_interval: Option<String>,
+    max_parallel_hooks: Option<u32>,
     #[serde(default)]
     deployments: Vec<FileDeployment>,
 }
@@ -106,6 +107,10 @@ pub(crate) struct AgentConfig {
     /// How often at most an agent reads each tree whole, to catch changes
     /// made by tools that do not ring the doorbell.
     pub rescan_interval: Duration,
+    /// How many deploy and clean hooks may run at once on the host
+    /// (`None`: one per deployment). Rollout and health hooks are not
+    /// counted: they never wait.
+    pub max_parallel_hooks: Option<usize>,
     pub deployments: Vec<Deployment>,
     /// The config files that were read, for messages.
     pub files: Vec<PathBuf>,
@@ -147,7 +152,8 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             log_level,
             shutdown_grace,
             session_ttl,
-            rescan_interval
+            rescan_interval,
+            max_parallel_hooks
         );
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
@@ -223,6 +229,13 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             origin("rescan_interval")
         )));
     }
+    if merged.max_parallel_hooks == Some(0) {
+        return Err(Error::Config(format!(
+            "{}: 0 would never run a deploy; give 1 or more, or leave it out for one per deployment",
+            origin("max_parallel_hooks")
+        )));
+    }
+    let max_parallel_hooks = merged.max_parallel_hooks.map(|n| n as usize);
 
     let mut resolved: Vec<Deployment> = Vec::new();
     for (origin, raw) in deployments {
@@ -278,6 +291,7 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         shutdown_grace,
         session_ttl,
         rescan_interval,
+        max_parallel_hooks,
         deployments: resolved,
         files,
     })
@@ -867,6 +881,20 @@ mod tests {
         let err = setup.resolve_dir().unwrap_err();
         assert!(
             err.contains("session_ttl") && !err.contains("very-secret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn max_parallel_hooks_defaults_to_no_limit_and_must_be_at_least_one() {
+        let setup = Setup::new();
+        assert_eq!(setup.resolve_dir().unwrap().max_parallel_hooks, None);
+        setup.file("a.json", r#"{"max_parallel_hooks": 2}"#);
+        assert_eq!(setup.resolve_dir().unwrap().max_parallel_hooks, Some(2));
+        setup.file("a.json", r#"{"max_parallel_hooks": 0}"#);
+        let err = setup.resolve_dir().unwrap_err().to_string();
+        assert!(
+            err.contains("a.json: max_parallel_hooks") && err.contains("1 or more"),
             "{err}"
         );
     }

@@ -18,30 +18,37 @@
 //! `"shell": "bash"`). The usual `set -e` exceptions apply: commands tested
 //! by `if`, `while`, `&&`, `||` or `!` do not end the script.
 //!
-//! Each hook runs in a process group of its own, so that a timeout or a
-//! shutdown can signal every process it started; when the hook ends, what is
-//! left of its group is killed too (a hook's background jobs end with it:
-//! start long-running services through systemd, not as a hook's children).
-//! Its stdout and stderr go to the agent's log line by line, prefixed with
-//! the deployment and version. The ACL token variables are removed from its
-//! environment.
+//! Each hook runs in a process group of its own, so that a timeout, a
+//! shutdown or a preemption can signal every process it started. Its
+//! stdout and stderr are one pipe, read by [`crate::hook_output`]. The ACL
+//! token variables are removed from its environment.
 //!
-//! Each run carries a mark in its environment, `DEPRO_HOOK_ID=<random>`,
-//! which every process it starts inherits and keeps across `exec`. If the
-//! agent dies while a hook runs, the next agent finds what is left of that
-//! hook by this mark (in `/proc/<pid>/environ`), even after the shell
-//! replaced itself with another program or the group's leader exited, and
-//! kills it before deploying afresh.
+//! Every process a hook starts ends with it (start long-running services
+//! through systemd, not as a hook's children). When the hook's shell ends,
+//! [`end_leftovers`] kills, with SIGKILL:
+//! - what is left of its process group (its background jobs);
+//! - every process that carries its mark: each run has one in its
+//!   environment, `DEPRO_HOOK_ID=<random>`, which every process it starts
+//!   inherits and keeps across `exec` and `setsid`;
+//! - every orphan the agent inherited that belongs to no running hook: the
+//!   agent is a child subreaper ([`become_subreaper`]), so a process that
+//!   left the group with `setsid` and cleared its environment still comes
+//!   back to the agent when its parent dies, and is killed then.
+//!
+//! The agent reaps every child itself ([`reap`], on SIGCHLD): no thread or
+//! call waits for a hook. If the agent dies while a hook runs, the next
+//! agent finds what is left of it by its mark (in `/proc/<pid>/environ`),
+//! even after the shell replaced itself with another program or the
+//! group's leader exited, and kills it before deploying afresh.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 /// Environment variables never passed to hooks (they hold the ACL token).
@@ -70,9 +77,6 @@ impl HookKind {
     }
 }
 
-/// How many bytes of a hook's last output lines a failure keeps.
-pub(crate) const TAIL_MAX: usize = 1024;
-
 /// Why a hook failed: how it ended and the last lines it printed. The
 /// agent logs it and reports it with the node's `failed` key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +89,8 @@ pub(crate) struct HookFailure {
     /// The signal that killed it (`SIGKILL`).
     pub signal: Option<String>,
     pub timed_out: bool,
-    /// Its last output lines, at most [`TAIL_MAX`] bytes (not escaped).
+    /// Its last output lines, at most [`crate::hook_output::TAIL_MAX`]
+    /// bytes (not escaped).
     pub output: String,
 }
 
@@ -159,60 +164,6 @@ impl std::fmt::Display for HookFailure {
     }
 }
 
-/// The last lines a hook printed, bounded to [`TAIL_MAX`] bytes, filled by
-/// its output's reader thread.
-#[derive(Default)]
-pub(crate) struct Tail {
-    state: Mutex<TailState>,
-    ended: Condvar,
-}
-
-#[derive(Default)]
-struct TailState {
-    lines: VecDeque<String>,
-    bytes: usize,
-    ended: bool,
-}
-
-impl Tail {
-    fn push(&self, line: &str) {
-        let mut line = line.to_string();
-        if line.len() > TAIL_MAX {
-            let mut cut = line.len() - TAIL_MAX;
-            while !line.is_char_boundary(cut) {
-                cut += 1;
-            }
-            line = line.split_off(cut);
-        }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.bytes += line.len() + 1;
-        state.lines.push_back(line);
-        while state.bytes > TAIL_MAX + 1 {
-            let Some(first) = state.lines.pop_front() else {
-                break;
-            };
-            state.bytes -= first.len() + 1;
-        }
-    }
-
-    fn end(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
-        self.ended.notify_all();
-    }
-
-    /// The lines so far, joined; waits up to `patience` for the output to
-    /// end (a hook's last lines may still be in the pipe when it exits).
-    pub(crate) fn text(&self, patience: Duration) -> String {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (state, _) = self
-            .ended
-            .wait_timeout_while(state, patience, |s| !s.ended)
-            .unwrap_or_else(|e| e.into_inner());
-        let lines: Vec<&str> = state.lines.iter().map(String::as_str).collect();
-        lines.join("\n")
-    }
-}
-
 /// Everything needed to start one hook.
 pub(crate) struct Hook<'a> {
     pub kind: HookKind,
@@ -220,8 +171,6 @@ pub(crate) struct Hook<'a> {
     pub lines: &'a [String],
     pub cwd: &'a Path,
     pub env: Vec<(&'static str, String)>,
-    /// Prefix of the hook's log lines, e.g. `api 1.2.3`.
-    pub label: String,
     /// The shell has `set -o pipefail` ([`supports_pipefail`]).
     pub pipefail: bool,
 }
@@ -256,11 +205,10 @@ pub(crate) fn has_pipe(line: &str) -> bool {
 }
 
 /// A started hook: the leader of its own process group.
+#[derive(Debug)]
 pub(crate) struct Running {
-    child: std::process::Child,
-    pgid: Pid,
+    pid: Pid,
     mark: String,
-    tail: Arc<Tail>,
 }
 
 /// What the agent records of a running hook, to find it after a crash.
@@ -334,8 +282,7 @@ fn processes_with(entry: &[u8]) -> Vec<i32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid != own)
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == entry))
+            environ(*pid).is_some_and(|env| env.split(|b| *b == 0).any(|var| var == entry))
         })
         .collect()
 }
@@ -357,40 +304,119 @@ fn new_mark() -> String {
 }
 
 impl Running {
+    /// The hook's shell (the leader of its process group).
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
     /// What to record to find this hook after a crash.
     pub(crate) fn leftover(&self) -> Leftover {
         Leftover {
-            pgid: self.pgid.as_raw(),
+            pgid: self.pid.as_raw(),
             mark: Some(self.mark.clone()),
         }
     }
 
-    /// The hook's exit status, if it has ended (reaps it). The agent calls
-    /// this when SIGCHLD arrives, so no thread waits for each hook.
-    pub(crate) fn try_wait(&mut self) -> Option<std::io::Result<ExitStatus>> {
-        self.child.try_wait().transpose()
-    }
-
-    /// Asks every process of the hook to stop (SIGTERM to the group).
+    /// Asks every process of the hook to stop (SIGTERM to the group, and
+    /// to the processes that left it but carry its mark).
     pub(crate) fn terminate(&self) {
-        let _ = killpg(self.pgid, Signal::SIGTERM);
+        self.signal(Signal::SIGTERM);
     }
 
-    /// The last lines the hook printed (after it ended: waits briefly for
-    /// what is still in the pipe).
-    pub(crate) fn output_tail(&self) -> String {
-        self.tail.text(Duration::from_millis(500))
-    }
-
-    /// Stops every process of the hook at once (SIGKILL to the group).
-    /// Also what ends a finished hook's leftover background jobs.
+    /// Stops every process of the hook at once (SIGKILL).
     pub(crate) fn kill(&self) {
-        let _ = killpg(self.pgid, Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Signals the group and the marked processes; how many were signalled.
+    fn signal(&self, signal: Signal) -> usize {
+        let mut count = usize::from(killpg(self.pid, signal).is_ok());
+        for pid in processes_with(self.mark_entry().as_bytes()) {
+            count += usize::from(nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok());
+        }
+        count
+    }
+
+    fn mark_entry(&self) -> String {
+        format!("{MARK_VARIABLE}={}", self.mark)
     }
 }
 
-/// Starts a hook; [`Running::try_wait`] tells when it has ended.
-pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
+/// Makes this process a child subreaper: orphans among its descendants
+/// become its children (rather than init's), so that what a hook left
+/// behind can be found and ended. False where the kernel refuses (then the
+/// process group and the mark remain).
+pub(crate) fn become_subreaper() -> bool {
+    nix::sys::prctl::set_child_subreaper(true).is_ok()
+}
+
+/// The children that have ended, with how (reaps them). The agent calls
+/// this when SIGCHLD arrives: it is the only place that waits for a child
+/// while the agent runs hooks.
+pub(crate) fn reap() -> Vec<(i32, std::io::Result<ExitStatus>)> {
+    let mut ended = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                ended.push((pid.as_raw(), Ok(ExitStatus::from_raw((code & 0xff) << 8))));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                ended.push((pid.as_raw(), Ok(ExitStatus::from_raw(signal as i32))));
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return ended,
+            Ok(_) => {} // stopped or continued: not an end
+        }
+    }
+}
+
+/// Kills what is left of the hook that `ended` (its group, the processes
+/// with its mark), and the orphans the agent inherited that belong to none
+/// of the hooks still `running` (they left their group and cleared their
+/// environment). Returns how many processes it signalled.
+pub(crate) fn end_leftovers(ended: Option<&Running>, running: &[&Running]) -> usize {
+    let mut killed = ended.map_or(0, |e| e.signal(Signal::SIGKILL));
+    let marks: Vec<String> = running.iter().map(|r| r.mark_entry()).collect();
+    for pid in children_of(std::process::id() as i32) {
+        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid)));
+        let of_running = running
+            .iter()
+            .any(|r| r.pid.as_raw() == pid || pgid == Ok(r.pid))
+            || environ(pid).is_some_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|var| marks.iter().any(|m| var == m.as_bytes()))
+            });
+        if !of_running {
+            killed +=
+                usize::from(nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok());
+        }
+    }
+    killed
+}
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+fn environ(pid: i32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/environ")).ok()
+}
+
+/// Starts a hook. Returns it and the read end of its output (stdout and
+/// stderr); [`reap`] tells when it has ended.
+pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<(Running, OwnedFd)> {
     let mut command = Command::new(hook.shell);
     // One pipe for stdout and stderr: one reader, and lines in the order
     // the hook wrote them.
@@ -411,55 +437,11 @@ pub(crate) fn spawn(hook: &Hook<'_>) -> std::io::Result<Running> {
     let mark = new_mark();
     command.envs(hook.env.iter().map(|(k, v)| (*k, v)));
     command.env(MARK_VARIABLE, &mark);
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     drop(command); // closes our copies of the pipe's write end
-    let pgid = Pid::from_raw(child.id() as i32);
-    let tail = Arc::new(Tail::default());
-    let forwarded = forward_lines(
-        std::fs::File::from(output),
-        format!("{} {}", hook.label, hook.kind.as_str()),
-        tail.clone(),
-    );
-    if let Err(e) = forwarded {
-        // Nobody would read its output: stop it rather than let it block.
-        let _ = killpg(pgid, Signal::SIGKILL);
-        let _ = child.wait();
-        return Err(e);
-    }
-    Ok(Running {
-        child,
-        pgid,
-        mark,
-        tail,
-    })
-}
-
-/// Sends each line a hook prints to the log, with its label (bounded and
-/// with control characters escaped: a hook's output is not trusted either).
-fn forward_lines(
-    stream: impl Read + Send + 'static,
-    label: String,
-    tail: Arc<Tail>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("hook-output".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            while let Ok(n) = reader.read_until(b'\n', &mut line) {
-                if n == 0 {
-                    break;
-                }
-                let raw = String::from_utf8_lossy(&line);
-                let raw = raw.trim_end_matches(['\n', '\r']);
-                log::info!("[{label}] {}", crate::tree::shown_line(raw));
-                tail.push(raw);
-                line.clear();
-            }
-            tail.end();
-        })
-        .map(drop)
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child); // reaped by `reap`, never through the `Child`
+    Ok((Running { pid, mark }, output))
 }
 
 /// How a hook ended, in words for the log; `None` for success.
@@ -494,11 +476,19 @@ mod tests {
             lines: &lines,
             cwd: Path::new("/"),
             env: vec![("VERSION", "v1".into())],
-            label: "test v1".into(),
             pipefail: supports_pipefail(Path::new(shell)),
         };
-        let mut running = spawn(&hook).unwrap();
-        failure(&running.child.wait())
+        let (running, _output) = spawn(&hook).unwrap();
+        failure(&wait(&running))
+    }
+
+    /// Waits for one hook (tests only: the agent reaps through `reap`).
+    fn wait(running: &Running) -> std::io::Result<ExitStatus> {
+        match waitpid(running.pid, None).map_err(std::io::Error::from)? {
+            WaitStatus::Exited(_, code) => Ok(ExitStatus::from_raw(code << 8)),
+            WaitStatus::Signaled(_, signal, _) => Ok(ExitStatus::from_raw(signal as i32)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -558,42 +548,6 @@ mod tests {
     fn hooks_carry_a_mark_of_their_own() {
         assert_eq!(run(&[&format!("test -n \"${MARK_VARIABLE}\"")]), None);
         assert_ne!(new_mark(), new_mark());
-    }
-
-    #[test]
-    fn a_failure_keeps_the_last_kilobyte_of_output_in_whole_lines() {
-        let lines: Vec<String> = vec![
-            "for i in $(seq 1 200); do echo \"line $i\"; done".into(),
-            "printf 'esc \\033[31m red\\n' >&2".into(),
-            "exit 9".into(),
-        ];
-        let hook = Hook {
-            kind: HookKind::Health,
-            shell: Path::new("sh"),
-            lines: &lines,
-            cwd: Path::new("/"),
-            env: vec![],
-            label: "test v1".into(),
-            pipefail: false,
-        };
-        let mut running = spawn(&hook).unwrap();
-        let status = running.child.wait();
-        let mut failure = HookFailure::of(HookKind::Health, &status).unwrap();
-        failure.output = running.output_tail();
-        assert_eq!(failure.exit_code, Some(9));
-        assert_eq!(failure.to_string(), "the health hook exited with status 9");
-        assert!(failure.output.len() <= TAIL_MAX, "{}", failure.output.len());
-        assert!(
-            failure.output.ends_with("line 200\nesc \u{1b}[31m red"),
-            "{:?}",
-            failure.output
-        );
-        assert!(
-            failure.output.starts_with("line "),
-            "whole lines: {:?}",
-            failure.output
-        );
-        assert!(!failure.output.contains("line 1\n"));
     }
 
     #[test]

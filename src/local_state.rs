@@ -6,6 +6,7 @@
 //! <path>/.depro/lock                held (flock) by the agent that owns this directory (and so is <path> itself)
 //! <path>/.depro/versions/<version>  "deploying", "ready" or "cleaning": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
+//! <path>/.depro/switched            that target again, once its rollout hook succeeded (health checks pending)
 //! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
 //! <path>/.depro/hook                the running hook's process group and mark, killed after a crash
 //! ```
@@ -103,6 +104,9 @@ impl DeploymentDir {
         }
         if let Some(rollout) = &disk.rollout {
             self.begin_rollout(&rollout.to)?;
+            if rollout.switched {
+                self.mark_switched(&rollout.to)?;
+            }
         }
         Ok(())
     }
@@ -137,9 +141,13 @@ impl DeploymentDir {
         }
         let live = read_version(&self.path.join("current"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready));
+        let switched = read_version(&self.meta.join("switched"))?;
         let rollout = read_version(&self.meta.join("rollout"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready))
-            .map(|to| RolloutAttempt { to });
+            .map(|to| RolloutAttempt {
+                switched: switched.as_ref() == Some(&to),
+                to,
+            });
         Ok(OnDisk {
             versions,
             live,
@@ -198,8 +206,19 @@ impl DeploymentDir {
 
     /// Records that a rollout to `version` starts.
     pub(crate) fn begin_rollout(&self, version: &VersionName) -> Result<()> {
+        remove_if_present(&self.meta.join("switched"))?;
         atomic_write(
             &self.meta.join("rollout"),
+            version.as_str(),
+            Durability::CrashSafe,
+        )
+    }
+
+    /// Records that the rollout hook of `version` succeeded: the node runs
+    /// it, whatever its health checks say.
+    pub(crate) fn mark_switched(&self, version: &VersionName) -> Result<()> {
+        atomic_write(
+            &self.meta.join("switched"),
             version.as_str(),
             Durability::CrashSafe,
         )
@@ -212,7 +231,8 @@ impl DeploymentDir {
             version.as_str(),
             Durability::Durable,
         )?;
-        remove_if_present(&self.meta.join("rollout"))
+        remove_if_present(&self.meta.join("rollout"))?;
+        remove_if_present(&self.meta.join("switched"))
     }
 
     /// Records that `version` is being cleaned: from now on a crash leaves
@@ -446,7 +466,24 @@ mod tests {
         let dir = DeploymentDir::open(tmp.path()).unwrap();
         let state = dir.load().unwrap();
         assert_eq!(state.live, Some(v("v1")));
-        assert_eq!(state.rollout, Some(RolloutAttempt { to: v("v2") }));
+        assert_eq!(
+            state.rollout,
+            Some(RolloutAttempt {
+                to: v("v2"),
+                switched: false
+            })
+        );
+        // Its rollout hook succeeded, the health checks had not: the node
+        // runs v2, across a restart too, until another rollout starts.
+        dir.mark_switched(&v("v2")).unwrap();
+        drop(dir);
+        let dir = DeploymentDir::open(tmp.path()).unwrap();
+        let state = dir.load().unwrap();
+        assert_eq!(state.rollout.as_ref().map(|r| r.switched), Some(true));
+        assert_eq!(state.on_node(), Some(&v("v2")));
+        dir.begin_rollout(&v("v1")).unwrap();
+        let state = dir.load().unwrap();
+        assert_eq!(state.rollout.as_ref().map(|r| r.switched), Some(false));
         assert_eq!(
             fs::read_to_string(tmp.path().join("current")).unwrap(),
             "v1\n"

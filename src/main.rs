@@ -15,6 +15,7 @@ mod doorbell;
 mod duration;
 mod error;
 mod help;
+mod hook_output;
 mod hooks;
 mod local_state;
 mod logging;

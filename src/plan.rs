@@ -7,10 +7,19 @@
 //! The order of a plan is:
 //! 1. catch-up reports (node keys that do not match the local state yet) and
 //!    the repair of `current`'s folder key: cheap facts, written first;
-//! 2. deploys of the versions this node lacks, `current` first (a new host
-//!    bootstraps itself this way);
-//! 3. the rollout of `current`, only once its deploy succeeded here;
-//! 4. the cleaning of versions that left the tree, never the live one.
+//! 2. the deploy of `current`, if this node lacks it;
+//! 3. the rollout of `current`, once its deploy succeeded here: before any
+//!    other deploy, so a rollback waits for nothing and a new host serves
+//!    `current` as soon as it has it;
+//! 4. deploys of the other versions this node lacks;
+//! 5. the cleaning of versions that left the tree, never the live one.
+//!
+//! A deployment runs one hook at a time. While one runs, the agent takes
+//! only the reports of a plan, and asks [`preempt`] whether the running
+//! hook must give way: a deploy or clean hook stops for `current` (its
+//! rollout or its deploy), a deploy stops when its version leaves the tree,
+//! and health checks stop when `current` moves away. A stopped deploy is
+//! deployed again later.
 //!
 //! Invariants (checked exhaustively by the tests below):
 //! - a version is rolled out only when its deploy finished successfully;
@@ -23,6 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::hooks::HookKind;
 use crate::tree::NodeState;
 use crate::version_name::VersionName;
 
@@ -50,10 +60,14 @@ pub(crate) enum LocalVersion {
 }
 
 /// A rollout that started and has not completed successfully (its hook
-/// failed, or the agent died while it ran): what is live is unsettled.
+/// failed, its health checks did not pass or were cut short, or the agent
+/// died meanwhile): what is live is unsettled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct RolloutAttempt {
     pub to: VersionName,
+    /// Its rollout hook succeeded: the node runs `to` (its health checks
+    /// are what did not finish).
+    pub switched: bool,
 }
 
 /// What this node has on disk for one deployment.
@@ -69,6 +83,19 @@ pub(crate) struct OnDisk {
     /// Versions whose rollout hook failed here (in this run of the agent):
     /// reported failed, and not rolled out again until an operator retries.
     pub rollout_failed: BTreeSet<VersionName>,
+}
+
+impl OnDisk {
+    /// The version the node runs now, as far as depro knows: the target of
+    /// an unsettled rollout whose hook succeeded, else the last version
+    /// rolled out successfully. A rollout hook sees it as
+    /// `PREVIOUS_VERSION`.
+    pub(crate) fn on_node(&self) -> Option<&VersionName> {
+        match &self.rollout {
+            Some(attempt) if attempt.switched => Some(&attempt.to),
+            _ => self.live.as_ref(),
+        }
+    }
 }
 
 /// What this node has written to Consul, under its current session.
@@ -136,8 +163,54 @@ fn rollout_of_current(wanted: &Wanted, disk: &OnDisk) -> Option<Action> {
     let failed_here = disk.rollout_failed.contains(current);
     (ready && !already_live && !failed_here).then(|| Action::Rollout {
         to: current.clone(),
-        from: disk.live.clone(),
+        from: disk.on_node().cloned(),
     })
+}
+
+/// A hook that runs in a deployment, for [`preempt`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunningHook<'a> {
+    pub kind: HookKind,
+    pub version: &'a VersionName,
+}
+
+/// Why a running hook must stop now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Preempt {
+    /// `current` is ready here and waits for its rollout (a rollback, say).
+    ForRollout,
+    /// `current` waits for its deploy.
+    ForCurrent,
+    /// Its version left the tree.
+    Removed,
+    /// `current` moved away from the version whose health it checks.
+    CurrentMoved,
+}
+
+/// Whether the hook running in a deployment must give way (see the module
+/// documentation). A rollout hook never does: stopping it halfway would
+/// leave the node half-switched.
+pub(crate) fn preempt(wanted: &Wanted, disk: &OnDisk, running: RunningHook<'_>) -> Option<Preempt> {
+    let current = wanted.current.as_ref();
+    match running.kind {
+        HookKind::Rollout => None,
+        HookKind::Health => (current != Some(running.version)).then_some(Preempt::CurrentMoved),
+        HookKind::Deploy | HookKind::Clean => {
+            if current == Some(running.version) {
+                return None;
+            }
+            if running.kind == HookKind::Deploy && !wanted.versions.contains(running.version) {
+                return Some(Preempt::Removed);
+            }
+            if rollout_of_current(wanted, disk).is_some() {
+                return Some(Preempt::ForRollout);
+            }
+            let lacks_current = current.is_some_and(|c| {
+                matches!(disk.versions.get(c), None | Some(LocalVersion::Deploying))
+            });
+            lacks_current.then_some(Preempt::ForCurrent)
+        }
+    }
 }
 
 /// Decides what to do next; see the module documentation for the order.
@@ -188,13 +261,16 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         }
     }
 
-    // 2. Deploys, `current` first.
+    // 2. The deploy of `current`; 3. its rollout.
     let deploy = |version: &VersionName| match disk.versions.get(version) {
         None => Some(Action::Stage(version.clone())),
         Some(LocalVersion::Deploying) => Some(Action::Deploy(version.clone())),
         Some(LocalVersion::Ready | LocalVersion::DeployFailed) => None,
     };
     actions.extend(wanted.current.iter().filter_map(deploy));
+    actions.extend(rollout);
+
+    // 4. The other deploys.
     for (version, listed, here) in side_by_side(
         wanted.versions.iter().map(|v| (v, ())),
         disk.versions.iter(),
@@ -211,10 +287,7 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         }
     }
 
-    // 3. Rollout of `current`.
-    actions.extend(rollout);
-
-    // 4. Cleaning.
+    // 5. Cleaning.
     for (version, here, listed) in side_by_side(
         disk.versions.iter(),
         wanted.versions.iter().map(|v| (v, ())),
@@ -370,7 +443,10 @@ mod tests {
     fn a_failed_rollout_is_reported_and_not_repeated_but_its_target_is_kept() {
         let want = wanted(&["v1", "v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt { to: v("v2") });
+        have.rollout = Some(RolloutAttempt {
+            to: v("v2"),
+            switched: false,
+        });
         have.rollout_failed.insert(v("v2"));
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
         assert_eq!(
@@ -433,7 +509,10 @@ mod tests {
     fn an_interrupted_rollout_is_run_again() {
         let want = wanted(&["v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt { to: v("v2") });
+        have.rollout = Some(RolloutAttempt {
+            to: v("v2"),
+            switched: false,
+        });
         assert_eq!(
             plan(&want, &have, Reports::Offline),
             [Action::Rollout {
@@ -538,7 +617,7 @@ mod tests {
             for current in 0..4 {
                 for local_code in 0..64u32 {
                     for live in 0..4 {
-                        for rollout in 0..12 {
+                        for rollout in 0..24 {
                             let want = Wanted {
                                 versions: (0..3)
                                     .filter(|i| wanted_bits & (1 << i) != 0)
@@ -564,10 +643,11 @@ mod tests {
                                 0 => None,
                                 n => Some(RolloutAttempt {
                                     to: names[n - 1].clone(),
+                                    switched: rollout >= 12,
                                 }),
                             }
                             .filter(|r| have.versions.get(&r.to) == Some(&Ready));
-                            have.rollout_failed = match rollout / 4 {
+                            have.rollout_failed = match (rollout % 12) / 4 {
                                 0 => BTreeSet::new(),
                                 1 => BTreeSet::from([names[0].clone()]),
                                 _ => BTreeSet::from([names[1].clone(), names[2].clone()]),
@@ -594,8 +674,9 @@ mod tests {
             );
             for action in &actions {
                 match action {
-                    Action::Rollout { to, .. } => {
+                    Action::Rollout { to, from } => {
                         assert_eq!(have.versions.get(to), Some(&Ready), "{want:?} {have:?}");
+                        assert_eq!(from.as_ref(), have.on_node(), "PREVIOUS_VERSION");
                         assert!(
                             !have.rollout_failed.contains(to),
                             "retried a failed rollout"
@@ -620,6 +701,125 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_running_hook_gives_way_exactly_when_current_needs_the_deployment() {
+        let kinds = [
+            HookKind::Deploy,
+            HookKind::Rollout,
+            HookKind::Health,
+            HookKind::Clean,
+        ];
+        let names: Vec<VersionName> = NAMES.iter().map(|n| v(n)).collect();
+        for (want, have) in universe() {
+            // What the deployment would do first if nothing ran.
+            let first_hook = plan(&want, &have, Reports::Offline)
+                .into_iter()
+                .find(|a| !matches!(a, Action::Stage(_)));
+            for kind in kinds {
+                for version in &names {
+                    let running = RunningHook { kind, version };
+                    let verdict = preempt(&want, &have, running);
+                    let is_current = want.current.as_ref() == Some(version);
+                    match kind {
+                        HookKind::Rollout => assert_eq!(verdict, None),
+                        HookKind::Health => {
+                            assert_eq!(verdict.is_some(), !is_current, "{want:?} {running:?}");
+                        }
+                        HookKind::Deploy | HookKind::Clean => {
+                            if is_current {
+                                assert_eq!(verdict, None, "current's own deploy goes on");
+                                continue;
+                            }
+                            let removed =
+                                kind == HookKind::Deploy && !want.versions.contains(version);
+                            assert_eq!(
+                                verdict == Some(Preempt::Removed),
+                                removed,
+                                "{want:?} {running:?}"
+                            );
+                            // A rollout of current never waits for another
+                            // version's deploy or clean.
+                            if matches!(first_hook, Some(Action::Rollout { .. })) {
+                                assert!(verdict.is_some(), "{want:?} {have:?} {running:?}");
+                            }
+                            if verdict == Some(Preempt::ForRollout) {
+                                assert!(matches!(first_hook, Some(Action::Rollout { .. })));
+                            }
+                            if verdict == Some(Preempt::ForCurrent) {
+                                let c = want.current.as_ref().unwrap();
+                                assert!(matches!(have.versions.get(c), None | Some(Deploying)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rollback_during_a_deploy_stops_it_rolls_out_then_deploys_it_again() {
+        let want = wanted(&["v3", "v5"], Some("v3"));
+        // v3 ready and live before; v5 being deployed; current moved back to
+        // v3 after a failed switch to v4 (gone).
+        let mut have = disk(&[("v3", Ready), ("v5", Deploying)], Some("v3"));
+        have.rollout = Some(RolloutAttempt {
+            to: v("v3"),
+            switched: false,
+        });
+        let deploying = RunningHook {
+            kind: HookKind::Deploy,
+            version: &v("v5"),
+        };
+        assert_eq!(preempt(&want, &have, deploying), Some(Preempt::ForRollout));
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [
+                Action::Rollout {
+                    to: v("v3"),
+                    from: Some(v("v3"))
+                },
+                Action::Deploy(v("v5"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fresh_host_rolls_out_current_before_deploying_the_other_versions() {
+        let want = wanted(&["a", "b", "c"], Some("b"));
+        let have = disk(&[("b", Ready)], None);
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [
+                Action::Rollout {
+                    to: v("b"),
+                    from: None
+                },
+                Action::Stage(v("a")),
+                Action::Stage(v("c"))
+            ]
+        );
+    }
+
+    #[test]
+    fn previous_version_is_what_runs_on_the_node_after_a_failed_health_gate() {
+        // v2's rollout hook switched the node, its health checks failed;
+        // current goes back to v1: the rollback's hook is told v2 runs.
+        let want = wanted(&["v1", "v2"], Some("v1"));
+        let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
+        have.rollout = Some(RolloutAttempt {
+            to: v("v2"),
+            switched: true,
+        });
+        have.rollout_failed.insert(v("v2"));
+        assert_eq!(
+            plan(&want, &have, Reports::Offline),
+            [Action::Rollout {
+                to: v("v1"),
+                from: Some(v("v2"))
+            }]
+        );
     }
 
     /// Applies an action as the agent would with hooks that all succeed.
@@ -755,7 +955,10 @@ mod tests {
         if !ready.is_empty() {
             let one = |rng: &mut Random| ready[rng.below(ready.len() as u64) as usize].clone();
             have.live = rng.chance(70).then(|| one(rng));
-            have.rollout = rng.chance(20).then(|| RolloutAttempt { to: one(rng) });
+            have.rollout = rng.chance(20).then(|| RolloutAttempt {
+                to: one(rng),
+                switched: rng.chance(50),
+            });
             if rng.chance(20) {
                 have.rollout_failed.insert(one(rng));
             }

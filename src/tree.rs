@@ -41,6 +41,12 @@ pub(crate) fn shown(text: &str) -> String {
 /// A line of untrusted text (a hook's output) for the log: control
 /// characters escaped, at most [`LINE_MAX`] characters.
 pub(crate) fn shown_line(text: &str) -> String {
+    shown_cut_line(text, text.len())
+}
+
+/// [`shown_line`] of the start of a line of `length` bytes, which says how
+/// long the line was when `text` is not all of it.
+pub(crate) fn shown_cut_line(text: &str, length: usize) -> String {
     let escaped: String = text
         .chars()
         .flat_map(|c| {
@@ -53,11 +59,11 @@ pub(crate) fn shown_line(text: &str) -> String {
             escaped
         })
         .collect();
-    if escaped.chars().count() <= LINE_MAX {
+    if escaped.chars().count() <= LINE_MAX && length == text.len() {
         escaped
     } else {
         let cut: String = escaped.chars().take(LINE_MAX).collect();
-        format!("{cut}… ({} bytes)", text.len())
+        format!("{cut}… (a line of {length} bytes, cut)")
     }
 }
 

@@ -1,11 +1,12 @@
 //! One deployment as the agent runs it: its spec, its directory and what
-//! the disk holds, what this node reported, its view of the tree, and its
-//! watches.
+//! the disk holds, what this node reported, its view of the tree, its
+//! watches, and the hook that runs in it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::hook_run::{HealthWait, HookRun};
 use super::view::View;
 use super::watch::{Book, Target, Watches};
 use crate::config::Deployment;
@@ -54,6 +55,10 @@ pub(crate) struct DeploymentState {
     /// This node's announcement under `<prefix>/.agents/` is written under
     /// the current session.
     pub announced: bool,
+    /// The hook that runs in this deployment (one at a time).
+    pub hook: Option<HookRun>,
+    /// Between two health checks of a rollout.
+    pub health_wait: Option<HealthWait>,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -102,6 +107,8 @@ impl DeploymentState {
             reasons: BTreeMap::new(),
             reasons_written: BTreeSet::new(),
             announced: false,
+            hook: None,
+            health_wait: None,
         })
     }
 

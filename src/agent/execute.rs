@@ -16,11 +16,13 @@
 //! has its name.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::health::{HealthGate, Next};
+use super::hook_run::{HealthWait, HookRun, Stop, Then};
 use super::{Agent, Failure};
 use crate::consul::{Conflict, Read, TxnOp, TxnOutcome};
-use crate::hooks::HookKind;
+use crate::hooks::{HookFailure, HookKind};
 use crate::plan::{Action, LocalVersion, RolloutAttempt};
 use crate::tree::{FailReason, NodeState};
 use crate::version_name::VersionName;
@@ -30,10 +32,10 @@ use crate::version_name::VersionName;
 /// or deleted), and Consul takes at most 64.
 pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 3;
 
-/// How long after a failed health check the next one runs.
-const HEALTH_RETRY: Duration = Duration::from_secs(1);
-
 impl Agent {
+    /// Does the first action of `batch` (all of it, if it is reports). An
+    /// action that runs a hook only starts it: its end is handled by
+    /// [`Agent::finished`].
     pub(super) fn execute(&mut self, index: usize, mut batch: Vec<Action>) {
         log::debug!("{}: {batch:?}", self.deployments[index].spec.id);
         if batch.iter().all(super::is_report) {
@@ -383,7 +385,52 @@ impl Agent {
             dir.display()
         );
         let timeout = self.deployments[index].spec.timeout;
-        let outcome = self.run_hook(index, HookKind::Deploy, version, dir, None, timeout);
+        match self.start_hook(index, HookKind::Deploy, version, dir, timeout, Then::Deploy) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.deployed(index, version, Ok(()), None),
+            Err(failure) => self.deployed(index, version, Err(failure), None),
+        }
+    }
+
+    /// A hook ended: what it means for its step.
+    pub(super) fn finished(
+        &mut self,
+        index: usize,
+        run: HookRun,
+        outcome: Result<(), HookFailure>,
+    ) -> Result<(), Failure> {
+        let HookRun {
+            version,
+            then,
+            stop,
+            ..
+        } = run;
+        match then {
+            Then::Deploy => self.deployed(index, &version, outcome, stop),
+            Then::Rollout { from } => self.rolled_out(index, &version, from, outcome),
+            Then::Health { from, gate } => self.checked(index, &version, from, gate, outcome, stop),
+            Then::Clean => self.cleaned(index, &version, outcome, stop),
+        }
+    }
+
+    /// The deploy hook of `version` ended.
+    fn deployed(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        outcome: Result<(), HookFailure>,
+        stop: Option<Stop>,
+    ) -> Result<(), Failure> {
+        if let Some(Stop::Preempted(_)) = stop {
+            // Not ready (its marker still says deploying): deployed again
+            // once the deployment is free, or cleaned if it was removed.
+            log::info!(
+                "{}: its deploy was stopped; it is deployed again later if it is still wanted",
+                self.deployments[index].label(version)
+            );
+            self.recover_state_dir(index, "deploy")?;
+            return Ok(());
+        }
         if let Some(why) = self.recover_state_dir(index, "deploy")? {
             self.deploy_failed(
                 index,
@@ -443,112 +490,175 @@ impl Agent {
             self.rollout_failed(index, to, FailReason::other(None, e.to_string()));
             return Ok(());
         }
-        deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
+        deployment.disk.rollout = Some(RolloutAttempt {
+            to: to.clone(),
+            switched: false,
+        });
         let from_text = from
             .map(|v| v.to_string())
             .unwrap_or_else(|| "nothing".into());
         log::info!("{}: rolling out (from {from_text})", deployment.label(to));
         let cwd = deployment.spec.path.clone();
         let timeout = deployment.spec.timeout;
-        let outcome = self.run_hook(index, HookKind::Rollout, to, cwd, Some(from), timeout);
+        let then = Then::Rollout {
+            from: from.cloned(),
+        };
+        match self.start_hook(index, HookKind::Rollout, to, cwd, timeout, then) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.rolled_out(index, to, from.cloned(), Ok(())),
+            Err(failure) => self.rolled_out(index, to, from.cloned(), Err(failure)),
+        }
+    }
+
+    /// The rollout hook of `to` ended: on success the node runs `to`, and
+    /// its health checks start.
+    fn rolled_out(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<VersionName>,
+        outcome: Result<(), HookFailure>,
+    ) -> Result<(), Failure> {
         if let Some(why) = self.recover_state_dir(index, "rollout")? {
             self.rollout_failed(index, to, FailReason::other(Some(HookKind::Rollout), why));
             return Ok(());
         }
-        let outcome = match outcome {
-            Ok(()) => self.health_gate(index, to, from),
-            Err(failure) => Err(Some(Box::new(FailReason::of_hook(&failure)))),
-        };
-        if outcome == Err(None) {
-            // The shutdown cut the health checks short: the rollout stays
-            // unsettled, and runs again when the agent starts again.
+        if let Err(failure) = outcome {
+            // The rollout stays unsettled (so the next one runs whatever
+            // current is) and the version failed until an operator retries.
+            self.rollout_failed(index, to, FailReason::of_hook(&failure));
             return Ok(());
         }
-        let outcome = outcome.map_err(Option::unwrap_or_default).and_then(|()| {
-            // The hook switched; if this cannot be recorded, the node's
-            // state is not what it would say: report the rollout failed.
-            self.deployments[index].dir.finish_rollout(to).map_err(|e| {
-                Box::new(FailReason::other(
-                    None,
-                    format!("the rollout hook succeeded but {e}"),
-                ))
-            })
-        });
-        match outcome {
+        let deployment = &mut self.deployments[index];
+        if let Some(attempt) = deployment.disk.rollout.as_mut() {
+            attempt.switched = true;
+        }
+        if let Err(e) = deployment.dir.mark_switched(to) {
+            log::warn!("{}: {e}", deployment.spec.id);
+        }
+        if deployment.spec.health.is_empty() {
+            return self.settle_rollout(index, to);
+        }
+        let gate = HealthGate::new(Instant::now(), deployment.spec.health_timeout);
+        self.check_health(index, to, from, gate)
+    }
+
+    /// Starts a health check of `to` (unless the agent is stopping: then
+    /// the rollout stays unsettled and runs again when it starts again).
+    fn check_health(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<VersionName>,
+        mut gate: HealthGate,
+    ) -> Result<(), Failure> {
+        if self.stopping {
+            return Ok(());
+        }
+        let deployment = &self.deployments[index];
+        let timeout = gate.attempt(Instant::now(), deployment.spec.timeout);
+        let cwd = deployment.spec.path.clone();
+        let then = Then::Health {
+            from: from.clone(),
+            gate,
+        };
+        match self.start_hook(index, HookKind::Health, to, cwd, timeout, then) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.checked(index, to, from, gate, Ok(()), None),
+            Err(failure) => self.checked(index, to, from, gate, Err(failure), None),
+        }
+    }
+
+    /// A health check of `to` ended: healthy, check again later, or give up.
+    fn checked(
+        &mut self,
+        index: usize,
+        to: &VersionName,
+        from: Option<VersionName>,
+        gate: HealthGate,
+        outcome: Result<(), HookFailure>,
+        stop: Option<Stop>,
+    ) -> Result<(), Failure> {
+        let label = self.deployments[index].label(to);
+        let failure = match outcome {
             Ok(()) => {
-                let deployment = &mut self.deployments[index];
+                log::info!(
+                    "{label}: healthy (health hook passed, attempt {})",
+                    gate.attempts
+                );
+                return self.settle_rollout(index, to);
+            }
+            Err(failure) => failure,
+        };
+        if matches!(stop, Some(Stop::Shutdown | Stop::Preempted(_))) || self.stopping {
+            // Cut short, not failed: the rollout stays unsettled.
+            return Ok(());
+        }
+        let next = gate.after_failure(Instant::now());
+        if let Next::Attempt(at) = next {
+            log::info!(
+                "{label}: {failure}; checking again in {}",
+                crate::duration::human(at.saturating_duration_since(Instant::now()))
+            );
+        }
+        let wait = HealthWait {
+            to: to.clone(),
+            from,
+            gate,
+            next,
+            last: failure,
+        };
+        if matches!(next, Next::GiveUp(at) if at <= Instant::now()) {
+            return self.health_due(index, wait);
+        }
+        self.deployments[index].health_wait = Some(wait);
+        Ok(())
+    }
+
+    /// The time of a health wait has come: check again, or fail the gate.
+    pub(super) fn health_due(&mut self, index: usize, wait: HealthWait) -> Result<(), Failure> {
+        let HealthWait {
+            to,
+            from,
+            gate,
+            next,
+            last,
+        } = wait;
+        match next {
+            Next::Attempt(_) => self.check_health(index, &to, from, gate),
+            Next::GiveUp(_) => {
+                let mut reason = FailReason::of_hook(&last);
+                reason.error = format!(
+                    "the health hook did not pass within {} ({}; the last one {})",
+                    crate::duration::human(gate.limit),
+                    gate.summary(Instant::now()),
+                    last.what
+                );
+                reason.timed_out = true;
+                self.rollout_failed(index, &to, reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// `to` passed its rollout (and health checks): it is live.
+    fn settle_rollout(&mut self, index: usize, to: &VersionName) -> Result<(), Failure> {
+        let deployment = &mut self.deployments[index];
+        match deployment.dir.finish_rollout(to) {
+            Ok(()) => {
                 deployment.disk.live = Some(to.clone());
                 deployment.disk.rollout = None;
                 log::info!("{}: live", deployment.label(to));
             }
-            // The rollout stays unsettled (so the next one runs whatever
-            // current is) and the version failed until an operator retries.
-            Err(why) => self.rollout_failed(index, to, *why),
+            // The hook switched; if this cannot be recorded, the node's
+            // state is not what it would say: report the rollout failed.
+            Err(e) => self.rollout_failed(
+                index,
+                to,
+                FailReason::other(None, format!("the rollout hook succeeded but {e}")),
+            ),
         }
         Ok(())
-    }
-
-    /// After a successful rollout hook: runs the health hook (if any) until
-    /// it succeeds or `health_timeout` passes, one second apart. `Err(None)`:
-    /// the agent is shutting down.
-    fn health_gate(
-        &mut self,
-        index: usize,
-        to: &VersionName,
-        from: Option<&VersionName>,
-    ) -> Result<(), Option<Box<FailReason>>> {
-        let spec = &self.deployments[index].spec;
-        if spec.health.is_empty() {
-            return Ok(());
-        }
-        let (limit, timeout) = (spec.health_timeout, spec.timeout);
-        let cwd = spec.path.clone();
-        let deadline = Instant::now() + limit;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = timeout.min(left.max(Duration::from_secs(1)));
-            let outcome = self.run_hook(
-                index,
-                HookKind::Health,
-                to,
-                cwd.clone(),
-                Some(from),
-                attempt,
-            );
-            let failure = match outcome {
-                Ok(()) => {
-                    log::info!(
-                        "{}: healthy (health hook passed, attempt {attempts})",
-                        self.deployments[index].label(to)
-                    );
-                    return Ok(());
-                }
-                Err(failure) => failure,
-            };
-            if self.stopping {
-                return Err(None);
-            }
-            if Instant::now() + HEALTH_RETRY >= deadline {
-                let mut reason = FailReason::of_hook(&failure);
-                reason.error = format!(
-                    "the health hook did not pass within {} ({attempts} attempts; the last one {})",
-                    crate::duration::human(limit),
-                    failure.what
-                );
-                reason.timed_out = true;
-                return Err(Some(Box::new(reason)));
-            }
-            log::info!(
-                "{}: {failure}; checking again in {}",
-                self.deployments[index].label(to),
-                crate::duration::human(HEALTH_RETRY)
-            );
-            if self.pause(HEALTH_RETRY) {
-                return Err(None);
-            }
-        }
     }
 
     fn rollout_failed(&mut self, index: usize, to: &VersionName, why: FailReason) {
@@ -567,19 +677,53 @@ impl Agent {
         let deployment = &self.deployments[index];
         let cwd: PathBuf = deployment.spec.path.clone();
         log::info!("{}: cleaning", deployment.label(version));
-        if deployment.dir.owns(version) {
-            // From here a crash leaves it "not ready", never ready-but-partial.
-            deployment.dir.begin_clean(version)?;
-            let timeout = deployment.spec.timeout;
-            if let Err(why) = self.run_hook(index, HookKind::Clean, version, cwd, None, timeout) {
-                log::warn!(
-                    "{}: {why}; removing the directory anyway",
-                    self.deployments[index].label(version)
-                );
-            }
+        if !deployment.dir.owns(version) {
+            return self.cleaned(index, version, Ok(()), None);
+        }
+        // From here a crash leaves it "not ready", never ready-but-partial;
+        // and so does this agent (it reports it busy, never ready, if the
+        // version comes back meanwhile).
+        deployment.dir.begin_clean(version)?;
+        let timeout = deployment.spec.timeout;
+        self.deployments[index]
+            .disk
+            .versions
+            .insert(version.clone(), LocalVersion::Deploying);
+        match self.start_hook(index, HookKind::Clean, version, cwd, timeout, Then::Clean) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.cleaned(index, version, Ok(()), None),
+            Err(failure) => self.cleaned(index, version, Err(failure), None),
+        }
+    }
+
+    /// The clean hook of `version` ended (or there is none): its directory
+    /// goes, whatever the hook said, unless it was stopped to let current
+    /// go first (then it is cleaned again later).
+    fn cleaned(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        outcome: Result<(), HookFailure>,
+        stop: Option<Stop>,
+    ) -> Result<(), Failure> {
+        if let Some(Stop::Preempted(_)) = stop {
+            log::info!(
+                "{}: its clean was stopped; it is cleaned again later",
+                self.deployments[index].label(version)
+            );
             if self.recover_state_dir(index, "clean")?.is_some() {
                 self.deployments[index].dir.begin_clean(version)?;
             }
+            return Ok(());
+        }
+        if let Err(why) = outcome {
+            log::warn!(
+                "{}: {why}; removing the directory anyway",
+                self.deployments[index].label(version)
+            );
+        }
+        if self.recover_state_dir(index, "clean")?.is_some() {
+            self.deployments[index].dir.begin_clean(version)?;
         }
         let deployment = &mut self.deployments[index];
         deployment.dir.remove_version(version)?;

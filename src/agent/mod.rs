@@ -1,17 +1,27 @@
 //! The agent: one main loop that makes this host follow the Consul tree.
 //!
-//! Every decision and every write happens on this loop. Other threads only
-//! wait and post events to it: each deployment's two watches, the session
-//! keeper, and the signal forwarder (which also reports SIGCHLD, so no
-//! thread waits for a hook); a hook's output has a reader thread. The loop:
+//! Every decision and every write happens on this loop, and it never waits
+//! for a hook. Other threads only wait and post events to it: each
+//! deployment's two watches, the session keeper, the signal forwarder
+//! (which also reports SIGCHLD: the loop reaps its children itself), and one
+//! thread that reads every hook's output. Their number does not depend on
+//! what the hooks do. The loop:
 //!
-//! 1. takes the events that arrived (observations, a lost session, signals);
-//! 2. makes sure a session exists and every deployment's watches run;
-//! 3. asks [`plan`](crate::plan::plan) what to do for each deployment whose
-//!    view of the tree is complete, and executes the first action of one
-//!    plan (or its leading reports, in one transaction), round robin across
-//!    deployments, then goes back to 1;
-//! 4. with nothing to do, sleeps until the next event or retry.
+//! 1. takes the events that arrived (observations, a lost session, signals,
+//!    ended children, a finished hook's output);
+//! 2. handles the hooks whose time is up (timeouts, kills) and the health
+//!    checks that are due;
+//! 3. makes sure a session exists and every deployment's watches run;
+//! 4. asks [`plan`](crate::plan::plan) what to do for each deployment whose
+//!    view of the tree is complete, and does the first action of one plan
+//!    (or its leading reports, in one transaction), round robin across
+//!    deployments, then goes back to 1. An action that runs a hook starts
+//!    it and returns; while a deployment's hook runs, only its reports are
+//!    written, and [`preempt`](crate::plan::preempt) says whether the hook
+//!    must stop to let `current` go first. Hooks of different deployments
+//!    run at the same time (deploy and clean hooks up to
+//!    `max_parallel_hooks`);
+//! 5. with nothing to do, sleeps until the next event or timer.
 //!
 //! The rooms:
 //! - [`view`]: the view of a deployment's tree and how observations update
@@ -20,21 +30,24 @@
 //! - [`session`]: the session's lifecycle (leftovers, keeper, loss, its own
 //!   old sessions);
 //! - [`deployment`]: one deployment's state, opened from its directory;
-//! - [`execute`]: doing a plan's actions, and what a failure of each means;
-//! - [`supervise`]: running a hook to its end, its timeout, or shutdown;
+//! - [`execute`]: doing a plan's actions and handling the ends of their
+//!   hooks, and what a failure of each means;
+//! - [`hook_run`]: the hook a deployment runs: starting it, its deadlines,
+//!   stopping it, its end;
+//! - [`health`]: when the next health check runs, and when the gate fails;
 //! - [`reload`]: SIGHUP, and shutting down;
 //! - [`check`]: `agent -check`, the configuration validated without Consul.
 
 mod check;
 mod deployment;
 mod execute;
+mod health;
+mod hook_run;
 mod reload;
 mod session;
-mod supervise;
 mod view;
 mod watch;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Instant;
@@ -43,7 +56,8 @@ use crate::cli::AgentArgs;
 use crate::config::{self, AgentConfig};
 use crate::consul::Consul;
 use crate::error::{Error, Result};
-use crate::plan::{Action, Reports, plan};
+use crate::hook_output::OutputHub;
+use crate::plan::{Action, Preempt, Reports, RunningHook, plan, preempt};
 use crate::signals::{self, Signal};
 use deployment::DeploymentState;
 use session::{Ensured, Sessions};
@@ -63,6 +77,11 @@ pub(crate) enum Event {
     /// queries on dead connections.
     ConsulBack,
     Signal(Signal),
+    /// A finished hook's output is read to its end.
+    HookOutput {
+        run: u64,
+        tail: String,
+    },
 }
 
 /// The deployments' ids, longest first (so that `api-web` is told from `api`
@@ -85,6 +104,12 @@ pub(crate) fn run(args: AgentArgs) -> Result<()> {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
+    if !crate::hooks::become_subreaper() {
+        log::warn!(
+            "cannot become a child subreaper: a hook's process that leaves its process group \
+             and clears its environment may outlive the hook"
+        );
+    }
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     signals::forward(move |signal| signal_tx.send(Event::Signal(signal)).is_ok())
@@ -101,8 +126,10 @@ pub(crate) struct Agent {
     health: Arc<Health>,
     tx: Sender<Event>,
     rx: Receiver<Event>,
-    /// Events that arrived while a hook ran, handled after it.
-    pending: VecDeque<Event>,
+    /// Reads every hook's output.
+    output: OutputHub,
+    /// The number of the last hook run started.
+    next_run: u64,
     deployments: Vec<DeploymentState>,
     sessions: Sessions,
     stopping: bool,
@@ -154,6 +181,12 @@ impl Agent {
             }
             deployments.push(state);
         }
+        let posted = tx.clone();
+        let output =
+            OutputHub::start(move |run, tail| posted.send(Event::HookOutput { run, tail }).is_ok())
+                .map_err(|e| {
+                    Error::Config(format!("cannot start a thread to read hooks' output: {e}"))
+                })?;
         let health = Arc::new(Health::default());
         let back = tx.clone();
         health.on_return(move || {
@@ -166,7 +199,8 @@ impl Agent {
             health,
             tx,
             rx,
-            pending: VecDeque::new(),
+            output,
+            next_run: 0,
             deployments,
             sessions: Sessions::new(recorded),
             stopping: false,
@@ -179,19 +213,29 @@ impl Agent {
     fn run(&mut self) {
         self.announce();
         loop {
-            while let Some(event) = self.pending.pop_front().or_else(|| self.rx.try_recv().ok()) {
+            while let Ok(event) = self.rx.try_recv() {
                 self.handle(event);
             }
-            if self.stopping {
+            if self.stopping && !self.any_hook() {
                 break;
             }
-            self.ensure_session();
-            self.start_watches();
-            self.announce_membership();
-            self.check_own_keys();
-            if let Some((index, action)) = self.next_action() {
-                self.execute(index, action);
-                continue;
+            self.check_hooks();
+            if !self.stopping {
+                self.ensure_session();
+                self.start_watches();
+                self.announce_membership();
+                self.check_own_keys();
+                match self.next_step() {
+                    Some((index, Step::Act(actions))) => {
+                        self.execute(index, actions);
+                        continue;
+                    }
+                    Some((index, Step::Stop(why))) => {
+                        self.stop_hook(index, hook_run::Stop::Preempted(why));
+                        continue;
+                    }
+                    None => {}
+                }
             }
             let event = match self.next_wakeup() {
                 Some(at) => match self
@@ -241,19 +285,22 @@ impl Agent {
             Event::Seen { watch, seen } => self.seen(watch, seen),
             Event::SessionLost { session } => self.session_lost(&session),
             Event::ConsulBack => self.restart_watches(),
-            Event::Signal(Signal::ChildExited) => {} // no hook runs now
+            Event::Signal(Signal::ChildExited) => self.children_ended(),
             Event::Signal(Signal::Stop(number)) => self.stop(number),
             Event::Signal(Signal::Reload) => self.reload(),
+            Event::HookOutput { run, tail } => self.output_ended(run, tail),
         }
     }
 
     fn stop(&mut self, number: i32) {
         if self.stopping {
             log::warn!("{} again: exiting now", signals::name(number));
+            self.kill_hooks();
             std::process::exit(128 + number);
         }
         log::info!("{}: shutting down", signals::name(number));
         self.stopping = true;
+        self.shorten_hooks();
     }
 
     fn session_lost(&mut self, session: &str) {
@@ -405,7 +452,13 @@ impl Agent {
         let mut at = self
             .sessions
             .retry_at()
-            .filter(|_| !self.deployments.is_empty());
+            .filter(|_| !self.deployments.is_empty() && !self.stopping);
+        if let Some(hooks) = self.hooks_wakeup() {
+            at = Some(at.map_or(hooks, |a| a.min(hooks)));
+        }
+        if self.stopping {
+            return at;
+        }
         for deployment in &self.deployments {
             for time in [
                 deployment.blocked_until,
@@ -424,10 +477,14 @@ impl Agent {
     // ---- planning ----
 
     /// The next thing to do: one action, or the leading run of a plan's
-    /// reports (written in one transaction).
-    fn next_action(&mut self) -> Option<(usize, Vec<Action>)> {
+    /// reports (written in one transaction), or a running hook to stop.
+    fn next_step(&mut self) -> Option<(usize, Step)> {
         let count = self.deployments.len();
         let now = Instant::now();
+        let room = self
+            .config
+            .max_parallel_hooks
+            .is_none_or(|max| self.heavy_hooks() < max);
         for k in 0..count {
             let index = (self.last_served + 1 + k) % count;
             let deployment = &mut self.deployments[index];
@@ -444,6 +501,33 @@ impl Agent {
             };
             let actions = plan(wanted, &deployment.disk, reports);
             let reports = actions.iter().take_while(|a| is_report(a)).count();
+            let busy =
+                hook_run::busy_with(deployment.hook.as_ref(), deployment.health_wait.as_ref());
+            if let Some((kind, version, stopping)) = busy {
+                if reports > 0 {
+                    let batch = actions
+                        .into_iter()
+                        .take(reports.min(execute::REPORTS_PER_TXN));
+                    self.last_served = index;
+                    return Some((index, Step::Act(batch.collect())));
+                }
+                let running = RunningHook {
+                    kind,
+                    version: &version,
+                };
+                if !stopping && let Some(why) = preempt(wanted, &deployment.disk, running) {
+                    self.last_served = index;
+                    return Some((index, Step::Stop(why)));
+                }
+                continue;
+            }
+            // A deploy or clean waits for room on the host; a rollout never.
+            if reports == 0
+                && !room
+                && matches!(actions.first(), Some(Action::Deploy(_) | Action::Clean(_)))
+            {
+                continue;
+            }
             // Two operations per report (a check and a write), at most 64.
             let batch: Vec<Action> = actions
                 .into_iter()
@@ -451,7 +535,7 @@ impl Agent {
                 .collect();
             if !batch.is_empty() {
                 self.last_served = index;
-                return Some((index, batch));
+                return Some((index, Step::Act(batch)));
             }
         }
         None
@@ -471,6 +555,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// What the loop does next for a deployment.
+enum Step {
+    Act(Vec<Action>),
+    /// Stop the deployment's running hook.
+    Stop(Preempt),
 }
 
 fn is_report(action: &Action) -> bool {
