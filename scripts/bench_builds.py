@@ -11,7 +11,9 @@ loopback, and for each measures:
 - the agent's CPU per deploy: its own CPU time (hooks excluded) over
   --cycles cycles of `deploy` (a new version, made current) and `remove
   -wait` (the one before), divided by the cycles;
-- its resident memory once idle after them.
+- its resident memory once idle after them;
+- reaction latency while another deployment of the same agent runs deploy
+  hooks (5 s each, one after another): --busy-changes switches.
 It prints a Markdown table: the median of each measure per build over the
 rounds, and the candidate's ratio to the baseline. Only the standard library.
 """
@@ -23,11 +25,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (Agent, Consul, app_deployment, median, proc_times, raise_fd_limit, rss_kib,  # noqa: E402
-                      run_depro, stop_all, wait_until)
+from benchlib import (Agent, Consul, app_deployment, latency_while_busy, median, proc_times,  # noqa: E402
+                      raise_fd_limit, rss_kib, run_depro, stop_all, wait_until)
 
 
-def one_build(depro, consul, work, tag, changes, cycles):
+def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
     prefix = f"builds-{tag}/version"
     record = "echo $EPOCHREALTIME >> {dir}/starts"
     agent = Agent(depro, work, f"agent-{tag}", consul,
@@ -65,9 +67,11 @@ def one_build(depro, consul, work, tag, changes, cycles):
             previous = f"c{i}"
         cpu = (proc_times(agent.proc.pid)[0] - cpu0) / cycles
         time.sleep(1)
-        return {"latency": median(latencies), "cpu": cpu, "rss": rss_kib(agent.proc.pid)}
+        rss = rss_kib(agent.proc.pid)
     finally:
         stop_all([agent])
+    busy = latency_while_busy(depro, consul, work, busy_changes, tag=f"busy-{tag}") if busy_changes else [0.0]
+    return {"latency": median(latencies), "cpu": cpu, "rss": rss, "busy": median(busy)}
 
 
 def main():
@@ -78,6 +82,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--cycles", type=int, default=30)
+    parser.add_argument("--busy-changes", type=int, default=4)
     args = parser.parse_args()
     raise_fd_limit()
     work = tempfile.mkdtemp(prefix="depro-builds.")
@@ -92,10 +97,12 @@ def main():
         for r in range(args.rounds):
             order = list(builds) if r % 2 == 0 else list(reversed(builds))
             for name in order:
-                m = one_build(builds[name], consul, work, f"{name}-{r}", args.changes, args.cycles)
+                m = one_build(builds[name], consul, work, f"{name}-{r}", args.changes, args.cycles,
+                              args.busy_changes)
                 results[name].append(m)
                 print(f"round {r + 1} {name}: latency {m['latency'] * 1000:.2f} ms, "
-                      f"CPU/deploy {m['cpu'] * 1000:.2f} ms, RSS {m['rss']} KiB", file=sys.stderr, flush=True)
+                      f"CPU/deploy {m['cpu'] * 1000:.2f} ms, RSS {m['rss']} KiB, "
+                      f"latency while busy {m['busy'] * 1000:.1f} ms", file=sys.stderr, flush=True)
     finally:
         consul.stop()
 
@@ -106,7 +113,9 @@ def main():
     print("|---|---|---|---|")
     for key, label, scale, unit in (("latency", f"reaction latency (median of {args.changes} switches)", 1000, "ms"),
                                     ("cpu", f"agent CPU per deploy + remove ({args.cycles} cycles)", 1000, "ms"),
-                                    ("rss", "agent RSS after the cycles", 1, "KiB")):
+                                    ("rss", "agent RSS after the cycles", 1, "KiB"),
+                                    ("busy", "reaction latency while another deployment's deploy hook "
+                                     f"runs (median of {args.busy_changes})", 1000, "ms")):
         a, b = med("baseline", key), med("candidate", key)
         print(f"| {label} | {a * scale:.2f} {unit} | {b * scale:.2f} {unit} | ×{b / a:.2f} |")
     for name, path in builds.items():

@@ -367,3 +367,62 @@ def make_artifact(work, files, kib):
     with tarfile.open(path, "w:gz") as tar:
         tar.add(src, arcname=".")
     return path
+
+
+def latency_while_busy(depro, consul, work, changes, tag="busy", hook_seconds=5):
+    """Reaction latency of one deployment while another deployment of the
+    same agent runs a deploy hook: one agent, deployment `app` switched
+    between two ready versions `changes` times, deployment `slow` deploying
+    one version after another with a hook of `hook_seconds` all along.
+    Returns the latencies (write of `current` → first line of the rollout
+    hook), in seconds."""
+    app_prefix, slow_prefix = f"{tag}-app/version", f"{tag}-slow/version"
+    record = "echo $EPOCHREALTIME >> {dir}/starts"
+
+    def deployments(node_dir):
+        app = app_deployment(app_prefix, rollout_first_line=record, shell="bash")(node_dir)[0]
+        slow = app_deployment(slow_prefix, shell="bash")(node_dir)[0]
+        slow.update({"id": "slow", "path": os.path.join(node_dir, "slow"),
+                     "deploy": [f"sleep {hook_seconds}"]})
+        return [app, slow]
+
+    name = f"agent-{tag}"
+    agent = Agent(depro, work, name, consul, deployments)
+    try:
+        consul.add_versions(app_prefix, ["a", "b"])
+        consul.put(f"{app_prefix}/current", "a")
+        wait_until("the first rollout", lambda: agent.live() == "a")
+        wait_until("b ready", lambda: consul.get(f"{app_prefix}/b/{name}") == "ready")
+        starts = os.path.join(agent.dir, "starts")
+
+        def lines():
+            try:
+                with open(starts) as f:
+                    return [float(x) for x in f.read().split()]
+            except OSError:
+                return []
+
+        # Keep the slow deployment busy: a new version whenever the last one
+        # is done.
+        slow_versions = [0]
+
+        def keep_busy():
+            last = f"s{slow_versions[0]}"
+            if slow_versions[0] == 0 or consul.get(f"{slow_prefix}/{last}/{name}") in ("ready", "failed"):
+                slow_versions[0] += 1
+                consul.add_versions(slow_prefix, [f"s{slow_versions[0]}"])
+
+        latencies = []
+        for i in range(changes):
+            keep_busy()
+            time.sleep(0.2)  # the slow hook has started (or is running)
+            target = "b" if i % 2 == 0 else "a"
+            seen = len(lines())
+            t_write = time.time()
+            consul.put(f"{app_prefix}/current", target)
+            wait_until("the rollout hook", lambda: len(lines()) > seen, timeout=hook_seconds * 4 + 60)
+            wait_until("active", lambda: consul.get(f"{app_prefix}/{target}/{name}") == "active")
+            latencies.append(lines()[seen] - t_write)
+        return latencies
+    finally:
+        stop_all([agent])
