@@ -403,3 +403,42 @@ fn health_timeout_is_honoured_to_its_end_and_the_reason_counts_the_attempts() {
         "{out:#?}"
     );
 }
+
+#[test]
+fn a_deployment_unconfigured_while_its_hook_hangs_has_the_hook_killed_and_nothing_pinned() {
+    let root = tempfile::tempdir().unwrap();
+    let consul = Consul::shared();
+    let kept = support::unique_prefix("kept");
+    let dropped = support::unique_prefix("dropped");
+    let mut agent = Agent::new(root.path(), "reloaded", &consul.addr(), &kept);
+    let ctl = agent.dir.display().to_string();
+    let mut doomed = support::default_deployment("doomed", &agent.dir, &dropped);
+    doomed["deploy"] = serde_json::json!([format!("echo $$ > {ctl}/doomed.pid"), "sleep 600"]);
+    agent.deployments.push(doomed);
+    agent.start();
+    wait_for("the agent to register", || {
+        agent.log().contains("registered with Consul")
+    });
+    let idle = threads_and_fds(agent.pid());
+    consul.add_version(&dropped, "v1");
+    let hook = pid_in(&agent.dir.join("doomed.pid"));
+    agent.deployments.pop();
+    agent.write_config();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_within(
+        Duration::from_secs(5),
+        "the unconfigured deployment's hook to be killed",
+        &mut || !support::alive(hook),
+        || agent.log(),
+    );
+    // Its watches, its output and the hook are gone; the agent goes on.
+    wait_for("the agent's threads and descriptors to be back", || {
+        let (threads, fds) = threads_and_fds(agent.pid());
+        threads <= idle.0 - 2 && fds <= idle.1
+    });
+    let prefix = format!("-prefix={kept}");
+    let out = support::depro_command(&consul.addr(), &["deploy", "v1", &prefix, "-nodes=1"])
+        .output()
+        .unwrap();
+    assert_eq!(support::Output::of(out).code, Some(0));
+}

@@ -85,13 +85,16 @@ pub(crate) struct HealthWait {
     pub last: HookFailure,
 }
 
-/// What a deployment is busy with, for the plan.
+/// What a deployment is busy with, for the plan: the hook's kind and
+/// version, and whether it is past stopping.
 pub(crate) fn busy_with(
     hook: Option<&HookRun>,
     wait: Option<&HealthWait>,
 ) -> Option<(HookKind, VersionName, bool)> {
     if let Some(hook) = hook {
-        return Some((hook.kind, hook.version.clone(), hook.stop.is_some()));
+        // A hook already being stopped, or already ended, is not stopped again.
+        let stoppable = hook.stop.is_none() && matches!(hook.phase, Phase::Running);
+        return Some((hook.kind, hook.version.clone(), !stoppable));
     }
     wait.map(|w| (HookKind::Health, w.to.clone(), false))
 }
@@ -386,6 +389,19 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// A deployment is no longer configured (a reload): its hook is killed
+    /// now, and its end is not waited for.
+    pub(super) fn abandon_hook(&mut self, run: HookRun) {
+        log::warn!(
+            "the {} hook of {} (pid {}) is killed: its deployment is no longer configured",
+            run.kind.as_str(),
+            run.version,
+            run.running.pid()
+        );
+        run.running.kill();
+        self.output.finish(run.id);
     }
 
     /// A second SIGTERM: every hook is killed now.

@@ -73,6 +73,12 @@ impl Agent {
             };
             self.deployments.push(deployment);
         }
+        for gone in &mut old {
+            if let Some(run) = gone.hook.take() {
+                log::warn!("{}: no longer configured while a hook runs", gone.spec.id);
+                self.abandon_hook(run);
+            }
+        }
         drop(old); // releases the locks of deployments no longer configured
         if reconnect || topology_changed {
             // Start over with Consul: new watches, and a new session that
