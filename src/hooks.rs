@@ -188,15 +188,35 @@ pub(crate) fn script(lines: &[String], pipefail: bool) -> String {
     script
 }
 
-/// Whether `shell` understands `set -o pipefail`.
+/// Whether `shell` understands `set -o pipefail` (a shell that does not
+/// answer within a second counts as not: the agent does not wait for it).
 pub(crate) fn supports_pipefail(shell: &Path) -> bool {
-    Command::new(shell)
+    let mut command = Command::new(shell);
+    command
         .args(["-c", "set -o pipefail"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .stderr(Stdio::null());
+    for name in SECRET_VARIABLES {
+        command.env_remove(name);
+    }
+    let Ok(mut child) = command.spawn() else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
 }
 
 /// Whether a hook line has a pipeline (a `|` that is not part of `||`).

@@ -6,7 +6,7 @@
 //! <path>/.depro/lock                held (flock) by the agent that owns this directory (and so is <path> itself)
 //! <path>/.depro/versions/<version>  "deploying", "ready" or "cleaning": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
-//! <path>/.depro/switched            that target again, once its rollout hook succeeded (health checks pending)
+//! <path>/.depro/switched            the version whose rollout hook last succeeded, while that rollout is unsettled
 //! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
 //! <path>/.depro/hook                the running hook's process group and mark, killed after a crash
 //! ```
@@ -104,9 +104,9 @@ impl DeploymentDir {
         }
         if let Some(rollout) = &disk.rollout {
             self.begin_rollout(&rollout.to)?;
-            if rollout.switched {
-                self.mark_switched(&rollout.to)?;
-            }
+        }
+        if let Some(switched) = &disk.switched {
+            self.mark_switched(switched)?;
         }
         Ok(())
     }
@@ -141,18 +141,17 @@ impl DeploymentDir {
         }
         let live = read_version(&self.path.join("current"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready));
-        let switched = read_version(&self.meta.join("switched"))?;
         let rollout = read_version(&self.meta.join("rollout"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready))
-            .map(|to| RolloutAttempt {
-                switched: switched.as_ref() == Some(&to),
-                to,
-            });
+            .map(|to| RolloutAttempt { to });
+        let switched = read_version(&self.meta.join("switched"))?
+            .filter(|v| versions.get(v) == Some(&LocalVersion::Ready));
         Ok(OnDisk {
             versions,
             live,
             rollout,
             rollout_failed: Default::default(),
+            switched,
         })
     }
 
@@ -206,7 +205,6 @@ impl DeploymentDir {
 
     /// Records that a rollout to `version` starts.
     pub(crate) fn begin_rollout(&self, version: &VersionName) -> Result<()> {
-        remove_if_present(&self.meta.join("switched"))?;
         atomic_write(
             &self.meta.join("rollout"),
             version.as_str(),
@@ -215,7 +213,8 @@ impl DeploymentDir {
     }
 
     /// Records that the rollout hook of `version` succeeded: the node runs
-    /// it, whatever its health checks say.
+    /// it, whatever its health checks say, until another rollout hook
+    /// succeeds (a failed one leaves this as it is).
     pub(crate) fn mark_switched(&self, version: &VersionName) -> Result<()> {
         atomic_write(
             &self.meta.join("switched"),
@@ -466,24 +465,18 @@ mod tests {
         let dir = DeploymentDir::open(tmp.path()).unwrap();
         let state = dir.load().unwrap();
         assert_eq!(state.live, Some(v("v1")));
-        assert_eq!(
-            state.rollout,
-            Some(RolloutAttempt {
-                to: v("v2"),
-                switched: false
-            })
-        );
+        assert_eq!(state.rollout, Some(RolloutAttempt { to: v("v2") }));
         // Its rollout hook succeeded, the health checks had not: the node
-        // runs v2, across a restart too, until another rollout starts.
+        // runs v2, across a restart too, and after another rollout starts
+        // (its hook may fail), until one finishes.
         dir.mark_switched(&v("v2")).unwrap();
         drop(dir);
         let dir = DeploymentDir::open(tmp.path()).unwrap();
-        let state = dir.load().unwrap();
-        assert_eq!(state.rollout.as_ref().map(|r| r.switched), Some(true));
-        assert_eq!(state.on_node(), Some(&v("v2")));
+        assert_eq!(dir.load().unwrap().on_node(), Some(&v("v2")));
         dir.begin_rollout(&v("v1")).unwrap();
-        let state = dir.load().unwrap();
-        assert_eq!(state.rollout.as_ref().map(|r| r.switched), Some(false));
+        assert_eq!(dir.load().unwrap().on_node(), Some(&v("v2")));
+        dir.finish_rollout(&v("v1")).unwrap();
+        assert_eq!(dir.load().unwrap().on_node(), Some(&v("v1")));
         assert_eq!(
             fs::read_to_string(tmp.path().join("current")).unwrap(),
             "v1\n"

@@ -23,7 +23,8 @@
 //!
 //! Invariants (checked exhaustively by the tests below):
 //! - a version is rolled out only when its deploy finished successfully;
-//! - the live version, and the target of an unsettled rollout, are never
+//! - the live version, the one the node runs after an unsettled rollout
+//!   (`switched`), and the target of an unsettled rollout, are never
 //!   cleaned;
 //! - a failed version is not retried by the plan (the agent turns an
 //!   operator's retry into a state change first);
@@ -65,9 +66,6 @@ pub(crate) enum LocalVersion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct RolloutAttempt {
     pub to: VersionName,
-    /// Its rollout hook succeeded: the node runs `to` (its health checks
-    /// are what did not finish).
-    pub switched: bool,
 }
 
 /// What this node has on disk for one deployment.
@@ -83,18 +81,20 @@ pub(crate) struct OnDisk {
     /// Versions whose rollout hook failed here (in this run of the agent):
     /// reported failed, and not rolled out again until an operator retries.
     pub rollout_failed: BTreeSet<VersionName>,
+    /// The version whose rollout hook last succeeded here, when its rollout
+    /// did not settle (its health checks failed or were cut short): the node
+    /// runs it, whatever `live` says, until another rollout hook succeeds.
+    pub switched: Option<VersionName>,
 }
 
 impl OnDisk {
-    /// The version the node runs now, as far as depro knows: the target of
-    /// an unsettled rollout whose hook succeeded, else the last version
-    /// rolled out successfully. A rollout hook sees it as
+    /// The version the node runs now, as far as depro knows: the last one
+    /// whose rollout hook succeeded here (even if its health checks then
+    /// failed, and even if a later rollout hook failed), else the last
+    /// version rolled out completely. A rollout hook sees it as
     /// `PREVIOUS_VERSION`.
     pub(crate) fn on_node(&self) -> Option<&VersionName> {
-        match &self.rollout {
-            Some(attempt) if attempt.switched => Some(&attempt.to),
-            _ => self.live.as_ref(),
-        }
+        self.switched.as_ref().or(self.live.as_ref())
     }
 }
 
@@ -293,7 +293,7 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         wanted.versions.iter().map(|v| (v, ())),
     ) {
         let wanted_here = listed.is_some() || is_current(version);
-        let live = disk.live.as_ref() == Some(version);
+        let live = disk.live.as_ref() == Some(version) || disk.switched.as_ref() == Some(version);
         let rolling = disk.rollout.as_ref().is_some_and(|r| &r.to == version);
         if here.is_some() && !wanted_here && !live && !rolling {
             actions.push(Action::Clean(version.clone()));
@@ -348,6 +348,7 @@ mod tests {
             live: live.map(v),
             rollout: None,
             rollout_failed: BTreeSet::new(),
+            switched: None,
         }
     }
 
@@ -443,10 +444,7 @@ mod tests {
     fn a_failed_rollout_is_reported_and_not_repeated_but_its_target_is_kept() {
         let want = wanted(&["v1", "v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v2"),
-            switched: false,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v2") });
         have.rollout_failed.insert(v("v2"));
         let now = reported(&[("v1", NodeState::Active), ("v2", NodeState::Ready)]);
         assert_eq!(
@@ -509,10 +507,7 @@ mod tests {
     fn an_interrupted_rollout_is_run_again() {
         let want = wanted(&["v2"], Some("v2"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v2"),
-            switched: false,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v2") });
         assert_eq!(
             plan(&want, &have, Reports::Offline),
             [Action::Rollout {
@@ -639,11 +634,15 @@ mod tests {
                             have.live =
                                 maybe(live).filter(|l| have.versions.get(l) == Some(&Ready));
                             // A rollout is only ever attempted for a Ready version.
+                            have.switched = match rollout / 12 {
+                                0 => None,
+                                _ => Some(names[rollout % 3].clone()),
+                            }
+                            .filter(|s| have.versions.get(s) == Some(&Ready));
                             have.rollout = match rollout % 4 {
                                 0 => None,
                                 n => Some(RolloutAttempt {
                                     to: names[n - 1].clone(),
-                                    switched: rollout >= 12,
                                 }),
                             }
                             .filter(|r| have.versions.get(&r.to) == Some(&Ready));
@@ -685,6 +684,7 @@ mod tests {
                     }
                     Action::Clean(version) => {
                         assert_ne!(Some(version), have.live.as_ref(), "cleaned live: {have:?}");
+                        assert_ne!(Some(version), have.switched.as_ref(), "cleaned what runs");
                         assert_ne!(Some(version), want.current.as_ref());
                         assert!(!want.versions.contains(version));
                         assert!(have.rollout.as_ref().is_none_or(|r| &r.to != version));
@@ -764,10 +764,7 @@ mod tests {
         // v3 ready and live before; v5 being deployed; current moved back to
         // v3 after a failed switch to v4 (gone).
         let mut have = disk(&[("v3", Ready), ("v5", Deploying)], Some("v3"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v3"),
-            switched: false,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v3") });
         let deploying = RunningHook {
             kind: HookKind::Deploy,
             version: &v("v5"),
@@ -808,10 +805,8 @@ mod tests {
         // current goes back to v1: the rollback's hook is told v2 runs.
         let want = wanted(&["v1", "v2"], Some("v1"));
         let mut have = disk(&[("v1", Ready), ("v2", Ready)], Some("v1"));
-        have.rollout = Some(RolloutAttempt {
-            to: v("v2"),
-            switched: true,
-        });
+        have.rollout = Some(RolloutAttempt { to: v("v2") });
+        have.switched = Some(v("v2"));
         have.rollout_failed.insert(v("v2"));
         assert_eq!(
             plan(&want, &have, Reports::Offline),
@@ -848,6 +843,7 @@ mod tests {
             Action::Rollout { to, .. } => {
                 have.live = Some(to.clone());
                 have.rollout = None;
+                have.switched = None;
             }
             Action::Clean(version) => {
                 have.versions.remove(version);
@@ -883,6 +879,7 @@ mod tests {
             let kept: BTreeSet<VersionName> = have.versions.keys().cloned().collect();
             let mut allowed = expected.clone();
             allowed.extend(have.live.clone());
+            allowed.extend(have.switched.clone());
             allowed.extend(have.rollout.as_ref().map(|r| r.to.clone()));
             assert!(
                 kept.is_superset(&expected) && kept.is_subset(&allowed),
@@ -955,10 +952,8 @@ mod tests {
         if !ready.is_empty() {
             let one = |rng: &mut Random| ready[rng.below(ready.len() as u64) as usize].clone();
             have.live = rng.chance(70).then(|| one(rng));
-            have.rollout = rng.chance(20).then(|| RolloutAttempt {
-                to: one(rng),
-                switched: rng.chance(50),
-            });
+            have.rollout = rng.chance(20).then(|| RolloutAttempt { to: one(rng) });
+            have.switched = rng.chance(20).then(|| one(rng));
             if rng.chance(20) {
                 have.rollout_failed.insert(one(rng));
             }
@@ -995,6 +990,7 @@ mod tests {
                 }
                 Action::Clean(version) => {
                     let running = have.live.as_ref() == Some(version)
+                        || have.switched.as_ref() == Some(version)
                         || have.rollout.as_ref().is_some_and(|r| &r.to == version);
                     if running {
                         return Err(format!(

@@ -442,3 +442,81 @@ fn a_deployment_unconfigured_while_its_hook_hangs_has_the_hook_killed_and_nothin
         .unwrap();
     assert_eq!(support::Output::of(out).code, Some(0));
 }
+
+#[test]
+fn a_deploy_hook_that_exits_0_when_stopped_for_its_timeout_still_fails() {
+    let mut fleet = Fleet::new(1);
+    fleet.agents[0].deployments[0]["deploy"] =
+        serde_json::json!(["trap 'exit 0' TERM", "sleep 600 & wait"]);
+    fleet.agents[0].deployments[0]["timeout"] = serde_json::json!("1s");
+    fleet.start_all();
+    let out = fleet.depro(&["deploy", "v1", "-nodes=1", "-timeout=30s"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(
+        out.stderr.contains("timed out after 1s and exited 0"),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.node_state("v1", "node1").as_deref(), Some("failed"));
+}
+
+#[test]
+fn max_parallel_hooks_bounds_deploys_across_deployments_but_never_a_rollout() {
+    let root = tempfile::tempdir().unwrap();
+    let consul = Consul::shared();
+    let first = support::unique_prefix("first");
+    let second = support::unique_prefix("second");
+    let mut agent = Agent::new(root.path(), "small", &consul.addr(), &first);
+    let ctl = agent.dir.display().to_string();
+    agent.extra = serde_json::json!({"max_parallel_hooks": 1});
+    let mut other = support::default_deployment("other", &agent.dir, &second);
+    other["deploy"].as_array_mut().unwrap().insert(
+        0,
+        serde_json::json!(format!(
+            "if [ -e {ctl}/block-other ]; then echo $$ > {ctl}/other.pid; \
+             while [ ! -e {ctl}/release-other ]; do sleep 0.02; done; fi"
+        )),
+    );
+    agent.deployments.push(other);
+    agent.start();
+    let deploy = |prefix: &str, version: &str| {
+        let prefix = format!("-prefix={prefix}");
+        support::spawn(support::depro_command(
+            &consul.addr(),
+            &["deploy", version, &prefix, "-nodes=1", "-timeout=30s"],
+        ))
+    };
+    // Both deployments have a version ready and live; this one two.
+    for (prefix, version) in [(&first, "v0"), (&first, "v1"), (&second, "v1")] {
+        assert_eq!(support::finish(deploy(prefix, version)).code, Some(0));
+    }
+    // The other deployment's deploy hook runs and blocks, taking the host's
+    // one slot.
+    agent.set_flag("block-other", true);
+    let blocked = deploy(&second, "v2");
+    let other_hook = pid_in(&agent.dir.join("other.pid"));
+    // A rollout does not wait for the slot.
+    let prefix = format!("-prefix={first}");
+    let out = support::depro_command(
+        &consul.addr(),
+        &["rollout", "v0", &prefix, "-nodes=1", "-timeout=10s"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(support::Output::of(out).code, Some(0));
+    assert_eq!(agent.live("api").as_deref(), Some("v0"));
+    assert!(support::alive(other_hook));
+    // A deploy does.
+    let waiting = deploy(&first, "v2");
+    wait_for("v2 staged here", || {
+        consul.get(&format!("{first}/v2/small")).as_deref() == Some("busy")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !agent.hooks_log().iter().any(|l| l.starts_with("deploy v2")),
+        "deployed while the host's one slot was taken: {:#?}",
+        agent.hooks_log()
+    );
+    agent.set_flag("release-other", true);
+    assert_eq!(support::finish(blocked).code, Some(0));
+    assert_eq!(support::finish(waiting).code, Some(0));
+}

@@ -490,10 +490,7 @@ impl Agent {
             self.rollout_failed(index, to, FailReason::other(None, e.to_string()));
             return Ok(());
         }
-        deployment.disk.rollout = Some(RolloutAttempt {
-            to: to.clone(),
-            switched: false,
-        });
+        deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
         let from_text = from
             .map(|v| v.to_string())
             .unwrap_or_else(|| "nothing".into());
@@ -530,14 +527,22 @@ impl Agent {
             return Ok(());
         }
         let deployment = &mut self.deployments[index];
-        if let Some(attempt) = deployment.disk.rollout.as_mut() {
-            attempt.switched = true;
-        }
+        deployment.disk.switched = Some(to.clone());
         if let Err(e) = deployment.dir.mark_switched(to) {
             log::warn!("{}: {e}", deployment.spec.id);
         }
         if deployment.spec.health.is_empty() {
             return self.settle_rollout(index, to);
+        }
+        let still_current = deployment
+            .view
+            .wanted()
+            .is_some_and(|w| w.current.as_ref() == Some(to));
+        if !still_current {
+            // Current moved on while the hook ran: no health checks for a
+            // version that is not wanted any more (the rollout stays
+            // unsettled, and the next one goes on from here).
+            return Ok(());
         }
         let gate = HealthGate::new(Instant::now(), deployment.spec.health_timeout);
         self.check_health(index, to, from, gate)
@@ -648,6 +653,7 @@ impl Agent {
             Ok(()) => {
                 deployment.disk.live = Some(to.clone());
                 deployment.disk.rollout = None;
+                deployment.disk.switched = None;
                 log::info!("{}: live", deployment.label(to));
             }
             // The hook switched; if this cannot be recorded, the node's

@@ -38,6 +38,9 @@ pub(crate) struct HookRun {
     pub deadline: Instant,
     /// Why it is being stopped, if it is.
     pub stop: Option<Stop>,
+    /// Its deadline is the end of the shutdown's grace period (before its
+    /// timeout).
+    pub cut_by_shutdown: bool,
     /// What its end leads to.
     pub then: Then,
 }
@@ -169,13 +172,14 @@ impl Agent {
             phase: Phase::Running,
             deadline: Instant::now() + timeout,
             stop: None,
+            cut_by_shutdown: false,
             then,
         };
-        if self.stopping {
+        let grace_end = Instant::now() + self.config.shutdown_grace;
+        if self.stopping && grace_end < run.deadline {
             // Only a rollout's own steps start during a shutdown.
-            run.deadline = run
-                .deadline
-                .min(Instant::now() + self.config.shutdown_grace);
+            run.deadline = grace_end;
+            run.cut_by_shutdown = true;
         }
         self.deployments[index].hook = Some(run);
         Ok(true)
@@ -223,7 +227,11 @@ impl Agent {
                 }
                 match run.phase {
                     Phase::Running => {
-                        let why = run.stop.unwrap_or(Stop::Timeout);
+                        let why = if run.cut_by_shutdown {
+                            Stop::Shutdown
+                        } else {
+                            Stop::Timeout
+                        };
                         self.stop_hook(index, why);
                     }
                     Phase::Terminated => {
@@ -350,7 +358,11 @@ impl Agent {
             return;
         }
         let mut run = deployment.hook.take().expect("found");
-        if let Err(e) = deployment.dir.clear_hook() {
+        // A hook that did not end even after SIGKILL stays recorded: the
+        // next agent tries again to end it.
+        if matches!(run.phase, Phase::Ended(Some(_)))
+            && let Err(e) = deployment.dir.clear_hook()
+        {
             log::warn!("{e}");
         }
         let Phase::Ended(status) = std::mem::replace(&mut run.phase, Phase::Running) else {
@@ -385,7 +397,7 @@ impl Agent {
                 );
                 if end < run.deadline {
                     run.deadline = end;
-                    run.stop = Some(Stop::Shutdown);
+                    run.cut_by_shutdown = true;
                 }
             }
         }
@@ -400,14 +412,18 @@ impl Agent {
             run.version,
             run.running.pid()
         );
-        run.running.kill();
+        if !matches!(run.phase, Phase::Ended(Some(_))) {
+            run.running.kill();
+        }
         self.output.finish(run.id);
     }
 
     /// A second SIGTERM: every hook is killed now.
     pub(super) fn kill_hooks(&mut self) {
         for deployment in &self.deployments {
-            if let Some(run) = &deployment.hook {
+            if let Some(run) = &deployment.hook
+                && !matches!(run.phase, Phase::Ended(Some(_)))
+            {
                 run.running.kill();
             }
         }
@@ -443,7 +459,14 @@ fn outcome(
         failure.output = tail;
         return Err(failure);
     };
-    let Some(mut failure) = HookFailure::of(run.kind, &status) else {
+    let stopped = matches!(run.stop, Some(Stop::Timeout | Stop::Shutdown));
+    let failure = match HookFailure::of(run.kind, &status) {
+        Some(failure) => Some(failure),
+        // Stopped, it may have exited 0 on SIGTERM: its work is not done.
+        None if stopped => Some(HookFailure::not_run(run.kind, "exited 0".into())),
+        None => None,
+    };
+    let Some(mut failure) = failure else {
         return Ok(());
     };
     failure.output = tail;

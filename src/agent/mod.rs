@@ -478,6 +478,9 @@ impl Agent {
 
     /// The next thing to do: one action, or the leading run of a plan's
     /// reports (written in one transaction), or a running hook to stop.
+    /// Deployments are served round robin, but `current`'s own steps (its
+    /// deploy, its rollout) go before the others' deploys and cleans, so
+    /// that a slot `max_parallel_hooks` frees goes to them.
     fn next_step(&mut self) -> Option<(usize, Step)> {
         let count = self.deployments.len();
         let now = Instant::now();
@@ -485,13 +488,14 @@ impl Agent {
             .config
             .max_parallel_hooks
             .is_none_or(|max| self.heavy_hooks() < max);
+        let mut fallback: Option<(usize, Step)> = None;
         for k in 0..count {
             let index = (self.last_served + 1 + k) % count;
             let deployment = &mut self.deployments[index];
-            if deployment.blocked_until.is_some_and(|at| at > now) {
-                continue;
+            let blocked = deployment.blocked_until.is_some_and(|at| at > now);
+            if !blocked {
+                deployment.blocked_until = None;
             }
-            deployment.blocked_until = None;
             let Some(wanted) = deployment.view.wanted() else {
                 continue;
             };
@@ -503,42 +507,62 @@ impl Agent {
             let reports = actions.iter().take_while(|a| is_report(a)).count();
             let busy =
                 hook_run::busy_with(deployment.hook.as_ref(), deployment.health_wait.as_ref());
-            if let Some((kind, version, stopping)) = busy {
-                if reports > 0 {
-                    let batch = actions
-                        .into_iter()
-                        .take(reports.min(execute::REPORTS_PER_TXN));
-                    self.last_served = index;
-                    return Some((index, Step::Act(batch.collect())));
-                }
+            let step = if let Some((kind, version, past_stopping)) = busy {
                 let running = RunningHook {
                     kind,
                     version: &version,
                 };
-                if !stopping && let Some(why) = preempt(wanted, &deployment.disk, running) {
-                    self.last_served = index;
-                    return Some((index, Step::Stop(why)));
+                // Even in backoff: a rollback must not wait for it.
+                match preempt(wanted, &deployment.disk, running) {
+                    Some(why) if !past_stopping => Step::Stop(why),
+                    _ if reports > 0 && !blocked => Step::Act(
+                        actions
+                            .into_iter()
+                            .take(reports.min(execute::REPORTS_PER_TXN))
+                            .collect(),
+                    ),
+                    _ => continue,
                 }
-                continue;
-            }
-            // A deploy or clean waits for room on the host; a rollout never.
-            if reports == 0
-                && !room
-                && matches!(actions.first(), Some(Action::Deploy(_) | Action::Clean(_)))
-            {
-                continue;
-            }
-            // Two operations per report (a check and a write), at most 64.
-            let batch: Vec<Action> = actions
-                .into_iter()
-                .take(reports.clamp(1, execute::REPORTS_PER_TXN))
-                .collect();
-            if !batch.is_empty() {
-                self.last_served = index;
-                return Some((index, Step::Act(batch)));
-            }
+            } else {
+                if blocked {
+                    continue;
+                }
+                let first = actions.first();
+                let heavy =
+                    reports == 0 && matches!(first, Some(Action::Deploy(_) | Action::Clean(_)));
+                if heavy && !room {
+                    continue;
+                }
+                let urgent = match first {
+                    Some(Action::Rollout { .. }) => true,
+                    Some(Action::Stage(v) | Action::Deploy(v)) => {
+                        wanted.current.as_ref() == Some(v)
+                    }
+                    _ => false,
+                };
+                // Two operations per report (a check and a write), at most 64.
+                let batch: Vec<Action> = actions
+                    .into_iter()
+                    .take(reports.clamp(1, execute::REPORTS_PER_TXN))
+                    .collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                if !urgent && heavy {
+                    // Served if no deployment has one of current's steps.
+                    if fallback.is_none() {
+                        fallback = Some((index, Step::Act(batch)));
+                    }
+                    continue;
+                }
+                Step::Act(batch)
+            };
+            self.last_served = index;
+            return Some((index, step));
         }
-        None
+        let (index, step) = fallback?;
+        self.last_served = index;
+        Some((index, step))
     }
 
     /// After an action: reset the deployment's backoff, or log and back off.
