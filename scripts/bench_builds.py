@@ -11,7 +11,7 @@ loopback, and for each measures:
 - the agent's CPU per deploy: its own CPU time (hooks excluded) over
   --cycles cycles of `deploy` (a new version, made current) and `remove
   -wait` (the one before), divided by the cycles;
-- its resident memory once idle after them;
+- its resident memory and threads idle (before), and its memory after them;
 - reaction latency while another deployment of the same agent runs deploy
   hooks (5 s each, one after another): --busy-changes switches.
 It prints a Markdown table: the median of each measure per build over the
@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (Agent, Consul, app_deployment, latency_while_busy, median, proc_times,  # noqa: E402
-                      raise_fd_limit, rss_kib, run_depro, stop_all, wait_until)
+                      raise_fd_limit, rss_kib, run_depro, stop_all, threads_sockets, wait_until)
 
 
 def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
@@ -39,6 +39,9 @@ def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
         consul.put(f"{prefix}/current", "a")
         wait_until("the first rollout", lambda: agent.live() == "a")
         wait_until("b ready", lambda: consul.get(f"{prefix}/b/agent-{tag}") == "ready")
+        time.sleep(1)
+        idle_rss = rss_kib(agent.proc.pid)
+        idle_threads = threads_sockets(agent.proc.pid)[0]
         starts = os.path.join(agent.dir, "starts")
 
         def lines():
@@ -71,7 +74,8 @@ def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
     finally:
         stop_all([agent])
     busy = latency_while_busy(depro, consul, work, busy_changes, tag=f"busy-{tag}") if busy_changes else [0.0]
-    return {"latency": median(latencies), "cpu": cpu, "rss": rss, "busy": median(busy)}
+    return {"latency": median(latencies), "cpu": cpu, "rss": rss, "busy": median(busy),
+            "idle_rss": idle_rss, "idle_threads": idle_threads}
 
 
 def main():
@@ -113,6 +117,8 @@ def main():
     print("|---|---|---|---|")
     for key, label, scale, unit in (("latency", f"reaction latency (median of {args.changes} switches)", 1000, "ms"),
                                     ("cpu", f"agent CPU per deploy + remove ({args.cycles} cycles)", 1000, "ms"),
+                                    ("idle_rss", "agent RSS idle (one deployment, two versions)", 1, "KiB"),
+                                    ("idle_threads", "agent threads idle", 1, ""),
                                     ("rss", "agent RSS after the cycles", 1, "KiB"),
                                     ("busy", "reaction latency while another deployment's deploy hook "
                                      f"runs (median of {args.busy_changes})", 1000, "ms")):

@@ -92,7 +92,7 @@ fn every_config_field_and_hook_variable_is_in_depro_json_5() {
         });
         assert!(marked, "depro.json(5) does not describe the field {field}");
     }
-    let agent = read("src/agent/supervise.rs");
+    let agent = read("src/agent/hook_run.rs");
     for variable in [
         "VERSION",
         "VERSION_PATH",
