@@ -170,6 +170,9 @@ impl Agent {
         rx: Receiver<Event>,
     ) -> Result<Agent> {
         let consul = Arc::new(Consul::new(&config.consul).map_err(Error::Config)?);
+        if let Some(warning) = crate::consul::expiry_warning(consul.tls(), reload::CERT_WARNING) {
+            log::warn!("{warning}");
+        }
         let mut deployments = Vec::new();
         let mut recorded = Vec::new();
         for spec in &config.deployments {

@@ -15,6 +15,10 @@ use crate::hooks;
 use crate::plan::LocalVersion;
 use crate::version_name::VersionName;
 
+/// A client certificate that expires within this is warned about, at start
+/// and at each reload.
+pub(super) const CERT_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
+
 impl Agent {
     pub(super) fn reload(&mut self) {
         if self.stopping {
@@ -36,6 +40,9 @@ impl Agent {
         for warning in &new.warnings {
             log::warn!("{warning}");
         }
+        if let Some(warning) = crate::consul::expiry_warning(consul.tls(), CERT_WARNING) {
+            log::warn!("{warning}");
+        }
         let mut opened = BTreeMap::new();
         for spec in &new.deployments {
             if !self.deployments.iter().any(|d| d.spec.path == spec.path) {
@@ -47,7 +54,10 @@ impl Agent {
         }
         crate::logging::set_level(new.log_level);
         crate::logging::set_context(&new.name, super::deployment_ids(&new));
+        // The TLS files' contents too: a certificate renewed in place keeps
+        // its path.
         let reconnect = new.consul != self.config.consul
+            || consul.tls().fingerprint != self.consul.tls().fingerprint
             || new.name != self.config.name
             || new.session_ttl != self.config.session_ttl
             || new.rescan_interval != self.config.rescan_interval;

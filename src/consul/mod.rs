@@ -23,6 +23,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod tls;
+mod x509;
+
+pub(crate) use tls::{TlsFacts, expiry_warning};
 
 /// Connection settings, resolved from flags, environment and config files.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -413,6 +416,7 @@ pub(crate) struct Consul {
     token: Option<Secret>,
     datacenter: Option<String>,
     requests: AtomicU64,
+    tls: TlsFacts,
 }
 
 /// Consul takes at most this many operations in one transaction.
@@ -431,8 +435,11 @@ impl Consul {
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections_per_host(64);
+        let mut facts = TlsFacts::default();
         if base.starts_with("https://") {
-            config = config.tls_config(tls::config(settings)?);
+            let (tls, read) = tls::config(settings)?;
+            config = config.tls_config(tls);
+            facts = read;
         }
         let config = config.build();
         Ok(Consul {
@@ -442,6 +449,7 @@ impl Consul {
             token: settings.token.clone(),
             datacenter: settings.datacenter.clone(),
             requests: AtomicU64::new(0),
+            tls: facts,
         })
     }
 
@@ -455,7 +463,14 @@ impl Consul {
             token: self.token.clone(),
             datacenter: self.datacenter.clone(),
             requests: AtomicU64::new(0),
+            tls: self.tls.clone(),
         }
+    }
+
+    /// What its TLS was built from (files' digest, the client certificate's
+    /// expiry).
+    pub(crate) fn tls(&self) -> &TlsFacts {
+        &self.tls
     }
 
     /// Closes this client's connections, idle ones and those in use: a

@@ -13,11 +13,23 @@
 //! says to give `ca_file` or install its CA bundle. The store is read when a
 //! client is built: at start, and at each reload of the agent.
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use ureq::tls::{Certificate, ClientCert, PemItem, RootCerts, TlsConfig, parse_pem};
 
 use super::ConsulSettings;
+use super::x509::{self, KeyFormat, KeyMatch};
+
+/// What a client's TLS was built from, beyond its settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TlsFacts {
+    /// A digest of every file read (CA, certificate, key): a file renewed
+    /// in place changes it, so a reload can tell.
+    pub fingerprint: u64,
+    /// The client certificate and when it expires (seconds since the epoch).
+    pub client_cert: Option<(PathBuf, i64)>,
+}
 
 /// The CA bundles of Linux distributions, in the order Go looks for them.
 pub(crate) const BUNDLES: &[&str] = &[
@@ -32,8 +44,18 @@ pub(crate) const BUNDLES: &[&str] = &[
 /// Directories of single certificates, read when no bundle exists.
 pub(crate) const CERT_DIRS: &[&str] = &["/etc/ssl/certs", "/etc/pki/tls/certs"];
 
-/// The TLS configuration of a client built from `settings`.
-pub(super) fn config(settings: &ConsulSettings) -> Result<TlsConfig, String> {
+/// The TLS configuration of a client built from `settings`, and what it was
+/// built from. Refuses a client certificate that has expired, is not valid
+/// yet, or whose key is not its own: Consul would refuse it (and the TLS
+/// library would abort on the last).
+pub(super) fn config(settings: &ConsulSettings) -> Result<(TlsConfig, TlsFacts), String> {
+    let mut facts = TlsFacts::default();
+    let mut digest = std::collections::hash_map::DefaultHasher::new();
+    let mut read = |path: &Path, what: &str| {
+        let bytes = read(path, what)?;
+        bytes.hash(&mut digest);
+        Ok::<Vec<u8>, String>(bytes)
+    };
     let mut builder = TlsConfig::builder().disable_verification(!settings.verify_tls);
     if let Some(ca) = &settings.ca_file {
         let pem = read(ca, "CA certificate (ca_file, CONSUL_CACERT)")?;
@@ -63,6 +85,8 @@ pub(super) fn config(settings: &ConsulSettings) -> Result<TlsConfig, String> {
                     _ => None,
                 })
                 .ok_or_else(|| format!("{}: no PEM private key found", key_path.display()))?;
+            let not_after = check_client_cert(cert_path, &certs[0], key_path, &key_pem, key.der())?;
+            facts.client_cert = Some((cert_path.clone(), not_after));
             builder = builder.client_cert(Some(ClientCert::new_with_certs(&certs, key)));
         }
         (None, None) => {}
@@ -74,7 +98,76 @@ pub(super) fn config(settings: &ConsulSettings) -> Result<TlsConfig, String> {
             );
         }
     }
-    Ok(builder.build())
+    facts.fingerprint = digest.finish();
+    Ok((builder.build(), facts))
+}
+
+/// Checks a client certificate (its first certificate) and its key;
+/// returns when the certificate expires.
+fn check_client_cert(
+    cert_path: &Path,
+    cert: &Certificate<'_>,
+    key_path: &Path,
+    key_pem: &[u8],
+    key_der: &[u8],
+) -> Result<i64, String> {
+    let facts = x509::cert_facts(cert.der()).ok_or_else(|| {
+        format!(
+            "{}: the client certificate cannot be read (not an X.509 certificate)",
+            cert_path.display()
+        )
+    })?;
+    let now = now_secs();
+    if now >= facts.not_after {
+        return Err(format!(
+            "{}: the client certificate expired at {}; renew it (Consul refuses an expired certificate)",
+            cert_path.display(),
+            date(facts.not_after)
+        ));
+    }
+    if now < facts.not_before {
+        return Err(format!(
+            "{}: the client certificate is valid only from {}; is this host's clock right?",
+            cert_path.display(),
+            date(facts.not_before)
+        ));
+    }
+    let matched = KeyFormat::of_pem(key_pem).map(|f| x509::key_matches(&facts, f, key_der));
+    if matched == Some(KeyMatch::Mismatch) {
+        return Err(format!(
+            "{} does not belong to the client certificate {}: give the key the certificate was issued for",
+            key_path.display(),
+            cert_path.display()
+        ));
+    }
+    Ok(facts.not_after)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// A time in seconds since the epoch, as the log writes times.
+pub(crate) fn date(secs: i64) -> String {
+    crate::logging::timestamp_of(secs.max(0) as u64 * 1000)
+}
+
+/// A warning when the client certificate expires within `window`.
+pub(crate) fn expiry_warning(facts: &TlsFacts, window: std::time::Duration) -> Option<String> {
+    let (path, not_after) = facts.client_cert.as_ref()?;
+    let left = not_after - now_secs();
+    (left < window.as_secs() as i64).then(|| {
+        format!(
+            "{}: the client certificate expires at {} (in {}); renew it before then \
+             (a renewal in place is picked up on SIGHUP, or when Consul refuses the old one)",
+            path.display(),
+            date(*not_after),
+            crate::duration::human(std::time::Duration::from_secs(left.max(0) as u64))
+        )
+    })
 }
 
 /// Where the host keeps the CAs it trusts.
