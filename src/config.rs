@@ -338,20 +338,32 @@ pub(crate) fn resolve_connection(
         address = format!("https://{address}");
     }
 
-    let token = if let Some(token) = flags.token.clone() {
-        Some(token)
+    // The token, and where it came from (for the hint of a denial).
+    let (token, token_origin) = if let Some(token) = flags.token.clone() {
+        (Some(token), "-token".to_string())
     } else if let Some(path) = &flags.token_file {
-        Some(read_token(path, "-token-file")?)
-    } else if let Some(token) = env("DEPRO_TOKEN").or_else(|| env("CONSUL_HTTP_TOKEN")) {
-        Some(token)
+        let origin = format!("-token-file {}", path.display());
+        (Some(read_token(path, "-token-file")?), origin)
+    } else if let Some(token) = env("DEPRO_TOKEN") {
+        (Some(token), "DEPRO_TOKEN".to_string())
+    } else if let Some(token) = env("CONSUL_HTTP_TOKEN") {
+        (Some(token), "CONSUL_HTTP_TOKEN".to_string())
     } else if let Some(path) = env("CONSUL_HTTP_TOKEN_FILE") {
-        Some(read_token(Path::new(&path), "CONSUL_HTTP_TOKEN_FILE")?)
+        let origin = format!("CONSUL_HTTP_TOKEN_FILE {path}");
+        (
+            Some(read_token(Path::new(&path), "CONSUL_HTTP_TOKEN_FILE")?),
+            origin,
+        )
     } else if let Some(token) = file.token.clone() {
-        Some(token)
+        (Some(token), "token in the config".to_string())
     } else if let Some(path) = &file.token_file {
-        Some(read_token(path, "token_file")?)
+        let origin = format!("token_file {}", path.display());
+        (Some(read_token(path, "token_file")?), origin)
     } else {
-        None
+        (
+            None,
+            "none given: -token, CONSUL_HTTP_TOKEN or token_file".to_string(),
+        )
     };
 
     let path_setting = |flag: &Option<PathBuf>, var: &str, file: &Option<PathBuf>| {
@@ -369,6 +381,7 @@ pub(crate) fn resolve_connection(
     let settings = ConsulSettings {
         address,
         token: token.map(Secret::new),
+        token_origin,
         datacenter: flags
             .datacenter
             .clone()

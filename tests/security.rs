@@ -199,7 +199,9 @@ verify_incoming = true"#,
             && consul.get(&format!("{prefix}/v1/public")).as_deref() == Some("active")
     });
     wait_for("the handshake failure to be logged", || {
-        anonymous.log().contains("is unreachable")
+        anonymous
+            .log()
+            .contains("Consul asks for a client certificate")
     });
     assert_eq!(consul.get(&format!("{prefix}/v1/anonymous")), None);
 

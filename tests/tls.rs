@@ -210,3 +210,89 @@ fn a_client_certificate_renewed_in_place_is_taken_on_sighup() {
         bed.consul.get(&format!("{prefix}/v1/node1")).as_deref() == Some("active")
     });
 }
+
+#[test]
+fn each_refused_handshake_says_what_to_fix() {
+    let bed = TlsBed::start();
+    let prefix = support::unique_prefix("refused");
+    let status = |extra: &[String]| {
+        let out = support::depro_command(&bed.server, &["status", &format!("-prefix={prefix}")])
+            .args(extra)
+            .output()
+            .unwrap();
+        support::Output::of(out)
+    };
+    // No client certificate, where Consul requires one.
+    let out = status(&[format!("-ca-file={}", bed.ca())]);
+    assert_eq!(out.code, Some(4), "{out:#?}");
+    assert!(
+        out.error().contains("give cert_file and key_file"),
+        "{out:#?}"
+    );
+    // A client certificate of a CA Consul does not trust.
+    let other = tempfile::tempdir().unwrap();
+    for args in [
+        &["ca", "create", "-domain", "elsewhere"][..],
+        &[
+            "cert",
+            "create",
+            "-client",
+            "-dc",
+            "dc1",
+            "-domain",
+            "elsewhere",
+            "-ca",
+            "elsewhere-agent-ca.pem",
+            "-key",
+            "elsewhere-agent-ca-key.pem",
+        ][..],
+    ] {
+        let made = Command::new(support::consul_bin())
+            .arg("tls")
+            .args(args)
+            .current_dir(other.path())
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    let cert = other.path().join("dc1-client-elsewhere-0.pem");
+    let key = other.path().join("dc1-client-elsewhere-0-key.pem");
+    let out = bed.status(&prefix, &cert, &key);
+    assert_eq!(out.code, Some(4), "{out:#?}");
+    assert!(
+        out.error().contains(&format!(
+            "Consul refused the client certificate {}",
+            cert.display()
+        )),
+        "{out:#?}"
+    );
+    // A CA that did not sign Consul's certificate.
+    let out = support::depro_command(&bed.server, &["status", &format!("-prefix={prefix}")])
+        .arg(format!(
+            "-ca-file={}",
+            other.path().join("elsewhere-agent-ca.pem").display()
+        ))
+        .output()
+        .unwrap();
+    let out = support::Output::of(out);
+    assert!(
+        out.error()
+            .contains("is not signed by a CA this client trusts"),
+        "{out:#?}"
+    );
+    // Plain http to the https port.
+    let plain = bed.server.replace("https://", "http://");
+    let out = support::depro_command(&plain, &["status", &format!("-prefix={prefix}")])
+        .output()
+        .unwrap();
+    let out = support::Output::of(out);
+    assert!(
+        out.error()
+            .contains(&format!("that port speaks https: use {}", bed.server)),
+        "{out:#?}"
+    );
+}

@@ -177,7 +177,11 @@ impl Ctx {
             let result = request(&self.consul);
             let answered = match &result {
                 Ok(_) => true,
-                Err(e) => !matches!(e.kind, crate::consul::ConsulErrorKind::Unreachable(_)),
+                Err(e) => !matches!(
+                    e.kind,
+                    crate::consul::ConsulErrorKind::Unreachable(_)
+                        | crate::consul::ConsulErrorKind::Tls(_)
+                ),
             };
             if answered {
                 self.contacted.set(true);

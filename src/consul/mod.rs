@@ -33,6 +33,9 @@ pub(crate) struct ConsulSettings {
     /// `host:port`, `http://host:port` or `https://host:port`.
     pub address: String,
     pub token: Option<Secret>,
+    /// Where the token came from, for the hint of a denial (`token_file
+    /// /etc/depro/token`, `CONSUL_HTTP_TOKEN`, …).
+    pub token_origin: String,
     pub datacenter: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
@@ -65,6 +68,8 @@ impl fmt::Debug for Secret {
 pub(crate) struct ConsulError {
     /// The Consul address, for the message.
     pub server: String,
+    /// Where the client's ACL token came from, for the hint of a denial.
+    pub token_origin: String,
     /// What was being done, e.g. `reading key "api/version/current"`.
     pub doing: String,
     pub kind: ConsulErrorKind,
@@ -85,6 +90,10 @@ pub(crate) enum ConsulErrorKind {
     NotConsul(String),
     /// Consul has no path to the datacenter asked for.
     NoDatacenter(String),
+    /// The TLS handshake failed, for a reason depro can name: what to fix.
+    Tls(String),
+    /// An answer larger than depro reads (the limit, in bytes).
+    TooLarge(u64),
 }
 
 impl ConsulError {
@@ -92,11 +101,12 @@ impl ConsulError {
     /// opposed to denials and bad requests, which need an operator.
     pub(crate) fn is_transient(&self) -> bool {
         match &self.kind {
-            ConsulErrorKind::Unreachable(_) => true,
+            ConsulErrorKind::Unreachable(_) | ConsulErrorKind::Tls(_) => true,
             ConsulErrorKind::Status(code, _) => *code >= 500 || *code == 429,
             ConsulErrorKind::Denied(_)
             | ConsulErrorKind::BadAnswer(_)
             | ConsulErrorKind::NotConsul(_)
+            | ConsulErrorKind::TooLarge(_)
             | ConsulErrorKind::NoDatacenter(_) => false,
         }
     }
@@ -111,6 +121,8 @@ impl ConsulError {
             ConsulErrorKind::BadAnswer(why) => format!("unexpected answer ({why})"),
             ConsulErrorKind::NotConsul(why) => format!("not Consul ({why})"),
             ConsulErrorKind::NoDatacenter(body) => format!("no such datacenter ({body})"),
+            ConsulErrorKind::Tls(why) => format!("TLS refused ({why})"),
+            ConsulErrorKind::TooLarge(limit) => format!("an answer over {} MiB", limit >> 20),
         }
     }
 }
@@ -121,6 +133,7 @@ impl fmt::Display for ConsulError {
             server,
             doing,
             kind,
+            ..
         } = self;
         match kind {
             ConsulErrorKind::Unreachable(why)
@@ -152,7 +165,19 @@ impl fmt::Display for ConsulError {
             ConsulErrorKind::Denied(body) => write!(
                 f,
                 "Consul at {server} denied {doing}: {body}; check the ACL token \
-                 (-token, CONSUL_HTTP_TOKEN) and its policy"
+                 ({}) and its policy",
+                self.token_origin
+            ),
+            ConsulErrorKind::Tls(why) => write!(
+                f,
+                "Consul at {server} could not be reached over TLS while {doing}: {why}"
+            ),
+            ConsulErrorKind::TooLarge(limit) => write!(
+                f,
+                "Consul at {server} answered with more than {} MiB while {doing}, more than depro \
+                 reads in one answer; this is depro's limit, not Consul's: report it with the \
+                 number of keys under the prefix",
+                limit >> 20
             ),
             ConsulErrorKind::Status(code, body) => {
                 write!(
@@ -414,6 +439,7 @@ pub(crate) struct Consul {
     config: ureq::config::Config,
     base: String,
     token: Option<Secret>,
+    token_origin: String,
     datacenter: Option<String>,
     requests: AtomicU64,
     tls: TlsFacts,
@@ -447,6 +473,7 @@ impl Consul {
             config,
             base,
             token: settings.token.clone(),
+            token_origin: settings.token_origin.clone(),
             datacenter: settings.datacenter.clone(),
             requests: AtomicU64::new(0),
             tls: facts,
@@ -461,6 +488,7 @@ impl Consul {
             config: self.config.clone(),
             base: self.base.clone(),
             token: self.token.clone(),
+            token_origin: self.token_origin.clone(),
             datacenter: self.datacenter.clone(),
             requests: AtomicU64::new(0),
             tls: self.tls.clone(),
@@ -747,13 +775,12 @@ impl Consul {
         };
         let (status, index, body) = self.send("GET", url, None, timeout, doing)?;
         if index.is_none() && matches!(status, 200 | 404) {
-            return Err(ConsulError {
-                server: self.base.clone(),
-                doing: doing(),
-                kind: ConsulErrorKind::NotConsul(format!(
+            return Err(self.error(
+                doing(),
+                ConsulErrorKind::NotConsul(format!(
                     "an HTTP {status} answer without an X-Consul-Index header"
                 )),
-            });
+            ));
         }
         let index = index.ok_or_else(|| self.bad(doing(), "no X-Consul-Index header".into()));
         match status {
@@ -790,10 +817,18 @@ impl Consul {
     ) -> Result<(u16, Option<u64>, Vec<u8>)> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         log::trace!("{method} {url}");
-        let unreachable = |e: ureq::Error| ConsulError {
-            server: self.base.clone(),
-            doing: doing(),
-            kind: ConsulErrorKind::Unreachable(describe_transport_error(&e)),
+        let unreachable = |e: ureq::Error| {
+            let kind = match &e {
+                ureq::Error::BodyExceedsLimit(limit) => ConsulErrorKind::TooLarge(*limit),
+                _ => {
+                    let why = describe_transport_error(&e);
+                    match tls::trouble(&why, &self.tls) {
+                        Some(trouble) => ConsulErrorKind::Tls(trouble),
+                        None => ConsulErrorKind::Unreachable(why),
+                    }
+                }
+            };
+            self.error(doing(), kind)
         };
         let mut request = ureq::http::Request::builder().method(method).uri(url);
         if let Some(token) = &self.token {
@@ -843,27 +878,37 @@ impl Consul {
         let text = String::from_utf8_lossy(body);
         let text: String = text.trim().chars().take(300).collect();
         let text = text.replace('\n', " ");
+        let kind = if status == 403 {
+            ConsulErrorKind::Denied(text)
+        } else if text.contains("No path to datacenter") {
+            ConsulErrorKind::NoDatacenter(text)
+        } else if status == 400 && text.contains("HTTP request to an HTTPS server") {
+            ConsulErrorKind::Status(
+                status,
+                format!(
+                    "{text}; that port speaks https: use https://{}",
+                    self.base.trim_start_matches("http://")
+                ),
+            )
+        } else {
+            ConsulErrorKind::Status(status, text)
+        };
+        self.error(doing, kind)
+    }
+
+    fn error(&self, doing: String, kind: ConsulErrorKind) -> ConsulError {
         ConsulError {
             server: self.base.clone(),
+            token_origin: self.token_origin.clone(),
             doing,
-            kind: if status == 403 {
-                ConsulErrorKind::Denied(text)
-            } else if text.contains("No path to datacenter") {
-                ConsulErrorKind::NoDatacenter(text)
-            } else {
-                ConsulErrorKind::Status(status, text)
-            },
+            kind,
         }
     }
 
     /// An answer that is a denial of `doing` (a rejected operation of a
     /// transaction): exit 4, like any other denial.
     pub(crate) fn denied(&self, doing: String, why: String) -> ConsulError {
-        ConsulError {
-            server: self.base.clone(),
-            doing,
-            kind: ConsulErrorKind::Denied(why),
-        }
+        self.error(doing, ConsulErrorKind::Denied(why))
     }
 
     /// An answer depro cannot make sense of while `doing`.
@@ -872,11 +917,7 @@ impl Consul {
     }
 
     fn bad(&self, doing: String, why: String) -> ConsulError {
-        ConsulError {
-            server: self.base.clone(),
-            doing,
-            kind: ConsulErrorKind::BadAnswer(why),
-        }
+        self.error(doing, ConsulErrorKind::BadAnswer(why))
     }
 }
 
@@ -1096,12 +1137,61 @@ mod tests {
         ConsulSettings {
             address: address.into(),
             token: Some(Secret::new("s3cr3t-token".into())),
+            token_origin: "CONSUL_HTTP_TOKEN".into(),
             datacenter: None,
             ca_file: None,
             cert_file: None,
             key_file: None,
             verify_tls: true,
         }
+    }
+
+    #[test]
+    fn a_denial_names_where_the_token_came_from() {
+        let mut with_file = settings("127.0.0.1:8500");
+        with_file.token_origin = "token_file /etc/depro/token".into();
+        let consul = Consul::new(&with_file).unwrap();
+        let text = consul
+            .denied("reading \"p/current\"".into(), "Permission denied".into())
+            .to_string();
+        assert!(text.contains("(token_file /etc/depro/token)"), "{text}");
+        assert!(!text.contains("CONSUL_HTTP_TOKEN"), "{text}");
+    }
+
+    #[test]
+    fn tls_refusals_say_what_to_fix() {
+        let none = TlsFacts::default();
+        let why = tls::trouble("received fatal alert: CertificateRequired", &none).unwrap();
+        assert!(why.contains("give cert_file and key_file"), "{why}");
+        let expired = TlsFacts {
+            fingerprint: 0,
+            client_cert: Some(("/etc/depro/client.pem".into(), 1_000_000)),
+        };
+        let why = tls::trouble("Broken pipe (os error 32)", &expired).unwrap();
+        assert!(
+            why.contains("/etc/depro/client.pem expired at 1970-01-12"),
+            "{why}"
+        );
+        let why = tls::trouble(
+            "invalid peer certificate: UnknownIssuer",
+            &TlsFacts::default(),
+        )
+        .unwrap();
+        assert!(why.contains("ca_file"), "{why}");
+        assert_eq!(
+            tls::trouble("Connection refused (os error 111)", &none),
+            None
+        );
+        let valid = TlsFacts {
+            fingerprint: 0,
+            client_cert: Some(("/c.pem".into(), i64::MAX)),
+        };
+        assert_eq!(tls::trouble("Broken pipe (os error 32)", &valid), None);
+        let why = tls::trouble("received fatal alert: BadCertificate", &valid).unwrap();
+        assert!(
+            why.contains("Consul refused the client certificate /c.pem"),
+            "{why}"
+        );
     }
 
     #[test]

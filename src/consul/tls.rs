@@ -155,6 +155,67 @@ pub(crate) fn date(secs: i64) -> String {
     crate::logging::timestamp_of(secs.max(0) as u64 * 1000)
 }
 
+/// What to fix, when a transport error `why` is a TLS refusal depro can
+/// name (by either side; with the client certificate's facts).
+pub(crate) fn trouble(why: &str, facts: &TlsFacts) -> Option<String> {
+    let cert = facts.client_cert.as_ref();
+    let alert = [
+        "BadCertificate",
+        "CertificateRequired",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "CertificateRevoked",
+        "UnknownCA",
+        "AccessDenied",
+    ]
+    .into_iter()
+    .find(|alert| why.contains(alert));
+    let broken = ["Broken pipe", "Connection reset"]
+        .iter()
+        .any(|sign| why.contains(sign));
+    if let Some((path, not_after)) = cert
+        && now_secs() >= *not_after
+        && (alert.is_some() || broken)
+    {
+        return Some(format!(
+            "the client certificate {} expired at {} ({why}); renew it: a renewal in place is \
+             taken at the next reload (SIGHUP) or the next refusal",
+            path.display(),
+            date(*not_after)
+        ));
+    }
+    if why.contains("invalid peer certificate") {
+        return Some(if why.contains("UnknownIssuer") {
+            format!(
+                "Consul's certificate is not signed by a CA this client trusts ({why}); give \
+                 the CA that signed it as ca_file (CONSUL_CACERT, -ca-file)"
+            )
+        } else if why.contains("Expired") {
+            format!("Consul's certificate has expired ({why}); renew it on the Consul servers")
+        } else if why.contains("NotValidFor") {
+            format!(
+                "Consul's certificate is not issued for the name in the address ({why}); use a \
+                 name it was issued for (`consul tls` issues them for server.<dc>.consul and \
+                 localhost)"
+            )
+        } else {
+            format!("this client does not accept Consul's certificate ({why})")
+        });
+    }
+    let alert = alert?;
+    Some(match cert {
+        None => format!(
+            "Consul asks for a client certificate ({alert}): give cert_file and key_file \
+             (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, -client-cert and -client-key)"
+        ),
+        Some((path, _)) => format!(
+            "Consul refused the client certificate {} ({alert}): it must be signed by a CA that \
+             Consul trusts (Consul's ca_file) and be valid now",
+            path.display()
+        ),
+    })
+}
+
 /// A warning when the client certificate expires within `window`.
 pub(crate) fn expiry_warning(facts: &TlsFacts, window: std::time::Duration) -> Option<String> {
     let (path, not_after) = facts.client_cert.as_ref()?;
