@@ -14,7 +14,7 @@ missing=()
 for pair in bash:bash tar:tar gzip:gzip mandoc:mandoc lintian:lintian rpm:rpm man:man-db \
             file:file readelf:binutils systemd-analyze:systemd python3:python3 script:bsdutils \
             curl:curl cmp:diffutils install:coreutils zsh:zsh fish:fish \
-            qemu-aarch64-static:qemu-user-static cpio:cpio unshare:util-linux; do
+            qemu-aarch64-static:qemu-user-static cpio:cpio unshare:util-linux openssl:openssl; do
   need "${pair%%:*}" || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -166,11 +166,12 @@ fn a_client_key_that_is_not_the_certificates_is_refused_in_one_line_everywhere()
 }
 
 #[test]
-fn a_certificate_out_of_its_validity_is_refused_by_agent_check_with_its_dates() {
+fn a_certificate_out_of_its_validity_or_of_version_1_is_refused_by_agent_check_saying_so() {
     let root = tempfile::tempdir().unwrap();
     for (cert, needle) in [
         ("ec-expired.crt", "expired at 2021-01-01"),
         ("ec-future.crt", "valid only from 2036-01-01"),
+        ("ec-v1.crt", "X.509 version 1, which TLS refuses"),
     ] {
         let mut agent = Agent::new(root.path(), cert, "https://127.0.0.1:1", "p/version");
         agent.extra = serde_json::json!({
@@ -295,4 +296,151 @@ fn each_refused_handshake_says_what_to_fix() {
             .contains(&format!("that port speaks https: use {}", bed.server)),
         "{out:#?}"
     );
+}
+
+/// A client certificate signed by the bed's CA that expires `seconds`
+/// from now (`openssl ca`, which `consul tls` cannot do), and its key.
+fn short_lived(bed: &TlsBed, seconds: u64) -> (PathBuf, PathBuf) {
+    let dir = bed.file("short");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test.sh installs it): {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + seconds;
+    let end = run("date", &["-u", "-d", &format!("@{end}"), "+%Y%m%d%H%M%SZ"]);
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "01\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\nserial=serial\nnew_certs_dir=.\n\
+         policy=p\ndefault_md=sha256\n[p]\ncommonName=supplied\n\
+         [ext]\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(
+        "openssl",
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "short-key.pem",
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-key",
+            "short-key.pem",
+            "-subj",
+            "/CN=short",
+            "-out",
+            "short.csr",
+        ],
+    );
+    let ca = bed.ca();
+    let ca_key = bed.file("consul-agent-ca-key.pem").display().to_string();
+    run(
+        "openssl",
+        &[
+            "ca",
+            "-config",
+            "ca.cnf",
+            "-extensions",
+            "ext",
+            "-batch",
+            "-notext",
+            "-cert",
+            &ca,
+            "-keyfile",
+            &ca_key,
+            "-in",
+            "short.csr",
+            "-out",
+            "short.pem",
+            "-enddate",
+            &end,
+        ],
+    );
+    (dir.join("short.pem"), dir.join("short-key.pem"))
+}
+
+#[test]
+fn an_expired_client_certificate_is_named_and_one_renewed_in_place_is_taken_without_sighup() {
+    let bed = TlsBed::start();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("expiring");
+    let mut agent = bed.agent(root.path(), "node1", &prefix, 0);
+    let (short, short_key) = short_lived(&bed, 15);
+    std::fs::copy(&short, agent.dir.join("client.pem")).unwrap();
+    std::fs::copy(&short_key, agent.dir.join("client-key.pem")).unwrap();
+    agent.start();
+    support::wait_for_within(
+        std::time::Duration::from_secs(10),
+        "the agent to register",
+        &mut || registrations(&agent) == 1,
+        || agent.log(),
+    );
+    bed.consul.add_version(&prefix, "v1");
+    bed.consul.put(&format!("{prefix}/current"), "v1");
+    wait_for("v1 active", || {
+        bed.consul.get(&format!("{prefix}/v1/node1")).as_deref() == Some("active")
+    });
+    // It expires soon: the start said so.
+    assert!(
+        agent.log().contains("the client certificate expires at"),
+        "{}",
+        agent.log()
+    );
+
+    // Left to expire. Connections made before go on (TLS checks a
+    // certificate at the handshake only): Consul restarting makes the agent
+    // connect anew, and Consul refuses it; the agent says which and why.
+    let valid_until = std::time::Instant::now() + std::time::Duration::from_secs(16);
+    while std::time::Instant::now() < valid_until {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bed.consul.restart();
+    let cert = agent.dir.join("client.pem").display().to_string();
+    support::wait_for_within(
+        std::time::Duration::from_secs(60),
+        "the expired certificate to be named",
+        &mut || {
+            agent
+                .log()
+                .contains(&format!("the client certificate {cert} expired at"))
+        },
+        || agent.log(),
+    );
+
+    // Renewed in place, without SIGHUP (a cert tool that sends none): the
+    // next refusal makes the agent read its files again.
+    std::fs::copy(bed.cert(1), agent.dir.join("client.pem")).unwrap();
+    std::fs::copy(bed.key(1), agent.dir.join("client-key.pem")).unwrap();
+    wait_for("the agent to reconnect with the renewed files", || {
+        agent.log().contains("reconnecting with the new ones")
+    });
+    bed.consul.add_version(&prefix, "v2");
+    bed.consul.put(&format!("{prefix}/current"), "v2");
+    wait_for("v2 active with the renewed certificate", || {
+        bed.consul.get(&format!("{prefix}/v2/node1")).as_deref() == Some("active")
+    });
 }

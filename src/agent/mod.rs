@@ -77,6 +77,8 @@ pub(crate) enum Event {
     /// queries on dead connections.
     ConsulBack,
     Signal(Signal),
+    /// Consul refused the credentials (a denial, a TLS refusal).
+    Refused,
     /// A finished hook's output is read to its end.
     HookOutput {
         run: u64,
@@ -133,6 +135,8 @@ pub(crate) struct Agent {
     deployments: Vec<DeploymentState>,
     sessions: Sessions,
     stopping: bool,
+    /// When the credential files were last read again after a refusal.
+    credentials_read: Option<Instant>,
     next_watch: u64,
     last_served: usize,
     /// When this agent started, for its announcements.
@@ -195,6 +199,10 @@ impl Agent {
         health.on_return(move || {
             let _ = back.send(Event::ConsulBack);
         });
+        let refused = tx.clone();
+        health.on_refused(move || {
+            let _ = refused.send(Event::Refused);
+        });
         Ok(Agent {
             args,
             config,
@@ -207,6 +215,7 @@ impl Agent {
             deployments,
             sessions: Sessions::new(recorded),
             stopping: false,
+            credentials_read: None,
             next_watch: 0,
             last_served: 0,
             started_at: crate::logging::timestamp(),
@@ -292,6 +301,7 @@ impl Agent {
             Event::Signal(Signal::Stop(number)) => self.stop(number),
             Event::Signal(Signal::Reload) => self.reload(),
             Event::HookOutput { run, tail } => self.output_ended(run, tail),
+            Event::Refused => self.credentials_refused(),
         }
     }
 

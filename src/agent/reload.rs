@@ -19,6 +19,9 @@ use crate::version_name::VersionName;
 /// and at each reload.
 pub(super) const CERT_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
 
+/// How often at most the credential files are read again after refusals.
+const CREDENTIALS_READ: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Agent {
     pub(super) fn reload(&mut self) {
         if self.stopping {
@@ -30,6 +33,40 @@ impl Agent {
         match applied {
             Ok(()) => self.announce(),
             Err(e) => log::error!("reload: {e}; keeping the running configuration"),
+        }
+    }
+
+    /// Consul refused the credentials: if the token file or the TLS files
+    /// changed since they were read (a secrets agent or cert tool rewrote
+    /// them without SIGHUP), reconnect with them. At most every
+    /// [`CREDENTIALS_READ`].
+    pub(super) fn credentials_refused(&mut self) {
+        if self.stopping
+            || self
+                .credentials_read
+                .is_some_and(|at| at.elapsed() < CREDENTIALS_READ)
+        {
+            return;
+        }
+        self.credentials_read = Some(std::time::Instant::now());
+        let Ok(new) = config::resolve_agent(&self.args, &config::process_env) else {
+            return; // a broken edit waits for SIGHUP, which says why
+        };
+        let Ok(consul) = Consul::new(&new.consul) else {
+            return;
+        };
+        let renewed = new.consul.token != self.config.consul.token
+            || consul.tls().fingerprint != self.consul.tls().fingerprint;
+        if renewed && new.consul.address == self.config.consul.address {
+            log::info!(
+                "Consul refused the credentials, and the token or certificate files changed since \
+                 they were read: reconnecting with the new ones"
+            );
+            let mut config = self.config.clone();
+            config.consul = new.consul;
+            if let Err(e) = self.apply(config) {
+                log::error!("cannot reconnect with the new credentials: {e}");
+            }
         }
     }
 

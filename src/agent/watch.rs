@@ -46,7 +46,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::view::{CurrentSeen, ListingSeen, TreeSeen};
-use crate::consul::{Consistency, Consul, ConsulError, Read, TxnOp, TxnOutcome};
+use crate::consul::{Consistency, Consul, ConsulError, ConsulErrorKind, Read, TxnOp, TxnOutcome};
 use crate::cursor::{Answered, Cursor, Pacing};
 use crate::doorbell::{Change, Ring};
 use crate::pacing::Backoff;
@@ -703,7 +703,17 @@ pub(crate) struct Health {
     down: Mutex<Option<Outage>>,
     /// Told when an outage of at least [`STRANDING`] ends.
     on_return: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Told when Consul refuses the credentials (a denial, a TLS refusal):
+    /// the token or certificate files may have been renewed meanwhile.
+    on_refused: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// The last denial logged, and when: a denial is not an outage (Consul
+    /// answers), and is logged once, again only if it changes or after
+    /// [`DENIAL_REPEAT`].
+    denied: Mutex<Option<(String, std::time::Instant)>>,
 }
+
+/// How often the same denial is logged again while it lasts.
+const DENIAL_REPEAT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// An outage this long may have stranded requests on connections that
 /// died with the link (a link that drops packets is only noticed through
@@ -721,6 +731,12 @@ impl Health {
     /// outage that may have stranded requests ends.
     pub(crate) fn on_return(&self, f: impl Fn() + Send + 'static) {
         *self.on_return.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Calls `f` (from whichever thread sees it) when Consul refuses the
+    /// credentials.
+    pub(crate) fn on_refused(&self, f: impl Fn() + Send + 'static) {
+        *self.on_refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     pub(crate) fn reachable(&self, consul: &Consul) {
@@ -741,8 +757,34 @@ impl Health {
     }
 
     pub(crate) fn unreachable(&self, err: &ConsulError) {
-        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let refused = matches!(
+            err.kind,
+            ConsulErrorKind::Denied(_) | ConsulErrorKind::Tls(_)
+        );
+        if refused && let Some(f) = &*self.on_refused.lock().unwrap_or_else(|e| e.into_inner()) {
+            f();
+        }
         let summary = err.summary();
+        if let ConsulErrorKind::Denied(_) = err.kind {
+            // Consul answers: not an outage.
+            let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+            let repeat = match &*denied {
+                Some((last, at)) => *last != summary || at.elapsed() >= DENIAL_REPEAT,
+                None => true,
+            };
+            if repeat {
+                log::warn!(
+                    "{err}; retrying with backoff (the running version stays; logged again if \
+                     the denial changes, or in {})",
+                    crate::duration::human(DENIAL_REPEAT)
+                );
+                *denied = Some((summary, std::time::Instant::now()));
+            } else {
+                log::debug!("{err}");
+            }
+            return;
+        }
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         match down.as_mut() {
             None => {
                 log::warn!(

@@ -117,6 +117,22 @@ fn check_client_cert(
             cert_path.display()
         )
     })?;
+    if facts.version != 3 {
+        return Err(format!(
+            "{}: the client certificate is X.509 version {}, which TLS refuses; issue it as \
+             version 3 (with extensions, as `consul tls cert create -client` does)",
+            cert_path.display(),
+            facts.version
+        ));
+    }
+    if !facts.unknown_critical.is_empty() {
+        return Err(format!(
+            "{}: the client certificate has critical extensions TLS does not know ({}); issue \
+             it without them",
+            cert_path.display(),
+            facts.unknown_critical.join(", ")
+        ));
+    }
     let now = now_secs();
     if now >= facts.not_after {
         return Err(format!(

@@ -68,6 +68,11 @@ const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 /// What a certificate says of itself that depro checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct CertFacts {
+    /// The X.509 version (1 to 3): TLS libraries take only 3.
+    pub version: u8,
+    /// Extensions marked critical that TLS libraries do not know (which
+    /// makes them refuse the certificate), as dotted OIDs.
+    pub unknown_critical: Vec<String>,
     /// Validity, as seconds since the Unix epoch.
     pub not_before: i64,
     pub not_after: i64,
@@ -84,7 +89,10 @@ pub(crate) fn cert_facts(der: &[u8]) -> Option<CertFacts> {
     // [0] version is optional; then serial, signature algorithm, issuer,
     // validity, subject, subjectPublicKeyInfo.
     let mut field = fields.next()?;
+    let mut version = 1;
     if field.tag == 0xa0 {
+        let number = tlv(field.value)?.0;
+        version = number.value.last().map_or(1, |v| v + 1);
         field = fields.next()?;
     }
     let _serial = field;
@@ -95,12 +103,55 @@ pub(crate) fn cert_facts(der: &[u8]) -> Option<CertFacts> {
     let spki = children(fields.next()?.value)?;
     let algorithm = children(spki.first()?.value)?.first()?.value.to_vec();
     let public_key = bit_string(spki.get(1)?)?.to_vec();
+    let mut unknown_critical = Vec::new();
+    for field in fields {
+        if field.tag != 0xa3 {
+            continue; // issuer or subject unique IDs
+        }
+        for extension in children(tlv(field.value)?.0.value)? {
+            let parts = children(extension.value)?;
+            let id = parts.first().filter(|p| p.tag == OID)?.value;
+            let critical = parts
+                .get(1)
+                .is_some_and(|p| p.tag == 0x01 && p.value.first().is_some_and(|b| *b != 0));
+            // id-ce 15, 17, 19, 30, 31, 37 (2.5.29.x), and the SCT list:
+            // what rustls-webpki reads.
+            let known = matches!(id, [0x55, 0x1d, 15 | 17 | 19 | 30 | 31 | 37])
+                || id == [0x2b, 0x06, 0x01, 0x04, 0x01, 0xd6, 0x79, 0x02, 0x04, 0x02];
+            if critical && !known {
+                unknown_critical.push(dotted(id));
+            }
+        }
+    }
     Some(CertFacts {
+        version,
+        unknown_critical,
         not_before: time(validity.first()?)?,
         not_after: time(validity.get(1)?)?,
         algorithm,
         public_key,
     })
+}
+
+/// An OID as dotted numbers.
+fn dotted(id: &[u8]) -> String {
+    let mut parts: Vec<u64> = Vec::new();
+    if let Some(first) = id.first() {
+        parts.extend([u64::from(first / 40), u64::from(first % 40)]);
+    }
+    let mut value = 0u64;
+    for &b in id.iter().skip(1) {
+        value = (value << 7) | u64::from(b & 0x7f);
+        if b & 0x80 == 0 {
+            parts.push(value);
+            value = 0;
+        }
+    }
+    parts
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn bit_string<'a>(element: &Tlv<'a>) -> Option<&'a [u8]> {
@@ -378,6 +429,9 @@ mod tests {
         assert_eq!(future.not_before, day(2036, 1, 1));
         let current = cert(EC_CRT);
         assert!(current.not_before < current.not_after);
+        assert_eq!((current.version, current.unknown_critical.len()), (3, 0));
+        let v1 = cert(include_str!("../../tests/data/tls/ec-v1.crt"));
+        assert_eq!(v1.version, 1, "TLS refuses it");
     }
 
     #[test]
