@@ -372,3 +372,47 @@ fn a_token_that_may_not_read_the_prefix_gets_exit_4_not_nothing_under_the_prefix
     );
     out.fails(2, &["nothing under other/version"]);
 }
+
+#[test]
+fn a_token_file_rewritten_by_a_secrets_agent_without_sighup_is_taken_at_the_next_denial() {
+    let consul = acl_consul();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("rotated");
+    let old = token_for(&consul, &prefix);
+    let mut agent = Agent::new(root.path(), "node1", &consul.addr(), &prefix);
+    let token_file = agent.dir.join("token");
+    std::fs::write(&token_file, &old).unwrap();
+    agent.extra = serde_json::json!({"token_file": token_file});
+    agent.start();
+    consul.add_version(&prefix, "v1");
+    consul.put(&format!("{prefix}/current"), "v1");
+    wait_for("v1 active", || {
+        consul.get(&format!("{prefix}/v1/node1")).as_deref() == Some("active")
+    });
+    // What a secrets agent does: a new token in the file, the old one
+    // revoked, and no signal.
+    let new = token_with(
+        &consul,
+        "rotated-2",
+        &format!(
+            "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\nsession_prefix \"\" {{ policy = \"write\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
+        ),
+    );
+    std::fs::write(&token_file, &new).unwrap();
+    // The old token's accessor, read with the old token itself.
+    let master = consul.token.lock().unwrap().replace(old.clone());
+    let me: serde_json::Value =
+        serde_json::from_str(&consul.call("GET", "acl/token/self", None)).unwrap();
+    *consul.token.lock().unwrap() = master;
+    let id = me["AccessorID"].as_str().unwrap();
+    consul.call("DELETE", &format!("acl/token/{id}"), None);
+    wait_for("the agent to reconnect with the new token", || {
+        agent.log().contains("reconnecting with the new ones")
+    });
+    consul.add_version(&prefix, "v2");
+    consul.put(&format!("{prefix}/current"), "v2");
+    wait_for("v2 active with the new token", || {
+        consul.get(&format!("{prefix}/v2/node1")).as_deref() == Some("active")
+    });
+    assert!(!agent.log().contains(&old) && !agent.log().contains(&new));
+}
