@@ -367,8 +367,14 @@ impl Running {
 /// behind can be found and ended. False where the kernel refuses (then the
 /// process group and the mark remain).
 pub(crate) fn become_subreaper() -> bool {
-    nix::sys::prctl::set_child_subreaper(true).is_ok()
+    let done = nix::sys::prctl::set_child_subreaper(true).is_ok();
+    SUBREAPER.store(done, std::sync::atomic::Ordering::Relaxed);
+    done
 }
+
+/// This process is a child subreaper: every process a hook leaves behind
+/// comes back to it, so its children are all there is to look at.
+static SUBREAPER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The children that have ended, with how (reaps them). The agent calls
 /// this when SIGCHLD arrives: it is the only place that waits for a child
@@ -394,9 +400,20 @@ pub(crate) fn reap() -> Vec<(i32, std::io::Result<ExitStatus>)> {
 /// of the hooks still `running` (they left their group and cleared their
 /// environment). Returns how many processes it signalled.
 pub(crate) fn end_leftovers(ended: Option<&Running>, running: &[&Running]) -> usize {
-    let mut killed = ended.map_or(0, |e| e.signal(Signal::SIGKILL));
+    let mut killed = 0;
+    if let Some(ended) = ended {
+        killed += usize::from(killpg(ended.pid, Signal::SIGKILL).is_ok());
+        // As a subreaper, a marked process that left the group comes back
+        // as an orphan (below); otherwise look for the mark everywhere.
+        if !SUBREAPER.load(std::sync::atomic::Ordering::Relaxed) {
+            for pid in processes_with(ended.mark_entry().as_bytes()) {
+                killed +=
+                    usize::from(nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok());
+            }
+        }
+    }
     let marks: Vec<String> = running.iter().map(|r| r.mark_entry()).collect();
-    for pid in children_of(std::process::id() as i32) {
+    for pid in own_children() {
         let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid)));
         let of_running = running
             .iter()
@@ -413,8 +430,23 @@ pub(crate) fn end_leftovers(ended: Option<&Running>, running: &[&Running]) -> us
     killed
 }
 
-/// The processes whose parent is `parent`.
-fn children_of(parent: i32) -> Vec<i32> {
+/// This process's children: from `/proc/self/task/*/children` where the
+/// kernel has it, else by reading every process's parent.
+fn own_children() -> Vec<i32> {
+    let parent = std::process::id() as i32;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let mut children = Vec::new();
+        let mut readable = false;
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                readable = true;
+                children.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+        if readable {
+            return children;
+        }
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
