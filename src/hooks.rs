@@ -407,8 +407,9 @@ pub(crate) fn end_leftovers(ended: Option<&Running>, running: &[&Running]) -> us
         // as an orphan (below); otherwise look for the mark everywhere.
         if !SUBREAPER.load(std::sync::atomic::Ordering::Relaxed) {
             for pid in processes_with(ended.mark_entry().as_bytes()) {
-                killed +=
-                    usize::from(nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok());
+                killed += usize::from(
+                    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok(),
+                );
             }
         }
     }
@@ -440,7 +441,10 @@ fn own_children() -> Vec<i32> {
         for task in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
                 readable = true;
-                children.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                children.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
             }
         }
         if readable {

@@ -47,6 +47,10 @@ pub(crate) struct Wanted {
     /// A missing folder key of `current` may be re-created (false while a
     /// repair is known to have been refused for this value of `current`).
     pub may_repair: bool,
+    /// Versions gone from the listing that the agent could not confirm
+    /// removed (Consul may hide keys the token may not read): kept on disk
+    /// as they are, neither cleaned nor reported.
+    pub kept: BTreeSet<VersionName>,
 }
 
 /// The local state of one version directory.
@@ -292,7 +296,7 @@ pub(crate) fn plan(wanted: &Wanted, disk: &OnDisk, reports: Reports<'_>) -> Vec<
         disk.versions.iter(),
         wanted.versions.iter().map(|v| (v, ())),
     ) {
-        let wanted_here = listed.is_some() || is_current(version);
+        let wanted_here = listed.is_some() || is_current(version) || wanted.kept.contains(version);
         let live = disk.live.as_ref() == Some(version) || disk.switched.as_ref() == Some(version);
         let rolling = disk.rollout.as_ref().is_some_and(|r| &r.to == version);
         if here.is_some() && !wanted_here && !live && !rolling {
@@ -339,6 +343,7 @@ mod tests {
             versions: versions.iter().map(|n| v(n)).collect(),
             current: current.map(v),
             may_repair: true,
+            kept: BTreeSet::new(),
         }
     }
 
@@ -620,6 +625,11 @@ mod tests {
                                     .collect(),
                                 current: maybe(current),
                                 may_repair: true,
+                                kept: if wanted_bits == 0 && rollout % 2 == 1 {
+                                    BTreeSet::from([names[(local_code % 3) as usize].clone()])
+                                } else {
+                                    BTreeSet::new()
+                                },
                             };
                             let mut have = OnDisk::default();
                             for (i, name) in names.iter().enumerate() {
@@ -685,6 +695,10 @@ mod tests {
                     Action::Clean(version) => {
                         assert_ne!(Some(version), have.live.as_ref(), "cleaned live: {have:?}");
                         assert_ne!(Some(version), have.switched.as_ref(), "cleaned what runs");
+                        assert!(
+                            !want.kept.contains(version),
+                            "cleaned a version Consul hides"
+                        );
                         assert_ne!(Some(version), want.current.as_ref());
                         assert!(!want.versions.contains(version));
                         assert!(have.rollout.as_ref().is_none_or(|r| &r.to != version));
@@ -880,6 +894,7 @@ mod tests {
             let mut allowed = expected.clone();
             allowed.extend(have.live.clone());
             allowed.extend(have.switched.clone());
+            allowed.extend(want.kept.iter().cloned());
             allowed.extend(have.rollout.as_ref().map(|r| r.to.clone()));
             assert!(
                 kept.is_superset(&expected) && kept.is_subset(&allowed),
@@ -932,6 +947,7 @@ mod tests {
             versions: names.iter().filter(|_| rng.chance(60)).cloned().collect(),
             current: rng.chance(80).then(|| pick(rng)),
             may_repair: rng.chance(80),
+            kept: BTreeSet::new(),
         };
         let mut have = OnDisk::default();
         for name in &names {

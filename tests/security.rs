@@ -416,3 +416,91 @@ fn a_token_file_rewritten_by_a_secrets_agent_without_sighup_is_taken_at_the_next
     });
     assert!(!agent.log().contains(&old) && !agent.log().contains(&new));
 }
+
+/// Replaces the rules of the policy named `name`.
+fn set_rules(consul: &Consul, name: &str, rules: &str) {
+    let policy: serde_json::Value =
+        serde_json::from_str(&consul.call("GET", &format!("acl/policy/name/{name}"), None))
+            .unwrap();
+    let id = policy["ID"].as_str().unwrap();
+    let body = serde_json::json!({"ID": id, "Name": name, "Rules": rules});
+    consul.call(
+        "PUT",
+        &format!("acl/policy/{id}"),
+        Some(body.to_string().as_bytes()),
+    );
+}
+
+#[test]
+fn a_version_the_agents_token_may_no_longer_read_is_kept_as_it_is_not_cleaned() {
+    let consul = acl_consul();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = support::unique_prefix("hidden");
+    let rules = |deny_v1: bool| {
+        let deny = if deny_v1 {
+            format!("key_prefix \"{prefix}/v1/\" {{ policy = \"deny\" }}\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "key_prefix \"{prefix}/\" {{ policy = \"write\" }}\n{deny}session_prefix \"\" {{ policy = \"write\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
+        )
+    };
+    let token = token_with(&consul, "hidden-agent", &rules(false));
+    let mut agent = Agent::new(root.path(), "node1", &consul.addr(), &prefix);
+    agent.env.push(("CONSUL_HTTP_TOKEN".into(), token));
+    // Whole reads often, as for a tool that does not ring the doorbell.
+    agent.extra = serde_json::json!({"rescan_interval": "1s"});
+    agent.start();
+    for version in ["v1", "v2"] {
+        consul.add_version(&prefix, version);
+        consul.put(&format!("{prefix}/current"), version);
+        wait_for(&format!("{version} active"), || {
+            consul.get(&format!("{prefix}/{version}/node1")).as_deref() == Some("active")
+        });
+    }
+    // The token loses v1: Consul leaves v1 out of its listings from now on.
+    set_rules(&consul, "hidden-agent", &rules(true));
+    support::wait_for_within(
+        std::time::Duration::from_secs(20),
+        "the agent to notice it cannot tell v1 is gone",
+        &mut || {
+            agent
+                .log()
+                .contains("v1 is gone from the listing, but Consul denies")
+        },
+        || agent.log(),
+    );
+    // It keeps v1 as it is: its directory, and its key (which it could not
+    // have deleted).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(agent.version_dirs("api").contains(&"v1".to_string()));
+    assert_eq!(
+        consul.get(&format!("{prefix}/v1/node1")).as_deref(),
+        Some("ready")
+    );
+    assert!(
+        !agent.hooks_log().iter().any(|l| l == "clean v1"),
+        "{:?}",
+        agent.hooks_log()
+    );
+    // Restored: nothing was lost, nothing to redeploy.
+    set_rules(&consul, "hidden-agent", &rules(false));
+    let out = support::depro_command(
+        &consul.addr(),
+        &["rollout", "v1", &format!("-prefix={prefix}"), "-nodes=1"],
+    )
+    .env("CONSUL_HTTP_TOKEN", MASTER)
+    .output()
+    .unwrap();
+    assert_eq!(support::Output::of(out).code, Some(0));
+    assert_eq!(agent.live("api").as_deref(), Some("v1"));
+    assert_eq!(
+        agent
+            .hooks_log()
+            .iter()
+            .filter(|l| l.starts_with("deploy v1"))
+            .count(),
+        1
+    );
+}

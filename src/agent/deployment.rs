@@ -57,6 +57,8 @@ pub(crate) struct DeploymentState {
     pub announced: bool,
     /// The hook that runs in this deployment (one at a time).
     pub hook: Option<HookRun>,
+    /// When to check again the versions kept because Consul hides them.
+    pub kept_check_at: Option<Instant>,
     /// Between two health checks of a rollout.
     pub health_wait: Option<HealthWait>,
 }
@@ -108,6 +110,7 @@ impl DeploymentState {
             reasons_written: BTreeSet::new(),
             announced: false,
             hook: None,
+            kept_check_at: None,
             health_wait: None,
         })
     }

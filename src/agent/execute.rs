@@ -27,6 +27,9 @@ use crate::plan::{Action, LocalVersion, RolloutAttempt};
 use crate::tree::{FailReason, NodeState};
 use crate::version_name::VersionName;
 
+/// How often a version kept because Consul hides its keys is checked again.
+pub(crate) const KEPT_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reports written in one transaction: at most three operations each (the
 /// version's key checked, the node key written, its failure reason written
 /// or deleted), and Consul takes at most 64.
@@ -679,7 +682,58 @@ impl Agent {
         deployment.reasons.insert(to.clone(), why);
     }
 
+    /// Before cleaning a version that left the listing: a listing leaves
+    /// out the keys the token may not read, so the version is confirmed
+    /// gone by reading its key (folder key, then plain key) on the leader:
+    /// Consul answers a key the token may not read with a denial, not with
+    /// "not found". A version whose key is denied, or still there, is kept
+    /// as it is and checked again every [`KEPT_RECHECK`] (the tree is read
+    /// again too).
+    fn confirm_removed(&mut self, index: usize, version: &VersionName) -> Result<bool, Failure> {
+        let folder = self.deployments[index].spec.prefix.folder_key(version);
+        let plain = folder.trim_end_matches('/').to_string();
+        let mut why = None;
+        for key in [&folder, &plain] {
+            match self.consul.get(key, Read::consistent()) {
+                Ok(answer) if answer.value.is_none() => continue,
+                Ok(_) => {
+                    why = Some(format!("{key} is still there"));
+                    break;
+                }
+                Err(e) if matches!(e.kind, crate::consul::ConsulErrorKind::Denied(_)) => {
+                    let deployment = &mut self.deployments[index];
+                    deployment.warn_once(format!(
+                        "{version} is gone from the listing, but Consul denies this agent's token \
+                         its key {key}: keeping it as it is (directory and node key), checking \
+                         again every {}",
+                        crate::duration::human(KEPT_RECHECK)
+                    ));
+                    why = Some(String::new());
+                    break;
+                }
+                Err(e) => return Err(Failure::Consul(e)),
+            }
+        }
+        let Some(why) = why else {
+            return Ok(true);
+        };
+        if !why.is_empty() {
+            log::info!(
+                "{}: left the listing but {why}; keeping it, and reading the tree again",
+                self.deployments[index].label(version)
+            );
+        }
+        let deployment = &mut self.deployments[index];
+        deployment.view.keep(version);
+        deployment.kept_check_at = Some(Instant::now() + KEPT_RECHECK);
+        self.refresh_tree(index);
+        Ok(false)
+    }
+
     fn clean(&mut self, index: usize, version: &VersionName) -> Result<(), Failure> {
+        if !self.confirm_removed(index, version)? {
+            return Ok(());
+        }
         let deployment = &self.deployments[index];
         let cwd: PathBuf = deployment.spec.path.clone();
         log::info!("{}: cleaning", deployment.label(version));

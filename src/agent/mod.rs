@@ -232,6 +232,7 @@ impl Agent {
                 break;
             }
             self.check_hooks();
+            self.recheck_kept();
             if !self.stopping {
                 self.ensure_session();
                 self.start_watches();
@@ -477,6 +478,7 @@ impl Agent {
                 deployment.blocked_until,
                 deployment.watch_retry,
                 deployment.own_check_at,
+                deployment.kept_check_at,
             ]
             .into_iter()
             .flatten()
@@ -576,6 +578,18 @@ impl Agent {
         let (index, step) = fallback?;
         self.last_served = index;
         Some((index, step))
+    }
+
+    /// Versions kept because Consul hid them are checked again when their
+    /// time comes (the plan asks to clean them, which confirms first).
+    fn recheck_kept(&mut self) {
+        let now = Instant::now();
+        for deployment in &mut self.deployments {
+            if deployment.kept_check_at.is_some_and(|at| at <= now) {
+                deployment.kept_check_at = None;
+                deployment.view.recheck_kept();
+            }
+        }
     }
 
     /// After an action: reset the deployment's backoff, or log and back off.

@@ -59,6 +59,9 @@ pub(crate) struct View {
     /// The ModifyIndex of the last `current` that named a version the
     /// snapshot did not list (so the tree was read whole for it).
     looked_up_current: Option<u64>,
+    /// Versions gone from the listing that could not be confirmed removed
+    /// (Consul hides keys the token may not read): kept, until checked again.
+    kept: BTreeSet<VersionName>,
     /// What [`View::wanted`] built from the above; emptied by every change.
     wanted: OnceCell<Option<Wanted>>,
 }
@@ -169,16 +172,35 @@ impl View {
             .filter(|(v, base)| *base == current.index && versions.contains(v))
         {
             return Some(Wanted {
+                kept: self.kept_besides(&versions),
                 versions,
                 current: Some(version.clone()),
                 may_repair: false,
             });
         }
         Some(Wanted {
+            kept: self.kept_besides(&versions),
             versions,
             current: current.version.clone(),
             may_repair: self.outdated_current != Some(current.index),
         })
+    }
+
+    fn kept_besides(&self, listed: &BTreeSet<VersionName>) -> BTreeSet<VersionName> {
+        self.kept.difference(listed).cloned().collect()
+    }
+
+    /// `version` left the listing but could not be confirmed removed: keep
+    /// it as it is until [`View::recheck_kept`].
+    pub(crate) fn keep(&mut self, version: &VersionName) {
+        self.wanted.take();
+        self.kept.insert(version.clone());
+    }
+
+    /// Checks the kept versions again (the plan asks to clean them anew).
+    pub(crate) fn recheck_kept(&mut self) -> bool {
+        self.wanted.take();
+        !std::mem::take(&mut self.kept).is_empty()
     }
 
     /// The key that makes `version` exist, as last seen (or re-created).
