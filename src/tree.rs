@@ -650,7 +650,16 @@ impl Tree {
         let index = self.current.as_ref().map_or(0, |c| c.modify_index);
         self.rollout
             .as_ref()
-            .filter(|(plan, _)| plan.applies_to(index))
+            .filter(|(plan, _)| plan.applies_to(index) && self.plan_version_exists(plan))
+    }
+
+    /// Whether the version a plan rolls out is in the tree (agents ignore a
+    /// plan for a version that is not).
+    pub(crate) fn plan_version_exists(&self, plan: &RolloutPlan) -> bool {
+        VersionName::parse(&plan.version)
+            .ok()
+            .and_then(|v| self.versions.get(&v))
+            .is_some_and(|info| info.exists)
     }
 
     /// The version `current` names, if valid.

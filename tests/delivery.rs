@@ -667,3 +667,52 @@ fn a_rollout_plan_depro_did_not_write_is_never_resumed_only_undone() {
     fleet.depro(&["rollout", "v2", "-nodes=2"]).ok();
     fleet.expect_active("v2");
 }
+
+#[test]
+fn a_version_removed_during_its_progressive_rollout_halts_it_at_once_and_leaves_nothing_to_resume()
+{
+    let fleet = healthy_on_v1(3, "30s");
+    healthy_everywhere(&fleet);
+    let deploy = spawn(fleet.depro_command(&[
+        "deploy",
+        "v2",
+        "-nodes=all",
+        "-canary=1",
+        "-batch=1",
+        "-pause=3s",
+        "-timeout=60s",
+    ]));
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    // `depro remove` refuses a version under a plan...
+    fleet
+        .depro(&["remove", "v2"])
+        .fails(2, &["being rolled out progressively"]);
+    // ...but any client can delete its key.
+    let started = std::time::Instant::now();
+    fleet.consul.delete(&format!("{}/v2/", fleet.prefix));
+    let out = support::finish(deploy);
+    out.fails(
+        2,
+        &["v2 was removed from the tree meanwhile", "go back to v1"],
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "waited its timeout: {:?}",
+        started.elapsed()
+    );
+    // The plan went with it: status offers nothing to resume, and every
+    // node runs v1 again.
+    let status = fleet.depro(&["status"]);
+    assert!(!status.ok().contains("resume:"), "{status:#?}");
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+    fleet.wait("every node back on v1", |f| {
+        f.agents
+            .iter()
+            .all(|a| a.live("api").as_deref() == Some("v1"))
+    });
+}

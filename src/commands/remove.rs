@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::{Ctx, Seen, Vanished, names, took, version_arg};
 use crate::cli::{PruneArgs, RemoveArgs};
 use crate::config::Env;
-use crate::consul::TxnOp;
+use crate::consul::{TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::Tree;
@@ -26,29 +26,8 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     ctx.deadline = deadline;
     let tree = ctx.read_existing_tree()?;
     for version in &versions {
-        if tree.current_version() == Some(version) {
-            return Err(Error::Refused(format!(
-                "{version} is current under {}: roll out another version first (`depro rollback` or \
-                 `depro rollout`), then remove it",
-                ctx.prefix
-            )));
-        }
-        let rolling_out = tree
-            .rollout_in_effect()
-            .is_some_and(|(plan, _)| plan.version == version.as_str());
-        if rolling_out {
-            return Err(Error::Refused(format!(
-                "{version} is being rolled out progressively under {}: finish it with \
-                 `depro rollout {version} -prefix={}` or undo it with `depro rollback -prefix={}`, \
-                 then remove it",
-                ctx.prefix, ctx.prefix, ctx.prefix
-            )));
-        }
-        if !tree.versions.contains_key(version) {
-            return Err(Error::Refused(format!(
-                "{version} is not in the tree under {}; `depro status -prefix={}` lists the versions",
-                ctx.prefix, ctx.prefix
-            )));
+        if let Some(refusal) = refusal(&ctx, &tree, version) {
+            return Err(refusal);
         }
     }
     if args.dry_run {
@@ -121,6 +100,35 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Why `version` may not be removed from `tree`, if it may not.
+fn refusal(ctx: &Ctx, tree: &Tree, version: &VersionName) -> Option<Error> {
+    if tree.current_version() == Some(version) {
+        return Some(Error::Refused(format!(
+            "{version} is current under {}: roll out another version first (`depro rollback` or \
+             `depro rollout`), then remove it",
+            ctx.prefix
+        )));
+    }
+    let rolling_out = tree
+        .rollout_in_effect()
+        .is_some_and(|(plan, _)| plan.version == version.as_str());
+    if rolling_out {
+        return Some(Error::Refused(format!(
+            "{version} is being rolled out progressively under {}: finish it with \
+             `depro rollout {version} -prefix={}` or undo it with `depro rollback -prefix={}`, \
+             then remove it",
+            ctx.prefix, ctx.prefix, ctx.prefix
+        )));
+    }
+    if !tree.versions.contains_key(version) {
+        return Some(Error::Refused(format!(
+            "{version} is not in the tree under {}; `depro status -prefix={}` lists the versions",
+            ctx.prefix, ctx.prefix
+        )));
+    }
+    None
+}
+
 /// Removes `versions` one by one; an interruption says which are removed
 /// and which are left, with the command (`again` of them) that finishes.
 pub(crate) fn remove_each(
@@ -147,16 +155,42 @@ pub(crate) fn remove_each(
     Ok(())
 }
 
-/// Deletes the key that makes `version` exist (never its node keys).
+/// Deletes the key that makes `version` exist (never its node keys), on
+/// the condition that `current` and the progressive rollout are still as
+/// read: a switch to it, or a plan for it, written since makes the delete
+/// fail, and the tree is read again and the version checked again.
 pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> Result<()> {
-    if let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) {
+    let mut fresh: Option<Tree> = None;
+    for _ in 0..super::RING_TRIES {
+        let tree = fresh.as_ref().unwrap_or(tree);
+        if let Some(refusal) = refusal(ctx, tree, version) {
+            return Err(refusal);
+        }
+        let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) else {
+            return Ok(());
+        };
+        let (current_key, rollout_key) = (ctx.prefix.current_key(), ctx.prefix.rollout_key());
+        fn unchanged(key: &str, index: Option<u64>) -> TxnOp<'_> {
+            match index {
+                Some(index) => TxnOp::CheckIndex { key, index },
+                None => TxnOp::CheckNotExists { key },
+            }
+        }
+        let ops = [
+            TxnOp::Delete { key: &key },
+            unchanged(&current_key, tree.current.as_ref().map(|c| c.modify_index)),
+            unchanged(&rollout_key, tree.rollout.as_ref().map(|(_, index)| *index)),
+        ];
         let change = Change::Removed {
             version: version.clone(),
             folder: key.ends_with('/'),
         };
-        ctx.write_ringing(&[TxnOp::Delete { key: &key }], change)?;
+        match ctx.write_ringing(&ops, change)? {
+            TxnOutcome::Committed(_) => return Ok(()),
+            TxnOutcome::Rejected(_) => fresh = Some(ctx.read_tree()?),
+        }
     }
-    Ok(())
+    Err(ctx.bell_kept_ringing())
 }
 
 pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {

@@ -279,6 +279,13 @@ pub(crate) fn json(
 pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
     let (plan, _) = tree.rollout.as_ref()?;
     let version = shown(&plan.version);
+    if !tree.plan_version_exists(plan) {
+        return Some(format!(
+            "a progressive rollout of {version} was left behind, but {version} was removed since: \
+             no agent follows it (the next rollout replaces it; `depro rollback -prefix={prefix}` \
+             clears it)\n"
+        ));
+    }
     if tree.rollout_in_effect().is_none() {
         return Some(format!(
             "a progressive rollout of {version} was left behind, but current changed since it started: \

@@ -296,6 +296,8 @@ enum Halt {
     Failed(Vec<String>, BTreeMap<String, crate::tree::FailReason>),
     /// `current` moved, or the plan was changed or undone by another command.
     Overtaken(String),
+    /// The version was removed from the tree meanwhile.
+    Removed,
     Timeout(usize),
 }
 
@@ -316,6 +318,9 @@ fn wait_wave(
     };
     let mut active = 0;
     let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen| {
+        if !seen.info.exists {
+            return Some(Err(Halt::Removed));
+        }
         if seen.current.as_ref().map_or(0, |c| c.modify_index) != base_index {
             return Some(Err(Halt::Overtaken(format!(
                 "current was changed to {} meanwhile",
@@ -382,6 +387,28 @@ fn halted(
             return Error::LostRace(format!(
                 "{at}: {what}; check with `depro status -prefix={}`",
                 ctx.prefix
+            ));
+        }
+        Halt::Removed => {
+            // The agents ignore a plan for a version the tree lacks: the
+            // switched nodes go back to current on their own. The plan goes
+            // too, so that nothing offers to resume it.
+            let key = ctx.prefix.rollout_key();
+            let cleared = ctx
+                .write_ringing(&[TxnOp::DeleteCas { key: &key, index }], Change::Wave(None))
+                .is_ok_and(|o| matches!(o, TxnOutcome::Committed(_)));
+            return Error::Refused(format!(
+                "{at}: {version} was removed from the tree meanwhile (by another command); the \
+                 nodes it had switched ({}) go back to {base}, which every node runs (current){}",
+                names(&switched),
+                if cleared {
+                    String::new()
+                } else {
+                    format!(
+                        "; {key} could not be cleared: `depro rollback -prefix={}` clears it",
+                        ctx.prefix
+                    )
+                }
             ));
         }
         Halt::Failed(failed, reasons) => (

@@ -306,6 +306,8 @@ pub(crate) enum TxnOp<'a> {
     Get { key: &'a str },
     /// The transaction fails unless `key` exists with this ModifyIndex.
     CheckIndex { key: &'a str, index: u64 },
+    /// The transaction fails if `key` exists.
+    CheckNotExists { key: &'a str },
 }
 
 impl TxnOp<'_> {
@@ -316,7 +318,8 @@ impl TxnOp<'_> {
             | TxnOp::Lock { key, .. }
             | TxnOp::Delete { key }
             | TxnOp::Get { key }
-            | TxnOp::CheckIndex { key, .. } => key,
+            | TxnOp::CheckIndex { key, .. }
+            | TxnOp::CheckNotExists { key } => key,
         }
     }
 
@@ -339,6 +342,9 @@ impl TxnOp<'_> {
             TxnOp::Get { key } => serde_json::json!({"Verb": "get", "Key": key}),
             TxnOp::CheckIndex { key, index } => {
                 serde_json::json!({"Verb": "check-index", "Key": key, "Index": index})
+            }
+            TxnOp::CheckNotExists { key } => {
+                serde_json::json!({"Verb": "check-not-exists", "Key": key})
             }
         };
         serde_json::json!({ "KV": kv })
@@ -390,7 +396,8 @@ pub(crate) struct TxnFailure {
 /// is not always a lost race: callers must tell these apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Conflict {
-    /// A check-and-set, delete-cas or check-index found another index.
+    /// A check-and-set, delete-cas or check-index found another index (or
+    /// a check-not-exists found the key).
     Stale,
     /// The key does not exist (a `get` or `check-index`).
     Missing,
@@ -417,7 +424,10 @@ impl Conflict {
             Conflict::InvalidSession
         } else if what.contains("doesn't exist") {
             Conflict::Missing
-        } else if what.contains("index is stale") || what.contains("failed index check") {
+        } else if what.contains("index is stale")
+            || what.contains("failed index check")
+            || what.ends_with(" exists")
+        {
             Conflict::Stale
         } else {
             Conflict::Other
@@ -595,10 +605,10 @@ impl Consul {
         ops: &[TxnOp<'_>],
         consistency: Consistency,
     ) -> Result<TxnOutcome> {
-        debug_assert!(
-            ops.iter()
-                .all(|op| matches!(op, TxnOp::Get { .. } | TxnOp::CheckIndex { .. }))
-        );
+        debug_assert!(ops.iter().all(|op| matches!(
+            op,
+            TxnOp::Get { .. } | TxnOp::CheckIndex { .. } | TxnOp::CheckNotExists { .. }
+        )));
         self.run_txn(ops, Some(consistency))
     }
 
