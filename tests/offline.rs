@@ -186,3 +186,41 @@ fn ride_out(outage: Outage) {
         ends[0]
     );
 }
+
+#[test]
+fn reports_held_back_during_an_outage_go_out_as_soon_as_consul_answers_again() {
+    let mut fleet = Fleet::new(1);
+    let proxy = Proxy::start(&fleet.consul.addr());
+    fleet.agents[0].server = proxy.addr();
+    fleet.start_all();
+    fleet.depro(&["deploy", "v1", "-nodes=1"]).ok();
+    // A deploy that finishes while the link is down: its `ready` cannot be
+    // written, and the agent retries with a backoff that grows to 30 s.
+    let agent = &fleet.agents[0];
+    agent.set_flag("block-deploy", true);
+    fleet.add_version("v2");
+    let hook = agent.dir.join("hook.pid");
+    support::wait_for("v2's deploy hook", || hook.exists());
+    proxy.cut();
+    agent.set_flag("release", true);
+    support::wait_for("the deploy to finish offline", || {
+        agent.log().contains("api v2: deployed")
+    });
+    // Long enough for the backoff to grow (0.5 s doubling: after the try at
+    // 15.5 s the next is at 31.5 s), short enough for the session to live
+    // (its TTL is 10 s here: Consul keeps it 20 s).
+    let offline = Instant::now();
+    while offline.elapsed() < Duration::from_secs(16) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    proxy.heal();
+    let healed = Instant::now();
+    fleet.wait("v2 ready", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("ready")
+    });
+    assert!(
+        healed.elapsed() < Duration::from_secs(5),
+        "the report waited out its backoff: {:?}",
+        healed.elapsed()
+    );
+}

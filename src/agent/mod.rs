@@ -415,9 +415,16 @@ impl Agent {
     /// connection that died with the link until it times out (a minute):
     /// the catch-up must not wait for it.
     fn restart_watches(&mut self) {
-        log::debug!("restarting the watches after the outage");
+        log::debug!("restarting the watches after the outage, and retrying at once");
+        self.sessions.hurry();
         for deployment in &mut self.deployments {
             deployment.watches = None;
+            // What backed off during the outage goes on now, not when its
+            // backoff (up to 30 s) runs out.
+            deployment.blocked_until = None;
+            deployment.backoff.reset();
+            deployment.watch_retry = None;
+            deployment.watch_backoff.reset();
         }
     }
 

@@ -65,8 +65,16 @@ impl Sessions {
             leftover,
             history,
             retry_at: None,
-            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(10)),
+            // Short: while it has no session an agent is missing from every
+            // count (`-nodes=all`), and a try costs Consul one request.
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(2)),
         }
+    }
+
+    /// Consul answers again: try at once, from the shortest backoff.
+    pub(crate) fn hurry(&mut self) {
+        self.retry_at = None;
+        self.backoff.reset();
     }
 
     /// The session in use, if any.
