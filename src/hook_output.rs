@@ -26,6 +26,9 @@ pub(crate) const HEAD_MAX: usize = 4096;
 pub(crate) const TAIL_MAX: usize = 1024;
 /// What one read takes from a pipe.
 const CHUNK: usize = 64 * 1024;
+/// How much log one hook run's output may take (its lines as logged,
+/// escaped, with their prefixes); the rest is counted and said once.
+pub(crate) const LOG_MAX: usize = 1024 * 1024;
 
 /// One hook's output, cut into lines, in bounded memory.
 #[derive(Default)]
@@ -143,6 +146,42 @@ struct Reading {
     /// `None` once the pipe said end of file.
     fd: Option<OwnedFd>,
     lines: Lines,
+    log: LogBudget,
+}
+
+/// What of a hook run's output went to the log, and what did not.
+#[derive(Default)]
+struct LogBudget {
+    logged: usize,
+    dropped_lines: usize,
+    dropped_bytes: usize,
+}
+
+impl LogBudget {
+    fn line(&mut self, label: &str, line: &str) {
+        // What the log line takes: the line, its label, and about 32 bytes
+        // of time and level.
+        let cost = line.len() + label.len() + 32;
+        if self.logged + cost <= LOG_MAX {
+            self.logged += cost;
+            log::info!("[{label}] {line}");
+        } else {
+            self.dropped_lines += 1;
+            self.dropped_bytes += line.len();
+        }
+    }
+
+    fn end(&self, label: &str) {
+        if self.dropped_lines > 0 {
+            log::info!(
+                "[{label}] … {} more lines ({} bytes) not logged: the log takes the first {} MiB \
+                 of a hook's output (its failure reason keeps the last lines)",
+                self.dropped_lines,
+                self.dropped_bytes,
+                LOG_MAX >> 20
+            );
+        }
+    }
 }
 
 impl OutputHub {
@@ -195,6 +234,7 @@ fn serve(wake: OwnedFd, requests: Arc<Mutex<Vec<Request>>>, ended: impl Fn(u64, 
                     label,
                     fd: Some(fd),
                     lines: Lines::default(),
+                    log: LogBudget::default(),
                 }),
                 Request::Finish { id } => {
                     let Some(at) = readings.iter().position(|r| r.id == id) else {
@@ -244,24 +284,21 @@ fn read_once(reading: &mut Reading, buffer: &mut [u8]) {
     let Some(fd) = &reading.fd else {
         return;
     };
-    let label = &reading.label;
+    let (label, budget) = (&reading.label, &mut reading.log);
+    let mut log = |line: &str| budget.line(label, line);
     match nix::unistd::read(fd, buffer) {
         Ok(0) | Err(_) => {
-            reading
-                .lines
-                .flush(&mut |line| log::info!("[{label}] {line}"));
+            reading.lines.flush(&mut log);
             reading.fd = None;
         }
-        Ok(n) => reading
-            .lines
-            .feed(&buffer[..n], &mut |line| log::info!("[{label}] {line}")),
+        Ok(n) => reading.lines.feed(&buffer[..n], &mut log),
     }
 }
 
 /// Reads what is in the pipe now, without waiting for more, then closes it.
 fn drain(reading: &mut Reading, buffer: &mut [u8]) {
-    let label = &reading.label;
-    let mut log = |line: &str| log::info!("[{label}] {line}");
+    let (label, budget) = (&reading.label, &mut reading.log);
+    let mut log = |line: &str| budget.line(label, line);
     if let Some(fd) = reading.fd.take() {
         let _ = fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
         // More than a pipe holds, and no more: a writer that is still
@@ -274,6 +311,7 @@ fn drain(reading: &mut Reading, buffer: &mut [u8]) {
         }
     }
     reading.lines.flush(&mut log);
+    reading.log.end(&reading.label);
 }
 
 #[cfg(test)]

@@ -50,8 +50,9 @@ pub(crate) fn shown_cut_line(text: &str, length: usize) -> String {
     let escaped: String = text
         .chars()
         .flat_map(|c| {
-            let keep = !c.is_control() || c == '\t';
-            let escaped: Vec<char> = if keep {
+            let escaped: Vec<char> = if is_bidi_control(c) {
+                c.escape_unicode().collect()
+            } else if !c.is_control() || c == '\t' {
                 vec![c]
             } else {
                 c.escape_debug().collect()
@@ -65,6 +66,15 @@ pub(crate) fn shown_cut_line(text: &str, length: usize) -> String {
         let cut: String = escaped.chars().take(LINE_MAX).collect();
         format!("{cut}… (a line of {length} bytes, cut)")
     }
+}
+
+/// The characters that reorder the text around them on a terminal (the
+/// Unicode bidirectional controls): a line could show other than it is.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// How many characters of a hook's output line the log keeps.
@@ -743,6 +753,21 @@ mod tests {
         for bad in ["", "/", "api//version", "api/../x", "api version", "api?x"] {
             assert!(Prefix::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn bidirectional_controls_are_escaped_in_output_lines_and_values() {
+        // "evil\u{202E}txt.exe" shows as "evilexe.txt" on a terminal.
+        let line = "evil\u{202E}txt.exe and \u{2066}isolated\u{2069}";
+        assert_eq!(
+            shown_line(line),
+            "evil\\u{202e}txt.exe and \\u{2066}isolated\\u{2069}"
+        );
+        assert!(!shown("v\u{202E}1").contains('\u{202E}'));
+        assert_eq!(
+            shown_line("tab\tkept, ünïcödé kept"),
+            "tab\tkept, ünïcödé kept"
+        );
     }
 
     #[test]

@@ -522,3 +522,23 @@ fn max_parallel_hooks_bounds_deploys_across_deployments_but_never_a_rollout() {
     assert_eq!(support::finish(blocked).code, Some(0));
     assert_eq!(support::finish(waiting).code, Some(0));
 }
+
+#[test]
+fn a_hook_s_output_costs_the_log_at_most_a_mebibyte_and_unicode_that_reorders_text_is_escaped() {
+    let mut fleet = Fleet::new(1);
+    fleet.agents[0].deployments[0]["deploy"] = serde_json::json!([
+        "printf 'evil\\342\\200\\256txt.exe\\n'",
+        "yes 0123456789 | head -c 10000000 || true",
+        "echo the end; exit 3"
+    ]);
+    fleet.start_all();
+    let before = fleet.agents[0].log().len();
+    let out = fleet.depro(&["deploy", "v1", "-nodes=1", "-timeout=60s"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    let log = fleet.agents[0].log()[before..].to_string();
+    assert!(log.len() < 3 * 1024 * 1024, "{} bytes of log", log.len());
+    assert!(log.contains("more lines ("), "the cut is said");
+    assert!(!log.contains('\u{202E}') && log.contains("evil\\u{202e}txt.exe"));
+    assert!(!out.shown.contains('\u{202E}'));
+    assert!(out.stderr.contains("the end"), "{out:#?}");
+}
