@@ -30,8 +30,18 @@ use std::time::{Duration, Instant};
 use crate::consul::{Consistency, Read};
 use crate::pacing::{Backoff, TokenBucket};
 
-/// How long Consul may hold a blocking query before answering unchanged.
-pub(crate) const WAIT: Duration = Duration::from_secs(300);
+/// How long Consul may hold one of the CLI's blocking queries before
+/// answering unchanged. Short on purpose: Consul keeps a query a command
+/// left (it exited, or was killed) until its wait runs out, and counts its
+/// connection against the client address's limit (200 by default), so a
+/// script running commands back to back must not leave minutes of them.
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+/// The wait of the first blocking query after a start or a failure; each
+/// answer doubles it, up to the cursor's wait. A process that dies right
+/// after it started (a crash loop) leaves queries held for seconds, not
+/// for the whole wait.
+pub(crate) const FIRST_WAIT: Duration = Duration::from_secs(5);
 
 /// Pacing of reads after answers that changed nothing.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +59,8 @@ pub(crate) struct Cursor {
     /// kept across failures: a Consul that comes back lower was replaced.
     high: u64,
     wait: Duration,
+    /// The wait of the next blocking read: from [`FIRST_WAIT`] up to `wait`.
+    ramp: Duration,
     stale: bool,
     backoff: Backoff,
     bucket: TokenBucket,
@@ -75,6 +87,7 @@ impl Cursor {
             index: 0,
             high: 0,
             wait,
+            ramp: FIRST_WAIT.min(wait),
             stale,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             bucket: TokenBucket::new(pacing.burst, pacing.refill, Instant::now()),
@@ -100,7 +113,7 @@ impl Cursor {
                 ..Read::now()
             }
         } else {
-            Read::blocking(self.index, self.wait, consistency)
+            Read::blocking(self.index, self.ramp, consistency)
         }
     }
 
@@ -129,6 +142,9 @@ impl Cursor {
         }
         self.high = index;
         self.from_leader = false;
+        if self.index > 0 {
+            self.ramp = (self.ramp * 2).min(self.wait);
+        }
         // Consul never answers 0 for a blocking query; never block on 0.
         self.index = index.max(1);
         self.idle = !changed;
@@ -138,6 +154,7 @@ impl Cursor {
     /// A request failed: forget the index and say how long to back off.
     pub(crate) fn failed(&mut self) -> Duration {
         self.index = 0;
+        self.ramp = FIRST_WAIT.min(self.wait);
         self.idle = false;
         self.paused = false;
         self.from_leader = true;
@@ -161,6 +178,27 @@ mod tests {
     }
 
     #[test]
+    fn blocking_waits_grow_from_a_few_seconds_to_the_full_wait_and_start_over_after_a_failure() {
+        let mut cursor = Cursor::new(
+            Duration::from_secs(60),
+            true,
+            Pacing {
+                burst: 100,
+                refill: Duration::from_millis(1),
+            },
+        );
+        let mut waits = Vec::new();
+        for index in 1..=7 {
+            cursor.answered(index, true);
+            waits.push(cursor.read().wait.unwrap().as_secs());
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60, 60]);
+        let _ = cursor.failed();
+        cursor.answered(9, true);
+        assert_eq!(cursor.read().wait, Some(FIRST_WAIT));
+    }
+
+    #[test]
     fn the_first_read_answers_at_once_and_later_ones_block_on_the_last_index() {
         let mut cursor = cursor();
         assert_eq!(cursor.read().index, 0);
@@ -171,7 +209,7 @@ mod tests {
         );
         assert_eq!(cursor.answered(42, true), Answered::Forward);
         let read = cursor.read();
-        assert_eq!((read.index, read.wait), (42, Some(WAIT)));
+        assert_eq!((read.index, read.wait), (42, Some(FIRST_WAIT)));
         assert_eq!(
             read.consistency,
             Consistency::Stale,

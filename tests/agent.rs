@@ -917,3 +917,36 @@ fn an_agent_that_crash_restarts_never_locks_its_host_out_of_consul_under_default
     fleet.depro(&["deploy", "v20", "-nodes=1"]).ok();
     fleet.expect_state("v20", "active");
 }
+
+#[test]
+fn a_crash_loop_of_a_hundred_quick_restarts_never_locks_the_host_out_of_consul() {
+    // Under Consul's default limits (200 connections per client address).
+    // Each start leaves its blocking queries held on the server when it is
+    // killed: for their whole wait (a minute) they would add up to the
+    // limit within about 100 restarts at four a second; a first wait of a
+    // few seconds keeps them to a few dozen.
+    let consul = Consul::start_with_default_limits();
+    let mut fleet = Fleet::on(&consul, 1);
+    fleet.start_all();
+    fleet.depro(&["deploy", "v1", "-nodes=1"]).ok();
+    let registered = |agent: &Agent| agent.log().matches("registered with Consul").count();
+    for restart in 1..=100 {
+        let paced = Instant::now() + Duration::from_millis(250);
+        let agent = &mut fleet.agents[0];
+        agent.kill9();
+        agent.start();
+        wait_for("the agent to register again", || {
+            registered(&fleet.agents[0]) > restart
+        });
+        // Its watches are in their blocking queries.
+        wait_for("the agent's watches to read the tree", || {
+            fleet.agents[0].log().matches("read the tree whole").count() > restart
+        });
+        // A crash loop's pace (systemd's RestartSec=100ms and a start).
+        std::thread::sleep(paced.saturating_duration_since(Instant::now()));
+    }
+    // The CLI still reaches Consul from this address, and the agent still
+    // follows a deploy.
+    fleet.depro(&["deploy", "v2", "-nodes=1"]).ok();
+    fleet.expect_state("v2", "active");
+}

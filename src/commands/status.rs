@@ -564,6 +564,15 @@ failures:
         assert_eq!(v1["reasons"]["node2"]["exit_code"], 3);
         assert_eq!(v1["reasons"]["node2"]["hook"], "deploy");
         assert!(doc["rollout"].is_null());
+        let mut entries_v3 = tree.clone();
+        entries_v3.versions.insert(
+            crate::version_name::VersionName::parse("v3").unwrap(),
+            crate::tree::VersionInfo {
+                exists: true,
+                ..Default::default()
+            },
+        );
+        let mut tree = entries_v3;
         tree.rollout = Some((
             crate::tree::RolloutPlan {
                 version: "v3".into(),
@@ -588,9 +597,18 @@ failures:
             text.contains("depro rollback -prefix=api/version"),
             "{text}"
         );
+        let plan = tree.rollout.clone();
         tree.current.as_mut().unwrap().modify_index = 30;
         let text = table(&prefix, &tree, &|_| true);
-        assert!(text.contains("no agent follows it"), "{text}");
+        assert!(text.contains("current changed since it started"), "{text}");
+        // A plan for a version removed since: no agent follows it either.
+        tree.current.as_mut().unwrap().modify_index = 9;
+        tree.rollout = plan;
+        tree.versions
+            .remove(&crate::version_name::VersionName::parse("v3").unwrap());
+        let text = table(&prefix, &tree, &|_| true);
+        assert!(text.contains("but v3 was removed since"), "{text}");
+        assert!(!text.contains("resume:"), "{text}");
     }
 
     #[test]
