@@ -557,7 +557,7 @@ failures:
 
     #[test]
     fn json_carries_agents_failure_reasons_and_the_rollout_under_way() {
-        let (prefix, mut tree) = sample();
+        let (prefix, tree) = sample();
         let doc = json(&prefix, &tree, &|_| true);
         assert_eq!(doc["agents"]["node3"]["depro"], "0.3.0");
         let v1 = &doc["versions"][0];
