@@ -11,6 +11,7 @@
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.changed           = the doorbell (see `doorbell`)
+//! <prefix>/.scout             = the agent that rings it for other clients, held by its session
 //! ```
 //!
 //! Everything read from the tree is untrusted: a name under the prefix
@@ -163,6 +164,12 @@ impl Prefix {
     pub(crate) fn changed_key(&self) -> String {
         format!("{}{CHANGED}", self.0)
     }
+
+    /// Held by the agent that scouts the prefix for changes other clients
+    /// make without ringing the doorbell (see `agent::scout`).
+    pub(crate) fn scout_key(&self) -> String {
+        format!("{}{SCOUT}", self.0)
+    }
 }
 
 /// The name of the doorbell key under a prefix (not a version: it starts
@@ -176,11 +183,17 @@ pub(crate) const ROLLOUT: &str = ".rollout";
 pub(crate) const HISTORY: &str = ".history";
 /// The folder of failure reasons inside a version's folder.
 pub(crate) const REASON: &str = ".reason";
+/// The scout's lock.
+pub(crate) const SCOUT: &str = ".scout";
 
 /// Names under a prefix that are depro's own (never versions, never warned
 /// about): the doorbell, the agents' folder, the rollout under way.
 fn is_depro_name(rest: &str) -> bool {
-    rest == CHANGED || rest == ROLLOUT || rest == HISTORY || rest == format!("{AGENTS}/")
+    rest == CHANGED
+        || rest == ROLLOUT
+        || rest == HISTORY
+        || rest == SCOUT
+        || rest == format!("{AGENTS}/")
 }
 
 /// Why a node failed a version, as its agent reports it next to its

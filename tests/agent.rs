@@ -866,7 +866,15 @@ fn other_nodes_writes_during_deploys_cost_an_agent_no_walk_of_the_prefix() {
     let proxy = support::proxy::Proxy::start(&consul.addr());
     let mut fleet = Fleet::on(&consul, 4);
     fleet.agents[0].server = proxy.addr();
-    fleet.start_all();
+    // node1 is not the scout (the one agent that reads the prefix for other
+    // clients' changes, tests/seed.rs): the others start first and one of
+    // them takes the scout's lock.
+    for agent in &mut fleet.agents[1..] {
+        agent.start();
+    }
+    let scout = format!("{}/.scout", fleet.prefix);
+    wait_for("a scout", || consul.get(&scout).is_some());
+    fleet.agents[0].start();
     fleet.depro(&["deploy", "v1", "-nodes=4"]).ok();
     let before = proxy.log().len();
     for version in ["v2", "v3", "v4"] {

@@ -63,9 +63,11 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
             .all(|a| !f.consul.agent_sessions(&a.name).is_empty())
     });
     // ...and the empty tree stays empty: no node key, nothing cleaned (the
-    // agents create the doorbell and announce themselves: no versions).
+    // agents create the doorbell, announce themselves and one scouts: no
+    // versions).
     let prefix = format!("{}/", fleet.prefix);
     let doorbell = format!("{prefix}.changed");
+    let scout = format!("{prefix}.scout");
     fleet.wait("both agents announced again", |f| {
         f.agents
             .iter()
@@ -74,6 +76,7 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
     holds_for(Duration::from_secs(3), "the empty tree", || {
         let mut tree = consul.tree(&prefix);
         tree.remove(&doorbell);
+        tree.remove(&scout);
         tree.retain(|key, _| !key.starts_with(&format!("{prefix}.agents/")));
         if !tree.is_empty() {
             return Some(format!("{tree:?}"));

@@ -125,13 +125,14 @@ impl DeploymentState {
         }
     }
 
-    pub(crate) fn watch_target(&self, node: &str) -> Target {
+    pub(crate) fn watch_target(&self, node: &str, session: &Arc<Mutex<Option<String>>>) -> Target {
         Target {
             prefix: self.spec.prefix.clone(),
             node: node.to_string(),
             own: self.own_failed.clone(),
             book: self.book.clone(),
             rescan: self.rescan,
+            session: session.clone(),
         }
     }
 

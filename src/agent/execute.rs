@@ -258,7 +258,7 @@ impl Agent {
     /// Replaces the view of the tree with a fresh read; if Consul does not
     /// answer, voids it (the watch posts once Consul answers again).
     pub(super) fn refresh_tree(&mut self, index: usize) {
-        let target = self.deployments[index].watch_target(&self.config.name);
+        let target = self.deployments[index].watch_target(&self.config.name, &self.session_cell);
         let prefix = self.deployments[index].spec.prefix.as_dir().to_string();
         match super::watch::look_now(&self.consul, &target) {
             Ok(seen) => {

@@ -44,6 +44,7 @@ mod execute;
 mod health;
 mod hook_run;
 mod reload;
+mod scout;
 mod session;
 mod view;
 mod watch;
@@ -137,6 +138,8 @@ pub(crate) struct Agent {
     stopping: bool,
     /// When the credential files were last read again after a refusal.
     credentials_read: Option<Instant>,
+    /// The session in use, for the threads that need it (the scouts).
+    session_cell: Arc<std::sync::Mutex<Option<String>>>,
     next_watch: u64,
     last_served: usize,
     /// When this agent started, for its announcements.
@@ -216,6 +219,7 @@ impl Agent {
             sessions: Sessions::new(recorded),
             stopping: false,
             credentials_read: None,
+            session_cell: Arc::default(),
             next_watch: 0,
             last_served: 0,
             started_at: crate::logging::timestamp(),
@@ -235,6 +239,7 @@ impl Agent {
             self.recheck_kept();
             if !self.stopping {
                 self.ensure_session();
+                self.share_session();
                 self.start_watches();
                 self.announce_membership();
                 self.check_own_keys();
@@ -409,6 +414,15 @@ impl Agent {
         }
     }
 
+    /// Tells the threads that need it which session is in use.
+    fn share_session(&self) {
+        let id = self.sessions.id();
+        let mut cell = self.session_cell.lock().unwrap_or_else(|e| e.into_inner());
+        if cell.as_deref() != id {
+            *cell = id.map(String::from);
+        }
+    }
+
     /// Ends every deployment's watches (their queries and connections at
     /// once); the next pass starts them again, and they read the tree and
     /// `current` afresh. After an outage a blocking query may sit on a
@@ -441,7 +455,7 @@ impl Agent {
             let tx = self.tx.clone();
             let started = watch::start(
                 &self.consul,
-                deployment.watch_target(&self.config.name),
+                deployment.watch_target(&self.config.name, &self.session_cell),
                 self.health.clone(),
                 move |seen| tx.send(Event::Seen { watch: id, seen }).is_ok(),
             );

@@ -103,6 +103,8 @@ pub(crate) struct Target {
     pub book: Arc<Mutex<Book>>,
     /// How often at most the tree is read whole (for tools that do not ring).
     pub rescan: Duration,
+    /// The agent's session, for the scout's lock (`None` while it has none).
+    pub session: Arc<Mutex<Option<String>>>,
 }
 
 impl Target {
@@ -110,7 +112,7 @@ impl Target {
         self.own.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+    pub(super) fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -122,6 +124,9 @@ impl Target {
 pub(crate) struct Book {
     seen: Option<TreeSeen>,
     rings: VecDeque<(u64, Heard)>,
+    /// The index the snapshot is complete up to: its whole read's, or the
+    /// last ring applied over it.
+    heard: u64,
 }
 
 /// A ring as the tree watch applied it: a change, or (for a wave ring) what
@@ -143,7 +148,23 @@ impl Book {
         }
         keep_own(&mut seen, &target.own());
         self.seen = Some(seen.clone());
+        self.heard = self.heard.max(as_of);
         seen
+    }
+
+    /// How far the snapshot is complete (see [`Book::heard`]), and the
+    /// versions it holds (`None` before the first whole read).
+    pub(crate) fn versions(&self) -> (u64, Option<BTreeSet<VersionName>>) {
+        let versions = self
+            .seen
+            .as_ref()
+            .map(|s| {
+                s.listing
+                    .as_ref()
+                    .map(|l| l.versions.keys().cloned().collect())
+            })
+            .map(Option::unwrap_or_default);
+        (self.heard, versions)
     }
 
     /// A ring at `index`: applied to the snapshot, if there is one yet.
@@ -157,6 +178,9 @@ impl Book {
             seen.clone()
         });
         self.rings.push_back((index, heard));
+        if self.seen.is_some() {
+            self.heard = self.heard.max(index);
+        }
         seen
     }
 
@@ -164,6 +188,7 @@ impl Book {
     fn forget(&mut self) {
         self.seen = None;
         self.rings.clear();
+        self.heard = 0;
     }
 }
 
@@ -224,7 +249,7 @@ fn keep_own(seen: &mut TreeSeen, own: &BTreeSet<VersionName>) {
 /// Tells the watch threads to stop, and wakes them from a pause: to stop,
 /// or (the doorbell) to read at once.
 #[derive(Default)]
-struct Stop {
+pub(super) struct Stop {
     state: Mutex<Wake>,
     wake: Condvar,
     flag: AtomicBool,
@@ -239,18 +264,18 @@ struct Wake {
 }
 
 impl Stop {
-    fn stopped(&self) -> bool {
+    pub(super) fn stopped(&self) -> bool {
         self.flag.load(Ordering::Relaxed)
     }
 
     /// The rings so far: a watch notes them just before it reads.
-    fn rings(&self) -> u64 {
+    pub(super) fn rings(&self) -> u64 {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).rings
     }
 
     /// Sleeps for `duration`, or less if told to stop or the doorbell rang
     /// since the watch noted `read_at`; returns whether to stop.
-    fn sleep(&self, duration: Duration, read_at: u64) -> bool {
+    pub(super) fn sleep(&self, duration: Duration, read_at: u64) -> bool {
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (guard, _) = self
             .wake
@@ -288,7 +313,8 @@ impl Drop for Watches {
     }
 }
 
-/// Starts a deployment's two watches, each with a client of its own.
+/// Starts a deployment's two watches and its scout, each with a client of
+/// its own.
 /// `post` is called with each new observation; when it returns false (the
 /// main loop is gone) a watch ends. Fails only if a thread cannot be
 /// started (then none runs).
@@ -301,10 +327,17 @@ pub(crate) fn start(
     let stop = Arc::new(Stop::default());
     let tree = Arc::new(consul.with_own_connections());
     let current = Arc::new(consul.with_own_connections());
+    let scout = Arc::new(consul.with_own_connections());
     let watches = Watches {
         stop: stop.clone(),
-        clients: vec![tree.clone(), current.clone()],
+        clients: vec![tree.clone(), current.clone(), scout.clone()],
     };
+    {
+        let (target, health, stop) = (target.clone(), health.clone(), stop.clone());
+        spawn("scout", move || {
+            super::scout::scout_loop(&scout, &target, &health, &stop)
+        })?;
+    }
     {
         let (target, health, stop, post) =
             (target.clone(), health.clone(), stop.clone(), post.clone());
@@ -329,7 +362,7 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
 
 /// Where the next whole read of the tree comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Whole {
+pub(super) enum Whole {
     /// A leader that has caught up: after a start, a failure or a replaced
     /// state, when nothing else says how far Consul got.
     Leader,
@@ -506,6 +539,16 @@ fn failed(
     stop.sleep(cursor.failed(), read_at)
 }
 
+/// A request failed, for the scout (see [`failed`]).
+pub(super) fn backed_off(
+    err: &ConsulError,
+    cursor: &mut Cursor,
+    health: &Health,
+    stop: &Stop,
+) -> bool {
+    failed(err, cursor, health, stop, stop.rings())
+}
+
 /// Creates the doorbell if it does not exist yet, so that the watch blocks
 /// on a key that only rings wake (a query on a missing key wakes at every
 /// write anywhere). Only if missing (check-and-set on 0); many agents may
@@ -567,7 +610,7 @@ pub(crate) fn look_now(consul: &Consul, target: &Target) -> Result<TreeSeen, Con
 /// Reads the tree whole: the listing, then which listed folders have their
 /// key and which of this node's `failed` keys are missing. Returns the
 /// snapshot and the listing's index.
-fn read_whole(
+pub(super) fn read_whole(
     consul: &Consul,
     target: &Target,
     from: Whole,
@@ -816,6 +859,7 @@ mod tests {
             own: Arc::default(),
             book: Arc::default(),
             rescan: Duration::from_secs(300),
+            session: Arc::default(),
         }
     }
 
