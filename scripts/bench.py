@@ -21,7 +21,9 @@ separate processes on this machine, it measures:
 7. the server's cost of the requests agents make, against the number of
    keys under a prefix;
 8. back-to-back deploys, against the Go original (`../shared/baselines/`)
-   in the same run.
+   in the same run;
+9. the seed's protocol spoken with plain KV writes (served through the
+   scout) against the depro CLI, same fleet, N agents.
 
 It writes docs/benchmarks.md, docs/fleet-scaling.svg and
 docs/benchmarks.json. Only the standard library is used.
@@ -368,6 +370,73 @@ def many_agents(depro, consul_binary, work, n, rounds):
     return {"n": n, "per_agent_sockets": per_agent, "limit": limit, "startup": startup,
             "deploy": summarize(samples), "cleanup": cleanups, "rss_kib": rss, "threads": threads,
             "sockets": sockets}
+
+
+def ready_nodes(consul, prefix, version):
+    """How many nodes report `version` ready (one recursive read)."""
+    import base64
+    text = consul.call("GET", f"kv/{prefix}/{version}/?recurse")
+    entries = json.loads(text) if text else []
+    return sum(1 for e in entries
+               if e["Key"].count("/") == prefix.count("/") + 2 and not e["Key"].endswith("/")
+               and base64.b64decode(e.get("Value") or "").decode() == "ready")
+
+
+def plain_path(depro, consul_binary, work, sizes, rounds):
+    """Section 9: the seed's protocol spoken by a client that is not depro
+    (plain KV writes: the folder key, then `current` once every node is
+    ready), against the depro CLI on the same fleet, for N agents: the time
+    from the write to every node ready and to every node live, and what a
+    version costs the server (requests and Consul CPU, per host). The scout
+    rings the doorbell for the plain writes."""
+    results = []
+    for n in sizes:
+        consul = Consul(consul_binary, work, name=f"plain{n}", conns=max(200, n * 8))
+        prefix = f"plain{n}/version"
+        agents = [Agent(depro, work, f"p{n}-{i}", consul, app_deployment(prefix)) for i in range(n)]
+        wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent p{n}-") >= n,
+                   timeout=600, step=0.1)
+        wait_until("a scout", lambda: consul.get(f"{prefix}/.scout") is not None, timeout=60)
+        meter = CpuMeter(consul, agents)
+        step = 0.005 if n < 200 else 0.05
+        samples = {"plain": [], "cli": []}
+        for r in range(2 * rounds + 2):  # alternating; rounds 0 and 1 warm up
+            version = f"v{r}"
+            how = "plain" if r % 2 == 0 else "cli"
+            offset, before = consul.log_offset(), meter.now()
+            t0 = time.monotonic()
+            if how == "plain":
+                consul.put(f"{prefix}/{version}/")
+                wait_until("every node ready", lambda: ready_nodes(consul, prefix, version) >= n,
+                           timeout=120, step=max(step, 0.02))
+                ready = time.monotonic() - t0
+                consul.put(f"{prefix}/current", version)
+            else:
+                run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}",
+                          "-no-rollout", "-timeout=120s")
+                ready = time.monotonic() - t0
+                run_depro(depro, consul, "rollout", version, f"-nodes={n}", f"-prefix={prefix}",
+                          "-timeout=120s")
+            wait_until("every node live", lambda: all(a.live() == version for a in agents),
+                       timeout=120, step=step)
+            live = time.monotonic() - t0
+            time.sleep(0.5)
+            spent = meter.since(before)
+            requests = consul.requests_since(offset, [prefix])
+            if r >= 2:
+                samples[how].append({"ready": ready, "live": live, "consul_cpu": spent["consul_cpu"],
+                                     "requests": sum(requests.values()), "kinds": requests})
+            print(f"  N={n} {how} {version}: ready {ready:.2f} s, live {live:.2f} s, "
+                  f"{sum(requests.values()) / n:.1f} requests per host", flush=True)
+        stop_all(agents)
+        consul.stop()
+        row = {"n": n}
+        for how, runs in samples.items():
+            row[how] = {"ready": median([x["ready"] for x in runs]), "live": median([x["live"] for x in runs]),
+                        "requests_per_host": median([x["requests"] for x in runs]) / n,
+                        "consul_cpu_per_host": median([x["consul_cpu"] for x in runs]) / n}
+        results.append(row)
+    return results
 
 
 def cluster_section(depro, consul_binary, work, artifact, sizes, rounds):
@@ -802,7 +871,7 @@ def report(args, d, path):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b"]
+PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain"]
 
 
 def dist_sizes(depro):
@@ -839,6 +908,8 @@ def main():
     parser.add_argument("--cost-keys", default="1000,10000,50000")
     parser.add_argument("--cost-samples", type=int, default=300)
     parser.add_argument("--b2b-sizes", default="1,8,32")
+    parser.add_argument("--plain-sizes", default="16,256,1000")
+    parser.add_argument("--plain-rounds", type=int, default=3)
     parser.add_argument("--b2b-rounds", type=int, default=10)
     parser.add_argument("--b2b-pause", type=float, default=2.0)
     parser.add_argument("--artifact-files", type=int, default=20)
@@ -915,6 +986,10 @@ def main():
             print("bench: 7. server cost model", flush=True)
             keys = [int(n) for n in args.cost_keys.split(",")]
             d["cost"] = server_cost(args.consul, work, keys, args.cost_samples)
+        if "plain" in parts:
+            print("bench: 9. the seed's protocol (plain KV writes) against the CLI", flush=True)
+            sizes = [int(n) for n in args.plain_sizes.split(",")]
+            d["plain"] = plain_path(args.depro, args.consul, work, sizes, args.plain_rounds)
         if "b2b" in parts:
             print("bench: 8. back-to-back deploys", flush=True)
             sizes = [int(n) for n in args.b2b_sizes.split(",")]
