@@ -25,7 +25,9 @@ pub(crate) use wait::wait;
 
 use crate::cli::TreeArgs;
 use crate::config::{self, Env, FileConnection};
-use crate::consul::{Conflict, Consul, ConsulError, KvEntry, Read, TxnOp, TxnOutcome};
+use crate::consul::{
+    Conflict, Consul, ConsulError, ConsulErrorKind, KvEntry, Read, TxnOp, TxnOutcome,
+};
 use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::doorbell::{Change, Ring};
 use crate::error::{Error, Result};
@@ -35,6 +37,13 @@ use progress::Progress;
 
 /// How many times a command rings again when another one rang first.
 const RING_TRIES: usize = 10;
+
+/// A tree of at most about this many keys is read in one answer (a few
+/// MiB); a bigger one version by version.
+const ONE_READ_KEYS: usize = 20_000;
+
+/// How many reads a big tree's read has in flight at once.
+const READERS: usize = 4;
 
 /// A ring of the doorbell, ready to go into a transaction.
 pub(crate) struct Bell {
@@ -288,11 +297,16 @@ impl Ctx {
     }
 
     /// Reads the whole tree under the prefix (`?consistent`: the reads a
-    /// command decides on come from a leader that has caught up).
+    /// command decides on come from a leader that has caught up), in
+    /// answers of bounded size: the one-level listing and the agents'
+    /// announcements first; then, for a tree of at most [`ONE_READ_KEYS`]
+    /// keys (about: versions × agents), everything in one read; for a
+    /// bigger one, each version's folder on its own (a few at a time) and
+    /// depro's own keys in one transaction. Never the whole of a big prefix
+    /// in one answer (Consul's and depro's limits on an answer's size).
     pub(crate) fn read_tree(&mut self) -> Result<Tree> {
-        let prefix = self.prefix.as_dir().to_string();
-        let answer = self.retrying(|c| c.list(&prefix, Read::consistent()))?;
-        let tree = Tree::parse(&self.prefix, &answer.value);
+        let entries = self.read_entries()?;
+        let tree = Tree::parse(&self.prefix, &entries);
         *self.plain.borrow_mut() = tree
             .versions
             .iter()
@@ -300,6 +314,111 @@ impl Ctx {
             .map(|(v, _)| v.clone())
             .collect();
         Ok(tree)
+    }
+
+    /// Every entry under the prefix, in answers of bounded size (see
+    /// [`Ctx::read_tree`]).
+    fn read_entries(&self) -> Result<Vec<KvEntry>> {
+        let dir = self.prefix.as_dir().to_string();
+        let names = self
+            .retrying(|c| c.keys(&dir, Read::consistent()))?
+            .value
+            .unwrap_or_default();
+        let agents_dir = self.prefix.agents_dir();
+        let agents = self
+            .retrying(|c| c.list(&agents_dir, Read::consistent()))?
+            .value;
+        let folders: Vec<&String> = names
+            .iter()
+            .filter(|n| n.ends_with('/') && **n != agents_dir)
+            .collect();
+        // Versions × agents estimates the keys; where agents do not announce
+        // themselves (older agents) it is too low, and an answer over the
+        // limit sends the read version by version.
+        let mut per_version = agents.len();
+        if per_version < 2
+            && let Some(sample) = folders.last()
+        {
+            // No announcements to count: count one version's keys.
+            per_version = self
+                .retrying(|c| c.keys(sample, Read::consistent()))?
+                .value
+                .map_or(0, |keys| keys.len());
+        }
+        let estimate = folders.len().saturating_mul(per_version.max(1));
+        if estimate <= ONE_READ_KEYS {
+            match self.retrying(|c| c.list(&dir, Read::consistent())) {
+                Ok(answer) => return Ok(answer.value),
+                Err(Error::Consul(e)) if matches!(e.kind, ConsulErrorKind::TooLarge(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // The plain keys (current, depro's own, versions another tool made
+        // plain) in transactions of reads; each folder on its own.
+        let plain: Vec<&str> = names
+            .iter()
+            .filter(|n| !n.ends_with('/'))
+            .map(String::as_str)
+            .collect();
+        let mut entries = agents;
+        for chunk in plain.chunks(crate::consul::MAX_TXN_OPS) {
+            let ops: Vec<TxnOp<'_>> = chunk.iter().map(|key| TxnOp::Get { key }).collect();
+            let outcome =
+                self.retrying(|c| c.read_txn(&ops, crate::consul::Consistency::Consistent))?;
+            match outcome {
+                TxnOutcome::Committed(found) => entries.extend(found),
+                // A key deleted since the listing: read them one by one.
+                TxnOutcome::Rejected(_) => {
+                    for key in chunk {
+                        if let Some(entry) =
+                            self.retrying(|c| c.get(key, Read::consistent()))?.value
+                        {
+                            entries.push(entry);
+                        }
+                    }
+                }
+            }
+        }
+        // A few readers at once, each trying a failed read again a few
+        // times (a leader election, say), as `retrying` does.
+        let consul = &self.consul;
+        let read = |folder: &str| -> std::result::Result<Vec<KvEntry>, ConsulError> {
+            let mut tries = 0;
+            loop {
+                match consul.list(folder, Read::consistent()) {
+                    Ok(answer) => return Ok(answer.value),
+                    Err(e) if e.is_transient() && tries < 5 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(200 << tries));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let lists: Vec<std::result::Result<Vec<KvEntry>, ConsulError>> =
+            std::thread::scope(|scope| {
+                let per_thread = folders.len().div_ceil(READERS).max(1);
+                let handles: Vec<_> = folders
+                    .chunks(per_thread)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            let mut out = Vec::new();
+                            for folder in part {
+                                out.extend(read(folder)?);
+                            }
+                            Ok(out)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Ok(Vec::new())))
+                    .collect()
+            });
+        for list in lists {
+            entries.extend(list.map_err(|e| Error::Consul(Box::new(e)))?);
+        }
+        Ok(entries)
     }
 
     /// Reads one version's keys from the leader: its key and its nodes.

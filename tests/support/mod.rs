@@ -332,7 +332,13 @@ impl Consul {
                 Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
                 None => self.agent.run(request.body(()).unwrap()),
             };
-            let Ok(mut response) = response else { continue };
+            let mut response = match response {
+                Ok(response) => response,
+                Err(e) => {
+                    eprintln!("{method} {url}: {e}");
+                    continue;
+                }
+            };
             let status = response.status().as_u16();
             let Ok(text) = response.body_mut().read_to_string() else {
                 continue;
