@@ -76,14 +76,21 @@ fn big_tree(consul: &Consul, prefix: &str) {
     };
     for v in 0..VERSIONS {
         let version = format!("v{v:02}");
-        let state = if v == VERSIONS - 1 { "active" } else { "ready" };
+        let current = v == VERSIONS - 1;
+        let state = |n: usize| match n {
+            // Two nodes are not where they should be.
+            7 if current => "failed",
+            8 if current => "busy",
+            _ if current => "active",
+            _ => "ready",
+        };
         let folder = format!("{prefix}/{version}/");
         let folder_op = serde_json::json!({"KV": {"Verb": "set", "Key": folder, "Value": ""}});
         let node_ops = (0..NODES).map(|n| {
             serde_json::json!({"KV": {
                 "Verb": "lock",
                 "Key": format!("{prefix}/{version}/{}", node(n)),
-                "Value": support::base64(state),
+                "Value": support::base64(state(n)),
                 "Session": session,
             }})
         });
@@ -126,6 +133,10 @@ fn every_command_that_reads_the_whole_prefix_works_beyond_what_one_answer_carrie
         "summarised: {} lines",
         text.lines().count()
     );
+    // ...and the nodes that are not where they should be.
+    assert!(text.contains("2 nodes are not active on v25"), "{text}");
+    assert!(text.contains(&format!("{}: v25 failed", node(7))), "{text}");
+    assert!(text.contains(&format!("{}: v25 busy", node(8))), "{text}");
     // status -json: every version, with its node counts.
     let out = depro(&["status", "-json"]);
     let doc: serde_json::Value = serde_json::from_str(out.result()).unwrap();

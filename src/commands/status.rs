@@ -313,6 +313,69 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
     ))
 }
 
+/// How many nodes not where they should be a summary names.
+const ASTRAY_SHOWN: usize = 10;
+
+/// For a big fleet: the nodes that do not run `current` (a failed or busy
+/// key for it, or none), the first few by name.
+fn astray(prefix: &Prefix, tree: &Tree, nodes: &BTreeSet<&String>) -> String {
+    let Some(current) = tree.current_version() else {
+        return String::new();
+    };
+    let on_current = tree.versions.get(current).map(|i| &i.nodes);
+    // Nodes a progressive rollout switched, running its version.
+    let switched = |node: &str| {
+        tree.rollout_in_effect().is_some_and(|(plan, _)| {
+            plan.switched.contains(node)
+                && crate::version_name::VersionName::parse(&plan.version)
+                    .ok()
+                    .and_then(|v| tree.versions.get(&v))
+                    .and_then(|i| i.nodes.get(node))
+                    .is_some_and(|e| e.state == NodeState::Active)
+        })
+    };
+    let mut astray: Vec<String> = Vec::new();
+    for node in nodes {
+        if switched(node) {
+            continue;
+        }
+        let entry = on_current.and_then(|n| n.get(*node));
+        let why = match entry.map(|e| e.state) {
+            Some(NodeState::Active) => continue,
+            Some(NodeState::Failed) => {
+                let reason = tree
+                    .versions
+                    .get(current)
+                    .and_then(|i| i.reasons.get(*node))
+                    .map(|r| format!(" ({})", shown(&r.error)))
+                    .unwrap_or_default();
+                format!("{current} failed{reason}")
+            }
+            Some(state) => format!("{current} {state}"),
+            None => format!("no key for {current}"),
+        };
+        astray.push(format!("  {}: {why}\n", shown(node)));
+    }
+    if astray.is_empty() {
+        return format!("every node runs {current}\n");
+    }
+    let total = astray.len();
+    let mut text = format!(
+        "{total} {} not active on {current}:\n",
+        if total == 1 { "node is" } else { "nodes are" }
+    );
+    for line in astray.iter().take(ASTRAY_SHOWN) {
+        text.push_str(line);
+    }
+    if total > ASTRAY_SHOWN {
+        text.push_str(&format!(
+            "  … and {} more: `depro status -prefix={prefix} {current}`\n",
+            total - ASTRAY_SHOWN
+        ));
+    }
+    text
+}
+
 /// Two aligned tables: versions with their counts, then nodes × versions.
 pub(crate) fn table(
     prefix: &Prefix,
@@ -386,6 +449,7 @@ pub(crate) fn table(
             nodes.len(),
             tree.agents.len()
         ));
+        out.push_str(&astray(prefix, tree, &nodes));
     } else if !nodes.is_empty() {
         out.push('\n');
         let mut rows = vec![
