@@ -23,7 +23,8 @@ separate processes on this machine, it measures:
 8. back-to-back deploys, against the Go original (`../shared/baselines/`)
    in the same run;
 9. the seed's protocol spoken with plain KV writes (served through the
-   scout) against the depro CLI, same fleet, N agents.
+   scout) against the depro CLI, same fleet, N agents;
+10. the CLI's commands on prefixes of 10k, 100k and 1M keys.
 
 It writes docs/benchmarks.md, docs/fleet-scaling.svg and
 docs/benchmarks.json. Only the standard library is used.
@@ -436,6 +437,64 @@ def plain_path(depro, consul_binary, work, sizes, rounds):
                         "requests_per_host": median([x["requests"] for x in runs]) / n,
                         "consul_cpu_per_host": median([x["consul_cpu"] for x in runs]) / n}
         results.append(row)
+    return results
+
+
+def big_trees(depro, consul_binary, work, shapes):
+    """Section 10: the CLI's commands on prefixes of many keys (hosts x
+    versions: node keys held by one session, as agents' are), each timed
+    once per shape: what an operator waits for on a big fleet."""
+    import base64
+    results = []
+    for hosts, versions in shapes:
+        consul = Consul(consul_binary, work, name=f"big{hosts}x{versions}")
+        prefix = f"big{hosts}x{versions}/version"
+        session = None
+        for _ in range(100):
+            try:
+                session = json.loads(consul.call("PUT", "session/create", json.dumps(
+                    {"Name": "bench", "TTL": "3600s", "LockDelay": "0s"}).encode()))["ID"]
+                break
+            except Exception:
+                time.sleep(0.1)
+        t0 = time.monotonic()
+        ops = []
+        for v in range(versions):
+            ops.append({"KV": {"Verb": "set", "Key": f"{prefix}/v{v:03}/", "Value": ""}})
+            if len(ops) == 64:
+                consul.txn(ops)
+                ops = []
+            value = base64.b64encode(b"active" if v == versions - 1 else b"ready").decode()
+            for h in range(hosts):
+                ops.append({"KV": {"Verb": "lock", "Key": f"{prefix}/v{v:03}/web-{h:05}.rack1.dc1.example.internal",
+                                   "Value": value, "Session": session}})
+                if len(ops) == 64:
+                    consul.txn(ops)
+                    ops = []
+        if ops:
+            consul.txn(ops)
+        consul.put(f"{prefix}/current", f"v{versions - 1:03}")
+        filled = time.monotonic() - t0
+        keys = hosts * versions
+        print(f"  {keys} keys ({hosts} hosts x {versions} versions) written in {filled:.0f} s", flush=True)
+        row = {"hosts": hosts, "versions": versions, "keys": keys, "commands": {}}
+        commands = [
+            ("status", ["status"]),
+            ("status -json", ["status", "-json"]),
+            ("status V", ["status", f"v{versions - 1:03}"]),
+            ("history", ["history"]),
+            ("prune -dry-run", ["prune", "-keep=3", "-dry-run"]),
+            ("rollback -dry-run", ["rollback", "-dry-run"]),
+            ("remove", ["remove", "v000"]),
+        ]
+        for label, args in commands:
+            t = time.monotonic()
+            out = run_depro(depro, consul, *args, f"-prefix={prefix}", check=False)
+            took = time.monotonic() - t
+            row["commands"][label] = {"seconds": took, "exit": out.returncode}
+            print(f"    {label:18} {took:6.2f} s (exit {out.returncode})", flush=True)
+        results.append(row)
+        consul.stop()
     return results
 
 
@@ -871,7 +930,7 @@ def report(args, d, path):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain"]
+PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain", "big"]
 
 
 def dist_sizes(depro):
@@ -910,6 +969,8 @@ def main():
     parser.add_argument("--b2b-sizes", default="1,8,32")
     parser.add_argument("--plain-sizes", default="16,256,1000")
     parser.add_argument("--plain-rounds", type=int, default=3)
+    parser.add_argument("--big-shapes", default="1000x10,10000x10,10000x100",
+                        help="hosts x versions of each big tree (10k, 100k, 1M keys)")
     parser.add_argument("--b2b-rounds", type=int, default=10)
     parser.add_argument("--b2b-pause", type=float, default=2.0)
     parser.add_argument("--artifact-files", type=int, default=20)
@@ -990,6 +1051,10 @@ def main():
             print("bench: 9. the seed's protocol (plain KV writes) against the CLI", flush=True)
             sizes = [int(n) for n in args.plain_sizes.split(",")]
             d["plain"] = plain_path(args.depro, args.consul, work, sizes, args.plain_rounds)
+        if "big" in parts:
+            print("bench: 10. commands on big trees", flush=True)
+            shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.big_shapes.split(",")]
+            d["big"] = big_trees(args.depro, args.consul, work, shapes)
         if "b2b" in parts:
             print("bench: 8. back-to-back deploys", flush=True)
             sizes = [int(n) for n in args.b2b_sizes.split(",")]

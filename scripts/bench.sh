@@ -26,7 +26,7 @@ if [ "${1:-}" = --smoke ]; then
   exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --go "$go" --sizes 1,4 --rounds 1 \
     --changes 5 --cycles 4 --idle 2 --version-counts 2,10 --many 12 --many-rounds 1 --cluster-sizes 3 \
     --cost-keys 1000 --cost-samples 20 --b2b-sizes 1,2 --b2b-rounds 3 --b2b-pause 0.2 \
-    --plain-sizes 2 --plain-rounds 1 \
+    --plain-sizes 2 --plain-rounds 1 --big-shapes 100x5 \
     --out target/bench-smoke --command-line "scripts/bench.sh --smoke"
 fi
 exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --go "$go" --command-line "scripts/bench.sh" "$@"
