@@ -1,5 +1,5 @@
-//! The soak: a random mix of deploys, rollbacks, removals, agents killed
-//! with -9 and restarted, and Consul leaders killed, against a 3-server
+//! The soak: a random mix of deploys (at once and in waves), rollbacks,
+//! removals, agents killed with -9 and restarted, and Consul leaders killed, against a 3-server
 //! cluster and four agents, for a set time (60 s by default, as in CI;
 //! `DEPRO_SOAK_SECS=600` for the long run docs/reliability.md reports), with
 //! the recorder checking the invariants throughout. At the end the faults
@@ -82,12 +82,35 @@ fn a_soak_of_deploys_rollbacks_removals_and_failures_breaks_no_invariant() {
         // Up to two agents may die while a command runs: ask for the rest.
         let need = alive.saturating_sub(2).max(1);
         let nodes = format!("-nodes={need}");
-        let (what, command, version) = match rng.below(10) {
+        let (what, command, version) = match rng.below(12) {
             0..=4 => {
                 next_version += 1;
                 let v = format!("s{next_version}");
                 let c = fleet.depro_via(&server, &["deploy", &v, &nodes, "-timeout=60s"]);
                 ("deploy", c, Some(v))
+            }
+            // In waves: a canary, then half of the rest at a time; a
+            // switched node killed meanwhile is waited for until the
+            // timeout, a failed one halts the rollout (undone or not).
+            10 | 11 => {
+                next_version += 1;
+                let v = format!("s{next_version}");
+                let mut args = vec![
+                    "deploy",
+                    v.as_str(),
+                    nodes.as_str(),
+                    "-canary=1",
+                    "-batch=50%",
+                    "-pause=200ms",
+                    "-timeout=20s",
+                ];
+                let what = if rng.below(2) == 0 {
+                    args.push("-rollback-on-failure");
+                    "deploy in waves -rollback-on-failure"
+                } else {
+                    "deploy in waves"
+                };
+                (what, fleet.depro_via(&server, &args), Some(v))
             }
             5 | 6 => (
                 "rollback",
