@@ -63,6 +63,31 @@ fn more_nodes_than_the_fleet_has_times_out_with_exit_3_and_current_unchanged() {
 }
 
 #[test]
+fn a_timeout_with_enough_nodes_ready_names_the_node_still_busy_that_held_the_switch() {
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.agents[1].set_flag("block-deploy", true);
+    let out = fleet.depro(&["deploy", "v2", "-nodes=1", "-timeout=2s"]);
+    out.fails(
+        3,
+        &[
+            "timed out waiting for v2",
+            "1 node has it (1 needed), but node2 reported it and is still busy",
+            "every node that reports a version must have it before current moves",
+            "current unchanged (still v1)",
+        ],
+    );
+    assert!(
+        !out.stderr.contains("of the 1 nodes needed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    fleet.agents[1].set_flag("block-deploy", false);
+    fleet.agents[1].set_flag("release", true);
+}
+
+#[test]
 fn a_failing_deploy_hook_exits_2_naming_the_node_and_a_retry_after_the_fix_succeeds() {
     let fleet = Fleet::start(3);
     fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();

@@ -373,6 +373,9 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
     let mut need = 0;
     // With -nodes=all or a share: the agents that have not reported yet.
     let mut missing: Vec<String> = Vec::new();
+    // Nodes that reported the version and do not have it yet: the switch
+    // waits for them even once enough others have it.
+    let mut busy: Vec<String> = Vec::new();
     let also = Also {
         agents: wait.need.counts_agents(),
         rollout: false,
@@ -405,7 +408,7 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
             Readiness::Waiting { ready, .. } => {
                 // Lagging: nodes that reported and are still busy, and the
                 // agents (with -nodes=all or a share) that have not.
-                let busy = crate::tree::nodes_in(&seen.info.nodes, NodeState::Busy);
+                busy = crate::tree::nodes_in(&seen.info.nodes, NodeState::Busy);
                 let lagging = busy
                     .iter()
                     .chain(missing.iter().filter(|n| !busy.contains(n)));
@@ -440,9 +443,30 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
             } else {
                 String::new()
             };
+            let has = match ready {
+                1 => "1 node has".to_string(),
+                n => format!("{n} nodes have"),
+            };
+            let busy_names = names(&busy.iter().map(|n| shown(n)).collect::<Vec<_>>());
+            let (head, check) = if ready >= need as usize && !busy.is_empty() {
+                let is = if busy.len() == 1 { "is" } else { "are" };
+                (
+                    format!(
+                        "{has} it ({need} needed), but {busy_names} reported it and {is} still \
+                         busy: every node that reports a version must have it before current moves"
+                    ),
+                    format!("the agent on {busy_names}"),
+                )
+            } else {
+                (
+                    format!(
+                        "{ready} of the {need} nodes needed have it ({reported} reported{lagging})"
+                    ),
+                    "the agents".to_string(),
+                )
+            };
             Err(Error::Timeout(format!(
-                "timed out waiting for {version}: {ready} of the {need} nodes needed have it \
-                 ({reported} reported{lagging}); current unchanged ({}); check the agents \
+                "timed out waiting for {version}: {head}; current unchanged ({}); check {check} \
                  (`depro status -prefix={}`) or use a longer -timeout",
                 describe_current(wait.base),
                 ctx.prefix
