@@ -99,10 +99,6 @@ fn ride_out(outage: Outage) {
     fleet.wait_within(Duration::from_secs(60), "node2's keys to expire", |f| {
         f.node_state("v1", "node2").is_none()
     });
-    // Memory is measured from here: the first seconds of an outage (the
-    // failing requests, the session's loss) take a few hundred KiB once
-    // (344-476 KiB measured before the agent's hooks moved off its loop).
-    let (rss_start, _) = rss_and_cpu(pid);
     let out = fleet.depro(&["deploy", "v3", "-nodes=all"]);
     assert!(
         out.result().contains("active on 1/1 nodes"),
@@ -113,11 +109,23 @@ fn ride_out(outage: Outage) {
     assert_eq!(edge.live("api").as_deref(), Some("v1"));
 
     // The rest of the outage, sampled once a second: the version stays,
-    // memory and CPU stay flat.
-    let mut peak_rss = rss_start;
+    // memory and CPU stay flat. Memory settles first: the outage's first
+    // seconds (the failing requests, the session's loss, the deploy above
+    // counting the node out) take a few hundred KiB once (344-552 KiB
+    // measured), and a silent link's keys may expire before the outage is
+    // even logged. So the first quarter of what is left of the outage (20 s
+    // at most) sets the level, and the rest must stay within 256 KiB of it.
+    let sampling = Instant::now();
+    let settle = (offline.saturating_sub(cut_at.elapsed()) / 4).min(Duration::from_secs(20));
+    let mut settled_rss = rss_and_cpu(pid).0;
+    let mut peak_rss = settled_rss;
     while cut_at.elapsed() < offline {
         std::thread::sleep(Duration::from_secs(1).min(offline.saturating_sub(cut_at.elapsed())));
-        peak_rss = peak_rss.max(rss_and_cpu(pid).0);
+        let (rss, _) = rss_and_cpu(pid);
+        if sampling.elapsed() < settle {
+            settled_rss = settled_rss.max(rss);
+        }
+        peak_rss = peak_rss.max(rss);
         assert_eq!(edge.live("api").as_deref(), Some("v1"));
     }
     let (_, cpu_end) = rss_and_cpu(pid);
@@ -132,8 +140,8 @@ fn ride_out(outage: Outage) {
         cpu_share * 100.0
     );
     assert!(
-        peak_rss <= rss_start + 512,
-        "memory grew while cut off: {rss_start} KiB -> {peak_rss} KiB"
+        peak_rss <= settled_rss + 256,
+        "memory grew while cut off: {settled_rss} KiB after {settle:?} -> {peak_rss} KiB"
     );
 
     // The link returns: one pass deploys v3, rolls it out, cleans v2, and
