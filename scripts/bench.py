@@ -682,6 +682,16 @@ def machine():
     return f"{platform.system()} {platform.release()}, {CORES} cores ({cpu_model}), {mem_gib:.0f} GiB"
 
 
+def measured_apart(d, part):
+    """The line that says a section comes from a run of its own (merged in
+    with `--merge`), or nothing when it was measured in this run."""
+    run = d.get("runs", {}).get(part)
+    if not run:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run["started"]))
+    return f"Measured in a run of its own: `{run['command_line']}`, {when}, binary {run['binary_size']} bytes.\n"
+
+
 def report(args, d, path):
     started = d["started"]
     fleet, latency, foot = d.get("fleet"), d.get("latency"), d.get("footprint")
@@ -917,6 +927,41 @@ def report(args, d, path):
                 targets.append((f"back-to-back converged vs the Go original, N={n}", "at least as fast",
                                 f"{ms(b)} vs {ms(g)} ms (Go lost {lost})", ok))
 
+    plain = d.get("plain")
+    if plain:
+        w("## 9. The seed's protocol: plain KV writes against the CLI\n")
+        w(measured_apart(d, "plain"))
+        w("A client that is not depro adds `<prefix>/<version>/`, polls the node keys until every node is "
+          "`ready`, then sets `current`; the depro CLI deploys with `-no-rollout`, then `rollout`, on the same "
+          "fleet, alternating. Ready and live: from the first write, medians. Requests and Consul CPU: per host "
+          "and version (see docs/scaling.md).\n")
+        w("| N | plain: ready s | live s | requests/host | Consul CPU ms/host | CLI: ready s | live s "
+          "| requests/host | Consul CPU ms/host |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in plain:
+            cells = []
+            for how in ("plain", "cli"):
+                x = r[how]
+                cells += [f"{x['ready']:.2f}", f"{x['live']:.2f}", f"{x['requests_per_host']:.1f}",
+                          f"{x['consul_cpu_per_host'] * 1000:.1f}"]
+            w(f"| {r['n']} | " + " | ".join(cells) + " |")
+        w("")
+    big = d.get("big")
+    if big:
+        w("## 10. Commands on big trees\n")
+        w(measured_apart(d, "big"))
+        w("A prefix of hosts × versions node keys (held by one session, as agents' are), `current` on the last "
+          "version; each command run once against a single Consul server, wall time (exit status).\n")
+        labels = list(big[0]["commands"])
+        w("| keys (hosts × versions) | " + " | ".join(f"`{label}`" for label in labels) + " |")
+        w("|---|" + "---:|" * len(labels))
+        for r in big:
+            cells = [f"{r['commands'][label]['seconds']:.2f} s"
+                     + ("" if r["commands"][label]["exit"] == 0 else f" (exit {r['commands'][label]['exit']})")
+                     for label in labels]
+            w(f"| {r['keys']:,} ({r['hosts']:,} × {r['versions']}) | " + " | ".join(cells) + " |")
+        w("")
+
     if targets:
         w("## Targets\n")
         w("| target | wanted | measured | |")
@@ -981,11 +1026,25 @@ def main():
                         help="hand-written analysis appended to the report")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from OUT/benchmarks.json (after editing the notes)")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="with --report-only: take the parts measured in another run (its benchmarks.json) "
+                             "into OUT's, the report naming that run")
     args = parser.parse_args()
 
     if args.report_only:
         with open(os.path.join(args.out, "benchmarks.json")) as f:
             d = json.load(f)
+        for other in args.merge:
+            with open(other) as f:
+                m = json.load(f)
+            measured = [part for part in PARTS if m.get(part)]
+            command = m.get("command_line", "")
+            if "--parts" not in command:
+                command += " --parts " + ",".join(measured)
+            for part in measured:
+                d[part] = m[part]
+                d.setdefault("runs", {})[part] = {"started": m["started"], "command_line": command,
+                                                  "binary_size": m["binary_size"]}
         # The report lists the sizes of the static binaries in dist/ when it
         # is written: today's, where dist/ has them.
         sizes = dist_sizes(d["depro"])

@@ -41,6 +41,12 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
             "2",
             "--b2b-pause",
             "0.2",
+            "--plain-sizes",
+            "2",
+            "--plain-rounds",
+            "1",
+            "--big-shapes",
+            "20x3",
         ])
         .arg("--out")
         .arg(out.path())
@@ -63,11 +69,17 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
         "## 6. A 3-server cluster",
         "## 7. What a request costs the server",
         "## 8. Back-to-back deploys",
+        "## 9. The seed's protocol",
+        "## 10. Commands on big trees",
         "## Targets",
     ] {
         assert!(report.contains(section), "{section} missing:\n{report}");
     }
     assert!(report.contains("| 2 |"), "no row for N=2:\n{report}");
+    assert!(
+        report.contains("| 60 (20 × 3) |"),
+        "no row for the 20 × 3 tree:\n{report}"
+    );
     let chart = std::fs::read_to_string(out.path().join("fleet-scaling.svg")).unwrap();
     assert_eq!(chart.matches("<polyline").count(), 4);
 }
