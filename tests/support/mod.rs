@@ -997,7 +997,14 @@ impl<'c> Fleet<'c> {
                 hooks_log: a.dir.join("hooks.log"),
             })
             .collect();
-        recorder::Recorder::start(self.root.path(), nodes, servers.to_vec(), &self.prefix)
+        let token = self.consul.token.lock().unwrap().clone();
+        recorder::Recorder::start(
+            self.root.path(),
+            nodes,
+            servers.to_vec(),
+            &self.prefix,
+            token,
+        )
     }
 
     /// After the faults stop: within `patience`, every running agent runs

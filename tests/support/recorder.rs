@@ -71,7 +71,15 @@ pub struct Findings {
 impl Recorder {
     /// Starts recording `nodes` under `root` (the fleet's directory) and
     /// the tree under `prefix`, read from any of `servers`.
-    pub fn start(root: &Path, nodes: Vec<Node>, servers: Vec<String>, prefix: &str) -> Recorder {
+    /// `token`: the ACL token the followers read the tree with, if Consul
+    /// has ACLs on.
+    pub fn start(
+        root: &Path,
+        nodes: Vec<Node>,
+        servers: Vec<String>,
+        prefix: &str,
+        token: Option<String>,
+    ) -> Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let violations = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -100,8 +108,9 @@ impl Recorder {
         // One follower per server: while one restarts, the others see.
         for server in servers {
             let (stop, seen, prefix) = (stop.clone(), seen.clone(), format!("{prefix}/"));
+            let token = token.clone();
             threads.push(std::thread::spawn(move || {
-                follow_tree(&server, &prefix, &stop, &seen)
+                follow_tree(&server, &prefix, token.as_deref(), &stop, &seen)
             }));
         }
         Recorder {
@@ -329,7 +338,13 @@ fn is_test_bed_file(path: &Path) -> bool {
 /// Follows the tree on one server with blocking recursive reads (each
 /// answered by that server, `?stale`, so a follower answers too while there
 /// is no leader), recording every write.
-fn follow_tree(server: &str, prefix: &str, stop: &AtomicBool, seen: &Mutex<Seen>) {
+fn follow_tree(
+    server: &str,
+    prefix: &str,
+    token: Option<&str>,
+    stop: &AtomicBool,
+    seen: &Mutex<Seen>,
+) {
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(3)))
@@ -339,7 +354,11 @@ fn follow_tree(server: &str, prefix: &str, stop: &AtomicBool, seen: &Mutex<Seen>
     let mut last: BTreeMap<String, Write> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         let url = format!("http://{server}/v1/kv/{prefix}?recurse&stale&index={index}&wait=1s");
-        let answer = agent.get(&url).call().ok().and_then(|mut response| {
+        let mut request = agent.get(&url);
+        if let Some(token) = token {
+            request = request.header("X-Consul-Token", token);
+        }
+        let answer = request.call().ok().and_then(|mut response| {
             let status = response.status().as_u16();
             let header = response.headers().get("X-Consul-Index")?.to_str().ok()?;
             let new_index: u64 = header.parse().ok()?;
