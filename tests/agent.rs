@@ -84,6 +84,9 @@ fn a_late_joiner_bootstraps_itself_to_current() {
     fleet.expect_active("v2");
     fleet.join("late");
     fleet.expect_active("v2");
+    // Current first, then the rest: v1 may still be deploying when v2 is
+    // active on the new node.
+    fleet.expect_state("v1", "ready");
     let late = fleet.agents.last().unwrap();
     assert_eq!(
         late.version_dirs("api"),
