@@ -6,14 +6,19 @@
 //! option, and cannot collide with depro's own files (`current`, `.depro`).
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest accepted version name, in bytes.
 pub(crate) const MAX_LEN: usize = 128;
 
 /// A validated version name: 1 to 128 characters of `[A-Za-z0-9._+-]`, not
 /// starting with `.` or `-`, and never `current`.
+///
+/// Shared, not copied, when cloned: an agent holds each name in several
+/// maps (the tree it saw, what it wants, what it has, what it reported),
+/// and with thousands of versions the copies were most of its memory.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct VersionName(String);
+pub(crate) struct VersionName(Arc<str>);
 
 impl VersionName {
     /// Accepts `name` if it is a valid version name, or says why not.
@@ -38,7 +43,7 @@ impl VersionName {
                 "{bad:?} is not allowed in a version name (use letters, digits and . _ + -)"
             ));
         }
-        Ok(VersionName(name.to_string()))
+        Ok(VersionName(Arc::from(name)))
     }
 
     pub(crate) fn as_str(&self) -> &str {

@@ -154,7 +154,10 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
     let mut cursor = Cursor::new(super::watch::WAIT, true, PACE);
     let dir = target.prefix.as_dir().to_string();
     let current_key = target.prefix.current_key();
-    let mut last: Option<Vec<String>> = None;
+    // Whether the last listing had `current` (`None`: no listing yet).
+    // Only that is kept, not the listing: the scout's memory stays flat
+    // with the versions.
+    let mut had_current: Option<bool> = None;
     loop {
         let ours = target
             .session
@@ -175,25 +178,25 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
                 if backed_off(&e, &mut cursor, health, stop) {
                     return true;
                 }
-                last = None;
+                had_current = None;
                 continue;
             }
         };
         health.reachable(consul);
-        let mut keys = answer.value.unwrap_or_default();
-        keys.sort();
+        let keys = answer.value.unwrap_or_default();
         // Every answer is looked at (paced): not only a listing that
         // changed, since a folder key deleted under remaining node keys
         // leaves the listing as it was.
         cursor.answered(answer.index, false);
-        let current_appeared =
-            keys.contains(&current_key) && last.as_ref().is_some_and(|l| !l.contains(&current_key));
-        last = Some(keys);
+        let has_current = keys.contains(&current_key);
+        drop(keys);
+        let current_appeared = has_current && had_current == Some(false);
+        had_current = Some(has_current);
         if let Err(e) = ring_for_changes(consul, target, answer.index, current_appeared) {
             if backed_off(&e, &mut cursor, health, stop) {
                 return true;
             }
-            last = None;
+            had_current = None;
         }
     }
 }

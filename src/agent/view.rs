@@ -10,6 +10,7 @@
 
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::plan::Wanted;
 use crate::tree::shown;
@@ -19,7 +20,10 @@ use crate::version_name::VersionName;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TreeSeen {
     /// `None`: nothing at all under the prefix (or the token may not read it).
-    pub listing: Option<ListingSeen>,
+    /// Shared by the watch's snapshot and the main loop's view: one copy
+    /// per deployment, however many hold it (issue 19: a copy each cost
+    /// ~150 bytes per version).
+    pub listing: Option<Arc<ListingSeen>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -282,10 +286,10 @@ mod tests {
 
     fn tree(versions: &[&str]) -> TreeSeen {
         TreeSeen {
-            listing: Some(ListingSeen {
+            listing: Some(Arc::new(ListingSeen {
                 versions: versions.iter().map(|n| (v(n), format!("p/{n}/"))).collect(),
                 ..ListingSeen::default()
-            }),
+            })),
         }
     }
 
@@ -313,7 +317,7 @@ mod tests {
     fn a_wave_that_names_this_node_applies_only_while_current_keeps_its_index() {
         let mut view = View::default();
         let mut seen = tree(&["v1", "v2"]);
-        seen.listing.as_mut().unwrap().wave = Some((v("v2"), 7));
+        Arc::make_mut(seen.listing.as_mut().unwrap()).wave = Some((v("v2"), 7));
         view.see_tree(seen.clone(), "p/");
         view.see_current(current("v1", 7), "p/current");
         let wanted = view.wanted().unwrap();
@@ -327,7 +331,7 @@ mod tests {
         assert_eq!(view.wanted().unwrap().current, Some(v("v1")), "ended");
         // A wave for a version the tree lacks never applies.
         let mut gone = tree(&["v1"]);
-        gone.listing.as_mut().unwrap().wave = Some((v("v2"), 11));
+        Arc::make_mut(gone.listing.as_mut().unwrap()).wave = Some((v("v2"), 11));
         view.see_tree(gone, "p/");
         assert_eq!(view.wanted().unwrap().current, Some(v("v1")));
     }
@@ -413,7 +417,7 @@ mod tests {
     fn hostile_names_are_warned_about_bounded_and_escaped() {
         let mut view = View::default();
         let mut seen = tree(&["v1"]);
-        let listing = seen.listing.as_mut().unwrap();
+        let listing = Arc::make_mut(seen.listing.as_mut().unwrap());
         listing.ignored.insert("../".into());
         listing
             .ignored

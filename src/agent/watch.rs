@@ -147,6 +147,9 @@ impl Book {
             }
         }
         keep_own(&mut seen, &target.own());
+        if let Some(before) = self.seen.as_ref().and_then(|s| s.listing.as_ref()) {
+            reuse(&mut seen, before);
+        }
         self.seen = Some(seen.clone());
         self.heard = self.heard.max(as_of);
         seen
@@ -192,11 +195,37 @@ impl Book {
     }
 }
 
+/// Keeps what a whole read found unchanged as it was held: the listing
+/// itself when nothing changed (a rescan, mostly), else the names of the
+/// versions that were there before. So a version's name is one allocation
+/// for as long as it is in the tree, whichever maps hold it, and the
+/// allocator is not left with a fresh copy of every name scattered among
+/// freed blocks after each read.
+fn reuse(seen: &mut TreeSeen, before: &Arc<ListingSeen>) {
+    let Some(listing) = seen.listing.as_mut() else {
+        return;
+    };
+    if **listing == **before {
+        *listing = before.clone();
+        return;
+    }
+    let fresh = Arc::make_mut(listing);
+    fresh.versions = std::mem::take(&mut fresh.versions)
+        .into_iter()
+        .map(
+            |(version, key)| match before.versions.get_key_value(&version) {
+                Some((held, _)) => (held.clone(), key),
+                None => (version, key),
+            },
+        )
+        .collect();
+}
+
 /// Applies what a ring says to a snapshot.
 fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
     let change = match heard {
         Heard::Wave(wave) => {
-            if let Some(listing) = &mut seen.listing {
+            if let Some(listing) = seen.listing.as_mut().map(Arc::make_mut) {
                 listing.wave = wave.clone();
             }
             return;
@@ -205,8 +234,7 @@ fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
     };
     match change {
         Change::Created(version) => {
-            seen.listing
-                .get_or_insert_with(ListingSeen::default)
+            Arc::make_mut(seen.listing.get_or_insert_with(Default::default))
                 .versions
                 .insert(version.clone(), target.prefix.folder_key(version));
         }
@@ -218,12 +246,12 @@ fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
             };
             if let Some(listing) = &mut seen.listing {
                 if listing.versions.get(version) == Some(&key) {
-                    listing.versions.remove(version);
+                    Arc::make_mut(listing).versions.remove(version);
                 }
             }
         }
         Change::Retried { version, node } if *node == target.node => {
-            if let Some(listing) = &mut seen.listing {
+            if let Some(listing) = seen.listing.as_mut().map(Arc::make_mut) {
                 listing.own_missing.insert(version.clone());
             }
         }
@@ -242,7 +270,13 @@ fn apply(seen: &mut TreeSeen, heard: &Heard, target: &Target) {
 /// Only versions this node still has `failed` can have their key missing.
 fn keep_own(seen: &mut TreeSeen, own: &BTreeSet<VersionName>) {
     if let Some(listing) = &mut seen.listing {
-        listing.own_missing.retain(|v| own.contains(v));
+        // Copied only when it changes: the listing is shared with the
+        // main loop's view.
+        if listing.own_missing.iter().any(|v| !own.contains(v)) {
+            Arc::make_mut(listing)
+                .own_missing
+                .retain(|v| own.contains(v));
+        }
     }
 }
 
@@ -680,7 +714,7 @@ pub(super) fn read_whole(
         }
     }
     let seen = TreeSeen {
-        listing: Some(seen),
+        listing: Some(Arc::new(seen)),
     };
     Ok((seen, answer.index))
 }
@@ -878,7 +912,7 @@ mod tests {
         };
         book.whole(
             TreeSeen {
-                listing: Some(listing),
+                listing: Some(Arc::new(listing)),
             },
             10,
             &target,
