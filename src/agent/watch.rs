@@ -886,6 +886,47 @@ impl Health {
 mod tests {
     use super::*;
 
+    fn listing(names: &[&str], wave: Option<(&str, u64)>) -> TreeSeen {
+        let v = |n: &str| VersionName::parse(n).unwrap();
+        TreeSeen {
+            listing: Some(Arc::new(ListingSeen {
+                versions: names.iter().map(|n| (v(n), format!("p/{n}/"))).collect(),
+                wave: wave.map(|(n, i)| (v(n), i)),
+                ..ListingSeen::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_whole_read_that_changed_nothing_keeps_the_listing_held_and_one_that_did_is_taken_whole() {
+        let held = listing(&["v1", "v2"], None).listing.unwrap();
+        let mut same = listing(&["v1", "v2"], None);
+        reuse(&mut same, &held);
+        assert!(Arc::ptr_eq(same.listing.as_ref().unwrap(), &held));
+        // Only the wave changed: the new wave is taken, not the held listing.
+        let mut waved = listing(&["v1", "v2"], Some(("v2", 7)));
+        reuse(&mut waved, &held);
+        let taken = waved.listing.unwrap();
+        assert!(!Arc::ptr_eq(&taken, &held));
+        assert_eq!(
+            *taken,
+            *listing(&["v1", "v2"], Some(("v2", 7))).listing.unwrap()
+        );
+        // A version gone and one new: exactly what was read.
+        let mut changed = listing(&["v2", "v3"], None);
+        reuse(&mut changed, &held);
+        assert_eq!(
+            changed
+                .listing
+                .unwrap()
+                .versions
+                .keys()
+                .map(VersionName::as_str)
+                .collect::<Vec<_>>(),
+            ["v2", "v3"]
+        );
+    }
+
     fn target() -> Target {
         Target {
             prefix: Prefix::parse("p").unwrap(),
