@@ -17,6 +17,8 @@ use crate::error::Error;
 #[derive(Debug, PartialEq)]
 pub(crate) enum Command {
     Help(Option<String>),
+    /// No command at all: the usage, on stderr, and exit 1.
+    Missing,
     Version,
     Agent(AgentArgs),
     Deploy(DeployArgs),
@@ -323,7 +325,7 @@ fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
 pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, Error> {
     let mut parser = lexopt::Parser::from_args(normalize(args));
     let first = match next_arg(&mut parser, None)? {
-        None => return Ok(Command::Help(None)),
+        None => return Ok(Command::Missing),
         Some(arg) => match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(None)),
             Key::Long("version") | Key::Short('V') => return Ok(Command::Version),
@@ -974,7 +976,7 @@ mod tests {
 
     #[test]
     fn help_and_version_work_everywhere() {
-        assert_eq!(parse_str(&[]).unwrap(), Command::Help(None));
+        assert_eq!(parse_str(&[]).unwrap(), Command::Missing);
         assert_eq!(parse_str(&["--version"]).unwrap(), Command::Version);
         assert_eq!(parse_str(&["version"]).unwrap(), Command::Version);
         assert_eq!(

@@ -26,7 +26,7 @@ mod tree;
 mod version_name;
 
 use cli::Command;
-use error::Result;
+use error::{Error, Result};
 
 fn main() {
     let result = cli::parse(std::env::args_os().skip(1)).and_then(run);
@@ -40,6 +40,12 @@ fn run(command: Command) -> Result<()> {
     let env = &config::process_env;
     match command {
         Command::Help(topic) => help::text(topic.as_deref()).map(|text| print!("{text}")),
+        Command::Missing => {
+            eprint!("{}", help::text(None)?);
+            Err(Error::Usage(
+                "no command given: name one of the commands above (`depro help` lists them)".into(),
+            ))
+        }
         Command::Version => {
             println!("{}", help::version());
             Ok(())

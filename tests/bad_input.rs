@@ -368,3 +368,23 @@ fn a_config_others_may_write_is_refused_unless_allowed_knowingly() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("owned by user 65534"), "warned: {text}");
 }
+
+/// Issue 20: `depro` alone printed the usage and exited 0, so a script
+/// that lost its command (an empty variable) went on as if it had run.
+#[test]
+fn depro_without_a_command_prints_the_usage_on_stderr_and_exits_1() {
+    let out = Command::new(support::depro_bin()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("Usage: depro <command>"), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("depro: no command given") && last.contains("depro help"),
+        "{stderr}"
+    );
+}
