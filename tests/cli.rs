@@ -443,3 +443,28 @@ fn a_deploy_reads_current_and_its_version_never_the_whole_prefix() {
     let key = format!("GET /v1/kv/{}/v2/?consistent", fleet.prefix);
     assert!(log.iter().any(|r| r == &key), "{log:#?}");
 }
+
+/// Issue 20: with neither `$USER` nor `$LOGNAME` (cron jobs, systemd
+/// units, this test machine), every switch was "by unknown@host".
+#[test]
+fn without_user_or_logname_a_switch_is_by_the_uid_s_name() {
+    let fleet = Fleet::start(1);
+    let out = fleet
+        .depro_command(&["deploy", "v1"])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let id = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let name = String::from_utf8(id.stdout).unwrap().trim().to_string();
+    let folder = fleet.consul.get(&format!("{}/v1/", fleet.prefix)).unwrap();
+    assert!(
+        folder.contains(&format!("\"created_by\":\"{name}@")),
+        "{folder}"
+    );
+    assert!(!folder.contains("unknown@"), "{folder}");
+}

@@ -151,9 +151,18 @@ impl Ctx {
         let settings =
             config::resolve_connection(&args.connection, env, &FileConnection::default())?;
         let consul = Consul::new(&settings).map_err(Error::Config)?;
+        // $USER, else $LOGNAME, else the name of the uid (cron and systemd
+        // units often set neither), else the uid itself.
         let user = env("USER")
             .or_else(|| env("LOGNAME"))
-            .unwrap_or_else(|| "unknown".into());
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| {
+                let uid = nix::unistd::getuid();
+                nix::unistd::User::from_uid(uid)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("uid {uid}"), |u| u.name)
+            });
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
