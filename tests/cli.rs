@@ -82,6 +82,15 @@ fn a_timeout_with_enough_nodes_ready_names_the_node_still_busy_that_held_the_swi
         "{}",
         out.stderr
     );
+    // Its progress counts the nodes that must have it: every one that
+    // reported (issue 20: it said "1/1 ready" while it waited).
+    assert!(
+        out.stderr
+            .contains("1/2 ready (1 needed, and every node that reported)")
+            && !out.stderr.contains("1/1 ready"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(fleet.current().as_deref(), Some("v1"));
     fleet.agents[1].set_flag("block-deploy", false);
     fleet.agents[1].set_flag("release", true);

@@ -117,13 +117,13 @@ fn nodes_as_a_share_counts_that_share_of_the_live_agents_rounded_up() {
     // 50% of 4 live agents: 2 nodes needed.
     let out = fleet.depro(&["deploy", "v1", "-nodes=50%"]);
     assert!(
-        out.ok().contains("/2 ready (-nodes=50% of 4 agents)"),
+        out.ok().contains("ready (-nodes=50% of 4 agents: 2 needed"),
         "{out:#?}"
     );
     // 60% of 4, rounded up: 3.
     let out = fleet.depro(&["deploy", "v2", "-nodes=60%"]);
     assert!(
-        out.ok().contains("/3 ready (-nodes=60% of 4 agents)"),
+        out.ok().contains("ready (-nodes=60% of 4 agents: 3 needed"),
         "{out:#?}"
     );
     assert_eq!(fleet.current().as_deref(), Some("v2"));

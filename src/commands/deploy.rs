@@ -400,20 +400,35 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
             .cloned()
             .collect();
         last = readiness(&seen.info.nodes, need, wait.retried);
+        let needed = match wait.need {
+            Need::Count(_) => format!("{need} needed"),
+            other => format!(
+                "-nodes={other} of {} agents: {need} needed",
+                seen.agents.len()
+            ),
+        };
         let of = match wait.need {
             Need::Count(_) => String::new(),
-            other => format!(" (-nodes={other} of {} agents)", seen.agents.len()),
+            _ => format!(" ({needed})"),
         };
         match &last {
-            Readiness::Waiting { ready, .. } => {
+            Readiness::Waiting { ready, reported } => {
                 // Lagging: nodes that reported and are still busy, and the
                 // agents (with -nodes=all or a share) that have not.
                 busy = crate::tree::nodes_in(&seen.info.nodes, NodeState::Busy);
                 let lagging = busy
                     .iter()
                     .chain(missing.iter().filter(|n| !busy.contains(n)));
-                let left = (need as usize).saturating_sub(*ready);
-                out.count_lagging(&format!("{ready}/{need} ready{of}"), left, lagging);
+                // Every node that reported must have it too, not only the
+                // count asked for.
+                let must = (need as usize).max(*reported);
+                let left = must.saturating_sub(*ready);
+                let of = if must > need as usize {
+                    format!(" ({needed}, and every node that reported)")
+                } else {
+                    of
+                };
+                out.count_lagging(&format!("{ready}/{must} ready{of}"), left, lagging);
                 None
             }
             Readiness::Ready => {
