@@ -427,9 +427,31 @@ fn wait_returns_once_a_version_deployed_elsewhere_is_ready_or_active_on_enough_n
     drop(lines);
     support::finish(deploy).ok();
 
-    // Active: only once rolled out.
+    // Active: only once rolled out. Until something makes it current it
+    // cannot be, and the wait says so at once, and again when it ends
+    // (issue 20: it waited its whole timeout in silence).
     let out = fleet.depro(&["wait", "v2", "-for=active", "-nodes=2", "-timeout=1s"]);
-    out.fails(3, &["timed out", "v2 is active on 0 of the 2 nodes"]);
+    out.fails(
+        3,
+        &[
+            "timed out",
+            "v2 is active on 0 of the 2 nodes",
+            "v2 is not current and no rollout of it is under way",
+        ],
+    );
+    assert!(
+        out.stderr.lines().any(|l| l.contains(
+            "v2 is not current and no rollout of it is under way: it becomes active once \
+             something makes it current (`depro rollout v2"
+        )),
+        "{out:#?}"
+    );
+    // A count never above what it needs: not "2/1 ready".
+    let out = fleet.depro(&["wait", "v2", "-for=ready", "-nodes=1"]);
+    assert!(
+        out.ok().contains("2/2 ready") && !out.stderr.contains("2/1"),
+        "{out:#?}"
+    );
     fleet.depro(&["rollout", "v2", "-nodes=2"]).ok();
     let out = fleet.depro(&["wait", "v2", "-nodes=all"]);
     assert!(out.ok().contains("v2 is active on 2 nodes"), "{out:#?}");

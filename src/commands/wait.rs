@@ -23,13 +23,15 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
     }
     let also = Also {
         agents: args.nodes.counts_agents(),
-        rollout: false,
+        rollout: args.state == WaitFor::Active,
     };
     let word = match args.state {
         WaitFor::Ready => "ready",
         WaitFor::Active => "active",
     };
     let mut last = (0, 0);
+    // Said once, and again if the wait times out: why it cannot end yet.
+    let mut stuck: Option<String> = None;
     let prefix = ctx.prefix.clone();
     let outcome = ctx.follow_also(&version, deadline, also, |out, seen| {
         if !seen.info.exists {
@@ -62,7 +64,31 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
             }
         };
         last = (have, need);
-        out.count(&format!("{have}/{need} {word}"));
+        // Every node that reported must have it for `ready`, so the count
+        // is of those when more reported than needed.
+        let must = match args.state {
+            WaitFor::Ready => (need as usize).max(nodes.len()),
+            WaitFor::Active => (need as usize).max(have),
+        };
+        out.count(&format!("{have}/{must} {word}"));
+        if args.state == WaitFor::Active && !done {
+            let is_current =
+                seen.current.as_ref().and_then(|c| c.version.as_ref()) == Some(&version);
+            let rolling_out = seen
+                .rollout
+                .as_ref()
+                .is_some_and(|(plan, _)| plan.version == version.as_str());
+            if is_current || rolling_out {
+                stuck = None;
+            } else if stuck.is_none() {
+                let why = format!(
+                    "{version} is not current and no rollout of it is under way: it becomes active \
+                     once something makes it current (`depro rollout {version} -prefix={prefix}`)"
+                );
+                out.line(&why);
+                stuck = Some(why);
+            }
+        }
         done.then_some(Ok(have))
     });
     match outcome? {
@@ -74,10 +100,16 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
             Ok(())
         }
         Some(Err(e)) => Err(e),
-        None => Err(Error::Timeout(format!(
-            "timed out: {version} is {word} on {} of the {} nodes needed under {prefix}; \
-             check the agents with `depro status -prefix={prefix} {version}`",
-            last.0, last.1
-        ))),
+        None => Err(Error::Timeout(match stuck {
+            Some(why) => format!(
+                "timed out: {version} is {word} on {} of the {} nodes needed under {prefix}; {why}",
+                last.0, last.1
+            ),
+            None => format!(
+                "timed out: {version} is {word} on {} of the {} nodes needed under {prefix}; \
+                 check the agents with `depro status -prefix={prefix} {version}`",
+                last.0, last.1
+            ),
+        })),
     }
 }
