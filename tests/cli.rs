@@ -477,3 +477,29 @@ fn without_user_or_logname_a_switch_is_by_the_uid_s_name() {
     );
     assert!(!folder.contains("unknown@"), "{folder}");
 }
+
+/// Issue 20: when the whole tree went while a deploy waited (Consul lost
+/// its data, or someone deleted the prefix), the deploy said "current
+/// unchanged (still v1)" from what it read at its start.
+#[test]
+fn a_deploy_whose_version_goes_with_current_says_what_it_saw_not_current_unchanged() {
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();
+    fleet.agents[1].set_flag("block-deploy", true);
+    let deploy = support::spawn(fleet.depro_command(&["deploy", "v2", "-nodes=2", "-timeout=60s"]));
+    fleet.wait("node2 busy with v2", |f| {
+        f.node_state("v2", "node2").as_deref() == Some("busy")
+    });
+    fleet.consul.delete(&format!("{}/?recurse", fleet.prefix));
+    let out = finish(deploy);
+    out.fails(
+        2,
+        &[
+            "v2 was removed from",
+            "current is unset now (it was v1 when this command started: did Consul lose its data",
+        ],
+    );
+    assert!(!out.stderr.contains("current unchanged"), "{}", out.stderr);
+    fleet.agents[1].set_flag("block-deploy", false);
+    fleet.agents[1].set_flag("release", true);
+}

@@ -355,8 +355,9 @@ pub(super) fn failed_nodes(failed: &[String], reasons: &BTreeMap<String, FailRea
 enum Interrupted {
     /// These nodes failed, with what they reported.
     Failed(Vec<String>, BTreeMap<String, FailReason>),
-    /// The version's key is gone: someone removed it.
-    Removed,
+    /// The version's key is gone: someone removed it. With `current` as
+    /// then read.
+    Removed(Option<CurrentKey>),
     /// `current` moved, to this.
     Moved(Option<CurrentKey>),
 }
@@ -385,7 +386,7 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
     }
     let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen: &Seen| {
         if !seen.info.exists {
-            return Some(Err(Interrupted::Removed));
+            return Some(Err(Interrupted::Removed(seen.current.clone())));
         }
         if wait.abort_if_current_moves
             && seen.current.as_ref().map(|c| c.modify_index) != base_index
@@ -503,14 +504,7 @@ fn interrupted(ctx: &Ctx, wait: &Wait<'_>, why: Interrupted) -> Error {
             ctx.prefix,
             ctx.switch_flags
         )),
-        Interrupted::Removed => Error::Refused(format!(
-            "{version} was removed from {} while this command waited (by another operator?); \
-             current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}{}` if it is still wanted",
-            ctx.prefix,
-            describe_current(wait.base),
-            ctx.prefix,
-            ctx.switch_flags
-        )),
+        Interrupted::Removed(now) => removed_before_switch(ctx, version, wait.base, now.as_ref()),
         Interrupted::Moved(now) => lost_race(
             ctx,
             version,
@@ -647,7 +641,7 @@ pub(super) fn switch_and_confirm(
             now.as_ref(),
             "was made current by this command, and its rollout was not confirmed",
         )),
-        Some(Err(Interrupted::Removed)) => {
+        Some(Err(Interrupted::Removed(_))) => {
             unreachable!("only the wait before the switch ends on it")
         }
         Some(Err(Interrupted::Failed(failed, reasons))) => {
@@ -712,7 +706,8 @@ fn switch_current(
     for _ in 0..5 {
         // The version's key alone: its metadata and index, nothing else.
         let Some(entry) = ctx.read_version_key(version)? else {
-            return Err(removed_before_switch(ctx, version, base));
+            let now = ctx.read_current().ok().flatten();
+            return Err(removed_before_switch(ctx, version, base, now.as_ref()));
         };
         let (version_key, version_index) = (entry.key.clone(), entry.modify_index);
         let mut meta = VersionMeta::parse(&entry.value);
@@ -829,14 +824,38 @@ fn switch_current(
     )))
 }
 
-fn removed_before_switch(ctx: &Ctx, version: &VersionName, base: Option<&CurrentKey>) -> Error {
+/// The version was removed before the switch. `base` is `current` as the
+/// command read it first, `now` as read when it found the version gone:
+/// when the two differ (the whole tree went, as when Consul lost its
+/// data), it says what it saw, not "unchanged".
+fn removed_before_switch(
+    ctx: &Ctx,
+    version: &VersionName,
+    base: Option<&CurrentKey>,
+    now: Option<&CurrentKey>,
+) -> Error {
+    let was = base.map_or("unset".to_string(), |c| shown(&c.value));
+    let current = match (base, now) {
+        (Some(b), Some(n)) if b.modify_index == n.modify_index => describe_current(base),
+        (None, None) => describe_current(None),
+        (_, None) => format!(
+            "current is unset now (it was {was} when this command started: did Consul lose its \
+             data, or was the prefix deleted?)"
+        ),
+        (_, Some(n)) => format!(
+            "current is {} now (it was {was} when this command started)",
+            shown(&n.value)
+        ),
+    };
+    let current = if current.starts_with("still") {
+        format!("current unchanged ({current})")
+    } else {
+        current
+    };
     Error::Refused(format!(
         "{version} was removed from {} while this command waited (by another operator?); \
-         current unchanged ({}); deploy it again with `depro deploy {version} -prefix={}{}` if it is still wanted",
-        ctx.prefix,
-        describe_current(base),
-        ctx.prefix,
-        ctx.switch_flags
+         {current}; deploy it again with `depro deploy {version} -prefix={}{}` if it is still wanted",
+        ctx.prefix, ctx.prefix, ctx.switch_flags
     ))
 }
 
