@@ -592,7 +592,7 @@ impl Tree {
                 tree.current = Some(CurrentKey::from_entry(entry));
                 continue;
             }
-            if rest == CHANGED {
+            if rest == CHANGED || rest == SCOUT {
                 continue;
             }
             if rest == ROLLOUT {
@@ -863,6 +863,9 @@ mod tests {
                 entry("app/v3/n2", "bogus", true, 32),
                 entry("app/old/n1", "ready", true, 2),
                 entry("app/../", "", false, 3),
+                // depro's own keys: neither versions nor strangers.
+                entry("app/.changed", "ring", false, 51),
+                entry("app/.scout", "n1", true, 52),
             ],
         )
     }

@@ -716,3 +716,32 @@ fn a_version_removed_during_its_progressive_rollout_halts_it_at_once_and_leaves_
             .all(|a| a.live("api").as_deref() == Some("v1"))
     });
 }
+
+/// Issue 20: a prefix that agents follow but that has no version yet was
+/// "nothing under …" (exit 2), as if no fleet were there.
+#[test]
+fn status_of_a_prefix_with_agents_and_no_version_yet_lists_the_agents() {
+    let fleet = Fleet::start(2);
+    fleet.wait("both agents announced", |f| {
+        (1..=2).all(|i| {
+            f.consul
+                .get(&format!("{}/.agents/node{i}", f.prefix))
+                .is_some()
+        })
+    });
+    let status = fleet.depro(&["status"]).ok().to_string();
+    assert!(
+        status.contains("node1") && status.contains("node2"),
+        "{status}"
+    );
+    assert!(
+        status.contains("no version yet; 2 agents follow the prefix"),
+        "{status}"
+    );
+    // The scout's lock is depro's own key, not a name to ignore.
+    assert!(!status.contains("ignored"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert!(json["agents"]["node1"].is_object(), "{json}");
+    assert_eq!(json["versions"], serde_json::json!([]), "{json}");
+}

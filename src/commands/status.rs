@@ -44,7 +44,14 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
         return watch(&mut ctx, only.as_ref());
     }
     let tree = ctx.read_tree()?;
-    match ctx.check_not_empty(&tree) {
+    // Agents that follow the prefix make it a fleet already, before its
+    // first version: it is shown, not refused.
+    let fleet_only = tree.versions.is_empty() && tree.current.is_none() && !tree.agents.is_empty();
+    match if fleet_only {
+        Ok(())
+    } else {
+        ctx.check_not_empty(&tree)
+    } {
         // A script reading -json gets a document even for an empty prefix
         // (no versions), then the error and its exit code.
         Err(e @ Error::Refused(_)) if args.json => {
@@ -393,6 +400,16 @@ pub(crate) fn table(
         match (&tree.current, current) {
             (_, Some(c)) => c.to_string(),
             (Some(raw), None) => format!("\"{}\" (not a valid version)", shown(&raw.value)),
+            (None, None) if tree.versions.is_empty() => format!(
+                "unset: no version yet; {} {} the prefix (deploy a first one with \
+                 `depro deploy VERSION -prefix={prefix}`)",
+                tree.agents.len(),
+                if tree.agents.len() == 1 {
+                    "agent follows"
+                } else {
+                    "agents follow"
+                }
+            ),
             (None, None) => "unset".to_string(),
         }
     );
