@@ -354,9 +354,22 @@ fn bad_version_names_and_empty_prefixes_get_clear_errors() {
         .fails(1, &["version \"../etc\"", "cannot start with"]);
     fleet.depro(&["deploy", "a/b"]).fails(1, &["'/'"]);
     fleet.depro(&["deploy", "current"]).fails(1, &["reserved"]);
-    fleet
-        .depro(&["status"])
-        .fails(2, &["nothing under", &fleet.prefix, "check -prefix"]);
+    // An agent follows the prefix: status shows it (issue 20); a prefix
+    // with neither agents nor versions is refused.
+    assert!(
+        fleet.depro(&["status"]).ok().contains("no version yet"),
+        "status of a followed prefix"
+    );
+    let unused = format!("{}-unused", fleet.prefix);
+    support::Output::of(
+        depro_command(
+            &fleet.consul.addr(),
+            &["status", &format!("-prefix={unused}")],
+        )
+        .output()
+        .unwrap(),
+    )
+    .fails(2, &["nothing under", &unused, "check -prefix"]);
     fleet.depro(&["rollback"]).fails(2, &["nothing under"]);
     fleet.depro(&["remove", "v1"]).fails(2, &["nothing under"]);
     fleet.depro(&["deploy", "v1"]).ok();
@@ -502,4 +515,49 @@ fn a_deploy_whose_version_goes_with_current_says_what_it_saw_not_current_unchang
     assert!(!out.stderr.contains("current unchanged"), "{}", out.stderr);
     fleet.agents[1].set_flag("block-deploy", false);
     fleet.agents[1].set_flag("release", true);
+}
+
+/// Issue 20: a prefix with a typo had `rollout` suggest a deploy, and the
+/// deploy then waited its whole timeout for agents that follow another
+/// prefix. Both now name the prefix the agents follow.
+#[test]
+fn a_misspelt_prefix_is_said_at_once_with_the_prefix_the_agents_follow() {
+    let fleet = Fleet::start(1);
+    fleet.depro(&["deploy", "v1"]).ok();
+    let typo = fleet.prefix.replace("/version", "/versoin");
+    let meant = format!("did you mean -prefix={}?", fleet.prefix);
+    let rollout = support::Output::of(
+        depro_command(
+            &fleet.consul.addr(),
+            &["rollout", "v1", &format!("-prefix={typo}")],
+        )
+        .output()
+        .unwrap(),
+    );
+    rollout.fails(2, &["no agent follows that prefix", &meant]);
+    let status = support::Output::of(
+        depro_command(
+            &fleet.consul.addr(),
+            &["status", &format!("-prefix={typo}")],
+        )
+        .output()
+        .unwrap(),
+    );
+    status.fails(2, &["nothing under", &meant]);
+    let deploy = support::Output::of(
+        depro_command(
+            &fleet.consul.addr(),
+            &["deploy", "v2", &format!("-prefix={typo}"), "-timeout=1s"],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(deploy.code, Some(3), "{deploy:#?}");
+    let said = deploy
+        .stderr
+        .lines()
+        .find(|l| l.contains(&format!("no agent follows {typo}")))
+        .unwrap_or_else(|| panic!("{deploy:#?}"));
+    assert!(said.contains(&meant), "{said}");
+    assert!(said.starts_with("  0."), "said at once: {said}");
 }

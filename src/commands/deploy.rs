@@ -105,6 +105,16 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     // current, and this version's keys: nothing else of the tree is needed.
     let base = ctx.read_current()?;
     let info = ctx.read_version(&version)?;
+    // A prefix no agent follows (a typo, most often) would have the
+    // command wait its whole timeout: said at once, with the prefix meant.
+    if info.nodes.is_empty() && !ctx.followed()? {
+        ctx.out.line(&format!(
+            "no agent follows {} (none announces itself under {}){}; waiting for one",
+            ctx.prefix,
+            ctx.prefix.agents_dir(),
+            ctx.nearest_followed()
+        ));
+    }
 
     // 1. The version's folder key, and a retry for nodes that failed it.
     if !info.exists {
@@ -281,7 +291,16 @@ pub(super) fn rollback_target(
 }
 
 /// Exit 2: `version` is not in the tree, so it cannot be made current.
+/// Under a prefix no agent follows (a typo, most often) it says so, with
+/// the prefix meant, rather than suggest a deploy there.
 pub(super) fn not_in_tree(ctx: &Ctx, version: &VersionName) -> Error {
+    if !ctx.followed().unwrap_or(true) {
+        return Error::Refused(format!(
+            "{version} is not in the tree under {}, and no agent follows that prefix{}: check -prefix",
+            ctx.prefix,
+            ctx.nearest_followed()
+        ));
+    }
     Error::Refused(format!(
         "{version} is not in the tree under {}; deploy it with `depro deploy {version} -prefix={}{}`",
         ctx.prefix, ctx.prefix, ctx.nodes_flag

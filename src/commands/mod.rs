@@ -471,6 +471,55 @@ impl Ctx {
         Ok(None)
     }
 
+    /// Whether any agent announces itself under the prefix.
+    pub(crate) fn followed(&self) -> Result<bool> {
+        let dir = self.prefix.agents_dir();
+        let answer = self.retrying(|c| c.keys(&dir, Read::consistent()))?;
+        Ok(answer.value.is_some_and(|keys| !keys.is_empty()))
+    }
+
+    /// For a prefix no agent follows (a typo, most often): the sibling
+    /// prefix nearest in spelling that agents do follow, as a hint
+    /// (" (did you mean -prefix=api/version?)"), or nothing. Only on that
+    /// error path: a listing of the parent and of a few candidates'
+    /// agents.
+    pub(crate) fn nearest_followed(&self) -> String {
+        let text = self.prefix.to_string();
+        let Some((parent, last)) = text.rsplit_once('/') else {
+            return String::new();
+        };
+        let dir = format!("{parent}/");
+        // A hint: any server may answer.
+        let hint = Read {
+            consistency: crate::consul::Consistency::Stale,
+            ..Read::default()
+        };
+        let Ok(answer) = self.consul.keys(&dir, hint) else {
+            return String::new();
+        };
+        let mut near: Vec<(usize, String)> = answer
+            .value
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dir)?.strip_suffix('/'))
+            .filter(|name| *name != last && !name.contains('/'))
+            .map(|name| (edit_distance(name, last), name.to_string()))
+            .filter(|(d, _)| *d <= 2.max(last.len() / 3))
+            .collect();
+        near.sort();
+        for (_, name) in near.into_iter().take(3) {
+            let agents = format!("{dir}{name}/{}/", crate::tree::AGENTS);
+            if self
+                .consul
+                .keys(&agents, hint)
+                .is_ok_and(|a| a.value.is_some_and(|k| !k.is_empty()))
+            {
+                return format!(" (did you mean -prefix={dir}{name}?)");
+            }
+        }
+        String::new()
+    }
+
     /// Reads `current` from the leader.
     pub(crate) fn read_current(&self) -> Result<Option<CurrentKey>> {
         let key = self.prefix.current_key();
@@ -521,10 +570,11 @@ impl Ctx {
             let probe = self.prefix.changed_key();
             self.retrying(|c| c.get(&probe, Read::consistent()))?;
             return Err(Error::Refused(format!(
-                "nothing under {}/ in Consul at {}: check -prefix (and that the ACL token may read it), \
+                "nothing under {}/ in Consul at {}{}: check -prefix (and that the ACL token may read it), \
                  or deploy a first version with `depro deploy VERSION -prefix={}`",
                 self.prefix,
                 self.consul.server(),
+                self.nearest_followed(),
                 self.prefix
             )));
         }
@@ -807,4 +857,34 @@ pub(crate) fn names<'a>(nodes: impl IntoIterator<Item = &'a String>) -> String {
 /// Seconds, for summaries.
 pub(crate) fn took(start: Instant) -> String {
     format!("{:.1}s", start.elapsed().as_secs_f64())
+}
+
+/// Levenshtein distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edit_distance_counts_the_letters_to_change() {
+        assert_eq!(super::edit_distance("version", "version"), 0);
+        assert_eq!(super::edit_distance("versoin", "version"), 2);
+        assert_eq!(super::edit_distance("verion", "version"), 1);
+        assert_eq!(super::edit_distance("api", ""), 3);
+        assert_eq!(super::edit_distance("web", "api"), 3);
+    }
 }
