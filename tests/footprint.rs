@@ -357,20 +357,25 @@ fn an_agent_s_memory_grows_little_per_version_and_comes_back_after_a_prune() {
         smaps_kib(pid, "LazyFree"),
     );
     eprintln!("{report}");
-    // 520 B measured (1,122-1,239 before issue 19), in a shipped binary.
+    // 520 B measured on a quiet machine, 778 B under CI's load (1,122-1,239
+    // before issue 19), in a shipped binary.
     if shipped {
-        assert!(per_version <= 900, "{report}");
+        assert!(per_version <= 950, "{report}");
     }
-    // What a prune frees comes back: most of it to the kernel, the rest is
-    // reused by the next versions, so memory does not add up with the
-    // versions that came and went (196-248 KiB left of 508 measured;
-    // peaks within 10% of the first).
-    for after in &pruned {
-        assert!(after.saturating_sub(before) <= grown * 3 / 4, "{report}");
-    }
-    for peak in &peaks {
-        assert!(peak.saturating_sub(before) <= grown * 3 / 2, "{report}");
-    }
+    // What a prune frees comes back: to the kernel, or to the allocator,
+    // which the next versions reuse. So the rounds do not add up: the last
+    // ends within a quarter of the first round's growth of where the first
+    // ended, at its peak and after its prune (measured: within 60 and 92
+    // KiB of 508-760).
+    let slack = grown / 4;
+    assert!(
+        *pruned.last().unwrap() <= pruned[0] + slack,
+        "memory added up after the prunes: {report}"
+    );
+    assert!(
+        *peaks.last().unwrap() <= peaks[0] + slack,
+        "memory added up at the peaks: {report}"
+    );
 }
 
 fn rss_kib(pid: i32) -> u64 {
