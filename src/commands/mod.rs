@@ -514,7 +514,11 @@ impl Ctx {
                 .keys(&agents, hint)
                 .is_ok_and(|a| a.value.is_some_and(|k| !k.is_empty()))
             {
-                return format!(" (did you mean -prefix={dir}{name}?)");
+                // Names from Consul are untrusted: escaped as any.
+                return format!(
+                    " (did you mean -prefix={}?)",
+                    crate::tree::shown(&format!("{dir}{name}"))
+                );
             }
         }
         String::new()
