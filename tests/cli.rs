@@ -561,3 +561,29 @@ fn a_misspelt_prefix_is_said_at_once_with_the_prefix_the_agents_follow() {
     assert!(said.contains(&meant), "{said}");
     assert!(said.starts_with("  0."), "said at once: {said}");
 }
+
+/// Issue 20: while Consul was away, a command printed "(Consul: …;
+/// retrying)" at every attempt (every 0.4 s or so). Now once, then a line
+/// every 10 s at most with the count of attempts.
+#[test]
+fn a_consul_outage_during_a_command_is_said_once_not_at_every_retry() {
+    let fleet = Fleet::start(1);
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet.agents[0].set_flag("block-deploy", true);
+    let proxy = support::proxy::Proxy::start(&fleet.consul.addr());
+    let deploy = support::spawn(fleet.depro_via(&proxy.addr(), &["deploy", "v2", "-timeout=6s"]));
+    fleet.wait("node1 busy with v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("busy")
+    });
+    proxy.cut();
+    let out = finish(deploy);
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    let retries = out.stderr.matches("(Consul: ").count();
+    assert!(
+        (1..=2).contains(&retries),
+        "{retries} retry lines in 6 s: {}",
+        out.stderr
+    );
+    fleet.agents[0].set_flag("block-deploy", false);
+    fleet.agents[0].set_flag("release", true);
+}

@@ -210,8 +210,7 @@ impl Ctx {
                         && self.contacted.get()
                         && Instant::now() < self.deadline =>
                 {
-                    self.out
-                        .line(&format!("(Consul: {}; retrying)", e.summary()));
+                    self.out.retrying(&e.summary());
                     let left = self.deadline.saturating_duration_since(Instant::now());
                     std::thread::sleep(backoff.next_delay().min(left));
                 }
@@ -682,7 +681,7 @@ impl Ctx {
                         .and_then(|e| RolloutPlan::parse(&e.value).map(|p| (p, e.modify_index)));
                 }
                 Update::Retrying(why) => {
-                    self.out.line(&format!("(Consul: {why}; retrying)"));
+                    self.out.retrying(&why);
                     continue;
                 }
                 Update::Failed(e) => break Err(e.into()),

@@ -38,7 +38,14 @@ struct State {
     pending: Option<String>,
     printed_at: Option<Instant>,
     count_on_screen: bool,
+    /// The Consul failure being retried: its text, the attempts since it
+    /// was last printed, and when that was.
+    retrying: Option<(String, u32, Instant)>,
 }
+
+/// A failure retried again and again is printed once, then at most this
+/// often, with the count of attempts.
+const RETRY_EVERY: Duration = Duration::from_secs(10);
 
 impl Progress {
     pub(crate) fn new(quiet: bool) -> Progress {
@@ -82,6 +89,37 @@ impl Progress {
             let _ = write!(err, "{} {shown}", self.elapsed());
         }
         let _ = err.flush();
+    }
+
+    /// A request to Consul failed and is tried again: `(Consul: why;
+    /// retrying)` the first time, then, while the same failure repeats, a
+    /// line every [`RETRY_EVERY`] with the count of attempts (an outage
+    /// retried every 0.4 s printed a line each time).
+    pub(crate) fn retrying(&self, why: &str) {
+        let now = Instant::now();
+        let text = {
+            let mut state = self.state.borrow_mut();
+            match &mut state.retrying {
+                Some((last, attempts, at)) if last == why => {
+                    *attempts += 1;
+                    if now.duration_since(*at) < RETRY_EVERY {
+                        return;
+                    }
+                    let text = format!(
+                        "(Consul: {why}; still retrying: {attempts} attempts in the last {} s)",
+                        now.duration_since(*at).as_secs()
+                    );
+                    *attempts = 0;
+                    *at = now;
+                    text
+                }
+                _ => {
+                    state.retrying = Some((why.to_string(), 0, now));
+                    format!("(Consul: {why}; retrying)")
+                }
+            }
+        };
+        self.line(&text);
     }
 
     /// A node's ordinary state change, e.g. `node3: busy -> ready`: a line

@@ -109,8 +109,7 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
             Ok(answer) => answer,
             Err(e) if e.is_transient() => {
                 // A notice like every command's, not an error line.
-                ctx.out
-                    .line(&format!("(Consul: {}; retrying)", e.summary()));
+                ctx.out.retrying(&e.summary());
                 std::thread::sleep(cursor.failed());
                 continue;
             }
