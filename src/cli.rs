@@ -243,7 +243,10 @@ pub(crate) struct RemoveArgs {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct PruneArgs {
     pub tree: TreeArgs,
-    pub keep: u32,
+    /// `None` with `-failed` alone: every good version is kept.
+    pub keep: Option<u32>,
+    /// Remove the versions that failed everywhere too.
+    pub failed: bool,
     pub dry_run: bool,
 }
 
@@ -767,7 +770,7 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "prune";
     let mut tree = TreeArgs::default();
-    let (mut keep, mut dry_run) = (None, false);
+    let (mut keep, mut failed, mut dry_run) = (None, false, false);
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
@@ -775,16 +778,21 @@ fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
             Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
+            Key::Long("failed") => failed = boolean(parser, "failed", command)?,
             Key::Long("dry-run") => dry_run = boolean(parser, "dry-run", command)?,
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    let keep = keep.ok_or_else(|| {
-        Error::Usage("`depro prune` needs -keep=K, the number of newest versions to keep".into())
-    })?;
+    if keep.is_none() && !failed {
+        return Err(Error::Usage(
+            "`depro prune` needs -keep=K, the number of newest good versions to keep, or -failed"
+                .into(),
+        ));
+    }
     Ok(Command::Prune(PruneArgs {
         tree,
         keep,
+        failed,
         dry_run,
     }))
 }

@@ -160,7 +160,12 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         ),
     ];
     const PRUNE: &[Flag] = &[
-        flag("keep", Value::Text, "how many versions to keep"),
+        flag("keep", Value::Text, "how many good versions to keep"),
+        flag(
+            "failed",
+            Value::None,
+            "remove the versions that failed everywhere too",
+        ),
         flag(
             "dry-run",
             Value::None,

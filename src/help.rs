@@ -14,7 +14,7 @@ Commands:
   rollout    make a version that is already deployed current
   rollback   make the previous current version current again
   remove     remove versions from every node
-  prune      remove all but the newest versions
+  prune      remove all but the newest good versions
   status     show versions and every node's state (alias: query)
   history    which version was current when, switched by whom and how
   wait       wait until a version is ready or active on enough nodes
@@ -150,12 +150,15 @@ Example: depro remove v40 v41 -prefix=api/version -wait
         }
         "prune" => {
             "\
-Usage: depro prune -prefix=PREFIX -keep=K [flags]
+Usage: depro prune -prefix=PREFIX -keep=K [-failed] [flags]
 
-Removes all but the K newest versions (never current nor the previous one).
+Removes all but the K newest good versions (never current nor the one
+rollback would go back to). Versions that failed everywhere do not count
+among the K; they go with -failed.
 
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -keep=K             how many versions to keep
+  -keep=K             how many good versions to keep
+  -failed             remove the versions that failed everywhere too
   -dry-run            print what would be removed; remove nothing
 
 Example: depro prune -prefix=api/version -keep=5

@@ -699,13 +699,15 @@ impl Tree {
 
     /// The version that was current before the present one: the one most
     /// recently made current by depro; failing any history, the newest one
-    /// created before the present one. Only versions that still exist.
+    /// created before the present one. Only versions that still exist and
+    /// are good (see [`Tree::is_good`]): never one that failed everywhere
+    /// or that `current` was rolled back from.
     pub(crate) fn previous(&self) -> Option<&VersionName> {
         let current = self.current_version();
         let candidates = || {
             self.versions
                 .iter()
-                .filter(|(v, info)| info.exists && Some(*v) != current)
+                .filter(|(v, info)| info.exists && Some(*v) != current && self.is_good(v))
         };
         if let Some((version, _)) = candidates()
             .filter(|(_, info)| info.meta.current_order.is_some())
@@ -722,9 +724,11 @@ impl Tree {
             .map(|(version, _)| version)
     }
 
-    /// What `prune -keep=K` removes: the versions beyond the K newest, but
-    /// never `current` nor the previous one. Oldest first.
-    pub(crate) fn prune(&self, keep: usize) -> Vec<VersionName> {
+    /// What `prune -keep=K` removes: the versions beyond the K newest that
+    /// did not fail, but never `current` nor the version `rollback` would
+    /// go back to. A failed version does not count among the K, and is
+    /// removed only with `failed` (`prune -failed`). Oldest first.
+    pub(crate) fn prune(&self, keep: usize, failed: bool) -> Vec<VersionName> {
         let existing: Vec<&VersionName> = self
             .in_creation_order()
             .into_iter()
@@ -732,12 +736,52 @@ impl Tree {
             .map(|(v, _)| v)
             .collect();
         let protected = [self.current_version(), self.previous()];
-        let cut = existing.len().saturating_sub(keep);
-        existing[..cut]
+        let mut kept = 0;
+        let mut removed: Vec<VersionName> = Vec::new();
+        for version in existing.iter().rev() {
+            if protected.contains(&Some(*version)) {
+                kept += 1;
+                continue;
+            }
+            if self.failed_everywhere(version) {
+                if failed {
+                    removed.push((*version).clone());
+                }
+                continue;
+            }
+            if kept < keep {
+                kept += 1;
+            } else {
+                removed.push((*version).clone());
+            }
+        }
+        removed.reverse();
+        removed
+    }
+
+    /// A version that failed on every node that reported on it (at least
+    /// one): it never ran anywhere.
+    pub(crate) fn failed_everywhere(&self, version: &VersionName) -> bool {
+        self.versions.get(version).is_some_and(|info| {
+            !info.nodes.is_empty() && info.nodes.values().all(|e| e.state == NodeState::Failed)
+        })
+    }
+
+    /// A version `current` was last rolled back from (the newest switch
+    /// that names it, in `.history`, is a rollback away from it).
+    pub(crate) fn rolled_back_from(&self, version: &VersionName) -> bool {
+        let name = version.as_str();
+        self.history
+            .switches
             .iter()
-            .filter(|v| !protected.contains(&Some(**v)))
-            .map(|v| (*v).clone())
-            .collect()
+            .find(|s| s.version == name || s.from == name)
+            .is_some_and(|s| s.from == name && s.how.starts_with("rollback"))
+    }
+
+    /// A version `rollback` may go back to by itself: not failed
+    /// everywhere, not rolled back from.
+    pub(crate) fn is_good(&self, version: &VersionName) -> bool {
+        !self.failed_everywhere(version) && !self.rolled_back_from(version)
     }
 }
 
@@ -918,11 +962,74 @@ mod tests {
     }
 
     #[test]
-    fn prune_keeps_the_newest_plus_current_and_previous() {
+    fn prune_keeps_current_and_previous_and_counts_no_failed_version() {
         let tree = sample();
         // Existing, oldest first: v1 (previous), v2, v3 (current).
-        assert_eq!(tree.prune(1), [v("v2")]);
-        assert_eq!(tree.prune(0), [v("v2")]);
-        assert!(tree.prune(3).is_empty());
+        // v2 failed on its only node: it counts among none, and goes only
+        // with -failed.
+        assert!(tree.prune(1, false).is_empty());
+        assert!(tree.prune(0, false).is_empty());
+        assert_eq!(tree.prune(0, true), [v("v2")]);
+        assert_eq!(tree.prune(3, true), [v("v2")]);
+    }
+
+    /// After v3 failed everywhere and was rolled back from (to v2): the
+    /// tree of issue 20's report.
+    fn after_a_bad_release() -> Tree {
+        let p = Prefix::parse("app").unwrap();
+        let meta = |order: u64| format!(r#"{{"current_order": {order}}}"#);
+        let history = r#"{"switches": [
+            {"version": "v2", "from": "v3", "how": "rollback"},
+            {"version": "v3", "from": "v2", "how": "deploy"},
+            {"version": "v2", "from": "v1", "how": "deploy"}]}"#;
+        Tree::parse(
+            &p,
+            &[
+                entry("app/.history", history, false, 60),
+                entry("app/current", "v2", false, 59),
+                entry("app/v1/", &meta(10), false, 1),
+                entry("app/v1/n1", "ready", true, 2),
+                entry("app/v2/", &meta(58), false, 20),
+                entry("app/v2/n1", "active", true, 21),
+                entry("app/v3/", &meta(40), false, 30),
+                entry("app/v3/n1", "failed", true, 31),
+                entry("app/v4/", &meta(50), false, 45),
+                entry("app/v4/n1", "failed", true, 46),
+            ],
+        )
+    }
+
+    #[test]
+    fn rollback_skips_versions_that_failed_everywhere_or_were_rolled_back_from() {
+        let tree = after_a_bad_release();
+        assert!(tree.rolled_back_from(&v("v3")) && tree.failed_everywhere(&v("v3")));
+        assert!(!tree.rolled_back_from(&v("v2")) && !tree.rolled_back_from(&v("v1")));
+        assert_eq!(tree.previous(), Some(&v("v1")));
+        // Rolled back from, but it ran: still not a target by itself.
+        let p = Prefix::parse("app").unwrap();
+        let history = r#"{"switches": [{"version": "a", "from": "b", "how": "rollback (waves)"}]}"#;
+        let tree = Tree::parse(
+            &p,
+            &[
+                entry("app/.history", history, false, 9),
+                entry("app/current", "a", false, 8),
+                entry("app/a/", r#"{"current_order": 7}"#, false, 1),
+                entry("app/b/", r#"{"current_order": 5}"#, false, 2),
+                entry("app/b/n1", "ready", true, 3),
+            ],
+        );
+        assert_eq!(tree.previous(), None);
+    }
+
+    #[test]
+    fn prune_keeps_good_versions_and_removes_failed_ones_only_when_asked() {
+        let tree = after_a_bad_release();
+        // Good: v1 (the rollback target), v2 (current). Failed: v3, v4.
+        assert!(
+            tree.prune(0, false).is_empty(),
+            "current and the target stay"
+        );
+        assert_eq!(tree.prune(0, true), [v("v3"), v("v4")]);
+        assert_eq!(tree.prune(2, true), [v("v3"), v("v4")]);
     }
 }

@@ -587,3 +587,44 @@ fn a_consul_outage_during_a_command_is_said_once_not_at_every_retry() {
     fleet.agents[0].set_flag("block-deploy", false);
     fleet.agents[0].set_flag("release", true);
 }
+
+/// Issue 20: after a rollback from v3, `previous` was v3 again (rollback
+/// would go back to it), and `prune -keep=1` removed v1, the last good
+/// version, keeping one that failed everywhere.
+#[test]
+fn rollback_and_prune_know_good_versions_from_bad_ones() {
+    let fleet = Fleet::start(2);
+    for version in ["v1", "v2", "v3"] {
+        fleet.depro(&["deploy", version, "-nodes=2"]).ok();
+    }
+    fleet.depro(&["rollback", "-nodes=2"]).ok();
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    for agent in &fleet.agents {
+        agent.set_flag("fail-deploy", true);
+    }
+    fleet
+        .depro(&["deploy", "v4", "-nodes=2"])
+        .fails(2, &["v4 failed"]);
+    fleet.expect_state("v4", "failed");
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(json["previous"], "v1", "not v3, rolled back from");
+    assert!(
+        fleet.depro(&["rollback", "-dry-run"]).ok().contains("v1"),
+        "the dry run goes back to v1"
+    );
+    // v1 is the rollback target; v3 ran and counts; v4 failed and does not.
+    let out = fleet.depro(&["prune", "-keep=1"]);
+    assert!(out.ok().contains("nothing to prune"), "{out:#?}");
+    let out = fleet.depro(&["prune", "-keep=1", "-failed"]);
+    assert!(out.ok().contains("pruned v4 from"), "{out:#?}");
+    for version in ["v1", "v2", "v3"] {
+        assert!(
+            fleet.node_state(version, "node1").is_some(),
+            "{version} kept"
+        );
+    }
+    for agent in &fleet.agents {
+        agent.set_flag("fail-deploy", false);
+    }
+}

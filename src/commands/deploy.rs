@@ -281,10 +281,34 @@ pub(super) fn rollback_target(
     let to = match to {
         Some(text) => version_arg(text)?,
         None => tree.previous().cloned().ok_or_else(|| {
-            Error::Refused(format!(
-                "no earlier version of {} is left to roll back to; `depro status -prefix={}` lists them",
-                ctx.prefix, ctx.prefix
-            ))
+            // Versions it will not go back to by itself, and why.
+            let skipped: Vec<String> = tree
+                .versions
+                .iter()
+                .filter(|(v, i)| i.exists && *v != &from && !tree.is_good(v))
+                .map(|(v, _)| {
+                    let why = if tree.failed_everywhere(v) {
+                        "failed everywhere"
+                    } else {
+                        "rolled back from"
+                    };
+                    format!("{v} {why}")
+                })
+                .collect();
+            if skipped.is_empty() {
+                Error::Refused(format!(
+                    "no earlier version of {} is left to roll back to; `depro status -prefix={}` lists them",
+                    ctx.prefix, ctx.prefix
+                ))
+            } else {
+                Error::Refused(format!(
+                    "no earlier version of {} that ran well is left to roll back to ({}); to go \
+                     back to one of those anyway, name it: `depro rollback -to=VERSION -prefix={}`",
+                    ctx.prefix,
+                    skipped.join(", "),
+                    ctx.prefix
+                ))
+            }
         })?,
     };
     Ok((from, to))
@@ -1032,7 +1056,7 @@ fn restore_current(
 /// `-keep=K` after a deploy: the same as `depro prune`.
 fn prune_to(ctx: &mut Ctx, keep: u32) -> Result<()> {
     let tree = ctx.read_tree()?;
-    let doomed = tree.prune(keep as usize);
+    let doomed = tree.prune(keep as usize, false);
     let prefix = ctx.prefix.clone();
     let again = |_: &[VersionName]| format!("`depro prune -keep={keep} -prefix={prefix}`");
     super::remove::remove_each(ctx, &tree, &doomed, again)?;

@@ -148,7 +148,7 @@ pub(crate) fn deploy(
     if let Some(keep) = keep {
         let tree = ctx.read_tree()?;
         let doomed: Vec<String> = tree
-            .prune(keep as usize)
+            .prune(keep as usize, false)
             .iter()
             .map(|v| v.to_string())
             .collect();
@@ -223,8 +223,8 @@ pub(crate) fn remove(ctx: &Ctx, tree: &Tree, versions: &[VersionName], wait: boo
 }
 
 /// `prune -dry-run`.
-pub(crate) fn prune(ctx: &Ctx, tree: &Tree, keep: u32) {
-    let doomed = tree.prune(keep as usize);
+pub(crate) fn prune(ctx: &Ctx, tree: &Tree, keep: Option<u32>, failed: bool) {
+    let doomed = tree.prune(keep.map_or(usize::MAX, |k| k as usize), failed);
     if doomed.is_empty() {
         say(&format!("nothing to prune under {}", ctx.prefix));
     } else {

@@ -197,13 +197,18 @@ pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let tree = ctx.read_existing_tree()?;
     if args.dry_run {
-        super::dry_run::prune(&ctx, &tree, args.keep);
+        super::dry_run::prune(&ctx, &tree, args.keep, args.failed);
         return Ok(());
     }
-    let doomed = tree.prune(args.keep as usize);
+    let doomed = tree.prune(args.keep.map_or(usize::MAX, |k| k as usize), args.failed);
     super::interrupt::catch();
-    let (keep, prefix) = (args.keep, ctx.prefix.clone());
-    let again = |_: &[VersionName]| format!("`depro prune -keep={keep} -prefix={prefix}`");
+    let prefix = ctx.prefix.clone();
+    let flags = format!(
+        "{}{}",
+        args.keep.map_or(String::new(), |k| format!("-keep={k} ")),
+        if args.failed { "-failed " } else { "" }
+    );
+    let again = |_: &[VersionName]| format!("`depro prune {flags}-prefix={prefix}`");
     remove_each(&mut ctx, &tree, &doomed, again)?;
     let kept: Vec<String> = tree
         .in_creation_order()
@@ -212,6 +217,8 @@ pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
         .map(|(v, _)| {
             if tree.current_version() == Some(v) {
                 format!("{v} (current)")
+            } else if tree.failed_everywhere(v) {
+                format!("{v} (failed)")
             } else {
                 v.to_string()
             }
