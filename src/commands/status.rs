@@ -496,18 +496,29 @@ pub(crate) fn table(
              -: no report on that version)\n",
         );
     }
-    let failures: Vec<String> = versions
-        .iter()
-        .flat_map(|(version, info)| {
-            info.nodes
-                .iter()
-                .filter(|(_, e)| e.state == NodeState::Failed)
-                .map(move |(node, _)| match info.reasons.get(node) {
-                    Some(reason) => format!("  {version} on {node}: {}", reason.shown("    ")),
-                    None => format!("  {version} on {node}: (no reason reported)"),
-                })
-        })
-        .collect();
+    // One line per version and reason, naming every node that gave it
+    // (20 nodes failing alike are one line, not 20).
+    let mut failures: Vec<String> = Vec::new();
+    for (version, info) in &versions {
+        let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+        for (node, _) in info
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.state == NodeState::Failed)
+        {
+            let text = match info.reasons.get(node) {
+                Some(reason) => reason.shown("    "),
+                None => "(no reason reported)".to_string(),
+            };
+            match groups.iter_mut().find(|(t, _)| *t == text) {
+                Some((_, nodes)) => nodes.push(node),
+                None => groups.push((text, vec![node])),
+            }
+        }
+        for (text, nodes) in groups {
+            failures.push(format!("  {version} on {}: {text}", compact_names(&nodes)));
+        }
+    }
     if !failures.is_empty() {
         out.push_str(&format!("\nfailures:\n{}\n", failures.join("\n")));
     }
@@ -519,6 +530,47 @@ pub(crate) fn table(
         ));
     }
     out
+}
+
+/// Node names as a short list: runs of three or more numbered alike
+/// (`node13`, `node14`, `node15`) as one range (`node13-15`).
+pub(crate) fn compact_names(names: &[&str]) -> String {
+    // (stem, number, its digits) for names ending in digits.
+    let split = |name: &str| {
+        let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        let digits = &name[stem.len()..];
+        let number = digits.parse::<u64>().ok().filter(|_| digits.len() <= 18);
+        (stem.to_string(), number, digits.len())
+    };
+    let mut parsed: Vec<(String, Option<u64>, usize, &str)> = names
+        .iter()
+        .map(|n| {
+            let (stem, number, width) = split(n);
+            (stem, number, width, *n)
+        })
+        .collect();
+    parsed.sort();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < parsed.len() {
+        let mut j = i;
+        while j + 1 < parsed.len() {
+            let (a, b) = (&parsed[j], &parsed[j + 1]);
+            let next = a.0 == b.0 && a.2 == b.2 && a.1.zip(b.1).is_some_and(|(x, y)| y == x + 1);
+            if !next {
+                break;
+            }
+            j += 1;
+        }
+        if j - i >= 2 {
+            let last = parsed[j].3;
+            out.push(format!("{}-{}", parsed[i].3, &last[parsed[j].0.len()..]));
+        } else {
+            out.extend(parsed[i..=j].iter().map(|p| p.3.to_string()));
+        }
+        i = j + 1;
+    }
+    out.join(", ")
 }
 
 pub(crate) fn align(rows: &[Vec<String>]) -> String {
@@ -585,6 +637,42 @@ mod tests {
             ],
         );
         (prefix, tree)
+    }
+
+    #[test]
+    fn node_lists_collapse_runs_of_three_or_more_into_ranges() {
+        let names = [
+            "node13", "node14", "node15", "node2", "web-1", "node9", "node10", "db",
+        ];
+        assert_eq!(
+            compact_names(&names),
+            "db, node2, node9, node10, node13-15, web-1"
+        );
+        assert_eq!(compact_names(&["a1", "a2"]), "a1, a2");
+        assert_eq!(compact_names(&["n08", "n09", "n10"]), "n08-10");
+        assert_eq!(compact_names(&["n8", "n9", "n10"]), "n8, n9, n10");
+        assert_eq!(compact_names(&[]), "");
+    }
+
+    #[test]
+    fn identical_failure_reasons_are_one_line_naming_their_nodes() {
+        let prefix = Prefix::parse("p").unwrap();
+        let reason =
+            r#"{"hook":"deploy","error":"the deploy hook exited with status 3","exit_code":3}"#;
+        let mut entries = vec![entry("p/current", "v1", 1), entry("p/v1/", "", 1)];
+        for n in 1..=5 {
+            entries.push(entry(&format!("p/v1/node{n}"), "failed", 2));
+            if n != 4 {
+                entries.push(entry(&format!("p/v1/.reason/node{n}"), reason, 2));
+            }
+        }
+        let text = table(&prefix, &Tree::parse(&prefix, &entries), &|_| true);
+        let failures = &text[text.find("failures:").unwrap()..];
+        assert_eq!(
+            failures,
+            "failures:\n  v1 on node1-3, node5: the deploy hook exited with status 3\n  \
+             v1 on node4: (no reason reported)\n"
+        );
     }
 
     #[test]
