@@ -307,13 +307,24 @@ fn zsh_and_fish_complete_commands_and_flags() {
 #[test]
 fn status_json_is_an_interface_even_on_an_empty_prefix() {
     let fleet = support::Fleet::start(1);
-    let empty = fleet.depro(&["status", "-json"]);
+    // A prefix with neither agents nor versions: the document, then exit 2.
+    let unused = format!("-prefix={}-unused", fleet.prefix);
+    let empty = support::Output::of(
+        support::depro_command(&fleet.consul.addr(), &["status", "-json", &unused])
+            .output()
+            .unwrap(),
+    );
     assert_eq!(empty.code, Some(2), "{empty:#?}");
     assert_eq!(empty.stderr.lines().count(), 1, "{empty:#?}");
     let doc: serde_json::Value = serde_json::from_str(&empty.stdout).unwrap();
     assert_eq!(doc["schema"], 1);
     assert_eq!(doc["versions"], serde_json::json!([]));
     assert!(doc["current"].is_null(), "{doc}");
+    // One its agent follows, before any version: the document, exit 0.
+    let doc: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(doc["versions"], serde_json::json!([]));
+    assert!(doc["agents"]["node1"].is_object(), "{doc}");
 
     fleet.depro(&["deploy", "v1"]).ok();
     fleet.depro(&["deploy", "v2"]).ok();

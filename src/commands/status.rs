@@ -388,6 +388,31 @@ pub(crate) fn table(
     tree: &Tree,
     filter: &dyn Fn(&crate::version_name::VersionName) -> bool,
 ) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    table_at(prefix, tree, filter, now_ms)
+}
+
+/// How long ago, shortly: `12s`, `3m`, `2h`, `4d`.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// [`table`] as of `now_ms` (milliseconds since the epoch): a busy node
+/// shows for how long it has been busy, when its agent said since when.
+pub(crate) fn table_at(
+    prefix: &Prefix,
+    tree: &Tree,
+    filter: &dyn Fn(&crate::version_name::VersionName) -> bool,
+    now_ms: u64,
+) -> String {
     let current = tree.current_version();
     let versions: Vec<_> = tree
         .in_creation_order()
@@ -485,7 +510,12 @@ pub(crate) fn table(
                 row.push(
                     info.nodes
                         .get(node)
-                        .map_or("-".to_string(), |e| e.state.to_string()),
+                        .map_or("-".to_string(), |e| match e.state {
+                            NodeState::Busy if e.since_ms > 0 && now_ms >= e.since_ms => {
+                                format!("busy {}", age(now_ms - e.since_ms))
+                            }
+                            state => state.to_string(),
+                        }),
                 );
             }
             rows.push(row);
@@ -637,6 +667,22 @@ mod tests {
             ],
         );
         (prefix, tree)
+    }
+
+    #[test]
+    fn a_busy_node_shows_for_how_long() {
+        let prefix = Prefix::parse("p").unwrap();
+        let mut busy = entry("p/v1/node1", "busy", 2);
+        busy.flags = 1_000_000;
+        let mut old = entry("p/v1/node2", "busy", 2);
+        old.flags = 0; // an older agent: no time
+        let tree = Tree::parse(&prefix, &[entry("p/v1/", "", 1), busy, old]);
+        let text = table_at(&prefix, &tree, &|_| true, 1_000_000 + 135_000);
+        assert!(text.contains("node1  -      busy 2m"), "{text}");
+        assert!(text.contains("node2  -      busy\n"), "{text}");
+        assert_eq!(age(59_999), "59s");
+        assert_eq!(age(7_200_000), "2h");
+        assert_eq!(age(3 * 86_400_000), "3d");
     }
 
     #[test]
