@@ -1025,3 +1025,49 @@ fn ctrl_c_while_remove_waits_says_what_is_removed_and_that_the_agents_go_on() {
         f.node_state("v1", "node2").is_none()
     });
 }
+
+/// Issue 20: `agent -check` called a configuration valid and said nothing
+/// of what the agent would then warn about: a pipe in a hook under a shell
+/// without pipefail, a deployment without hooks.
+#[test]
+fn agent_check_prints_the_warnings_the_agent_would_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{{ "name": "web-1", "server": "127.0.0.1:1",
+             "deployments": [
+               {{ "id": "api", "path": "{0}/deploy/api", "prefix": "api/version", "shell": "sh",
+                  "deploy": ["curl -fsS http://builds/$VERSION.tgz | tar xz"] }},
+               {{ "id": "bare", "path": "{0}/deploy/bare", "prefix": "bare/version" }} ] }}"#,
+        dir.path().display()
+    );
+    let out = check(dir.path(), &[("depro.json", &config)]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("the configuration is valid"),
+        "{out:#?}"
+    );
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("depro: warning: "))
+        .collect();
+    // (A `sh` that has pipefail, as newer dash, gets no such warning.)
+    let sh_pipefail = Command::new("sh")
+        .args(["-c", "set -o pipefail"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert_eq!(
+        warnings
+            .iter()
+            .any(|w| w.contains("has no pipefail") && w.contains("deployments[0]")),
+        !sh_pipefail,
+        "{out:#?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("no hooks") && w.contains("deployments[1]")),
+        "{out:#?}"
+    );
+    assert_eq!(warnings.len(), if sh_pipefail { 1 } else { 2 }, "{out:#?}");
+}

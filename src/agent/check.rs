@@ -10,17 +10,24 @@ use crate::cli::AgentArgs;
 use crate::config::{self, AgentConfig};
 use crate::error::{Error, Result};
 
-/// Checks the configuration; `Ok` with a one-line summary, or the first
-/// problem, naming its file and field.
-pub(crate) fn check(args: &AgentArgs) -> Result<String> {
+/// Checks the configuration; `Ok` with the warnings the agent would log
+/// and a one-line summary, or the first problem, naming its file and field.
+pub(crate) fn check(args: &AgentArgs) -> Result<(Vec<String>, String)> {
     let config = config::resolve_agent(args, &config::process_env)?;
     // The client as the agent makes it (TLS files read), without a request.
     let consul = crate::consul::Consul::new(&config.consul).map_err(Error::Config)?;
+    let mut warnings = config.warnings.clone();
+    warnings.extend(crate::consul::expiry_warning(
+        consul.tls(),
+        super::reload::CERT_WARNING,
+    ));
     for deployment in &config.deployments {
         writable_path(&deployment.path)
             .map_err(|why| Error::Config(format!("{}.path: {why}", deployment.origin)))?;
+        let pipefail = crate::hooks::supports_pipefail(&deployment.shell);
+        warnings.extend(super::reload::hook_warnings(deployment, pipefail));
     }
-    Ok(summary(&config, consul.server()))
+    Ok((warnings, summary(&config, consul.server())))
 }
 
 /// The agent must be able to make (or use) the deployment directory.

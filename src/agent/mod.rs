@@ -98,7 +98,12 @@ pub(crate) fn deployment_ids(config: &AgentConfig) -> Vec<String> {
 /// Runs the agent until it is told to stop.
 pub(crate) fn run(args: AgentArgs) -> Result<()> {
     if args.check {
-        println!("{}", check::check(&args)?);
+        // The warnings the agent would log, on stderr; the verdict on stdout.
+        let (warnings, summary) = check::check(&args)?;
+        for warning in warnings {
+            eprintln!("depro: warning: {warning}");
+        }
+        println!("{summary}");
         return Ok(());
     }
     let config = config::resolve_agent(&args, &config::process_env)?;

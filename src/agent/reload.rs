@@ -160,22 +160,39 @@ impl Agent {
 /// has not and a hook uses a pipe.
 pub(super) fn shell_pipefail(spec: &Deployment) -> bool {
     let pipefail = hooks::supports_pipefail(&spec.shell);
-    let piped = spec
+    for warning in hook_warnings(spec, pipefail) {
+        log::warn!("{warning}");
+    }
+    pipefail
+}
+
+/// What the agent warns about a deployment's hooks (and `agent -check`
+/// prints): a pipe under a shell without pipefail, where a failing command
+/// inside a pipeline goes unnoticed; no hooks at all.
+pub(super) fn hook_warnings(spec: &Deployment, pipefail: bool) -> Vec<String> {
+    let mut hooks = spec
         .deploy
         .iter()
         .chain(&spec.rollout)
         .chain(&spec.clean)
-        .chain(&spec.health)
-        .any(|l| hooks::has_pipe(l));
-    if piped && !pipefail {
-        log::warn!(
+        .chain(&spec.health);
+    let mut warnings = Vec::new();
+    if hooks.clone().next().is_none() {
+        warnings.push(format!(
+            "{}: no hooks: versions are empty directories and a rollout changes nothing but \
+             <path>/current; add a \"deploy\" hook that fetches the build, and a \"rollout\" hook",
+            spec.origin
+        ));
+    }
+    if !pipefail && hooks.any(|l| hooks::has_pipe(l)) {
+        warnings.push(format!(
             "{}: {} has no pipefail, so a failing command inside a pipeline of a hook goes unnoticed; \
              set \"shell\": \"bash\"",
             spec.origin,
             spec.shell.display()
-        );
+        ));
     }
-    pipefail
+    warnings
 }
 
 /// An operator deleted this node's `failed` key: try again.
