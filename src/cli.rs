@@ -153,6 +153,8 @@ pub(crate) struct SwitchFlags {
     pub pause: Duration,
     /// Print what would be done, do nothing (`-dry-run`).
     pub dry_run: bool,
+    /// Why, recorded with the switch (`-message`).
+    pub message: Option<String>,
 }
 
 impl SwitchFlags {
@@ -204,6 +206,7 @@ impl Default for SwitchFlags {
             batch: None,
             pause: Duration::ZERO,
             dry_run: false,
+            message: None,
         }
     }
 }
@@ -624,6 +627,16 @@ fn switch_flag(
         Key::Long("nodes") => {
             flags.nodes = nodes(parser, command)?;
             flags.nodes_given = true;
+        }
+        Key::Long("message") => {
+            let text = string(parser, command)?;
+            if text.trim().is_empty() || text.len() > 500 || text.contains('\n') {
+                return Err(Error::Usage(format!(
+                    "-message: one line of 1 to 500 bytes, e.g. -message=\"fixes the login timeout\"; \
+                     run `depro help {command}`"
+                )));
+            }
+            flags.message = Some(text);
         }
         Key::Long("canary") => {
             let n = number(parser, "canary", command)?;

@@ -88,6 +88,7 @@ const SWITCH: &[Flag] = &[
     flag("canary", Value::Text, "switch N nodes first"),
     flag("batch", Value::Text, "then K nodes (or P%) per wave"),
     flag("pause", Value::Text, "wait this long between waves"),
+    flag("message", Value::Text, "why: recorded with the switch"),
     flag(
         "dry-run",
         Value::None,

@@ -84,6 +84,7 @@ failed, switches current to it (check-and-set), and waits for the rollout.
   -keep=K                 afterwards, remove all but the K newest versions
   -no-rollout             stop once the version is ready everywhere
   -rollback-on-failure    switch current back (or undo the waves) on failure
+  -message=TEXT           why, recorded with the switch (history, status)
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
@@ -103,6 +104,7 @@ deploy (rollforward, or rollback to a named version).
   -nodes=N|all|P%         nodes that must have the version [1]
   -timeout=DURATION       give up after this long [10m]
   -rollback-on-failure    switch current back (or undo the waves) on failure
+  -message=TEXT           why, recorded with the switch (history, status)
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
@@ -125,6 +127,7 @@ While a progressive rollout is under way, undoes it instead.
   -nodes=N|all|P%         nodes that must have the version [1]
   -timeout=DURATION       give up after this long [10m]
   -rollback-on-failure    switch current back (or undo the waves) on failure
+  -message=TEXT           why, recorded with the switch (history, status)
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves

@@ -276,6 +276,9 @@ pub(crate) struct Switch {
     /// for a progressive rollout's last step).
     #[serde(default)]
     pub how: String,
+    /// Why, in the operator's words (`-message`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// `<prefix>/.history`: the last [`HISTORY_KEPT`] switches, newest first.
@@ -487,6 +490,9 @@ pub(crate) struct VersionMeta {
     pub current_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_how: Option<String>,
+    /// Why, in the operator's words (`-message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_message: Option<String>,
     /// The ModifyIndex `current` had just before this version was made
     /// current: it grows with every switch, so the highest one among the
     /// other versions names the version that was current before.

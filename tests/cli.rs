@@ -631,3 +631,47 @@ fn rollback_and_prune_know_good_versions_from_bad_ones() {
         agent.set_flag("fail-deploy", false);
     }
 }
+
+/// Issue 20: a switch can say why (`-message`), and history and status
+/// show it.
+#[test]
+fn a_switch_s_message_is_in_history_and_status() {
+    let fleet = Fleet::start(1);
+    fleet.depro(&["deploy", "v1", "-message=first cut"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-message=fixes the login timeout"])
+        .ok();
+    fleet.depro(&["rollback", "-message=v2 leaks memory"]).ok();
+    let history = fleet.depro(&["history"]).ok().to_string();
+    let line = |version: &str, how: &str| {
+        history
+            .lines()
+            .find(|l| l.contains(&format!(" {version} ")) && l.contains(how))
+            .unwrap_or_else(|| panic!("{history}"))
+            .to_string()
+    };
+    assert!(
+        history.lines().next().unwrap().ends_with("MESSAGE"),
+        "{history}"
+    );
+    assert!(
+        line("v2", "deploy").ends_with("fixes the login timeout"),
+        "{history}"
+    );
+    assert!(
+        line("v1", "rollback").ends_with("v2 leaks memory"),
+        "{history}"
+    );
+    let status = fleet.depro(&["status"]).ok().to_string();
+    assert!(status.contains(": current v1: v2 leaks memory"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(
+        json["versions"][0]["current_message"], "v2 leaks memory",
+        "{json}"
+    );
+    assert!(json["versions"][1]["current_message"].is_null(), "{json}");
+    fleet
+        .depro(&["deploy", "v3", "-message="])
+        .fails(1, &["-message", "one line"]);
+}

@@ -759,6 +759,7 @@ fn switch_current(
         meta.current_by = Some(ctx.user.clone());
         meta.current_order = Some(base_index);
         meta.current_how = Some(how.to_string());
+        meta.current_message = ctx.message.clone();
         let meta_json = meta.to_json();
         let (history, history_index) = ctx.read_history()?;
         let history = history
@@ -768,6 +769,7 @@ fn switch_current(
                 since,
                 by: ctx.user.clone(),
                 how: how.to_string(),
+                message: ctx.message.clone().unwrap_or_default(),
             })
             .to_json();
         let bell = ctx.ring(Change::Switched(version.clone()))?;
@@ -1019,6 +1021,7 @@ fn restore_current(
                 since: crate::logging::timestamp(),
                 by: ctx.user.clone(),
                 how: "rollback-on-failure".into(),
+                message: String::new(),
             })
             .to_json();
         let record = TxnOp::Cas {

@@ -33,7 +33,7 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
         return Ok(());
     }
     let mut rows = vec![
-        ["SINCE", "VERSION", "FROM", "HOW", "BY"]
+        ["SINCE", "VERSION", "FROM", "HOW", "BY", "MESSAGE"]
             .map(String::from)
             .to_vec(),
     ];
@@ -51,6 +51,7 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
             dash(&switch.from),
             dash(&switch.how),
             dash(&switch.by),
+            crate::tree::shown_line(&switch.message),
         ]);
     }
     print!("{}", super::status::align(&rows));
@@ -80,6 +81,7 @@ pub(crate) fn switches(tree: &Tree) -> Vec<Switch> {
                         since,
                         by: info.meta.current_by.clone().unwrap_or_default(),
                         how: info.meta.current_how.clone().unwrap_or_default(),
+                        message: info.meta.current_message.clone().unwrap_or_default(),
                     },
                 )
             })
@@ -110,6 +112,7 @@ mod tests {
                 since: "2026-11-27T10:00:00Z".into(),
                 by: "ops".into(),
                 how: "deploy".into(),
+                message: "fixes the login timeout".into(),
             })
             .with(Switch {
                 version: "v1".into(),
@@ -117,6 +120,7 @@ mod tests {
                 since: "2026-11-27T11:00:00Z".into(),
                 by: "ops".into(),
                 how: "rollback".into(),
+                ..Switch::default()
             });
         let json = String::from_utf8(history.to_json()).unwrap();
         let tree = Tree::parse(
@@ -147,6 +151,7 @@ mod tests {
         let versions: Vec<&str> = switches.iter().map(|s| s.version.as_str()).collect();
         assert_eq!(versions, ["v1", "v2", "v0"]);
         assert_eq!(switches[0].how, "rollback");
+        assert_eq!(switches[1].message, "fixes the login timeout");
         assert_eq!(switches[2].by, "seed");
     }
 

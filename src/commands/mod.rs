@@ -88,6 +88,9 @@ pub(crate) struct Ctx {
     /// All its switch flags (see `SwitchFlags::repeated`), for hints that
     /// run the same deploy or rollout again.
     pub switch_flags: String,
+    /// Why the switch is made, in the operator's words (`-message`),
+    /// recorded with it.
+    pub message: Option<String>,
 }
 
 /// How long a command without a -timeout rides out a passing failure.
@@ -177,6 +180,7 @@ impl Ctx {
             contacted: std::cell::Cell::new(false),
             nodes_flag: String::new(),
             switch_flags: String::new(),
+            message: None,
         })
     }
 
@@ -223,6 +227,7 @@ impl Ctx {
     pub(crate) fn hints_repeat(&mut self, flags: &crate::cli::SwitchFlags) {
         self.nodes_flag = format!(" -nodes={}", flags.need());
         self.switch_flags = flags.repeated();
+        self.message = flags.message.clone();
     }
 
     /// A command to paste that rolls `current` back out to `base` as it

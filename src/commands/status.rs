@@ -14,6 +14,7 @@
 //!       "create_index": 12,
 //!       "created_at": "2026-11-26T10:00:00.000Z", "created_by": "ops@host",   // or null
 //!       "current_since": null, "current_by": null,   // set only on the current version
+//!       "current_message": null,
 //!       "counts": { "busy": 0, "ready": 3, "active": 0, "failed": 0 },
 //!       "nodes": { "node1": "ready", "node2": "ready", "node3": "ready" },
 //!       "nodes_since": { "node1": "2026-11-26T10:00:02.113Z", … },   // when each state was written, or null
@@ -246,6 +247,11 @@ pub(crate) fn json(
                 // are stale (the last time each was current).
                 "current_since": info.meta.current_since.as_ref().filter(|_| Some(name) == current),
                 "current_by": info.meta.current_by.as_ref().filter(|_| Some(name) == current),
+                "current_message": info
+                    .meta
+                    .current_message
+                    .as_ref()
+                    .filter(|_| Some(name) == current),
                 "counts": {
                     "busy": count(NodeState::Busy), "ready": count(NodeState::Ready),
                     "active": count(NodeState::Active), "failed": count(NodeState::Failed),
@@ -422,7 +428,14 @@ pub(crate) fn table_at(
     let mut out = format!(
         "{prefix}: current {}\n\n",
         match (&tree.current, current) {
-            (_, Some(c)) => c.to_string(),
+            (_, Some(c)) => match tree
+                .versions
+                .get(c)
+                .and_then(|i| i.meta.current_message.as_deref())
+            {
+                Some(message) => format!("{c}: {}", crate::tree::shown_line(message)),
+                None => c.to_string(),
+            },
             (Some(raw), None) => format!("\"{}\" (not a valid version)", shown(&raw.value)),
             (None, None) if tree.versions.is_empty() => format!(
                 "unset: no version yet; {} {} the prefix (deploy a first one with \
