@@ -262,6 +262,11 @@ fn bash_completes_commands_flags_and_file_names() {
         "token.txt"
     );
     assert_eq!(complete("depro completion f").trim(), "fish");
+    // Values of a few words (issue 20).
+    assert_eq!(complete("depro wait v1 -for = a").trim(), "active");
+    assert_eq!(complete("depro agent -log-format = j").trim(), "json");
+    assert_eq!(complete("depro agent -log-level = d").trim(), "debug");
+    assert_eq!(complete("depro agent -log-f").trim(), "-log-format=");
 }
 
 #[test]
@@ -294,12 +299,17 @@ fn zsh_and_fish_complete_commands_and_flags() {
     let offered = in_shell(
         "fish",
         &format!(
-            "source {}; complete -C 'depro dep'; complete -C 'depro rollout -ba'",
+            "source {}; complete -C 'depro dep'; complete -C 'depro rollout -ba'; \
+             complete -C 'depro wait v1 -for='",
             fish.display()
         ),
     );
     assert!(offered.contains("deploy\tadd a version"), "{offered}");
     assert!(offered.contains("-batch\t"), "{offered}");
+    // A value of a few words: those words, no file names.
+    assert!(offered.contains("-for=ready\t"), "{offered}");
+    assert!(offered.contains("-for=active\t"), "{offered}");
+    assert!(!offered.contains("-for=Cargo"), "{offered}");
 }
 
 // ------------------------------------------------------- status -json

@@ -6,7 +6,7 @@ _depro() {
     return
   fi
   case "${COMP_WORDS[1]}" in
-    agent) opts="-config-dir= -config-file= -name= -log-level= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollout) opts="-prefix= -quiet -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollback) opts="-prefix= -quiet -to= -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
@@ -27,6 +27,9 @@ _depro() {
     [ "$cur" = "=" ] && cur=""
     case "$name" in
       -ca-file|-client-cert|-client-key|-config-dir|-config-file|-token-file) COMPREPLY=($(compgen -f -- "$cur")) ;;
+      -for) COMPREPLY=($(compgen -W "ready active" -- "$cur")) ;;
+      -log-format) COMPREPLY=($(compgen -W "text json" -- "$cur")) ;;
+      -log-level) COMPREPLY=($(compgen -W "error warn info debug trace" -- "$cur")) ;;
     esac
     return
   fi
