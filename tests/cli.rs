@@ -675,3 +675,25 @@ fn a_switch_s_message_is_in_history_and_status() {
         .depro(&["deploy", "v3", "-message="])
         .fails(1, &["-message", "one line"]);
 }
+
+/// Issue 20: a long wait looked dead in a log: nothing was printed while
+/// the count did not change. Off a terminal, it is printed again after 10
+/// s of silence.
+#[test]
+fn a_long_wait_off_a_terminal_prints_a_heartbeat_every_ten_seconds() {
+    let fleet = Fleet::start(1);
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet.agents[0].set_flag("block-deploy", true);
+    let out = fleet.depro(&["deploy", "v2", "-timeout=13s"]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    let beats: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.ends_with("0/1 ready (still waiting)"))
+        .collect();
+    assert_eq!(beats.len(), 1, "{}", out.stderr);
+    let at: f64 = beats[0].trim().split('s').next().unwrap().parse().unwrap();
+    assert!((10.0..12.5).contains(&at), "{}", out.stderr);
+    fleet.agents[0].set_flag("block-deploy", false);
+    fleet.agents[0].set_flag("release", true);
+}

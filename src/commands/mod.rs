@@ -658,8 +658,13 @@ impl Ctx {
         let (mut have_agents, mut have_rollout) = (!also.agents, !also.rollout);
         let outcome = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let update = match rx.recv_timeout(left) {
+            // Woken every second at least: the progress's clock ticks.
+            let update = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
                 Ok(update) => update,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    self.out.tick();
+                    continue;
+                }
                 Err(RecvTimeoutError::Timeout) => break Ok(None),
                 Err(RecvTimeoutError::Disconnected) => break Ok(None),
             };

@@ -41,7 +41,13 @@ struct State {
     /// The Consul failure being retried: its text, the attempts since it
     /// was last printed, and when that was.
     retrying: Option<(String, u32, Instant)>,
+    /// When anything was last printed off a terminal (see [`Progress::tick`]).
+    said_at: Option<Instant>,
 }
+
+/// Off a terminal, a wait that prints nothing for this long prints its
+/// count again, so that a log shows the command is alive.
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// A failure retried again and again is printed once, then at most this
 /// often, with the count of attempts.
@@ -78,7 +84,8 @@ impl Progress {
         if self.quiet {
             return;
         }
-        let state = self.state.borrow();
+        let mut state = self.state.borrow_mut();
+        state.said_at = Some(Instant::now());
         let mut err = std::io::stderr().lock();
         if state.count_on_screen {
             let _ = write!(err, "\r\x1b[K");
@@ -177,9 +184,44 @@ impl Progress {
             }
             let _ = writeln!(err, "{} {text}", self.elapsed());
             state.printed_at = Some(now);
+            state.said_at = Some(now);
             state.pending = None;
         }
         state.count = Some(text);
+        let _ = err.flush();
+    }
+
+    /// Time passes while a command waits (called about once a second): on
+    /// a terminal the count line is redrawn, its clock ticking; otherwise
+    /// a count held back is printed once it may be, and after
+    /// [`HEARTBEAT`] of silence the count again, `(still waiting)`.
+    pub(crate) fn tick(&self) {
+        if self.quiet {
+            return;
+        }
+        let mut state = self.state.borrow_mut();
+        let mut err = std::io::stderr().lock();
+        let now = Instant::now();
+        if self.tty {
+            if let (true, Some(text)) = (state.count_on_screen, &state.count) {
+                let _ = write!(err, "\r\x1b[K{} {text}", self.elapsed());
+            }
+        } else if let Some(text) = state
+            .printed_at
+            .is_none_or(|at| now.duration_since(at) >= COUNT_EVERY)
+            .then(|| state.pending.take())
+            .flatten()
+        {
+            let _ = writeln!(err, "{} {text}", self.elapsed());
+            state.count = Some(text);
+            state.printed_at = Some(now);
+            state.said_at = Some(now);
+        } else if let Some(text) = &state.count {
+            if now.duration_since(state.said_at.unwrap_or(self.start)) >= HEARTBEAT {
+                let _ = writeln!(err, "{} {text} (still waiting)", self.elapsed());
+                state.said_at = Some(now);
+            }
+        }
         let _ = err.flush();
     }
 
