@@ -155,6 +155,9 @@ pub(crate) struct SwitchFlags {
     pub dry_run: bool,
     /// Why, recorded with the switch (`-message`).
     pub message: Option<String>,
+    /// A floor under the count `-nodes` gives (`-min-nodes`; 0: none): with
+    /// `-nodes=all`, a fleet where most agents died is not "all".
+    pub min_nodes: u32,
 }
 
 impl SwitchFlags {
@@ -174,11 +177,20 @@ impl SwitchFlags {
         }
     }
 
+    /// How many nodes must have the version ready with `live` agents: what
+    /// `-nodes` counts, raised to `-min-nodes`.
+    pub(crate) fn needed(&self, live: usize) -> u32 {
+        self.need().count(live).max(self.min_nodes)
+    }
+
     /// The flags as a command to paste repeats them, so that a retry is the
     /// same rollout (canary and batches included): ` -nodes=all -canary=1
     /// -batch=25% -pause=1m -rollback-on-failure`.
     pub(crate) fn repeated(&self) -> String {
         let mut flags = format!(" -nodes={}", self.need());
+        if self.min_nodes > 0 {
+            flags.push_str(&format!(" -min-nodes={}", self.min_nodes));
+        }
         if let Some(canary) = self.canary {
             flags.push_str(&format!(" -canary={canary}"));
         }
@@ -207,6 +219,7 @@ impl Default for SwitchFlags {
             pause: Duration::ZERO,
             dry_run: false,
             message: None,
+            min_nodes: 0,
         }
     }
 }
@@ -627,6 +640,16 @@ fn switch_flag(
         Key::Long("nodes") => {
             flags.nodes = nodes(parser, command)?;
             flags.nodes_given = true;
+        }
+        Key::Long("min-nodes") => {
+            let n = number(parser, "min-nodes", command)?;
+            if n == 0 {
+                return Err(Error::Usage(format!(
+                    "-min-nodes=0: a floor of at least 1 node; leave the flag out for none; \
+                     run `depro help {command}`"
+                )));
+            }
+            flags.min_nodes = n;
         }
         Key::Long("message") => {
             let text = string(parser, command)?;

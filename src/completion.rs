@@ -81,6 +81,11 @@ const SWITCH: &[Flag] = &[
         Value::Text,
         "nodes that must have the version: N, all or P%",
     ),
+    flag(
+        "min-nodes",
+        Value::Text,
+        "but at least M nodes, however few are live",
+    ),
     flag("timeout", Value::Text, "give up after this long"),
     flag(
         "rollback-on-failure",
@@ -415,7 +420,7 @@ mod tests {
         for (command, _) in COMMANDS {
             for flag in flags(command) {
                 let value = match flag.name {
-                    "nodes" | "canary" | "batch" | "keep" => "=2",
+                    "nodes" | "min-nodes" | "canary" | "batch" | "keep" => "=2",
                     "timeout" | "pause" => "=5s",
                     "log-level" => "=info",
                     "log-format" => "=json",

@@ -80,6 +80,7 @@ failed, switches current to it (check-and-set), and waits for the rollout.
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
   -nodes=N|all|P%         nodes that must have the version [1]; all: every
                           live agent of the prefix; P%: a share of them
+  -min-nodes=M            but at least M nodes, however few agents are live
   -timeout=DURATION       give up after this long [10m]
   -keep=K                 afterwards, remove all but the K newest versions
   -no-rollout             stop once the version is ready everywhere
@@ -102,6 +103,7 @@ deploy (rollforward, or rollback to a named version).
 
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
   -nodes=N|all|P%         nodes that must have the version [1]
+  -min-nodes=M            but at least M nodes, however few agents are live
   -timeout=DURATION       give up after this long [10m]
   -rollback-on-failure    switch current back (or undo the waves) on failure
   -message=TEXT           why, recorded with the switch (history, status)
@@ -125,6 +127,7 @@ While a progressive rollout is under way, undoes it instead.
   -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
   -to=VERSION             roll back to this version instead
   -nodes=N|all|P%         nodes that must have the version [1]
+  -min-nodes=M            but at least M nodes, however few agents are live
   -timeout=DURATION       give up after this long [10m]
   -rollback-on-failure    switch current back (or undo the waves) on failure
   -message=TEXT           why, recorded with the switch (history, status)

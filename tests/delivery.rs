@@ -105,6 +105,39 @@ fn nodes_all_counts_every_live_agent_and_not_one_that_stopped() {
 }
 
 #[test]
+fn min_nodes_is_a_floor_under_nodes_all_when_most_agents_are_gone() {
+    let fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1", "-nodes=all"]).ok();
+    // Two live agents are "all", but the operator asked for at least three.
+    let out = fleet.depro(&["deploy", "v2", "-nodes=all", "-min-nodes=3", "-timeout=3s"]);
+    out.fails(
+        3,
+        &[
+            "timed out",
+            "2 of the 3 nodes needed",
+            "current unchanged (still v1)",
+        ],
+    );
+    assert!(
+        out.stderr
+            .contains("(-nodes=all of 2 agents, -min-nodes=3: 3 needed"),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    // The dry run counts the same way.
+    let out = fleet.depro(&["rollout", "v2", "-nodes=all", "-min-nodes=3", "-dry-run"]);
+    assert!(
+        out.ok()
+            .contains("would wait until 3 nodes (-nodes=all of 2 live agents, -min-nodes=3)"),
+        "{out:#?}"
+    );
+    // A floor the fleet reaches does not hold the switch.
+    let out = fleet.depro(&["rollout", "v2", "-nodes=all", "-min-nodes=2"]);
+    assert!(out.ok().contains("2/2 ready"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+}
+
+#[test]
 fn nodes_as_a_share_counts_that_share_of_the_live_agents_rounded_up() {
     let fleet = Fleet::start(4);
     fleet.wait("every agent announced", |f| {

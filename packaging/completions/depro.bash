@@ -7,9 +7,9 @@ _depro() {
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollout) opts="-prefix= -quiet -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollback) opts="-prefix= -quiet -to= -nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollout) opts="-prefix= -quiet -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollback) opts="-prefix= -quiet -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     remove) opts="-prefix= -quiet -dry-run -wait -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     prune) opts="-prefix= -quiet -keep= -failed -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     status) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;

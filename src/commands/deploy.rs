@@ -180,6 +180,7 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let wait = Wait {
         version: &version,
         need: args.switch.need(),
+        min: args.switch.min_nodes,
         deadline,
         retried: &retried,
         base: base.as_ref(),
@@ -347,6 +348,7 @@ fn roll_to(
     let wait = Wait {
         version,
         need: switch.need(),
+        min: switch.min_nodes,
         deadline: start + switch.timeout,
         retried: &BTreeSet::new(),
         base: base.as_ref(),
@@ -368,6 +370,8 @@ fn describe_current(current: Option<&CurrentKey>) -> String {
 pub(super) struct Wait<'a> {
     pub version: &'a VersionName,
     pub need: Need,
+    /// A floor under what `need` counts (`-min-nodes`; 0: none).
+    pub min: u32,
     pub deadline: Instant,
     /// Nodes asked to retry, which must report again.
     pub retried: &'a BTreeSet<String>,
@@ -436,7 +440,8 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
         {
             return Some(Err(Interrupted::Moved(seen.current.clone())));
         }
-        need = wait.need.count(seen.agents.len());
+        let counted = wait.need.count(seen.agents.len());
+        need = counted.max(wait.min);
         missing = seen
             .agents
             .keys()
@@ -444,10 +449,15 @@ fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<String>> {
             .cloned()
             .collect();
         last = readiness(&seen.info.nodes, need, wait.retried);
+        let floor = if wait.min > counted {
+            format!(", -min-nodes={}", wait.min)
+        } else {
+            String::new()
+        };
         let needed = match wait.need {
             Need::Count(_) => format!("{need} needed"),
             other => format!(
-                "-nodes={other} of {} agents: {need} needed",
+                "-nodes={other} of {} agents{floor}: {need} needed",
                 seen.agents.len()
             ),
         };

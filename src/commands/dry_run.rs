@@ -49,10 +49,14 @@ fn switch_lines(
         true => ctx.read_agents()?.len(),
         false => 0,
     };
-    let need = flags.need().count(live);
+    let need = flags.needed(live);
+    let floor = match flags.min_nodes > flags.need().count(live) {
+        true => format!(", -min-nodes={}", flags.min_nodes),
+        false => String::new(),
+    };
     let of = match flags.need() {
         Need::Count(_) => String::new(),
-        other => format!(" (-nodes={other} of {live} live agents)"),
+        other => format!(" (-nodes={other} of {live} live agents{floor})"),
     };
     say(&format!(
         "would wait until {need} nodes{of} have {version} ready and none failed ({})",
@@ -134,7 +138,7 @@ pub(crate) fn deploy(
         ));
     }
     if no_rollout {
-        let need = flags.need().count(match flags.need().counts_agents() {
+        let need = flags.needed(match flags.need().counts_agents() {
             true => ctx.read_agents()?.len(),
             false => 0,
         });
