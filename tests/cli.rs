@@ -359,6 +359,11 @@ fn bad_version_names_and_empty_prefixes_get_clear_errors() {
     fleet.depro(&["deploy", "current"]).fails(1, &["reserved"]);
     // An agent follows the prefix: status shows it (issue 20); a prefix
     // with neither agents nor versions is refused.
+    fleet.wait("node1 announced", |f| {
+        f.consul
+            .get(&format!("{}/.agents/node1", f.prefix))
+            .is_some()
+    });
     assert!(
         fleet.depro(&["status"]).ok().contains("no version yet"),
         "status of a followed prefix"
