@@ -227,6 +227,16 @@ fn a_failed_deploy_hook_s_exit_status_and_output_reach_the_cli_and_status() {
         "{json}"
     );
 
+    // The agent's log names a retry that is safe to paste: it knows no
+    // rollout policy, so it does not offer a switch (a pasted plain deploy
+    // would move every node at once to a build whose canary just failed).
+    let hint = format!("`depro deploy v1 -prefix={} -no-rollout`", fleet.prefix);
+    assert!(
+        fleet.agents[1].log().contains(&hint),
+        "{}",
+        fleet.agents[1].log()
+    );
+
     // Fixed and retried: the reason goes with the failed key.
     fleet.agents[1].set_flag("fail-deploy", false);
     fleet.depro(&["deploy", "v1", "-nodes=2"]).ok();

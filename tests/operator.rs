@@ -983,9 +983,10 @@ fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finis
         "v2",
         "-canary=1",
         "-batch=1",
-        "-pause=10m",
+        "-pause=5s",
+        "-rollback-on-failure",
     ]));
-    // The canary runs v2; the command pauses before the next wave.
+    // The canary runs v2; the command pauses 5 s before the next wave.
     fleet.wait("the canary active on v2", |f| {
         f.node_state("v2", "node1").as_deref() == Some("active")
     });
@@ -997,6 +998,8 @@ fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finis
             "the rollout of v2 stays at wave 1 of 3",
             "current is unchanged",
             &format!("undo with `depro rollback -prefix={}`", fleet.prefix),
+            // The resume keeps the pause and the revert policy.
+            "-pause=5s -rollback-on-failure`",
         ],
     );
     assert_eq!(fleet.current().as_deref(), Some("v1"));

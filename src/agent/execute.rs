@@ -473,7 +473,7 @@ impl Agent {
             .versions
             .insert(version.clone(), LocalVersion::DeployFailed);
         log::error!(
-            "{}: {}; reporting failed (fix it, then run `depro deploy {version} -prefix={}` again to retry)",
+            "{}: {}; reporting failed (fix it, then retry without moving current: `depro deploy {version} -prefix={} -no-rollout`)",
             deployment.label(version),
             why.error,
             deployment.spec.prefix
@@ -674,7 +674,7 @@ impl Agent {
         let deployment = &mut self.deployments[index];
         deployment.disk.rollout_failed.insert(to.clone());
         log::error!(
-            "{}: {}; reporting failed (fix it, then run `depro deploy {to} -prefix={}` again to retry)",
+            "{}: {}; reporting failed (fix it, then retry without moving current: `depro deploy {to} -prefix={} -no-rollout`)",
             deployment.label(to),
             why.error,
             deployment.spec.prefix

@@ -1,15 +1,16 @@
-//! `-dry-run` on `deploy`, `rollout`, `rollback`, `remove` and `prune`: reads
-//! the tree as the real command would, prints what it would write and which
-//! nodes it would wait for, writes nothing, and exits with the code the real
-//! run would start with (a refusal is the same error, the same exit code).
+//! `-dry-run` on `deploy`, `rollout`, `rollback`, `remove` and `prune`: the
+//! command reads the tree and decides as the real run does; this prints the
+//! decision (what it would write and which nodes it would wait for) instead
+//! of carrying it out. A refusal is the real run's: the same error, the
+//! same exit code.
 
 use std::collections::BTreeSet;
 
-use super::deploy::{not_in_tree, rollback_target};
-use super::{Ctx, names, version_arg, waves};
+use super::switch_plan::{Observed, SwitchPlan, Then, plan_waves};
+use super::{Ctx, names};
 use crate::cli::{Need, SwitchFlags};
 use crate::error::Result;
-use crate::tree::{CurrentKey, NodeState, Tree, VersionInfo, shown};
+use crate::tree::{NodeState, RolloutPlan, Tree, VersionInfo, shown};
 use crate::version_name::VersionName;
 
 fn say(line: &str) {
@@ -37,14 +38,36 @@ fn nodes_now(info: &VersionInfo) -> String {
     }
 }
 
-/// The switch and the waits that follow it.
-fn switch_lines(
+/// The plan of `deploy`, `rollout` or `rollback` (as decided for the real
+/// run), and `prune`: what `-keep` would remove once the switch is made.
+pub(crate) fn show_switch(
     ctx: &Ctx,
-    version: &VersionName,
-    base: Option<&CurrentKey>,
-    info: &VersionInfo,
+    plan: &SwitchPlan,
+    seen: &Observed,
     flags: &SwitchFlags,
+    prune: &[VersionName],
 ) -> Result<()> {
+    let version = &plan.version;
+    let info = seen.tree.versions.get(version).cloned().unwrap_or_default();
+    if let Some(from) = &plan.from {
+        say(&format!(
+            "would roll {} back from {from} to {version}",
+            ctx.prefix
+        ));
+    }
+    if plan.create {
+        say(&format!(
+            "would create {} (created_at, created_by) and ring {}",
+            ctx.prefix.folder_key(version),
+            ctx.prefix.changed_key()
+        ));
+    }
+    for (node, _) in &plan.retry {
+        say(&format!(
+            "would delete {} and its reason: ask {node} to try again",
+            ctx.prefix.node_key(version, node)
+        ));
+    }
     let live = match flags.need().counts_agents() {
         true => ctx.read_agents()?.len(),
         false => 0,
@@ -58,42 +81,83 @@ fn switch_lines(
         Need::Count(_) => String::new(),
         other => format!(" (-nodes={other} of {live} live agents{floor})"),
     };
-    say(&format!(
-        "would wait until {need} nodes{of} have {version} ready and none failed ({})",
-        nodes_now(info)
-    ));
-    if base.is_some_and(|c| c.version.as_ref() == Some(version)) {
-        say(&format!(
-            "{version} is already current: would only wait for it to be active"
-        ));
-        return Ok(());
-    }
+    let nodes = nodes_now(&info);
+    let base = plan.base.as_ref();
     let from = base.map_or("unset".to_string(), |c| shown(&c.value));
     let index = base.map_or(0, |c| c.modify_index);
-    if flags.progressive() {
-        waves::base_for_waves(ctx, base)?;
-        let ready: BTreeSet<String> = info
-            .nodes
-            .iter()
-            .filter(|(_, e)| e.state.has_it())
-            .map(|(n, _)| n.clone())
-            .collect();
-        let plan = waves::plan_waves(&ready, flags.canary, flags.batch);
-        let described: Vec<String> = plan.iter().map(|w| format!("[{}]", names(w))).collect();
-        say(&format!(
-            "would roll out in waves drawn from the nodes ready then (as of now: {}), each active before the next{}",
-            if described.is_empty() {
-                "none yet".to_string()
-            } else {
-                described.join(" ")
-            },
-            if flags.pause.is_zero() {
-                String::new()
-            } else {
-                format!(", {} apart", crate::duration::human(flags.pause))
-            }
-        ));
+    match &plan.then {
+        Then::Stop => {
+            say(&format!(
+                "would wait until {need} nodes{of} have {version} ready ({nodes}), then stop: \
+                 current unchanged"
+            ));
+            say("nothing was written");
+            return Ok(());
+        }
+        _ => say(&format!(
+            "would wait until {need} nodes{of} have {version} ready and none failed ({nodes})"
+        )),
     }
+    match &plan.then {
+        Then::Stop => unreachable!("handled above"),
+        Then::AlreadyCurrent => say(&format!(
+            "{version} is already current: would only wait for it to be active"
+        )),
+        Then::Resume {
+            plan: under_way, ..
+        } => {
+            say(&format!(
+                "would resume the progressive rollout of {version}{} at wave {} of {} ({} \
+                 switched: {}), each wave active before the next{}",
+                under_way.by_whom(),
+                under_way.started_waves,
+                under_way.waves.len(),
+                under_way.switched.len(),
+                names(&under_way.switched.iter().cloned().collect::<Vec<_>>()),
+                pause(flags)
+            ));
+            switch_line(ctx, version, &from, index, flags);
+        }
+        Then::Waves => {
+            let ready: BTreeSet<String> = info
+                .nodes
+                .iter()
+                .filter(|(_, e)| e.state.has_it())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let waves = plan_waves(&ready, flags.canary, flags.batch);
+            let described: Vec<String> = waves.iter().map(|w| format!("[{}]", names(w))).collect();
+            say(&format!(
+                "would roll out in waves drawn from the nodes ready then (as of now: {}), each \
+                 active before the next{}",
+                if described.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    described.join(" ")
+                },
+                pause(flags)
+            ));
+            switch_line(ctx, version, &from, index, flags);
+        }
+        Then::AtOnce => switch_line(ctx, version, &from, index, flags),
+    }
+    if !prune.is_empty() {
+        let list: Vec<&str> = prune.iter().map(VersionName::as_str).collect();
+        say(&format!("would then prune {}", list.join(", ")));
+    }
+    say("nothing was written");
+    Ok(())
+}
+
+fn pause(flags: &SwitchFlags) -> String {
+    match flags.pause.is_zero() {
+        true => String::new(),
+        false => format!(", {} apart", crate::duration::human(flags.pause)),
+    }
+}
+
+/// The switch itself, and the wait for the rollout.
+fn switch_line(ctx: &Ctx, version: &VersionName, from: &str, index: u64, flags: &SwitchFlags) {
     say(&format!(
         "would switch {} from {from} to {version} (check-and-set on index {index}), record it in {}, ring {}",
         ctx.prefix.current_key(),
@@ -108,97 +172,19 @@ fn switch_lines(
             String::new()
         }
     ));
-    Ok(())
 }
 
-pub(crate) fn deploy(
-    ctx: &mut Ctx,
-    text: &str,
-    flags: &SwitchFlags,
-    no_rollout: bool,
-    keep: Option<u32>,
-) -> Result<()> {
-    let version = version_arg(text)?;
-    if !no_rollout {
-        waves::check_none_other(ctx, &version)?;
-    }
-    let base = ctx.read_current()?;
-    let info = ctx.read_version(&version)?;
-    if !info.exists {
-        say(&format!(
-            "would create {} (created_at, created_by) and ring {}",
-            ctx.prefix.folder_key(&version),
-            ctx.prefix.changed_key()
-        ));
-    }
-    for node in crate::tree::nodes_in(&info.nodes, NodeState::Failed) {
-        say(&format!(
-            "would delete {} and its reason: ask {node} to try again",
-            ctx.prefix.node_key(&version, &node)
-        ));
-    }
-    if no_rollout {
-        let need = flags.needed(match flags.need().counts_agents() {
-            true => ctx.read_agents()?.len(),
-            false => 0,
-        });
-        say(&format!(
-            "would wait until {need} nodes have {version} ready ({}), then stop: current unchanged",
-            nodes_now(&info)
-        ));
-    } else {
-        switch_lines(ctx, &version, base.as_ref(), &info, flags)?;
-    }
-    if let Some(keep) = keep {
-        let tree = ctx.read_tree()?;
-        let doomed: Vec<String> = tree
-            .prune(keep as usize, false)
-            .iter()
-            .map(|v| v.to_string())
-            .collect();
-        if !doomed.is_empty() {
-            say(&format!("would then prune {}", doomed.join(", ")));
-        }
-    }
+/// `rollback` while a progressive rollout is under way: the undo.
+pub(crate) fn show_undo(ctx: &Ctx, plan: &RolloutPlan, index: u64) {
+    say(&format!(
+        "would undo the progressive rollout of {}: delete {} (check-and-set on index {index}), \
+         then wait until {} run {} again",
+        shown(&plan.version),
+        ctx.prefix.rollout_key(),
+        names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
+        shown(&plan.base)
+    ));
     say("nothing was written");
-    Ok(())
-}
-
-pub(crate) fn rollout(ctx: &mut Ctx, text: &str, flags: &SwitchFlags) -> Result<()> {
-    let version = version_arg(text)?;
-    waves::check_none_other(ctx, &version)?;
-    let base = ctx.read_current()?;
-    if ctx.read_version_key(&version)?.is_none() {
-        return Err(not_in_tree(ctx, &version));
-    }
-    let info = ctx.read_version(&version)?;
-    switch_lines(ctx, &version, base.as_ref(), &info, flags)?;
-    say("nothing was written");
-    Ok(())
-}
-
-pub(crate) fn rollback(ctx: &mut Ctx, to: Option<&str>, flags: &SwitchFlags) -> Result<()> {
-    let tree = ctx.read_existing_tree()?;
-    if let Some((plan, index)) = tree.rollout_in_effect() {
-        say(&format!(
-            "would undo the progressive rollout of {}: delete {} (check-and-set on index {index}), \
-             then wait until {} run {} again",
-            shown(&plan.version),
-            ctx.prefix.rollout_key(),
-            names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
-            shown(&plan.base)
-        ));
-        say("nothing was written");
-        return Ok(());
-    }
-    let (_, target) = rollback_target(ctx, &tree, to)?;
-    if !tree.versions.get(&target).is_some_and(|i| i.exists) {
-        return Err(not_in_tree(ctx, &target));
-    }
-    let info = tree.versions.get(&target).cloned().unwrap_or_default();
-    switch_lines(ctx, &target, tree.current.as_ref(), &info, flags)?;
-    say("nothing was written");
-    Ok(())
 }
 
 /// `remove -dry-run`, after the real command's checks passed.

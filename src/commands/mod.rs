@@ -9,6 +9,8 @@ mod interrupt;
 mod progress;
 mod remove;
 mod status;
+mod switch;
+mod switch_plan;
 mod wait;
 mod waves;
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::deploy::{Readiness, failed_nodes, readiness};
+use super::switch::{Readiness, failed_nodes, readiness};
 use super::{Also, Ctx, took, version_arg};
 use crate::cli::{WaitArgs, WaitFor};
 use crate::config::Env;

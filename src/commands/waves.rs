@@ -18,84 +18,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::deploy::{Wait, failed_nodes, switch_and_confirm};
+use super::switch::{Wait, failed_nodes, refused, switch_and_confirm};
+use super::switch_plan::{Then, plan_waves, then_for};
 use super::{Also, Ctx, names, took};
-use crate::cli::{Batch, SwitchFlags};
+use crate::cli::SwitchFlags;
 use crate::consul::{Conflict, TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeState, RolloutPlan, shown};
 use crate::version_name::VersionName;
-
-/// The waves for `nodes` (in name order): the canary first, then batches.
-pub(crate) fn plan_waves(
-    nodes: &BTreeSet<String>,
-    canary: Option<u32>,
-    batch: Option<Batch>,
-) -> Vec<Vec<String>> {
-    let all: Vec<String> = nodes.iter().cloned().collect();
-    let mut waves = Vec::new();
-    let mut rest: &[String] = &all;
-    if let Some(canary) = canary {
-        let n = (canary as usize).min(rest.len());
-        waves.push(rest[..n].to_vec());
-        rest = &rest[n..];
-    }
-    let size = batch.map_or(rest.len(), |b| b.of(all.len())).max(1);
-    waves.extend(rest.chunks(size).map(<[String]>::to_vec));
-    waves.retain(|w| !w.is_empty());
-    waves
-}
-
-/// Before a command that would switch `current` to `version` does
-/// anything: a progressive rollout of another version under way is
-/// another operator's, and must be finished or undone first (exit 5).
-pub(crate) fn check_none_other(ctx: &Ctx, version: &VersionName) -> Result<()> {
-    match in_effect(ctx)? {
-        Some((plan, _)) if plan.version != version.as_str() => Err(other_under_way(ctx, &plan)),
-        _ => Ok(()),
-    }
-}
-
-/// The version the nodes outside a wave stay on: `current`, which must name
-/// a version (exit 2 otherwise).
-pub(crate) fn base_for_waves<'a>(
-    ctx: &Ctx,
-    base: Option<&'a CurrentKey>,
-) -> Result<&'a CurrentKey> {
-    base.filter(|c| c.version.is_some()).ok_or_else(|| {
-        Error::Refused(format!(
-            "{}/current is not set, so there is no version to keep on the nodes outside a wave; \
-             roll out the first version to every node at once (without -canary or -batch)",
-            ctx.prefix
-        ))
-    })
-}
-
-/// Exit 5: another version's progressive rollout is under way.
-fn other_under_way(ctx: &Ctx, plan: &RolloutPlan) -> Error {
-    Error::LostRace(format!(
-        "a progressive rollout of {} is under way under {} (wave {} of {}{}); finish it with \
-         `depro rollout {} -prefix={}` or undo it with `depro rollback -prefix={}` first",
-        shown(&plan.version),
-        ctx.prefix,
-        plan.started_waves,
-        plan.waves.len(),
-        plan.by_whom(),
-        shown(&plan.version),
-        ctx.prefix,
-        ctx.prefix
-    ))
-}
-
-/// The rollout under way, if it still applies to `current`.
-fn in_effect(ctx: &Ctx) -> Result<Option<(RolloutPlan, u64)>> {
-    let Some((plan, index)) = ctx.read_rollout()? else {
-        return Ok(None);
-    };
-    let current = ctx.read_current()?.map_or(0, |c| c.modify_index);
-    Ok(plan.applies_to(current).then_some((plan, index)))
-}
 
 /// Steps 3 and 4 of `deploy`, `rollout` and `rollback`: all at once, or in
 /// waves when asked to (or when a rollout of this version is under way:
@@ -111,42 +42,16 @@ pub(crate) fn switch(
     let base_index = wait.base.map_or(0, |c| c.modify_index);
     // Read once: the plan a new one replaces is the one read here, so that
     // a plan another operator writes after this read makes this command's
-    // check-and-set fail (exit 5) rather than overwrite it.
+    // check-and-set fail (exit 5) rather than overwrite it. What to do with
+    // it is decided again, as at the start, on what is read now.
     let found = ctx.read_rollout()?;
     let left_behind = found.as_ref().map_or(0, |(_, index)| *index);
-    let under_way = found.filter(|(plan, _)| plan.applies_to(base_index));
-    let resume = match under_way {
-        // The plan comes from Consul: one depro could not have written is
-        // not resumed (nor indexed into), only undone.
-        Some((plan, _))
-            if plan.version == version.as_str()
-                && (plan.waves.iter().any(Vec::is_empty)
-                    || !(1..=plan.waves.len()).contains(&plan.started_waves)) =>
-        {
-            return Err(Error::Refused(format!(
-                "{} holds a progressive rollout of {version} that depro cannot resume (its waves \
-                 are empty or it names no started wave); undo it with `depro rollback -prefix={}`",
-                ctx.prefix.rollout_key(),
-                ctx.prefix
-            )));
+    let then = then_for(version, wait.base, found.as_ref(), flags).map_err(|r| refused(ctx, r))?;
+    let (mut plan, mut index) = match then {
+        Then::Stop | Then::AlreadyCurrent | Then::AtOnce => {
+            return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
         }
-        Some((plan, index)) if plan.version == version.as_str() => Some((plan, index)),
-        Some((plan, _)) => return Err(other_under_way(ctx, &plan)),
-        None => None,
-    };
-    if resume.is_none() && !flags.progressive() {
-        return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
-    }
-    if wait
-        .base
-        .is_some_and(|c| c.version.as_ref() == Some(version))
-    {
-        // Already current: nothing to switch in waves.
-        return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
-    }
-    let base = base_for_waves(ctx, wait.base)?;
-    let (mut plan, mut index) = match resume {
-        Some((plan, index)) => {
+        Then::Resume { plan, index } => {
             ctx.out.line(&format!(
                 "resuming the rollout of {version}: wave {} of {} was started{}",
                 plan.started_waves,
@@ -155,7 +60,10 @@ pub(crate) fn switch(
             ));
             (plan, index)
         }
-        None => start_plan(ctx, version, base, &ready, flags, left_behind)?,
+        Then::Waves => {
+            let base = wait.base.expect("then_for gives waves only with a base");
+            start_plan(ctx, version, base, &ready, flags, left_behind)?
+        }
     };
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
@@ -221,7 +129,7 @@ fn leaves_wave(ctx: &Ctx, plan: &RolloutPlan) {
         shown(&plan.base),
         shown(&plan.version),
         ctx.prefix,
-        ctx.nodes_flag,
+        ctx.switch_flags,
         ctx.prefix
     ));
 }
@@ -516,13 +424,16 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
     }
 }
 
-/// `depro rollback` while a progressive rollout is under way: undo it.
-/// Returns false when there is none (an ordinary rollback then).
-pub(crate) fn undo_under_way(ctx: &mut Ctx, deadline: Instant, start: Instant) -> Result<bool> {
-    let Some((plan, index)) = in_effect(ctx)? else {
-        return Ok(false);
-    };
-    undo(ctx, &plan, index, deadline)?;
+/// `depro rollback` while a progressive rollout is under way: undo it,
+/// and say what runs where.
+pub(crate) fn undo_and_say(
+    ctx: &mut Ctx,
+    plan: &RolloutPlan,
+    index: u64,
+    start: Instant,
+) -> Result<()> {
+    let deadline = ctx.deadline;
+    undo(ctx, plan, index, deadline)?;
     println!(
         "undid the rollout of {} under {} (it had started wave {} of {}): {} runs again on {}, like on \
          every other node; current is {} ({})",
@@ -535,53 +446,5 @@ pub(crate) fn undo_under_way(ctx: &mut Ctx, deadline: Instant, start: Instant) -
         shown(&plan.base),
         took(start)
     );
-    Ok(true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(n: usize) -> BTreeSet<String> {
-        (1..=n).map(|i| format!("node{i:02}")).collect()
-    }
-
-    fn sizes(waves: &[Vec<String>]) -> Vec<usize> {
-        waves.iter().map(Vec::len).collect()
-    }
-
-    #[test]
-    fn a_canary_goes_first_then_batches_of_the_rest() {
-        let waves = plan_waves(&nodes(10), Some(1), Some(Batch::Count(4)));
-        assert_eq!(sizes(&waves), [1, 4, 4, 1]);
-        assert_eq!(waves[0], ["node01"]);
-        assert_eq!(waves[1][0], "node02");
-    }
-
-    #[test]
-    fn a_share_is_of_the_whole_fleet_and_never_empty() {
-        assert_eq!(
-            sizes(&plan_waves(&nodes(10), None, Some(Batch::Share(25)))),
-            [3, 3, 3, 1]
-        );
-        assert_eq!(
-            sizes(&plan_waves(&nodes(3), None, Some(Batch::Share(1)))),
-            [1, 1, 1]
-        );
-    }
-
-    #[test]
-    fn a_canary_alone_is_followed_by_everyone_else() {
-        assert_eq!(sizes(&plan_waves(&nodes(5), Some(2), None)), [2, 3]);
-        assert_eq!(sizes(&plan_waves(&nodes(2), Some(5), None)), [2]);
-    }
-
-    #[test]
-    fn every_node_is_in_exactly_one_wave() {
-        let all = nodes(17);
-        let waves = plan_waves(&all, Some(2), Some(Batch::Share(30)));
-        let flat: Vec<&String> = waves.iter().flatten().collect();
-        assert_eq!(flat.len(), all.len());
-        assert_eq!(flat.into_iter().cloned().collect::<BTreeSet<_>>(), all);
-    }
+    Ok(())
 }
