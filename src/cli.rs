@@ -5,6 +5,7 @@
 //! the original depro and Consul write them, and GNU-style
 //! (`--config-dir /etc/depro/`, `--nodes=3`).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub(crate) enum Command {
     Prune(PruneArgs),
     Status(StatusArgs),
     History(HistoryArgs),
+    Policy(PolicyArgs),
     Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
@@ -158,7 +160,21 @@ pub(crate) struct SwitchFlags {
     /// A floor under the count `-nodes` gives (`-min-nodes`; 0: none): with
     /// `-nodes=all`, a fleet where most agents died is not "all".
     pub min_nodes: u32,
+    /// The policy flags ([`POLICY_FLAGS`]) given on the command line, which
+    /// the prefix's policy does not override.
+    pub given: BTreeSet<&'static str>,
 }
+
+/// The flags a prefix's rollout policy holds (`depro policy`), in the order
+/// it writes them.
+pub(crate) const POLICY_FLAGS: [&str; 6] = [
+    "nodes",
+    "min-nodes",
+    "canary",
+    "batch",
+    "pause",
+    "rollback-on-failure",
+];
 
 impl SwitchFlags {
     /// Whether nodes switch in waves rather than all at once.
@@ -205,6 +221,75 @@ impl SwitchFlags {
         }
         flags
     }
+    /// The policy flags given, as a policy stores them: `-nodes=all
+    /// -canary=1 -pause=1m` (empty: none).
+    pub(crate) fn policy_text(&self) -> String {
+        let mut words = Vec::new();
+        for flag in POLICY_FLAGS.iter().filter(|f| self.given.contains(*f)) {
+            words.push(match *flag {
+                "nodes" => format!("-nodes={}", self.nodes),
+                "min-nodes" => format!("-min-nodes={}", self.min_nodes),
+                "canary" => format!("-canary={}", self.canary.unwrap_or(0)),
+                "batch" => format!(
+                    "-batch={}",
+                    self.batch.map_or("0".into(), |b| b.to_string())
+                ),
+                "pause" => format!("-pause={}", crate::duration::human(self.pause)),
+                _ => format!("-rollback-on-failure={}", self.rollback_on_failure),
+            });
+        }
+        words.join(" ")
+    }
+
+    /// This command's flags over the prefix's `policy`: each policy flag the
+    /// command does not give is the policy's. Returns what it took, as flags.
+    pub(crate) fn over(&mut self, policy: &SwitchFlags) -> String {
+        let mut taken = SwitchFlags::default();
+        for flag in POLICY_FLAGS {
+            if !policy.given.contains(flag) || self.given.contains(flag) {
+                continue;
+            }
+            match flag {
+                "nodes" => {
+                    self.nodes = policy.nodes;
+                    self.nodes_given = true;
+                    taken.nodes = policy.nodes;
+                }
+                "min-nodes" => {
+                    (self.min_nodes, taken.min_nodes) = (policy.min_nodes, policy.min_nodes)
+                }
+                "canary" => (self.canary, taken.canary) = (policy.canary, policy.canary),
+                "batch" => (self.batch, taken.batch) = (policy.batch, policy.batch),
+                "pause" => (self.pause, taken.pause) = (policy.pause, policy.pause),
+                _ => {
+                    self.rollback_on_failure = policy.rollback_on_failure;
+                    taken.rollback_on_failure = policy.rollback_on_failure;
+                }
+            }
+            self.given.insert(flag);
+            taken.given.insert(flag);
+        }
+        taken.policy_text()
+    }
+}
+
+/// A policy as stored (`-nodes=all -canary=1 …`), read with the same rules
+/// as the command line; the error says what is wrong with it.
+pub(crate) fn parse_policy(text: &str) -> Result<SwitchFlags, Error> {
+    let mut parser =
+        lexopt::Parser::from_args(normalize(text.split_whitespace().map(OsString::from)));
+    let mut flags = SwitchFlags::default();
+    while let Some(arg) = next_arg(&mut parser, Some("policy"))? {
+        let policy_flag = matches!(&arg, Arg::Long(name) if POLICY_FLAGS.contains(&name.as_str()));
+        if !policy_flag || !switch_flag(&arg, &mut parser, &mut flags, "policy")? {
+            return Err(Error::Usage(format!(
+                "{} is not a rollout policy flag ({})",
+                describe(&arg),
+                POLICY_FLAGS.map(|f| format!("-{f}")).join(", ")
+            )));
+        }
+    }
+    Ok(flags)
 }
 
 impl Default for SwitchFlags {
@@ -220,6 +305,7 @@ impl Default for SwitchFlags {
             dry_run: false,
             message: None,
             min_nodes: 0,
+            given: BTreeSet::new(),
         }
     }
 }
@@ -289,6 +375,15 @@ pub(crate) struct WaitArgs {
     pub state: WaitFor,
     pub nodes: Need,
     pub timeout: Duration,
+}
+
+/// `depro policy`: show, set or clear the prefix's rollout policy.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PolicyArgs {
+    pub tree: TreeArgs,
+    /// The policy flags given (none: show the policy).
+    pub switch: SwitchFlags,
+    pub clear: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -366,6 +461,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "prune" => parse_prune(&mut parser),
         "status" | "query" => parse_status(&mut parser, &first),
         "history" => parse_history(&mut parser),
+        "policy" => parse_policy_command(&mut parser),
         "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
@@ -661,31 +757,26 @@ fn switch_flag(
             }
             flags.message = Some(text);
         }
+        // 0: none (a command's way to override a policy's waves).
         Key::Long("canary") => {
             let n = number(parser, "canary", command)?;
-            if n == 0 {
-                return Err(Error::Usage(format!(
-                    "-canary=0: a canary wave needs at least 1 node; leave the flag out for none; \
-                     run `depro help {command}`"
-                )));
-            }
-            flags.canary = Some(n);
+            flags.canary = (n > 0).then_some(n);
         }
         Key::Long("batch") => {
             let text = string(parser, command)?;
-            flags.batch = Some(match share(&text) {
-                Some(Ok(p)) => Batch::Share(p),
+            flags.batch = match share(&text) {
+                Some(Ok(p)) => Some(Batch::Share(p)),
                 Some(Err(())) => return Err(bad_share("batch", &text, command)),
                 None => match text.parse::<u32>() {
-                    Ok(n) if n > 0 => Batch::Count(n),
+                    Ok(n) => (n > 0).then_some(Batch::Count(n)),
                     _ => {
                         return Err(Error::Usage(format!(
-                            "-batch: {text:?} is not a number of nodes (at least 1) or a share \
-                             such as 25%; run `depro help {command}`"
+                            "-batch: {text:?} is not a number of nodes or a share such as 25%; \
+                             run `depro help {command}`"
                         )));
                     }
                 },
-            });
+            };
         }
         Key::Long("pause") => flags.pause = duration(parser, "pause", command)?,
         Key::Long("dry-run") => flags.dry_run = boolean(parser, "dry-run", command)?,
@@ -694,6 +785,11 @@ fn switch_flag(
             flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
         }
         _ => return Ok(false),
+    }
+    if let Key::Long(name) = arg.key()
+        && let Some(flag) = POLICY_FLAGS.iter().find(|f| **f == name)
+    {
+        flags.given.insert(flag);
     }
     Ok(true)
 }
@@ -868,6 +964,35 @@ fn parse_wait(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         state,
         nodes: need,
         timeout,
+    }))
+}
+
+fn parse_policy_command(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "policy";
+    let (mut tree, mut switch, mut clear) = (TreeArgs::default(), SwitchFlags::default(), false);
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Long("clear") => clear = boolean(parser, "clear", command)?,
+            Key::Long(name) if POLICY_FLAGS.contains(&name) || name == "message" => {
+                switch_flag(&arg, parser, &mut switch, command)?;
+            }
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    if clear && !switch.given.is_empty() {
+        return Err(Error::Usage(
+            "-clear takes no policy flags: clear the policy, or set a new one; run `depro help policy`"
+                .into(),
+        ));
+    }
+    Ok(Command::Policy(PolicyArgs {
+        tree,
+        switch,
+        clear,
     }))
 }
 
@@ -1059,9 +1184,8 @@ mod tests {
             ("-nodes=0%", "1% to 100%"),
             ("-nodes=101%", "1% to 100%"),
             ("-nodes=most", "`all`"),
-            ("-batch=0", "at least 1"),
             ("-batch=x%", "1% to 100%"),
-            ("-canary=0", "at least 1"),
+            ("-batch=-1", "not a number"),
             ("-pause=5", "no unit"),
         ] {
             let err = parse_str(&["rollout", "v1", flag]).unwrap_err().to_string();
@@ -1148,5 +1272,45 @@ mod tests {
             panic!("not a rollout")
         };
         assert_eq!(args.switch.need(), Need::Count(1));
+    }
+
+    #[test]
+    fn a_policy_gives_each_flag_the_command_does_not() {
+        let policy =
+            parse_policy("-nodes=all -canary=1 -batch=25% -pause=1m -rollback-on-failure").unwrap();
+        assert_eq!(
+            policy.policy_text(),
+            "-nodes=all -canary=1 -batch=25% -pause=1m -rollback-on-failure=true"
+        );
+        let Command::Rollout(mut args) =
+            parse_str(&["rollout", "v2", "-nodes=2", "-canary=0"]).unwrap()
+        else {
+            panic!("not a rollout")
+        };
+        let taken = args.switch.over(&policy);
+        assert_eq!(taken, "-batch=25% -pause=1m -rollback-on-failure=true");
+        // The command's own flags hold: -nodes=2, and -canary=0 (none).
+        assert_eq!(args.switch.nodes, Need::Count(2));
+        assert_eq!(args.switch.canary, None);
+        assert_eq!(args.switch.batch, Some(Batch::Share(25)));
+        assert!(args.switch.rollback_on_failure);
+        // -canary=0 -batch=0 override a policy's waves: all at once.
+        let Command::Rollout(mut args) =
+            parse_str(&["rollout", "v2", "-canary=0", "-batch=0"]).unwrap()
+        else {
+            panic!("not a rollout")
+        };
+        args.switch.over(&policy);
+        assert!(!args.switch.progressive());
+        assert_eq!(args.switch.need(), Need::All, "the policy's -nodes");
+        // A stored policy is read with the command line's rules.
+        for (text, why) in [
+            ("-timeout=5m", "not a rollout policy flag"),
+            ("-canary=x", "-canary"),
+            ("v2", "not a rollout policy flag"),
+        ] {
+            let err = parse_policy(text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
     }
 }

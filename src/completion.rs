@@ -114,6 +114,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("status", "show versions and nodes"),
     ("query", "show versions and nodes (as status)"),
     ("history", "which version was current when, and how"),
+    ("policy", "show or set the rollout policy of the prefix"),
     (
         "wait",
         "wait until a version is ready or active on enough nodes",
@@ -190,6 +191,32 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         flag("watch", Value::None, "follow changes until interrupted"),
     ];
     const HISTORY: &[Flag] = &[flag("json", Value::None, "print JSON")];
+    const POLICY: &[Flag] = &[
+        flag(
+            "nodes",
+            Value::Text,
+            "nodes that must have the version: N, all or P%",
+        ),
+        flag(
+            "min-nodes",
+            Value::Text,
+            "but at least M nodes, however few are live",
+        ),
+        flag("canary", Value::Text, "switch N nodes first (0: none)"),
+        flag(
+            "batch",
+            Value::Text,
+            "then K nodes (or P%) per wave (0: none)",
+        ),
+        flag("pause", Value::Text, "wait this long between waves"),
+        flag(
+            "rollback-on-failure",
+            Value::None,
+            "switch back (or undo the waves) on failure",
+        ),
+        flag("message", Value::Text, "why: recorded with the policy"),
+        flag("clear", Value::None, "remove the policy"),
+    ];
     const WAIT: &[Flag] = &[
         flag(
             "for",
@@ -208,6 +235,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "prune" => &[PRUNE, CONNECTION],
         "status" | "query" => &[STATUS, CONNECTION],
         "history" => &[HISTORY, CONNECTION],
+        "policy" => &[POLICY, CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };

@@ -17,6 +17,7 @@ Commands:
   prune      remove all but the newest good versions
   status     show versions and every node's state (alias: query)
   history    which version was current when, switched by whom and how
+  policy     show or set the prefix's rollout policy, which every switch follows
   wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
@@ -212,6 +213,28 @@ first: the last 100 switches, then older ones from the versions' keys.
   -json               print a machine-readable document instead of a table
 
 Example: depro history -prefix=api/version -json | jq -r '.switches[0].by'
+"
+        }
+        "policy" => {
+            "\
+Usage: depro policy -prefix=PREFIX [policy flags] [-message=TEXT] [-clear] [flags]
+
+Without flags, shows the prefix's rollout policy. With policy flags, sets it
+(replacing the one before; check-and-set, recorded in history): every deploy,
+rollout, rollback, retry and resume then takes from it each of these flags it
+is not given, and says so in its progress.
+
+  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
+  -nodes=N|all|P%         nodes that must have the version
+  -min-nodes=M            but at least M nodes, however few agents are live
+  -canary=N               switch N nodes first (0: none, to override it)
+  -batch=K|P%             then K nodes (or P% of them) per wave (0: none)
+  -pause=DURATION         wait this long between waves
+  -rollback-on-failure    switch current back (or undo the waves) on failure
+  -message=TEXT           why, recorded with the policy (history)
+  -clear                  remove the policy
+
+Example: depro policy -prefix=api/version -nodes=all -canary=1 -batch=25% -pause=1m
 "
         }
         "completion" => {

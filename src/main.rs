@@ -58,6 +58,7 @@ fn run(command: Command) -> Result<()> {
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),
         Command::History(args) => commands::history(args, env),
+        Command::Policy(args) => commands::policy(args, env),
         Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));

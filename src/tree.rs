@@ -10,6 +10,7 @@
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
+//! <prefix>/.policy            = the rollout policy (JSON), written by `depro policy`
 //! <prefix>/.changed           = the doorbell (see `doorbell`)
 //! <prefix>/.scout             = the agent that rings it for other clients, held by its session
 //! ```
@@ -153,6 +154,11 @@ impl Prefix {
         format!("{}{ROLLOUT}", self.0)
     }
 
+    /// The prefix's rollout policy (`depro policy`).
+    pub(crate) fn policy_key(&self) -> String {
+        format!("{}{POLICY}", self.0)
+    }
+
     /// The record of the last switches of `current`.
     pub(crate) fn history_key(&self) -> String {
         format!("{}{HISTORY}", self.0)
@@ -181,6 +187,8 @@ pub(crate) const AGENTS: &str = ".agents";
 pub(crate) const ROLLOUT: &str = ".rollout";
 /// The record of the last switches of `current`.
 pub(crate) const HISTORY: &str = ".history";
+/// The rollout policy.
+pub(crate) const POLICY: &str = ".policy";
 /// The folder of failure reasons inside a version's folder.
 pub(crate) const REASON: &str = ".reason";
 /// The scout's lock.
@@ -192,6 +200,7 @@ fn is_depro_name(rest: &str) -> bool {
     rest == CHANGED
         || rest == ROLLOUT
         || rest == HISTORY
+        || rest == POLICY
         || rest == SCOUT
         || rest == format!("{AGENTS}/")
 }
@@ -281,12 +290,45 @@ pub(crate) struct Switch {
     pub message: String,
 }
 
-/// `<prefix>/.history`: the last [`HISTORY_KEPT`] switches, newest first.
+/// `<prefix>/.policy` (JSON): the prefix's rollout policy, as the flags
+/// that hold it (`-nodes=all -canary=1 -batch=25%`), read with the command
+/// line's rules (`cli::parse_policy`); who set it, when and why. Every
+/// switch takes from it each flag it is not given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Policy {
+    /// Empty: the policy was cleared (in the history).
+    #[serde(default)]
+    pub flags: String,
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub since: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl Policy {
+    pub(crate) fn parse(value: &[u8]) -> Option<Policy> {
+        serde_json::from_slice(value).ok()
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `<prefix>/.history`: the last [`HISTORY_KEPT`] switches, newest first,
+/// and the last [`POLICIES_KEPT`] changes of the policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct History {
     #[serde(default)]
     pub switches: Vec<Switch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Policy>,
 }
+
+/// How many changes of the policy `.history` keeps.
+pub(crate) const POLICIES_KEPT: usize = 20;
 
 /// How many switches `.history` keeps.
 pub(crate) const HISTORY_KEPT: usize = 100;
@@ -300,7 +342,20 @@ impl History {
     pub(crate) fn with(&self, switch: Switch) -> History {
         let mut switches = vec![switch];
         switches.extend(self.switches.iter().take(HISTORY_KEPT - 1).cloned());
-        History { switches }
+        History {
+            switches,
+            policies: self.policies.clone(),
+        }
+    }
+
+    /// This history with a change of the policy recorded first.
+    pub(crate) fn with_policy(&self, policy: Policy) -> History {
+        let mut policies = vec![policy];
+        policies.extend(self.policies.iter().take(POLICIES_KEPT - 1).cloned());
+        History {
+            switches: self.switches.clone(),
+            policies,
+        }
     }
 
     pub(crate) fn to_json(&self) -> Vec<u8> {
@@ -580,6 +635,8 @@ pub(crate) struct Tree {
     pub rollout: Option<(RolloutPlan, u64)>,
     /// The record of the last switches.
     pub history: History,
+    /// The rollout policy, and its key's ModifyIndex.
+    pub policy: Option<(Policy, u64)>,
     /// Names that are not valid versions, and node keys with bad values.
     pub ignored: BTreeSet<String>,
 }
@@ -607,6 +664,10 @@ impl Tree {
             }
             if rest == HISTORY {
                 tree.history = History::parse(&entry.value);
+                continue;
+            }
+            if rest == POLICY {
+                tree.policy = Policy::parse(&entry.value).map(|p| (p, entry.modify_index));
                 continue;
             }
             if let Some(node) = rest.strip_prefix(AGENTS).and_then(|r| r.strip_prefix('/')) {

@@ -788,3 +788,95 @@ fn status_of_a_prefix_with_agents_and_no_version_yet_lists_the_agents() {
     assert!(json["agents"]["node1"].is_object(), "{json}");
     assert_eq!(json["versions"], serde_json::json!([]), "{json}");
 }
+
+// ------------------------------------------------------- the rollout policy
+
+/// Issue 20: the rollout policy lived only in each command's flags, so a
+/// plain deploy (a script, a pasted hint) switched every node at once.
+#[test]
+fn a_policy_in_the_tree_is_followed_by_every_switch_and_a_command_s_own_flags_override_it() {
+    let fleet = Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    let out = fleet.depro(&[
+        "policy",
+        "-nodes=all",
+        "-canary=1",
+        "-batch=1",
+        "-message=canary first",
+    ]);
+    assert!(
+        out.result()
+            .contains("rollout policy -nodes=all -canary=1 -batch=1 (was: none)"),
+        "{out:#?}"
+    );
+    let shown = fleet.depro(&["policy"]);
+    assert!(
+        shown
+            .result()
+            .contains("rollout policy -nodes=all -canary=1 -batch=1 (set by "),
+        "{shown:#?}"
+    );
+
+    // A plain deploy follows it, and says so.
+    let out = fleet.depro(&["deploy", "v2"]);
+    let text = out.ok();
+    assert!(
+        text.contains("): -nodes=all -canary=1 -batch=1\n"),
+        "{out:#?}"
+    );
+    assert!(text.contains("rolling out v2 in 3 waves"), "{out:#?}");
+    fleet.expect_active("v2");
+
+    // The dry run plans the same waves; the command's own flags hold for
+    // it: -canary=0 -batch=0 switch every node at once.
+    fleet.depro(&["deploy", "v3", "-no-rollout"]).ok();
+    let dry = fleet.depro(&["rollout", "v3", "-dry-run"]);
+    assert!(dry.ok().contains("would roll out in waves"), "{dry:#?}");
+    let out = fleet.depro(&["rollout", "v3", "-canary=0", "-batch=0"]);
+    let text = out.ok();
+    assert!(
+        text.contains("): -nodes=all; this command's own: -canary=0 -batch=0"),
+        "{out:#?}"
+    );
+    assert!(!text.contains("waves"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v3"));
+
+    // history and status show it.
+    let history = fleet.depro(&["history"]);
+    let history = history.result();
+    assert!(
+        history.contains("POLICY") && history.contains("-nodes=all -canary=1 -batch=1"),
+        "{history}"
+    );
+    assert!(history.contains("canary first"), "{history}");
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status
+            .result()
+            .contains("rollout policy: -nodes=all -canary=1 -batch=1 (by "),
+        "{status:#?}"
+    );
+
+    // Cleared: a plain deploy switches at once again.
+    let out = fleet.depro(&["policy", "-clear"]);
+    assert!(
+        out.result()
+            .contains("rollout policy cleared (was: -nodes=all"),
+        "{out:#?}"
+    );
+    let out = fleet.depro(&["deploy", "v4", "-nodes=3"]);
+    assert!(
+        !out.ok().contains("waves") && !out.ok().contains("policy of"),
+        "{out:#?}"
+    );
+
+    // A policy depro cannot read (written by hand) is refused, named.
+    fleet.consul.put(
+        &format!("{}/.policy", fleet.prefix),
+        r#"{"flags": "-canary=x"}"#,
+    );
+    fleet
+        .depro(&["deploy", "v5"])
+        .fails(2, &[".policy holds a policy depro cannot read", "-canary"]);
+    assert!(fleet.consul.get(&format!("{}/v5/", fleet.prefix)).is_none());
+}

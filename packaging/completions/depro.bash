@@ -2,7 +2,7 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
@@ -15,8 +15,9 @@ _depro() {
     status) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     query) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     history) opts="-prefix= -quiet -json -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    policy) opts="-prefix= -quiet -nodes= -min-nodes= -canary= -batch= -pause= -rollback-on-failure -message= -clear -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -quiet -for= -nodes= -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac

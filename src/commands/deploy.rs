@@ -17,8 +17,9 @@ use crate::error::Result;
 use crate::tree::{Tree, VersionMeta};
 use crate::version_name::VersionName;
 
-pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.take_policy(&mut args.switch)?;
     ctx.hints_repeat(&args.switch);
     let version = version_arg(&args.version)?;
     let start = Instant::now();
@@ -146,8 +147,9 @@ pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.take_policy(&mut args.switch)?;
     ctx.hints_repeat(&args.switch);
     let version = version_arg(&args.version)?;
     let start = Instant::now();
@@ -167,8 +169,9 @@ pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     roll_to(&mut ctx, &plan, &args.switch, start, "rollout")
 }
 
-pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
+    ctx.take_policy(&mut args.switch)?;
     ctx.hints_repeat(&args.switch);
     let to = args.to.as_deref().map(version_arg).transpose()?;
     let start = Instant::now();

@@ -19,6 +19,7 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
             "prefix": ctx.prefix.to_string(),
             "current": tree.current_version().map(|v| v.as_str()),
             "switches": switches,
+            "policies": tree.history.policies,
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return Ok(());
@@ -30,6 +31,7 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
             tree.current_version()
                 .map_or("unset".to_string(), |v| v.to_string())
         );
+        print_policies(&tree);
         return Ok(());
     }
     let mut rows = vec![
@@ -55,7 +57,33 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
         ]);
     }
     print!("{}", super::status::align(&rows));
+    print_policies(&tree);
     Ok(())
+}
+
+/// The changes of the rollout policy (`depro policy`), newest first.
+fn print_policies(tree: &Tree) {
+    if tree.history.policies.is_empty() {
+        return;
+    }
+    let mut rows = vec![
+        ["POLICY SINCE", "POLICY", "BY", "MESSAGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for policy in &tree.history.policies {
+        rows.push(vec![
+            shown(&policy.since),
+            match policy.flags.is_empty() {
+                true => "(cleared)".into(),
+                false => shown(&policy.flags),
+            },
+            shown(&policy.by),
+            crate::tree::shown_line(&policy.message),
+        ]);
+    }
+    println!();
+    print!("{}", super::status::align(&rows));
 }
 
 /// The switches, newest first: `.history`, then older ones from the

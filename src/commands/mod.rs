@@ -6,6 +6,7 @@ mod deploy;
 mod dry_run;
 mod history;
 mod interrupt;
+mod policy;
 mod progress;
 mod remove;
 mod status;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
+pub(crate) use policy::policy;
 pub(crate) use remove::{prune, remove};
 pub(crate) use status::status;
 pub(crate) use wait::wait;
@@ -33,7 +35,9 @@ use crate::consul::{
 use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::doorbell::{Change, Ring};
 use crate::error::{Error, Result};
-use crate::tree::{AgentRecord, CurrentKey, NodeEntry, Prefix, RolloutPlan, Tree, VersionInfo};
+use crate::tree::{
+    AgentRecord, CurrentKey, NodeEntry, Policy, Prefix, RolloutPlan, Tree, VersionInfo, shown,
+};
 use crate::version_name::VersionName;
 use progress::Progress;
 
@@ -552,6 +556,59 @@ impl Ctx {
         Ok(answer.value.map_or_else(Default::default, |e| {
             (crate::tree::History::parse(&e.value), e.modify_index)
         }))
+    }
+
+    /// Reads the prefix's rollout policy, if any, from the leader.
+    pub(crate) fn read_policy(&self) -> Result<Option<(Policy, u64)>> {
+        let key = self.prefix.policy_key();
+        let answer = self.retrying(|c| c.get(&key, Read::consistent()))?;
+        Ok(answer
+            .value
+            .and_then(|e| Policy::parse(&e.value).map(|p| (p, e.modify_index)))
+            .filter(|(p, _)| !p.flags.is_empty()))
+    }
+
+    /// The prefix's rollout policy under this command's own `flags`: each
+    /// policy flag the command does not give is the policy's. The progress
+    /// says what came from the policy and what the command overrode.
+    pub(crate) fn take_policy(&self, flags: &mut crate::cli::SwitchFlags) -> Result<()> {
+        let Some((policy, _)) = self.read_policy()? else {
+            return Ok(());
+        };
+        let stored = crate::cli::parse_policy(&policy.flags).map_err(|e| {
+            Error::Refused(format!(
+                "{} holds a policy depro cannot read ({e}); set it again with `depro policy \
+                 -prefix={} FLAGS`, or clear it with `depro policy -prefix={} -clear`",
+                self.prefix.policy_key(),
+                self.prefix,
+                self.prefix
+            ))
+        })?;
+        let mut overridden = flags.clone();
+        overridden.given.retain(|f| stored.given.contains(f));
+        let taken = flags.over(&stored);
+        let overridden = overridden.policy_text();
+        self.out.line(&format!(
+            "policy of {} (set by {}{}): {}{}",
+            self.prefix,
+            shown(&policy.by),
+            if policy.since.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", shown(&policy.since))
+            },
+            if taken.is_empty() {
+                "none taken"
+            } else {
+                &taken
+            },
+            if overridden.is_empty() {
+                String::new()
+            } else {
+                format!("; this command's own: {overridden}")
+            }
+        ));
+        Ok(())
     }
 
     /// Reads the progressive rollout under way, if any, from the leader.

@@ -22,6 +22,7 @@
 //!                               "exit_code": 3, "output": "…", "at": "…" } } } ],
 //!   "agents": { "node1": { "depro": "0.3.0", "since": "2026-11-26T09:00:00.000Z" } },
 //!   "rollout": null,                       // or the progressive rollout under way, see below
+//!   "policy": null,                        // or { "flags": "-nodes=all -canary=1", "by", "since", "message" }
 //!   "ignored": [ "../" ] }
 //! ```
 //!
@@ -262,6 +263,7 @@ pub(crate) fn json(
             })
         })
         .collect();
+    let policy = tree.policy.as_ref().map(|(p, _)| p);
     let rollout = tree.rollout.as_ref().map(|(plan, _)| {
         serde_json::json!({
             "version": plan.version,
@@ -282,6 +284,7 @@ pub(crate) fn json(
         "versions": versions,
         "agents": tree.agents,
         "rollout": rollout,
+        "policy": policy,
         "ignored": tree.ignored.iter().collect::<Vec<_>>(),
     })
 }
@@ -425,8 +428,16 @@ pub(crate) fn table_at(
         .into_iter()
         .filter(|(v, _)| filter(v))
         .collect();
+    let policy = match &tree.policy {
+        Some((p, _)) => format!(
+            "rollout policy: {} (by {})\n",
+            shown(&p.flags),
+            shown(&p.by)
+        ),
+        None => String::new(),
+    };
     let mut out = format!(
-        "{prefix}: current {}\n\n",
+        "{prefix}: current {}\n{policy}\n",
         match (&tree.current, current) {
             (_, Some(c)) => match tree
                 .versions
