@@ -393,6 +393,14 @@ pub(crate) struct RolloutPlan {
     /// How it was asked for, to resume it the same way: `-canary=1 -batch=25%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub how: Option<String>,
+    /// Every rollout flag it runs with (`-nodes=all -canary=1 -batch=25%
+    /// -pause=1m -rollback-on-failure`), which a resume takes for each it
+    /// is not given: the same rollout, from any machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<String>,
+    /// Paused by `depro pause` (who and when): no further wave starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 impl RolloutPlan {

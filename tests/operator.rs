@@ -1012,6 +1012,51 @@ fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finis
     fleet.expect_active("v2");
 }
 
+/// Issue 20: `.rollout` did not keep the pause nor the revert policy, so a
+/// resume from another terminal ran without them.
+#[test]
+fn a_resume_from_anywhere_runs_with_the_rollout_s_own_flags() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+        .ok();
+    let child = support::spawn(fleet.depro_command(&[
+        "rollout",
+        "v2",
+        "-nodes=all",
+        "-canary=1",
+        "-batch=1",
+        "-pause=10m",
+        "-rollback-on-failure",
+    ]));
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    interrupt(&child);
+    assert_eq!(support::finish(child).code, Some(130));
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status.result().contains(
+            "its flags (a resume takes them): -nodes=all -canary=1 -batch=1 -pause=10m \
+             -rollback-on-failure"
+        ),
+        "{status:#?}"
+    );
+    // Resumed as from another machine: no flags but a shorter pause.
+    let out = fleet.depro(&["rollout", "v2", "-pause=1s"]);
+    let text = out.ok();
+    assert!(
+        text.contains(
+            "resuming with the rollout's own flags: -nodes=all -canary=1 -batch=1 \
+             -rollback-on-failure=true"
+        ),
+        "{out:#?}"
+    );
+    assert!(text.contains("pausing 1s before wave 2/3"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+}
+
 #[test]
 fn ctrl_c_while_remove_waits_says_what_is_removed_and_that_the_agents_go_on() {
     let fleet = support::Fleet::start(2);

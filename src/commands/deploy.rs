@@ -7,9 +7,11 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::switch::{Wait, describe_current, refused, wait_ready};
-use super::switch_plan::{Intent, Observed, Plan, SwitchPlan, Then, decide, prune_after};
+use super::switch_plan::{
+    Intent, Observed, Plan, SwitchPlan, Then, decide, in_effect, prune_after,
+};
 use super::{Ctx, interrupt, took, version_arg};
-use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags};
+use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags, parse_policy};
 use crate::config::Env;
 use crate::consul::{TxnOp, TxnOutcome};
 use crate::doorbell::Change;
@@ -19,8 +21,6 @@ use crate::version_name::VersionName;
 
 pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.take_policy(&mut args.switch)?;
-    ctx.hints_repeat(&args.switch);
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
@@ -31,6 +31,7 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     // current, the plan under way and this version's keys: nothing else of
     // the tree is needed.
     let seen = observe_version(&ctx, &version)?;
+    resolve_flags(&mut ctx, &mut args.switch, &seen, Some(&version))?;
     let plan = decide(&intent, &args.switch, &seen).map_err(|r| refused(&ctx, r))?;
     let Plan::Switch(plan) = plan else {
         unreachable!("a deploy undoes nothing")
@@ -149,8 +150,6 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.take_policy(&mut args.switch)?;
-    ctx.hints_repeat(&args.switch);
     let version = version_arg(&args.version)?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
@@ -158,6 +157,7 @@ pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
         version: version.clone(),
     };
     let seen = observe_version(&ctx, &version)?;
+    resolve_flags(&mut ctx, &mut args.switch, &seen, Some(&version))?;
     let plan = decide(&intent, &args.switch, &seen).map_err(|r| refused(&ctx, r))?;
     let Plan::Switch(plan) = plan else {
         unreachable!("a rollout undoes nothing")
@@ -171,14 +171,13 @@ pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    ctx.take_policy(&mut args.switch)?;
-    ctx.hints_repeat(&args.switch);
     let to = args.to.as_deref().map(version_arg).transpose()?;
     let start = Instant::now();
     ctx.deadline = start + args.switch.timeout;
     let seen = Observed {
         tree: ctx.read_existing_tree()?,
     };
+    resolve_flags(&mut ctx, &mut args.switch, &seen, None)?;
     let plan =
         decide(&Intent::Rollback { to }, &args.switch, &seen).map_err(|r| refused(&ctx, r))?;
     if args.switch.dry_run {
@@ -206,6 +205,32 @@ pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
             roll_to(&mut ctx, &plan, &args.switch, start, "rollback")
         }
     }
+}
+
+/// The flags a command runs with: its own; then, resuming the progressive
+/// rollout of `version`, the rollout's own (the same rollout, from any
+/// machine); then the prefix's policy. The progress says what came from
+/// where, and the hints repeat the result.
+fn resolve_flags(
+    ctx: &mut Ctx,
+    flags: &mut SwitchFlags,
+    seen: &Observed,
+    version: Option<&VersionName>,
+) -> Result<()> {
+    if let Some(version) = version
+        && let Some((plan, _)) = in_effect(seen.tree.rollout.as_ref(), seen.tree.current.as_ref())
+        && plan.version == version.as_str()
+        && let Some(stored) = plan.flags.as_deref().and_then(|f| parse_policy(f).ok())
+    {
+        let taken = flags.over(&stored);
+        if !taken.is_empty() {
+            ctx.out
+                .line(&format!("resuming with the rollout's own flags: {taken}"));
+        }
+    }
+    ctx.take_policy(flags)?;
+    ctx.hints_repeat(flags);
+    Ok(())
 }
 
 /// What `deploy` and `rollout` read before deciding: `current`, the plan

@@ -28,7 +28,7 @@
 //!
 //! `rollout`, while a progressive rollout is under way: `{ "version", "base",
 //! "waves": [[nodes]], "started_waves", "switched": [nodes], "by", "since",
-//! "in_effect" }` (`in_effect` is false when `current` moved since it
+//! "flags", "paused", "in_effect" }` (`in_effect` is false when `current` moved since it
 //! started: then no agent follows it).
 
 use std::collections::BTreeSet;
@@ -273,6 +273,8 @@ pub(crate) fn json(
             "switched": plan.switched,
             "by": plan.by,
             "since": plan.since,
+            "flags": plan.flags,
+            "paused": plan.paused,
             "in_effect": tree.rollout_in_effect().is_some(),
         })
     });
@@ -315,7 +317,7 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
     };
     Some(format!(
         "progressive rollout of {version} under way: wave {} of {}{}{}\n  \
-         switched to {version}: {}\n  every other node runs current ({base})\n  \
+         switched to {version}: {}\n  every other node runs current ({base})\n{}  \
          resume: depro rollout {version} -prefix={prefix}\n  undo:   depro rollback -prefix={prefix}\n",
         plan.started_waves,
         plan.waves.len(),
@@ -325,6 +327,10 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
             .map(|t| format!(" since {}", shown(t)))
             .unwrap_or_default(),
         super::names(&switched),
+        plan.flags
+            .as_deref()
+            .map(|f| format!("  its flags (a resume takes them): {}\n", shown(f)))
+            .unwrap_or_default(),
     ))
 }
 

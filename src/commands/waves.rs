@@ -163,6 +163,8 @@ fn start_plan(
         by: Some(ctx.user.clone()),
         since: Some(crate::logging::timestamp()),
         how: Some(how.join(" ")),
+        flags: Some(flags.repeated().trim().to_string()),
+        paused: None,
     };
     ctx.out.line(&format!(
         "rolling out {version} in {} waves ({}); the other nodes stay on {}",
