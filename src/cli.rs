@@ -30,6 +30,10 @@ pub(crate) enum Command {
     Status(StatusArgs),
     History(HistoryArgs),
     Policy(PolicyArgs),
+    /// `depro pause`: no further wave of the rollout under way starts.
+    Pause(TreeArgs),
+    /// `depro resume`: the rollout under way goes on.
+    Resume(TreeArgs),
     Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
@@ -462,6 +466,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "status" | "query" => parse_status(&mut parser, &first),
         "history" => parse_history(&mut parser),
         "policy" => parse_policy_command(&mut parser),
+        "pause" | "resume" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
@@ -994,6 +999,23 @@ fn parse_policy_command(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         switch,
         clear,
     }))
+}
+
+fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
+    let mut tree = TreeArgs::default();
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        if tree_flag(&arg, parser, &mut tree, command)? {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(match command {
+        "pause" => Command::Pause(tree),
+        _ => Command::Resume(tree),
+    })
 }
 
 fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {

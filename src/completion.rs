@@ -115,6 +115,8 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("query", "show versions and nodes (as status)"),
     ("history", "which version was current when, and how"),
     ("policy", "show or set the rollout policy of the prefix"),
+    ("pause", "start no further wave of the rollout under way"),
+    ("resume", "go on with the rollout under way"),
     (
         "wait",
         "wait until a version is ready or active on enough nodes",
@@ -236,6 +238,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "status" | "query" => &[STATUS, CONNECTION],
         "history" => &[HISTORY, CONNECTION],
         "policy" => &[POLICY, CONNECTION],
+        "pause" | "resume" => &[&[], CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };

@@ -18,6 +18,8 @@ Commands:
   status     show versions and every node's state (alias: query)
   history    which version was current when, switched by whom and how
   policy     show or set the prefix's rollout policy, which every switch follows
+  pause      start no further wave of the progressive rollout under way
+  resume     go on with it (and drive it, if no command does)
   wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
@@ -235,6 +237,32 @@ is not given, and says so in its progress.
   -clear                  remove the policy
 
 Example: depro policy -prefix=api/version -nodes=all -canary=1 -batch=25% -pause=1m
+"
+        }
+        "pause" => {
+            "\
+Usage: depro pause -prefix=PREFIX [flags]
+
+Pauses the progressive rollout under way, from any terminal: the wave under way
+completes, and no further wave starts (the command driving the waves waits;
+its -timeout runs on) until `depro resume`. `depro rollback` undoes it.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+
+Example: depro pause -prefix=api/version
+"
+        }
+        "resume" => {
+            "\
+Usage: depro resume -prefix=PREFIX [flags]
+
+Lets a paused progressive rollout go on. When no command drives its waves (the
+one that started it was interrupted or is gone), drives them from here, as
+`depro rollout VERSION` would, with the rollout's own flags.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+
+Example: depro resume -prefix=api/version
 "
         }
         "completion" => {

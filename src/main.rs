@@ -59,6 +59,8 @@ fn run(command: Command) -> Result<()> {
         Command::Status(args) => commands::status(args, env),
         Command::History(args) => commands::history(args, env),
         Command::Policy(args) => commands::policy(args, env),
+        Command::Pause(args) => commands::pause(args, env),
+        Command::Resume(args) => commands::resume(args, env),
         Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));

@@ -11,6 +11,7 @@
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.policy            = the rollout policy (JSON), written by `depro policy`
+//! <prefix>/.driver            = the command driving a rollout's waves, held by its session
 //! <prefix>/.changed           = the doorbell (see `doorbell`)
 //! <prefix>/.scout             = the agent that rings it for other clients, held by its session
 //! ```
@@ -154,6 +155,11 @@ impl Prefix {
         format!("{}{ROLLOUT}", self.0)
     }
 
+    /// Held by the command that drives a progressive rollout's waves.
+    pub(crate) fn driver_key(&self) -> String {
+        format!("{}{DRIVER}", self.0)
+    }
+
     /// The prefix's rollout policy (`depro policy`).
     pub(crate) fn policy_key(&self) -> String {
         format!("{}{POLICY}", self.0)
@@ -189,6 +195,8 @@ pub(crate) const ROLLOUT: &str = ".rollout";
 pub(crate) const HISTORY: &str = ".history";
 /// The rollout policy.
 pub(crate) const POLICY: &str = ".policy";
+/// The lock of the command that drives a rollout's waves.
+pub(crate) const DRIVER: &str = ".driver";
 /// The folder of failure reasons inside a version's folder.
 pub(crate) const REASON: &str = ".reason";
 /// The scout's lock.
@@ -201,8 +209,16 @@ fn is_depro_name(rest: &str) -> bool {
         || rest == ROLLOUT
         || rest == HISTORY
         || rest == POLICY
+        || rest == DRIVER
         || rest == SCOUT
         || rest == format!("{AGENTS}/")
+}
+
+/// Who drives a rollout's waves, as `.driver` says: `ops@build1 since …`.
+pub(crate) fn driver_of(value: &[u8]) -> String {
+    let record: serde_json::Value = serde_json::from_slice(value).unwrap_or_default();
+    let field = |name: &str| record[name].as_str().map(shown).unwrap_or_default();
+    format!("{} since {}", field("by"), field("since"))
 }
 
 /// Why a node failed a version, as its agent reports it next to its
@@ -425,6 +441,15 @@ impl RolloutPlan {
             .unwrap_or_default()
     }
 
+    /// The same rollout at the same wave: only who paused it may differ.
+    pub(crate) fn same_rollout(&self, other: &RolloutPlan) -> bool {
+        self.version == other.version
+            && self.base_index == other.base_index
+            && self.waves == other.waves
+            && self.started_waves == other.started_waves
+            && self.switched == other.switched
+    }
+
     /// Whether it still applies to `current` as read (index 0: unset).
     pub(crate) fn applies_to(&self, current_index: u64) -> bool {
         self.base_index == current_index
@@ -645,6 +670,8 @@ pub(crate) struct Tree {
     pub history: History,
     /// The rollout policy, and its key's ModifyIndex.
     pub policy: Option<(Policy, u64)>,
+    /// Who drives the rollout's waves (`.driver`, held), if a command does.
+    pub driver: Option<String>,
     /// Names that are not valid versions, and node keys with bad values.
     pub ignored: BTreeSet<String>,
 }
@@ -672,6 +699,10 @@ impl Tree {
             }
             if rest == HISTORY {
                 tree.history = History::parse(&entry.value);
+                continue;
+            }
+            if rest == DRIVER {
+                tree.driver = entry.session.is_some().then(|| driver_of(&entry.value));
                 continue;
             }
             if rest == POLICY {

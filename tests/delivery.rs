@@ -5,6 +5,8 @@
 mod support;
 
 use nix::sys::signal::Signal;
+use std::time::Duration;
+
 use support::{Fleet, spawn, wait_for};
 
 /// Adds a health hook to every agent of the fleet (before they start): it
@@ -553,6 +555,12 @@ fn an_interrupted_progressive_rollout_shows_in_status_and_is_resumed_or_undone()
         rollout.wait().unwrap();
     };
     interrupted(&fleet, "v2");
+    // Killed, the command holds the waves until its session lapses.
+    fleet.wait_within(
+        Duration::from_secs(40),
+        "the killed command's claim lapses",
+        |f| f.consul.get(&format!("{}/.driver", f.prefix)).is_none(),
+    );
     let status = fleet.depro(&["status"]).ok().to_string();
     for line in [
         "progressive rollout of v2 under way: wave 1 of 3",
@@ -583,7 +591,8 @@ fn an_interrupted_progressive_rollout_shows_in_status_and_is_resumed_or_undone()
     assert_eq!(fleet.agents[3].live("api").as_deref(), Some("v1"));
 
     // Resumed: the remaining waves, then current.
-    let out = fleet.depro(&["rollout", "v2", "-nodes=4"]);
+    // (Without the rollout's own -pause=1m: this command's flag holds.)
+    let out = fleet.depro(&["rollout", "v2", "-nodes=4", "-pause=0s"]);
     let text = out.ok();
     assert!(text.contains("resuming the rollout of v2"), "{out:#?}");
     assert!(text.contains("wave 3/3: node3 active on v2"), "{out:#?}");

@@ -1129,3 +1129,126 @@ fn agent_check_prints_the_warnings_the_agent_would_log() {
     );
     assert_eq!(warnings.len(), if sh_pipefail { 1 } else { 2 }, "{out:#?}");
 }
+
+/// Issue 20: there was no control between "all at once" and Ctrl-C. From
+/// another terminal, `depro pause` holds the next wave and `depro resume`
+/// lets it go; `status` tells a driven rollout from an abandoned one.
+#[test]
+fn pause_and_resume_from_another_terminal_hold_and_release_the_next_wave() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+        .ok();
+    let child = support::spawn(fleet.depro_command(&[
+        "rollout",
+        "v2",
+        "-canary=1",
+        "-batch=1",
+        "-pause=1s",
+    ]));
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status.result().contains("driven by a command of "),
+        "{status:#?}"
+    );
+    let out = fleet.depro(&["pause"]);
+    assert!(
+        out.result()
+            .contains("paused the rollout of v2 at wave 1 of 3: no further wave starts (the command driving it"),
+        "{out:#?}"
+    );
+    // Well past the -pause of 1 s, wave 2 has not started: node2 runs v1.
+    let plan = || -> serde_json::Value {
+        serde_json::from_str(
+            &fleet
+                .consul
+                .get(&format!("{}/.rollout", fleet.prefix))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(plan()["started_waves"], 1, "{}", plan());
+    assert_eq!(fleet.agents[1].live("api").as_deref(), Some("v1"));
+    let status = fleet.depro(&["status"]);
+    assert!(status.result().contains("paused by "), "{status:#?}");
+    // One command at a time drives the waves.
+    fleet
+        .depro(&["rollout", "v2"])
+        .fails(5, &["another command drives this rollout"]);
+    assert!(
+        status.result().contains("resume: depro resume -prefix="),
+        "{status:#?}"
+    );
+
+    let out = fleet.depro(&["resume"]);
+    assert!(
+        out.result()
+            .contains("the rollout of v2 goes on: the command driving it"),
+        "{out:#?}"
+    );
+    let done = support::finish(child);
+    let text = done.ok();
+    assert!(text.contains("paused by "), "{done:#?}");
+    assert!(text.contains("resumed"), "{done:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    fleet.expect_active("v2");
+}
+
+/// A rollout whose command was interrupted is abandoned: `status` says no
+/// command drives it, and `depro resume` drives it from where it stood.
+#[test]
+fn resume_drives_an_abandoned_rollout_itself() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet
+        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
+        .ok();
+    let child = support::spawn(fleet.depro_command(&[
+        "rollout",
+        "v2",
+        "-canary=1",
+        "-batch=1",
+        "-pause=2s",
+    ]));
+    fleet.wait("the canary active on v2", |f| {
+        f.node_state("v2", "node1").as_deref() == Some("active")
+    });
+    interrupt(&child);
+    assert_eq!(support::finish(child).code, Some(130));
+    // The interrupted command let go of the waves at once.
+    assert!(
+        fleet
+            .consul
+            .get(&format!("{}/.driver", fleet.prefix))
+            .is_none(),
+        "the driver's key outlived its command"
+    );
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status.result().contains("no command drives it"),
+        "{status:#?}"
+    );
+    // Paused while abandoned, then resumed: driven from here to its end.
+    let out = fleet.depro(&["pause"]);
+    assert!(
+        out.result().contains("no command drives it now"),
+        "{out:#?}"
+    );
+    let out = fleet.depro(&["resume"]);
+    let text = out.ok();
+    assert!(text.contains("resumed the rollout of v2"), "{out:#?}");
+    assert!(
+        text.contains("no command drives the rollout of v2: driving it from here"),
+        "{out:#?}"
+    );
+    assert!(out.result().starts_with("v2 is current"), "{out:#?}");
+    fleet.expect_active("v2");
+    fleet
+        .depro(&["pause"])
+        .fails(2, &["no progressive rollout is under way"]);
+}

@@ -2,7 +2,7 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
@@ -16,8 +16,10 @@ _depro() {
     query) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     history) opts="-prefix= -quiet -json -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     policy) opts="-prefix= -quiet -nodes= -min-nodes= -canary= -batch= -pause= -rollback-on-failure -message= -clear -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    pause) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    resume) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -quiet -for= -nodes= -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac

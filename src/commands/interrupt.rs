@@ -18,6 +18,20 @@ pub(crate) const EXIT_CODE: i32 = 130;
 
 static LEAVES: Mutex<Option<String>> = Mutex::new(None);
 
+/// What to let go of before the exit (the rollout driver's session).
+type Release = Box<dyn FnOnce() + Send>;
+static RELEASE: Mutex<Option<Release>> = Mutex::new(None);
+
+/// Runs `release` if the command is interrupted (until [`keep_nothing`]).
+pub(crate) fn on_interrupt(release: Release) {
+    *RELEASE.lock().unwrap_or_else(|e| e.into_inner()) = Some(release);
+}
+
+/// Forgets what [`on_interrupt`] was given (it was let go of).
+pub(crate) fn keep_nothing() {
+    RELEASE.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
 /// From now on, an interruption prints what [`leaves`] last recorded (at
 /// first: nothing was written) and exits 130.
 pub(crate) fn catch() {
@@ -29,7 +43,7 @@ pub(crate) fn catch() {
     };
     let _ = std::thread::Builder::new()
         .name("interrupt".into())
-        .stack_size(64 * 1024)
+        .stack_size(256 * 1024)
         .spawn(move || {
             if signals.forever().next().is_some() {
                 // Held until the exit: no phase changes under the message.
@@ -45,6 +59,9 @@ pub(crate) fn catch() {
                     leaves.as_deref().unwrap_or("nothing was written")
                 );
                 let _ = err.flush();
+                if let Some(release) = RELEASE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    release();
+                }
                 std::process::exit(EXIT_CODE);
             }
         });

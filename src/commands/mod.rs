@@ -2,7 +2,9 @@
 //! its guarantees (see docs/protocol.md). Each command resolves its
 //! settings into a [`Ctx`] first, then talks to Consul through it.
 
+mod control;
 mod deploy;
+mod driver;
 mod dry_run;
 mod history;
 mod interrupt;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
+pub(crate) use control::{pause, resume};
 pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
 pub(crate) use policy::policy;

@@ -28,7 +28,8 @@
 //!
 //! `rollout`, while a progressive rollout is under way: `{ "version", "base",
 //! "waves": [[nodes]], "started_waves", "switched": [nodes], "by", "since",
-//! "flags", "paused", "in_effect" }` (`in_effect` is false when `current` moved since it
+//! "flags", "paused", "driver", "in_effect" }` (`driver`: who drives its
+//! waves, or null when no command does) (`in_effect` is false when `current` moved since it
 //! started: then no agent follows it).
 
 use std::collections::BTreeSet;
@@ -275,6 +276,7 @@ pub(crate) fn json(
             "since": plan.since,
             "flags": plan.flags,
             "paused": plan.paused,
+            "driver": tree.driver,
             "in_effect": tree.rollout_in_effect().is_some(),
         })
     });
@@ -315,10 +317,27 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
     } else {
         shown(&plan.base)
     };
+    // Driven by a command (alive), or abandoned; paused or not.
+    let state = match (&tree.driver, &plan.paused) {
+        (Some(driver), None) => {
+            format!("  driven by a command of {driver}\n  pause:  depro pause -prefix={prefix}\n")
+        }
+        (Some(driver), Some(by)) => format!(
+            "  paused by {}; its command ({driver}) waits\n  resume: depro resume -prefix={prefix}\n",
+            shown(by)
+        ),
+        (None, Some(by)) => format!(
+            "  paused by {}, and no command drives it\n  resume: depro resume -prefix={prefix}\n",
+            shown(by)
+        ),
+        (None, None) => format!(
+            "  no command drives it (interrupted or gone)\n  resume: depro rollout {version} -prefix={prefix}\n"
+        ),
+    };
     Some(format!(
         "progressive rollout of {version} under way: wave {} of {}{}{}\n  \
-         switched to {version}: {}\n  every other node runs current ({base})\n{}  \
-         resume: depro rollout {version} -prefix={prefix}\n  undo:   depro rollback -prefix={prefix}\n",
+         switched to {version}: {}\n  every other node runs current ({base})\n{}{state}  \
+         undo:   depro rollback -prefix={prefix}\n",
         plan.started_waves,
         plan.waves.len(),
         plan.by_whom(),

@@ -65,7 +65,7 @@ pub(crate) enum Then {
     /// Start waves drawn from the nodes ready at the switch.
     Waves,
     /// Go on with the progressive rollout of the version under way.
-    Resume { plan: RolloutPlan, index: u64 },
+    Resume { plan: Box<RolloutPlan>, index: u64 },
 }
 
 /// A switch to carry out.
@@ -203,7 +203,7 @@ pub(crate) fn then_for(
             Err(Refusal::CannotResume)
         }
         Some((plan, index)) if plan.version == version.as_str() => Ok(Then::Resume {
-            plan: plan.clone(),
+            plan: Box::new(plan.clone()),
             index,
         }),
         Some((plan, _)) => Err(Refusal::OtherUnderWay(Box::new(plan.clone()))),
@@ -457,7 +457,7 @@ mod tests {
             assert_eq!(
                 switch(decide(&intent, &flags, &seen(t.clone()))).then,
                 Then::Resume {
-                    plan: plan_of("v2", "v1", 1),
+                    plan: Box::new(plan_of("v2", "v1", 1)),
                     index: 60
                 }
             );

@@ -18,11 +18,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use super::driver::Driver;
 use super::switch::{Wait, failed_nodes, refused, switch_and_confirm};
 use super::switch_plan::{Then, plan_waves, then_for};
 use super::{Also, Ctx, names, took};
 use crate::cli::SwitchFlags;
-use crate::consul::{Conflict, TxnOp, TxnOutcome};
+use crate::consul::{Conflict, Consistency, Read, TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::{CurrentKey, NodeState, RolloutPlan, shown};
@@ -47,10 +48,13 @@ pub(crate) fn switch(
     let found = ctx.read_rollout()?;
     let left_behind = found.as_ref().map_or(0, |(_, index)| *index);
     let then = then_for(version, wait.base, found.as_ref(), flags).map_err(|r| refused(ctx, r))?;
+    if matches!(then, Then::Stop | Then::AlreadyCurrent | Then::AtOnce) {
+        return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
+    }
+    // One command at a time drives the waves; `status` and `resume` see it.
+    let _driver = Driver::take(ctx, version, base_index)?;
     let (mut plan, mut index) = match then {
-        Then::Stop | Then::AlreadyCurrent | Then::AtOnce => {
-            return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
-        }
+        Then::Stop | Then::AlreadyCurrent | Then::AtOnce => unreachable!("switched above"),
         Then::Resume { plan, index } => {
             ctx.out.line(&format!(
                 "resuming the rollout of {version}: wave {} of {} was started{}",
@@ -58,7 +62,7 @@ pub(crate) fn switch(
                 plan.waves.len(),
                 plan.by_whom()
             ));
-            (plan, index)
+            (*plan, index)
         }
         Then::Waves => {
             let base = wait.base.expect("then_for gives waves only with a base");
@@ -85,24 +89,35 @@ pub(crate) fn switch(
             Err(why) => return Err(halted(ctx, wait, &plan, index, wave, why, flags)),
         }
         wave += 1;
+        // Between waves, and before the last step: -pause, and a pause by
+        // `depro pause` from any terminal until `depro resume`.
+        let mut pause = if wave < total {
+            flags.pause
+        } else {
+            Duration::ZERO
+        };
+        loop {
+            index = match between_waves(ctx, wait, &mut plan, index, pause, wave, total)? {
+                Ok(index) => index,
+                Err(why) => return Err(halted(ctx, wait, &plan, index, wave - 1, why, flags)),
+            };
+            if wave == total {
+                break;
+            }
+            let mut next = plan.clone();
+            next.started_waves = wave + 1;
+            next.switched.extend(plan.waves[wave].iter().cloned());
+            // Lost to a pause made meanwhile: wait again (a change of
+            // anything else is another command's, and halts the rollout).
+            if let Some(written) = write_plan_if(ctx, &next, index)? {
+                (plan, index) = (next, written);
+                break;
+            }
+            pause = Duration::ZERO;
+        }
         if wave == total {
             break;
         }
-        if !flags.pause.is_zero() {
-            ctx.out.line(&format!(
-                "pausing {} before wave {}/{total}",
-                crate::duration::human(flags.pause),
-                wave + 1
-            ));
-            std::thread::sleep(
-                flags
-                    .pause
-                    .min(wait.deadline.saturating_duration_since(Instant::now())),
-            );
-        }
-        plan.started_waves = wave + 1;
-        plan.switched.extend(plan.waves[wave].iter().cloned());
-        index = write_plan(ctx, &plan, index)?;
     }
     // Every wave is active: `current` moves and the plan goes, at once.
     let expected: BTreeSet<String> = ready.union(&plan.switched).cloned().collect();
@@ -115,6 +130,82 @@ pub(crate) fn switch(
         Some(index),
     )
 }
+
+/// Waits out `pause` before wave `next` + 1 of `total` (or, with `next ==
+/// total`, before the last step), and while the plan is paused (`depro
+/// pause`), until it is resumed: the command's -timeout runs on meanwhile.
+/// Returns the plan's index as it is now: a pause and a resume change it,
+/// and nothing else may (that is another command's doing: `Overtaken`).
+fn between_waves(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    plan: &mut RolloutPlan,
+    mut index: u64,
+    pause: Duration,
+    next: usize,
+    total: usize,
+) -> Result<std::result::Result<u64, Halt>> {
+    let key = ctx.prefix.rollout_key();
+    if !pause.is_zero() {
+        ctx.out.line(&format!(
+            "pausing {} before wave {}/{total}",
+            crate::duration::human(pause),
+            next + 1
+        ));
+    }
+    let until = Instant::now() + pause;
+    let mut read = Read::consistent();
+    loop {
+        let answer = ctx.retrying(|c| c.get(&key, read))?;
+        let Some(entry) = answer.value else {
+            return Ok(Err(Halt::Overtaken(
+                "the rollout was undone by another command meanwhile".into(),
+            )));
+        };
+        if entry.modify_index != index {
+            match RolloutPlan::parse(&entry.value) {
+                Some(now) if now.same_rollout(plan) => {
+                    match (&plan.paused, &now.paused) {
+                        (None, Some(by)) => ctx.out.line(&format!(
+                            "paused by {}: no further wave starts until `depro resume -prefix={}` \
+                             (`depro rollback -prefix={}` undoes it)",
+                            shown(by),
+                            ctx.prefix,
+                            ctx.prefix
+                        )),
+                        (Some(_), None) => ctx.out.line("resumed"),
+                        _ => {}
+                    }
+                    plan.paused = now.paused;
+                    index = entry.modify_index;
+                }
+                _ => {
+                    return Ok(Err(Halt::Overtaken(
+                        "the rollout was changed by another command meanwhile".into(),
+                    )));
+                }
+            }
+        }
+        let now = Instant::now();
+        if plan.paused.is_none() && now >= until {
+            return Ok(Ok(index));
+        }
+        if now >= wait.deadline {
+            return Ok(Err(Halt::Paused));
+        }
+        let limit = match plan.paused {
+            Some(_) => wait.deadline,
+            None => until.min(wait.deadline),
+        };
+        let left = limit
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10));
+        read = Read::blocking(index, left.min(PAUSE_POLL), Consistency::Consistent);
+    }
+}
+
+/// How long one blocking read of the plan waits, between waves.
+const PAUSE_POLL: Duration = Duration::from_secs(10);
 
 /// Records what an interruption leaves while `plan` is under way.
 fn leaves_wave(ctx: &Ctx, plan: &RolloutPlan) {
@@ -180,6 +271,26 @@ fn start_plan(
     Ok((plan, index))
 }
 
+/// [`write_plan`], but `None` when the plan's index moved meanwhile.
+fn write_plan_if(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<Option<u64>> {
+    let key = ctx.prefix.rollout_key();
+    let value = plan.to_json();
+    let op = TxnOp::Cas {
+        key: &key,
+        value: &value,
+        index,
+    };
+    match ctx.write_ringing(&[op], Change::Wave(plan.target()))? {
+        outcome @ TxnOutcome::Committed(_) => Ok(outcome.index_of(&key)),
+        TxnOutcome::Rejected(failures)
+            if failures.iter().any(|f| f.conflict == Conflict::Denied) =>
+        {
+            Err(Error::Refused(format!("the ACL token may not write {key}")))
+        }
+        TxnOutcome::Rejected(_) => Ok(None),
+    }
+}
+
 /// Writes the plan by check-and-set on `index` (0: only if absent), with a
 /// ring; returns its new index. Exit 5 if someone else changed it.
 fn write_plan(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<u64> {
@@ -209,6 +320,8 @@ enum Halt {
     /// The version was removed from the tree meanwhile.
     Removed,
     Timeout(usize),
+    /// The -timeout ran out between waves (paused, or in -pause).
+    Paused,
 }
 
 /// Waits until every node switched so far runs `version` (`active`); a
@@ -239,7 +352,12 @@ fn wait_wave(
                     .map_or("unset".to_string(), |c| shown(&c.value))
             ))));
         }
-        if seen.rollout.as_ref().map(|(_, i)| *i) != Some(index) {
+        // A pause or a resume changes the plan's index, not the rollout.
+        if seen
+            .rollout
+            .as_ref()
+            .is_none_or(|(p, i)| *i != index && !p.same_rollout(plan))
+        {
             return Some(Err(Halt::Overtaken(
                 "the rollout was undone or replaced by another command meanwhile".into(),
             )));
@@ -332,6 +450,20 @@ fn halted(
             ),
             true,
         ),
+        Halt::Paused => {
+            return Error::Timeout(format!(
+                "{at}: timed out between waves{}; the rollout stays there ({} switched to \
+                 {version}, every other node runs {base}): go on with `depro resume -prefix={}`, \
+                 or undo with `depro rollback -prefix={}`",
+                match &plan.paused {
+                    Some(by) => format!(" (paused by {})", shown(by)),
+                    None => String::new(),
+                },
+                names(&switched),
+                ctx.prefix,
+                ctx.prefix
+            ));
+        }
     };
     let rest = if flags.rollback_on_failure {
         match undo(

@@ -1,0 +1,122 @@
+//! `pause` and `resume`: a progressive rollout under way, held or let go
+//! on from any terminal. A pause is a mark in the plan (`.rollout`'s
+//! `paused`): the command driving the waves starts no further wave while it
+//! is there (the wave under way completes), and neither does a resume of an
+//! abandoned rollout. `resume` removes it; when no command drives the
+//! rollout (`.driver`), it drives it itself, as `depro rollout V` would.
+
+use super::Ctx;
+use super::switch_plan::in_effect;
+use crate::cli::{RolloutArgs, SwitchFlags, TreeArgs};
+use crate::config::Env;
+use crate::consul::{Read, TxnOp, TxnOutcome};
+use crate::doorbell::Change;
+use crate::error::{Error, Result};
+use crate::tree::{RolloutPlan, driver_of, shown};
+
+pub(crate) fn pause(args: TreeArgs, env: Env<'_>) -> Result<()> {
+    let ctx = Ctx::resolve(&args, env)?;
+    let (plan, index) = under_way(&ctx)?;
+    let version = shown(&plan.version);
+    if let Some(by) = &plan.paused {
+        println!(
+            "{}: the rollout of {version} is paused already (by {})",
+            ctx.prefix,
+            shown(by)
+        );
+        return Ok(());
+    }
+    let mut paused = plan.clone();
+    paused.paused = Some(format!("{} at {}", ctx.user, crate::logging::timestamp()));
+    mark(&ctx, &paused, index)?;
+    println!(
+        "{}: paused the rollout of {version} at wave {} of {}: no further wave starts ({}); go \
+         on with `depro resume -prefix={}`, undo with `depro rollback -prefix={}`",
+        ctx.prefix,
+        plan.started_waves,
+        plan.waves.len(),
+        match driver(&ctx)? {
+            Some(who) => format!("the command driving it, of {who}, waits"),
+            None => "no command drives it now".into(),
+        },
+        ctx.prefix,
+        ctx.prefix
+    );
+    Ok(())
+}
+
+pub(crate) fn resume(args: TreeArgs, env: Env<'_>) -> Result<()> {
+    let ctx = Ctx::resolve(&args, env)?;
+    let (plan, index) = under_way(&ctx)?;
+    let version = shown(&plan.version);
+    if plan.paused.is_some() {
+        let mut resumed = plan.clone();
+        resumed.paused = None;
+        mark(&ctx, &resumed, index)?;
+        ctx.out.line(&format!("resumed the rollout of {version}"));
+    }
+    if let Some(who) = driver(&ctx)? {
+        println!(
+            "{}: the rollout of {version} goes on: the command driving it, of {who}, starts the \
+             next wave",
+            ctx.prefix
+        );
+        return Ok(());
+    }
+    ctx.out.line(&format!(
+        "no command drives the rollout of {version}: driving it from here"
+    ));
+    drop(ctx);
+    super::deploy::rollout(
+        RolloutArgs {
+            tree: args,
+            version: plan.version,
+            switch: SwitchFlags::default(),
+        },
+        env,
+    )
+}
+
+/// The progressive rollout under way (it applies to `current`), or exit 2.
+fn under_way(ctx: &Ctx) -> Result<(RolloutPlan, u64)> {
+    let rollout = ctx.read_rollout()?;
+    let current = ctx.read_current()?;
+    match in_effect(rollout.as_ref(), current.as_ref()) {
+        Some((plan, index)) => Ok((plan.clone(), index)),
+        None => Err(Error::Refused(format!(
+            "no progressive rollout is under way under {} (`depro status -prefix={}` shows what \
+             is)",
+            ctx.prefix, ctx.prefix
+        ))),
+    }
+}
+
+/// Writes the plan with its mark changed, by check-and-set; exit 5 if the
+/// rollout changed meanwhile.
+fn mark(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<()> {
+    let key = ctx.prefix.rollout_key();
+    let value = plan.to_json();
+    let op = TxnOp::Cas {
+        key: &key,
+        value: &value,
+        index,
+    };
+    match ctx.write_ringing(&[op], Change::Wave(plan.target()))? {
+        TxnOutcome::Committed(_) => Ok(()),
+        TxnOutcome::Rejected(_) => Err(Error::LostRace(format!(
+            "the rollout under {} changed meanwhile (a wave started, or another command paused, \
+             resumed or undid it); see `depro status -prefix={}` and run this again",
+            ctx.prefix, ctx.prefix
+        ))),
+    }
+}
+
+/// Who drives the rollout's waves now, if a command does.
+fn driver(ctx: &Ctx) -> Result<Option<String>> {
+    let key = ctx.prefix.driver_key();
+    let answer = ctx.retrying(|c| c.get(&key, Read::consistent()))?;
+    Ok(answer
+        .value
+        .filter(|e| e.session.is_some())
+        .map(|e| driver_of(&e.value)))
+}
