@@ -34,6 +34,9 @@ pub(crate) enum Command {
     Pause(TreeArgs),
     /// `depro resume`: the rollout under way goes on.
     Resume(TreeArgs),
+    /// `depro promote VERSION`: the rollout of VERSION, stopped after its
+    /// canary (`-promote=manual`), goes on.
+    Promote(TreeArgs, String),
     Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
@@ -151,6 +154,9 @@ pub(crate) struct SwitchFlags {
     pub nodes_given: bool,
     pub timeout: Duration,
     pub rollback_on_failure: bool,
+    /// `-promote=manual`: a progressive rollout this command starts stops
+    /// after its first wave, until `depro promote`.
+    pub promote_manual: bool,
     /// A first wave of this many nodes.
     pub canary: Option<u32>,
     /// Then waves of this size.
@@ -171,13 +177,14 @@ pub(crate) struct SwitchFlags {
 
 /// The flags a prefix's rollout policy holds (`depro policy`), in the order
 /// it writes them.
-pub(crate) const POLICY_FLAGS: [&str; 6] = [
+pub(crate) const POLICY_FLAGS: [&str; 7] = [
     "nodes",
     "min-nodes",
     "canary",
     "batch",
     "pause",
     "rollback-on-failure",
+    "promote",
 ];
 
 impl SwitchFlags {
@@ -223,6 +230,9 @@ impl SwitchFlags {
         if self.rollback_on_failure {
             flags.push_str(" -rollback-on-failure");
         }
+        if self.promote_manual {
+            flags.push_str(" -promote=manual");
+        }
         flags
     }
     /// The policy flags given, as a policy stores them: `-nodes=all
@@ -239,6 +249,10 @@ impl SwitchFlags {
                     self.batch.map_or("0".into(), |b| b.to_string())
                 ),
                 "pause" => format!("-pause={}", crate::duration::human(self.pause)),
+                "promote" => match self.promote_manual {
+                    true => "-promote=manual".into(),
+                    false => "-promote=auto".into(),
+                },
                 _ => format!("-rollback-on-failure={}", self.rollback_on_failure),
             });
         }
@@ -265,6 +279,10 @@ impl SwitchFlags {
                 "canary" => (self.canary, taken.canary) = (policy.canary, policy.canary),
                 "batch" => (self.batch, taken.batch) = (policy.batch, policy.batch),
                 "pause" => (self.pause, taken.pause) = (policy.pause, policy.pause),
+                "promote" => {
+                    (self.promote_manual, taken.promote_manual) =
+                        (policy.promote_manual, policy.promote_manual)
+                }
                 _ => {
                     self.rollback_on_failure = policy.rollback_on_failure;
                     taken.rollback_on_failure = policy.rollback_on_failure;
@@ -303,6 +321,7 @@ impl Default for SwitchFlags {
             nodes_given: false,
             timeout: DEFAULT_TIMEOUT,
             rollback_on_failure: false,
+            promote_manual: false,
             canary: None,
             batch: None,
             pause: Duration::ZERO,
@@ -466,7 +485,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "status" | "query" => parse_status(&mut parser, &first),
         "history" => parse_history(&mut parser),
         "policy" => parse_policy_command(&mut parser),
-        "pause" | "resume" => parse_control(&mut parser, &first),
+        "pause" | "resume" | "promote" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
@@ -789,6 +808,17 @@ fn switch_flag(
         Key::Long("rollback-on-failure") => {
             flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
         }
+        Key::Long("promote") => {
+            flags.promote_manual = match string(parser, command)?.as_str() {
+                "manual" => true,
+                "auto" => false,
+                other => {
+                    return Err(Error::Usage(format!(
+                        "-promote: {other:?} is not auto or manual; run `depro help {command}`"
+                    )));
+                }
+            }
+        }
         _ => return Ok(false),
     }
     if let Key::Long(name) = arg.key()
@@ -1002,19 +1032,32 @@ fn parse_policy_command(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 }
 
 fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
-    let mut tree = TreeArgs::default();
+    let (mut tree, mut version) = (TreeArgs::default(), None);
     while let Some(arg) = next_arg(parser, Some(command))? {
         if tree_flag(&arg, parser, &mut tree, command)? {
             continue;
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            Key::Value(v) if command == "promote" && version.is_none() => {
+                version = Some(v.to_string())
+            }
             _ => return Err(unexpected(&arg, command)),
         }
     }
     Ok(match command {
         "pause" => Command::Pause(tree),
-        _ => Command::Resume(tree),
+        "resume" => Command::Resume(tree),
+        _ => Command::Promote(
+            tree,
+            version.ok_or_else(|| {
+                Error::Usage(
+                    "promote: name the version whose canary passed, e.g. `depro promote v42 \
+                     -prefix=api/version`"
+                        .into(),
+                )
+            })?,
+        ),
     })
 }
 

@@ -95,6 +95,11 @@ const SWITCH: &[Flag] = &[
     flag("canary", Value::Text, "switch N nodes first"),
     flag("batch", Value::Text, "then K nodes (or P%) per wave"),
     flag("pause", Value::Text, "wait this long between waves"),
+    flag(
+        "promote",
+        Value::Choice(&["auto", "manual"]),
+        "manual: stop after the first wave until depro promote",
+    ),
     flag("message", Value::Text, "why: recorded with the switch"),
     flag(
         "dry-run",
@@ -117,6 +122,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("policy", "show or set the rollout policy of the prefix"),
     ("pause", "start no further wave of the rollout under way"),
     ("resume", "go on with the rollout under way"),
+    ("promote", "go on with a rollout stopped after its canary"),
     (
         "wait",
         "wait until a version is ready or active on enough nodes",
@@ -216,6 +222,11 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
             Value::None,
             "switch back (or undo the waves) on failure",
         ),
+        flag(
+            "promote",
+            Value::Choice(&["auto", "manual"]),
+            "manual: stop after the first wave until depro promote",
+        ),
         flag("message", Value::Text, "why: recorded with the policy"),
         flag("clear", Value::None, "remove the policy"),
     ];
@@ -238,7 +249,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "status" | "query" => &[STATUS, CONNECTION],
         "history" => &[HISTORY, CONNECTION],
         "policy" => &[POLICY, CONNECTION],
-        "pause" | "resume" => &[&[], CONNECTION],
+        "pause" | "resume" | "promote" => &[&[], CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };
@@ -456,11 +467,15 @@ mod tests {
                     "log-level" => "=info",
                     "log-format" => "=json",
                     "for" => "=ready",
+                    "promote" => "=manual",
                     _ if flag.value == Value::None => "",
                     _ => "=x",
                 };
                 let mut args = vec![command.to_string()];
-                if matches!(*command, "deploy" | "rollout" | "remove" | "wait") {
+                if matches!(
+                    *command,
+                    "deploy" | "rollout" | "remove" | "wait" | "promote"
+                ) {
                     args.push("v1".into());
                 }
                 if *command == "prune" && flag.name != "keep" {

@@ -20,6 +20,7 @@ Commands:
   policy     show or set the prefix's rollout policy, which every switch follows
   pause      start no further wave of the progressive rollout under way
   resume     go on with it (and drive it, if no command does)
+  promote    go on with a rollout stopped after its first wave (-promote=manual)
   wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
@@ -92,6 +93,7 @@ failed, switches current to it (check-and-set), and waits for the rollout.
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -promote=manual         stop after the first wave until `depro promote`
   -dry-run                print what would be written and waited for; write nothing
 
 Example: depro deploy v2 -prefix=api/version -nodes=all -canary=1 -batch=25%
@@ -113,6 +115,7 @@ deploy (rollforward, or rollback to a named version).
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -promote=manual         stop after the first wave until `depro promote`
   -dry-run                print what would be written and waited for; write nothing
 
 A progressive rollout of VERSION that was interrupted is resumed.
@@ -137,6 +140,7 @@ While a progressive rollout is under way, undoes it instead.
   -canary=N               switch N nodes first, then the rest in waves
   -batch=K|P%             switch K nodes (or P% of them) per wave
   -pause=DURATION         wait this long between waves
+  -promote=manual         stop after the first wave until `depro promote`
   -dry-run                print what would be written and waited for; write nothing
 
 Examples: depro rollback -prefix=api/version -nodes=all
@@ -233,6 +237,7 @@ is not given, and says so in its progress.
   -batch=K|P%             then K nodes (or P% of them) per wave (0: none)
   -pause=DURATION         wait this long between waves
   -rollback-on-failure    switch current back (or undo the waves) on failure
+  -promote=manual|auto    manual: stop after the first wave until `depro promote`
   -message=TEXT           why, recorded with the policy (history)
   -clear                  remove the policy
 
@@ -263,6 +268,19 @@ one that started it was interrupted or is gone), drives them from here, as
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
 
 Example: depro resume -prefix=api/version
+"
+        }
+        "promote" => {
+            "\
+Usage: depro promote VERSION -prefix=PREFIX [flags]
+
+Lets the progressive rollout of VERSION go on after its first wave: one started
+with -promote=manual stops there (exit 0, \"waiting for promotion\"). Drives the
+remaining waves from here, with the rollout's own flags (as `depro resume`).
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+
+Example: depro promote v42 -prefix=api/version
 "
         }
         "completion" => {

@@ -60,7 +60,8 @@ fn run(command: Command) -> Result<()> {
         Command::History(args) => commands::history(args, env),
         Command::Policy(args) => commands::policy(args, env),
         Command::Pause(args) => commands::pause(args, env),
-        Command::Resume(args) => commands::resume(args, env),
+        Command::Resume(args) => commands::resume(args, env, None),
+        Command::Promote(args, version) => commands::resume(args, env, Some(version)),
         Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));

@@ -1252,3 +1252,37 @@ fn resume_drives_an_abandoned_rollout_itself() {
         .depro(&["pause"])
         .fails(2, &["no progressive rollout is under way"]);
 }
+
+/// Issue 20: no manual promotion after the canary. `-promote=manual` stops
+/// after the first wave (exit 0); `depro promote V` goes on.
+#[test]
+fn promote_manual_stops_after_the_canary_until_depro_promote() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    let out = fleet.depro(&["deploy", "v2", "-canary=1", "-batch=1", "-promote=manual"]);
+    assert!(
+        out.result().contains(&format!(
+            "v2's first wave is active on node1 under {}, the other nodes run v1; waiting for \
+             promotion: `depro promote v2 -prefix={}` goes on",
+            fleet.prefix, fleet.prefix
+        )),
+        "{out:#?}"
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    assert_eq!(fleet.agents[0].live("api").as_deref(), Some("v2"));
+    assert_eq!(fleet.agents[2].live("api").as_deref(), Some("v1"));
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status.result().contains("(waiting for promotion)"),
+        "{status:#?}"
+    );
+    fleet
+        .depro(&["promote", "v9"])
+        .fails(2, &["is of v2, not v9"]);
+
+    let out = fleet.depro(&["promote", "v2"]);
+    assert!(out.ok().contains("resumed the rollout of v2"), "{out:#?}");
+    assert!(out.result().starts_with("v2 is current"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+    fleet.expect_active("v2");
+}

@@ -2,24 +2,25 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollout) opts="-prefix= -quiet -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollback) opts="-prefix= -quiet -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollout) opts="-prefix= -quiet -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollback) opts="-prefix= -quiet -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     remove) opts="-prefix= -quiet -dry-run -wait -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     prune) opts="-prefix= -quiet -keep= -failed -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     status) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     query) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     history) opts="-prefix= -quiet -json -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    policy) opts="-prefix= -quiet -nodes= -min-nodes= -canary= -batch= -pause= -rollback-on-failure -message= -clear -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    policy) opts="-prefix= -quiet -nodes= -min-nodes= -canary= -batch= -pause= -rollback-on-failure -promote= -message= -clear -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     pause) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     resume) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -quiet -for= -nodes= -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac
@@ -33,6 +34,7 @@ _depro() {
       -for) COMPREPLY=($(compgen -W "ready active" -- "$cur")) ;;
       -log-format) COMPREPLY=($(compgen -W "text json" -- "$cur")) ;;
       -log-level) COMPREPLY=($(compgen -W "error warn info debug trace" -- "$cur")) ;;
+      -promote) COMPREPLY=($(compgen -W "auto manual" -- "$cur")) ;;
     esac
     return
   fi

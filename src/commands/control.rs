@@ -1,5 +1,7 @@
-//! `pause` and `resume`: a progressive rollout under way, held or let go
-//! on from any terminal. A pause is a mark in the plan (`.rollout`'s
+//! `pause`, `resume` and `promote`: a progressive rollout under way, held
+//! or let go on from any terminal. `-promote=manual` is a pause the
+//! rollout's own command makes after its first wave; `promote V` is a
+//! resume of V's rollout. A pause is a mark in the plan (`.rollout`'s
 //! `paused`): the command driving the waves starts no further wave while it
 //! is there (the wave under way completes), and neither does a resume of an
 //! abandoned rollout. `resume` removes it; when no command drives the
@@ -45,10 +47,23 @@ pub(crate) fn pause(args: TreeArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn resume(args: TreeArgs, env: Env<'_>) -> Result<()> {
+/// `resume`, and `promote VERSION` (the same, for the rollout of VERSION
+/// only: it stopped after its canary, `-promote=manual`).
+pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> Result<()> {
     let ctx = Ctx::resolve(&args, env)?;
     let (plan, index) = under_way(&ctx)?;
     let version = shown(&plan.version);
+    if let Some(asked) = &promote
+        && asked != &plan.version
+    {
+        return Err(Error::Refused(format!(
+            "the progressive rollout under way under {} is of {version}, not {}; promote it with \
+             `depro promote {version} -prefix={}`",
+            ctx.prefix,
+            shown(asked),
+            ctx.prefix
+        )));
+    }
     if plan.paused.is_some() {
         let mut resumed = plan.clone();
         resumed.paused = None;

@@ -53,6 +53,7 @@ pub(crate) fn switch(
     }
     // One command at a time drives the waves; `status` and `resume` see it.
     let _driver = Driver::take(ctx, version, base_index)?;
+    let then_is_new = then == Then::Waves;
     let (mut plan, mut index) = match then {
         Then::Stop | Then::AlreadyCurrent | Then::AtOnce => unreachable!("switched above"),
         Then::Resume { plan, index } => {
@@ -71,6 +72,9 @@ pub(crate) fn switch(
     };
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
+    // `-promote=manual` stops a rollout this command starts after its
+    // first wave; a resumed one (`depro promote`) goes on.
+    let mut stop_for_promotion = flags.promote_manual && then_is_new && total > 1;
     loop {
         leaves_wave(ctx, &plan);
         let nodes = plan.waves[wave].clone();
@@ -87,6 +91,29 @@ pub(crate) fn switch(
                 took(start)
             )),
             Err(why) => return Err(halted(ctx, wait, &plan, index, wave, why, flags)),
+        }
+        if stop_for_promotion {
+            stop_for_promotion = false;
+            let mut held = plan.clone();
+            held.paused = Some(format!(
+                "{} at {} (waiting for promotion)",
+                ctx.user,
+                crate::logging::timestamp()
+            ));
+            if write_plan_if(ctx, &held, index)?.is_some() {
+                println!(
+                    "{version}'s first wave is active on {} under {}, the other nodes run {}; \
+                     waiting for promotion: `depro promote {version} -prefix={}` goes on, \
+                     `depro rollback -prefix={}` undoes it ({})",
+                    names(&nodes),
+                    ctx.prefix,
+                    shown(&plan.base),
+                    ctx.prefix,
+                    ctx.prefix,
+                    took(start)
+                );
+                return Ok(());
+            }
         }
         wave += 1;
         // Between waves, and before the last step: -pause, and a pause by
