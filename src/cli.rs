@@ -37,6 +37,8 @@ pub(crate) enum Command {
     /// `depro promote VERSION`: the rollout of VERSION, stopped after its
     /// canary (`-promote=manual`), goes on.
     Promote(TreeArgs, String),
+    /// `depro forget NODE`: a retired host is no longer shown absent.
+    Forget(TreeArgs, String),
     Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
@@ -485,7 +487,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "status" | "query" => parse_status(&mut parser, &first),
         "history" => parse_history(&mut parser),
         "policy" => parse_policy_command(&mut parser),
-        "pause" | "resume" | "promote" => parse_control(&mut parser, &first),
+        "pause" | "resume" | "promote" | "forget" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next_arg(&mut parser, Some("completion"))? {
@@ -1039,7 +1041,7 @@ fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, 
         }
         match arg.key() {
             Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Value(v) if command == "promote" && version.is_none() => {
+            Key::Value(v) if matches!(command, "promote" | "forget") && version.is_none() => {
                 version = Some(v.to_string())
             }
             _ => return Err(unexpected(&arg, command)),
@@ -1048,6 +1050,16 @@ fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, 
     Ok(match command {
         "pause" => Command::Pause(tree),
         "resume" => Command::Resume(tree),
+        "forget" => Command::Forget(
+            tree,
+            version.ok_or_else(|| {
+                Error::Usage(
+                    "forget: name the node of the retired host, e.g. `depro forget node05 \
+                     -prefix=api/version`"
+                        .into(),
+                )
+            })?,
+        ),
         _ => Command::Promote(
             tree,
             version.ok_or_else(|| {

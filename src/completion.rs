@@ -123,6 +123,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("pause", "start no further wave of the rollout under way"),
     ("resume", "go on with the rollout under way"),
     ("promote", "go on with a rollout stopped after its canary"),
+    ("forget", "stop showing a retired host as absent"),
     (
         "wait",
         "wait until a version is ready or active on enough nodes",
@@ -249,7 +250,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "status" | "query" => &[STATUS, CONNECTION],
         "history" => &[HISTORY, CONNECTION],
         "policy" => &[POLICY, CONNECTION],
-        "pause" | "resume" | "promote" => &[&[], CONNECTION],
+        "pause" | "resume" | "promote" | "forget" => &[&[], CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };

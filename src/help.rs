@@ -21,6 +21,7 @@ Commands:
   pause      start no further wave of the progressive rollout under way
   resume     go on with it (and drive it, if no command does)
   promote    go on with a rollout stopped after its first wave (-promote=manual)
+  forget     stop showing a retired host's node as absent
   wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
@@ -281,6 +282,19 @@ remaining waves from here, with the rollout's own flags (as `depro resume`).
   -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
 
 Example: depro promote v42 -prefix=api/version
+"
+        }
+        "forget" => {
+            "\
+Usage: depro forget NODE -prefix=PREFIX [flags]
+
+Every agent that followed the prefix is remembered (PREFIX/.known/NODE), and
+`depro status` shows one that stopped as absent. For a retired host, forget
+it. Refused while its agent runs.
+
+  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
+
+Example: depro forget node05 -prefix=api/version
 "
         }
         "completion" => {

@@ -62,6 +62,7 @@ fn run(command: Command) -> Result<()> {
         Command::Pause(args) => commands::pause(args, env),
         Command::Resume(args) => commands::resume(args, env, None),
         Command::Promote(args, version) => commands::resume(args, env, Some(version)),
+        Command::Forget(args, node) => commands::forget(args, env, &node),
         Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));

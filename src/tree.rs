@@ -8,6 +8,7 @@
 //! <prefix>/<version>/<node>   = busy | ready | active | failed   written by <node>'s agent
 //! <prefix>/<version>/.reason/<node> = why it failed (JSON)   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
+//! <prefix>/.known/<node>      = the same, kept after the agent stops (until `depro forget`)
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.policy            = the rollout policy (JSON), written by `depro policy`
@@ -145,6 +146,11 @@ impl Prefix {
         format!("{}{AGENTS}/{node}", self.0)
     }
 
+    /// Where an agent that followed the prefix is remembered.
+    pub(crate) fn known_key(&self, node: &str) -> String {
+        format!("{}{KNOWN}/{node}", self.0)
+    }
+
     /// The folder of the agents' announcements.
     pub(crate) fn agents_dir(&self) -> String {
         format!("{}{AGENTS}/", self.0)
@@ -189,6 +195,8 @@ impl Prefix {
 pub(crate) const CHANGED: &str = ".changed";
 /// The folder of the agents' announcements under a prefix.
 pub(crate) const AGENTS: &str = ".agents";
+/// The folder of the agents remembered after they stop.
+pub(crate) const KNOWN: &str = ".known";
 /// The progressive rollout under way.
 pub(crate) const ROLLOUT: &str = ".rollout";
 /// The record of the last switches of `current`.
@@ -212,6 +220,7 @@ fn is_depro_name(rest: &str) -> bool {
         || rest == DRIVER
         || rest == SCOUT
         || rest == format!("{AGENTS}/")
+        || rest == format!("{KNOWN}/")
 }
 
 /// Who drives a rollout's waves, as `.driver` says: `ops@build1 since …`.
@@ -664,6 +673,9 @@ pub(crate) struct Tree {
     pub versions: BTreeMap<VersionName, VersionInfo>,
     /// The live agents that follow the prefix (their key held by a session).
     pub agents: BTreeMap<String, AgentRecord>,
+    /// Every agent that has followed the prefix, live or not (`.known`),
+    /// until `depro forget`.
+    pub known: BTreeMap<String, AgentRecord>,
     /// A progressive rollout under way, and its key's ModifyIndex.
     pub rollout: Option<(RolloutPlan, u64)>,
     /// The record of the last switches.
@@ -707,6 +719,13 @@ impl Tree {
             }
             if rest == POLICY {
                 tree.policy = Policy::parse(&entry.value).map(|p| (p, entry.modify_index));
+                continue;
+            }
+            if let Some(node) = rest.strip_prefix(KNOWN).and_then(|r| r.strip_prefix('/')) {
+                if check_node_name(node).is_ok() {
+                    let record = serde_json::from_slice(&entry.value).unwrap_or_default();
+                    tree.known.insert(node.to_string(), record);
+                }
                 continue;
             }
             if let Some(node) = rest.strip_prefix(AGENTS).and_then(|r| r.strip_prefix('/')) {

@@ -48,7 +48,8 @@ fn healthy_everywhere(fleet: &Fleet<'_>) {
 // ------------------------------------------------------------ membership
 
 #[test]
-fn status_lists_the_agents_that_follow_the_prefix_and_a_stopped_agent_drops_out() {
+fn status_lists_the_agents_that_follow_the_prefix_and_a_stopped_agent_is_shown_absent_until_forgotten()
+ {
     let mut fleet = Fleet::start(2);
     let key = |node: &str| format!("{}/.agents/{node}", fleet.prefix);
     fleet.wait("both agents announced", |f| {
@@ -82,6 +83,24 @@ fn status_lists_the_agents_that_follow_the_prefix_and_a_stopped_agent_drops_out(
         serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
     assert!(json["agents"]["node2"].is_null(), "{json}");
     assert!(json["agents"]["node1"].is_object(), "{json}");
+
+    // Issue 20: it is remembered, shown absent, until forgotten.
+    assert!(json["absent"]["node2"]["since"].is_string(), "{json}");
+    assert!(json["absent"]["node1"].is_null(), "{json}");
+    let status = fleet.depro(&["status"]);
+    let text = status.result();
+    assert!(text.contains("node2  absent"), "{text}");
+    assert!(text.contains("absent: node2 (started 20"), "{text}");
+    fleet
+        .depro(&["forget", "node1"])
+        .fails(2, &["node1's agent follows", "stop it"]);
+    fleet
+        .depro(&["forget", "node9"])
+        .fails(2, &["node9 is not remembered"]);
+    let out = fleet.depro(&["forget", "node2"]);
+    assert!(out.result().contains("forgot node2"), "{out:#?}");
+    let status = fleet.depro(&["status"]);
+    assert!(!status.result().contains("node2"), "{status:#?}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
@@ -19,8 +19,9 @@ _depro() {
     pause) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     resume) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    forget) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -quiet -for= -nodes= -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac

@@ -207,7 +207,8 @@ impl Agent {
 
     /// Announces this agent under `<prefix>/.agents/<node>` for every
     /// deployment that has not under the current session: held by the
-    /// session, so the announcement ends with the agent.
+    /// session, so the announcement ends with the agent; and remembers it
+    /// under `<prefix>/.known/<node>`, which stays.
     pub(super) fn announce_membership(&mut self) {
         let Some(session) = self.sessions.id().map(String::from) else {
             return;
@@ -224,13 +225,20 @@ impl Agent {
                 continue;
             }
             let key = deployment.spec.prefix.agent_key(&self.config.name);
+            let known = deployment.spec.prefix.known_key(&self.config.name);
             let op = TxnOp::Lock {
                 key: &key,
                 value: &value,
                 session: &session,
                 flags: 0,
             };
-            let result = match self.consul.txn(&[op]) {
+            // Remembered too, past this agent's life (`depro status` shows
+            // it absent once it stops, until `depro forget`).
+            let remember = TxnOp::Set {
+                key: &known,
+                value: &value,
+            };
+            let result = match self.consul.txn(&[op, remember]) {
                 Ok(TxnOutcome::Committed(_)) => {
                     log::debug!("{}: announced as {key}", deployment.spec.id);
                     self.deployments[index].announced = true;

@@ -135,3 +135,37 @@ fn driver(ctx: &Ctx) -> Result<Option<String>> {
         .filter(|e| e.session.is_some())
         .map(|e| driver_of(&e.value)))
 }
+
+/// `forget NODE`: the node of a retired host is no longer remembered
+/// (`.known`), so `status` stops showing it absent. Refused while its agent
+/// runs (it would be remembered again at once).
+pub(crate) fn forget(args: TreeArgs, env: Env<'_>, node: &str) -> Result<()> {
+    let ctx = Ctx::resolve(&args, env)?;
+    crate::tree::check_node_name(node).map_err(|why| Error::Usage(format!("forget: {why}")))?;
+    if ctx.read_agents()?.contains_key(node) {
+        return Err(Error::Refused(format!(
+            "{node}'s agent follows {} now; stop it (and retire the host) first",
+            ctx.prefix
+        )));
+    }
+    let key = ctx.prefix.known_key(node);
+    let Some(entry) = ctx.retrying(|c| c.get(&key, Read::consistent()))?.value else {
+        return Err(Error::Refused(format!(
+            "{node} is not remembered under {} (`depro status -prefix={}` lists the absent nodes)",
+            ctx.prefix, ctx.prefix
+        )));
+    };
+    let op = TxnOp::DeleteCas {
+        key: &key,
+        index: entry.modify_index,
+    };
+    match ctx.retrying(|c| c.txn(std::slice::from_ref(&op)))? {
+        TxnOutcome::Committed(_) => {
+            println!("{}: forgot {node}", ctx.prefix);
+            Ok(())
+        }
+        TxnOutcome::Rejected(_) => Err(Error::LostRace(format!(
+            "{node}'s agent started again meanwhile (it wrote {key}); stop it first"
+        ))),
+    }
+}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-pub(crate) use control::{pause, resume};
+pub(crate) use control::{forget, pause, resume};
 pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
 pub(crate) use policy::policy;

@@ -21,6 +21,7 @@
 //!       "reasons": { "node4": { "hook": "deploy", "error": "the deploy hook exited with status 3",
 //!                               "exit_code": 3, "output": "…", "at": "…" } } } ],
 //!   "agents": { "node1": { "depro": "0.3.0", "since": "2026-11-26T09:00:00.000Z" } },
+//!   "absent": { "node5": { "depro": "0.3.0", "since": "…" } },   // agents that followed it and are gone
 //!   "rollout": null,                       // or the progressive rollout under way, see below
 //!   "policy": null,                        // or { "flags": "-nodes=all -canary=1", "by", "since", "message" }
 //!   "ignored": [ "../" ] }
@@ -287,6 +288,11 @@ pub(crate) fn json(
         "previous": tree.previous().map(|v| v.as_str()),
         "versions": versions,
         "agents": tree.agents,
+        "absent": tree
+            .known
+            .iter()
+            .filter(|(node, _)| !tree.agents.contains_key(*node))
+            .collect::<std::collections::BTreeMap<_, _>>(),
         "rollout": rollout,
         "policy": policy,
         "ignored": tree.ignored.iter().collect::<Vec<_>>(),
@@ -530,6 +536,7 @@ pub(crate) fn table_at(
         .iter()
         .flat_map(|(_, i)| i.nodes.keys())
         .chain(tree.agents.keys())
+        .chain(tree.known.keys())
         .collect();
     let one_version = versions.len() == 1;
     if nodes.len() > MATRIX_NODES && !one_version {
@@ -550,10 +557,11 @@ pub(crate) fn table_at(
                 .collect(),
         ];
         for node in nodes {
-            let agent = tree
-                .agents
-                .get(node)
-                .map_or("-".to_string(), |a| shown(&a.depro));
+            let agent = match (tree.agents.get(node), tree.known.contains_key(node)) {
+                (Some(a), _) => shown(&a.depro),
+                (None, true) => "absent".to_string(),
+                (None, false) => "-".to_string(),
+            };
             let mut row = vec![node.clone(), agent];
             for (_, info) in &versions {
                 row.push(
@@ -571,9 +579,26 @@ pub(crate) fn table_at(
         }
         out.push_str(&align(&rows));
         out.push_str(
-            "(AGENT: the depro version of the live agent that follows the prefix, - if none; \
-             -: no report on that version)\n",
+            "(AGENT: the depro version of the live agent that follows the prefix, absent if it \
+             stopped, - if none is known; -: no report on that version)\n",
         );
+    }
+    let absent: Vec<String> = tree
+        .known
+        .iter()
+        .filter(|(node, _)| !tree.agents.contains_key(*node))
+        .map(|(node, record)| format!("{node} (started {})", shown(&record.since)))
+        .collect();
+    if !absent.is_empty() {
+        let more = match absent.len() > 10 {
+            true => format!(" and {} more (-json lists them)", absent.len() - 10),
+            false => String::new(),
+        };
+        out.push_str(&format!(
+            "absent: {}{more}; a retired host is forgotten with `depro forget NODE \
+             -prefix={prefix}`\n",
+            absent[..absent.len().min(10)].join(", ")
+        ));
     }
     // One line per version and reason, naming every node that gave it
     // (20 nodes failing alike are one line, not 20).
@@ -785,7 +810,7 @@ NODE   AGENT  v1      v2
 node1  0.3.0  ready   active
 node2  -      failed  busy
 node3  0.3.0  -       -
-(AGENT: the depro version of the live agent that follows the prefix, - if none; -: no report on that version)
+(AGENT: the depro version of the live agent that follows the prefix, absent if it stopped, - if none is known; -: no report on that version)
 
 failures:
   v1 on node2: the deploy hook exited with status 3

@@ -299,6 +299,8 @@ pub(crate) enum TxnOp<'a> {
         session: &'a str,
         flags: u64,
     },
+    /// Set `key` unconditionally.
+    Set { key: &'a str, value: &'a [u8] },
     /// Delete `key` unconditionally.
     Delete { key: &'a str },
     /// Read `key`; the transaction fails if it does not exist. In a write,
@@ -316,6 +318,7 @@ impl TxnOp<'_> {
             TxnOp::Cas { key, .. }
             | TxnOp::DeleteCas { key, .. }
             | TxnOp::Lock { key, .. }
+            | TxnOp::Set { key, .. }
             | TxnOp::Delete { key }
             | TxnOp::Get { key }
             | TxnOp::CheckIndex { key, .. }
@@ -338,6 +341,9 @@ impl TxnOp<'_> {
             } => serde_json::json!({
                 "Verb": "lock", "Key": key, "Value": base64_encode(value), "Session": session,
                 "Flags": flags}),
+            TxnOp::Set { key, value } => {
+                serde_json::json!({"Verb": "set", "Key": key, "Value": base64_encode(value)})
+            }
             TxnOp::Delete { key } => serde_json::json!({"Verb": "delete", "Key": key}),
             TxnOp::Get { key } => serde_json::json!({"Verb": "get", "Key": key}),
             TxnOp::CheckIndex { key, index } => {
