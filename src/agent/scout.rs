@@ -158,6 +158,9 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
     // Only that is kept, not the listing: the scout's memory stays flat
     // with the versions.
     let mut had_current: Option<bool> = None;
+    // The first comparison rings for a whole read instead (see
+    // `ring_for_changes`).
+    let mut first = true;
     loop {
         let ours = target
             .session
@@ -192,7 +195,8 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
         drop(keys);
         let current_appeared = has_current && had_current == Some(false);
         had_current = Some(has_current);
-        if let Err(e) = ring_for_changes(consul, target, answer.index, current_appeared) {
+        if let Err(e) = ring_for_changes(consul, target, answer.index, current_appeared, &mut first)
+        {
             if backed_off(&e, &mut cursor, health, stop) {
                 return true;
             }
@@ -203,11 +207,17 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
 
 /// Compares the tree as of `index` with the agent's snapshot, and rings for
 /// what no ring announced.
+///
+/// The first time after taking the lock, it rings once for a whole read
+/// instead: the agent's snapshot may come from a whole read made after a
+/// change no ring announced, which another agent's earlier read missed
+/// (agents starting together while a plain client adds a version).
 fn ring_for_changes(
     consul: &Consul,
     target: &Target,
     index: u64,
     current_appeared: bool,
+    first: &mut bool,
 ) -> Result<(), crate::consul::ConsulError> {
     let (seen, _) = read_whole(consul, target, Whole::From { at: index })?;
     let tree: BTreeSet<VersionName> = seen
@@ -243,6 +253,16 @@ fn ring_for_changes(
     let Some(book) = book else {
         return Ok(()); // the agent has not read the tree yet
     };
+    if *first {
+        log::debug!(
+            "{}: scouting from here; one ring for a whole read, for agents that read before a \
+             change no ring announced",
+            target.prefix
+        );
+        // Lost to another ring: tried again at the next answer.
+        *first = ring(consul, target, None, bell_index)?.is_none();
+        return Ok(());
+    }
     let mut changes: Vec<Change> = Vec::new();
     let mut plain_changes = false;
     for version in tree.difference(&book) {
