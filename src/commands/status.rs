@@ -602,8 +602,24 @@ pub(crate) fn table_at(
     }
     // One line per version and reason, naming every node that gave it
     // (20 nodes failing alike are one line, not 20).
+    // The failures of versions older than current (superseded: created
+    // before it), but for the one rollback would go back to, age out of the
+    // list: counted, not listed, unless asked for one version.
     let mut failures: Vec<String> = Vec::new();
-    for (version, info) in &versions {
+    let current_at = versions.iter().position(|(v, _)| Some(*v) == current);
+    let previous = tree.previous();
+    let mut aged = (0, 0);
+    for (at, (version, info)) in versions.iter().enumerate() {
+        let failed = info
+            .nodes
+            .values()
+            .filter(|e| e.state == NodeState::Failed)
+            .count();
+        let superseded = current_at.is_some_and(|c| at < c) && Some(*version) != previous;
+        if versions.len() > 1 && superseded && failed > 0 {
+            aged = (aged.0 + 1, aged.1 + failed);
+            continue;
+        }
         let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
         for (node, _) in info
             .nodes
@@ -622,6 +638,14 @@ pub(crate) fn table_at(
         for (text, nodes) in groups {
             failures.push(format!("  {version} on {}: {text}", compact_names(&nodes)));
         }
+    }
+    if aged.0 > 0 {
+        failures.push(format!(
+            "  (and {} failed node report(s) of {} version(s) older than current: `depro status \
+             -prefix={prefix} VERSION` shows them, `depro prune -failed` removes the versions \
+             that failed everywhere)",
+            aged.1, aged.0
+        ));
     }
     if !failures.is_empty() {
         out.push_str(&format!("\nfailures:\n{}\n", failures.join("\n")));
@@ -818,6 +842,34 @@ failures:
     | \\u{1b}[31mgone
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn failures_of_versions_older_than_current_and_the_rollback_target_age_out() {
+        let prefix = Prefix::parse("api/version").unwrap();
+        let order = |n: u64| format!(r#"{{"current_order": {n}}}"#);
+        let entries = vec![
+            entry("api/version/current", "v3", 20),
+            entry("api/version/v1/", &order(2), 1),
+            entry("api/version/v1/node1", "failed", 3),
+            entry("api/version/v2/", &order(8), 5),
+            entry("api/version/v2/node1", "ready", 6),
+            entry("api/version/v2/node2", "failed", 7),
+            entry("api/version/v3/", &order(19), 10),
+            entry("api/version/v3/node1", "active", 11),
+        ];
+        let tree = Tree::parse(&prefix, &entries);
+        let text = table(&prefix, &tree, &|_| true);
+        // v2 is the rollback target: its failure stays; v1's ages out.
+        assert!(text.contains("  v2 on node2: "), "{text}");
+        assert!(!text.contains("  v1 on node1"), "{text}");
+        assert!(
+            text.contains("(and 1 failed node report(s) of 1 version(s) older than current"),
+            "{text}"
+        );
+        // Asked for v1 alone, its failure is listed.
+        let one = table(&prefix, &tree, &|v| v.as_str() == "v1");
+        assert!(one.contains("  v1 on node1: "), "{one}");
     }
 
     #[test]
