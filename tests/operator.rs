@@ -560,7 +560,7 @@ fn the_agent_logs_one_json_object_per_line_with_its_deployment_and_version() {
 // ------------------------------------------------------- status -watch
 
 #[test]
-fn status_watch_prints_a_line_per_change_when_not_on_a_terminal() {
+fn status_watch_prints_the_state_then_a_line_per_change_when_not_on_a_terminal() {
     use std::io::BufRead;
     let fleet = support::Fleet::start(2);
     let mut watch = support::spawn(fleet.depro_command(&["status", "-watch"]));
@@ -599,6 +599,9 @@ fn status_watch_prints_a_line_per_change_when_not_on_a_terminal() {
     }
     let _ = watch.kill();
     let _ = watch.wait();
+    // The starting state comes first, as a state (issue 20: it was printed
+    // as changes from nothing).
+    assert!(seen[0].ends_with("Z now: current unset"), "{seen:#?}");
     // Each line starts with a timestamp.
     assert!(
         seen.iter().all(|l| l.starts_with("20") && l.contains("Z ")),

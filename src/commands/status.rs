@@ -88,9 +88,10 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `status -watch`: on a terminal, the table redrawn at every change; else
-/// one line per change (a node's state, `current`, a version created or
-/// removed), for logs. Follows the prefix with blocking `?stale` reads,
+/// `status -watch`: on a terminal, the table kept up to date in place
+/// (only changed lines are redrawn) with when Consul last answered; else
+/// the starting state (`now:` lines), then one line per change (a node's
+/// state, `current`, a version created or removed), for logs. Follows the prefix with blocking `?stale` reads,
 /// paced like the commands' follow loop, until interrupted.
 fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Result<()> {
     use std::io::IsTerminal;
@@ -103,6 +104,7 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
     };
     let mut cursor = crate::cursor::Cursor::new(crate::cursor::WAIT, true, pacing);
     let mut last: Option<Tree> = None;
+    let mut drawn: Vec<String> = Vec::new();
     loop {
         let pause = cursor.pause(std::time::Instant::now());
         if !pause.is_zero() {
@@ -122,11 +124,21 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
         let tree = Tree::parse(&ctx.prefix, &answer.value);
         let changed = last.as_ref() != Some(&tree);
         cursor.answered(answer.index, changed);
-        if !changed {
-            continue;
-        }
         if tty {
-            print!("\x1b[H\x1b[2J{}", table(&ctx.prefix, &tree, &filter));
+            // Every answer: the footer says when Consul last answered.
+            let text = format!(
+                "{}\n(heard from Consul at {}; Ctrl-C ends)\n",
+                table(&ctx.prefix, &tree, &filter),
+                crate::logging::timestamp()
+            );
+            print!("{}", redraw(&mut drawn, &text));
+        } else if !changed {
+            continue;
+        } else if last.is_none() {
+            // The starting state, as a state (not as changes from nothing).
+            for line in state_lines(&tree, &filter) {
+                println!("{} now: {line}", crate::logging::timestamp());
+            }
         } else {
             for line in changes(last.as_ref(), &tree, &filter) {
                 println!("{} {line}", crate::logging::timestamp());
@@ -136,6 +148,50 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
         let _ = std::io::stdout().flush();
         last = Some(tree);
     }
+}
+
+/// Draws `text` over what the terminal shows (`drawn`, as drawn before):
+/// only the lines that changed are written again, so a redraw neither
+/// flickers nor moves what the eye follows. Returns what to print.
+fn redraw(drawn: &mut Vec<String>, text: &str) -> String {
+    let lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut out = String::new();
+    if drawn.is_empty() {
+        out.push_str("\x1b[H\x1b[2J");
+    }
+    for (row, line) in lines.iter().enumerate() {
+        if drawn.get(row) != Some(line) {
+            out.push_str(&format!("\x1b[{};1H{line}\x1b[K", row + 1));
+        }
+    }
+    if lines.len() < drawn.len() {
+        out.push_str(&format!("\x1b[{};1H\x1b[J", lines.len() + 1));
+    }
+    out.push_str(&format!("\x1b[{};1H", lines.len() + 1));
+    *drawn = lines;
+    out
+}
+
+/// The tree as a state, one line per fact: `current v2`, `v1 node1: active`.
+fn state_lines(
+    tree: &Tree,
+    filter: &dyn Fn(&crate::version_name::VersionName) -> bool,
+) -> Vec<String> {
+    let mut lines = vec![format!(
+        "current {}",
+        tree.current
+            .as_ref()
+            .map_or("unset".to_string(), |c| shown(&c.value))
+    )];
+    for (version, info) in tree.versions.iter().filter(|(v, _)| filter(v)) {
+        if info.nodes.is_empty() {
+            lines.push(format!("{version}: no node has reported"));
+        }
+        for (node, entry) in &info.nodes {
+            lines.push(format!("{version} {node}: {}", entry.state));
+        }
+    }
+    lines
 }
 
 /// What changed between two reads of the tree, one line each.
@@ -842,6 +898,20 @@ failures:
     | \\u{1b}[31mgone
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_redraw_writes_only_the_lines_that_changed() {
+        let mut drawn = Vec::new();
+        let first = redraw(&mut drawn, "a\nb\nc\n");
+        assert!(first.starts_with("\x1b[H\x1b[2J"), "{first:?}");
+        assert!(first.contains("\x1b[2;1Hb\x1b[K"), "{first:?}");
+        // One line changed: only it is written.
+        let second = redraw(&mut drawn, "a\nB\nc\n");
+        assert_eq!(second, "\x1b[2;1HB\x1b[K\x1b[4;1H");
+        // Shorter: what is below is cleared.
+        let third = redraw(&mut drawn, "a\n");
+        assert_eq!(third, "\x1b[2;1H\x1b[J\x1b[2;1H");
     }
 
     #[test]
