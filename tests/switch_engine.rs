@@ -201,9 +201,10 @@ fn the_dry_run_prints_the_plan_the_real_run_carries_out() {
         .depro(&["deploy", "v6", "-nodes=3", "-no-rollout"])
         .ok();
     leave_waves(&fleet, "v6");
+    // (-pause=0s: a resume takes the rollout's own -pause=10m otherwise.)
     same_plan(
         &fleet,
-        &["rollout", "v6", "-nodes=3"],
+        &["rollout", "v6", "-nodes=3", "-pause=0s"],
         &["resume at wave 1/3", "switch to v6"],
     );
 

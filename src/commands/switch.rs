@@ -522,6 +522,21 @@ pub(super) fn switch_and_confirm(
 /// If the answer is lost (the connection drops, the leader changes), the
 /// outcome is unknown: the command reads until it knows, and reports what
 /// is true.
+/// What an operation of the switch's transaction checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// `current` is as the command read it.
+    Current,
+    /// The version's key (its metadata) is as read.
+    VersionKey,
+    /// Nobody rang the doorbell since.
+    Doorbell,
+    /// `.history` is as read.
+    History,
+    /// The progressive rollout's plan is as left (its last step).
+    Plan,
+}
+
 fn switch_current(
     ctx: &mut Ctx,
     version: &VersionName,
@@ -563,34 +578,55 @@ fn switch_current(
             })
             .to_json();
         let bell = ctx.ring(Change::Switched(version.clone()))?;
-        let mut ops = vec![
-            TxnOp::Cas {
-                key: &current_key,
-                value: version.as_str().as_bytes(),
-                index: base_index,
-            },
-            TxnOp::Cas {
-                key: &version_key,
-                value: &meta_json,
-                index: version_index,
-            },
+        // Each operation with what it checks: a failure is read by that,
+        // not by its position in the transaction.
+        let mut checked = vec![
+            (
+                Check::Current,
+                TxnOp::Cas {
+                    key: &current_key,
+                    value: version.as_str().as_bytes(),
+                    index: base_index,
+                },
+            ),
+            (
+                Check::VersionKey,
+                TxnOp::Cas {
+                    key: &version_key,
+                    value: &meta_json,
+                    index: version_index,
+                },
+            ),
             // Agents whose watch of a missing `current` is paced (every
             // write anywhere wakes it) see the first switch at once.
-            bell.op(),
-            TxnOp::Cas {
-                key: &history_key,
-                value: &history,
-                index: history_index,
-            },
+            (Check::Doorbell, bell.op()),
+            (
+                Check::History,
+                TxnOp::Cas {
+                    key: &history_key,
+                    value: &history,
+                    index: history_index,
+                },
+            ),
         ];
         if let Some(index) = finishing {
             // The last step of a progressive rollout: its key goes in the
             // same transaction, and only if nobody changed it meanwhile.
-            ops.push(TxnOp::DeleteCas {
-                key: &rollout_key,
-                index,
-            });
+            checked.push((
+                Check::Plan,
+                TxnOp::DeleteCas {
+                    key: &rollout_key,
+                    index,
+                },
+            ));
         }
+        let ops: Vec<TxnOp<'_>> = checked.iter().map(|(_, op)| *op).collect();
+        let failed = |outcome: &TxnOutcome, check: Check| match outcome {
+            TxnOutcome::Rejected(failures) => failures
+                .iter()
+                .any(|f| checked.get(f.op).is_some_and(|(c, _)| *c == check)),
+            TxnOutcome::Committed(_) => false,
+        };
         let outcome = match ctx.consul.txn(&ops) {
             Ok(outcome) => outcome,
             Err(e) if e.is_transient() => {
@@ -618,7 +654,7 @@ fn switch_current(
                         format!("{} (on {})", denied.what, ops[denied.op].key()),
                     ))));
                 }
-                if outcome.failure_of(0).is_some() {
+                if failed(&outcome, Check::Current) {
                     // `current` moved since the command started.
                     let now = ctx.read_current()?;
                     if let Some(index) = ours_after_all(ctx, version, base_index, now.as_ref())? {
@@ -631,7 +667,7 @@ fn switch_current(
                         "is ready but not current",
                     ));
                 }
-                if outcome.failure_of(4).is_some() {
+                if failed(&outcome, Check::Plan) {
                     return Err(Error::LostRace(format!(
                         "the progressive rollout of {version} under {} was changed by another command \
                          (undone or replaced) before its last step; current unchanged; check with \
@@ -639,7 +675,10 @@ fn switch_current(
                         ctx.prefix, ctx.prefix
                     )));
                 }
-                if (1..=3).any(|op| outcome.failure_of(op).is_some()) {
+                if [Check::VersionKey, Check::Doorbell, Check::History]
+                    .into_iter()
+                    .any(|check| failed(&outcome, check))
+                {
                     // The version's key changed or went (read it again), or
                     // another command rang the doorbell first (ring again).
                     continue;
