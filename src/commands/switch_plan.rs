@@ -637,4 +637,147 @@ mod tests {
         assert_eq!(flat.len(), all.len());
         assert_eq!(flat.into_iter().cloned().collect::<BTreeSet<_>>(), all);
     }
+
+    // ---- exhaustive checks over a small universe ----
+
+    /// Every combination of: the intent (deploy, deploy -no-rollout,
+    /// rollout, rollback, rollback -to), `current` (unset, v1, a value that
+    /// is not a version), whether v2 exists, a plan (none, of v2, of v3,
+    /// one no longer in effect, one depro cannot resume), and the flags (at
+    /// once, or waves).
+    #[test]
+    fn every_decision_keeps_the_switch_rules() {
+        let intents = [
+            Intent::Deploy {
+                version: v("v2"),
+                no_rollout: false,
+            },
+            Intent::Deploy {
+                version: v("v2"),
+                no_rollout: true,
+            },
+            Intent::Rollout { version: v("v2") },
+            Intent::Rollback { to: None },
+            Intent::Rollback { to: Some(v("v2")) },
+        ];
+        let currents = [
+            None,
+            Some(current("v1", 50)),
+            Some(current("bad value", 50)),
+        ];
+        let plans = [
+            None,
+            Some(plan_of("v2", "v1", 1)),
+            Some(plan_of("v3", "v1", 1)),
+            Some(RolloutPlan {
+                base_index: 7,
+                ..plan_of("v2", "v1", 1)
+            }),
+            Some(plan_of("v2", "v1", 0)),
+        ];
+        let mut checked = 0;
+        for intent in &intents {
+            for base in &currents {
+                for v2_exists in [false, true] {
+                    for plan in &plans {
+                        for flags in [SwitchFlags::default(), waves(1)] {
+                            let mut t = tree(&[("v1", &[Active, Active])], None);
+                            if v2_exists {
+                                t = tree(
+                                    &[("v1", &[Active, Active]), ("v2", &[Ready, Ready])],
+                                    None,
+                                );
+                            }
+                            t.current = base.clone();
+                            t.rollout = plan.clone().map(|p| (p, 60));
+                            let index = base.as_ref().map_or(0, |c| c.modify_index);
+                            let in_effect = plan.as_ref().filter(|p| p.applies_to(index));
+                            let decision = decide(intent, &flags, &seen(t));
+                            check(
+                                intent,
+                                base.as_ref(),
+                                v2_exists,
+                                in_effect,
+                                &flags,
+                                &decision,
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 3 * 2 * 5 * 2);
+    }
+
+    fn check(
+        intent: &Intent,
+        base: Option<&CurrentKey>,
+        v2_exists: bool,
+        in_effect: Option<&RolloutPlan>,
+        flags: &SwitchFlags,
+        decision: &Result<Plan, Refusal>,
+    ) {
+        let case =
+            format!("{intent:?} current={base:?} v2={v2_exists} plan={in_effect:?} {flags:?}");
+        // A rollback with a plan in effect undoes it, and nothing else does.
+        let undo = matches!(intent, Intent::Rollback { .. }) && in_effect.is_some();
+        assert_eq!(matches!(decision, Ok(Plan::Undo { .. })), undo, "{case}");
+        let Ok(Plan::Switch(plan)) = decision else {
+            return;
+        };
+        // A switch is never to a version not in the tree, but a deploy's
+        // (which creates it).
+        let deploy = matches!(intent, Intent::Deploy { .. });
+        assert!(deploy || v2_exists || plan.version != v("v2"), "{case}");
+        assert_eq!(
+            plan.create,
+            deploy && plan.version == v("v2") && !v2_exists,
+            "{case}"
+        );
+        // The check-and-set base is current as read.
+        assert_eq!(plan.base.as_ref(), base, "{case}");
+        match &plan.then {
+            // -no-rollout, and only it, stops at ready.
+            Then::Stop => assert!(
+                matches!(
+                    intent,
+                    Intent::Deploy {
+                        no_rollout: true,
+                        ..
+                    }
+                ),
+                "{case}"
+            ),
+            // Waves keep the version current names outside them.
+            Then::Waves => {
+                assert!(base.is_some_and(|c| c.version.is_some()), "{case}");
+                assert!(flags.progressive() && in_effect.is_none(), "{case}");
+            }
+            // Only the plan of this very version is resumed, whatever the
+            // flags, and only one depro could have written.
+            Then::Resume { plan: resumed, .. } => {
+                assert_eq!(resumed.version, plan.version.as_str(), "{case}");
+                assert_eq!(Some(resumed.as_ref()), in_effect, "{case}");
+                assert!(
+                    (1..=resumed.waves.len()).contains(&resumed.started_waves),
+                    "{case}"
+                );
+            }
+            Then::AlreadyCurrent => {
+                assert_eq!(
+                    base.and_then(|c| c.version.as_ref()),
+                    Some(&plan.version),
+                    "{case}"
+                )
+            }
+            Then::AtOnce => assert!(!flags.progressive() && in_effect.is_none(), "{case}"),
+        }
+        // Another version's rollout in effect is never switched over.
+        if let Some(other) = in_effect
+            && plan.then != Then::Stop
+        {
+            assert_eq!(other.version, plan.version.as_str(), "{case}");
+        }
+    }
 }
