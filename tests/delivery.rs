@@ -119,6 +119,12 @@ fn nodes_all_counts_every_live_agent_and_not_one_that_stopped() {
     });
     let out = fleet.depro(&["deploy", "v2", "-nodes=all"]);
     assert!(out.ok().contains("2/2 ready"), "{out:#?}");
+    // The agent that stopped is named, not silently left out.
+    assert!(
+        out.ok()
+            .contains("(-nodes=all of 2 agents, 1 absent: node3: 2 needed)"),
+        "{out:#?}"
+    );
     assert_eq!(fleet.current().as_deref(), Some("v2"));
     for agent in &fleet.agents[..2] {
         assert_eq!(agent.live("api").as_deref(), Some("v2"));

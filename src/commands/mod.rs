@@ -561,6 +561,21 @@ impl Ctx {
         }))
     }
 
+    /// The nodes of the agents that have followed the prefix, live or not
+    /// (`.known`).
+    pub(crate) fn read_known(&self) -> Result<BTreeSet<String>> {
+        let dir = format!("{}{}/", self.prefix.as_dir(), crate::tree::KNOWN);
+        let answer = self.retrying(|c| c.keys(&dir, Read::consistent()))?;
+        Ok(answer
+            .value
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dir))
+            .filter(|n| crate::tree::check_node_name(n).is_ok())
+            .map(String::from)
+            .collect())
+    }
+
     /// Reads the prefix's rollout policy, if any, from the leader.
     pub(crate) fn read_policy(&self) -> Result<Option<(Policy, u64)>> {
         let key = self.prefix.policy_key();

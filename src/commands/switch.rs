@@ -211,6 +211,12 @@ pub(super) fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<Stri
     if let Need::Count(n) = wait.need {
         ctx.out.nodes_seen(n as usize);
     }
+    // Agents that followed the prefix and are gone: -nodes=all does not
+    // count them, and the progress says so.
+    let known = match wait.need.counts_agents() {
+        true => ctx.read_known()?,
+        false => BTreeSet::new(),
+    };
     let outcome = ctx.follow_also(version, wait.deadline, also, |out, seen: &Seen| {
         if !seen.info.exists {
             return Some(Err(Interrupted::Removed(seen.current.clone())));
@@ -234,10 +240,22 @@ pub(super) fn wait_ready(ctx: &mut Ctx, wait: &Wait<'_>) -> Result<BTreeSet<Stri
         } else {
             String::new()
         };
+        let absent: Vec<&String> = known
+            .iter()
+            .filter(|n| !seen.agents.contains_key(*n))
+            .collect();
+        let absent = match absent.len() {
+            0 => String::new(),
+            n => format!(
+                ", {n} absent: {}{}",
+                names(absent.iter().take(5).copied()),
+                if n > 5 { ", …" } else { "" }
+            ),
+        };
         let needed = match wait.need {
             Need::Count(_) => format!("{need} needed"),
             other => format!(
-                "-nodes={other} of {} agents{floor}: {need} needed",
+                "-nodes={other} of {} agents{absent}{floor}: {need} needed",
                 seen.agents.len()
             ),
         };
