@@ -216,24 +216,35 @@ impl SwitchFlags {
     /// same rollout (canary and batches included): ` -nodes=all -canary=1
     /// -batch=25% -pause=1m -rollback-on-failure`.
     pub(crate) fn repeated(&self) -> String {
+        // A flag given as "off" (-canary=0, -rollback-on-failure=false…) is
+        // repeated too: left out, a policy would fill it in again.
+        let given = |flag: &str| self.given.contains(flag);
         let mut flags = format!(" -nodes={}", self.need());
         if self.min_nodes > 0 {
             flags.push_str(&format!(" -min-nodes={}", self.min_nodes));
         }
-        if let Some(canary) = self.canary {
-            flags.push_str(&format!(" -canary={canary}"));
+        match self.canary {
+            Some(canary) => flags.push_str(&format!(" -canary={canary}")),
+            None if given("canary") => flags.push_str(" -canary=0"),
+            None => {}
         }
-        if let Some(batch) = self.batch {
-            flags.push_str(&format!(" -batch={batch}"));
+        match self.batch {
+            Some(batch) => flags.push_str(&format!(" -batch={batch}")),
+            None if given("batch") => flags.push_str(" -batch=0"),
+            None => {}
         }
-        if !self.pause.is_zero() {
+        if !self.pause.is_zero() || given("pause") {
             flags.push_str(&format!(" -pause={}", crate::duration::human(self.pause)));
         }
-        if self.rollback_on_failure {
-            flags.push_str(" -rollback-on-failure");
+        match self.rollback_on_failure {
+            true => flags.push_str(" -rollback-on-failure"),
+            false if given("rollback-on-failure") => flags.push_str(" -rollback-on-failure=false"),
+            false => {}
         }
-        if self.promote_manual {
-            flags.push_str(" -promote=manual");
+        match self.promote_manual {
+            true => flags.push_str(" -promote=manual"),
+            false if given("promote") => flags.push_str(" -promote=auto"),
+            false => {}
         }
         flags
     }
@@ -1389,5 +1400,35 @@ mod tests {
             let err = parse_policy(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn repeated_flags_keep_what_was_turned_off_so_a_policy_cannot_fill_it_in() {
+        let Command::Rollout(args) = parse_str(&[
+            "rollout",
+            "v2",
+            "-canary=0",
+            "-batch=0",
+            "-pause=0s",
+            "-rollback-on-failure=false",
+            "-promote=auto",
+        ])
+        .unwrap() else {
+            panic!("not a rollout")
+        };
+        let text = args.switch.repeated();
+        assert_eq!(
+            text,
+            " -nodes=1 -canary=0 -batch=0 -pause=0ms -rollback-on-failure=false -promote=auto"
+        );
+        // Read back (a resume, a pasted hint), over a policy of waves: the
+        // offs hold.
+        let mut again = parse_policy(text.trim()).unwrap();
+        let policy =
+            parse_policy("-canary=1 -batch=25% -pause=1m -rollback-on-failure -promote=manual")
+                .unwrap();
+        assert_eq!(again.over(&policy), "");
+        assert!(!again.progressive() && !again.rollback_on_failure && !again.promote_manual);
+        assert!(again.pause.is_zero());
     }
 }

@@ -1288,4 +1288,19 @@ fn promote_manual_stops_after_the_canary_until_depro_promote() {
     assert!(out.result().starts_with("v2 is current"), "{out:#?}");
     assert_eq!(fleet.current().as_deref(), Some("v2"));
     fleet.expect_active("v2");
+
+    // A policy of manual promotion does not stop a rollback halfway: it
+    // keeps the policy's waves, not the wait for a person.
+    fleet
+        .depro(&["policy", "-canary=1", "-batch=1", "-promote=manual"])
+        .ok();
+    let dry = fleet.depro(&["deploy", "v3", "-dry-run"]);
+    assert!(
+        dry.ok().contains("would stop after the first wave (-promote=manual)"),
+        "{dry:#?}"
+    );
+    let out = fleet.depro(&["rollback"]);
+    assert!(out.ok().contains("rolling out v1 in 3 waves"), "{out:#?}");
+    assert!(out.result().starts_with("v1 is current"), "{out:#?}");
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
 }

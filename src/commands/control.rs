@@ -73,8 +73,9 @@ pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> R
     if let Some(who) = driver(&ctx)? {
         println!(
             "{}: the rollout of {version} goes on: the command driving it, of {who}, starts the \
-             next wave",
-            ctx.prefix
+             next wave (one killed with -9 holds its claim for up to 20 s: if no wave starts, run \
+             `depro resume -prefix={}` again then)",
+            ctx.prefix, ctx.prefix
         );
         return Ok(());
     }

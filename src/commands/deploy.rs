@@ -139,7 +139,8 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     }
 
     // 3 and 4. Switch `current`, confirm the rollout.
-    super::waves::switch(&mut ctx, &wait, ready_nodes, &args.switch, start)?;
+    let resuming = matches!(plan.then, Then::Resume { .. });
+    super::waves::switch(&mut ctx, &wait, ready_nodes, &args.switch, start, resuming)?;
 
     // 5. Keep only the newest versions.
     if let Some(keep) = args.keep {
@@ -177,7 +178,16 @@ pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let seen = Observed {
         tree: ctx.read_existing_tree()?,
     };
+    // A rollback is the way out of a bad day: the policy's waves and gates
+    // hold, but not its -promote=manual (a rollback that stops after its
+    // first wave, exit 0, is not one), and a policy depro cannot read does
+    // not stop it.
+    let asked_promote = args.switch.given.contains("promote");
     resolve_flags(&mut ctx, &mut args.switch, &seen, None)?;
+    if !asked_promote && args.switch.promote_manual {
+        args.switch.promote_manual = false;
+        ctx.hints_repeat(&args.switch);
+    }
     let plan =
         decide(&Intent::Rollback { to }, &args.switch, &seen).map_err(|r| refused(&ctx, r))?;
     if args.switch.dry_run {
@@ -228,7 +238,9 @@ fn resolve_flags(
                 .line(&format!("resuming with the rollout's own flags: {taken}"));
         }
     }
-    ctx.take_policy(flags)?;
+    // A rollback (no version named here) goes on without a policy it
+    // cannot read.
+    ctx.take_policy(flags, version.is_none())?;
     ctx.hints_repeat(flags);
     Ok(())
 }
@@ -265,7 +277,8 @@ fn roll_to(
         how,
     };
     let ready = wait_ready(ctx, &wait)?;
-    super::waves::switch(ctx, &wait, ready, switch, start)
+    let resuming = matches!(plan.then, Then::Resume { .. });
+    super::waves::switch(ctx, &wait, ready, switch, start, resuming)
 }
 
 /// `-keep=K` after a deploy: what `depro prune -keep=K` removes, now that

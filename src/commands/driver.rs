@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use super::Ctx;
-use crate::consul::{Conflict, Consul, Read, TxnOp, TxnOutcome};
+use crate::consul::{Conflict, Consul, ConsulErrorKind, Read, TxnOp, TxnOutcome};
 use crate::error::{Error, Result};
 use crate::tree::driver_of;
 use crate::version_name::VersionName;
@@ -33,8 +33,28 @@ impl Driver {
     /// `base_index`; exit 5 when another command holds it for the same
     /// rollout. A claim left by a command that died, for a rollout since
     /// finished or undone, is taken over.
-    pub(crate) fn take(ctx: &Ctx, version: &VersionName, base_index: u64) -> Result<Driver> {
-        let session = ctx.retrying(|c| c.create_session("depro rollout driver", TTL))?;
+    ///
+    /// `None` when the ACL token may not create sessions (the documented
+    /// least CLI policy reads them only): the rollout is driven without the
+    /// claim, and the progress says what that costs.
+    pub(crate) fn take(
+        ctx: &Ctx,
+        version: &VersionName,
+        base_index: u64,
+    ) -> Result<Option<Driver>> {
+        let session = match ctx.retrying(|c| c.create_session("depro rollout driver", TTL)) {
+            Ok(session) => session,
+            Err(Error::Consul(e)) if matches!(e.kind, ConsulErrorKind::Denied(_)) => {
+                ctx.out.line(&format!(
+                    "the ACL token may not create sessions: no claim on {} for this rollout, so \
+                     `depro status` cannot tell it is driven and another command could drive it \
+                     too (give the token session_prefix \"\" {{ policy = \"write\" }})",
+                    ctx.prefix.driver_key()
+                ));
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         match claim(ctx, &session, version, base_index) {
             Ok(()) => {}
             Err(error) => {
@@ -60,16 +80,25 @@ impl Driver {
         };
         {
             let (consul, session) = (ctx.consul.clone(), session.clone());
+            // At most a second or two: Ctrl-C must not hang on a Consul
+            // that does not answer (the session then lapses on its own).
             super::interrupt::on_interrupt(Box::new(move || {
-                let _ = consul.destroy_session(&session);
+                let (done, wait) = mpsc::channel();
+                let _ = std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        let _ = consul.destroy_session(&session);
+                        let _ = done.send(());
+                    });
+                let _ = wait.recv_timeout(Duration::from_secs(2));
             }));
         }
-        Ok(Driver {
+        Ok(Some(Driver {
             consul: ctx.consul.clone(),
             session,
             stop: Some(stop),
             renewer,
-        })
+        }))
     }
 }
 

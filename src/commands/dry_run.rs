@@ -106,6 +106,14 @@ pub(crate) fn show_switch(
         Then::Resume {
             plan: under_way, ..
         } => {
+            if let Some(by) = &under_way.paused {
+                say(&format!(
+                    "the rollout is paused (by {}): would wait for `depro resume -prefix={}` \
+                     before the next wave",
+                    shown(by),
+                    ctx.prefix
+                ));
+            }
             say(&format!(
                 "would resume the progressive rollout of {version}{} at wave {} of {} ({} \
                  switched: {}), each wave active before the next{}",
@@ -137,7 +145,16 @@ pub(crate) fn show_switch(
                 },
                 pause(flags)
             ));
-            switch_line(ctx, version, &from, index, flags);
+            if flags.promote_manual && waves.len() != 1 {
+                // current does not move in this run.
+                say(&format!(
+                    "would stop after the first wave (-promote=manual), exit 0, until `depro \
+                     promote {version} -prefix={}`",
+                    ctx.prefix
+                ));
+            } else {
+                switch_line(ctx, version, &from, index, flags);
+            }
         }
         Then::AtOnce => switch_line(ctx, version, &from, index, flags),
     }

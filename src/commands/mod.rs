@@ -296,7 +296,10 @@ impl Ctx {
             if let TxnOutcome::Rejected(failures) = &outcome {
                 if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
                     return Err(Error::Consul(Box::new(self.consul.denied(
-                        format!("writing {:?}", all[denied.op].key()),
+                        format!(
+                            "writing {:?}",
+                            all.get(denied.op).map_or("the transaction", |op| op.key())
+                        ),
                         denied.what.clone(),
                     ))));
                 }
@@ -589,19 +592,34 @@ impl Ctx {
     /// The prefix's rollout policy under this command's own `flags`: each
     /// policy flag the command does not give is the policy's. The progress
     /// says what came from the policy and what the command overrode.
-    pub(crate) fn take_policy(&self, flags: &mut crate::cli::SwitchFlags) -> Result<()> {
+    /// `lenient` (a rollback): a policy depro cannot read is warned about
+    /// and left out, not a refusal.
+    pub(crate) fn take_policy(
+        &self,
+        flags: &mut crate::cli::SwitchFlags,
+        lenient: bool,
+    ) -> Result<()> {
         let Some((policy, _)) = self.read_policy()? else {
             return Ok(());
         };
-        let stored = crate::cli::parse_policy(&policy.flags).map_err(|e| {
-            Error::Refused(format!(
-                "{} holds a policy depro cannot read ({e}); set it again with `depro policy \
-                 -prefix={} FLAGS`, or clear it with `depro policy -prefix={} -clear`",
-                self.prefix.policy_key(),
-                self.prefix,
-                self.prefix
-            ))
-        })?;
+        let stored = match crate::cli::parse_policy(&policy.flags) {
+            Ok(stored) => stored,
+            Err(e) => {
+                let what = format!(
+                    "{} holds a policy depro cannot read ({e}); set it again with `depro policy \
+                     -prefix={} FLAGS`, or clear it with `depro policy -prefix={} -clear`",
+                    self.prefix.policy_key(),
+                    self.prefix,
+                    self.prefix
+                );
+                if lenient {
+                    self.out
+                        .line(&format!("{what}; this rollback goes on without it"));
+                    return Ok(());
+                }
+                return Err(Error::Refused(what));
+            }
+        };
         let mut overridden = flags.clone();
         overridden.given.retain(|f| stored.given.contains(f));
         let taken = flags.over(&stored);

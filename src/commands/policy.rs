@@ -79,11 +79,17 @@ pub(crate) fn policy(args: PolicyArgs, env: Env<'_>) -> Result<()> {
             TxnOutcome::Rejected(failures) => {
                 if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
                     return Err(Error::Consul(Box::new(ctx.consul.denied(
-                        format!("writing {:?}", ops[denied.op].key()),
+                        format!(
+                            "writing {:?}",
+                            ops.get(denied.op).map_or(key.as_str(), |op| op.key())
+                        ),
                         denied.what.clone(),
                     ))));
                 }
-                if failures.iter().any(|f| ops[f.op].key() == key) {
+                if failures
+                    .iter()
+                    .any(|f| ops.get(f.op).is_none_or(|op| op.key() == key))
+                {
                     return Err(Error::LostRace(format!(
                         "someone changed the rollout policy of {} meanwhile; see it with `depro \
                          policy -prefix={}` and run this again if it still applies",

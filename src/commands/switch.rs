@@ -125,7 +125,8 @@ pub(super) fn refused(ctx: &Ctx, refusal: Refusal) -> Error {
         )),
         Refusal::NoBaseForWaves => Error::Refused(format!(
             "{prefix}/current is not set, so there is no version to keep on the nodes outside a \
-             wave; roll out the first version to every node at once (without -canary or -batch)"
+             wave; roll out the first version to every node at once (without -canary or -batch, \
+             or with -canary=0 -batch=0 against a policy of waves)"
         )),
         Refusal::NothingToRollBackFrom => Error::Refused(format!(
             "{prefix}/current is not set: there is nothing to roll back from"
@@ -669,7 +670,11 @@ fn switch_current(
                 if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
                     return Err(Error::Consul(Box::new(ctx.consul.denied(
                         format!("switching {current_key} to {version}"),
-                        format!("{} (on {})", denied.what, ops[denied.op].key()),
+                        format!(
+                            "{} (on {})",
+                            denied.what,
+                            ops.get(denied.op).map_or("the transaction", |op| op.key())
+                        ),
                     ))));
                 }
                 if failed(&outcome, Check::Current) {

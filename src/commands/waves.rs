@@ -32,12 +32,17 @@ use crate::version_name::VersionName;
 /// Steps 3 and 4 of `deploy`, `rollout` and `rollback`: all at once, or in
 /// waves when asked to (or when a rollout of this version is under way:
 /// it is resumed).
+///
+/// `resuming`: the command decided at its start to resume the rollout under
+/// way; if that is gone at the switch (undone or finished by another
+/// command), it does not start one of its own (exit 5).
 pub(crate) fn switch(
     ctx: &mut Ctx,
     wait: &Wait<'_>,
     ready: BTreeSet<String>,
     flags: &SwitchFlags,
     start: Instant,
+    resuming: bool,
 ) -> Result<()> {
     let version = wait.version;
     let base_index = wait.base.map_or(0, |c| c.modify_index);
@@ -48,6 +53,14 @@ pub(crate) fn switch(
     let found = ctx.read_rollout()?;
     let left_behind = found.as_ref().map_or(0, |(_, index)| *index);
     let then = then_for(version, wait.base, found.as_ref(), flags).map_err(|r| refused(ctx, r))?;
+    if resuming && !matches!(then, Then::Resume { .. }) {
+        return Err(Error::LostRace(format!(
+            "the progressive rollout of {version} this command was to resume was undone or \
+             finished by another command meanwhile; nothing was switched; see `depro status \
+             -prefix={}`",
+            ctx.prefix
+        )));
+    }
     if matches!(then, Then::Stop | Then::AlreadyCurrent | Then::AtOnce) {
         return switch_and_confirm(ctx, wait, ready, flags.rollback_on_failure, start, None);
     }
@@ -74,7 +87,7 @@ pub(crate) fn switch(
     let mut wave = plan.started_waves.max(1) - 1;
     // `-promote=manual` stops a rollout this command starts after its
     // first wave; a resumed one (`depro promote`) goes on.
-    let mut stop_for_promotion = flags.promote_manual && then_is_new && total > 1;
+    let stop_for_promotion = flags.promote_manual && then_is_new && total > 1;
     loop {
         leaves_wave(ctx, &plan);
         let nodes = plan.waves[wave].clone();
@@ -83,7 +96,10 @@ pub(crate) fn switch(
             wave + 1,
             names(&nodes)
         ));
-        match wait_wave(ctx, wait, &plan, index, base_index)? {
+        let mut paused = plan.paused.clone();
+        let waited = wait_wave(ctx, wait, &plan, &mut index, &mut paused, base_index)?;
+        plan.paused = paused;
+        match waited {
             Ok(()) => ctx.out.line(&format!(
                 "wave {}/{total}: {} active on {version} ({})",
                 wave + 1,
@@ -93,14 +109,32 @@ pub(crate) fn switch(
             Err(why) => return Err(halted(ctx, wait, &plan, index, wave, why, flags)),
         }
         if stop_for_promotion {
-            stop_for_promotion = false;
             let mut held = plan.clone();
             held.paused = Some(format!(
                 "{} at {} (waiting for promotion)",
                 ctx.user,
                 crate::logging::timestamp()
             ));
-            if write_plan_if(ctx, &held, index)?.is_some() {
+            // Lost to a pause or a resume made meanwhile: again on the
+            // plan's new index (anything else is another command's).
+            let mut written = None;
+            for _ in 0..3 {
+                written = write_plan_if(ctx, &held, index)?;
+                if written.is_some() {
+                    break;
+                }
+                match ctx.read_rollout()? {
+                    Some((now, now_index)) if now.same_rollout(&plan) => index = now_index,
+                    _ => {
+                        let why = Halt::Overtaken(
+                            "the rollout was undone or replaced by another command meanwhile"
+                                .into(),
+                        );
+                        return Err(halted(ctx, wait, &plan, index, wave, why, flags));
+                    }
+                }
+            }
+            if written.is_some() {
                 println!(
                     "{version}'s first wave is active on {} under {}, the other nodes run {}; \
                      waiting for promotion: `depro promote {version} -prefix={}` goes on, \
@@ -114,6 +148,12 @@ pub(crate) fn switch(
                 );
                 return Ok(());
             }
+            return Err(Error::LostRace(format!(
+                "{} kept changing while this command tried to stop the rollout of {version} for \
+                 its promotion; see `depro status -prefix={}`",
+                ctx.prefix.rollout_key(),
+                ctx.prefix
+            )));
         }
         wave += 1;
         // Between waves, and before the last step: -pause, and a pause by
@@ -148,14 +188,36 @@ pub(crate) fn switch(
     }
     // Every wave is active: `current` moves and the plan goes, at once.
     let expected: BTreeSet<String> = ready.union(&plan.switched).cloned().collect();
-    switch_and_confirm(
-        ctx,
-        wait,
-        expected,
-        flags.rollback_on_failure,
-        start,
-        Some(index),
-    )
+    let mut tries = 0;
+    loop {
+        let outcome = switch_and_confirm(
+            ctx,
+            wait,
+            expected.clone(),
+            flags.rollback_on_failure,
+            start,
+            Some(index),
+        );
+        // The last step lost only to a pause (or a resume) made just before
+        // it: `current` as it was, the same rollout under a new index. Wait
+        // for the resume, then take the step again.
+        let Err(Error::LostRace(_)) = &outcome else {
+            return outcome;
+        };
+        tries += 1;
+        let current = ctx.read_current()?.map_or(0, |c| c.modify_index);
+        let paused_only = match ctx.read_rollout()? {
+            Some((now, now_index)) => now_index != index && now.same_rollout(&plan),
+            None => false,
+        };
+        if tries > 3 || current != base_index || !paused_only {
+            return outcome;
+        }
+        index = match between_waves(ctx, wait, &mut plan, index, Duration::ZERO, total, total)? {
+            Ok(index) => index,
+            Err(why) => return Err(halted(ctx, wait, &plan, index, total - 1, why, flags)),
+        };
+    }
 }
 
 /// Waits out `pause` before wave `next` + 1 of `total` (or, with `next ==
@@ -353,11 +415,14 @@ enum Halt {
 
 /// Waits until every node switched so far runs `version` (`active`); a
 /// failed one halts the rollout.
+/// `index` follows the plan's key, and `paused` its mark: a pause or a
+/// resume changes them, not the rollout.
 fn wait_wave(
     ctx: &mut Ctx,
     wait: &Wait<'_>,
     plan: &RolloutPlan,
-    index: u64,
+    index: &mut u64,
+    paused: &mut Option<String>,
     base_index: u64,
 ) -> Result<std::result::Result<(), Halt>> {
     let version = wait.version;
@@ -380,14 +445,16 @@ fn wait_wave(
             ))));
         }
         // A pause or a resume changes the plan's index, not the rollout.
-        if seen
-            .rollout
-            .as_ref()
-            .is_none_or(|(p, i)| *i != index && !p.same_rollout(plan))
-        {
-            return Some(Err(Halt::Overtaken(
-                "the rollout was undone or replaced by another command meanwhile".into(),
-            )));
+        match &seen.rollout {
+            Some((p, i)) if *i == *index || p.same_rollout(plan) => {
+                *index = *i;
+                paused.clone_from(&p.paused);
+            }
+            _ => {
+                return Some(Err(Halt::Overtaken(
+                    "the rollout was undone or replaced by another command meanwhile".into(),
+                )));
+            }
         }
         let failed = in_state(seen, switched, NodeState::Failed);
         if !failed.is_empty() {
