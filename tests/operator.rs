@@ -1296,7 +1296,8 @@ fn promote_manual_stops_after_the_canary_until_depro_promote() {
         .ok();
     let dry = fleet.depro(&["deploy", "v3", "-dry-run"]);
     assert!(
-        dry.ok().contains("would stop after the first wave (-promote=manual)"),
+        dry.ok()
+            .contains("would stop after the first wave (-promote=manual)"),
         "{dry:#?}"
     );
     let out = fleet.depro(&["rollback"]);
