@@ -63,8 +63,8 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
             .all(|a| !f.consul.agent_sessions(&a.name).is_empty())
     });
     // ...and the empty tree stays empty: no node key, nothing cleaned (the
-    // agents create the doorbell, announce themselves and one scouts: no
-    // versions).
+    // agents create the doorbell, announce (and remember) themselves and one
+    // scouts: no versions).
     let prefix = format!("{}/", fleet.prefix);
     let doorbell = format!("{prefix}.changed");
     let scout = format!("{prefix}.scout");
@@ -77,7 +77,11 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
         let mut tree = consul.tree(&prefix);
         tree.remove(&doorbell);
         tree.remove(&scout);
-        tree.retain(|key, _| !key.starts_with(&format!("{prefix}.agents/")));
+        // Announcements, and what the agents remember of themselves.
+        tree.retain(|key, _| {
+            !key.starts_with(&format!("{prefix}.agents/"))
+                && !key.starts_with(&format!("{prefix}.known/"))
+        });
         if !tree.is_empty() {
             return Some(format!("{tree:?}"));
         }
