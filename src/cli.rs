@@ -218,58 +218,54 @@ impl SwitchFlags {
     pub(crate) fn repeated(&self) -> String {
         // A flag given as "off" (-canary=0, -rollback-on-failure=false…) is
         // repeated too: left out, a policy would fill it in again.
-        let given = |flag: &str| self.given.contains(flag);
         let mut flags = format!(" -nodes={}", self.need());
-        if self.min_nodes > 0 {
-            flags.push_str(&format!(" -min-nodes={}", self.min_nodes));
-        }
-        match self.canary {
-            Some(canary) => flags.push_str(&format!(" -canary={canary}")),
-            None if given("canary") => flags.push_str(" -canary=0"),
-            None => {}
-        }
-        match self.batch {
-            Some(batch) => flags.push_str(&format!(" -batch={batch}")),
-            None if given("batch") => flags.push_str(" -batch=0"),
-            None => {}
-        }
-        if !self.pause.is_zero() || given("pause") {
-            flags.push_str(&format!(" -pause={}", crate::duration::human(self.pause)));
-        }
-        match self.rollback_on_failure {
-            true => flags.push_str(" -rollback-on-failure"),
-            false if given("rollback-on-failure") => flags.push_str(" -rollback-on-failure=false"),
-            false => {}
-        }
-        match self.promote_manual {
-            true => flags.push_str(" -promote=manual"),
-            false if given("promote") => flags.push_str(" -promote=auto"),
-            false => {}
+        for flag in &POLICY_FLAGS[1..] {
+            let set = match *flag {
+                "min-nodes" => self.min_nodes > 0,
+                "canary" => self.canary.is_some(),
+                "batch" => self.batch.is_some(),
+                "pause" => !self.pause.is_zero(),
+                "promote" => self.promote_manual,
+                _ => self.rollback_on_failure,
+            };
+            if set || self.given.contains(flag) {
+                flags.push(' ');
+                flags.push_str(&self.flag_text(flag));
+            }
         }
         flags
     }
     /// The policy flags given, as a policy stores them: `-nodes=all
     /// -canary=1 -pause=1m` (empty: none).
     pub(crate) fn policy_text(&self) -> String {
-        let mut words = Vec::new();
-        for flag in POLICY_FLAGS.iter().filter(|f| self.given.contains(*f)) {
-            words.push(match *flag {
-                "nodes" => format!("-nodes={}", self.nodes),
-                "min-nodes" => format!("-min-nodes={}", self.min_nodes),
-                "canary" => format!("-canary={}", self.canary.unwrap_or(0)),
-                "batch" => format!(
-                    "-batch={}",
-                    self.batch.map_or("0".into(), |b| b.to_string())
-                ),
-                "pause" => format!("-pause={}", crate::duration::human(self.pause)),
-                "promote" => match self.promote_manual {
-                    true => "-promote=manual".into(),
-                    false => "-promote=auto".into(),
-                },
-                _ => format!("-rollback-on-failure={}", self.rollback_on_failure),
-            });
+        let given = POLICY_FLAGS.iter().filter(|f| self.given.contains(*f));
+        given
+            .map(|f| self.flag_text(f))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// One policy flag as the command line takes it, "off" included
+    /// (`-canary=0`, `-rollback-on-failure=false`).
+    fn flag_text(&self, flag: &str) -> String {
+        match flag {
+            "nodes" => format!("-nodes={}", self.nodes),
+            "min-nodes" => format!("-min-nodes={}", self.min_nodes),
+            "canary" => format!("-canary={}", self.canary.unwrap_or(0)),
+            "batch" => format!(
+                "-batch={}",
+                self.batch.map_or("0".into(), |b| b.to_string())
+            ),
+            "pause" => format!("-pause={}", crate::duration::human(self.pause)),
+            "promote" => match self.promote_manual {
+                true => "-promote=manual".into(),
+                false => "-promote=auto".into(),
+            },
+            _ => match self.rollback_on_failure {
+                true => "-rollback-on-failure".into(),
+                false => "-rollback-on-failure=false".into(),
+            },
         }
-        words.join(" ")
     }
 
     /// This command's flags over the prefix's `policy`: each policy flag the
@@ -1368,7 +1364,7 @@ mod tests {
             parse_policy("-nodes=all -canary=1 -batch=25% -pause=1m -rollback-on-failure").unwrap();
         assert_eq!(
             policy.policy_text(),
-            "-nodes=all -canary=1 -batch=25% -pause=1m -rollback-on-failure=true"
+            "-nodes=all -canary=1 -batch=25% -pause=1m -rollback-on-failure"
         );
         let Command::Rollout(mut args) =
             parse_str(&["rollout", "v2", "-nodes=2", "-canary=0"]).unwrap()
@@ -1376,7 +1372,7 @@ mod tests {
             panic!("not a rollout")
         };
         let taken = args.switch.over(&policy);
-        assert_eq!(taken, "-batch=25% -pause=1m -rollback-on-failure=true");
+        assert_eq!(taken, "-batch=25% -pause=1m -rollback-on-failure");
         // The command's own flags hold: -nodes=2, and -canary=0 (none).
         assert_eq!(args.switch.nodes, Need::Count(2));
         assert_eq!(args.switch.canary, None);

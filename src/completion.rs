@@ -92,8 +92,12 @@ const SWITCH: &[Flag] = &[
         Value::None,
         "switch back (or undo the waves) on failure",
     ),
-    flag("canary", Value::Text, "switch N nodes first"),
-    flag("batch", Value::Text, "then K nodes (or P%) per wave"),
+    flag("canary", Value::Text, "switch N nodes first (0: none)"),
+    flag(
+        "batch",
+        Value::Text,
+        "then K nodes (or P%) per wave (0: none)",
+    ),
     flag("pause", Value::Text, "wait this long between waves"),
     flag(
         "promote",
@@ -200,37 +204,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         flag("watch", Value::None, "follow changes until interrupted"),
     ];
     const HISTORY: &[Flag] = &[flag("json", Value::None, "print JSON")];
-    const POLICY: &[Flag] = &[
-        flag(
-            "nodes",
-            Value::Text,
-            "nodes that must have the version: N, all or P%",
-        ),
-        flag(
-            "min-nodes",
-            Value::Text,
-            "but at least M nodes, however few are live",
-        ),
-        flag("canary", Value::Text, "switch N nodes first (0: none)"),
-        flag(
-            "batch",
-            Value::Text,
-            "then K nodes (or P%) per wave (0: none)",
-        ),
-        flag("pause", Value::Text, "wait this long between waves"),
-        flag(
-            "rollback-on-failure",
-            Value::None,
-            "switch back (or undo the waves) on failure",
-        ),
-        flag(
-            "promote",
-            Value::Choice(&["auto", "manual"]),
-            "manual: stop after the first wave until depro promote",
-        ),
-        flag("message", Value::Text, "why: recorded with the policy"),
-        flag("clear", Value::None, "remove the policy"),
-    ];
+    const CLEAR: &[Flag] = &[flag("clear", Value::None, "remove the policy")];
     const WAIT: &[Flag] = &[
         flag(
             "for",
@@ -249,12 +223,21 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "prune" => &[PRUNE, CONNECTION],
         "status" | "query" => &[STATUS, CONNECTION],
         "history" => &[HISTORY, CONNECTION],
-        "policy" => &[POLICY, CONNECTION],
+        // The switch flags a policy holds, and -message (see below).
+        "policy" => &[SWITCH, CLEAR, CONNECTION],
         "pause" | "resume" | "promote" | "forget" => &[&[], CONNECTION],
         "wait" => &[WAIT, CONNECTION],
         _ => &[],
     };
     let mut all: Vec<&'static Flag> = own.iter().flat_map(|f| f.iter()).collect();
+    if command == "policy" {
+        let switch_only = |f: &Flag| {
+            SWITCH.iter().any(|s| s.name == f.name)
+                && f.name != "message"
+                && !crate::cli::POLICY_FLAGS.contains(&f.name)
+        };
+        all.retain(|f| !switch_only(f));
+    }
     if command != "agent" && own.iter().any(|f| !f.is_empty()) {
         all.insert(0, &PREFIX);
         all.insert(1, &QUIET);

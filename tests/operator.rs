@@ -974,25 +974,31 @@ fn the_depro_1_examples_run_as_shown_against_a_fleet() {
     );
 }
 
-#[test]
-fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finishes_it() {
-    let fleet = support::Fleet::start(3);
+/// v1 active on the fleet's three nodes, v2 ready on them, and a rollout
+/// of v2 with `flags` (waves) started in the background: returned once its
+/// canary, node1, runs v2.
+fn canary_of_v2_active(fleet: &support::Fleet<'_>, flags: &[&str]) -> std::process::Child {
     fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
     fleet
         .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
         .ok();
-    let child = support::spawn(fleet.depro_command(&[
-        "rollout",
-        "v2",
-        "-canary=1",
-        "-batch=1",
-        "-pause=5s",
-        "-rollback-on-failure",
-    ]));
-    // The canary runs v2; the command pauses 5 s before the next wave.
+    let mut args = vec!["rollout", "v2"];
+    args.extend_from_slice(flags);
+    let child = support::spawn(fleet.depro_command(&args));
     fleet.wait("the canary active on v2", |f| {
         f.node_state("v2", "node1").as_deref() == Some("active")
     });
+    child
+}
+
+#[test]
+fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finishes_it() {
+    let fleet = support::Fleet::start(3);
+    // The canary runs v2; the command pauses 5 s before the next wave.
+    let child = canary_of_v2_active(
+        &fleet,
+        &["-canary=1", "-batch=1", "-pause=5s", "-rollback-on-failure"],
+    );
     interrupt(&child);
     let out = support::finish(child);
     out.fails(
@@ -1020,22 +1026,16 @@ fn ctrl_c_between_waves_says_which_wave_it_stays_at_and_the_resume_command_finis
 #[test]
 fn a_resume_from_anywhere_runs_with_the_rollout_s_own_flags() {
     let fleet = support::Fleet::start(3);
-    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
-    fleet
-        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
-        .ok();
-    let child = support::spawn(fleet.depro_command(&[
-        "rollout",
-        "v2",
-        "-nodes=all",
-        "-canary=1",
-        "-batch=1",
-        "-pause=10m",
-        "-rollback-on-failure",
-    ]));
-    fleet.wait("the canary active on v2", |f| {
-        f.node_state("v2", "node1").as_deref() == Some("active")
-    });
+    let child = canary_of_v2_active(
+        &fleet,
+        &[
+            "-nodes=all",
+            "-canary=1",
+            "-batch=1",
+            "-pause=10m",
+            "-rollback-on-failure",
+        ],
+    );
     interrupt(&child);
     assert_eq!(support::finish(child).code, Some(130));
     let status = fleet.depro(&["status"]);
@@ -1052,7 +1052,7 @@ fn a_resume_from_anywhere_runs_with_the_rollout_s_own_flags() {
     assert!(
         text.contains(
             "resuming with the rollout's own flags: -nodes=all -canary=1 -batch=1 \
-             -rollback-on-failure=true"
+             -rollback-on-failure"
         ),
         "{out:#?}"
     );
@@ -1139,20 +1139,7 @@ fn agent_check_prints_the_warnings_the_agent_would_log() {
 #[test]
 fn pause_and_resume_from_another_terminal_hold_and_release_the_next_wave() {
     let fleet = support::Fleet::start(3);
-    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
-    fleet
-        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
-        .ok();
-    let child = support::spawn(fleet.depro_command(&[
-        "rollout",
-        "v2",
-        "-canary=1",
-        "-batch=1",
-        "-pause=1s",
-    ]));
-    fleet.wait("the canary active on v2", |f| {
-        f.node_state("v2", "node1").as_deref() == Some("active")
-    });
+    let child = canary_of_v2_active(&fleet, &["-canary=1", "-batch=1", "-pause=1s"]);
     let status = fleet.depro(&["status"]);
     assert!(
         status.result().contains("driven by a command of "),
@@ -1207,20 +1194,7 @@ fn pause_and_resume_from_another_terminal_hold_and_release_the_next_wave() {
 #[test]
 fn resume_drives_an_abandoned_rollout_itself() {
     let fleet = support::Fleet::start(3);
-    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
-    fleet
-        .depro(&["deploy", "v2", "-nodes=3", "-no-rollout"])
-        .ok();
-    let child = support::spawn(fleet.depro_command(&[
-        "rollout",
-        "v2",
-        "-canary=1",
-        "-batch=1",
-        "-pause=2s",
-    ]));
-    fleet.wait("the canary active on v2", |f| {
-        f.node_state("v2", "node1").as_deref() == Some("active")
-    });
+    let child = canary_of_v2_active(&fleet, &["-canary=1", "-batch=1", "-pause=2s"]);
     interrupt(&child);
     assert_eq!(support::finish(child).code, Some(130));
     // The interrupted command let go of the waves at once.

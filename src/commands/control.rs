@@ -12,7 +12,6 @@ use super::switch_plan::in_effect;
 use crate::cli::{RolloutArgs, SwitchFlags, TreeArgs};
 use crate::config::Env;
 use crate::consul::{Read, TxnOp, TxnOutcome};
-use crate::doorbell::Change;
 use crate::error::{Error, Result};
 use crate::tree::{RolloutPlan, driver_of, shown};
 
@@ -110,16 +109,9 @@ fn under_way(ctx: &Ctx) -> Result<(RolloutPlan, u64)> {
 /// Writes the plan with its mark changed, by check-and-set; exit 5 if the
 /// rollout changed meanwhile.
 fn mark(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<()> {
-    let key = ctx.prefix.rollout_key();
-    let value = plan.to_json();
-    let op = TxnOp::Cas {
-        key: &key,
-        value: &value,
-        index,
-    };
-    match ctx.write_ringing(&[op], Change::Wave(plan.target()))? {
-        TxnOutcome::Committed(_) => Ok(()),
-        TxnOutcome::Rejected(_) => Err(Error::LostRace(format!(
+    match super::waves::write_plan_if(ctx, plan, index)? {
+        Some(_) => Ok(()),
+        None => Err(Error::LostRace(format!(
             "the rollout under {} changed meanwhile (a wave started, or another command paused, \
              resumed or undid it); see `depro status -prefix={}` and run this again",
             ctx.prefix, ctx.prefix

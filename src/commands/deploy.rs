@@ -16,7 +16,7 @@ use crate::config::Env;
 use crate::consul::{TxnOp, TxnOutcome};
 use crate::doorbell::Change;
 use crate::error::Result;
-use crate::tree::{Tree, VersionMeta};
+use crate::tree::{Tree, VersionMeta, shown};
 use crate::version_name::VersionName;
 
 pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
@@ -227,6 +227,7 @@ fn resolve_flags(
     seen: &Observed,
     version: Option<&VersionName>,
 ) -> Result<()> {
+    let own = flags.given.clone();
     if let Some(version) = version
         && let Some((plan, _)) = in_effect(seen.tree.rollout.as_ref(), seen.tree.current.as_ref())
         && plan.version == version.as_str()
@@ -240,7 +241,31 @@ fn resolve_flags(
     }
     // A rollback (no version named here) goes on without a policy it
     // cannot read.
-    ctx.take_policy(flags, version.is_none())?;
+    if let Some((policy, stored)) = ctx.policy_flags(version.is_none())? {
+        let taken = flags.over(&stored);
+        let mut overridden = flags.clone();
+        overridden
+            .given
+            .retain(|f| own.contains(f) && stored.given.contains(f));
+        let overridden = overridden.policy_text();
+        ctx.out.line(&format!(
+            "policy of {} (set by {}{}): {}{}",
+            ctx.prefix,
+            shown(&policy.by),
+            match policy.since.is_empty() {
+                true => String::new(),
+                false => format!(" at {}", shown(&policy.since)),
+            },
+            match taken.is_empty() {
+                true => "none taken",
+                false => &taken,
+            },
+            match overridden.is_empty() {
+                true => String::new(),
+                false => format!("; this command's own: {overridden}"),
+            }
+        ));
+    }
     ctx.hints_repeat(flags);
     Ok(())
 }

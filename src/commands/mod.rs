@@ -39,7 +39,7 @@ use crate::cursor::{Cursor, Pacing, WAIT};
 use crate::doorbell::{Change, Ring};
 use crate::error::{Error, Result};
 use crate::tree::{
-    AgentRecord, CurrentKey, NodeEntry, Policy, Prefix, RolloutPlan, Tree, VersionInfo, shown,
+    AgentRecord, CurrentKey, NodeEntry, Policy, Prefix, RolloutPlan, Tree, VersionInfo,
 };
 use crate::version_name::VersionName;
 use progress::Progress;
@@ -589,21 +589,18 @@ impl Ctx {
             .filter(|(p, _)| !p.flags.is_empty()))
     }
 
-    /// The prefix's rollout policy under this command's own `flags`: each
-    /// policy flag the command does not give is the policy's. The progress
-    /// says what came from the policy and what the command overrode.
-    /// `lenient` (a rollback): a policy depro cannot read is warned about
-    /// and left out, not a refusal.
-    pub(crate) fn take_policy(
+    /// The prefix's rollout policy and its flags, read with the command
+    /// line's rules. A policy depro cannot read is a refusal, or with
+    /// `lenient` (a rollback) a warning and no policy.
+    pub(crate) fn policy_flags(
         &self,
-        flags: &mut crate::cli::SwitchFlags,
         lenient: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<(Policy, crate::cli::SwitchFlags)>> {
         let Some((policy, _)) = self.read_policy()? else {
-            return Ok(());
+            return Ok(None);
         };
-        let stored = match crate::cli::parse_policy(&policy.flags) {
-            Ok(stored) => stored,
+        match crate::cli::parse_policy(&policy.flags) {
+            Ok(stored) => Ok(Some((policy, stored))),
             Err(e) => {
                 let what = format!(
                     "{} holds a policy depro cannot read ({e}); set it again with `depro policy \
@@ -612,39 +609,14 @@ impl Ctx {
                     self.prefix,
                     self.prefix
                 );
-                if lenient {
-                    self.out
-                        .line(&format!("{what}; this rollback goes on without it"));
-                    return Ok(());
+                if !lenient {
+                    return Err(Error::Refused(what));
                 }
-                return Err(Error::Refused(what));
+                self.out
+                    .line(&format!("{what}; this rollback goes on without it"));
+                Ok(None)
             }
-        };
-        let mut overridden = flags.clone();
-        overridden.given.retain(|f| stored.given.contains(f));
-        let taken = flags.over(&stored);
-        let overridden = overridden.policy_text();
-        self.out.line(&format!(
-            "policy of {} (set by {}{}): {}{}",
-            self.prefix,
-            shown(&policy.by),
-            if policy.since.is_empty() {
-                String::new()
-            } else {
-                format!(" at {}", shown(&policy.since))
-            },
-            if taken.is_empty() {
-                "none taken"
-            } else {
-                &taken
-            },
-            if overridden.is_empty() {
-                String::new()
-            } else {
-                format!("; this command's own: {overridden}")
-            }
-        ));
-        Ok(())
+        }
     }
 
     /// Reads the progressive rollout under way, if any, from the leader.

@@ -360,8 +360,10 @@ fn start_plan(
     Ok((plan, index))
 }
 
-/// [`write_plan`], but `None` when the plan's index moved meanwhile.
-fn write_plan_if(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<Option<u64>> {
+/// Writes the plan by check-and-set on `index` (0: only if absent), with a
+/// ring; returns its new index, or `None` when the plan's key moved
+/// meanwhile (a denial is an error of its own, see `Ctx::write_ringing`).
+pub(super) fn write_plan_if(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<Option<u64>> {
     let key = ctx.prefix.rollout_key();
     let value = plan.to_json();
     let op = TxnOp::Cas {
@@ -369,36 +371,23 @@ fn write_plan_if(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<Option<u64
         value: &value,
         index,
     };
-    match ctx.write_ringing(&[op], Change::Wave(plan.target()))? {
-        outcome @ TxnOutcome::Committed(_) => Ok(outcome.index_of(&key)),
-        TxnOutcome::Rejected(failures)
-            if failures.iter().any(|f| f.conflict == Conflict::Denied) =>
-        {
-            Err(Error::Refused(format!("the ACL token may not write {key}")))
-        }
-        TxnOutcome::Rejected(_) => Ok(None),
-    }
+    Ok(
+        match ctx.write_ringing(&[op], Change::Wave(plan.target()))? {
+            outcome @ TxnOutcome::Committed(_) => Some(outcome.index_of(&key).unwrap_or_default()),
+            TxnOutcome::Rejected(_) => None,
+        },
+    )
 }
 
-/// Writes the plan by check-and-set on `index` (0: only if absent), with a
-/// ring; returns its new index. Exit 5 if someone else changed it.
+/// [`write_plan_if`]; exit 5 if someone else changed the plan.
 fn write_plan(ctx: &Ctx, plan: &RolloutPlan, index: u64) -> Result<u64> {
-    let key = ctx.prefix.rollout_key();
-    let value = plan.to_json();
-    let op = TxnOp::Cas {
-        key: &key,
-        value: &value,
-        index,
-    };
-    let change = Change::Wave(plan.target());
-    match ctx.write_ringing(&[op], change)? {
-        outcome @ TxnOutcome::Committed(_) => Ok(outcome.index_of(&key).unwrap_or_default()),
-        TxnOutcome::Rejected(_) => Err(Error::LostRace(format!(
+    write_plan_if(ctx, plan, index)?.ok_or_else(|| {
+        Error::LostRace(format!(
             "another command started, changed or undid a progressive rollout under {} meanwhile; \
              check with `depro status -prefix={}`",
             ctx.prefix, ctx.prefix
-        ))),
-    }
+        ))
+    })
 }
 
 /// Why a wave did not complete.
