@@ -25,6 +25,8 @@ pub(crate) enum Command {
     Deploy(DeployArgs),
     Rollout(RolloutArgs),
     Rollback(RollbackArgs),
+    /// `depro restart`: current's rollout hook runs again, in waves.
+    Restart(RestartArgs),
     Remove(RemoveArgs),
     Prune(PruneArgs),
     Status(StatusArgs),
@@ -366,6 +368,12 @@ pub(crate) struct RollbackArgs {
 }
 
 #[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RestartArgs {
+    pub tree: TreeArgs,
+    pub switch: SwitchFlags,
+}
+
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RemoveArgs {
     pub tree: TreeArgs,
     pub versions: Vec<String>,
@@ -489,6 +497,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "deploy" => parse_deploy(&mut parser),
         "rollout" => parse_rollout(&mut parser),
         "rollback" => parse_rollback(&mut parser),
+        "restart" => parse_restart(&mut parser),
         "remove" => parse_remove(&mut parser),
         "prune" => parse_prune(&mut parser),
         "status" | "query" => parse_status(&mut parser, &first),
@@ -911,6 +920,31 @@ fn parse_rollback(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         }
     }
     Ok(Command::Rollback(RollbackArgs { tree, to, switch }))
+}
+
+fn parse_restart(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "restart";
+    let (mut tree, mut switch) = (TreeArgs::default(), SwitchFlags::default());
+    while let Some(arg) = next_arg(parser, Some(command))? {
+        // A restart runs on the nodes that run current: no count to wait
+        // for, and nothing to roll back to.
+        if let Key::Long(name @ ("nodes" | "min-nodes" | "rollback-on-failure")) = arg.key() {
+            return Err(Error::Usage(format!(
+                "-{name}: a restart runs on every node that runs current, and a failure halts \
+                 it; leave -{name} out; run `depro help restart`"
+            )));
+        }
+        if tree_flag(&arg, parser, &mut tree, command)?
+            || switch_flag(&arg, parser, &mut switch, command)?
+        {
+            continue;
+        }
+        match arg.key() {
+            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::Restart(RestartArgs { tree, switch }))
 }
 
 fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {

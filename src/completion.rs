@@ -118,6 +118,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("deploy", "add a version and make it current"),
     ("rollout", "make a version in the tree current"),
     ("rollback", "make the previous version current again"),
+    ("restart", "run the rollout hook of current again, in waves"),
     ("remove", "remove versions from the tree"),
     ("prune", "remove all but the newest versions"),
     ("status", "show versions and nodes"),
@@ -219,6 +220,7 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         "deploy" => &[DEPLOY, SWITCH, CONNECTION],
         "rollout" => &[SWITCH, CONNECTION],
         "rollback" => &[ROLLBACK, SWITCH, CONNECTION],
+        "restart" => &[SWITCH, CONNECTION],
         "remove" => &[REMOVE, CONNECTION],
         "prune" => &[PRUNE, CONNECTION],
         "status" | "query" => &[STATUS, CONNECTION],
@@ -230,6 +232,10 @@ pub(crate) fn flags(command: &str) -> Vec<&'static Flag> {
         _ => &[],
     };
     let mut all: Vec<&'static Flag> = own.iter().flat_map(|f| f.iter()).collect();
+    if command == "restart" {
+        // A restart runs on the nodes that run current (see cli.rs).
+        all.retain(|f| !matches!(f.name, "nodes" | "min-nodes" | "rollback-on-failure"));
+    }
     if command == "policy" {
         let switch_only = |f: &Flag| {
             SWITCH.iter().any(|s| s.name == f.name)

@@ -148,6 +148,27 @@ Examples: depro rollback -prefix=api/version -nodes=all
           depro rollback -prefix=api/version -to=v41
 "
         }
+        "restart" => {
+            "\
+Usage: depro restart -prefix=PREFIX [flags]
+
+Runs current's rollout hook (and health checks) again on every node that runs
+it, in waves with a rollout's gates, without moving current: a node reports
+the version ready while its hook runs and active once healthy; the first
+failure halts the restart. Resumes a restart under way.
+
+  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
+  -timeout=DURATION       give up after this long [10m]
+  -message=TEXT           why, recorded with the restart (history)
+  -canary=N               restart N nodes first, then the rest in waves
+  -batch=K|P%             restart K nodes (or P% of them) per wave
+  -pause=DURATION         wait this long between waves
+  -promote=manual         stop after the first wave until `depro promote`
+  -dry-run                print what would be written and waited for; write nothing
+
+Example: depro restart -prefix=api/version -canary=1 -batch=25% -message=\"new TLS cert\"
+"
+        }
         "remove" => {
             "\
 Usage: depro remove VERSION... -prefix=PREFIX [-wait] [flags]

@@ -7,6 +7,7 @@
 //! <path>/.depro/versions/<version>  "deploying", "ready" or "cleaning": depro made this directory
 //! <path>/.depro/rollout             the target of a rollout that has not finished
 //! <path>/.depro/switched            the version whose rollout hook last succeeded, while that rollout is unsettled
+//! <path>/.depro/restarted           the id of the last restart (`depro restart`) that settled here
 //! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
 //! <path>/.depro/hook                the running hook's process group and mark, killed after a crash
 //! ```
@@ -146,12 +147,14 @@ impl DeploymentDir {
             .map(|to| RolloutAttempt { to });
         let switched = read_version(&self.meta.join("switched"))?
             .filter(|v| versions.get(v) == Some(&LocalVersion::Ready));
+        let restarted = read_trimmed(&self.meta.join("restarted"))?.and_then(|t| t.parse().ok());
         Ok(OnDisk {
             versions,
             live,
             rollout,
             rollout_failed: Default::default(),
             switched,
+            restarted,
         })
     }
 
@@ -232,6 +235,16 @@ impl DeploymentDir {
         )?;
         remove_if_present(&self.meta.join("rollout"))?;
         remove_if_present(&self.meta.join("switched"))
+    }
+
+    /// Records that the restart `id` settled here (`depro restart`): it is
+    /// not run again, also after the agent restarts.
+    pub(crate) fn mark_restarted(&self, id: u64) -> Result<()> {
+        atomic_write(
+            &self.meta.join("restarted"),
+            &id.to_string(),
+            Durability::CrashSafe,
+        )
     }
 
     /// Records that `version` is being cleaned: from now on a crash leaves
@@ -481,6 +494,12 @@ mod tests {
             fs::read_to_string(tmp.path().join("current")).unwrap(),
             "v1\n"
         );
+        // A restart that settled is remembered, so it runs once.
+        assert_eq!(dir.load().unwrap().restarted, None);
+        dir.mark_restarted(1_765_000_000_123).unwrap();
+        drop(dir);
+        let dir = DeploymentDir::open(tmp.path()).unwrap();
+        assert_eq!(dir.load().unwrap().restarted, Some(1_765_000_000_123));
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn run(command: Command) -> Result<()> {
         Command::Deploy(args) => commands::deploy(args, env),
         Command::Rollout(args) => commands::rollout(args, env),
         Command::Rollback(args) => commands::rollback(args, env),
+        Command::Restart(args) => commands::restart(args, env),
         Command::Remove(args) => commands::remove(args, env),
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),

@@ -51,6 +51,9 @@ pub(crate) struct Wanted {
     /// removed (Consul may hide keys the token may not read): kept on disk
     /// as they are, neither cleaned nor reported.
     pub kept: BTreeSet<VersionName>,
+    /// A restart of `current` that names this node (`depro restart`): its
+    /// id. The rollout hook of `current` runs once more for each new id.
+    pub restart: Option<u64>,
 }
 
 /// The local state of one version directory.
@@ -89,6 +92,8 @@ pub(crate) struct OnDisk {
     /// did not settle (its health checks failed or were cut short): the node
     /// runs it, whatever `live` says, until another rollout hook succeeds.
     pub switched: Option<VersionName>,
+    /// The id of the last restart whose rollout settled here.
+    pub restarted: Option<u64>,
 }
 
 impl OnDisk {
@@ -158,12 +163,14 @@ pub(crate) fn report_for(
 }
 
 /// The rollout `current` needs here, if any: only once its deploy
-/// succeeded, never one that failed here, and not when it is live already.
+/// succeeded, never one that failed here, and not when it is live already
+/// (unless a restart this node has not run yet asks for it again).
 fn rollout_of_current(wanted: &Wanted, disk: &OnDisk) -> Option<Action> {
     let current = wanted.current.as_ref()?;
     let ready = disk.versions.get(current) == Some(&LocalVersion::Ready);
     let settled = disk.rollout.is_none();
-    let already_live = disk.live.as_ref() == Some(current) && settled;
+    let restart_due = wanted.restart.is_some() && wanted.restart != disk.restarted;
+    let already_live = disk.live.as_ref() == Some(current) && settled && !restart_due;
     let failed_here = disk.rollout_failed.contains(current);
     (ready && !already_live && !failed_here).then(|| Action::Rollout {
         to: current.clone(),
@@ -344,6 +351,7 @@ mod tests {
             current: current.map(v),
             may_repair: true,
             kept: BTreeSet::new(),
+            restart: None,
         }
     }
 
@@ -354,6 +362,7 @@ mod tests {
             rollout: None,
             rollout_failed: BTreeSet::new(),
             switched: None,
+            restarted: None,
         }
     }
 
@@ -630,8 +639,12 @@ mod tests {
                                 } else {
                                     BTreeSet::new()
                                 },
+                                restart: (local_code % 5 == 0).then_some(7),
                             };
-                            let mut have = OnDisk::default();
+                            let mut have = OnDisk {
+                                restarted: (local_code % 3 == 0).then_some(7),
+                                ..OnDisk::default()
+                            };
                             for (i, name) in names.iter().enumerate() {
                                 let state = match (local_code >> (2 * i)) & 3 {
                                     0 => continue,
@@ -773,6 +786,43 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_runs_the_live_version_s_rollout_hook_once_per_restart() {
+        let mut want = wanted(&["v3"], Some("v3"));
+        let mut have = disk(&[("v3", Ready)], Some("v3"));
+        let active = reported(&[("v3", NodeState::Active)]);
+        assert_eq!(plan(&want, &have, Reports::Online(&active)), []);
+        want.restart = Some(7);
+        // Reported `ready` (not running it as far as readers know) while
+        // its rollout hook runs again, with itself as PREVIOUS_VERSION.
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&active)),
+            [
+                Action::Report(v("v3"), NodeState::Ready),
+                Action::Rollout {
+                    to: v("v3"),
+                    from: Some(v("v3"))
+                }
+            ]
+        );
+        // Once it settled for this restart: nothing more, and `active`.
+        have.restarted = Some(7);
+        let ready = reported(&[("v3", NodeState::Ready)]);
+        assert_eq!(
+            plan(&want, &have, Reports::Online(&ready)),
+            [Action::Report(v("v3"), NodeState::Active)]
+        );
+        // A new restart runs it again; one that failed here waits for a retry.
+        want.restart = Some(8);
+        assert!(matches!(
+            plan(&want, &have, Reports::Offline)[..],
+            [Action::Rollout { .. }]
+        ));
+        have.rollout_failed.insert(v("v3"));
+        have.rollout = Some(RolloutAttempt { to: v("v3") });
+        assert_eq!(plan(&want, &have, Reports::Offline), []);
+    }
+
+    #[test]
     fn a_rollback_during_a_deploy_stops_it_rolls_out_then_deploys_it_again() {
         let want = wanted(&["v3", "v5"], Some("v3"));
         // v3 ready and live before; v5 being deployed; current moved back to
@@ -858,6 +908,7 @@ mod tests {
                 have.live = Some(to.clone());
                 have.rollout = None;
                 have.switched = None;
+                have.restarted = want.restart;
             }
             Action::Clean(version) => {
                 have.versions.remove(version);
@@ -953,8 +1004,12 @@ mod tests {
             current: rng.chance(80).then(|| pick(rng)),
             may_repair: rng.chance(80),
             kept: BTreeSet::new(),
+            restart: rng.chance(20).then(|| 1 + rng.below(2)),
         };
-        let mut have = OnDisk::default();
+        let mut have = OnDisk {
+            restarted: rng.chance(30).then(|| 1 + rng.below(2)),
+            ..OnDisk::default()
+        };
         for name in &names {
             let state = match rng.below(5) {
                 0 | 1 => continue,

@@ -7,6 +7,7 @@
 //! <prefix>/<version>/         = "" or CLI metadata (JSON)    the version exists
 //! <prefix>/<version>/<node>   = busy | ready | active | failed   written by <node>'s agent
 //! <prefix>/<version>/.reason/<node> = why it failed (JSON)   written by <node>'s agent
+//! <prefix>/<version>/.restarted/<node> = the restart it ran   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.known/<node>      = the same, kept after the agent stops (until `depro forget`)
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
@@ -141,6 +142,11 @@ impl Prefix {
         format!("{}{version}/{REASON}/{node}", self.0)
     }
 
+    /// The restart of `version` that `node` ran last (`depro restart`).
+    pub(crate) fn restarted_key(&self, version: &VersionName, node: &str) -> String {
+        format!("{}{version}/{RESTARTED}/{node}", self.0)
+    }
+
     /// Where the agent on `node` announces that it follows this prefix.
     pub(crate) fn agent_key(&self, node: &str) -> String {
         format!("{}{AGENTS}/{node}", self.0)
@@ -207,6 +213,8 @@ pub(crate) const POLICY: &str = ".policy";
 pub(crate) const DRIVER: &str = ".driver";
 /// The folder of failure reasons inside a version's folder.
 pub(crate) const REASON: &str = ".reason";
+/// The folder of restart acknowledgements inside a version's folder.
+pub(crate) const RESTARTED: &str = ".restarted";
 /// The scout's lock.
 pub(crate) const SCOUT: &str = ".scout";
 
@@ -426,6 +434,13 @@ pub(crate) struct RolloutPlan {
     /// Paused by `depro pause` (who and when): no further wave starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<String>,
+    /// A restart of `version` (which is `current`, `depro restart`), and
+    /// its id (milliseconds since the Unix epoch when it started): each
+    /// node in `switched` runs `version`'s rollout hook (and health
+    /// checks) once more for it, then acknowledges the id under
+    /// `<version>/.restarted/<node>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<u64>,
 }
 
 impl RolloutPlan {
@@ -664,6 +679,9 @@ pub(crate) struct VersionInfo {
     pub nodes: BTreeMap<String, NodeEntry>,
     /// Why nodes failed it, as they reported (held by their session).
     pub reasons: BTreeMap<String, FailReason>,
+    /// The restart (`RolloutPlan::restart`) each node ran last, as it
+    /// reported (held by its session).
+    pub restarted: BTreeMap<String, u64>,
 }
 
 /// The whole tree under a prefix, as the CLI reads it (`?recurse`).
@@ -752,6 +770,20 @@ impl Tree {
                 if entry.session.is_some() && check_node_name(reason_of).is_ok() {
                     info.reasons
                         .insert(reason_of.to_string(), FailReason::parse(&entry.value));
+                }
+                continue;
+            }
+            if let Some(restarted_by) = node
+                .and_then(|n| n.strip_prefix(RESTARTED))
+                .and_then(|n| n.strip_prefix('/'))
+            {
+                let id = std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                if let (Some(_), Ok(()), Some(id)) =
+                    (&entry.session, check_node_name(restarted_by), id)
+                {
+                    info.restarted.insert(restarted_by.to_string(), id);
                 }
                 continue;
             }

@@ -1279,3 +1279,117 @@ fn promote_manual_stops_after_the_canary_until_depro_promote() {
     assert!(out.result().starts_with("v1 is current"), "{out:#?}");
     assert_eq!(fleet.current().as_deref(), Some("v1"));
 }
+
+/// How often a node ran the rollout hook of `version` from itself: a restart.
+fn restarts(agent: &support::Agent, version: &str) -> usize {
+    let line = format!("rollout {version} from={version}");
+    agent.hooks_log().iter().filter(|l| **l == line).count()
+}
+
+/// Issue 20: `depro restart` runs current's rollout hook again in waves,
+/// once per restart on each node (also across an agent's restart), without
+/// moving current, and records it in the history.
+#[test]
+fn a_restart_runs_current_s_rollout_hook_again_on_every_node_in_waves_once() {
+    let mut fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    let before = fleet.modify_index(&format!("{}/current", fleet.prefix));
+    assert!(fleet.agents.iter().all(|a| restarts(a, "v1") == 0));
+
+    let dry = fleet.depro(&["restart", "-canary=1", "-batch=1", "-dry-run"]);
+    let text = dry.ok();
+    assert!(
+        text.contains("restart v1 on the 3 nodes that run it, in 3 waves (node1 | node2 | node3)"),
+        "{dry:#?}"
+    );
+    assert!(fleet.agents.iter().all(|a| restarts(a, "v1") == 0));
+
+    let out = fleet.depro(&[
+        "restart",
+        "-canary=1",
+        "-batch=1",
+        "-message=new TLS certificate",
+        "-timeout=1m",
+    ]);
+    let text = out.ok();
+    assert!(
+        out.result().starts_with("v1 restarted under") && out.result().contains("on 3 nodes"),
+        "{out:#?}"
+    );
+    for wave in [
+        "wave 1/3: node1 restarting v1",
+        "wave 3/3: node3 restarted v1",
+    ] {
+        assert!(text.contains(wave), "{wave}: {out:#?}");
+    }
+    assert!(fleet.agents.iter().all(|a| restarts(a, "v1") == 1));
+    // current did not move; the plan is gone; the history says why.
+    assert_eq!(fleet.current().as_deref(), Some("v1"));
+    assert_eq!(
+        fleet.modify_index(&format!("{}/current", fleet.prefix)),
+        before
+    );
+    assert_eq!(
+        fleet.consul.get(&format!("{}/.rollout", fleet.prefix)),
+        None
+    );
+    let history = fleet.depro(&["history"]);
+    assert!(
+        history.ok().contains("restart") && history.ok().contains("new TLS certificate"),
+        "{history:#?}"
+    );
+    fleet.expect_active("v1");
+
+    // An agent that restarts does not run a finished restart again; a new
+    // restart (all at once) runs once more everywhere.
+    fleet.agents[0].kill9();
+    fleet.agents[0].start();
+    fleet.depro(&["restart", "-timeout=1m"]).ok();
+    assert!(
+        fleet.agents.iter().all(|a| restarts(a, "v1") == 2),
+        "{}",
+        fleet.diagnostics()
+    );
+}
+
+#[test]
+fn a_restart_halts_at_the_first_failure_and_the_retry_it_names_finishes_it() {
+    let fleet = support::Fleet::start(3);
+    fleet.depro(&["deploy", "v1", "-nodes=3"]).ok();
+    fleet.agents[1].set_flag("fail-rollout", true);
+    let out = fleet.depro(&["restart", "-canary=1", "-batch=1", "-timeout=1m"]);
+    out.fails(
+        2,
+        &[
+            "the rollout of v1 halted in wave 2 of 3",
+            "node2",
+            "current stays v1",
+            "go on with `depro deploy v1 -prefix=",
+        ],
+    );
+    // The third wave never started.
+    assert_eq!(restarts(&fleet.agents[2], "v1"), 0);
+    assert_eq!(fleet.node_state("v1", "node2").as_deref(), Some("failed"));
+    fleet.agents[1].set_flag("fail-rollout", false);
+    let done = run_pasted(&fleet, out.error(), "go on with");
+    assert!(done.result().starts_with("v1 restarted under"), "{done:#?}");
+    assert!(fleet.agents.iter().all(|a| restarts(a, "v1") >= 1));
+    assert_eq!(restarts(&fleet.agents[2], "v1"), 1);
+    fleet.expect_active("v1");
+}
+
+#[test]
+fn a_restart_with_nothing_running_current_is_refused_and_flags_it_cannot_use_are_named() {
+    let fleet = support::Fleet::start(1);
+    fleet.depro(&["restart"]).fails(
+        2,
+        &["current does not name a version: there is nothing to restart"],
+    );
+    fleet.depro(&["restart", "-nodes=all"]).fails(
+        1,
+        &[
+            "-nodes: a restart runs on every node that runs current",
+            "depro help restart",
+        ],
+    );
+}

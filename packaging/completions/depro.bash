@@ -2,7 +2,7 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
@@ -10,6 +10,7 @@ _depro() {
     deploy) opts="-prefix= -quiet -keep= -no-rollout -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollout) opts="-prefix= -quiet -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollback) opts="-prefix= -quiet -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    restart) opts="-prefix= -quiet -timeout= -canary= -batch= -pause= -promote= -message= -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     remove) opts="-prefix= -quiet -dry-run -wait -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     prune) opts="-prefix= -quiet -keep= -failed -dry-run -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     status) opts="-prefix= -quiet -json -watch -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
@@ -21,7 +22,7 @@ _depro() {
     promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     forget) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -quiet -for= -nodes= -timeout= -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac

@@ -61,6 +61,11 @@ pub(crate) struct DeploymentState {
     pub kept_check_at: Option<Instant>,
     /// Between two health checks of a rollout.
     pub health_wait: Option<HealthWait>,
+    /// The restart (`depro restart`) the rollout under way runs for.
+    pub restarting: Option<u64>,
+    /// The restarts this node acknowledged under the current session, by
+    /// version (`<version>/.restarted/<node>`).
+    pub restarts_written: BTreeMap<VersionName, u64>,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -112,6 +117,8 @@ impl DeploymentState {
             hook: None,
             kept_check_at: None,
             health_wait: None,
+            restarting: None,
+            restarts_written: BTreeMap::new(),
         })
     }
 
@@ -140,6 +147,7 @@ impl DeploymentState {
     /// replaced): every key is written again by the next plans.
     pub(crate) fn forget_reports(&mut self) {
         self.reported.clear();
+        self.restarts_written.clear();
         self.announced = false;
         self.sync_own_failed();
     }

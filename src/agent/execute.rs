@@ -126,7 +126,31 @@ impl Agent {
                 }
             }
         }
-        for (key, value) in &reasons {
+        // Restart acknowledgements (`depro restart`): written with the
+        // `active` report of the live version once its restart settled,
+        // deleted with the node key.
+        let mut acks: Vec<(VersionName, String, Option<Vec<u8>>)> = Vec::new();
+        for action in batch {
+            match action {
+                Action::Report(version, NodeState::Active)
+                    if deployment.disk.live.as_ref() == Some(version) =>
+                {
+                    if let Some(id) = deployment.disk.restarted
+                        && deployment.restarts_written.get(version) != Some(&id)
+                    {
+                        let key = deployment.spec.prefix.restarted_key(version, &name);
+                        acks.push((version.clone(), key, Some(id.to_string().into_bytes())));
+                    }
+                }
+                Action::Unreport(version) if deployment.restarts_written.contains_key(version) => {
+                    let key = deployment.spec.prefix.restarted_key(version, &name);
+                    acks.push((version.clone(), key, None));
+                }
+                _ => {}
+            }
+        }
+        let pairs = reasons.iter().map(|(k, v)| (k, v));
+        for (key, value) in pairs.chain(acks.iter().map(|(_, k, v)| (k, v))) {
             ops.push(match value {
                 Some(value) => TxnOp::Lock {
                     key,
@@ -142,6 +166,12 @@ impl Agent {
         let failures = match outcome {
             TxnOutcome::Committed(_) => {
                 let deployment = &mut self.deployments[index];
+                for (version, _, value) in acks {
+                    match (value, deployment.disk.restarted) {
+                        (Some(_), Some(id)) => deployment.restarts_written.insert(version, id),
+                        _ => deployment.restarts_written.remove(&version),
+                    };
+                }
                 for action in batch {
                     match action {
                         Action::Report(version, state) => {
@@ -502,6 +532,13 @@ impl Agent {
             return Ok(());
         }
         deployment.disk.rollout = Some(RolloutAttempt { to: to.clone() });
+        // A restart of the live version (`depro restart`) is remembered
+        // once its rollout settles.
+        deployment.restarting = deployment
+            .view
+            .wanted()
+            .filter(|w| w.current.as_ref() == Some(to))
+            .and_then(|w| w.restart);
         let from_text = from
             .map(|v| v.to_string())
             .unwrap_or_else(|| "nothing".into());
@@ -666,6 +703,14 @@ impl Agent {
                 deployment.disk.rollout = None;
                 deployment.disk.switched = None;
                 log::info!("{}: live", deployment.label(to));
+                if let Some(id) = deployment.restarting.take() {
+                    // Not recorded (a full disk): the restart runs again,
+                    // which a rollout hook must bear anyway (a crash).
+                    if let Err(e) = deployment.dir.mark_restarted(id) {
+                        log::warn!("{}: {e}", deployment.spec.id);
+                    }
+                    deployment.disk.restarted = Some(id);
+                }
             }
             // The hook switched; if this cannot be recorded, the node's
             // state is not what it would say: report the rollout failed.

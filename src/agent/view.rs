@@ -36,10 +36,19 @@ pub(crate) struct ListingSeen {
     /// This node's keys that were checked (those it reported `failed`)
     /// and found missing.
     pub own_missing: BTreeSet<VersionName>,
-    /// A progressive rollout under way that names this node: run this
-    /// version instead of `current`, as long as `current` still has this
-    /// ModifyIndex (see `tree::RolloutPlan`).
-    pub wave: Option<(VersionName, u64)>,
+    /// A progressive rollout under way that names this node.
+    pub wave: Option<Wave>,
+}
+
+/// A wave of a progressive rollout that names this node: run `version`
+/// instead of `current`, as long as `current` still has the ModifyIndex
+/// `base_index` (see `tree::RolloutPlan`); for a restart, run its rollout
+/// hook once more, once per restart id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Wave {
+    pub version: VersionName,
+    pub base_index: u64,
+    pub restart: Option<u64>,
 }
 
 /// `<prefix>/current` as read.
@@ -170,16 +179,17 @@ impl View {
         versions.extend(self.repaired.keys().cloned());
         // A wave of a progressive rollout that names this node, started on
         // the `current` this node sees, for a version the tree has.
-        if let Some((version, _)) = listing
+        if let Some(wave) = listing
             .wave
             .as_ref()
-            .filter(|(v, base)| *base == current.index && versions.contains(v))
+            .filter(|w| w.base_index == current.index && versions.contains(&w.version))
         {
             return Some(Wanted {
                 kept: self.kept_besides(&versions),
                 versions,
-                current: Some(version.clone()),
+                current: Some(wave.version.clone()),
                 may_repair: false,
+                restart: wave.restart,
             });
         }
         Some(Wanted {
@@ -187,6 +197,7 @@ impl View {
             versions,
             current: current.version.clone(),
             may_repair: self.outdated_current != Some(current.index),
+            restart: None,
         })
     }
 
@@ -284,6 +295,14 @@ mod tests {
         VersionName::parse(name).unwrap()
     }
 
+    fn wave(name: &str, base_index: u64) -> Wave {
+        Wave {
+            version: v(name),
+            base_index,
+            restart: None,
+        }
+    }
+
     fn tree(versions: &[&str]) -> TreeSeen {
         TreeSeen {
             listing: Some(Arc::new(ListingSeen {
@@ -317,7 +336,7 @@ mod tests {
     fn a_wave_that_names_this_node_applies_only_while_current_keeps_its_index() {
         let mut view = View::default();
         let mut seen = tree(&["v1", "v2"]);
-        Arc::make_mut(seen.listing.as_mut().unwrap()).wave = Some((v("v2"), 7));
+        Arc::make_mut(seen.listing.as_mut().unwrap()).wave = Some(wave("v2", 7));
         view.see_tree(seen.clone(), "p/");
         view.see_current(current("v1", 7), "p/current");
         let wanted = view.wanted().unwrap();
@@ -331,7 +350,7 @@ mod tests {
         assert_eq!(view.wanted().unwrap().current, Some(v("v1")), "ended");
         // A wave for a version the tree lacks never applies.
         let mut gone = tree(&["v1"]);
-        Arc::make_mut(gone.listing.as_mut().unwrap()).wave = Some((v("v2"), 11));
+        Arc::make_mut(gone.listing.as_mut().unwrap()).wave = Some(wave("v2", 11));
         view.see_tree(gone, "p/");
         assert_eq!(view.wanted().unwrap().current, Some(v("v1")));
     }

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::view::{CurrentSeen, ListingSeen, TreeSeen};
+use super::view::{CurrentSeen, ListingSeen, TreeSeen, Wave};
 use crate::consul::{Consistency, Consul, ConsulError, ConsulErrorKind, Read, TxnOp, TxnOutcome};
 use crate::cursor::{Answered, Cursor, Pacing};
 use crate::doorbell::{Change, Ring};
@@ -134,7 +134,7 @@ pub(crate) struct Book {
 #[derive(Clone, Debug)]
 enum Heard {
     Change(Change),
-    Wave(Option<(VersionName, u64)>),
+    Wave(Option<Wave>),
 }
 
 impl Book {
@@ -617,7 +617,7 @@ fn read_wave(
     consul: &Consul,
     target: &Target,
     at: Option<u64>,
-) -> Result<Option<(VersionName, u64)>, ConsulError> {
+) -> Result<Option<Wave>, ConsulError> {
     let read = match at {
         Some(at) => Read::blocking(at.saturating_sub(1), CATCH_UP, Consistency::Stale),
         None => Read::consistent(),
@@ -628,9 +628,11 @@ fn read_wave(
         .and_then(|e| crate::tree::RolloutPlan::parse(&e.value));
     Ok(plan.and_then(|plan| {
         let version = plan.target()?;
-        plan.switched
-            .contains(&target.node)
-            .then_some((version, plan.base_index))
+        plan.switched.contains(&target.node).then_some(Wave {
+            version,
+            base_index: plan.base_index,
+            restart: plan.restart,
+        })
     }))
 }
 
@@ -891,7 +893,11 @@ mod tests {
         TreeSeen {
             listing: Some(Arc::new(ListingSeen {
                 versions: names.iter().map(|n| (v(n), format!("p/{n}/"))).collect(),
-                wave: wave.map(|(n, i)| (v(n), i)),
+                wave: wave.map(|(n, i)| Wave {
+                    version: v(n),
+                    base_index: i,
+                    restart: None,
+                }),
                 ..ListingSeen::default()
             })),
         }
@@ -948,7 +954,11 @@ mod tests {
         let mut book = Book::default();
         let listing = ListingSeen {
             versions: [(v2.clone(), "p/v2/".to_string())].into(),
-            wave: Some((v2.clone(), 7)),
+            wave: Some(Wave {
+                version: v2.clone(),
+                base_index: 7,
+                restart: None,
+            }),
             ..ListingSeen::default()
         };
         book.whole(
@@ -961,7 +971,14 @@ mod tests {
         let seen = book
             .ring(11, Heard::Change(Change::Switched(v2.clone())), &target)
             .unwrap();
-        assert_eq!(seen.listing.unwrap().wave, Some((v2, 7)));
+        assert_eq!(
+            seen.listing
+                .unwrap()
+                .wave
+                .clone()
+                .map(|w| (w.version, w.base_index)),
+            Some((v2, 7))
+        );
         // An undo (the plan deleted) clears it.
         let seen = book.ring(12, Heard::Wave(None), &target).unwrap();
         assert_eq!(seen.listing.unwrap().wave, None);

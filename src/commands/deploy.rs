@@ -221,7 +221,7 @@ pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
 /// rollout of `version`, the rollout's own (the same rollout, from any
 /// machine); then the prefix's policy. The progress says what came from
 /// where, and the hints repeat the result.
-fn resolve_flags(
+pub(super) fn resolve_flags(
     ctx: &mut Ctx,
     flags: &mut SwitchFlags,
     seen: &Observed,

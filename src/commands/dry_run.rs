@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use super::switch_plan::{Observed, SwitchPlan, Then, plan_waves};
+use super::switch_plan::{Observed, RestartPlan, SwitchPlan, Then, plan_waves};
 use super::{Ctx, names};
 use crate::cli::{Need, SwitchFlags};
 use crate::error::Result;
@@ -242,5 +242,58 @@ pub(crate) fn prune(ctx: &Ctx, tree: &Tree, keep: Option<u32>, failed: bool) {
             ctx.prefix
         ));
     }
+    say("nothing was written");
+}
+
+/// The plan of `restart`, as decided for the real run.
+pub(crate) fn show_restart(ctx: &Ctx, plan: &RestartPlan, flags: &SwitchFlags) {
+    let version = &plan.version;
+    match &plan.resume {
+        Some((under_way, _)) => {
+            if let Some(by) = &under_way.paused {
+                say(&format!(
+                    "the restart is paused (by {}): would wait for `depro resume -prefix={}` \
+                     before the next wave",
+                    shown(by),
+                    ctx.prefix
+                ));
+            }
+            say(&format!(
+                "would resume the restart of {version}{} at wave {} of {} ({} told to restart: \
+                 {})",
+                under_way.by_whom(),
+                under_way.started_waves,
+                under_way.waves.len(),
+                under_way.switched.len(),
+                names(&under_way.switched)
+            ));
+        }
+        None => {
+            let waves = plan_waves(&plan.nodes, flags.canary, flags.batch);
+            say(&format!(
+                "would write {} (check-and-set) and ring {}: restart {version} on the {} nodes \
+                 that run it, in {} wave{} ({})",
+                ctx.prefix.rollout_key(),
+                ctx.prefix.changed_key(),
+                plan.nodes.len(),
+                waves.len(),
+                if waves.len() == 1 { "" } else { "s" },
+                waves.iter().map(names).collect::<Vec<_>>().join(" | ")
+            ));
+            if flags.promote_manual && waves.len() > 1 {
+                say("would stop after the first wave until `depro promote`");
+            }
+        }
+    }
+    say(&format!(
+        "each node would run {version}'s rollout hook and health checks again, each wave \
+         restarted before the next{}; the first failure halts it; then the plan goes and \
+         {} records the restart; current unchanged",
+        match flags.pause.is_zero() {
+            true => String::new(),
+            false => format!(", {} between waves", crate::duration::human(flags.pause)),
+        },
+        ctx.prefix.history_key()
+    ));
     say("nothing was written");
 }

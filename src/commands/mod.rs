@@ -11,6 +11,7 @@ mod interrupt;
 mod policy;
 mod progress;
 mod remove;
+mod restart;
 mod status;
 mod switch;
 mod switch_plan;
@@ -27,6 +28,7 @@ pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
 pub(crate) use policy::policy;
 pub(crate) use remove::{prune, remove};
+pub(crate) use restart::restart;
 pub(crate) use status::status;
 pub(crate) use wait::wait;
 

@@ -135,6 +135,13 @@ pub(super) fn refused(ctx: &Ctx, refusal: Refusal) -> Error {
             "no earlier version of {prefix} is left to roll back to; `depro status \
              -prefix={prefix}` lists them"
         )),
+        Refusal::NothingToRestart => Error::Refused(format!(
+            "{prefix}/current does not name a version: there is nothing to restart"
+        )),
+        Refusal::NoneActive(version) => Error::Refused(format!(
+            "no node runs {version} (reports it active) under {prefix}: there is nothing to \
+             restart; see `depro status -prefix={prefix}`"
+        )),
         Refusal::NoGoodVersion(skipped) => Error::Refused(format!(
             "no earlier version of {prefix} that ran well is left to roll back to ({}); to go \
              back to one of those anyway, name it: `depro rollback -to=VERSION -prefix={prefix}`",

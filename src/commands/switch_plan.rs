@@ -51,6 +51,10 @@ pub(crate) enum Refusal {
     NothingToRollBackFrom,
     /// `rollback` with no good version left; the others, and why not.
     NoGoodVersion(Vec<(VersionName, &'static str)>),
+    /// `restart` with `current` unset (or naming no valid version).
+    NothingToRestart,
+    /// `restart` with no node running `current` (`active`) to restart.
+    NoneActive(VersionName),
 }
 
 /// How `current` comes to name the version.
@@ -214,6 +218,61 @@ pub(crate) fn then_for(
         None if base.is_none_or(|c| c.version.is_none()) => Err(Refusal::NoBaseForWaves),
         None => Ok(Then::Waves),
     }
+}
+
+/// `depro restart`: `current`'s rollout hook (and health checks) run again
+/// on the nodes that run it, in waves, without moving `current`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RestartPlan {
+    pub version: VersionName,
+    /// `current` as read: the restart applies while it keeps its index.
+    pub base: CurrentKey,
+    /// The nodes that run it (`active`), to restart.
+    pub nodes: BTreeSet<String>,
+    /// A restart of it under way, resumed (its plan and the plan's index).
+    pub resume: Option<(Box<RolloutPlan>, u64)>,
+}
+
+/// Decides a restart from `current`, the plan under way and `current`'s
+/// version keys: a restart of `current` under way is resumed; any other
+/// rollout under way is refused, as for a switch.
+pub(crate) fn decide_restart(seen: &Observed) -> Result<RestartPlan, Refusal> {
+    let tree = &seen.tree;
+    let base = tree.current.clone().ok_or(Refusal::NothingToRestart)?;
+    let version = base.version.clone().ok_or(Refusal::NothingToRestart)?;
+    let resume = match in_effect(tree.rollout.as_ref(), Some(&base)) {
+        Some((plan, index)) if plan.restart.is_some() && plan.version == version.as_str() => {
+            match then_for(
+                &version,
+                Some(&base),
+                tree.rollout.as_ref(),
+                &SwitchFlags::default(),
+            )? {
+                Then::Resume { plan, index } => Some((plan, index)),
+                _ => unreachable!("a plan of the version in effect is resumed: {index}"),
+            }
+        }
+        Some((plan, _)) => return Err(Refusal::OtherUnderWay(Box::new(plan.clone()))),
+        None => None,
+    };
+    let nodes: BTreeSet<String> = tree
+        .versions
+        .get(&version)
+        .map(|info| {
+            nodes_in(&info.nodes, NodeState::Active)
+                .into_iter()
+                .collect()
+        })
+        .unwrap_or_default();
+    if nodes.is_empty() && resume.is_none() {
+        return Err(Refusal::NoneActive(version));
+    }
+    Ok(RestartPlan {
+        version,
+        base,
+        nodes,
+        resume,
+    })
 }
 
 /// What `rollback` switches from and to: `current`, and `to` or the last
@@ -385,6 +444,54 @@ mod tests {
             Ok(Plan::Switch(s)) => s,
             other => panic!("not a switch: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_restart_restarts_the_nodes_that_run_current_and_resumes_its_own_plan_only() {
+        let t = tree(&[("v1", &[Active, Failed, Active])], Some("v1"));
+        let plan = decide_restart(&seen(t.clone())).unwrap();
+        assert_eq!(plan.version, v("v1"));
+        assert_eq!(
+            plan.nodes,
+            ["node1".to_string(), "node3".to_string()].into()
+        );
+        assert_eq!(plan.resume, None);
+        // Its own plan under way is resumed.
+        let mut restarting = t.clone();
+        let under_way = RolloutPlan {
+            restart: Some(7),
+            ..plan_of("v1", "v1", 1)
+        };
+        restarting.rollout = Some((under_way.clone(), 60));
+        let plan = decide_restart(&seen(restarting)).unwrap();
+        assert_eq!(plan.resume, Some((Box::new(under_way), 60)));
+        // Another rollout under way is refused; a stale one is not.
+        let mut rolling = t.clone();
+        rolling.rollout = Some((plan_of("v2", "v1", 1), 60));
+        assert!(matches!(
+            decide_restart(&seen(rolling.clone())),
+            Err(Refusal::OtherUnderWay(_))
+        ));
+        rolling.rollout.as_mut().unwrap().0.base_index = 49;
+        assert!(decide_restart(&seen(rolling)).is_ok());
+        // Nothing current, or nothing running it: nothing to restart.
+        let unset = tree(&[("v1", &[Active])], None);
+        assert_eq!(decide_restart(&seen(unset)), Err(Refusal::NothingToRestart));
+        let none = tree(&[("v1", &[Ready, Failed])], Some("v1"));
+        assert_eq!(
+            decide_restart(&seen(none)),
+            Err(Refusal::NoneActive(v("v1")))
+        );
+    }
+
+    #[test]
+    fn without_waves_asked_the_plan_is_one_wave_of_every_node_as_a_restart_needs() {
+        let nodes: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(plan_waves(&nodes, None, None), [["a", "b", "c"]]);
+        assert_eq!(
+            plan_waves(&nodes, Some(1), Some(Batch::Count(1))),
+            [vec!["a"], vec!["b"], vec!["c"]]
+        );
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub(crate) fn switch(
     // One command at a time drives the waves; `status` and `resume` see it.
     let _driver = Driver::take(ctx, version, base_index)?;
     let then_is_new = then == Then::Waves;
-    let (mut plan, mut index) = match then {
+    let (plan, index) = match then {
         Then::Stop | Then::AlreadyCurrent | Then::AtOnce => unreachable!("switched above"),
         Then::Resume { plan, index } => {
             ctx.out.line(&format!(
@@ -83,6 +83,89 @@ pub(crate) fn switch(
             start_plan(ctx, version, base, &ready, flags, left_behind)?
         }
     };
+    drive(ctx, wait, ready, flags, start, plan, index, then_is_new)
+}
+
+/// `depro restart`: runs `current`'s rollout hook (and health checks)
+/// again on `nodes`, in waves with a rollout's gates (`-canary`, `-batch`,
+/// `-pause`, `-promote=manual`, `depro pause`; the first failure halts),
+/// through a plan whose `restart` id the agents on its nodes act on once;
+/// or resumes the restart under way. `current` does not move: the last
+/// step deletes the plan and records the restart in the history.
+pub(crate) fn restart(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    nodes: &BTreeSet<String>,
+    flags: &SwitchFlags,
+    start: Instant,
+    resume: Option<(RolloutPlan, u64)>,
+) -> Result<()> {
+    let version = wait.version;
+    let base = wait.base.expect("a restart has a current version");
+    let _driver = Driver::take(ctx, version, base.modify_index)?;
+    let is_new = resume.is_none();
+    let (plan, index) = match resume {
+        Some((plan, index)) => {
+            ctx.out.line(&format!(
+                "resuming the restart of {version}: wave {} of {} was started{}",
+                plan.started_waves,
+                plan.waves.len(),
+                plan.by_whom()
+            ));
+            (plan, index)
+        }
+        None => {
+            // What the plan found is read again: a plan written since makes
+            // the check-and-set fail (exit 5).
+            let left_behind = ctx.read_rollout()?.map_or(0, |(_, index)| index);
+            let mut plan = new_plan(ctx, version, base, nodes, flags);
+            plan.restart = Some(crate::logging::now_ms());
+            ctx.out.line(&format!(
+                "restarting {version} in {} wave{} ({}): each node runs its rollout hook and \
+                 health checks again",
+                plan.waves.len(),
+                if plan.waves.len() == 1 { "" } else { "s" },
+                plan.waves
+                    .iter()
+                    .map(|w| w.len().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+            ));
+            let index = write_plan(ctx, &plan, left_behind)?;
+            (plan, index)
+        }
+    };
+    drive(
+        ctx,
+        wait,
+        BTreeSet::new(),
+        flags,
+        start,
+        plan,
+        index,
+        is_new,
+    )
+}
+
+/// Drives the waves of `plan` (at `index`) to their end: each wave active
+/// (for a restart: restarted) before the next, then the last step.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    ready: BTreeSet<String>,
+    flags: &SwitchFlags,
+    start: Instant,
+    mut plan: RolloutPlan,
+    mut index: u64,
+    then_is_new: bool,
+) -> Result<()> {
+    let version = wait.version;
+    let base_index = wait.base.map_or(0, |c| c.modify_index);
+    let doing = match plan.restart {
+        Some(_) => "restarting",
+        None => "switching to",
+    };
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
     // `-promote=manual` stops a rollout this command starts after its
@@ -92,7 +175,7 @@ pub(crate) fn switch(
         leaves_wave(ctx, &plan);
         let nodes = plan.waves[wave].clone();
         ctx.out.line(&format!(
-            "wave {}/{total}: {} switching to {version}",
+            "wave {}/{total}: {} {doing} {version}",
             wave + 1,
             names(&nodes)
         ));
@@ -101,9 +184,13 @@ pub(crate) fn switch(
         plan.paused = paused;
         match waited {
             Ok(()) => ctx.out.line(&format!(
-                "wave {}/{total}: {} active on {version} ({})",
+                "wave {}/{total}: {} {} {version} ({})",
                 wave + 1,
                 names(&nodes),
+                match plan.restart {
+                    Some(_) => "restarted",
+                    None => "active on",
+                },
                 took(start)
             )),
             Err(why) => return Err(halted(ctx, wait, &plan, index, wave, why, flags)),
@@ -133,6 +220,18 @@ pub(crate) fn switch(
                         return Err(halted(ctx, wait, &plan, index, wave, why, flags));
                     }
                 }
+            }
+            if written.is_some() && plan.restart.is_some() {
+                println!(
+                    "{version} restarted on {} (its first wave), not yet on the other nodes; \
+                     waiting for promotion: `depro promote {version} -prefix={}` goes on, \
+                     `depro rollback -prefix={}` stops the restart there ({})",
+                    names(&nodes),
+                    ctx.prefix,
+                    ctx.prefix,
+                    took(start)
+                );
+                return Ok(());
             }
             if written.is_some() {
                 println!(
@@ -186,6 +285,9 @@ pub(crate) fn switch(
             break;
         }
     }
+    if plan.restart.is_some() {
+        return finish_restart(ctx, wait, &mut plan, index, start);
+    }
     // Every wave is active: `current` moves and the plan goes, at once.
     let expected: BTreeSet<String> = ready.union(&plan.switched).cloned().collect();
     let mut tries = 0;
@@ -218,6 +320,119 @@ pub(crate) fn switch(
             Err(why) => return Err(halted(ctx, wait, &plan, index, total - 1, why, flags)),
         };
     }
+}
+
+/// The last step of a restart: every wave restarted, the plan goes (by
+/// check-and-set, while `current` keeps its index) and the history records
+/// the restart, in one transaction with a ring. Lost only to a pause or a
+/// resume just before it: then it waits for the resume and goes again.
+fn finish_restart(
+    ctx: &mut Ctx,
+    wait: &Wait<'_>,
+    plan: &mut RolloutPlan,
+    mut index: u64,
+    start: Instant,
+) -> Result<()> {
+    let version = wait.version;
+    let (current_key, rollout_key, history_key) = (
+        ctx.prefix.current_key(),
+        ctx.prefix.rollout_key(),
+        ctx.prefix.history_key(),
+    );
+    for _ in 0..5 {
+        let (history, history_index) = ctx.read_history()?;
+        let history = history
+            .with(crate::tree::Switch {
+                version: version.to_string(),
+                from: version.to_string(),
+                since: crate::logging::timestamp(),
+                by: ctx.user.clone(),
+                how: "restart".into(),
+                message: ctx.message.clone().unwrap_or_default(),
+            })
+            .to_json();
+        let ops = [
+            TxnOp::CheckIndex {
+                key: &current_key,
+                index: plan.base_index,
+            },
+            TxnOp::DeleteCas {
+                key: &rollout_key,
+                index,
+            },
+            TxnOp::Cas {
+                key: &history_key,
+                value: &history,
+                index: history_index,
+            },
+        ];
+        match ctx.write_ringing(&ops, Change::Wave(None))? {
+            TxnOutcome::Committed(_) => {
+                println!(
+                    "{version} restarted under {} on {} nodes ({}); current unchanged",
+                    ctx.prefix,
+                    plan.switched.len(),
+                    took(start)
+                );
+                return Ok(());
+            }
+            TxnOutcome::Rejected(failures) => {
+                if let Some(denied) = failures.iter().find(|f| f.conflict == Conflict::Denied) {
+                    return Err(Error::Refused(format!(
+                        "the ACL token may not finish the restart of {version} ({}: {})",
+                        ops.get(denied.op).map_or("the transaction", |op| op.key()),
+                        denied.what
+                    )));
+                }
+            }
+        }
+        let total = plan.waves.len();
+        let moved = ctx.read_current()?.map_or(0, |c| c.modify_index) != plan.base_index;
+        let why = match ctx.read_rollout()? {
+            _ if moved => Some("current was changed meanwhile"),
+            Some((now, now_index)) if now.same_rollout(plan) => {
+                if now_index != index {
+                    // Paused (or resumed) just before the last step.
+                    index = match between_waves(
+                        ctx,
+                        wait,
+                        plan,
+                        index,
+                        Duration::ZERO,
+                        total,
+                        total,
+                    )? {
+                        Ok(index) => index,
+                        Err(why) => {
+                            return Err(halted(
+                                ctx,
+                                wait,
+                                plan,
+                                index,
+                                total - 1,
+                                why,
+                                &SwitchFlags::default(),
+                            ));
+                        }
+                    };
+                }
+                None // else the history changed: again
+            }
+            _ => Some("the restart was stopped or replaced by another command"),
+        };
+        if let Some(why) = why {
+            return Err(Error::LostRace(format!(
+                "{why} before the restart of {version} finished; every node it named ran its \
+                 rollout hook again; check with `depro status -prefix={}`",
+                ctx.prefix
+            )));
+        }
+    }
+    Err(Error::LostRace(format!(
+        "{} kept changing while this command tried to finish the restart of {version}; check \
+         with `depro status -prefix={}`",
+        history_key, ctx.prefix
+    )))
 }
 
 /// Waits out `pause` before wave `next` + 1 of `total` (or, with `next ==
@@ -298,6 +513,18 @@ const PAUSE_POLL: Duration = Duration::from_secs(10);
 
 /// Records what an interruption leaves while `plan` is under way.
 fn leaves_wave(ctx: &Ctx, plan: &RolloutPlan) {
+    if plan.restart.is_some() {
+        return super::interrupt::leaves(format!(
+            "the restart of {} stays at wave {} of {} (current is unchanged); resume it with \
+             `depro restart -prefix={}{}`, or stop it there with `depro rollback -prefix={}`",
+            shown(&plan.version),
+            plan.started_waves,
+            plan.waves.len(),
+            ctx.prefix,
+            ctx.switch_flags,
+            ctx.prefix
+        ));
+    }
     super::interrupt::leaves(format!(
         "the rollout of {} stays at wave {} of {} ({} of its nodes run it, the others {}, \
          current is unchanged); resume with `depro rollout {} -prefix={}{}`, or undo with \
@@ -325,27 +552,7 @@ fn start_plan(
     flags: &SwitchFlags,
     left_behind: u64,
 ) -> Result<(RolloutPlan, u64)> {
-    let waves = plan_waves(ready, flags.canary, flags.batch);
-    let mut how = Vec::new();
-    if let Some(canary) = flags.canary {
-        how.push(format!("-canary={canary}"));
-    }
-    if let Some(batch) = flags.batch {
-        how.push(format!("-batch={batch}"));
-    }
-    let plan = RolloutPlan {
-        version: version.to_string(),
-        base: base.value.clone(),
-        base_index: base.modify_index,
-        switched: waves.first().into_iter().flatten().cloned().collect(),
-        waves,
-        started_waves: 1,
-        by: Some(ctx.user.clone()),
-        since: Some(crate::logging::timestamp()),
-        how: Some(how.join(" ")),
-        flags: Some(flags.repeated().trim().to_string()),
-        paused: None,
-    };
+    let plan = new_plan(ctx, version, base, ready, flags);
     ctx.out.line(&format!(
         "rolling out {version} in {} waves ({}); the other nodes stay on {}",
         plan.waves.len(),
@@ -358,6 +565,38 @@ fn start_plan(
     ));
     let index = write_plan(ctx, &plan, left_behind)?;
     Ok((plan, index))
+}
+
+/// A plan of waves over `nodes`, its first wave started.
+fn new_plan(
+    ctx: &Ctx,
+    version: &VersionName,
+    base: &CurrentKey,
+    nodes: &BTreeSet<String>,
+    flags: &SwitchFlags,
+) -> RolloutPlan {
+    let waves = plan_waves(nodes, flags.canary, flags.batch);
+    let mut how = Vec::new();
+    if let Some(canary) = flags.canary {
+        how.push(format!("-canary={canary}"));
+    }
+    if let Some(batch) = flags.batch {
+        how.push(format!("-batch={batch}"));
+    }
+    RolloutPlan {
+        version: version.to_string(),
+        base: base.value.clone(),
+        base_index: base.modify_index,
+        switched: waves.first().into_iter().flatten().cloned().collect(),
+        waves,
+        started_waves: 1,
+        by: Some(ctx.user.clone()),
+        since: Some(crate::logging::timestamp()),
+        how: Some(how.join(" ")),
+        flags: Some(flags.repeated().trim().to_string()),
+        paused: None,
+        restart: None,
+    }
 }
 
 /// Writes the plan by check-and-set on `index` (0: only if absent), with a
@@ -450,13 +689,24 @@ fn wait_wave(
             return Some(Err(Halt::Failed(failed, seen.info.reasons.clone())));
         }
         // Every switched node, also one whose agent is restarting (its key
-        // is gone for a moment): it comes back and reports.
-        let on = in_state(seen, switched, NodeState::Active);
+        // is gone for a moment): it comes back and reports. For a restart,
+        // only once it acknowledged this restart.
+        let mut on = in_state(seen, switched, NodeState::Active);
+        if let Some(id) = plan.restart {
+            on.retain(|n| seen.info.restarted.get(n) == Some(&id));
+        }
         active = on.len();
         let lagging = switched.iter().filter(|n| !on.contains(n));
         let left = switched.len() - active;
         out.count_lagging(
-            &format!("{active}/{} active", switched.len()),
+            &format!(
+                "{active}/{} {}",
+                switched.len(),
+                match plan.restart {
+                    Some(_) => "restarted",
+                    None => "active",
+                }
+            ),
             left,
             lagging,
         );
@@ -548,7 +798,17 @@ fn halted(
             ));
         }
     };
-    let rest = if flags.rollback_on_failure {
+    let rest = if plan.restart.is_some() {
+        format!(
+            "; {} were told to restart (the failed ones run what their hooks left), current \
+             stays {version}; fix the cause and go on with `depro deploy {version} -prefix={}` \
+             (it retries failed nodes and resumes the restart), or stop it there with `depro \
+             rollback -prefix={}`",
+            names(&switched),
+            ctx.prefix,
+            ctx.prefix
+        )
+    } else if flags.rollback_on_failure {
         match undo(
             ctx,
             plan,
