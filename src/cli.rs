@@ -479,16 +479,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         Some(Short('h') | Long("help")) => return Ok(Command::Help(None)),
         Some(Short('V') | Long("version")) => return Ok(Command::Version),
         Some(Value(value)) => value.string().map_err(usage(None))?,
-        Some(other) => {
-            let flag = match other {
-                Short(c) => format!("-{c}"),
-                Long(name) => format!("-{name}"),
-                Value(_) => unreachable!("matched above"),
-            };
-            return Err(Error::Usage(format!(
-                "{flag}: unknown flag before the command; run `depro help`"
-            )));
-        }
+        Some(Short(c)) => return Err(before_the_command(&c.to_string())),
+        Some(Long(name)) => return Err(before_the_command(name)),
     };
     match first.as_str() {
         "agent" => parse_agent(&mut parser),
@@ -527,6 +519,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
             COMMANDS.join(", ")
         ))),
     }
+}
+
+fn before_the_command(flag: &str) -> Error {
+    Error::Usage(format!(
+        "-{flag}: unknown flag before the command; run `depro help`"
+    ))
 }
 
 /// One argument of a command, read by the flag table's rules.
