@@ -3,7 +3,9 @@
 //!
 //! Flags are accepted Go-style (`-config-dir=/etc/depro/`, `-nodes 3`) as
 //! the original depro and Consul write them, and GNU-style
-//! (`--config-dir /etc/depro/`, `--nodes=3`).
+//! (`--config-dir /etc/depro/`, `--nodes=3`). Which flags a command takes,
+//! and whether one takes a value, is the flag table's (`flags`); the code
+//! here turns the values into typed args.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -13,6 +15,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 
 use crate::error::Error;
+use crate::flags::{self, Kind};
 
 /// What the user asked for.
 #[derive(Debug, PartialEq)]
@@ -312,9 +315,9 @@ pub(crate) fn parse_policy(text: &str) -> Result<SwitchFlags, Error> {
     let mut parser =
         lexopt::Parser::from_args(normalize(text.split_whitespace().map(OsString::from)));
     let mut flags = SwitchFlags::default();
-    while let Some(arg) = next_arg(&mut parser, Some("policy"))? {
-        let policy_flag = matches!(&arg, Arg::Long(name) if POLICY_FLAGS.contains(&name.as_str()));
-        if !policy_flag || !switch_flag(&arg, &mut parser, &mut flags, "policy")? {
+    while let Some(arg) = next(&mut parser, "policy")? {
+        let policy_flag = matches!(&arg, Arg::Flag(name, _) if POLICY_FLAGS.contains(name));
+        if !policy_flag || !switch_flag(&arg, &mut flags, "policy")? {
             return Err(Error::Usage(format!(
                 "{} is not a rollout policy flag ({})",
                 describe(&arg),
@@ -478,19 +481,14 @@ fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
 /// Parses the arguments after the program name.
 pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, Error> {
     let mut parser = lexopt::Parser::from_args(normalize(args));
-    let first = match next_arg(&mut parser, None)? {
+    // No command yet: the flags known here are -h and -V.
+    let first = match parser.next().map_err(usage(None))? {
         None => return Ok(Command::Missing),
-        Some(arg) => match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(None)),
-            Key::Long("version") | Key::Short('V') => return Ok(Command::Version),
-            Key::Value(value) => value.to_string(),
-            _ => {
-                return Err(Error::Usage(format!(
-                    "{}: unknown flag before the command; run `depro help`",
-                    describe(&arg)
-                )));
-            }
-        },
+        Some(Short('h') | Long("help")) => return Ok(Command::Help(None)),
+        Some(Short('V') | Long("version")) => return Ok(Command::Version),
+        Some(Value(value)) => value.string().map_err(usage(None))?,
+        Some(Short(c)) => return Err(before_the_command(&c.to_string())),
+        Some(Long(name)) => return Err(before_the_command(name)),
     };
     match first.as_str() {
         "agent" => parse_agent(&mut parser),
@@ -506,22 +504,21 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "pause" | "resume" | "promote" | "forget" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
         "version" => Ok(Command::Version),
-        "completion" => match next_arg(&mut parser, Some("completion"))? {
-            Some(Arg::Value(shell)) => {
-                if let Some(extra) = next_arg(&mut parser, Some("completion"))? {
+        "completion" => match next(&mut parser, "completion")? {
+            Some(Arg::Operand(shell)) => {
+                if let Some(extra) = next(&mut parser, "completion")? {
                     return Err(unexpected(&extra, "completion"));
                 }
                 crate::completion::Shell::parse(&shell).map(Command::Completion)
             }
-            Some(Arg::Short('h')) => Ok(Command::Help(Some("completion".into()))),
-            Some(Arg::Long(name)) if name == "help" => Ok(Command::Help(Some("completion".into()))),
+            Some(Arg::Help) => Ok(Command::Help(Some("completion".into()))),
             _ => Err(Error::Usage(
                 "completion needs a shell: bash, zsh or fish, e.g. `depro completion bash`".into(),
             )),
         },
         "help" => {
-            let topic = match next_arg(&mut parser, None)? {
-                Some(Arg::Value(v)) => Some(v),
+            let topic = match next(&mut parser, "help")? {
+                Some(Arg::Operand(v)) => Some(v),
                 _ => None,
             };
             Ok(Command::Help(topic))
@@ -533,38 +530,75 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
     }
 }
 
-/// An argument, owned, so that the parser can be asked for a flag's value
-/// while the flag is looked at.
+fn before_the_command(flag: &str) -> Error {
+    Error::Usage(format!(
+        "-{flag}: unknown flag before the command; run `depro help`"
+    ))
+}
+
+/// One argument of a command, read by the flag table's rules.
 enum Arg {
-    Short(char),
-    Long(String),
-    Value(String),
+    /// `-h` or `-help`.
+    Help,
+    /// A flag the command takes (by its name in the table, an alias read as
+    /// the flag it stands for), with its value.
+    Flag(&'static str, FlagValue),
+    /// A flag the command does not take, as written (`-bogus`).
+    Unknown(String),
+    /// A word that is not a flag.
+    Operand(String),
 }
 
-/// A borrowed view of an [`Arg`], to match on.
-enum Key<'a> {
-    Short(char),
-    Long(&'a str),
-    Value(&'a str),
+/// A flag's value, as its kind in the table reads it.
+enum FlagValue {
+    On(bool),
+    Text(String),
+    Path(PathBuf),
 }
 
-impl Arg {
-    fn key(&self) -> Key<'_> {
+impl FlagValue {
+    fn on(&self) -> bool {
+        matches!(self, FlagValue::On(true))
+    }
+
+    /// The text of a valued flag ("" for a boolean, which has none).
+    fn text(&self) -> &str {
         match self {
-            Arg::Short(c) => Key::Short(*c),
-            Arg::Long(name) => Key::Long(name),
-            Arg::Value(value) => Key::Value(value),
+            FlagValue::Text(text) => text,
+            _ => "",
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        match self {
+            FlagValue::Path(path) => path.clone(),
+            _ => PathBuf::new(),
         }
     }
 }
 
-fn next_arg(parser: &mut lexopt::Parser, command: Option<&str>) -> Result<Option<Arg>, Error> {
-    Ok(match parser.next().map_err(usage(command))? {
-        None => None,
-        Some(Short(c)) => Some(Arg::Short(c)),
-        Some(Long(name)) => Some(Arg::Long(name.to_string())),
-        Some(Value(value)) => Some(Arg::Value(value.string().map_err(usage(command))?)),
-    })
+/// The next argument of `command`: a flag it does not take (by the table)
+/// comes back as [`Arg::Unknown`] for the caller to refuse in its words, a
+/// flag it takes with its value read: none or `=true|false` for a boolean,
+/// any bytes for a file name, text for the rest.
+fn next(parser: &mut lexopt::Parser, command: &str) -> Result<Option<Arg>, Error> {
+    let err = usage(Some(command));
+    let flag = match parser.next().map_err(&err)? {
+        None => return Ok(None),
+        Some(Short('h') | Long("help")) => return Ok(Some(Arg::Help)),
+        Some(Value(value)) => return Ok(Some(Arg::Operand(value.string().map_err(&err)?))),
+        Some(Short(c)) => return Ok(Some(Arg::Unknown(format!("-{c}")))),
+        Some(Long(name)) => match flags::find(name, command) {
+            Some(flag) => flag,
+            None => return Ok(Some(Arg::Unknown(format!("-{name}")))),
+        },
+    };
+    let value = match flag.kind {
+        Kind::Bool => FlagValue::On(boolean(parser, flag.name, command)?),
+        Kind::File(_) | Kind::Dir(_) => FlagValue::Path(parser.value().map_err(&err)?.into()),
+        _ => FlagValue::Text(parser.value().map_err(&err)?.string().map_err(&err)?),
+    };
+    Ok(Some(Arg::Flag(flag.name, value)))
 }
 
 fn usage(command: Option<&str>) -> impl Fn(lexopt::Error) -> Error + '_ {
@@ -580,42 +614,31 @@ fn usage(command: Option<&str>) -> impl Fn(lexopt::Error) -> Error + '_ {
 
 fn describe(arg: &Arg) -> String {
     match arg {
-        Arg::Short(c) => format!("-{c}"),
-        Arg::Long(name) => format!("-{name}"),
-        Arg::Value(v) => format!("{v:?}"),
+        Arg::Help => "-h".into(),
+        Arg::Flag(name, _) => format!("-{name}"),
+        Arg::Unknown(flag) => flag.clone(),
+        Arg::Operand(v) => format!("{v:?}"),
     }
 }
 
-/// Parses a connection flag if `arg` is one; returns whether it was.
-fn connection_flag(
-    arg: &Arg,
-    parser: &mut lexopt::Parser,
-    flags: &mut ConnectionFlags,
-    command: &str,
-) -> Result<bool, Error> {
-    let err = usage(Some(command));
-    match arg.key() {
-        Key::Long("server" | "http-addr") => flags.server = Some(string(parser, command)?),
-        Key::Long("token") => flags.token = Some(string(parser, command)?),
-        Key::Long("token-file") => flags.token_file = Some(parser.value().map_err(&err)?.into()),
-        Key::Long("datacenter" | "dc") => flags.datacenter = Some(string(parser, command)?),
-        Key::Long("ca-file") => flags.ca_file = Some(parser.value().map_err(&err)?.into()),
-        Key::Long("client-cert") => flags.client_cert = Some(parser.value().map_err(&err)?.into()),
-        Key::Long("client-key") => flags.client_key = Some(parser.value().map_err(&err)?.into()),
-        Key::Long("tls-skip-verify") => {
-            flags.tls_skip_verify = boolean(parser, "tls-skip-verify", command)?
-        }
-        _ => return Ok(false),
+/// Takes a connection flag if `arg` is one; returns whether it was.
+fn connection_flag(arg: &Arg, flags: &mut ConnectionFlags) -> bool {
+    let Arg::Flag(name, value) = arg else {
+        return false;
+    };
+    let text = || Some(value.text().to_string());
+    match *name {
+        "server" => flags.server = text(),
+        "token" => flags.token = text(),
+        "token-file" => flags.token_file = Some(value.path()),
+        "datacenter" => flags.datacenter = text(),
+        "ca-file" => flags.ca_file = Some(value.path()),
+        "client-cert" => flags.client_cert = Some(value.path()),
+        "client-key" => flags.client_key = Some(value.path()),
+        "tls-skip-verify" => flags.tls_skip_verify = value.on(),
+        _ => return false,
     }
-    Ok(true)
-}
-
-fn string(parser: &mut lexopt::Parser, command: &str) -> Result<String, Error> {
-    parser
-        .value()
-        .map_err(usage(Some(command)))?
-        .string()
-        .map_err(usage(Some(command)))
+    true
 }
 
 /// A boolean flag: `-json`, or Go-style `-json=true` / `-json=false`.
@@ -632,8 +655,7 @@ fn boolean(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<boo
     }
 }
 
-fn number(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<u32, Error> {
-    let text = string(parser, command)?;
+fn number(name: &str, text: &str, command: &str) -> Result<u32, Error> {
     text.parse().map_err(|_| {
         Error::Usage(format!(
             "-{name}: {text:?} is not a whole number; run `depro help {command}`"
@@ -642,14 +664,13 @@ fn number(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<u32,
 }
 
 /// `-nodes`: a number (at least 1), `all`, or a share such as `90%`.
-fn nodes(parser: &mut lexopt::Parser, command: &str) -> Result<Need, Error> {
-    let text = string(parser, command)?;
+fn nodes(text: &str, command: &str) -> Result<Need, Error> {
     if text == "all" {
         return Ok(Need::All);
     }
-    match share(&text) {
+    match share(text) {
         Some(Ok(p)) => return Ok(Need::Share(p)),
-        Some(Err(())) => return Err(bad_share("nodes", &text, command)),
+        Some(Err(())) => return Err(bad_share("nodes", text, command)),
         None => {}
     }
     match text.parse::<u32>() {
@@ -683,14 +704,13 @@ fn bad_share(name: &str, text: &str, command: &str) -> Error {
     ))
 }
 
-fn duration(parser: &mut lexopt::Parser, name: &str, command: &str) -> Result<Duration, Error> {
-    let text = string(parser, command)?;
-    crate::duration::parse(&text).map_err(|why| Error::Usage(format!("-{name}: {why}")))
+fn duration(name: &str, text: &str) -> Result<Duration, Error> {
+    crate::duration::parse(text).map_err(|why| Error::Usage(format!("-{name}: {why}")))
 }
 
 /// `-timeout`: a duration longer than zero.
-fn timeout(parser: &mut lexopt::Parser, command: &str) -> Result<Duration, Error> {
-    let value = duration(parser, "timeout", command)?;
+fn timeout(text: &str, command: &str) -> Result<Duration, Error> {
+    let value = duration("timeout", text)?;
     if value.is_zero() {
         return Err(Error::Usage(format!(
             "-timeout must be longer than 0s (e.g. -timeout=10m); run `depro help {command}`"
@@ -699,9 +719,16 @@ fn timeout(parser: &mut lexopt::Parser, command: &str) -> Result<Duration, Error
     Ok(value)
 }
 
+/// A flag whose value is one of a few words, given another.
+fn not_one_of(name: &str, text: &str, words: &str, command: &str) -> Error {
+    Error::Usage(format!(
+        "-{name}: {text:?} is not {words}; run `depro help {command}`"
+    ))
+}
+
 fn unexpected(arg: &Arg, command: &str) -> Error {
     match arg {
-        Arg::Value(v) => Error::Usage(format!(
+        Arg::Operand(v) => Error::Usage(format!(
             "unexpected argument {v:?} for `depro {command}`; run `depro help {command}`"
         )),
         other => Error::Usage(format!(
@@ -714,31 +741,21 @@ fn unexpected(arg: &Arg, command: &str) -> Error {
 fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "agent";
     let mut args = AgentArgs::default();
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if connection_flag(&arg, parser, &mut args.connection, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if connection_flag(&arg, &mut args.connection) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("config-dir") => args
-                .config_dirs
-                .push(parser.value().map_err(usage(Some(command)))?.into()),
-            Key::Long("config-file") => args
-                .config_files
-                .push(parser.value().map_err(usage(Some(command)))?.into()),
-            Key::Long("name") => args.name = Some(string(parser, command)?),
-            Key::Long("log-level") => args.log_level = Some(string(parser, command)?),
-            Key::Long("allow-insecure-config") => {
-                args.allow_insecure_config = boolean(parser, "allow-insecure-config", command)?
-            }
-            Key::Long("check") => args.check = boolean(parser, "check", command)?,
-            Key::Long("log-format") => {
-                let text = string(parser, command)?;
-                args.log_format = crate::logging::Format::parse(&text).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "-log-format: {text:?} is not text or json; run `depro help agent`"
-                    ))
-                })?;
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("config-dir", v) => args.config_dirs.push(v.path()),
+            Arg::Flag("config-file", v) => args.config_files.push(v.path()),
+            Arg::Flag("name", v) => args.name = Some(v.text().into()),
+            Arg::Flag("log-level", v) => args.log_level = Some(v.text().into()),
+            Arg::Flag("allow-insecure-config", v) => args.allow_insecure_config = v.on(),
+            Arg::Flag("check", v) => args.check = v.on(),
+            Arg::Flag("log-format", v) => {
+                args.log_format = crate::logging::Format::parse(v.text())
+                    .ok_or_else(|| not_one_of("log-format", v.text(), "text or json", command))?;
             }
             _ => return Err(unexpected(&arg, command)),
         }
@@ -746,41 +763,31 @@ fn parse_agent(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     Ok(Command::Agent(args))
 }
 
-/// Parses a flag every tree command takes (`-prefix`, connection flags).
-fn tree_flag(
-    arg: &Arg,
-    parser: &mut lexopt::Parser,
-    tree: &mut TreeArgs,
-    command: &str,
-) -> Result<bool, Error> {
-    match arg.key() {
-        Key::Long("prefix") => {
-            tree.prefix = Some(string(parser, command)?);
-            return Ok(true);
-        }
-        Key::Long("quiet") => {
-            tree.quiet = boolean(parser, "quiet", command)?;
-            return Ok(true);
-        }
-        _ => {}
+/// Takes a flag every tree command takes (`-prefix`, `-quiet`, connection
+/// flags) if `arg` is one; returns whether it was.
+fn tree_flag(arg: &Arg, tree: &mut TreeArgs) -> bool {
+    match arg {
+        Arg::Flag("prefix", v) => tree.prefix = Some(v.text().into()),
+        Arg::Flag("quiet", v) => tree.quiet = v.on(),
+        _ => return connection_flag(arg, &mut tree.connection),
     }
-    connection_flag(arg, parser, &mut tree.connection, command)
+    true
 }
 
-/// Parses a flag of the commands that move `current`, if `arg` is one.
-fn switch_flag(
-    arg: &Arg,
-    parser: &mut lexopt::Parser,
-    flags: &mut SwitchFlags,
-    command: &str,
-) -> Result<bool, Error> {
-    match arg.key() {
-        Key::Long("nodes") => {
-            flags.nodes = nodes(parser, command)?;
+/// Takes a flag of the commands that move `current` if `arg` is one;
+/// returns whether it was.
+fn switch_flag(arg: &Arg, flags: &mut SwitchFlags, command: &str) -> Result<bool, Error> {
+    let Arg::Flag(name, value) = arg else {
+        return Ok(false);
+    };
+    let text = value.text();
+    match *name {
+        "nodes" => {
+            flags.nodes = nodes(text, command)?;
             flags.nodes_given = true;
         }
-        Key::Long("min-nodes") => {
-            let n = number(parser, "min-nodes", command)?;
+        "min-nodes" => {
+            let n = number(name, text, command)?;
             if n == 0 {
                 return Err(Error::Usage(format!(
                     "-min-nodes=0: a floor of at least 1 node; leave the flag out for none; \
@@ -789,26 +796,24 @@ fn switch_flag(
             }
             flags.min_nodes = n;
         }
-        Key::Long("message") => {
-            let text = string(parser, command)?;
+        "message" => {
             if text.trim().is_empty() || text.len() > 500 || text.contains('\n') {
                 return Err(Error::Usage(format!(
                     "-message: one line of 1 to 500 bytes, e.g. -message=\"fixes the login timeout\"; \
                      run `depro help {command}`"
                 )));
             }
-            flags.message = Some(text);
+            flags.message = Some(text.into());
         }
         // 0: none (a command's way to override a policy's waves).
-        Key::Long("canary") => {
-            let n = number(parser, "canary", command)?;
+        "canary" => {
+            let n = number(name, text, command)?;
             flags.canary = (n > 0).then_some(n);
         }
-        Key::Long("batch") => {
-            let text = string(parser, command)?;
-            flags.batch = match share(&text) {
+        "batch" => {
+            flags.batch = match share(text) {
                 Some(Ok(p)) => Some(Batch::Share(p)),
-                Some(Err(())) => return Err(bad_share("batch", &text, command)),
+                Some(Err(())) => return Err(bad_share("batch", text, command)),
                 None => match text.parse::<u32>() {
                     Ok(n) => (n > 0).then_some(Batch::Count(n)),
                     _ => {
@@ -820,28 +825,20 @@ fn switch_flag(
                 },
             };
         }
-        Key::Long("pause") => flags.pause = duration(parser, "pause", command)?,
-        Key::Long("dry-run") => flags.dry_run = boolean(parser, "dry-run", command)?,
-        Key::Long("timeout") => flags.timeout = timeout(parser, command)?,
-        Key::Long("rollback-on-failure") => {
-            flags.rollback_on_failure = boolean(parser, "rollback-on-failure", command)?
-        }
-        Key::Long("promote") => {
-            flags.promote_manual = match string(parser, command)?.as_str() {
+        "pause" => flags.pause = duration(name, text)?,
+        "dry-run" => flags.dry_run = value.on(),
+        "timeout" => flags.timeout = timeout(text, command)?,
+        "rollback-on-failure" => flags.rollback_on_failure = value.on(),
+        "promote" => {
+            flags.promote_manual = match text {
                 "manual" => true,
                 "auto" => false,
-                other => {
-                    return Err(Error::Usage(format!(
-                        "-promote: {other:?} is not auto or manual; run `depro help {command}`"
-                    )));
-                }
+                other => return Err(not_one_of(name, other, "auto or manual", command)),
             }
         }
         _ => return Ok(false),
     }
-    if let Key::Long(name) = arg.key()
-        && let Some(flag) = POLICY_FLAGS.iter().find(|f| **f == name)
-    {
+    if let Some(flag) = POLICY_FLAGS.iter().find(|f| *f == name) {
         flags.given.insert(flag);
     }
     Ok(true)
@@ -851,17 +848,15 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "deploy";
     let (mut tree, mut switch) = (TreeArgs::default(), SwitchFlags::default());
     let (mut version, mut keep, mut no_rollout) = (None, None, false);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)?
-            || switch_flag(&arg, parser, &mut switch, command)?
-        {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
-            Key::Long("no-rollout") => no_rollout = boolean(parser, "no-rollout", command)?,
-            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("keep", v) => keep = Some(number("keep", v.text(), command)?),
+            Arg::Flag("no-rollout", v) => no_rollout = v.on(),
+            Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -884,15 +879,13 @@ fn missing_version(command: &str) -> Error {
 fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "rollout";
     let (mut tree, mut switch, mut version) = (TreeArgs::default(), SwitchFlags::default(), None);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)?
-            || switch_flag(&arg, parser, &mut switch, command)?
-        {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -907,15 +900,13 @@ fn parse_rollout(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 fn parse_rollback(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "rollback";
     let (mut tree, mut switch, mut to) = (TreeArgs::default(), SwitchFlags::default(), None);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)?
-            || switch_flag(&arg, parser, &mut switch, command)?
-        {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("to") => to = Some(string(parser, command)?),
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("to", v) => to = Some(v.text().into()),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -925,22 +916,12 @@ fn parse_rollback(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 fn parse_restart(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "restart";
     let (mut tree, mut switch) = (TreeArgs::default(), SwitchFlags::default());
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        // A restart runs on the nodes that run current: no count to wait
-        // for, and nothing to roll back to.
-        if let Key::Long(name @ ("nodes" | "min-nodes" | "rollback-on-failure")) = arg.key() {
-            return Err(Error::Usage(format!(
-                "-{name}: a restart runs on every node that runs current, and a failure halts \
-                 it; leave -{name} out; run `depro help restart`"
-            )));
-        }
-        if tree_flag(&arg, parser, &mut tree, command)?
-            || switch_flag(&arg, parser, &mut switch, command)?
-        {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -952,16 +933,16 @@ fn parse_remove(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let mut tree = TreeArgs::default();
     let (mut versions, mut wait, mut timeout) = (Vec::new(), false, DEFAULT_TIMEOUT);
     let mut dry_run = false;
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("wait") => wait = boolean(parser, "wait", command)?,
-            Key::Long("timeout") => timeout = self::timeout(parser, command)?,
-            Key::Long("dry-run") => dry_run = boolean(parser, "dry-run", command)?,
-            Key::Value(v) => versions.push(v.to_string()),
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("wait", v) => wait = v.on(),
+            Arg::Flag("timeout", v) => timeout = self::timeout(v.text(), command)?,
+            Arg::Flag("dry-run", v) => dry_run = v.on(),
+            Arg::Operand(v) => versions.push(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -981,15 +962,15 @@ fn parse_prune(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "prune";
     let mut tree = TreeArgs::default();
     let (mut keep, mut failed, mut dry_run) = (None, false, false);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("keep") => keep = Some(number(parser, "keep", command)?),
-            Key::Long("failed") => failed = boolean(parser, "failed", command)?,
-            Key::Long("dry-run") => dry_run = boolean(parser, "dry-run", command)?,
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("keep", v) => keep = Some(number("keep", v.text(), command)?),
+            Arg::Flag("failed", v) => failed = v.on(),
+            Arg::Flag("dry-run", v) => dry_run = v.on(),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -1012,26 +993,22 @@ fn parse_wait(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let mut tree = TreeArgs::default();
     let (mut version, mut state, mut need, mut timeout) =
         (None, WaitFor::Active, Need::Count(1), DEFAULT_TIMEOUT);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("for") => {
-                state = match string(parser, command)?.as_str() {
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("for", v) => {
+                state = match v.text() {
                     "ready" => WaitFor::Ready,
                     "active" => WaitFor::Active,
-                    other => {
-                        return Err(Error::Usage(format!(
-                            "-for: {other:?} is not ready or active; run `depro help wait`"
-                        )));
-                    }
+                    other => return Err(not_one_of("for", other, "ready or active", command)),
                 }
             }
-            Key::Long("nodes") => need = nodes(parser, command)?,
-            Key::Long("timeout") => timeout = self::timeout(parser, command)?,
-            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+            Arg::Flag("nodes", v) => need = nodes(v.text(), command)?,
+            Arg::Flag("timeout", v) => timeout = self::timeout(v.text(), command)?,
+            Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -1048,16 +1025,15 @@ fn parse_wait(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 fn parse_policy_command(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "policy";
     let (mut tree, mut switch, mut clear) = (TreeArgs::default(), SwitchFlags::default(), false);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        // The table gives policy the policy flags and -message of the
+        // switch flags, no others.
+        if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("clear") => clear = boolean(parser, "clear", command)?,
-            Key::Long(name) if POLICY_FLAGS.contains(&name) || name == "message" => {
-                switch_flag(&arg, parser, &mut switch, command)?;
-            }
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("clear", v) => clear = v.on(),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -1076,14 +1052,14 @@ fn parse_policy_command(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 
 fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
     let (mut tree, mut version) = (TreeArgs::default(), None);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Value(v) if matches!(command, "promote" | "forget") && version.is_none() => {
-                version = Some(v.to_string())
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Operand(v) if matches!(command, "promote" | "forget") && version.is_none() => {
+                version = Some(v)
             }
             _ => return Err(unexpected(&arg, command)),
         }
@@ -1117,13 +1093,13 @@ fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, 
 fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "history";
     let (mut tree, mut json) = (TreeArgs::default(), false);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("json") => json = boolean(parser, "json", command)?,
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("json", v) => json = v.on(),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -1133,15 +1109,15 @@ fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
     let mut tree = TreeArgs::default();
     let (mut version, mut json, mut watch) = (None, false, false);
-    while let Some(arg) = next_arg(parser, Some(command))? {
-        if tree_flag(&arg, parser, &mut tree, command)? {
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
             continue;
         }
-        match arg.key() {
-            Key::Short('h') | Key::Long("help") => return Ok(Command::Help(Some(command.into()))),
-            Key::Long("json") => json = boolean(parser, "json", command)?,
-            Key::Long("watch") => watch = boolean(parser, "watch", command)?,
-            Key::Value(v) if version.is_none() => version = Some(v.to_string()),
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("json", v) => json = v.on(),
+            Arg::Flag("watch", v) => watch = v.on(),
+            Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
@@ -1195,6 +1171,79 @@ mod tests {
             panic!()
         };
         assert_eq!(plain.switch.repeated(), " -nodes=3");
+    }
+
+    /// A value the flag's own parser takes, by its placeholder.
+    fn a_valid_value(flag: &flags::Flag) -> Option<&'static str> {
+        match flag.kind {
+            Kind::Bool => None,
+            Kind::Choice(_, words) => Some(words[0]),
+            _ => Some(match flag.placeholder() {
+                Some("DURATION") => "5s",
+                Some("N" | "M" | "K" | "K|P%" | "N|all|P%") => "2",
+                _ => "x",
+            }),
+        }
+    }
+
+    /// Each command's words around a flag, so that only the flag is tried.
+    fn around(command: &str) -> Vec<String> {
+        let mut args = vec![command.to_string()];
+        match command {
+            "deploy" | "rollout" | "remove" | "wait" | "promote" | "forget" => {
+                args.push("v1".into())
+            }
+            "prune" => args.push("-failed".into()),
+            _ => {}
+        }
+        args
+    }
+
+    #[test]
+    fn each_command_takes_exactly_the_flags_the_table_gives_it() {
+        let commands = [
+            "agent", "deploy", "rollout", "rollback", "remove", "prune", "status", "query",
+            "history", "policy", "pause", "resume", "promote", "forget", "wait",
+        ];
+        for command in commands {
+            for flag in flags::FLAGS {
+                let value = match flag.kind {
+                    Kind::Alias(to) => a_valid_value(flags::find(to, command).unwrap_or(flag)),
+                    _ => a_valid_value(flag),
+                };
+                // Go style, GNU style, and with `=`.
+                let (name, value) = (flag.name, value.unwrap_or("true"));
+                let mut forms = vec![vec![format!("-{name}={value}")]];
+                for dashes in ["-", "--"] {
+                    let mut form = vec![format!("{dashes}{name}")];
+                    if !matches!(flag.kind, Kind::Bool) {
+                        form.push(value.into());
+                    }
+                    forms.push(form);
+                }
+                for form in forms {
+                    let mut args = around(command);
+                    args.extend(form);
+                    let parsed = parse(args.iter().map(OsString::from));
+                    if flag.takes(command) {
+                        assert!(parsed.is_ok(), "{args:?}: {:?}", parsed.err());
+                    } else {
+                        let err = parsed.unwrap_err().to_string();
+                        assert_eq!(
+                            err,
+                            format!(
+                                "-{}: unknown flag for `depro {command}`; run `depro help {command}`",
+                                flag.name
+                            ),
+                            "{args:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // Nor a flag the table does not have.
+        let err = parse_str(&["status", "-h2"]).unwrap_err().to_string();
+        assert!(err.contains("-h2: unknown flag"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `depro help [COMMAND]` and `-h`: short usage texts. The full reference
-//! is the man page, depro(1).
+//! is the man page, depro(1). The usage, description and example of each
+//! command are written here; its flags are listed from the flag table.
 
 use crate::error::{Error, Result};
+use crate::flags::{self, Flag, Kind, Section};
 
 const OVERVIEW: &str = "\
 depro: deploy versions to a fleet through Consul's KV store
@@ -13,6 +15,7 @@ Commands:
   deploy     add a version, wait until enough nodes have it, make it current
   rollout    make a version that is already deployed current
   rollback   make the previous current version current again
+  restart    run current's rollout hook again on its nodes, in waves
   remove     remove versions from every node
   prune      remove all but the newest good versions
   status     show versions and every node's state (alias: query)
@@ -30,125 +33,75 @@ Flags take Go style (-nodes=3, -nodes 3) or GNU style (--nodes 3).
 Run `depro help <command>` for a command's flags, `man depro` for all of it.
 ";
 
-/// For the commands that take -prefix (not the agent).
-const OUTPUT: &str = "\
-Output: the result on stdout, progress (with seconds since the start) on stderr.
-  -quiet              no progress: the result and errors only
-Ctrl-C while a command writes or waits says what it leaves behind and how to finish
+/// Before and after the flags under "Output:" (the commands that take -prefix).
+const OUTPUT: (&str, &str) = (
+    "Output: the result on stdout, progress (with seconds since the start) on stderr.\n",
+    "Ctrl-C while a command writes or waits says what it leaves behind and how to finish
 or undo it (exit 130).
-";
+",
+);
 
+/// Before the Consul connection flags.
 const CONNECTION: &str = "\
 Consul connection (also from CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
 CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL_VERIFY, DEPRO_SERVER,
 DEPRO_TOKEN, DEPRO_DATACENTER):
-  -server=ADDR        Consul HTTP address, host:port or http(s)://host:port [127.0.0.1:8500]
-  -token=TOKEN        ACL token (prefer CONSUL_HTTP_TOKEN or -token-file)
-  -token-file=FILE    read the ACL token from FILE
-  -datacenter=DC      Consul datacenter
-  -ca-file=FILE       CA certificate for https
-  -client-cert=FILE   client certificate for https
-  -client-key=FILE    client key for https
-  -tls-skip-verify    do not verify Consul's certificate
 ";
 
-fn command_text(command: &str) -> Option<&'static str> {
+/// How wide `-h` wraps the help of a flag.
+const WIDTH: usize = 80;
+
+fn command_text(command: &str) -> Option<(&'static str, &'static str)> {
     Some(match command {
-        "agent" => {
+        "agent" => (
             "\
 Usage: depro agent -config-dir=/etc/depro/ [flags]
 
 Runs on every host: watches each configured deployment's prefix in Consul and
 makes its directory follow it. SIGTERM/SIGINT stop it (a running hook may
 finish within shutdown_grace), SIGHUP reloads the configuration.
-
-  -config-dir=DIR     read every *.json in DIR, in name order (repeatable)
-  -config-file=FILE   read FILE (repeatable)
-  -name=NAME          this node's name in the tree [DEPRO_NAME, \"name\", hostname]
-  -log-level=LEVEL    error, warn, info, debug or trace [info]
-  -log-format=FORMAT  text, or json: one object per line (time, level, node,
-                      deployment, version, message) for log shippers [text]
-  -allow-insecure-config  accept config files or directories others could change
-  -check              validate the configuration as the agent would, without
-                      contacting Consul, and exit (0: valid, 1: the problem)
-
+",
+            "\
 Example: depro agent -check -config-dir=/etc/depro/ && systemctl reload depro
-"
-        }
-        "deploy" => {
+",
+        ),
+        "deploy" => (
             "\
 Usage: depro deploy VERSION -prefix=PREFIX [-nodes=N] [flags]
 
 Creates VERSION in the tree, waits until at least N nodes have it and none
-failed, switches current to it (check-and-set), and waits for the rollout.
-
-  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -nodes=N|all|P%         nodes that must have the version [1]; all: every
-                          live agent of the prefix; P%: a share of them
-  -min-nodes=M            but at least M nodes, however few agents are live
-  -timeout=DURATION       give up after this long [10m]
-  -keep=K                 afterwards, remove all but the K newest versions
-  -no-rollout             stop once the version is ready everywhere
-  -rollback-on-failure    switch current back (or undo the waves) on failure
-  -message=TEXT           why, recorded with the switch (history, status)
-  -canary=N               switch N nodes first, then the rest in waves
-  -batch=K|P%             switch K nodes (or P% of them) per wave
-  -pause=DURATION         wait this long between waves
-  -promote=manual         stop after the first wave until `depro promote`
-  -dry-run                print what would be written and waited for; write nothing
-
+failed, switches current to it (check-and-set), and waits for the rollout;
+with -keep, then removes older versions.
+",
+            "\
 Example: depro deploy v2 -prefix=api/version -nodes=all -canary=1 -batch=25%
-"
-        }
-        "rollout" => {
+",
+        ),
+        "rollout" => (
             "\
 Usage: depro rollout VERSION -prefix=PREFIX [-nodes=N] [flags]
 
 Makes a version that is already in the tree current, with the same checks as
-deploy (rollforward, or rollback to a named version).
-
-  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -nodes=N|all|P%         nodes that must have the version [1]
-  -min-nodes=M            but at least M nodes, however few agents are live
-  -timeout=DURATION       give up after this long [10m]
-  -rollback-on-failure    switch current back (or undo the waves) on failure
-  -message=TEXT           why, recorded with the switch (history, status)
-  -canary=N               switch N nodes first, then the rest in waves
-  -batch=K|P%             switch K nodes (or P% of them) per wave
-  -pause=DURATION         wait this long between waves
-  -promote=manual         stop after the first wave until `depro promote`
-  -dry-run                print what would be written and waited for; write nothing
-
-A progressive rollout of VERSION that was interrupted is resumed.
-
+deploy (rollforward, or rollback to a named version). A progressive rollout
+of VERSION that was interrupted is resumed.
+",
+            "\
 Example: depro rollout v42 -prefix=api/version -nodes=all -batch=25% -pause=1m
-"
-        }
-        "rollback" => {
+",
+        ),
+        "rollback" => (
             "\
 Usage: depro rollback -prefix=PREFIX [-nodes=N] [-to=VERSION] [flags]
 
 Makes the version that was current before the present one current again.
 While a progressive rollout is under way, undoes it instead.
-
-  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -to=VERSION             roll back to this version instead
-  -nodes=N|all|P%         nodes that must have the version [1]
-  -min-nodes=M            but at least M nodes, however few agents are live
-  -timeout=DURATION       give up after this long [10m]
-  -rollback-on-failure    switch current back (or undo the waves) on failure
-  -message=TEXT           why, recorded with the switch (history, status)
-  -canary=N               switch N nodes first, then the rest in waves
-  -batch=K|P%             switch K nodes (or P% of them) per wave
-  -pause=DURATION         wait this long between waves
-  -promote=manual         stop after the first wave until `depro promote`
-  -dry-run                print what would be written and waited for; write nothing
-
+",
+            "\
 Examples: depro rollback -prefix=api/version -nodes=all
           depro rollback -prefix=api/version -to=v41
-"
-        }
-        "restart" => {
+",
+        ),
+        "restart" => (
             "\
 Usage: depro restart -prefix=PREFIX [flags]
 
@@ -156,94 +109,68 @@ Runs current's rollout hook (and health checks) again on every node that runs
 it, in waves with a rollout's gates, without moving current: a node reports
 the version ready while its hook runs and active once healthy; the first
 failure halts the restart. Resumes a restart under way.
-
-  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -timeout=DURATION       give up after this long [10m]
-  -message=TEXT           why, recorded with the restart (history)
-  -canary=N               restart N nodes first, then the rest in waves
-  -batch=K|P%             restart K nodes (or P% of them) per wave
-  -pause=DURATION         wait this long between waves
-  -promote=manual         stop after the first wave until `depro promote`
-  -dry-run                print what would be written and waited for; write nothing
-
+",
+            "\
 Example: depro restart -prefix=api/version -canary=1 -batch=25% -message=\"new TLS cert\"
-"
-        }
-        "remove" => {
+",
+        ),
+        "remove" => (
             "\
 Usage: depro remove VERSION... -prefix=PREFIX [-wait] [flags]
 
 Removes versions (never current): every node cleans its directory.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -wait               follow the purge until no node has the version
-  -timeout=DURATION   with -wait, give up after this long [10m]
-  -dry-run            print what would be deleted; delete nothing
-
+",
+            "\
 Example: depro remove v40 v41 -prefix=api/version -wait
-"
-        }
-        "prune" => {
+",
+        ),
+        "prune" => (
             "\
 Usage: depro prune -prefix=PREFIX -keep=K [-failed] [flags]
 
 Removes all but the K newest good versions (never current nor the one
 rollback would go back to). Versions that failed everywhere do not count
 among the K; they go with -failed.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -keep=K             how many good versions to keep
-  -failed             remove the versions that failed everywhere too
-  -dry-run            print what would be removed; remove nothing
-
+",
+            "\
 Example: depro prune -prefix=api/version -keep=5
-"
-        }
-        "status" | "query" => {
+",
+        ),
+        "status" | "query" => (
             "\
 Usage: depro status -prefix=PREFIX [VERSION] [-json] [flags]
 
 Shows every version in creation order, which is current, and each node's state.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -json               print a machine-readable document instead of a table
-  -watch              follow changes until interrupted: the table redrawn on a
-                      terminal, one line per change otherwise
-
+",
+            "\
 Examples: depro status -prefix=api/version
           depro status -prefix=api/version v42 -json | jq '.versions[0].counts'
-"
-        }
-        "wait" => {
+",
+        ),
+        "wait" => (
             "\
 Usage: depro wait VERSION -prefix=PREFIX [-for=ready|active] [-nodes=N|all|P%] [flags]
 
 Waits until VERSION is active (or ready) on enough nodes, for scripts that
 started a deploy elsewhere; a failed node ends it at once, with its reason.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -for=STATE          ready or active [active]
-  -nodes=N|all|P%     how many nodes [1]; all: every live agent of the prefix
-  -timeout=DURATION   give up after this long [10m]
-
+",
+            "\
 Example: depro wait v42 -prefix=api/version -for=active -nodes=all -timeout=5m
-"
-        }
-        "history" => {
+",
+        ),
+        "history" => (
             "\
 Usage: depro history -prefix=PREFIX [-json] [flags]
 
 Which version was current when, switched by whom and how (deploy, rollout,
 rollback, rollback-on-failure; \"(waves)\" for a progressive rollout), newest
 first: the last 100 switches, then older ones from the versions' keys.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-  -json               print a machine-readable document instead of a table
-
+",
+            "\
 Example: depro history -prefix=api/version -json | jq -r '.switches[0].by'
-"
-        }
-        "policy" => {
+",
+        ),
+        "policy" => (
             "\
 Usage: depro policy -prefix=PREFIX [policy flags] [-message=TEXT] [-clear] [flags]
 
@@ -251,74 +178,60 @@ Without flags, shows the prefix's rollout policy. With policy flags, sets it
 (replacing the one before; check-and-set, recorded in history): every deploy,
 rollout, rollback, retry and resume then takes from it each of these flags it
 is not given, and says so in its progress.
-
-  -prefix=PREFIX          the deployment's KV prefix [DEPRO_PREFIX]
-  -nodes=N|all|P%         nodes that must have the version
-  -min-nodes=M            but at least M nodes, however few agents are live
-  -canary=N               switch N nodes first (0: none, to override it)
-  -batch=K|P%             then K nodes (or P% of them) per wave (0: none)
-  -pause=DURATION         wait this long between waves
-  -rollback-on-failure    switch current back (or undo the waves) on failure
-  -promote=manual|auto    manual: stop after the first wave until `depro promote`
-  -message=TEXT           why, recorded with the policy (history)
-  -clear                  remove the policy
-
+",
+            "\
 Example: depro policy -prefix=api/version -nodes=all -canary=1 -batch=25% -pause=1m
-"
-        }
-        "pause" => {
+",
+        ),
+        "pause" => (
             "\
 Usage: depro pause -prefix=PREFIX [flags]
 
 Pauses the progressive rollout under way, from any terminal: the wave under way
 completes, and no further wave starts (the command driving the waves waits;
 its -timeout runs on) until `depro resume`. `depro rollback` undoes it.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-
+",
+            "\
 Example: depro pause -prefix=api/version
-"
-        }
-        "resume" => {
+",
+        ),
+        "resume" => (
             "\
 Usage: depro resume -prefix=PREFIX [flags]
 
 Lets a paused progressive rollout go on. When no command drives its waves (the
 one that started it was interrupted or is gone), drives them from here, as
 `depro rollout VERSION` would, with the rollout's own flags.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-
+",
+            "\
 Example: depro resume -prefix=api/version
-"
-        }
-        "promote" => {
+",
+        ),
+        "promote" => (
             "\
 Usage: depro promote VERSION -prefix=PREFIX [flags]
 
 Lets the progressive rollout of VERSION go on after its first wave: one started
 with -promote=manual stops there (exit 0, \"waiting for promotion\"). Drives the
 remaining waves from here, with the rollout's own flags (as `depro resume`).
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-
+",
+            "\
 Example: depro promote v42 -prefix=api/version
-"
-        }
-        "forget" => {
+",
+        ),
+        "forget" => (
             "\
 Usage: depro forget NODE -prefix=PREFIX [flags]
 
 Every agent that followed the prefix is remembered (PREFIX/.known/NODE), and
 `depro status` shows one that stopped as absent. For a retired host, forget
 it. Refused while its agent runs.
-
-  -prefix=PREFIX      the deployment's KV prefix [DEPRO_PREFIX]
-
+",
+            "\
 Example: depro forget node05 -prefix=api/version
-"
-        }
-        "completion" => {
+",
+        ),
+        "completion" => (
             "\
 Usage: depro completion bash|zsh|fish
 
@@ -326,32 +239,79 @@ Prints a completion script (the packages install them already).
 
 Examples: source <(depro completion bash)
           depro completion fish > ~/.config/fish/completions/depro.fish
-"
-        }
-        "version" => "Usage: depro version (or depro --version)\n",
-        "help" => "Usage: depro help [COMMAND]\n",
+",
+            "",
+        ),
+        "version" => ("Usage: depro version (or depro --version)\n", ""),
+        "help" => ("Usage: depro help [COMMAND]\n", ""),
         _ => return None,
     })
 }
 
 /// The text `depro help [topic]` prints.
 pub(crate) fn text(topic: Option<&str>) -> Result<String> {
-    match topic {
-        None => Ok(OVERVIEW.to_string()),
-        Some(command) => {
-            let text = command_text(command).ok_or_else(|| {
-                Error::Usage(format!(
-                    "no help for {command:?}; the commands are {}",
-                    crate::cli::COMMANDS.join(", ")
-                ))
-            })?;
-            Ok(match command {
-                "version" | "help" | "completion" => text.to_string(),
-                "agent" => format!("{text}\n{CONNECTION}"),
-                _ => format!("{text}\n{OUTPUT}\n{CONNECTION}"),
-            })
-        }
+    let Some(command) = topic else {
+        return Ok(OVERVIEW.to_string());
+    };
+    let (intro, example) = command_text(command).ok_or_else(|| {
+        Error::Usage(format!(
+            "no help for {command:?}; the commands are {}",
+            crate::cli::COMMANDS.join(", ")
+        ))
+    })?;
+    if flags::command_bit(command) == 0 {
+        return Ok(format!("{intro}{example}"));
     }
+    // One column for the page: two spaces after its longest flag.
+    let column = 4 + listed(command).map(|f| spelled(f).len()).max().unwrap_or(0);
+    let lines = |section| flag_lines(command, section, column);
+    let mut out = format!("{intro}\n{}\n{example}", lines(Section::Own));
+    let output = lines(Section::Output);
+    if !output.is_empty() {
+        out += &format!("\n{}{output}{}", OUTPUT.0, OUTPUT.1);
+    }
+    out += &format!("\n{CONNECTION}{}", lines(Section::Connection));
+    Ok(out)
+}
+
+/// The flags `-h` lists for `command`: all it takes but aliases.
+fn listed(command: &str) -> impl Iterator<Item = &'static Flag> + '_ {
+    flags::of(command).filter(|f| !matches!(f.kind, Kind::Alias(_)))
+}
+
+/// `-name` or `-name=PLACEHOLDER`.
+fn spelled(flag: &Flag) -> String {
+    match flag.placeholder() {
+        Some(value) => format!("-{}={value}", flag.name),
+        None => format!("-{}", flag.name),
+    }
+}
+
+/// The lines of `command`'s flags in `section`: each flag, then its help
+/// and default at `column`, wrapped at [`WIDTH`].
+fn flag_lines(command: &str, section: Section, column: usize) -> String {
+    let mut out = String::new();
+    for flag in listed(command).filter(|f| f.section == section) {
+        let mut line = format!("  {}", spelled(flag));
+        // The default is one word: never broken over two lines.
+        let default = (!flag.default.is_empty()).then(|| format!("[{}]", flag.default));
+        for word in flag.help.split(' ').chain(default.as_deref()) {
+            if line.len() > column && line.len() + 1 + word.len() > WIDTH {
+                out += &line;
+                out.push('\n');
+                line.clear();
+            }
+            if line.len() < column {
+                line += &" ".repeat(column - line.len());
+            } else {
+                line.push(' ');
+            }
+            line += word;
+        }
+        out += &line;
+        out.push('\n');
+    }
+    out
 }
 
 /// `depro --version`: the version and, if built from a checkout, the commit.
@@ -378,6 +338,37 @@ mod tests {
                 name
             })
             .collect()
+    }
+
+    #[test]
+    fn a_command_s_help_lists_every_flag_of_the_table_it_takes_aligned() {
+        let text = text(Some("deploy")).unwrap();
+        let listed = listed_flags(&text);
+        for flag in flags::of("deploy").filter(|f| !matches!(f.kind, Kind::Alias(_))) {
+            assert!(listed.iter().any(|l| l == flag.name), "-{}", flag.name);
+        }
+        assert!(
+            !listed.iter().any(|l| l == "http-addr"),
+            "aliases are not listed"
+        );
+        // One column for the page, two spaces after the longest flag, and
+        // lines of at most 80 columns.
+        let flag_lines = text.lines().filter(|l| l.starts_with("  -"));
+        let column = |line: &str| {
+            let gap = 2 + line[2..].find(' ')?;
+            Some(gap + line[gap..].len() - line[gap..].trim_start().len())
+        };
+        let columns: Vec<Option<usize>> = flag_lines.clone().map(column).collect();
+        assert!(columns.iter().all(|c| *c == columns[0]), "{text}");
+        assert!(flag_lines.clone().all(|l| l.len() <= WIDTH), "{text}");
+        assert!(
+            text.contains("  -rollback-on-failure  switch current back"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-timeout=DURATION") && text.contains("[10m]"),
+            "{text}"
+        );
     }
 
     #[test]

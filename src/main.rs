@@ -14,6 +14,7 @@ mod cursor;
 mod doorbell;
 mod duration;
 mod error;
+mod flags;
 mod help;
 mod hook_output;
 mod hooks;

@@ -8,8 +8,8 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }
 
-/// Every string literal inside `open(...)` calls in `text`, e.g. the names
-/// in `Key::Long("server" | "http-addr")`.
+/// Every string literal inside `open(...)` calls in `text`, e.g. the name
+/// in `env("DEPRO_NAME")`.
 fn literals_after(text: &str, open: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     for chunk in text.split(open).skip(1) {
@@ -37,14 +37,50 @@ fn struct_fields(text: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the binary's bash completion offers, which it makes from its flag
+/// table (the one the parser and `-h` read): the commands, and every flag
+/// of every command (aliases included).
+fn offered_by_depro() -> (BTreeSet<String>, BTreeSet<String>) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depro"))
+        .args(["completion", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let script = String::from_utf8(out.stdout).unwrap();
+    // The words of the "…" after each `open`, up to `lists` of them.
+    let words = |open: &str, lists: usize| {
+        let mut found = BTreeSet::new();
+        for chunk in script.split(open).skip(1).take(lists) {
+            let list = &chunk[..chunk.find('"').unwrap()];
+            found.extend(
+                list.split(' ')
+                    .map(|w| w.trim_matches(['-', '=']).to_string()),
+            );
+        }
+        found
+    };
+    // The first `compgen -W` offers the commands.
+    (words("compgen -W \"", 1), words("opts=\"", usize::MAX))
+}
+
 #[test]
-fn every_flag_is_in_depro_1() {
+fn every_flag_and_command_is_in_depro_1() {
     let page = read("man/depro.1");
-    let flags = literals_after(&read("src/cli.rs"), "Key::Long(");
-    assert!(flags.len() > 20, "{flags:?}");
+    let (commands, flags) = offered_by_depro();
+    assert!(flags.len() > 20 && flags.contains("http-addr"), "{flags:?}");
     for flag in flags {
         let written = format!("\\-{}", flag.replace('-', "\\-"));
         assert!(page.contains(&written), "depro(1) does not mention -{flag}");
+    }
+    assert!(
+        commands.len() > 10 && commands.contains("deploy"),
+        "{commands:?}"
+    );
+    for command in commands {
+        assert!(
+            page.contains(&format!("depro {command}")) || page.contains(&format!(".B {command}")),
+            "depro(1) does not mention the command {command}"
+        );
     }
 }
 

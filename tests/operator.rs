@@ -1342,9 +1342,15 @@ fn a_restart_runs_current_s_rollout_hook_again_on_every_node_in_waves_once() {
 
     // An agent that restarts does not run a finished restart again; a new
     // restart (all at once) runs once more everywhere.
+    let old = fleet.session_of("v1", "node1");
     fleet.agents[0].kill9();
     fleet.agents[0].start();
-    fleet.depro(&["restart", "-timeout=1m"]).ok();
+    fleet.wait("node1 back, active under its new session", |f| {
+        f.node_state("v1", "node1").as_deref() == Some("active")
+            && f.session_of("v1", "node1") != old
+    });
+    let out = fleet.depro(&["restart", "-timeout=1m"]);
+    assert!(out.result().contains("on 3 nodes"), "{out:#?}");
     assert!(
         fleet.agents.iter().all(|a| restarts(a, "v1") == 2),
         "{}",
@@ -1388,7 +1394,7 @@ fn a_restart_with_nothing_running_current_is_refused_and_flags_it_cannot_use_are
     fleet.depro(&["restart", "-nodes=all"]).fails(
         1,
         &[
-            "-nodes: a restart runs on every node that runs current",
+            "-nodes: unknown flag for `depro restart`",
             "depro help restart",
         ],
     );
