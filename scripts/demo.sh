@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A self-contained local demo: a dev Consul on loopback, three agents, a
-# first version, a canary rollout in batches, a broken build whose canary
-# fails its health hook (halted and rolled back on its own, with the reason
-# shown), a rollback and a removal; the tree and the directories shown along
-# the way. Cleans up after itself (Consul, agents, files).
+# first version, a canary rollout in batches, a rollout policy kept in the
+# tree with a manual promotion, a restart in waves paused and resumed from
+# another command, a broken build whose canary fails its health hook (halted
+# and rolled back on its own, with the reason shown), a rollback and a
+# removal; the tree and the directories shown along the way. Cleans up after
+# itself (Consul, agents, files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,6 +80,25 @@ echo; echo "==> depro deploy v1 -nodes=all        (every live agent of the prefi
 echo; echo "==> depro deploy v2 -nodes=all -canary=1 -batch=1        (a canary, then one node at a time)"
 "$DEPRO" deploy v2 -nodes=all -canary=1 -batch=1
 show
+echo; echo "==> depro policy -nodes=all -canary=1 -batch=1 -pause=2s -promote=manual        (every switch follows it, whoever runs it)"
+"$DEPRO" policy -nodes=all -canary=1 -batch=1 -pause=2s -promote=manual -message="a person promotes each canary"
+echo; echo "==> depro restart -message=\"new TLS certificate\"        (v2's rollout hook again, in the policy's waves: stops after the canary)"
+"$DEPRO" restart -message="new TLS certificate"
+echo; echo "==> depro status        (the restart waits for its promotion)"
+"$DEPRO" status
+echo; echo "==> depro promote v2 &        (the other waves, 2 s apart), and from here meanwhile: depro pause, depro status, depro resume"
+"$DEPRO" promote v2 >"$work/promote.log" 2>&1 &
+promote=$!
+sleep 0.5
+"$DEPRO" pause
+"$DEPRO" status | grep -E 'under way|paused' | sed 's/^/    status: /'
+"$DEPRO" resume
+wait "$promote"
+sed 's/^/    promote: /' "$work/promote.log"
+echo; echo "==> depro history"
+"$DEPRO" history
+echo; echo "==> depro policy -clear"
+"$DEPRO" policy -clear
 echo; echo "==> depro deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure        (v3 is broken)"
 if "$DEPRO" deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure; then
   echo "demo: the broken v3 was rolled out; that should not happen" >&2

@@ -441,6 +441,10 @@ pub(crate) struct RolloutPlan {
     /// `<version>/.restarted/<node>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<u64>,
+    /// Why (`-message`), recorded with its last step by whichever command
+    /// takes it (a `depro promote` or a resume from another machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl RolloutPlan {

@@ -1308,20 +1308,38 @@ fn a_restart_runs_current_s_rollout_hook_again_on_every_node_in_waves_once() {
         "restart",
         "-canary=1",
         "-batch=1",
+        "-promote=manual",
         "-message=new TLS certificate",
         "-timeout=1m",
     ]);
+    // It stops after its canary: node1 restarted, the others not yet.
+    assert!(
+        out.ok().contains("wave 1/3: node1 restarting v1")
+            && out.result().contains("waiting for promotion"),
+        "{out:#?}"
+    );
+    assert_eq!(
+        fleet
+            .agents
+            .iter()
+            .map(|a| restarts(a, "v1"))
+            .collect::<Vec<_>>(),
+        [1, 0, 0]
+    );
+    let status = fleet.depro(&["status"]);
+    assert!(
+        status.ok().contains("restart of v1 under way: wave 1 of 3")
+            && status.ok().contains("told to restart: node1"),
+        "{status:#?}"
+    );
+    // Promoted from another command, which records the restart's message.
+    let out = fleet.depro(&["promote", "v1"]);
     let text = out.ok();
     assert!(
         out.result().starts_with("v1 restarted under") && out.result().contains("on 3 nodes"),
         "{out:#?}"
     );
-    for wave in [
-        "wave 1/3: node1 restarting v1",
-        "wave 3/3: node3 restarted v1",
-    ] {
-        assert!(text.contains(wave), "{wave}: {out:#?}");
-    }
+    assert!(text.contains("wave 3/3: node3 restarted v1"), "{out:#?}");
     assert!(fleet.agents.iter().all(|a| restarts(a, "v1") == 1));
     // current did not move; the plan is gone; the history says why.
     assert_eq!(fleet.current().as_deref(), Some("v1"));

@@ -393,13 +393,29 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
             shown(by)
         ),
         (None, None) => format!(
-            "  no command drives it (interrupted or gone)\n  resume: depro rollout {version} -prefix={prefix}\n"
+            "  no command drives it (interrupted or gone)\n  resume: depro {} -prefix={prefix}\n",
+            match plan.restart {
+                Some(_) => "restart".to_string(),
+                None => format!("rollout {version}"),
+            }
+        ),
+    };
+    let (what, told, others) = match plan.restart {
+        Some(_) => (
+            "restart",
+            "told to restart".to_string(),
+            "not yet (they run it as before)".to_string(),
+        ),
+        None => (
+            "progressive rollout",
+            format!("switched to {version}"),
+            format!("every other node runs current ({base})"),
         ),
     };
     Some(format!(
-        "progressive rollout of {version} under way: wave {} of {}{}{}\n  \
-         switched to {version}: {}\n  every other node runs current ({base})\n{}{state}  \
-         undo:   depro rollback -prefix={prefix}\n",
+        "{what} of {version} under way: wave {} of {}{}{}\n  \
+         {told}: {}\n  {others}\n{}{state}  \
+         {}   depro rollback -prefix={prefix}\n",
         plan.started_waves,
         plan.waves.len(),
         plan.by_whom(),
@@ -412,6 +428,10 @@ pub(crate) fn describe_rollout(prefix: &Prefix, tree: &Tree) -> Option<String> {
             .as_deref()
             .map(|f| format!("  its flags (a resume takes them): {}\n", shown(f)))
             .unwrap_or_default(),
+        match plan.restart {
+            Some(_) => "stop:",
+            None => "undo:",
+        },
     ))
 }
 

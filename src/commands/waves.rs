@@ -166,6 +166,11 @@ fn drive(
         Some(_) => "restarting",
         None => "switching to",
     };
+    // The last step records the message the rollout was started with,
+    // unless this command gives its own.
+    if ctx.message.is_none() {
+        ctx.message.clone_from(&plan.message);
+    }
     let total = plan.waves.len();
     let mut wave = plan.started_waves.max(1) - 1;
     // `-promote=manual` stops a rollout this command starts after its
@@ -596,6 +601,7 @@ fn new_plan(
         flags: Some(flags.repeated().trim().to_string()),
         paused: None,
         restart: None,
+        message: ctx.message.clone(),
     }
 }
 
