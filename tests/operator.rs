@@ -330,7 +330,13 @@ fn status_json_is_an_interface_even_on_an_empty_prefix() {
     assert_eq!(doc["schema"], 1);
     assert_eq!(doc["versions"], serde_json::json!([]));
     assert!(doc["current"].is_null(), "{doc}");
-    // One its agent follows, before any version: the document, exit 0.
+    // One its agent follows, before any version: the document, exit 0
+    // (once the agent announced itself: it may still be starting).
+    fleet.wait("node1's announcement", |f| {
+        f.consul
+            .get(&format!("{}/.agents/node1", f.prefix))
+            .is_some()
+    });
     let doc: serde_json::Value =
         serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
     assert_eq!(doc["versions"], serde_json::json!([]));
