@@ -8,6 +8,7 @@
 //! <prefix>/<version>/<node>   = busy | ready | active | failed   written by <node>'s agent
 //! <prefix>/<version>/.reason/<node> = why it failed (JSON)   written by <node>'s agent
 //! <prefix>/<version>/.restarted/<node> = the restart it ran   written by <node>'s agent
+//! <prefix>/<version>/.hook/<node> = the hook that runs long   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.known/<node>      = the same, kept after the agent stops (until `depro forget`)
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
@@ -147,6 +148,11 @@ impl Prefix {
         format!("{}{version}/{RESTARTED}/{node}", self.0)
     }
 
+    /// The hook of `version` that has been running on `node` for a while.
+    pub(crate) fn hook_key(&self, version: &VersionName, node: &str) -> String {
+        format!("{}{version}/{HOOK}/{node}", self.0)
+    }
+
     /// Where the agent on `node` announces that it follows this prefix.
     pub(crate) fn agent_key(&self, node: &str) -> String {
         format!("{}{AGENTS}/{node}", self.0)
@@ -215,6 +221,8 @@ pub(crate) const DRIVER: &str = ".driver";
 pub(crate) const REASON: &str = ".reason";
 /// The folder of restart acknowledgements inside a version's folder.
 pub(crate) const RESTARTED: &str = ".restarted";
+/// The folder of the hooks that run long, inside a version's folder.
+pub(crate) const HOOK: &str = ".hook";
 /// The scout's lock.
 pub(crate) const SCOUT: &str = ".scout";
 
@@ -686,6 +694,10 @@ pub(crate) struct VersionInfo {
     /// The restart (`RolloutPlan::restart`) each node ran last, as it
     /// reported (held by its session).
     pub restarted: BTreeMap<String, u64>,
+    /// The hook each node has been running for a while, and since when
+    /// (milliseconds since the Unix epoch), as it reported (held by its
+    /// session).
+    pub hooks: BTreeMap<String, (String, u64)>,
 }
 
 /// The whole tree under a prefix, as the CLI reads it (`?recurse`).
@@ -774,6 +786,23 @@ impl Tree {
                 if entry.session.is_some() && check_node_name(reason_of).is_ok() {
                     info.reasons
                         .insert(reason_of.to_string(), FailReason::parse(&entry.value));
+                }
+                continue;
+            }
+            if let Some(hook_of) = node
+                .and_then(|n| n.strip_prefix(HOOK))
+                .and_then(|n| n.strip_prefix('/'))
+            {
+                let hook = match entry.value.trim_ascii() {
+                    b"deploy" => "deploy",
+                    b"rollout" => "rollout",
+                    b"health" => "health",
+                    b"clean" => "clean",
+                    _ => continue,
+                };
+                if entry.session.is_some() && check_node_name(hook_of).is_ok() {
+                    info.hooks
+                        .insert(hook_of.to_string(), (hook.to_string(), entry.flags));
                 }
                 continue;
             }

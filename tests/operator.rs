@@ -1423,3 +1423,43 @@ fn a_restart_with_nothing_running_current_is_refused_and_flags_it_cannot_use_are
         ],
     );
 }
+
+/// Issue 20: a hung hook left `0/1 ready` frozen, and `status` said `busy`
+/// with no hook: a hook that runs long is noted, shown by status (with its
+/// age) and by the waiting command, and the note goes when the hook ends.
+#[test]
+fn a_hook_that_runs_long_is_named_with_its_age_in_status_and_progress() {
+    let fleet = support::Fleet::start(1);
+    fleet.agents[0].set_flag("block-deploy", true);
+    let deploy = support::spawn(fleet.depro_command(&["deploy", "v1", "-timeout=1m"]));
+    let mut table = String::new();
+    fleet.wait("status naming node1's deploy hook", |f| {
+        table = f.depro(&["status"]).result().to_string();
+        table.contains("deploy hook")
+    });
+    let row = table.lines().find(|l| l.starts_with("node1")).unwrap();
+    assert!(
+        row.contains("busy") && row.contains(", deploy hook "),
+        "{table}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(fleet.depro(&["status", "-json"]).ok()).unwrap();
+    assert_eq!(
+        doc["versions"][0]["hooks"]["node1"]["hook"], "deploy",
+        "{doc}"
+    );
+    assert!(
+        doc["versions"][0]["hooks"]["node1"]["since"].is_string(),
+        "{doc}"
+    );
+    fleet.agents[0].set_flag("release", true);
+    let out = support::finish(deploy);
+    assert!(
+        out.ok().contains("node1: in its deploy hook for"),
+        "{out:#?}"
+    );
+    // The note went with the hook.
+    let note = format!("{}/v1/.hook/node1", fleet.prefix);
+    fleet.wait("the note deleted", |f| f.consul.get(&note).is_none());
+    assert!(!fleet.depro(&["status"]).result().contains("hook"));
+}

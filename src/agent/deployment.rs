@@ -66,6 +66,9 @@ pub(crate) struct DeploymentState {
     /// The restarts this node acknowledged under the current session, by
     /// version (`<version>/.restarted/<node>`).
     pub restarts_written: BTreeMap<VersionName, u64>,
+    /// The version whose long-running hook this node noted under
+    /// `<version>/.hook/<node>` (under the current session).
+    pub hook_noted: Option<VersionName>,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -119,6 +122,7 @@ impl DeploymentState {
             health_wait: None,
             restarting: None,
             restarts_written: BTreeMap::new(),
+            hook_noted: None,
         })
     }
 
@@ -148,6 +152,7 @@ impl DeploymentState {
     pub(crate) fn forget_reports(&mut self) {
         self.reported.clear();
         self.restarts_written.clear();
+        self.hook_noted = None;
         self.announced = false;
         self.sync_own_failed();
     }

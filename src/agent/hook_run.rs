@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::Agent;
 use super::health::{HealthGate, Next};
+use crate::consul::{TxnOp, TxnOutcome};
 use crate::hooks::{self, Hook, HookFailure, HookKind};
 use crate::plan::Preempt;
 use crate::version_name::VersionName;
@@ -24,6 +25,11 @@ use crate::version_name::VersionName;
 /// After SIGTERM to a hook, how long until SIGKILL (and after SIGKILL, how
 /// long until the agent stops waiting for it).
 pub(crate) const KILL_AFTER: Duration = Duration::from_secs(5);
+
+/// A hook that runs this long is noted in the tree (`<version>/.hook/
+/// <node>`: its kind, since when), so that `depro status` and a waiting
+/// command say what a node is busy with; a quicker one costs no write.
+pub(crate) const NOTED_AFTER: Duration = Duration::from_secs(3);
 
 /// A hook that runs (or has just ended) in a deployment.
 pub(crate) struct HookRun {
@@ -43,6 +49,10 @@ pub(crate) struct HookRun {
     pub cut_by_shutdown: bool,
     /// What its end leads to.
     pub then: Then,
+    /// When it started (milliseconds since the Unix epoch).
+    pub started_ms: u64,
+    /// When to note it in the tree, if it still runs then.
+    pub note_at: Option<Instant>,
 }
 
 pub(crate) enum Phase {
@@ -174,6 +184,8 @@ impl Agent {
             stop: None,
             cut_by_shutdown: false,
             then,
+            started_ms: crate::logging::now_ms(),
+            note_at: Some(Instant::now() + NOTED_AFTER),
         };
         let grace_end = Instant::now() + self.config.shutdown_grace;
         if self.stopping && grace_end < run.deadline {
@@ -218,6 +230,19 @@ impl Agent {
 
     /// Timeouts, kills, and health checks whose time has come.
     pub(super) fn check_hooks(&mut self) {
+        for index in 0..self.deployments.len() {
+            let due = self.deployments[index].hook.as_mut().and_then(|run| {
+                let due = run.note_at.is_some_and(|at| at <= Instant::now())
+                    && matches!(run.phase, Phase::Running);
+                due.then(|| {
+                    run.note_at = None;
+                    (run.kind, run.version.clone(), run.started_ms)
+                })
+            });
+            if let Some((kind, version, since_ms)) = due {
+                self.note_hook(index, kind, &version, since_ms);
+            }
+        }
         for index in 0..self.deployments.len() {
             let now = Instant::now();
             let deployment = &mut self.deployments[index];
@@ -273,7 +298,8 @@ impl Agent {
                 let wait = d.health_wait.as_ref().map(|w| match w.next {
                     Next::Attempt(at) | Next::GiveUp(at) => at,
                 });
-                [d.hook.as_ref().map(|h| h.deadline), wait]
+                let note = d.hook.as_ref().and_then(|h| h.note_at);
+                [d.hook.as_ref().map(|h| h.deadline), wait, note]
             })
             .flatten()
             .min()
@@ -365,12 +391,60 @@ impl Agent {
         {
             log::warn!("{e}");
         }
+        if deployment.hook_noted.as_ref() == Some(&run.version) {
+            self.unnote_hook(index);
+        }
         let Phase::Ended(status) = std::mem::replace(&mut run.phase, Phase::Running) else {
             unreachable!("checked")
         };
         let outcome = outcome(&run, status, tail);
         let result = self.finished(index, run, outcome);
         self.settle(index, result);
+    }
+
+    /// Notes a hook that has been running for [`NOTED_AFTER`] under
+    /// `<version>/.hook/<node>` (its kind; its start in the flags), held by
+    /// the session. Best effort: a write that fails only leaves it unsaid.
+    fn note_hook(&mut self, index: usize, kind: HookKind, version: &VersionName, since_ms: u64) {
+        let Some(session) = self.sessions.id().map(String::from) else {
+            return;
+        };
+        let deployment = &self.deployments[index];
+        let key = deployment.spec.prefix.hook_key(version, &self.config.name);
+        let op = TxnOp::Lock {
+            key: &key,
+            value: kind.as_str().as_bytes(),
+            session: &session,
+            flags: since_ms,
+        };
+        match self.consul.txn(&[op]) {
+            Ok(TxnOutcome::Committed(_)) => {
+                self.deployments[index].hook_noted = Some(version.clone());
+            }
+            Ok(TxnOutcome::Rejected(_)) | Err(_) => {
+                log::debug!(
+                    "{}: could not note its {} hook",
+                    deployment.label(version),
+                    kind.as_str()
+                );
+            }
+        }
+    }
+
+    /// Deletes the note of the hook that ended (best effort: the note goes
+    /// with the session anyway, and readers show it only for a busy node).
+    fn unnote_hook(&mut self, index: usize) {
+        let deployment = &mut self.deployments[index];
+        let Some(version) = deployment.hook_noted.take() else {
+            return;
+        };
+        let key = deployment.spec.prefix.hook_key(&version, &self.config.name);
+        if let Err(e) = self.consul.txn(&[TxnOp::Delete { key: &key }]) {
+            log::debug!(
+                "{}: could not delete {key}: {e}",
+                deployment.label(&version)
+            );
+        }
     }
 
     /// The agent got SIGTERM or SIGINT: running hooks get the grace period

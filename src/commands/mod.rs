@@ -83,6 +83,8 @@ pub(crate) struct Ctx {
     /// Node states already printed, per version, so that progress lines
     /// continue across the phases of a command.
     seen: BTreeMap<VersionName, BTreeMap<String, NodeEntry>>,
+    /// Long-running hooks already said (node, start), once each.
+    hooks_said: BTreeSet<(String, u64)>,
     /// Versions that exist as plain keys (`<prefix>/<version>`, made by
     /// other tools), as reads found them.
     plain: std::cell::RefCell<BTreeSet<VersionName>>,
@@ -186,6 +188,7 @@ impl Ctx {
             out: Progress::new(args.quiet),
             user: format!("{user}@{host}"),
             seen: BTreeMap::new(),
+            hooks_said: BTreeSet::new(),
             plain: Default::default(),
             deadline: Instant::now() + RETRY_FOR,
             contacted: std::cell::Cell::new(false),
@@ -850,6 +853,23 @@ impl Ctx {
             vanished.insert(node, why);
         }
         *printed = info.nodes.clone();
+        // A hook that runs long, once per run: what a node is busy with.
+        for (node, hook, since) in status::running_hooks(info) {
+            let run = (node.clone(), since);
+            if self.hooks_said.insert(run) {
+                let age = match since > 0 {
+                    true => format!(
+                        " for {}",
+                        crate::duration::human(Duration::from_millis(
+                            crate::logging::now_ms().saturating_sub(since)
+                        ))
+                    ),
+                    false => String::new(),
+                };
+                self.out
+                    .node_line(&format!("{node}: in its {hook} hook{age}"));
+            }
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use super::{Ctx, version_arg};
 use crate::cli::StatusArgs;
 use crate::config::Env;
 use crate::error::{Error, Result};
-use crate::tree::{NodeState, Prefix, Tree, shown};
+use crate::tree::{NodeState, Prefix, Tree, VersionInfo, shown};
 
 pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
@@ -258,6 +258,16 @@ const STATES: [NodeState; 4] = [
     NodeState::Failed,
 ];
 
+/// The hooks nodes noted as running long (`<version>/.hook/<node>`), for
+/// the nodes still busy with the version or switching to it: a note that
+/// outlived its hook (its delete failed) says nothing of an active node.
+pub(crate) fn running_hooks(info: &VersionInfo) -> impl Iterator<Item = (&String, &str, u64)> {
+    info.hooks.iter().filter_map(|(node, (hook, since))| {
+        let state = info.nodes.get(node)?.state;
+        matches!(state, NodeState::Busy | NodeState::Ready).then_some((node, hook.as_str(), *since))
+    })
+}
+
 pub(crate) fn json(
     prefix: &Prefix,
     tree: &Tree,
@@ -318,6 +328,12 @@ pub(crate) fn json(
                 "nodes": nodes,
                 "nodes_since": since,
                 "reasons": reasons,
+                "hooks": running_hooks(info)
+                    .map(|(n, hook, since)| {
+                        let since = (since > 0).then(|| crate::logging::timestamp_of(since));
+                        (n.clone(), serde_json::json!({ "hook": hook, "since": since }))
+                    })
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
             })
         })
         .collect();
@@ -640,14 +656,21 @@ pub(crate) fn table_at(
             };
             let mut row = vec![node.clone(), agent];
             for (_, info) in &versions {
+                let hook = running_hooks(info)
+                    .find(|(n, _, _)| *n == node)
+                    .map(|(_, hook, since)| match since > 0 && now_ms >= since {
+                        true => format!(", {hook} hook {}", age(now_ms - since)),
+                        false => format!(", {hook} hook"),
+                    })
+                    .unwrap_or_default();
                 row.push(
                     info.nodes
                         .get(node)
                         .map_or("-".to_string(), |e| match e.state {
                             NodeState::Busy if e.since_ms > 0 && now_ms >= e.since_ms => {
-                                format!("busy {}", age(now_ms - e.since_ms))
+                                format!("busy {}{hook}", age(now_ms - e.since_ms))
                             }
-                            state => state.to_string(),
+                            state => format!("{state}{hook}"),
                         }),
                 );
             }
