@@ -42,6 +42,16 @@ fn planned(out: &Output) -> Vec<String> {
             steps.push(format!("switch to {}", to.split(' ').next().unwrap()));
         } else if line.starts_with("would undo ") {
             steps.push("undo".into());
+        } else if let Some(rest) = line.split(": restart ").nth(1) {
+            // `… restart v5 on the 3 nodes that run it, in 3 waves (node1 | node2 | node3)`
+            let waves = rest.rsplit_once(" (").unwrap().1.trim_end_matches(')');
+            let waves: Vec<String> = waves.split(" | ").map(|w| format!("[{w}]")).collect();
+            steps.push(format!("restart {}", waves.join(" ")));
+        } else if let Some(rest) = line.strip_prefix("would resume the restart of ") {
+            let wave = rest.split(" at wave ").nth(1).unwrap();
+            let (k, rest) = wave.split_once(" of ").unwrap();
+            let m = rest.split(' ').next().unwrap();
+            steps.push(format!("resume restart at wave {k}/{m}"));
         } else if let Some(list) = line.strip_prefix("would then prune ") {
             for version in list.split(", ") {
                 steps.push(format!("prune {version}"));
@@ -75,15 +85,24 @@ fn taken(out: &Output) -> Vec<String> {
             steps.push(format!("resume at wave {k}/{m}"));
         } else if line.starts_with("rolling out ") && line.contains(" waves (") {
             steps.push("waves".into());
+        } else if line.starts_with("restarting ") && line.contains(" wave") {
+            steps.push("restart".into());
+        } else if let Some(rest) = line.strip_prefix("resuming the restart of ") {
+            let wave = rest.split(": wave ").nth(1).unwrap();
+            let (k, rest) = wave.split_once(" of ").unwrap();
+            let m = rest.split(' ').next().unwrap();
+            steps.push(format!("resume restart at wave {k}/{m}"));
         } else if let Some(rest) = line.strip_prefix("wave ") {
             // `wave 1/3: node1 switching to v4`
-            if let Some((_, nodes)) = rest.split_once(": ")
-                && let Some(nodes) = nodes.strip_suffix(&format!(
-                    " switching to {}",
-                    nodes.rsplit(' ').next().unwrap()
-                ))
-            {
-                waves.push(format!("[{nodes}]"));
+            // (or `wave 1/3: node1 restarting v5`)
+            if let Some((_, nodes)) = rest.split_once(": ") {
+                let version = nodes.rsplit(' ').next().unwrap();
+                let nodes = nodes
+                    .strip_suffix(&format!(" switching to {version}"))
+                    .or_else(|| nodes.strip_suffix(&format!(" restarting {version}")));
+                if let Some(nodes) = nodes {
+                    waves.push(format!("[{nodes}]"));
+                }
             }
         } else if let Some(rest) = line.strip_prefix("current: ") {
             let to = rest.split(" -> ").nth(1).unwrap();
@@ -95,8 +114,8 @@ fn taken(out: &Output) -> Vec<String> {
         }
     }
     // The waves a real run started, in the dry run's words.
-    if let Some(step) = steps.iter_mut().find(|s| *s == "waves") {
-        *step = format!("waves {}", waves.join(" "));
+    if let Some(step) = steps.iter_mut().find(|s| *s == "waves" || *s == "restart") {
+        *step = format!("{step} {}", waves.join(" "));
     }
     steps
 }
@@ -238,4 +257,30 @@ fn the_dry_run_prints_the_plan_the_real_run_carries_out() {
     out.fails(2, &["v1 is not in the tree"]);
     let out = same_plan(&fleet, &["rollback", "-to=v1"], &[]);
     out.fails(2, &["v1 is not in the tree"]);
+
+    // 11. Restart: current's nodes in waves, current unmoved.
+    same_plan(
+        &fleet,
+        &["restart", "-canary=1", "-batch=1", "-timeout=30s"],
+        &["restart [node1] [node2] [node3]"],
+    );
+    assert_eq!(fleet.current().as_deref(), Some("v5"));
+
+    // 12. A restart left at its first wave is resumed, not started again.
+    let child =
+        support::spawn(fleet.depro_command(&["restart", "-canary=1", "-batch=1", "-pause=10m"]));
+    let ack = format!("{}/v5/.restarted/node1", fleet.prefix);
+    let before = fleet.consul.get(&ack);
+    fleet.wait("the canary restarted", |f| f.consul.get(&ack) != before);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(support::finish(child).code, Some(130));
+    same_plan(
+        &fleet,
+        &["restart", "-pause=0s", "-timeout=30s"],
+        &["resume restart at wave 1/3"],
+    );
 }
