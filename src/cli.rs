@@ -354,6 +354,17 @@ pub(crate) struct DeployArgs {
     pub switch: SwitchFlags,
     pub keep: Option<u32>,
     pub no_rollout: bool,
+    pub artifact: Option<ArtifactArgs>,
+}
+
+/// `-artifact=URL` and how its digest is given: `-sha256` (and `-size`),
+/// or a local copy to compute them from (`-artifact-file`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct ArtifactArgs {
+    pub url: String,
+    pub sha256: Option<String>,
+    pub size: Option<u64>,
+    pub file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -848,6 +859,7 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "deploy";
     let (mut tree, mut switch) = (TreeArgs::default(), SwitchFlags::default());
     let (mut version, mut keep, mut no_rollout) = (None, None, false);
+    let (mut url, mut artifact) = (None, ArtifactArgs::default());
     while let Some(arg) = next(parser, command)? {
         if tree_flag(&arg, &mut tree) || switch_flag(&arg, &mut switch, command)? {
             continue;
@@ -856,17 +868,58 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             Arg::Help => return Ok(Command::Help(Some(command.into()))),
             Arg::Flag("keep", v) => keep = Some(number("keep", v.text(), command)?),
             Arg::Flag("no-rollout", v) => no_rollout = v.on(),
+            Arg::Flag("artifact", v) => {
+                let text = v.text().to_string();
+                crate::artifact::check_url(&text)
+                    .map_err(|e| Error::Usage(format!("-artifact: {e}")))?;
+                url = Some(text);
+            }
+            Arg::Flag("sha256", v) => {
+                artifact.sha256 = Some(
+                    crate::artifact::parse_sha256(v.text())
+                        .map_err(|e| Error::Usage(format!("-sha256: {e}")))?,
+                )
+            }
+            Arg::Flag("size", v) => {
+                artifact.size = Some(v.text().parse().map_err(|_| {
+                    Error::Usage(format!(
+                        "-size: {:?} is not a number of bytes; run `depro help deploy`",
+                        crate::tree::shown(v.text())
+                    ))
+                })?)
+            }
+            Arg::Flag("artifact-file", v) => artifact.file = Some(v.path()),
             Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
     let version = version.ok_or_else(|| missing_version(command))?;
+    let given = artifact != ArtifactArgs::default();
+    let artifact = match url {
+        Some(url) if artifact.sha256.is_none() && artifact.file.is_none() => {
+            return Err(Error::Usage(format!(
+                "-artifact={} needs its digest: -sha256=HEX (as `sha256sum FILE` prints), or \
+                 -artifact-file=FILE to compute it from a local copy",
+                crate::artifact::redact(&url)
+            )));
+        }
+        Some(url) => Some(ArtifactArgs { url, ..artifact }),
+        None if given => {
+            return Err(Error::Usage(
+                "-sha256, -size and -artifact-file describe an artifact: give its -artifact=URL \
+                 too; run `depro help deploy`"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
     Ok(Command::Deploy(DeployArgs {
         tree,
         version,
         switch,
         keep,
         no_rollout,
+        artifact,
     }))
 }
 
@@ -1180,19 +1233,27 @@ mod tests {
             Kind::Choice(_, words) => Some(words[0]),
             _ => Some(match flag.placeholder() {
                 Some("DURATION") => "5s",
-                Some("N" | "M" | "K" | "K|P%" | "N|all|P%") => "2",
+                Some("N" | "M" | "K" | "K|P%" | "N|all|P%" | "BYTES") => "2",
+                Some("URL") => "http://origin/v1.tar",
+                Some("HEX") => ZEROS,
                 _ => "x",
             }),
         }
     }
 
-    /// Each command's words around a flag, so that only the flag is tried.
+    const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// Each command's words around a flag, so that only the flag is tried
+    /// (a deploy's artifact flags go together).
     fn around(command: &str) -> Vec<String> {
         let mut args = vec![command.to_string()];
         match command {
-            "deploy" | "rollout" | "remove" | "wait" | "promote" | "forget" => {
-                args.push("v1".into())
-            }
+            "deploy" => args.extend([
+                "v1".into(),
+                "-artifact=http://origin/v1.tar".into(),
+                format!("-sha256={ZEROS}"),
+            ]),
+            "rollout" | "remove" | "wait" | "promote" | "forget" => args.push("v1".into()),
             "prune" => args.push("-failed".into()),
             _ => {}
         }
@@ -1202,8 +1263,8 @@ mod tests {
     #[test]
     fn each_command_takes_exactly_the_flags_the_table_gives_it() {
         let commands = [
-            "agent", "deploy", "rollout", "rollback", "remove", "prune", "status", "query",
-            "history", "policy", "pause", "resume", "promote", "forget", "wait",
+            "agent", "deploy", "rollout", "rollback", "restart", "remove", "prune", "status",
+            "query", "history", "policy", "pause", "resume", "promote", "forget", "wait",
         ];
         for command in commands {
             for flag in flags::FLAGS {

@@ -239,6 +239,30 @@ pub(crate) const FLAGS: &[Flag] = &[
         "stop once the version is ready everywhere",
     ),
     flag(
+        "artifact",
+        DEPLOY,
+        Kind::Text("URL"),
+        "the build: each agent fetches and verifies it before the deploy hook ($ARTIFACT)",
+    ),
+    flag(
+        "sha256",
+        DEPLOY,
+        Kind::Text("HEX"),
+        "the SHA-256 of the artifact, as sha256sum prints it",
+    ),
+    flag(
+        "size",
+        DEPLOY,
+        Kind::Text("BYTES"),
+        "the size of the artifact",
+    ),
+    flag(
+        "artifact-file",
+        DEPLOY,
+        Kind::File("FILE"),
+        "a local copy of the artifact: -sha256 and -size are taken from it",
+    ),
+    flag(
         "rollback-on-failure",
         SWITCH | POLICY,
         Kind::Bool,

@@ -8,6 +8,7 @@
 //! <path>/.depro/rollout             the target of a rollout that has not finished
 //! <path>/.depro/switched            the version whose rollout hook last succeeded, while that rollout is unsettled
 //! <path>/.depro/restarted           the id of the last restart (`depro restart`) that settled here
+//! <path>/.depro/artifacts/<version>/<sha256>  the version's artifact, verified (`.partial` while fetched)
 //! <path>/.depro/sessions            the agent's Consul sessions, newest last (its own, known after a restore)
 //! <path>/.depro/hook                the running hook's process group and mark, killed after a crash
 //! ```
@@ -237,6 +238,15 @@ impl DeploymentDir {
         remove_if_present(&self.meta.join("switched"))
     }
 
+    /// Where `version`'s artifact with this digest is kept once verified
+    /// (`<dest>.partial` while it is fetched); removed with the version.
+    pub(crate) fn artifact_path(&self, version: &VersionName, sha256: &str) -> PathBuf {
+        self.meta
+            .join("artifacts")
+            .join(version.as_str())
+            .join(sha256)
+    }
+
     /// Records that the restart `id` settled here (`depro restart`): it is
     /// not run again, also after the agent restarts.
     pub(crate) fn mark_restarted(&self, id: u64) -> Result<()> {
@@ -262,6 +272,7 @@ impl DeploymentDir {
             return Ok(()); // not ours
         }
         remove_if_present(&self.version_path(version))?;
+        remove_if_present(&self.meta.join("artifacts").join(version.as_str()))?;
         sync_dir(&self.path)?;
         remove_if_present(&self.state_path(version))?;
         sync_dir(&self.meta.join("versions"))

@@ -5,6 +5,7 @@
 //! laid out" maps the modules; docs/protocol.md is the tree's contract.
 
 mod agent;
+mod artifact;
 mod cli;
 mod commands;
 mod completion;
@@ -30,6 +31,13 @@ use cli::Command;
 use error::{Error, Result};
 
 fn main() {
+    // The agent's own helper process, not a command (see `artifact`).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == artifact::FETCH_COMMAND)
+    {
+        std::process::exit(artifact::fetch_main());
+    }
     let result = cli::parse(std::env::args_os().skip(1)).and_then(run);
     if let Err(err) = result {
         eprintln!("depro: {err}");

@@ -622,6 +622,14 @@ pub(crate) struct VersionMeta {
     /// other versions names the version that was current before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_order: Option<u64>,
+    /// The build each agent fetches and verifies before the deploy hook
+    /// (`depro deploy -artifact`), fixed when the version is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<crate::artifact::Artifact>,
+    /// Fields of a newer depro, kept as they are when a switch rewrites
+    /// the key (an older CLI dropped them).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl VersionMeta {
@@ -1128,6 +1136,18 @@ mod tests {
             .map(|(v, _)| v.as_str())
             .collect();
         assert_eq!(order, ["old", "v1", "v2", "v3"]);
+    }
+
+    #[test]
+    fn a_version_s_metadata_keeps_the_fields_of_a_newer_depro_when_rewritten() {
+        let value = br#"{"created_by":"ops@b1","artifact":{"url":"http://o/v1","sha256":"ab","size":3},"signature":{"key":"k"}}"#;
+        let mut meta = VersionMeta::parse(value);
+        assert_eq!(meta.artifact.as_ref().unwrap().size, Some(3));
+        meta.current_by = Some("ops@b2".into());
+        let again: serde_json::Value = serde_json::from_slice(&meta.to_json()).unwrap();
+        assert_eq!(again["signature"]["key"], "k");
+        assert_eq!(again["artifact"]["url"], "http://o/v1");
+        assert_eq!(again["current_by"], "ops@b2");
     }
 
     #[test]

@@ -7,7 +7,7 @@ _depro() {
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollout) opts="-prefix= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollback) opts="-prefix= -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     restart) opts="-prefix= -timeout= -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
@@ -32,7 +32,7 @@ _depro() {
     [ "$cur" = "=" ] || name=${COMP_WORDS[COMP_CWORD-2]}
     [ "$cur" = "=" ] && cur=""
     case "$name" in
-      -ca-file|-client-cert|-client-key|-config-dir|-config-file|-token-file) COMPREPLY=($(compgen -f -- "$cur")) ;;
+      -artifact-file|-ca-file|-client-cert|-client-key|-config-dir|-config-file|-token-file) COMPREPLY=($(compgen -f -- "$cur")) ;;
       -for) COMPREPLY=($(compgen -W "ready active" -- "$cur")) ;;
       -log-format) COMPREPLY=($(compgen -W "text json" -- "$cur")) ;;
       -log-level) COMPREPLY=($(compgen -W "error warn info debug trace" -- "$cur")) ;;

@@ -426,10 +426,132 @@ impl Agent {
             dir.display()
         );
         let timeout = self.deployments[index].spec.timeout;
-        match self.start_hook(index, HookKind::Deploy, version, dir, timeout, Then::Deploy) {
+        // An artifact is fetched and verified first, unless it was already.
+        let then = match self.artifact_of(index, version)? {
+            // From Consul: untrusted (the digest names a file).
+            Some(mut artifact) => {
+                match crate::artifact::parse_sha256(&artifact.sha256)
+                    .and_then(|hex| artifact.check().map(|()| hex))
+                {
+                    Ok(hex) => artifact.sha256 = hex,
+                    Err(e) => {
+                        let why = format!("its artifact, as the tree records it, is unusable: {e}");
+                        self.deploy_failed(index, version, FailReason::other(None, why));
+                        return Ok(());
+                    }
+                }
+                let dest = self.deployments[index]
+                    .dir
+                    .artifact_path(version, &artifact.sha256);
+                match dest.exists() {
+                    true => Then::Deploy {
+                        artifact: Some((artifact, dest)),
+                    },
+                    false => {
+                        if let Some(parent) = dest.parent()
+                            && let Err(e) = std::fs::create_dir_all(parent)
+                        {
+                            let why = format!("cannot make {}: {e}", parent.display());
+                            self.deploy_failed(index, version, FailReason::other(None, why));
+                            return Ok(());
+                        }
+                        log::info!(
+                            "{}: fetching its artifact {}",
+                            self.deployments[index].label(version),
+                            crate::artifact::redact(&artifact.url)
+                        );
+                        Then::Fetch { artifact, dest }
+                    }
+                }
+            }
+            None => Then::Deploy { artifact: None },
+        };
+        self.start_deploy(index, version, dir, timeout, then)
+    }
+
+    /// Starts the deploy hook (or the fetch before it).
+    fn start_deploy(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        dir: std::path::PathBuf,
+        timeout: std::time::Duration,
+        then: Then,
+    ) -> Result<(), Failure> {
+        let fetching = matches!(then, Then::Fetch { .. });
+        match self.start_hook(index, HookKind::Deploy, version, dir, timeout, then) {
             Ok(true) => Ok(()),
+            Ok(false) if fetching => unreachable!("a fetch always runs"),
             Ok(false) => self.deployed(index, version, Ok(()), None),
             Err(failure) => self.deployed(index, version, Err(failure), None),
+        }
+    }
+
+    /// The artifact `version`'s folder key names, read from Consul (the
+    /// listing the agent follows has names only). A key another tool wrote
+    /// has none; one that names an unusable artifact fails the version.
+    fn artifact_of(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+    ) -> Result<Option<crate::artifact::Artifact>, Failure> {
+        let Some(key) = self.deployments[index]
+            .view
+            .key_of(version)
+            .map(String::from)
+        else {
+            return Ok(None);
+        };
+        let read = crate::consul::Read::consistent();
+        let answer = self.consul.get(&key, read).map_err(Failure::Consul)?;
+        let meta = answer
+            .value
+            .map(|e| crate::tree::VersionMeta::parse(&e.value))
+            .unwrap_or_default();
+        Ok(meta.artifact)
+    }
+
+    /// The fetch of `version`'s artifact ended: on success the deploy hook
+    /// runs with it; otherwise the version fails here with the fetch's
+    /// reason (its last line: a digest mismatch names both digests).
+    fn fetched(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        artifact: crate::artifact::Artifact,
+        dest: std::path::PathBuf,
+        outcome: Result<(), HookFailure>,
+        stop: Option<Stop>,
+    ) -> Result<(), Failure> {
+        match outcome {
+            Ok(()) if dest.exists() => {
+                let dir = self.deployments[index].dir.version_path(version);
+                let timeout = self.deployments[index].spec.timeout;
+                let then = Then::Deploy {
+                    artifact: Some((artifact, dest)),
+                };
+                self.start_deploy(index, version, dir, timeout, then)
+            }
+            Ok(()) => {
+                let why = format!("the artifact's fetch left nothing at {}", dest.display());
+                self.deploy_failed(index, version, FailReason::other(None, why));
+                Ok(())
+            }
+            Err(failure) if matches!(stop, Some(Stop::Preempted(_))) => {
+                self.deployed(index, version, Err(failure), stop)
+            }
+            Err(failure) => {
+                let last = failure.output.lines().rev().find(|l| !l.trim().is_empty());
+                let mut reason = FailReason::of_hook(&failure);
+                reason.error = match last {
+                    Some(line) if failure.exit_code == Some(1) => {
+                        format!("fetching the artifact failed: {line}")
+                    }
+                    _ => format!("fetching the artifact failed: it {}", failure.what),
+                };
+                self.deploy_failed(index, version, reason);
+                Ok(())
+            }
         }
     }
 
@@ -447,7 +569,10 @@ impl Agent {
             ..
         } = run;
         match then {
-            Then::Deploy => self.deployed(index, &version, outcome, stop),
+            Then::Deploy { .. } => self.deployed(index, &version, outcome, stop),
+            Then::Fetch { artifact, dest } => {
+                self.fetched(index, &version, artifact, dest, outcome, stop)
+            }
             Then::Rollout { from } => self.rolled_out(index, &version, from, outcome),
             Then::Health { from, gate } => self.checked(index, &version, from, gate, outcome, stop),
             Then::Clean => self.cleaned(index, &version, outcome, stop),

@@ -76,7 +76,16 @@ pub(crate) enum Stop {
 
 /// What a hook's end leads to.
 pub(crate) enum Then {
-    Deploy,
+    /// The deploy hook, with the version's verified artifact, if it has one.
+    Deploy {
+        artifact: Option<(crate::artifact::Artifact, PathBuf)>,
+    },
+    /// The fetch of a version's artifact (a helper process, stopped and
+    /// timed as the deploy hook it precedes), into that path.
+    Fetch {
+        artifact: crate::artifact::Artifact,
+        dest: PathBuf,
+    },
     Rollout {
         from: Option<VersionName>,
     },
@@ -126,11 +135,18 @@ impl Agent {
     ) -> Result<bool, HookFailure> {
         let deployment = &self.deployments[index];
         let spec = &deployment.spec;
-        let lines = match kind {
-            HookKind::Deploy => &spec.deploy,
-            HookKind::Rollout => &spec.rollout,
-            HookKind::Health => &spec.health,
-            HookKind::Clean => &spec.clean,
+        // The fetch of an artifact: depro itself, its inputs (untrusted,
+        // from Consul) in its environment, never in the shell's text.
+        let fetch = [format!(
+            "exec \"$DEPRO_SELF\" {}",
+            crate::artifact::FETCH_COMMAND
+        )];
+        let lines: &[String] = match (&then, kind) {
+            (Then::Fetch { .. }, _) => &fetch,
+            (_, HookKind::Deploy) => &spec.deploy,
+            (_, HookKind::Rollout) => &spec.rollout,
+            (_, HookKind::Health) => &spec.health,
+            (_, HookKind::Clean) => &spec.clean,
         };
         if lines.is_empty() {
             return Ok(false);
@@ -146,6 +162,24 @@ impl Agent {
                 spec.path.join(version.as_str()).display().to_string(),
             ),
         ];
+        match &then {
+            Then::Fetch { artifact, dest } => {
+                let me = std::env::current_exe().unwrap_or_else(|_| "depro".into());
+                env.push(("DEPRO_SELF", me.display().to_string()));
+                env.push((crate::artifact::ENV_URL, artifact.url.clone()));
+                env.push((crate::artifact::ENV_SHA256, artifact.sha256.clone()));
+                let size = artifact.size.map(|s| s.to_string()).unwrap_or_default();
+                env.push((crate::artifact::ENV_SIZE, size));
+                env.push((crate::artifact::ENV_DEST, dest.display().to_string()));
+            }
+            Then::Deploy {
+                artifact: Some((artifact, path)),
+            } => {
+                env.push(("ARTIFACT", path.display().to_string()));
+                env.push(("ARTIFACT_SHA256", artifact.sha256.clone()));
+            }
+            _ => {}
+        }
         if let Then::Rollout { from } | Then::Health { from, .. } = &then {
             env.push((
                 "PREVIOUS_VERSION",

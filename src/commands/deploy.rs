@@ -15,7 +15,7 @@ use crate::cli::{DeployArgs, RollbackArgs, RolloutArgs, SwitchFlags, parse_polic
 use crate::config::Env;
 use crate::consul::{TxnOp, TxnOutcome};
 use crate::doorbell::Change;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tree::{Tree, VersionMeta, shown};
 use crate::version_name::VersionName;
 
@@ -36,6 +36,7 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     let Plan::Switch(plan) = plan else {
         unreachable!("a deploy undoes nothing")
     };
+    let artifact = artifact_of(args.artifact.take(), &version, &seen, plan.create)?;
     if args.switch.dry_run {
         let prune = match args.keep {
             Some(keep) => prune_after(&ctx.read_tree()?, &version, keep),
@@ -61,6 +62,7 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
         let meta = VersionMeta {
             created_at: Some(crate::logging::timestamp()),
             created_by: Some(ctx.user.clone()),
+            artifact: artifact.clone(),
             ..VersionMeta::default()
         };
         let key = ctx.prefix.folder_key(&version);
@@ -214,6 +216,68 @@ pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
             ));
             roll_to(&mut ctx, &plan, &args.switch, start, "rollback")
         }
+    }
+}
+
+/// The artifact a deploy names (its digest computed from a local copy if
+/// asked), checked against the one the version already has: a version's
+/// artifact is fixed when it is created, so that every host runs the same
+/// bytes.
+fn artifact_of(
+    given: Option<crate::cli::ArtifactArgs>,
+    version: &VersionName,
+    seen: &Observed,
+    create: bool,
+) -> Result<Option<crate::artifact::Artifact>> {
+    let artifact = match given {
+        None => None,
+        Some(args) => {
+            let (mut sha256, mut size) = (args.sha256, args.size);
+            if let Some(file) = &args.file {
+                let (digest, bytes) = crate::artifact::digest_file(file)
+                    .map_err(|e| Error::Usage(format!("-artifact-file={}: {e}", file.display())))?;
+                for (flag, given, computed) in [
+                    ("-sha256", sha256.clone(), digest.clone()),
+                    ("-size", size.map(|s| s.to_string()), bytes.to_string()),
+                ] {
+                    if given.as_ref().is_some_and(|g| *g != computed) {
+                        return Err(Error::Usage(format!(
+                            "{flag} does not match -artifact-file={} ({computed}); give one \
+                             of them",
+                            file.display()
+                        )));
+                    }
+                }
+                (sha256, size) = (Some(digest), Some(bytes));
+            }
+            Some(crate::artifact::Artifact {
+                url: args.url,
+                sha256: sha256.unwrap_or_default(),
+                size,
+            })
+        }
+    };
+    if create {
+        return Ok(artifact);
+    }
+    let has = seen
+        .tree
+        .versions
+        .get(version)
+        .and_then(|info| info.meta.artifact.clone());
+    match (&artifact, &has) {
+        (None, _) => Ok(None),
+        (Some(a), Some(h)) if a.sha256 == h.sha256 => Ok(Some(h.clone())),
+        (Some(a), has) => Err(Error::Refused(format!(
+            "{version} exists already {}, not with sha256 {}: a version's artifact is fixed \
+             when it is created; deploy it under a new version name",
+            has.as_ref()
+                .map_or("without an artifact".into(), |h| format!(
+                    "with sha256 {}",
+                    h.sha256
+                )),
+            a.sha256
+        ))),
     }
 }
 

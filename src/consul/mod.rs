@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-mod tls;
+pub(crate) mod tls;
 mod x509;
 
 pub(crate) use tls::{TlsFacts, expiry_warning};

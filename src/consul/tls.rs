@@ -247,6 +247,15 @@ pub(crate) fn expiry_warning(facts: &TlsFacts, window: std::time::Duration) -> O
     })
 }
 
+/// TLS that trusts the host's store (SSL_CERT_FILE, the distributions'
+/// bundles, SSL_CERT_DIR): for an artifact's origin.
+pub(crate) fn host_store() -> Result<TlsConfig, String> {
+    let certs = HostStore::from_env().read()?;
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
+}
+
 /// Where the host keeps the CAs it trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HostStore {

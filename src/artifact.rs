@@ -1,0 +1,349 @@
+//! A version's artifact (issue 21): the build the operator names with
+//! `depro deploy V -artifact=URL -sha256=HEX [-size=N]`, recorded in V's
+//! folder key, fetched by each agent before the deploy hook and passed to
+//! it (`$ARTIFACT`) only once its SHA-256 is the one recorded.
+//!
+//! The fetch runs in a process of its own (`depro __fetch-artifact`, its
+//! inputs in its environment, never in a shell's text), started like a
+//! hook: the agent's loop never waits on it, its timeout, preemption and
+//! output are a hook's. It downloads into `<dest>.partial`, resumes a
+//! partial file (`Range`) after a cut connection or a killed agent, retries
+//! with backoff on transient trouble, and renames the file into place only
+//! after the digest (and size) matched: nothing half-fetched or unverified
+//! ever reaches a hook. A URL's credentials are never shown.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// What a version's folder key records of its artifact.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Artifact {
+    /// Where to fetch it: `http://` or `https://` (credentials allowed, never shown).
+    pub url: String,
+    /// Its SHA-256, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Its size in bytes, if the operator gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl Artifact {
+    /// Checks an artifact as given on the command line or read from the
+    /// tree (untrusted): a usable URL and a well-formed digest.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        check_url(&self.url)?;
+        parse_sha256(&self.sha256).map(|_| ())
+    }
+}
+
+/// `Ok` for an http(s) URL with a host; says what is wrong otherwise.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{}: not an http:// or https:// URL", redact(url)))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() || url.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!("{}: not a usable URL", redact(url)));
+    }
+    Ok(())
+}
+
+/// A SHA-256 as 64 hex digits, lowercased.
+pub(crate) fn parse_sha256(text: &str) -> Result<String, String> {
+    let hex = text.trim().to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{:?} is not a SHA-256 (64 hex digits, as `sha256sum FILE` prints)",
+            crate::tree::shown(text)
+        ));
+    }
+    Ok(hex)
+}
+
+/// The URL with any credentials (`user:password@`) replaced by `***@`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return crate::tree::shown(url);
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let shown = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => url.to_string(),
+    };
+    crate::tree::shown(&shown)
+}
+
+/// The lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 and size of a file.
+pub(crate) fn digest_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = File::open(path)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0; 64 << 10];
+    let mut size = 0;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok((hex(context.finish().as_ref()), size))
+}
+
+/// The agent's helper process: `depro __fetch-artifact`.
+pub(crate) const FETCH_COMMAND: &str = "__fetch-artifact";
+
+/// The environment of `depro __fetch-artifact` (set by the agent).
+pub(crate) const ENV_URL: &str = "DEPRO_ARTIFACT_URL";
+pub(crate) const ENV_SHA256: &str = "DEPRO_ARTIFACT_SHA256";
+pub(crate) const ENV_SIZE: &str = "DEPRO_ARTIFACT_SIZE";
+pub(crate) const ENV_DEST: &str = "DEPRO_ARTIFACT_DEST";
+
+/// `depro __fetch-artifact`: fetches the artifact its environment names
+/// into its destination; prints what it does on stdout (the agent's log,
+/// and a failure's reason), one line per step.
+pub(crate) fn fetch_main() -> i32 {
+    let var = |name| std::env::var(name).unwrap_or_default();
+    let artifact = Artifact {
+        url: var(ENV_URL),
+        sha256: var(ENV_SHA256),
+        size: var(ENV_SIZE).parse().ok(),
+    };
+    let dest = PathBuf::from(var(ENV_DEST));
+    match fetch(&artifact, &dest) {
+        Ok(()) => 0,
+        Err(why) => {
+            println!("{why}");
+            1
+        }
+    }
+}
+
+/// How often to try again after transient trouble, at most.
+const ATTEMPTS: u32 = 8;
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// A progress line at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Why an attempt failed: worth another try, or not.
+enum Trouble {
+    Transient(String),
+    Fatal(String),
+}
+
+fn fetch(artifact: &Artifact, dest: &Path) -> Result<(), String> {
+    artifact.check()?;
+    let expected = parse_sha256(&artifact.sha256)?;
+    if dest.as_os_str().is_empty() {
+        return Err("no destination given".into());
+    }
+    let partial = dest.with_extension("partial");
+    let agent = http_agent(&artifact.url)?;
+    let shown = redact(&artifact.url);
+    let size = artifact
+        .size
+        .map_or(String::new(), |n| format!(" ({n} bytes)"));
+    println!("fetching {shown}{size}");
+    let mut backoff = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match attempt_fetch(&agent, artifact, &partial) {
+            Ok(()) => break,
+            Err(Trouble::Fatal(why)) => {
+                let _ = fs::remove_file(&partial);
+                return Err(why);
+            }
+            Err(Trouble::Transient(why)) if attempt >= ATTEMPTS => {
+                return Err(format!("{why}; gave up after {attempt} attempts"));
+            }
+            Err(Trouble::Transient(why)) => {
+                println!("{why}; trying again in {}", crate::duration::human(backoff));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                attempt += 1;
+            }
+        }
+    }
+    // Verified as a whole: every byte, also those an earlier run fetched.
+    let (actual, got) =
+        digest_file(&partial).map_err(|e| format!("cannot read {}: {e}", partial.display()))?;
+    if let Some(size) = artifact.size
+        && got != size
+    {
+        let _ = fs::remove_file(&partial);
+        return Err(format!(
+            "size mismatch: expected {size} bytes, got {got} from {shown}; nothing kept"
+        ));
+    }
+    if actual != expected {
+        let _ = fs::remove_file(&partial);
+        return Err(format!(
+            "digest mismatch: expected sha256 {expected}, got {actual} ({got} bytes from \
+             {shown}); nothing kept"
+        ));
+    }
+    File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| fs::rename(&partial, dest))
+        .map_err(|e| format!("cannot keep the artifact at {}: {e}", dest.display()))?;
+    println!("verified sha256 {actual} ({got} bytes)");
+    Ok(())
+}
+
+/// An HTTP client for `url` (TLS trusts the host's store, as for Consul
+/// without a ca_file). No timeout on the body: a download takes what it
+/// takes, and the deploy's `timeout` (the agent stops this process as it
+/// stops a hook) bounds it, a stalled connection included.
+fn http_agent(url: &str) -> Result<ureq::Agent, String> {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")));
+    if url.starts_with("https://") {
+        config = config.tls_config(crate::consul::tls::host_store()?);
+    }
+    Ok(config.build().new_agent())
+}
+
+/// One attempt: continues `partial` where it ends (or starts it), and
+/// appends the body to it.
+fn attempt_fetch(agent: &ureq::Agent, artifact: &Artifact, partial: &Path) -> Result<(), Trouble> {
+    let shown = redact(&artifact.url);
+    let have = fs::metadata(partial).map_or(0, |m| m.len());
+    if artifact.size.is_some_and(|size| have >= size) && have > 0 {
+        return Ok(()); // all there: the digest decides
+    }
+    let mut request = agent.get(&artifact.url);
+    if have > 0 {
+        println!("resuming at byte {have}");
+        request = request.header("Range", &format!("bytes={have}-"));
+    }
+    let response = request
+        .call()
+        .map_err(|e| Trouble::Transient(format!("cannot reach {shown}: {}", describe(&e))))?;
+    let status = response.status().as_u16();
+    let append = match status {
+        206 if have > 0 => true,
+        200 => false,
+        // Resuming past the end: the file is complete (or wrong: the
+        // digest tells).
+        416 if have > 0 => return Ok(()),
+        500..=599 | 408 | 429 => {
+            return Err(Trouble::Transient(format!("{shown} answered {status}")));
+        }
+        _ => {
+            return Err(Trouble::Fatal(format!(
+                "{shown} answered {status}; nothing kept"
+            )));
+        }
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(partial)
+        .map_err(|e| Trouble::Fatal(format!("cannot write {}: {e}", partial.display())))?;
+    let mut body = response.into_body();
+    let mut reader = body.as_reader();
+    let mut buffer = vec![0; 64 << 10];
+    let mut got = if append { have } else { 0 };
+    let start = Instant::now();
+    let mut said = start;
+    loop {
+        let n = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                return Err(Trouble::Transient(format!(
+                    "the download from {shown} broke off at byte {got}: {e}"
+                )));
+            }
+        };
+        file.write_all(&buffer[..n])
+            .map_err(|e| Trouble::Fatal(format!("cannot write {}: {e}", partial.display())))?;
+        got += n as u64;
+        if artifact.size.is_some_and(|size| got > size) {
+            return Err(Trouble::Fatal(format!(
+                "{shown} sent more than the {} bytes announced; nothing kept",
+                artifact.size.unwrap_or_default()
+            )));
+        }
+        if said.elapsed() >= PROGRESS_EVERY {
+            said = Instant::now();
+            let rate = (got - if append { have } else { 0 }) as f64
+                / start.elapsed().as_secs_f64().max(0.001);
+            println!(
+                "{got}{} bytes, {:.1} MB/s",
+                artifact.size.map_or(String::new(), |n| format!("/{n}")),
+                rate / 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(
+            redact("https://user:s3cret@origin.example/builds/v1.tar?x=1"),
+            "https://***@origin.example/builds/v1.tar?x=1"
+        );
+        assert_eq!(redact("http://origin/v1.tar"), "http://origin/v1.tar");
+        let err = check_url("ftp://user:s3cret@origin/v1").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host_and_sha256_digests_are_accepted() {
+        assert!(check_url("http://127.0.0.1:8080/v1.tar").is_ok());
+        assert!(check_url("https://origin/v1.tar").is_ok());
+        assert!(check_url("file:///etc/passwd").is_err());
+        assert!(check_url("http:///v1.tar").is_err());
+        assert!(check_url("http://origin/v1 tar").is_err());
+        let digest = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855";
+        assert_eq!(parse_sha256(digest).unwrap(), digest.to_ascii_lowercase());
+        assert!(parse_sha256("e3b0").unwrap_err().contains("64 hex digits"));
+    }
+
+    #[test]
+    fn a_file_s_digest_is_its_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        fs::write(&path, b"").unwrap();
+        assert_eq!(
+            digest_file(&path).unwrap(),
+            (
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
+                0
+            )
+        );
+    }
+}

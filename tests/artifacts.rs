@@ -1,0 +1,269 @@
+//! Artifacts (issue 21, first part): a version's build named by the
+//! operator with its SHA-256, fetched by every agent from a real HTTP origin
+//! in the harness before the deploy hook, passed to it verified
+//! (`$ARTIFACT`), resumed after a cut connection, refused on a digest
+//! mismatch with nothing kept, and removed with its version. Real agents
+//! against a real Consul.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use support::Fleet;
+
+/// A tiny HTTP origin on loopback: serves one blob (with `Range`), and can
+/// cut its first answers short.
+struct Origin {
+    port: u16,
+    /// Answers still to cut after half the body.
+    cuts: Arc<AtomicUsize>,
+    /// Every request's Range header (or "-").
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+impl Origin {
+    fn serve(blob: Vec<u8>) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let blob = Arc::new(blob);
+        let (c, r) = (cuts.clone(), ranges.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (blob, cuts, ranges) = (blob.clone(), c.clone(), r.clone());
+                std::thread::spawn(move || answer(stream, &blob, &cuts, &ranges));
+            }
+        });
+        Origin { port, cuts, ranges }
+    }
+
+    fn url(&self, credentials: &str) -> String {
+        format!("http://{credentials}127.0.0.1:{}/build.tar", self.port)
+    }
+}
+
+fn answer(stream: TcpStream, blob: &[u8], cuts: &AtomicUsize, ranges: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut range = None;
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap_or_default();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            range = value.trim().trim_end_matches('-').parse::<usize>().ok();
+        }
+    }
+    ranges
+        .lock()
+        .unwrap()
+        .push(range.map_or("-".into(), |r| r.to_string()));
+    let mut stream = stream;
+    let from = range.unwrap_or(0).min(blob.len());
+    let body = &blob[from..];
+    let head = match range {
+        Some(_) => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            blob.len() - 1,
+            blob.len()
+        ),
+        None => format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ),
+    };
+    let _ = stream.write_all(head.as_bytes());
+    let cut = cuts
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let body = if cut { &body[..body.len() / 2] } else { body };
+    let _ = stream.write_all(body);
+    let _ = stream.flush();
+    // A cut answer ends the connection before its announced length.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// A build: a megabyte of bytes that are not all alike.
+fn blob() -> Vec<u8> {
+    (0..1_048_576u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blob");
+    std::fs::write(&path, bytes).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// A fleet whose deploy hook keeps the artifact it is given.
+fn fleet_keeping_artifacts(n: usize) -> Fleet<'static> {
+    let mut fleet = Fleet::new(n);
+    for agent in &mut fleet.agents {
+        let path = agent.dir.join("api");
+        agent.deployments = vec![serde_json::json!({
+            "id": "api",
+            "path": path,
+            "prefix": fleet.prefix,
+            "shell": "bash",
+            "deploy": [
+                "if [ -n \"${ARTIFACT:-}\" ]; then cp \"$ARTIFACT\" build.bin; fi",
+                "if [ -n \"${ARTIFACT:-}\" ]; then echo \"$ARTIFACT_SHA256\" > build.sha256; fi",
+            ],
+            "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
+        })];
+    }
+    fleet.start_all();
+    fleet
+}
+
+fn artifacts_dir(fleet: &Fleet, node: usize, version: &str) -> PathBuf {
+    fleet.agents[node]
+        .dir
+        .join("api/.depro/artifacts")
+        .join(version)
+}
+
+#[test]
+fn a_deploy_with_an_artifact_gives_each_hook_the_verified_file_and_removes_it_with_the_version() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let fleet = fleet_keeping_artifacts(2);
+    // The digest from a local copy; the URL's credentials never shown.
+    let local = tempfile::tempdir().unwrap();
+    let copy = local.path().join("build.tar");
+    std::fs::write(&copy, &blob).unwrap();
+    let url = origin.url("deployer:s3cret@");
+    let out = fleet.depro(&[
+        "deploy",
+        "v1",
+        "-nodes=2",
+        &format!("-artifact={url}"),
+        &format!("-artifact-file={}", copy.display()),
+    ]);
+    out.ok();
+    for (i, agent) in fleet.agents.iter().enumerate() {
+        let kept = std::fs::read(agent.dir.join("api/v1/build.bin")).unwrap();
+        assert!(kept == blob, "{}: the hook got other bytes", agent.name);
+        let said = std::fs::read_to_string(agent.dir.join("api/v1/build.sha256")).unwrap();
+        assert_eq!(said.trim(), sha);
+        assert!(artifacts_dir(&fleet, i, "v1").join(&sha).is_file());
+        assert!(!agent.log().contains("s3cret"), "{}", agent.log());
+    }
+    assert!(!out.shown.contains("s3cret"));
+    let record = fleet.consul.get(&format!("{}/v1/", fleet.prefix)).unwrap();
+    assert!(
+        record.contains(&sha) && record.contains("\"size\":1048576"),
+        "{record}"
+    );
+
+    // Gone with its version.
+    fleet.depro(&["deploy", "v2", "-nodes=2"]).ok();
+    fleet.depro(&["remove", "v1", "-wait"]).ok();
+    for i in 0..2 {
+        assert!(!artifacts_dir(&fleet, i, "v1").exists());
+    }
+}
+
+#[test]
+fn a_digest_mismatch_fails_the_version_naming_both_digests_and_keeps_nothing() {
+    let blob = blob();
+    let actual = sha256_of(&blob);
+    let origin = Origin::serve(blob);
+    let fleet = fleet_keeping_artifacts(1);
+    let wrong = "0".repeat(64);
+    let out = fleet.depro(&[
+        "deploy",
+        "v1",
+        &format!("-artifact={}", origin.url("")),
+        &format!("-sha256={wrong}"),
+    ]);
+    out.fails(
+        2,
+        &[
+            "fetching the artifact failed: digest mismatch",
+            &format!("expected sha256 {wrong}, got {actual}"),
+        ],
+    );
+    let agent = &fleet.agents[0];
+    assert!(!agent.dir.join("api/v1/build.bin").exists(), "the hook ran");
+    let kept: Vec<_> = std::fs::read_dir(artifacts_dir(&fleet, 0, "v1"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "{kept:?}");
+}
+
+#[test]
+fn a_cut_download_is_resumed_where_it_broke_off() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    origin.cuts.store(1, Ordering::SeqCst);
+    let fleet = fleet_keeping_artifacts(1);
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            "-size=1048576",
+        ])
+        .ok();
+    let kept = std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap();
+    assert!(kept == blob);
+    let ranges = origin.ranges.lock().unwrap().clone();
+    assert_eq!(
+        ranges,
+        ["-", "524288"],
+        "a second request from where the first broke off"
+    );
+    let mut log = String::new();
+    std::fs::File::open(fleet.agents[0].log_path())
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("resuming at byte 524288"), "{log}");
+}
+
+#[test]
+fn an_artifact_needs_its_digest_and_a_version_keeps_the_artifact_it_was_created_with() {
+    let origin = Origin::serve(blob());
+    let fleet = fleet_keeping_artifacts(1);
+    fleet
+        .depro(&["deploy", "v1", &format!("-artifact={}", origin.url(""))])
+        .fails(1, &["needs its digest: -sha256=HEX"]);
+    fleet
+        .depro(&["deploy", "v1", "-sha256=abc"])
+        .fails(1, &["-sha256: \"abc\" is not a SHA-256"]);
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            "-artifact=ftp://origin/v1.tar",
+            "-sha256=abc",
+        ])
+        .fails(1, &["not an http:// or https:// URL"]);
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={}", "a".repeat(64)),
+        ])
+        .fails(2, &["v1 exists already without an artifact"]);
+}
