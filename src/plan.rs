@@ -213,7 +213,11 @@ pub(crate) fn preempt(wanted: &Wanted, disk: &OnDisk, running: RunningHook<'_>) 
             if running.kind == HookKind::Deploy && !wanted.versions.contains(running.version) {
                 return Some(Preempt::Removed);
             }
-            if rollout_of_current(wanted, disk).is_some() {
+            // A rollback or a switch is urgent; a restart of the live
+            // version is not: it waits for the deployment like a deploy.
+            let restart_only =
+                current.is_some_and(|c| disk.live.as_ref() == Some(c)) && disk.rollout.is_none();
+            if rollout_of_current(wanted, disk).is_some() && !restart_only {
                 return Some(Preempt::ForRollout);
             }
             let lacks_current = current.is_some_and(|c| {
@@ -639,7 +643,7 @@ mod tests {
                                 } else {
                                     BTreeSet::new()
                                 },
-                                restart: (local_code % 5 == 0).then_some(7),
+                                restart: (rollout % 3 == 0).then_some(7),
                             };
                             let mut have = OnDisk {
                                 restarted: (local_code % 3 == 0).then_some(7),
@@ -698,6 +702,12 @@ mod tests {
                 match action {
                     Action::Rollout { to, from } => {
                         assert_eq!(have.versions.get(to), Some(&Ready), "{want:?} {have:?}");
+                        if have.live.as_ref() == Some(to) && have.rollout.is_none() {
+                            assert!(
+                                want.restart.is_some() && want.restart != have.restarted,
+                                "rolled out the live version again without a new restart"
+                            );
+                        }
                         assert_eq!(from.as_ref(), have.on_node(), "PREVIOUS_VERSION");
                         assert!(
                             !have.rollout_failed.contains(to),
@@ -767,12 +777,17 @@ mod tests {
                                 "{want:?} {running:?}"
                             );
                             // A rollout of current never waits for another
-                            // version's deploy or clean.
-                            if matches!(first_hook, Some(Action::Rollout { .. })) {
+                            // version's deploy or clean (a restart of the
+                            // live version does).
+                            let restart_only = want.current.is_some()
+                                && have.live == want.current
+                                && have.rollout.is_none();
+                            if matches!(first_hook, Some(Action::Rollout { .. })) && !restart_only {
                                 assert!(verdict.is_some(), "{want:?} {have:?} {running:?}");
                             }
                             if verdict == Some(Preempt::ForRollout) {
                                 assert!(matches!(first_hook, Some(Action::Rollout { .. })));
+                                assert!(!restart_only, "a restart stopped a deploy");
                             }
                             if verdict == Some(Preempt::ForCurrent) {
                                 let c = want.current.as_ref().unwrap();
@@ -908,7 +923,9 @@ mod tests {
                 have.live = Some(to.clone());
                 have.rollout = None;
                 have.switched = None;
-                have.restarted = want.restart;
+                if want.restart.is_some() {
+                    have.restarted = want.restart;
+                }
             }
             Action::Clean(version) => {
                 have.versions.remove(version);
@@ -1059,6 +1076,12 @@ mod tests {
                         return Err(format!(
                             "rolled out {to}, which the disk does not fully have"
                         ));
+                    }
+                    // The live, settled version runs its rollout hook again
+                    // only for a restart it has not run (once per id).
+                    let settled_live = have.live.as_ref() == Some(to) && have.rollout.is_none();
+                    if settled_live && (want.restart.is_none() || want.restart == have.restarted) {
+                        return Err(format!("rolled out {to} again without a new restart"));
                     }
                     if have.rollout_failed.contains(to) || want.current.as_ref() != Some(to) {
                         return Err(format!("rolled out {to}, failed here or not current"));

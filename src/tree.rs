@@ -484,6 +484,7 @@ impl RolloutPlan {
             && self.waves == other.waves
             && self.started_waves == other.started_waves
             && self.switched == other.switched
+            && self.restart == other.restart
     }
 
     /// Whether it still applies to `current` as read (index 0: unset).
@@ -1136,6 +1137,28 @@ mod tests {
             .map(|(v, _)| v.as_str())
             .collect();
         assert_eq!(order, ["old", "v1", "v2", "v3"]);
+    }
+
+    #[test]
+    fn a_restart_is_never_the_same_rollout_as_another_restart_or_a_rollout() {
+        let plan = RolloutPlan {
+            version: "v1".into(),
+            base: "v1".into(),
+            restart: Some(1),
+            ..RolloutPlan::default()
+        };
+        let paused = RolloutPlan {
+            paused: Some("ops".into()),
+            ..plan.clone()
+        };
+        assert!(plan.same_rollout(&paused), "a pause changes nothing else");
+        for restart in [Some(2), None] {
+            let other = RolloutPlan {
+                restart,
+                ..plan.clone()
+            };
+            assert!(!plan.same_rollout(&other), "{restart:?}");
+        }
     }
 
     #[test]

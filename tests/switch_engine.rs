@@ -278,9 +278,11 @@ fn the_dry_run_prints_the_plan_the_real_run_carries_out() {
     )
     .unwrap();
     assert_eq!(support::finish(child).code, Some(130));
+    // (A deploy of current, the retry a halted restart names, resumes it
+    // the same way, dry or not.)
     same_plan(
         &fleet,
-        &["restart", "-pause=0s", "-timeout=30s"],
+        &["deploy", "v5", "-pause=0s", "-timeout=30s"],
         &["resume restart at wave 1/3"],
     );
 }

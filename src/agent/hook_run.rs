@@ -332,7 +332,12 @@ impl Agent {
                 let wait = d.health_wait.as_ref().map(|w| match w.next {
                     Next::Attempt(at) | Next::GiveUp(at) => at,
                 });
-                let note = d.hook.as_ref().and_then(|h| h.note_at);
+                // Only a running hook is noted (one being stopped is not).
+                let note = d
+                    .hook
+                    .as_ref()
+                    .filter(|h| matches!(h.phase, Phase::Running))
+                    .and_then(|h| h.note_at);
                 [d.hook.as_ref().map(|h| h.deadline), wait, note]
             })
             .flatten()

@@ -19,9 +19,10 @@ pub(crate) fn pause(args: TreeArgs, env: Env<'_>) -> Result<()> {
     let ctx = Ctx::resolve(&args, env)?;
     let (plan, index) = under_way(&ctx)?;
     let version = shown(&plan.version);
+    let what = what(&plan);
     if let Some(by) = &plan.paused {
         println!(
-            "{}: the rollout of {version} is paused already (by {})",
+            "{}: the {what} of {version} is paused already (by {})",
             ctx.prefix,
             shown(by)
         );
@@ -31,8 +32,8 @@ pub(crate) fn pause(args: TreeArgs, env: Env<'_>) -> Result<()> {
     paused.paused = Some(format!("{} at {}", ctx.user, crate::logging::timestamp()));
     mark(&ctx, &paused, index)?;
     println!(
-        "{}: paused the rollout of {version} at wave {} of {}: no further wave starts ({}); go \
-         on with `depro resume -prefix={}`, undo with `depro rollback -prefix={}`",
+        "{}: paused the {what} of {version} at wave {} of {}: no further wave starts ({}); go \
+         on with `depro resume -prefix={}`, {} with `depro rollback -prefix={}`",
         ctx.prefix,
         plan.started_waves,
         plan.waves.len(),
@@ -41,6 +42,11 @@ pub(crate) fn pause(args: TreeArgs, env: Env<'_>) -> Result<()> {
             None => "no command drives it now".into(),
         },
         ctx.prefix,
+        if plan.restart.is_some() {
+            "stop it there"
+        } else {
+            "undo it"
+        },
         ctx.prefix
     );
     Ok(())
@@ -52,6 +58,7 @@ pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> R
     let ctx = Ctx::resolve(&args, env)?;
     let (plan, index) = under_way(&ctx)?;
     let version = shown(&plan.version);
+    let what = what(&plan);
     if let Some(asked) = &promote
         && asked != &plan.version
     {
@@ -67,11 +74,11 @@ pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> R
         let mut resumed = plan.clone();
         resumed.paused = None;
         mark(&ctx, &resumed, index)?;
-        ctx.out.line(&format!("resumed the rollout of {version}"));
+        ctx.out.line(&format!("resumed the {what} of {version}"));
     }
     if let Some(who) = driver(&ctx)? {
         println!(
-            "{}: the rollout of {version} goes on: the command driving it, of {who}, starts the \
+            "{}: the {what} of {version} goes on: the command driving it, of {who}, starts the \
              next wave (one killed with -9 holds its claim for up to 20 s: if no wave starts, run \
              `depro resume -prefix={}` again then)",
             ctx.prefix, ctx.prefix
@@ -79,9 +86,20 @@ pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> R
         return Ok(());
     }
     ctx.out.line(&format!(
-        "no command drives the rollout of {version}: driving it from here"
+        "no command drives the {what} of {version}: driving it from here"
     ));
     drop(ctx);
+    // A restart goes on as `depro restart` takes it (on the nodes its
+    // plan names, whatever else reports the version now).
+    if plan.restart.is_some() {
+        return super::restart::restart(
+            crate::cli::RestartArgs {
+                tree: args,
+                switch: SwitchFlags::default(),
+            },
+            env,
+        );
+    }
     super::deploy::rollout(
         RolloutArgs {
             tree: args,
@@ -90,6 +108,14 @@ pub(crate) fn resume(args: TreeArgs, env: Env<'_>, promote: Option<String>) -> R
         },
         env,
     )
+}
+
+/// What a plan is, in words: a restart or a rollout.
+fn what(plan: &RolloutPlan) -> &'static str {
+    match plan.restart {
+        Some(_) => "restart",
+        None => "rollout",
+    }
 }
 
 /// The progressive rollout under way (it applies to `current`), or exit 2.

@@ -155,6 +155,21 @@ fn claim(ctx: &Ctx, session: &str, version: &VersionName, base_index: u64) -> Re
                 ctx.prefix
             )));
         }
+        // A claim on the rollout under way (another command's, of another
+        // version or base) is never taken: that command lives.
+        let claimed = |plan: &crate::tree::RolloutPlan| {
+            record["version"] == plan.version.as_str() && record["base_index"] == plan.base_index
+        };
+        if let Some((plan, _)) = ctx.read_rollout()?.filter(|(plan, _)| claimed(plan)) {
+            return Err(Error::LostRace(format!(
+                "another command drives the rollout of {} under {} ({}); nothing was written; \
+                 see `depro status -prefix={}`",
+                crate::tree::shown(&plan.version),
+                ctx.prefix,
+                driver_of(&held.value),
+                ctx.prefix
+            )));
+        }
         // The claim of a command that died driving a rollout since
         // finished or undone: taken over.
         let op = TxnOp::DeleteCas {

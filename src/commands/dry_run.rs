@@ -103,6 +103,14 @@ pub(crate) fn show_switch(
         Then::AlreadyCurrent => say(&format!(
             "{version} is already current: would only wait for it to be active"
         )),
+        // A restart under way (this command names current): the restart
+        // goes on, as `depro restart` would take it; current does not move.
+        Then::Resume {
+            plan: under_way, ..
+        } if under_way.restart.is_some() => {
+            restart_lines(ctx, version, &BTreeSet::new(), Some(under_way), flags);
+            return Ok(());
+        }
         Then::Resume {
             plan: under_way, ..
         } => {
@@ -247,9 +255,20 @@ pub(crate) fn prune(ctx: &Ctx, tree: &Tree, keep: Option<u32>, failed: bool) {
 
 /// The plan of `restart`, as decided for the real run.
 pub(crate) fn show_restart(ctx: &Ctx, plan: &RestartPlan, flags: &SwitchFlags) {
-    let version = &plan.version;
-    match &plan.resume {
-        Some((under_way, _)) => {
+    let resume = plan.resume.as_ref().map(|(p, _)| &**p);
+    restart_lines(ctx, &plan.version, &plan.nodes, resume, flags);
+}
+
+/// A restart of `version` on `nodes`, or the one under way resumed.
+fn restart_lines(
+    ctx: &Ctx,
+    version: &VersionName,
+    nodes: &BTreeSet<String>,
+    resume: Option<&RolloutPlan>,
+    flags: &SwitchFlags,
+) {
+    match resume {
+        Some(under_way) => {
             if let Some(by) = &under_way.paused {
                 say(&format!(
                     "the restart is paused (by {}): would wait for `depro resume -prefix={}` \
@@ -269,13 +288,13 @@ pub(crate) fn show_restart(ctx: &Ctx, plan: &RestartPlan, flags: &SwitchFlags) {
             ));
         }
         None => {
-            let waves = plan_waves(&plan.nodes, flags.canary, flags.batch);
+            let waves = plan_waves(nodes, flags.canary, flags.batch);
             say(&format!(
                 "would write {} (check-and-set) and ring {}: restart {version} on the {} nodes \
                  that run it, in {} wave{} ({})",
                 ctx.prefix.rollout_key(),
                 ctx.prefix.changed_key(),
-                plan.nodes.len(),
+                nodes.len(),
                 waves.len(),
                 if waves.len() == 1 { "" } else { "s" },
                 waves.iter().map(names).collect::<Vec<_>>().join(" | ")

@@ -11,7 +11,7 @@ use super::{Ctx, interrupt};
 use crate::cli::RestartArgs;
 use crate::config::Env;
 use crate::error::Result;
-use crate::tree::Tree;
+use crate::tree::{NodeState, Tree};
 
 pub(crate) fn restart(mut args: RestartArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
@@ -45,6 +45,27 @@ pub(crate) fn restart(mut args: RestartArgs, env: Env<'_>) -> Result<()> {
         return Ok(());
     }
     interrupt::catch();
+    // Nodes that report the version but do not run it are not restarted:
+    // said, not silently dropped.
+    let skipped: Vec<String> = seen
+        .tree
+        .versions
+        .get(&plan.version)
+        .map(|info| {
+            info.nodes
+                .iter()
+                .filter(|(n, e)| e.state != NodeState::Active && !plan.nodes.contains(*n))
+                .map(|(n, e)| format!("{n} ({})", e.state))
+                .collect()
+        })
+        .unwrap_or_default();
+    if plan.resume.is_none() && !skipped.is_empty() {
+        ctx.out.line(&format!(
+            "not restarting {}: they do not run {} now",
+            skipped.join(", "),
+            plan.version
+        ));
+    }
     let wait = Wait {
         version: &plan.version,
         need: args.switch.need(),
@@ -56,5 +77,14 @@ pub(crate) fn restart(mut args: RestartArgs, env: Env<'_>) -> Result<()> {
         how: "restart",
     };
     let resume = plan.resume.clone().map(|(p, index)| (*p, index));
-    super::waves::restart(&mut ctx, &wait, &plan.nodes, &args.switch, start, resume)
+    let left_behind = seen.tree.rollout.as_ref().map_or(0, |(_, index)| *index);
+    super::waves::restart(
+        &mut ctx,
+        &wait,
+        &plan.nodes,
+        &args.switch,
+        start,
+        resume,
+        left_behind,
+    )
 }

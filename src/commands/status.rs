@@ -263,8 +263,12 @@ const STATES: [NodeState; 4] = [
 /// outlived its hook (its delete failed) says nothing of an active node.
 pub(crate) fn running_hooks(info: &VersionInfo) -> impl Iterator<Item = (&String, &str, u64)> {
     info.hooks.iter().filter_map(|(node, (hook, since))| {
-        let state = info.nodes.get(node)?.state;
-        matches!(state, NodeState::Busy | NodeState::Ready).then_some((node, hook.as_str(), *since))
+        let entry = info.nodes.get(node)?;
+        let busy = matches!(entry.state, NodeState::Busy | NodeState::Ready);
+        // A hook starts after its node's state was written; a note older
+        // than the state outlived its hook (its delete failed).
+        let stale = *since > 0 && entry.since_ms > *since;
+        (busy && !stale).then_some((node, hook.as_str(), *since))
     })
 }
 
@@ -349,6 +353,8 @@ pub(crate) fn json(
             "since": plan.since,
             "flags": plan.flags,
             "paused": plan.paused,
+            "restart": plan.restart.is_some(),
+            "message": plan.message,
             "driver": tree.driver,
             "in_effect": tree.rollout_in_effect().is_some(),
         })

@@ -199,10 +199,13 @@ pub(crate) fn then_for(
     match in_effect(rollout, base) {
         // The plan comes from Consul: one depro could not have written is
         // not resumed (nor indexed into), only undone.
+        // (A plan of current to itself without its restart id is a restart
+        // an older CLI rewrote: resumed as a rollout it would never end.)
         Some((plan, _))
             if plan.version == version.as_str()
                 && (plan.waves.iter().any(Vec::is_empty)
-                    || !(1..=plan.waves.len()).contains(&plan.started_waves)) =>
+                    || !(1..=plan.waves.len()).contains(&plan.started_waves)
+                    || (plan.version == plan.base && plan.restart.is_none())) =>
         {
             Err(Refusal::CannotResume)
         }
@@ -474,6 +477,15 @@ mod tests {
         ));
         rolling.rollout.as_mut().unwrap().0.base_index = 49;
         assert!(decide_restart(&seen(rolling)).is_ok());
+        // A restart an older CLI rewrote without its id is not resumed as
+        // a rollout of current to itself (which would never restart).
+        let mut stripped = t.clone();
+        stripped.rollout = Some((plan_of("v1", "v1", 1), 60));
+        let rollout = Intent::Rollout { version: v("v1") };
+        assert_eq!(
+            decide(&rollout, &SwitchFlags::default(), &seen(stripped)),
+            Err(Refusal::CannotResume)
+        );
         // Nothing current, or nothing running it: nothing to restart.
         let unset = tree(&[("v1", &[Active])], None);
         assert_eq!(decide_restart(&seen(unset)), Err(Refusal::NothingToRestart));

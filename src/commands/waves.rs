@@ -71,7 +71,11 @@ pub(crate) fn switch(
         Then::Stop | Then::AlreadyCurrent | Then::AtOnce => unreachable!("switched above"),
         Then::Resume { plan, index } => {
             ctx.out.line(&format!(
-                "resuming the rollout of {version}: wave {} of {} was started{}",
+                "resuming the {} of {version}: wave {} of {} was started{}",
+                match plan.restart {
+                    Some(_) => "restart",
+                    None => "rollout",
+                },
                 plan.started_waves,
                 plan.waves.len(),
                 plan.by_whom()
@@ -99,6 +103,7 @@ pub(crate) fn restart(
     flags: &SwitchFlags,
     start: Instant,
     resume: Option<(RolloutPlan, u64)>,
+    left_behind: u64,
 ) -> Result<()> {
     let version = wait.version;
     let base = wait.base.expect("a restart has a current version");
@@ -115,9 +120,8 @@ pub(crate) fn restart(
             (plan, index)
         }
         None => {
-            // What the plan found is read again: a plan written since makes
-            // the check-and-set fail (exit 5).
-            let left_behind = ctx.read_rollout()?.map_or(0, |(_, index)| index);
+            // By check-and-set on the plan the decision read (0: none): a
+            // plan written since makes it fail (exit 5), never overwritten.
             let mut plan = new_plan(ctx, version, base, nodes, flags);
             plan.restart = Some(crate::logging::now_ms());
             ctx.out.line(&format!(
@@ -744,7 +748,11 @@ fn halted(
     let version = wait.version;
     let base = shown(&plan.base);
     let at = format!(
-        "the rollout of {version} halted in wave {} of {}",
+        "the {} of {version} halted in wave {} of {}",
+        match plan.restart {
+            Some(_) => "restart",
+            None => "rollout",
+        },
         wave + 1,
         plan.waves.len()
     );
@@ -784,11 +792,27 @@ fn halted(
         ),
         Halt::Timeout(active) => (
             format!(
-                "timed out with {active} of the {} switched nodes active",
-                switched.len()
+                "timed out with {active} of the {} {}",
+                switched.len(),
+                match plan.restart {
+                    Some(_) =>
+                        "nodes told to restart restarted (an agent of a depro \
+                                without restarts never does)",
+                    None => "switched nodes active",
+                }
             ),
             true,
         ),
+        Halt::Paused if plan.restart.is_some() => {
+            return Error::Timeout(format!(
+                "{at}: timed out between waves; the restart stays there ({} told to restart, \
+                 current unchanged): go on with `depro resume -prefix={}`, or stop it there with \
+                 `depro rollback -prefix={}`",
+                names(&switched),
+                ctx.prefix,
+                ctx.prefix
+            ));
+        }
         Halt::Paused => {
             return Error::Timeout(format!(
                 "{at}: timed out between waves{}; the rollout stays there ({} switched to \
@@ -869,6 +893,11 @@ fn undo(ctx: &mut Ctx, plan: &RolloutPlan, index: u64, deadline: Instant) -> Res
             )));
         }
     }
+    if plan.restart.is_some() {
+        // Nothing to go back to: the nodes it named restarted, or finish
+        // the rollout hook they run (it is never stopped halfway).
+        return Ok(());
+    }
     super::interrupt::leaves(format!(
         "the rollout of {} is undone (current stays {}) and the nodes it had switched go on \
          rolling back; follow them with `depro status -prefix={}`",
@@ -917,6 +946,20 @@ pub(crate) fn undo_and_say(
 ) -> Result<()> {
     let deadline = ctx.deadline;
     undo(ctx, plan, index, deadline)?;
+    if plan.restart.is_some() {
+        println!(
+            "stopped the restart of {} under {} at wave {} of {}: {} were told to restart \
+             (their rollout hook runs to its end), the other nodes were not; current is {} ({})",
+            shown(&plan.version),
+            ctx.prefix,
+            plan.started_waves,
+            plan.waves.len(),
+            names(&plan.switched.iter().cloned().collect::<Vec<_>>()),
+            shown(&plan.version),
+            took(start)
+        );
+        return Ok(());
+    }
     println!(
         "undid the rollout of {} under {} (it had started wave {} of {}): {} runs again on {}, like on \
          every other node; current is {} ({})",
