@@ -689,16 +689,24 @@ fn a_long_wait_off_a_terminal_prints_a_heartbeat_every_ten_seconds() {
     let fleet = Fleet::start(1);
     fleet.depro(&["deploy", "v1"]).ok();
     fleet.agents[0].set_flag("block-deploy", true);
-    let out = fleet.depro(&["deploy", "v2", "-timeout=13s"]);
+    let out = fleet.depro(&["deploy", "v2", "-timeout=16s"]);
     assert_eq!(out.code, Some(3), "{out:#?}");
-    let beats: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.ends_with("0/1 ready (still waiting)"))
-        .collect();
-    assert_eq!(beats.len(), 1, "{}", out.stderr);
-    let at: f64 = beats[0].trim().split('s').next().unwrap().parse().unwrap();
-    assert!((10.0..12.5).contains(&at), "{}", out.stderr);
+    // (After its last line: `node1: in its deploy hook for 3s`, at 3 s.)
+    let at = |line: &str| -> f64 { line.trim().split('s').next().unwrap().parse().unwrap() };
+    let timed = |l: &&str| {
+        let first = l.trim_start().split(' ').next().unwrap_or_default();
+        first
+            .strip_suffix('s')
+            .is_some_and(|n| n.parse::<f64>().is_ok())
+    };
+    let lines: Vec<&str> = out.stderr.lines().filter(timed).collect();
+    let beat = lines
+        .iter()
+        .position(|l| l.ends_with("0/1 ready (still waiting)"))
+        .unwrap_or_else(|| panic!("no heartbeat: {}", out.stderr));
+    assert!(beat > 0, "{}", out.stderr);
+    let silence = at(lines[beat]) - at(lines[beat - 1]);
+    assert!((10.0..12.5).contains(&silence), "{}", out.stderr);
     fleet.agents[0].set_flag("block-deploy", false);
     fleet.agents[0].set_flag("release", true);
 }
