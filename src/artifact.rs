@@ -29,6 +29,10 @@ pub(crate) struct Artifact {
     /// Its size in bytes, if the operator gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Its signature (`depro deploy -sign`), over the prefix, the version,
+    /// the digest and the size (`signing::message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::signing::Signature>,
 }
 
 impl Artifact {
@@ -120,6 +124,7 @@ pub(crate) fn fetch_main() -> i32 {
         url: var(ENV_URL),
         sha256: var(ENV_SHA256),
         size: var(ENV_SIZE).parse().ok(),
+        signature: None,
     };
     let dest = PathBuf::from(var(ENV_DEST));
     match fetch(&artifact, &dest) {

@@ -44,6 +44,8 @@ pub(crate) enum Command {
     Promote(TreeArgs, String),
     /// `depro forget NODE`: a retired host is no longer shown absent.
     Forget(TreeArgs, String),
+    /// `depro keygen FILE`: a key pair to sign releases with.
+    Keygen(std::path::PathBuf),
     Wait(WaitArgs),
     Completion(crate::completion::Shell),
 }
@@ -365,6 +367,8 @@ pub(crate) struct ArtifactArgs {
     pub sha256: Option<String>,
     pub size: Option<u64>,
     pub file: Option<std::path::PathBuf>,
+    /// `-sign=FILE`: the private key (`depro keygen`) that signs it.
+    pub sign: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -449,18 +453,26 @@ pub(crate) struct HistoryArgs {
 /// The default of `-timeout` for commands that wait on nodes.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The commands, for `help` and error messages.
-pub(crate) const COMMANDS: [&str; 13] = [
+/// The commands, for `help` and error messages (completion lists them
+/// too, each with a line: `completion::COMMANDS`).
+pub(crate) const COMMANDS: [&str; 20] = [
     "agent",
     "deploy",
     "rollout",
     "rollback",
+    "restart",
     "remove",
     "prune",
     "status",
     "query",
     "history",
+    "policy",
+    "pause",
+    "resume",
+    "promote",
+    "forget",
     "wait",
+    "keygen",
     "version",
     "help",
     "completion",
@@ -514,6 +526,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "policy" => parse_policy_command(&mut parser),
         "pause" | "resume" | "promote" | "forget" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
+        "keygen" => parse_keygen(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next(&mut parser, "completion")? {
             Some(Arg::Operand(shell)) => {
@@ -889,6 +902,7 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
                 })?)
             }
             Arg::Flag("artifact-file", v) => artifact.file = Some(v.path()),
+            Arg::Flag("sign", v) => artifact.sign = Some(v.path()),
             Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -906,8 +920,8 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         Some(url) => Some(ArtifactArgs { url, ..artifact }),
         None if given => {
             return Err(Error::Usage(
-                "-sha256, -size and -artifact-file describe an artifact: give its -artifact=URL \
-                 too; run `depro help deploy`"
+                "-sha256, -size, -artifact-file and -sign describe an artifact: give its \
+                 -artifact=URL too; run `depro help deploy`"
                     .into(),
             ));
         }
@@ -921,6 +935,25 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         no_rollout,
         artifact,
     }))
+}
+
+fn parse_keygen(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "keygen";
+    let mut file = None;
+    while let Some(arg) = next(parser, command)? {
+        match arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Operand(v) if file.is_none() => file = Some(std::path::PathBuf::from(v)),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    file.map(Command::Keygen).ok_or_else(|| {
+        Error::Usage(
+            "keygen: name the private key's file, e.g. `depro keygen /etc/depro/release.key` \
+             (it writes that file and release.key.pub)"
+                .into(),
+        )
+    })
 }
 
 fn missing_version(command: &str) -> Error {

@@ -44,6 +44,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("resume", "go on with the rollout under way"),
     ("promote", "go on with a rollout stopped after its canary"),
     ("forget", "stop showing a retired host as absent"),
+    ("keygen", "make a key pair to sign releases with"),
     (
         "wait",
         "wait until a version is ready or active on enough nodes",

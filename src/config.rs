@@ -73,6 +73,10 @@ struct FileDeployment {
     health: Vec<String>,
     timeout: Option<String>,
     health_timeout: Option<String>,
+    /// Public key lines (`depro keygen`'s FILE.pub): when set, only
+    /// versions whose artifact one of them signed are deployed.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
 }
 
 /// A deployment, ready to run.
@@ -90,6 +94,9 @@ pub(crate) struct Deployment {
     pub health: Vec<String>,
     pub timeout: Duration,
     pub health_timeout: Duration,
+    /// Only versions whose artifact one of these signed are deployed
+    /// (none: any version).
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
     /// Where it was defined, for messages: `/etc/depro/api.json, deployments[0]`.
     pub origin: String,
 }
@@ -618,6 +625,15 @@ fn resolve_deployment(
             "is set but there is no health hook; add \"health\": [...] or remove it".into(),
         ));
     }
+    let trusted_keys = raw
+        .trusted_keys
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            crate::signing::PublicKey::parse(line)
+                .map_err(|why| bad(&format!("trusted_keys[{i}]"), why))
+        })
+        .collect::<std::result::Result<Vec<_>, Error>>()?;
     Ok(Deployment {
         id: raw.id,
         path,
@@ -629,6 +645,7 @@ fn resolve_deployment(
         health: raw.health,
         timeout,
         health_timeout,
+        trusted_keys,
         origin,
     })
 }

@@ -263,6 +263,12 @@ pub(crate) const FLAGS: &[Flag] = &[
         "a local copy of the artifact: -sha256 and -size are taken from it",
     ),
     flag(
+        "sign",
+        DEPLOY,
+        Kind::File("FILE"),
+        "sign the artifact with this private key (depro keygen FILE)",
+    ),
+    flag(
         "rollback-on-failure",
         SWITCH | POLICY,
         Kind::Bool,

@@ -25,6 +25,7 @@ Commands:
   resume     go on with it (and drive it, if no command does)
   promote    go on with a rollout stopped after its first wave (-promote=manual)
   forget     stop showing a retired host's node as absent
+  keygen     make a key pair to sign releases with (deploy -sign, trusted_keys)
   wait       wait until a version is ready or active on enough nodes
   version    print the version
   completion print a completion script for bash, zsh or fish
@@ -99,6 +100,22 @@ While a progressive rollout is under way, undoes it instead.
             "\
 Examples: depro rollback -prefix=api/version -nodes=all
           depro rollback -prefix=api/version -to=v41
+",
+        ),
+        "keygen" => (
+            "\
+Usage: depro keygen FILE
+
+Makes an Ed25519 key pair to sign releases with: FILE, the private key (mode
+0600, never overwritten), and FILE.pub, the public key on one line. `depro
+deploy ... -sign=FILE` signs a version's artifact (with the prefix and the
+version); an agent whose deployment lists the public key's line in
+\"trusted_keys\" deploys only versions a trusted key signed. List several keys
+to rotate them.
+
+",
+            "\
+Example: depro keygen /etc/depro/release.key
 ",
         ),
         "restart" => (

@@ -24,6 +24,7 @@ mod logging;
 mod pacing;
 mod plan;
 mod signals;
+mod signing;
 mod tree;
 mod version_name;
 
@@ -73,6 +74,17 @@ fn run(command: Command) -> Result<()> {
         Command::Resume(args) => commands::resume(args, env, None),
         Command::Promote(args, version) => commands::resume(args, env, Some(version)),
         Command::Forget(args, node) => commands::forget(args, env, &node),
+        Command::Keygen(file) => {
+            let comment = commands::user_at_host(env);
+            let public = signing::keygen(&file, &comment).map_err(Error::Refused)?;
+            println!(
+                "wrote {} (the private key, mode 0600: keep it where deploys are signed) and {} \
+                 (the public key: add its line to \"trusted_keys\" of each deployment)",
+                file.display(),
+                public.display()
+            );
+            Ok(())
+        }
         Command::Wait(args) => commands::wait(args, env),
         Command::Completion(shell) => {
             print!("{}", completion::script(shell));

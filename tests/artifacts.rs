@@ -267,3 +267,123 @@ fn an_artifact_needs_its_digest_and_a_version_keeps_the_artifact_it_was_created_
         ])
         .fails(2, &["v1 exists already without an artifact"]);
 }
+
+/// A key pair made by `depro keygen` in `dir`; returns (private key file,
+/// public key line).
+fn keygen(dir: &std::path::Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let out = std::process::Command::new(support::depro_bin())
+        .arg("keygen")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap();
+    (key, line.trim().to_string())
+}
+
+/// A fleet that keeps artifacts and trusts these keys only.
+fn fleet_trusting(n: usize, keys: &[&str]) -> Fleet<'static> {
+    let mut fleet = Fleet::new(n);
+    for agent in &mut fleet.agents {
+        let path = agent.dir.join("api");
+        agent.deployments = vec![serde_json::json!({
+            "id": "api",
+            "path": path,
+            "prefix": fleet.prefix,
+            "shell": "bash",
+            "deploy": ["cp \"$ARTIFACT\" build.bin"],
+            "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
+            "trusted_keys": keys,
+        })];
+    }
+    fleet.start_all();
+    fleet
+}
+
+#[test]
+fn with_trusted_keys_only_versions_a_trusted_key_signed_for_them_are_deployed() {
+    let blob = blob();
+    let origin = Origin::serve(blob.clone());
+    let keys = tempfile::tempdir().unwrap();
+    let (old, old_line) = keygen(keys.path(), "old.key");
+    let (new, new_line) = keygen(keys.path(), "new.key");
+    let (stranger, _) = keygen(keys.path(), "stranger.key");
+    // Two trusted keys: a rotation under way.
+    let fleet = fleet_trusting(1, &[&old_line, &new_line]);
+    let local = tempfile::tempdir().unwrap();
+    let copy = local.path().join("build.tar");
+    std::fs::write(&copy, &blob).unwrap();
+    let deploy = |version: &str, key: Option<&PathBuf>| {
+        let mut args = vec![
+            "deploy".to_string(),
+            version.to_string(),
+            format!("-artifact={}", origin.url("")),
+            format!("-artifact-file={}", copy.display()),
+        ];
+        if let Some(key) = key {
+            args.push(format!("-sign={}", key.display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fleet.depro(&args)
+    };
+    deploy("v1", Some(&old)).ok();
+    deploy("v2", Some(&new)).ok();
+    let node = &fleet.agents[0];
+    assert!(std::fs::read(node.dir.join("api/v2/build.bin")).unwrap() == blob);
+
+    deploy("v3", None).fails(2, &["refused: it is not signed"]);
+    deploy("v4", Some(&stranger)).fails(
+        2,
+        &["refused: it is signed by a key this deployment does not trust"],
+    );
+    // A signature moved to another version (a plain write of v2's record
+    // under v5, as anyone who can write the prefix could) does not hold.
+    let record = fleet.consul.get(&format!("{}/v2/", fleet.prefix)).unwrap();
+    fleet.consul.put(&format!("{}/v5/", fleet.prefix), &record);
+    fleet.wait("v5 refused", |f| {
+        f.node_state("v5", "node1").as_deref() == Some("failed")
+    });
+    let status = fleet.depro(&["status", "v5"]);
+    assert!(
+        status.result().contains("signature does not match"),
+        "{status:#?}"
+    );
+    for version in ["v3", "v4", "v5"] {
+        assert!(!node.dir.join(format!("api/{version}/build.bin")).exists());
+        assert!(
+            !artifacts_dir(&fleet, 0, version)
+                .join(sha256_of(&blob))
+                .exists()
+        );
+    }
+    assert_eq!(fleet.current().as_deref(), Some("v2"));
+}
+
+#[test]
+fn agent_check_names_a_trusted_key_that_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("depro.json");
+    let deployment = serde_json::json!({
+        "name": "node1",
+        "deployments": [{
+            "id": "api", "path": dir.path().join("api"), "prefix": "api/version",
+            "deploy": ["true"], "trusted_keys": ["ssh-ed25519 AAAAC3Nza"],
+        }],
+    });
+    std::fs::write(&config, deployment.to_string()).unwrap();
+    let out = std::process::Command::new(support::depro_bin())
+        .args([
+            "agent",
+            "-check",
+            &format!("-config-file={}", config.display()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("trusted_keys[0]") && err.contains("depro keygen"),
+        "{err}"
+    );
+}

@@ -2,12 +2,12 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget keygen wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -sign= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollout) opts="-prefix= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollback) opts="-prefix= -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     restart) opts="-prefix= -timeout= -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
@@ -22,7 +22,7 @@ _depro() {
     promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     forget) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -for= -nodes= -timeout= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget keygen wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac
@@ -32,7 +32,7 @@ _depro() {
     [ "$cur" = "=" ] || name=${COMP_WORDS[COMP_CWORD-2]}
     [ "$cur" = "=" ] && cur=""
     case "$name" in
-      -artifact-file|-ca-file|-client-cert|-client-key|-config-dir|-config-file|-token-file) COMPREPLY=($(compgen -f -- "$cur")) ;;
+      -artifact-file|-ca-file|-client-cert|-client-key|-config-dir|-config-file|-sign|-token-file) COMPREPLY=($(compgen -f -- "$cur")) ;;
       -for) COMPREPLY=($(compgen -W "ready active" -- "$cur")) ;;
       -log-format) COMPREPLY=($(compgen -W "text json" -- "$cur")) ;;
       -log-level) COMPREPLY=($(compgen -W "error warn info debug trace" -- "$cur")) ;;

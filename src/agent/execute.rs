@@ -426,8 +426,31 @@ impl Agent {
             dir.display()
         );
         let timeout = self.deployments[index].spec.timeout;
+        // With trusted keys, only a version whose artifact one of them
+        // signed (for this prefix and version) is fetched or deployed.
+        let artifact = self.artifact_of(index, version)?;
+        let spec = &self.deployments[index].spec;
+        if !spec.trusted_keys.is_empty() {
+            let verdict = match &artifact {
+                None => Err(
+                    "it names no artifact, and this deployment deploys only versions \
+                             whose artifact a trusted key signed (trusted_keys)"
+                        .to_string(),
+                ),
+                Some(a) => crate::signing::verify(
+                    &spec.trusted_keys,
+                    &crate::signing::message(&spec.prefix.to_string(), version.as_str(), a),
+                    a.signature.as_ref(),
+                ),
+            };
+            if let Err(why) = verdict {
+                let why = format!("refused: {why}");
+                self.deploy_failed(index, version, FailReason::other(None, why));
+                return Ok(());
+            }
+        }
         // An artifact is fetched and verified first, unless it was already.
-        let then = match self.artifact_of(index, version)? {
+        let then = match artifact {
             // From Consul: untrusted (the digest names a file).
             Some(mut artifact) => {
                 match crate::artifact::parse_sha256(&artifact.sha256)

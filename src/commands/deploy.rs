@@ -36,7 +36,13 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     let Plan::Switch(plan) = plan else {
         unreachable!("a deploy undoes nothing")
     };
-    let artifact = artifact_of(args.artifact.take(), &version, &seen, plan.create)?;
+    let artifact = artifact_of(
+        args.artifact.take(),
+        &ctx.prefix.to_string(),
+        &version,
+        &seen,
+        plan.create,
+    )?;
     if args.switch.dry_run {
         let prune = match args.keep {
             Some(keep) => prune_after(&ctx.read_tree()?, &version, keep),
@@ -225,6 +231,7 @@ pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
 /// bytes.
 fn artifact_of(
     given: Option<crate::cli::ArtifactArgs>,
+    prefix: &str,
     version: &VersionName,
     seen: &Observed,
     create: bool,
@@ -250,11 +257,20 @@ fn artifact_of(
                 }
                 (sha256, size) = (Some(digest), Some(bytes));
             }
-            Some(crate::artifact::Artifact {
+            let mut artifact = crate::artifact::Artifact {
                 url: args.url,
                 sha256: sha256.unwrap_or_default(),
                 size,
-            })
+                signature: None,
+            };
+            if let Some(key) = &args.sign {
+                let message = crate::signing::message(prefix, version.as_str(), &artifact);
+                artifact.signature = Some(
+                    crate::signing::sign(key, &message)
+                        .map_err(|e| Error::Usage(format!("-sign: {e}")))?,
+                );
+            }
+            Some(artifact)
         }
     };
     if create {

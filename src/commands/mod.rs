@@ -167,26 +167,11 @@ impl Ctx {
         let settings =
             config::resolve_connection(&args.connection, env, &FileConnection::default())?;
         let consul = Consul::new(&settings).map_err(Error::Config)?;
-        // $USER, else $LOGNAME, else the name of the uid (cron and systemd
-        // units often set neither), else the uid itself.
-        let user = env("USER")
-            .or_else(|| env("LOGNAME"))
-            .filter(|name| !name.is_empty())
-            .unwrap_or_else(|| {
-                let uid = nix::unistd::getuid();
-                nix::unistd::User::from_uid(uid)
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| format!("uid {uid}"), |u| u.name)
-            });
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "unknown".into());
         Ok(Ctx {
             consul: Arc::new(consul),
             prefix,
             out: Progress::new(args.quiet),
-            user: format!("{user}@{host}"),
+            user: user_at_host(env),
             seen: BTreeMap::new(),
             hooks_said: BTreeSet::new(),
             plain: Default::default(),
@@ -942,6 +927,25 @@ fn fingerprint(update: &Update) -> Vec<(String, u64, Option<String>)> {
 }
 
 /// A version name from the command line.
+/// Who runs a command, `user@host`: $USER, else $LOGNAME, else the name
+/// of the uid (cron and systemd units often set neither), else the uid.
+pub(crate) fn user_at_host(env: Env<'_>) -> String {
+    let user = env("USER")
+        .or_else(|| env("LOGNAME"))
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| {
+            let uid = nix::unistd::getuid();
+            nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {uid}"), |u| u.name)
+        });
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{host}")
+}
+
 pub(crate) fn version_arg(text: &str) -> Result<VersionName> {
     VersionName::parse(text).map_err(|why| Error::Usage(format!("version {text:?}: {why}")))
 }
