@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A self-contained local demo: a dev Consul on loopback, three agents, a
-# first version, a canary rollout in batches, a rollout policy kept in the
+# A self-contained local demo: a dev Consul on loopback, an HTTP origin of
+# signed builds, three agents that trust only the release key, a first
+# version, a canary rollout in batches, a rollout policy kept in the
 # tree with a manual promotion, a restart in waves paused and resumed from
 # another command, a broken build whose canary fails its health hook (halted
 # and rolled back on its own, with the reason shown), a rollback and a
@@ -47,6 +48,19 @@ done
 echo "<h1>500 internal server error</h1>" >"$work/build/v3/index.html"
 tar czf "$work/v3.tar.gz" -C "$work/build/v3" .
 
+ORIGIN=$(free_port)
+echo "==> serving the builds over http://127.0.0.1:$ORIGIN/ and making a release key"
+python3 -m http.server --bind 127.0.0.1 --directory "$work" "$ORIGIN" >"$work/origin.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$ORIGIN/v1.tar.gz')" 2>/dev/null && break
+  sleep 0.1
+done
+"$DEPRO" keygen "$work/release.key"
+TRUSTED=$(cat "$work/release.key.pub")
+# Each build: its artifact (digest and size from the local copy), signed.
+build() { echo "-artifact=http://127.0.0.1:$ORIGIN/$1.tar.gz" "-artifact-file=$work/$1.tar.gz" "-sign=$work/release.key"; }
+
 echo "==> starting three agents (node1..node3)"
 for n in 1 2 3; do
   mkdir -p "$work/node$n/conf"
@@ -54,7 +68,8 @@ for n in 1 2 3; do
 { "name": "node$n",
   "deployments": [
     { "id": "web", "path": "$work/node$n/web", "prefix": "demo/version", "shell": "bash",
-      "deploy":  ["tar xzf $work/\$VERSION.tar.gz"],
+      "deploy":  ["tar xzf \"\$ARTIFACT\""],
+      "trusted_keys": ["$TRUSTED"],
       "rollout": ["ln -sfn \"\$VERSION_PATH\" \"\$DEPLOYMENT_PATH/live\""],
       "health":  ["if ! grep -q demo \"\$DEPLOYMENT_PATH/live/index.html\"; then echo \"GET / on node$n: \$(cat \$DEPLOYMENT_PATH/live/index.html)\"; exit 22; fi"],
       "health_timeout": "3s",
@@ -75,11 +90,21 @@ show() {
   done
 }
 
-echo; echo "==> depro deploy v1 -nodes=all        (every live agent of the prefix)"
-"$DEPRO" deploy v1 -nodes=all
+echo; echo "==> depro deploy v1 -nodes=all $(build v1)"
+echo "    (every live agent of the prefix fetches the build, checks its digest and signature)"
+# shellcheck disable=SC2046
+"$DEPRO" deploy v1 -nodes=all $(build v1)
 echo; echo "==> depro deploy v2 -nodes=all -canary=1 -batch=1        (a canary, then one node at a time)"
-"$DEPRO" deploy v2 -nodes=all -canary=1 -batch=1
+"$DEPRO" deploy v2 -nodes=all -canary=1 -batch=1 $(build v2)
 show
+echo; echo "==> depro deploy v9 -nodes=all        (a build that names no signed artifact: refused by every agent)"
+if "$DEPRO" deploy v9 -nodes=all -timeout=10s; then
+  echo "demo: an unsigned version was deployed; that should not happen" >&2
+  exit 1
+else
+  echo "    (exit $?: the agents refused it before fetching anything)"
+fi
+"$DEPRO" remove v9
 echo; echo "==> depro policy -nodes=all -canary=1 -batch=1 -pause=2s -promote=manual        (every switch follows it, whoever runs it)"
 "$DEPRO" policy -nodes=all -canary=1 -batch=1 -pause=2s -promote=manual -message="a person promotes each canary"
 echo; echo "==> depro restart -message=\"new TLS certificate\"        (v2's rollout hook again, in the policy's waves: stops after the canary)"
@@ -100,7 +125,7 @@ echo; echo "==> depro history"
 echo; echo "==> depro policy -clear"
 "$DEPRO" policy -clear
 echo; echo "==> depro deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure        (v3 is broken)"
-if "$DEPRO" deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure; then
+if "$DEPRO" deploy v3 -nodes=all -canary=1 -batch=1 -rollback-on-failure $(build v3); then
   echo "demo: the broken v3 was rolled out; that should not happen" >&2
   exit 1
 else

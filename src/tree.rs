@@ -807,6 +807,7 @@ impl Tree {
                     b"rollout" => "rollout",
                     b"health" => "health",
                     b"clean" => "clean",
+                    b"fetch" => "fetch",
                     _ => continue,
                 };
                 if entry.session.is_some() && check_node_name(hook_of).is_ok() {

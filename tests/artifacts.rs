@@ -10,7 +10,7 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use support::Fleet;
@@ -23,23 +23,51 @@ struct Origin {
     cuts: Arc<AtomicUsize>,
     /// Every request's Range header (or "-").
     ranges: Arc<Mutex<Vec<String>>>,
+    /// A pause after each 64 KiB sent (ms): a slow origin.
+    delay_ms: Arc<AtomicU64>,
+    /// An error status to answer instead (0: none).
+    status: Arc<AtomicU16>,
+}
+
+/// How an origin behaves now.
+struct Behaviour {
+    cuts: Arc<AtomicUsize>,
+    ranges: Arc<Mutex<Vec<String>>>,
+    delay_ms: Arc<AtomicU64>,
+    status: Arc<AtomicU16>,
 }
 
 impl Origin {
     fn serve(blob: Vec<u8>) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cuts = Arc::new(AtomicUsize::new(0));
-        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let origin = Origin {
+            port,
+            cuts: Arc::default(),
+            ranges: Arc::default(),
+            delay_ms: Arc::default(),
+            status: Arc::default(),
+        };
         let blob = Arc::new(blob);
-        let (c, r) = (cuts.clone(), ranges.clone());
+        let behaviour = Behaviour {
+            cuts: origin.cuts.clone(),
+            ranges: origin.ranges.clone(),
+            delay_ms: origin.delay_ms.clone(),
+            status: origin.status.clone(),
+        };
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (blob, cuts, ranges) = (blob.clone(), c.clone(), r.clone());
-                std::thread::spawn(move || answer(stream, &blob, &cuts, &ranges));
+                let blob = blob.clone();
+                let b = Behaviour {
+                    cuts: behaviour.cuts.clone(),
+                    ranges: behaviour.ranges.clone(),
+                    delay_ms: behaviour.delay_ms.clone(),
+                    status: behaviour.status.clone(),
+                };
+                std::thread::spawn(move || answer(stream, &blob, &b));
             }
         });
-        Origin { port, cuts, ranges }
+        origin
     }
 
     fn url(&self, credentials: &str) -> String {
@@ -47,7 +75,8 @@ impl Origin {
     }
 }
 
-fn answer(stream: TcpStream, blob: &[u8], cuts: &AtomicUsize, ranges: &Mutex<Vec<String>>) {
+fn answer(stream: TcpStream, blob: &[u8], how: &Behaviour) {
+    let (cuts, ranges) = (&how.cuts, &how.ranges);
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut range = None;
     let mut first = String::new();
@@ -66,6 +95,14 @@ fn answer(stream: TcpStream, blob: &[u8], cuts: &AtomicUsize, ranges: &Mutex<Vec
         .unwrap()
         .push(range.map_or("-".into(), |r| r.to_string()));
     let mut stream = stream;
+    let status = how.status.load(Ordering::SeqCst);
+    if status != 0 {
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    }
     let from = range.unwrap_or(0).min(blob.len());
     let body = &blob[from..];
     let head = match range {
@@ -85,7 +122,13 @@ fn answer(stream: TcpStream, blob: &[u8], cuts: &AtomicUsize, ranges: &Mutex<Vec
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
     let body = if cut { &body[..body.len() / 2] } else { body };
-    let _ = stream.write_all(body);
+    for chunk in body.chunks(64 << 10) {
+        if stream.write_all(chunk).is_err() {
+            return;
+        }
+        let delay = how.delay_ms.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+    }
     let _ = stream.flush();
     // A cut answer ends the connection before its announced length.
     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -386,4 +429,89 @@ fn agent_check_names_a_trusted_key_that_is_not_one() {
         err.contains("trusted_keys[0]") && err.contains("depro keygen"),
         "{err}"
     );
+}
+
+#[test]
+fn an_agent_killed_mid_download_resumes_it_and_no_half_file_reaches_a_hook() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    // 16 pieces of 64 KiB, 400 ms apart: about 6 s.
+    origin.delay_ms.store(400, Ordering::SeqCst);
+    let mut fleet = fleet_keeping_artifacts(1);
+    let deploy = support::spawn(fleet.depro_command(&[
+        "deploy",
+        "v1",
+        &format!("-artifact={}", origin.url("")),
+        &format!("-sha256={sha}"),
+        "-timeout=2m",
+    ]));
+    // A long fetch is named, with its age, like a long hook.
+    let mut table = String::new();
+    fleet.wait("status naming the fetch", |f| {
+        table = f.depro(&["status"]).stdout;
+        table.contains("fetching its artifact")
+    });
+    assert!(table.contains("busy"), "{table}");
+    let partial = artifacts_dir(&fleet, 0, "v1").join(format!("{sha}.partial"));
+    fleet.wait("part of the artifact fetched", |_| {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
+    });
+    fleet.agents[0].kill9();
+    let had = std::fs::metadata(&partial).unwrap().len();
+    assert!(had < blob.len() as u64);
+    assert!(!fleet.agents[0].dir.join("api/v1/build.bin").exists());
+    // Back, faster: it resumes where the partial file ends and the hook
+    // gets the whole, verified file.
+    origin.delay_ms.store(0, Ordering::SeqCst);
+    fleet.agents[0].start();
+    let out = support::finish(deploy);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap() == blob);
+    let ranges = origin.ranges.lock().unwrap().clone();
+    let resumed_at: u64 = ranges.last().unwrap().parse().unwrap_or(0);
+    assert!(
+        resumed_at >= had && resumed_at > 0,
+        "{ranges:?} (had {had})"
+    );
+    assert!(!partial.exists());
+}
+
+#[test]
+fn an_origin_that_answers_404_or_sends_more_than_announced_fails_the_version_at_once() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let fleet = fleet_keeping_artifacts(1);
+    origin.status.store(404, Ordering::SeqCst);
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .fails(
+            2,
+            &["fetching the artifact failed", "answered 404; nothing kept"],
+        );
+    origin.status.store(0, Ordering::SeqCst);
+    fleet
+        .depro(&[
+            "deploy",
+            "v2",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            "-size=1000",
+        ])
+        .fails(
+            2,
+            &["sent more than the 1000 bytes announced; nothing kept"],
+        );
+    for version in ["v1", "v2"] {
+        let kept: Vec<_> = std::fs::read_dir(artifacts_dir(&fleet, 0, version))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(kept.is_empty(), "{version}: {kept:?}");
+    }
 }

@@ -27,7 +27,7 @@ use crate::version_name::VersionName;
 pub(crate) const KILL_AFTER: Duration = Duration::from_secs(5);
 
 /// A hook that runs this long is noted in the tree (`<version>/.hook/
-/// <node>`: its kind, since when), so that `depro status` and a waiting
+/// <node>`: its kind, or `fetch` for an artifact's fetch; since when), so that `depro status` and a waiting
 /// command say what a node is busy with; a quicker one costs no write.
 pub(crate) const NOTED_AFTER: Duration = Duration::from_secs(3);
 
@@ -270,11 +270,15 @@ impl Agent {
                     && matches!(run.phase, Phase::Running);
                 due.then(|| {
                     run.note_at = None;
-                    (run.kind, run.version.clone(), run.started_ms)
+                    let what = match run.then {
+                        Then::Fetch { .. } => "fetch",
+                        _ => run.kind.as_str(),
+                    };
+                    (what, run.version.clone(), run.started_ms)
                 })
             });
-            if let Some((kind, version, since_ms)) = due {
-                self.note_hook(index, kind, &version, since_ms);
+            if let Some((what, version, since_ms)) = due {
+                self.note_hook(index, what, &version, since_ms);
             }
         }
         for index in 0..self.deployments.len() {
@@ -444,7 +448,7 @@ impl Agent {
     /// Notes a hook that has been running for [`NOTED_AFTER`] under
     /// `<version>/.hook/<node>` (its kind; its start in the flags), held by
     /// the session. Best effort: a write that fails only leaves it unsaid.
-    fn note_hook(&mut self, index: usize, kind: HookKind, version: &VersionName, since_ms: u64) {
+    fn note_hook(&mut self, index: usize, what: &str, version: &VersionName, since_ms: u64) {
         let Some(session) = self.sessions.id().map(String::from) else {
             return;
         };
@@ -452,7 +456,7 @@ impl Agent {
         let key = deployment.spec.prefix.hook_key(version, &self.config.name);
         let op = TxnOp::Lock {
             key: &key,
-            value: kind.as_str().as_bytes(),
+            value: what.as_bytes(),
             session: &session,
             flags: since_ms,
         };
@@ -462,9 +466,8 @@ impl Agent {
             }
             Ok(TxnOutcome::Rejected(_)) | Err(_) => {
                 log::debug!(
-                    "{}: could not note its {} hook",
-                    deployment.label(version),
-                    kind.as_str()
+                    "{}: could not note its {what} hook",
+                    deployment.label(version)
                 );
             }
         }

@@ -851,8 +851,11 @@ impl Ctx {
                     ),
                     false => String::new(),
                 };
-                self.out
-                    .node_line(&format!("{node}: in its {hook} hook{age}"));
+                let doing = match hook {
+                    "fetch" => "fetching its artifact".to_string(),
+                    hook => format!("in its {hook} hook"),
+                };
+                self.out.node_line(&format!("{node}: {doing}{age}"));
             }
         }
     }

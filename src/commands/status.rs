@@ -272,6 +272,15 @@ pub(crate) fn running_hooks(info: &VersionInfo) -> impl Iterator<Item = (&String
     })
 }
 
+/// What a noted hook is doing, in words: `deploy hook`, `fetching its
+/// artifact`.
+pub(crate) fn doing(hook: &str) -> String {
+    match hook {
+        "fetch" => "fetching its artifact".into(),
+        hook => format!("{hook} hook"),
+    }
+}
+
 pub(crate) fn json(
     prefix: &Prefix,
     tree: &Tree,
@@ -665,8 +674,8 @@ pub(crate) fn table_at(
                 let hook = running_hooks(info)
                     .find(|(n, _, _)| *n == node)
                     .map(|(_, hook, since)| match since > 0 && now_ms >= since {
-                        true => format!(", {hook} hook {}", age(now_ms - since)),
-                        false => format!(", {hook} hook"),
+                        true => format!(", {} {}", doing(hook), age(now_ms - since)),
+                        false => format!(", {}", doing(hook)),
                     })
                     .unwrap_or_default();
                 row.push(
