@@ -1391,7 +1391,7 @@ fn a_restart_halts_at_the_first_failure_and_the_retry_it_names_finishes_it() {
     out.fails(
         2,
         &[
-            "the rollout of v1 halted in wave 2 of 3",
+            "the restart of v1 halted in wave 2 of 3",
             "node2",
             "current stays v1",
             "go on with `depro deploy v1 -prefix=",
@@ -1434,7 +1434,7 @@ fn a_hook_that_runs_long_is_named_with_its_age_in_status_and_progress() {
     let deploy = support::spawn(fleet.depro_command(&["deploy", "v1", "-timeout=1m"]));
     let mut table = String::new();
     fleet.wait("status naming node1's deploy hook", |f| {
-        table = f.depro(&["status"]).result().to_string();
+        table = f.depro(&["status"]).stdout;
         table.contains("deploy hook")
     });
     let row = table.lines().find(|l| l.starts_with("node1")).unwrap();
