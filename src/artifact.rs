@@ -114,6 +114,10 @@ pub(crate) const ENV_URL: &str = "DEPRO_ARTIFACT_URL";
 pub(crate) const ENV_SHA256: &str = "DEPRO_ARTIFACT_SHA256";
 pub(crate) const ENV_SIZE: &str = "DEPRO_ARTIFACT_SIZE";
 pub(crate) const ENV_DEST: &str = "DEPRO_ARTIFACT_DEST";
+/// Peers that have it, best first (`http://ADDR` each, space-separated).
+pub(crate) const ENV_PEERS: &str = "DEPRO_ARTIFACT_PEERS";
+/// The token that opens it on a peer (`peer::token`).
+pub(crate) const ENV_TOKEN: &str = "DEPRO_ARTIFACT_TOKEN";
 
 /// `depro __fetch-artifact`: fetches the artifact its environment names
 /// into its destination; prints what it does on stdout (the agent's log,
@@ -127,7 +131,9 @@ pub(crate) fn fetch_main() -> i32 {
         signature: None,
     };
     let dest = PathBuf::from(var(ENV_DEST));
-    match fetch(&artifact, &dest) {
+    let peers = var(ENV_PEERS);
+    let peers: Vec<&str> = peers.split_whitespace().collect();
+    match fetch(&artifact, &dest, &peers, &var(ENV_TOKEN)) {
         Ok(()) => 0,
         Err(why) => {
             println!("{why}");
@@ -149,7 +155,7 @@ enum Trouble {
     Fatal(String),
 }
 
-fn fetch(artifact: &Artifact, dest: &Path) -> Result<(), String> {
+fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Result<(), String> {
     artifact.check()?;
     let expected = parse_sha256(&artifact.sha256)?;
     if dest.as_os_str().is_empty() {
@@ -161,11 +167,51 @@ fn fetch(artifact: &Artifact, dest: &Path) -> Result<(), String> {
     let size = artifact
         .size
         .map_or(String::new(), |n| format!(" ({n} bytes)"));
+    // Peers that have it first (each once: a slow, gone or lying peer is
+    // dropped for the next), then the origin. A peer slower than about
+    // 1 MB/s is slow: the origin is the better bet.
+    let patience = Duration::from_secs(30 + artifact.size.unwrap_or(570 << 20) / 1_000_000);
+    let peer_agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(3)))
+        .timeout_recv_body(Some(patience))
+        .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent();
+    for peer in peers {
+        let url = format!("{}/artifacts/{expected}", peer.trim_end_matches('/'));
+        if check_url(&url).is_err() {
+            continue;
+        }
+        println!("fetching from the peer {peer}{size}");
+        let source = Source {
+            url: &url,
+            shown: &url,
+            token: Some(token),
+        };
+        let outcome = match attempt_fetch(&peer_agent, &source, artifact.size, &partial) {
+            Ok(()) => verified(&partial, &expected, artifact.size, peer),
+            Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
+        };
+        match outcome {
+            Ok(got) => return keep(&partial, dest, &expected, got),
+            Err(why) => {
+                // Its bytes are not trusted for a resume elsewhere.
+                let _ = fs::remove_file(&partial);
+                println!("dropped the peer {peer}: {why}");
+            }
+        }
+    }
     println!("fetching {shown}{size}");
+    let source = Source {
+        url: &artifact.url,
+        shown: &shown,
+        token: None,
+    };
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
-        match attempt_fetch(&agent, artifact, &partial) {
+        match attempt_fetch(&agent, &source, artifact.size, &partial) {
             Ok(()) => break,
             Err(Trouble::Fatal(why)) => {
                 let _ = fs::remove_file(&partial);
@@ -182,29 +228,50 @@ fn fetch(artifact: &Artifact, dest: &Path) -> Result<(), String> {
             }
         }
     }
-    // Verified as a whole: every byte, also those an earlier run fetched.
+    match verified(&partial, &expected, artifact.size, &shown) {
+        Ok(got) => keep(&partial, dest, &expected, got),
+        Err(why) => {
+            let _ = fs::remove_file(&partial);
+            Err(format!("{why}; nothing kept"))
+        }
+    }
+}
+
+/// Where bytes come from: a peer (with the token) or the origin.
+struct Source<'a> {
+    url: &'a str,
+    /// The URL as it may be shown (credentials hidden).
+    shown: &'a str,
+    token: Option<&'a str>,
+}
+
+/// Checks the whole of `partial` (every byte, also those an earlier run
+/// fetched): its size, if known, and its digest. Returns its size.
+fn verified(partial: &Path, expected: &str, size: Option<u64>, from: &str) -> Result<u64, String> {
     let (actual, got) =
-        digest_file(&partial).map_err(|e| format!("cannot read {}: {e}", partial.display()))?;
-    if let Some(size) = artifact.size
+        digest_file(partial).map_err(|e| format!("cannot read {}: {e}", partial.display()))?;
+    if let Some(size) = size
         && got != size
     {
-        let _ = fs::remove_file(&partial);
         return Err(format!(
-            "size mismatch: expected {size} bytes, got {got} from {shown}; nothing kept"
+            "size mismatch: expected {size} bytes, got {got} from {from}"
         ));
     }
     if actual != expected {
-        let _ = fs::remove_file(&partial);
         return Err(format!(
-            "digest mismatch: expected sha256 {expected}, got {actual} ({got} bytes from \
-             {shown}); nothing kept"
+            "digest mismatch: expected sha256 {expected}, got {actual} ({got} bytes from {from})"
         ));
     }
-    File::open(&partial)
+    Ok(got)
+}
+
+/// Puts the verified file in place.
+fn keep(partial: &Path, dest: &Path, digest: &str, got: u64) -> Result<(), String> {
+    File::open(partial)
         .and_then(|f| f.sync_all())
-        .and_then(|()| fs::rename(&partial, dest))
+        .and_then(|()| fs::rename(partial, dest))
         .map_err(|e| format!("cannot keep the artifact at {}: {e}", dest.display()))?;
-    println!("verified sha256 {actual} ({got} bytes)");
+    println!("verified sha256 {digest} ({got} bytes)");
     Ok(())
 }
 
@@ -225,13 +292,21 @@ fn http_agent(url: &str) -> Result<ureq::Agent, String> {
 
 /// One attempt: continues `partial` where it ends (or starts it), and
 /// appends the body to it.
-fn attempt_fetch(agent: &ureq::Agent, artifact: &Artifact, partial: &Path) -> Result<(), Trouble> {
-    let shown = redact(&artifact.url);
+fn attempt_fetch(
+    agent: &ureq::Agent,
+    source: &Source<'_>,
+    size: Option<u64>,
+    partial: &Path,
+) -> Result<(), Trouble> {
+    let shown = source.shown;
     let have = fs::metadata(partial).map_or(0, |m| m.len());
-    if artifact.size.is_some_and(|size| have >= size) && have > 0 {
+    if size.is_some_and(|size| have >= size) && have > 0 {
         return Ok(()); // all there: the digest decides
     }
-    let mut request = agent.get(&artifact.url);
+    let mut request = agent.get(source.url);
+    if let Some(token) = source.token {
+        request = request.header(crate::peer::TOKEN_HEADER, token);
+    }
     if have > 0 {
         println!("resuming at byte {have}");
         request = request.header("Range", &format!("bytes={have}-"));
@@ -281,10 +356,10 @@ fn attempt_fetch(agent: &ureq::Agent, artifact: &Artifact, partial: &Path) -> Re
         file.write_all(&buffer[..n])
             .map_err(|e| Trouble::Fatal(format!("cannot write {}: {e}", partial.display())))?;
         got += n as u64;
-        if artifact.size.is_some_and(|size| got > size) {
+        if size.is_some_and(|size| got > size) {
             return Err(Trouble::Fatal(format!(
                 "{shown} sent more than the {} bytes announced; nothing kept",
-                artifact.size.unwrap_or_default()
+                size.unwrap_or_default()
             )));
         }
         if said.elapsed() >= PROGRESS_EVERY {
@@ -292,8 +367,8 @@ fn attempt_fetch(agent: &ureq::Agent, artifact: &Artifact, partial: &Path) -> Re
             let rate = (got - if append { have } else { 0 }) as f64
                 / start.elapsed().as_secs_f64().max(0.001);
             println!(
-                "{got}{} bytes, {:.1} MB/s",
-                artifact.size.map_or(String::new(), |n| format!("/{n}")),
+                "{got}{} bytes, {:.1} MB/s from {shown}",
+                size.map_or(String::new(), |n| format!("/{n}")),
                 rate / 1e6
             );
         }

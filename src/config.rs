@@ -52,6 +52,10 @@ struct FileConfig {
     session_ttl: Option<String>,
     rescan_interval: Option<String>,
     max_parallel_hooks: Option<u32>,
+    /// `ADDR:PORT` to serve verified artifacts to the fleet's agents on.
+    listen: Option<String>,
+    /// This host's site: peers in the same zone are asked first.
+    zone: Option<String>,
     #[serde(default)]
     deployments: Vec<FileDeployment>,
 }
@@ -118,6 +122,10 @@ pub(crate) struct AgentConfig {
     /// (`None`: one per deployment). Rollout and health hooks are not
     /// counted: they never wait.
     pub max_parallel_hooks: Option<usize>,
+    /// Where to serve verified artifacts to the fleet's agents (`listen`).
+    pub listen: Option<std::net::SocketAddr>,
+    /// This host's site (`zone`): peers in the same zone are asked first.
+    pub zone: Option<String>,
     pub deployments: Vec<Deployment>,
     /// The config files that were read, for messages.
     pub files: Vec<PathBuf>,
@@ -160,7 +168,9 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             shutdown_grace,
             session_ttl,
             rescan_interval,
-            max_parallel_hooks
+            max_parallel_hooks,
+            listen,
+            zone
         );
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
@@ -243,6 +253,25 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         )));
     }
     let max_parallel_hooks = merged.max_parallel_hooks.map(|n| n as usize);
+    let listen = match &merged.listen {
+        None => None,
+        Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+            Error::Config(format!(
+                "{}: {text:?} is not ADDR:PORT, e.g. \"10.0.0.5:8571\" (the address other \
+                 agents reach this one on)",
+                origin("listen")
+            ))
+        })?),
+    };
+    if let Some(zone) = &merged.zone
+        && crate::tree::check_node_name(zone).is_err()
+    {
+        return Err(Error::Config(format!(
+            "{}: {zone:?} is not a usable zone name: letters, digits, . _ + -",
+            origin("zone")
+        )));
+    }
+    let zone = merged.zone.clone();
 
     let mut resolved: Vec<Deployment> = Vec::new();
     for (origin, raw) in deployments {
@@ -299,6 +328,8 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         session_ttl,
         rescan_interval,
         max_parallel_hooks,
+        listen,
+        zone,
         deployments: resolved,
         files,
     })

@@ -22,6 +22,7 @@ mod hooks;
 mod local_state;
 mod logging;
 mod pacing;
+mod peer;
 mod plan;
 mod signals;
 mod signing;

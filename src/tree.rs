@@ -17,6 +17,7 @@
 //! <prefix>/.driver            = the command driving a rollout's waves, held by its session
 //! <prefix>/.changed           = the doorbell (see `doorbell`)
 //! <prefix>/.scout             = the agent that rings it for other clients, held by its session
+//! <prefix>/.secret            = the agents' secret for serving artifacts to each other
 //! ```
 //!
 //! Everything read from the tree is untrusted: a name under the prefix
@@ -164,6 +165,11 @@ impl Prefix {
     }
 
     /// The folder of the agents' announcements.
+    /// The secret the prefix's agents authenticate to each other with.
+    pub(crate) fn secret_key(&self) -> String {
+        format!("{}{SECRET}", self.0)
+    }
+
     pub(crate) fn agents_dir(&self) -> String {
         format!("{}{AGENTS}/", self.0)
     }
@@ -223,6 +229,8 @@ pub(crate) const REASON: &str = ".reason";
 pub(crate) const RESTARTED: &str = ".restarted";
 /// The folder of the hooks that run long, inside a version's folder.
 pub(crate) const HOOK: &str = ".hook";
+/// The agents' shared secret (artifacts served to each other).
+pub(crate) const SECRET: &str = ".secret";
 /// The scout's lock.
 pub(crate) const SCOUT: &str = ".scout";
 
@@ -235,6 +243,7 @@ fn is_depro_name(rest: &str) -> bool {
         || rest == POLICY
         || rest == DRIVER
         || rest == SCOUT
+        || rest == SECRET
         || rest == format!("{AGENTS}/")
         || rest == format!("{KNOWN}/")
 }
@@ -308,6 +317,12 @@ pub(crate) struct AgentRecord {
     /// When this agent's session started following the prefix.
     #[serde(default)]
     pub since: String,
+    /// Where it serves verified artifacts to the other agents (`listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Its site (`zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// One switch of `current`, as `<prefix>/.history` records it.

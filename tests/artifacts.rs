@@ -515,3 +515,121 @@ fn an_origin_that_answers_404_or_sends_more_than_announced_fails_the_version_at_
         assert!(kept.is_empty(), "{version}: {kept:?}");
     }
 }
+
+/// A fleet keeping artifacts whose agents serve them to each other on
+/// loopback ports of their own (none started).
+fn fleet_of_peers(n: usize, zones: &[&str]) -> Fleet<'static> {
+    let mut fleet = Fleet::new(n);
+    for (i, agent) in fleet.agents.iter_mut().enumerate() {
+        let path = agent.dir.join("api");
+        agent.deployments = vec![serde_json::json!({
+            "id": "api",
+            "path": path,
+            "prefix": fleet.prefix,
+            "shell": "bash",
+            "deploy": ["cp \"$ARTIFACT\" build.bin"],
+            "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
+        })];
+        let mut extra = serde_json::json!({
+            "listen": format!("127.0.0.1:{}", support::free_port()),
+        });
+        if let Some(zone) = zones.get(i) {
+            extra["zone"] = (*zone).into();
+        }
+        agent.extra = extra;
+    }
+    fleet
+}
+
+fn listen_of(fleet: &Fleet, node: usize) -> String {
+    fleet.agents[node].extra["listen"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn hosts_fetch_an_artifact_from_a_peer_that_has_it_and_the_origin_serves_one_copy() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let mut fleet = fleet_of_peers(3, &[]);
+    fleet.agents[0].start();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .ok();
+    assert_eq!(origin.ranges.lock().unwrap().len(), 1);
+    // Two new hosts join: they fetch v1 from node1, not from the origin.
+    fleet.agents[1].start();
+    fleet.agents[2].start();
+    fleet.wait("v1 on the new hosts", |f| {
+        ["node2", "node3"]
+            .iter()
+            .all(|n| f.node_state("v1", n).as_deref() == Some("active"))
+    });
+    for node in 1..3 {
+        let kept = std::fs::read(fleet.agents[node].dir.join("api/v1/build.bin")).unwrap();
+        assert!(kept == blob);
+        assert!(fleet.agents[node].log().contains("fetching from the peer"));
+    }
+    assert_eq!(
+        origin.ranges.lock().unwrap().len(),
+        1,
+        "the origin served one copy"
+    );
+
+    // A peer that answers without a token, or with another's, is refused.
+    let url = format!("http://{}/artifacts/{sha}", listen_of(&fleet, 0));
+    let code = |token: &str| {
+        let mut stream = TcpStream::connect(listen_of(&fleet, 0)).unwrap();
+        write!(
+            stream,
+            "GET /artifacts/{sha} HTTP/1.1\r\nHost: x\r\nX-Depro-Token: {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = String::new();
+        BufReader::new(stream).read_line(&mut head).unwrap();
+        head
+    };
+    assert!(code("").contains(" 403 "), "{url}");
+    assert!(code(&"0".repeat(64)).contains(" 403 "));
+}
+
+#[test]
+fn a_peer_that_sends_bad_bytes_is_dropped_for_the_origin() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let mut fleet = fleet_of_peers(2, &[]);
+    fleet.agents[0].start();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .ok();
+    // node1's kept copy goes bad (a disk, or a liar).
+    let kept = artifacts_dir(&fleet, 0, "v1").join(&sha);
+    let mut bad = std::fs::read(&kept).unwrap();
+    bad[1000] ^= 0xff;
+    std::fs::write(&kept, bad).unwrap();
+    fleet.agents[1].start();
+    fleet.wait("v1 on node2", |f| {
+        f.node_state("v1", "node2").as_deref() == Some("active")
+    });
+    let got = std::fs::read(fleet.agents[1].dir.join("api/v1/build.bin")).unwrap();
+    assert!(got == blob, "node2's hook got the peer's bad bytes");
+    let log = fleet.agents[1].log();
+    assert!(
+        log.contains("dropped the peer") && log.contains("digest mismatch"),
+        "{log}"
+    );
+    assert_eq!(origin.ranges.lock().unwrap().len(), 2);
+}

@@ -247,7 +247,16 @@ impl Agent {
         let record = crate::tree::AgentRecord {
             depro: env!("CARGO_PKG_VERSION").to_string(),
             since: self.started_at.clone(),
+            listen: self.config.listen.map(|a| a.to_string()),
+            zone: self.config.zone.clone(),
         };
+        if self.config.listen.is_some() {
+            for index in 0..self.deployments.len() {
+                if !self.deployments[index].announced {
+                    let _ = self.secret_of(index);
+                }
+            }
+        }
         let value = serde_json::to_vec(&record).unwrap_or_default();
         for index in 0..self.deployments.len() {
             let deployment = &self.deployments[index];
@@ -483,7 +492,13 @@ impl Agent {
                             self.deployments[index].label(version),
                             crate::artifact::redact(&artifact.url)
                         );
-                        Then::Fetch { artifact, dest }
+                        let (peers, token) = self.peers_for(index, version, &artifact.sha256);
+                        Then::Fetch {
+                            artifact,
+                            dest,
+                            peers,
+                            token,
+                        }
                     }
                 }
             }
@@ -508,6 +523,95 @@ impl Agent {
             Ok(false) => self.deployed(index, version, Ok(()), None),
             Err(failure) => self.deployed(index, version, Err(failure), None),
         }
+    }
+
+    /// The prefix's secret (`<prefix>/.secret`), made if missing (by
+    /// check-and-set: the first agent's wins); the artifact server serves
+    /// this deployment's artifacts to holders of tokens under it.
+    fn secret_of(&mut self, index: usize) -> Option<String> {
+        let deployment = &self.deployments[index];
+        let key = deployment.spec.prefix.secret_key();
+        let read = |consul: &crate::consul::Consul| {
+            consul
+                .get(&key, crate::consul::Read::consistent())
+                .ok()
+                .map(|a| {
+                    a.value
+                        .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+                })
+        };
+        let secret = match read(&self.consul)? {
+            Some(secret) if secret.len() >= 32 => secret,
+            _ => {
+                let new = crate::peer::new_secret()?;
+                let op = TxnOp::Cas {
+                    key: &key,
+                    value: new.as_bytes(),
+                    index: 0,
+                };
+                let _ = self.consul.txn(&[op]);
+                read(&self.consul)??
+            }
+        };
+        self.served
+            .allow(deployment.spec.path.clone(), secret.clone());
+        Some(secret)
+    }
+
+    /// The peers that have `version` verified (their node key says ready or
+    /// active, and their agent serves artifacts), same zone first, then
+    /// the others, each list rotated by this node's name so that fetches
+    /// spread; and the token that opens the artifact on them.
+    fn peers_for(
+        &mut self,
+        index: usize,
+        version: &VersionName,
+        sha256: &str,
+    ) -> (Vec<String>, String) {
+        let Some(secret) = self.secret_of(index) else {
+            return (Vec::new(), String::new());
+        };
+        let token = crate::peer::token(&secret, sha256);
+        let prefix = self.deployments[index].spec.prefix.clone();
+        let read = crate::consul::Read::consistent();
+        let (Ok(agents), Ok(nodes)) = (
+            self.consul.list_starting_with(&prefix.agents_dir(), read),
+            self.consul
+                .list_starting_with(&format!("{}{version}/", prefix.as_dir()), read),
+        ) else {
+            return (Vec::new(), token);
+        };
+        let mut entries = agents.value;
+        entries.extend(nodes.value);
+        let tree = crate::tree::Tree::parse(&prefix, &entries);
+        let has_it = tree
+            .versions
+            .get(version)
+            .map(|i| i.nodes.clone())
+            .unwrap_or_default();
+        let me = &self.config.name;
+        let mut near = Vec::new();
+        let mut far = Vec::new();
+        for (node, record) in &tree.agents {
+            let verified = has_it.get(node).is_some_and(|e| e.state.has_it());
+            let Some(listen) = record.listen.as_ref().filter(|_| node != me && verified) else {
+                continue;
+            };
+            let url = format!("http://{listen}");
+            match record.zone.is_some() && record.zone == self.config.zone {
+                true => near.push(url),
+                false => far.push(url),
+            }
+        }
+        let spin = me.bytes().map(usize::from).sum::<usize>();
+        for list in [&mut near, &mut far] {
+            if !list.is_empty() {
+                let n = spin % list.len();
+                list.rotate_left(n);
+            }
+        }
+        near.extend(far);
+        (near, token)
     }
 
     /// The artifact `version`'s folder key names, read from Consul (the
@@ -593,7 +697,7 @@ impl Agent {
         } = run;
         match then {
             Then::Deploy { .. } => self.deployed(index, &version, outcome, stop),
-            Then::Fetch { artifact, dest } => {
+            Then::Fetch { artifact, dest, .. } => {
                 self.fetched(index, &version, artifact, dest, outcome, stop)
             }
             Then::Rollout { from } => self.rolled_out(index, &version, from, outcome),

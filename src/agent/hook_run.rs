@@ -85,6 +85,10 @@ pub(crate) enum Then {
     Fetch {
         artifact: crate::artifact::Artifact,
         dest: PathBuf,
+        /// Peers that have it, best first (`http://ADDR`).
+        peers: Vec<String>,
+        /// The token that opens it on them.
+        token: String,
     },
     Rollout {
         from: Option<VersionName>,
@@ -163,7 +167,14 @@ impl Agent {
             ),
         ];
         match &then {
-            Then::Fetch { artifact, dest } => {
+            Then::Fetch {
+                artifact,
+                dest,
+                peers,
+                token,
+            } => {
+                env.push((crate::artifact::ENV_PEERS, peers.join(" ")));
+                env.push((crate::artifact::ENV_TOKEN, token.clone()));
                 let me = std::env::current_exe().unwrap_or_else(|_| "depro".into());
                 env.push(("DEPRO_SELF", me.display().to_string()));
                 env.push((crate::artifact::ENV_URL, artifact.url.clone()));

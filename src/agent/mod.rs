@@ -149,6 +149,8 @@ pub(crate) struct Agent {
     last_served: usize,
     /// When this agent started, for its announcements.
     started_at: String,
+    /// What the artifact server may serve (with `listen`).
+    served: crate::peer::Served,
 }
 
 /// How an action failed.
@@ -211,6 +213,12 @@ impl Agent {
         health.on_refused(move || {
             let _ = refused.send(Event::Refused);
         });
+        let served = crate::peer::Served::default();
+        if let Some(addr) = config.listen {
+            crate::peer::serve(addr, served.clone()).map_err(|e| {
+                Error::Config(format!("listen: cannot serve artifacts on {addr}: {e}"))
+            })?;
+        }
         Ok(Agent {
             args,
             config,
@@ -228,6 +236,7 @@ impl Agent {
             next_watch: 0,
             last_served: 0,
             started_at: crate::logging::timestamp(),
+            served,
         })
     }
 

@@ -1,0 +1,188 @@
+//! Hosts passing artifacts to each other (issue 21): an agent with a
+//! `listen` address serves the artifacts it has verified, read-only, by
+//! digest, to the other agents of its prefixes only; a host fetching a
+//! version tries the peers that have it (same `zone` first) before the
+//! origin, and drops a peer that fails or sends bad bytes.
+//!
+//! Authentication: each prefix has a secret in the tree (`<prefix>/.secret`,
+//! made by the first agent that needs it; only readers of the prefix can
+//! read it). A request carries `X-Depro-Token: HMAC-SHA256(secret, digest)`:
+//! it opens that one artifact, nothing else, and never reveals the secret.
+//!
+//! The server is std's `TcpListener` and a fixed pool of threads (bounded
+//! uploads, bounded thread count), each with socket timeouts, so serving
+//! never starves the host nor hangs on a slow client.
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How many uploads run at once, at most.
+pub(crate) const UPLOADS: usize = 4;
+
+/// The header a request's token comes in.
+pub(crate) const TOKEN_HEADER: &str = "x-depro-token";
+
+/// The token that opens the artifact `sha256` under a prefix's `secret`.
+pub(crate) fn token(secret: &str, sha256: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, sha256.as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new secret for a prefix: 32 random bytes, hex.
+pub(crate) fn new_secret() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the server may serve: each deployment's path and its prefix's
+/// secret, as the agent learns them.
+#[derive(Clone, Default)]
+pub(crate) struct Served(Arc<Mutex<Vec<(PathBuf, String)>>>);
+
+impl Served {
+    /// Serves the verified artifacts under `path` to holders of `secret`.
+    pub(crate) fn allow(&self, path: PathBuf, secret: String) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(p, _)| *p != path);
+        list.push((path, secret));
+    }
+
+    /// The verified file of `sha256` a request with `token` may have.
+    fn find(&self, sha256: &str, token: &str) -> Result<PathBuf, u16> {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut allowed = false;
+        for (path, secret) in list {
+            if !constant_time_eq(self::token(&secret, sha256).as_bytes(), token.as_bytes()) {
+                continue;
+            }
+            allowed = true;
+            let versions = std::fs::read_dir(path.join(".depro/artifacts"));
+            for entry in versions.into_iter().flatten().flatten() {
+                let file = entry.path().join(sha256);
+                if file.is_file() {
+                    return Ok(file);
+                }
+            }
+        }
+        Err(if allowed { 404 } else { 403 })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Starts serving on `addr` with [`UPLOADS`] threads.
+pub(crate) fn serve(addr: SocketAddr, served: Served) -> std::io::Result<()> {
+    let listener = Arc::new(TcpListener::bind(addr)?);
+    for i in 0..UPLOADS {
+        let (listener, served) = (listener.clone(), served.clone());
+        std::thread::Builder::new()
+            .name(format!("peer-{i}"))
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if let Err(e) = answer(stream, &served) {
+                        log::debug!("serving a peer: {e}");
+                    }
+                }
+            })?;
+    }
+    log::info!("serving verified artifacts to the fleet's agents on {addr}");
+    Ok(())
+}
+
+/// One request: `GET /artifacts/<sha256>`, with the token and maybe a
+/// `Range: bytes=N-`.
+fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?).take(16 << 10);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let sha256 = line
+        .strip_prefix("GET /artifacts/")
+        .and_then(|rest| rest.split(' ').next())
+        .filter(|s| crate::artifact::parse_sha256(s).is_ok_and(|hex| hex == *s))
+        .map(String::from);
+    let (mut token, mut from) = (String::new(), 0u64);
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            TOKEN_HEADER => token = value.to_string(),
+            "range" => {
+                from = value
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    let mut stream = stream;
+    let Some(sha256) = sha256 else {
+        return status(&mut stream, 400);
+    };
+    let path = match served.find(&sha256, &token) {
+        Ok(path) => path,
+        Err(code) => return status(&mut stream, code),
+    };
+    let mut file = std::fs::File::open(&path)?;
+    let size = file.metadata()?.len();
+    if from >= size && from > 0 {
+        return status(&mut stream, 416);
+    }
+    file.seek(SeekFrom::Start(from))?;
+    let head = match from {
+        0 => format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"),
+        _ => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes \
+             {from}-{}/{size}\r\nConnection: close\r\n\r\n",
+            size - from,
+            size - 1
+        ),
+    };
+    stream.write_all(head.as_bytes())?;
+    std::io::copy(&mut file, &mut stream)?;
+    stream.flush()
+}
+
+fn status(stream: &mut TcpStream, code: u16) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {code} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        match code {
+            403 => "Forbidden",
+            404 => "Not Found",
+            416 => "Range Not Satisfiable",
+            _ => "Bad Request",
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_opens_one_artifact_under_one_secret() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        assert_eq!(token("s1", &a), token("s1", &a));
+        assert_ne!(token("s1", &a), token("s1", &b));
+        assert_ne!(token("s1", &a), token("s2", &a));
+        assert_eq!(token("s1", &a).len(), 64);
+        assert!(new_secret().is_some_and(|s| s.len() == 64));
+    }
+}
