@@ -33,6 +33,9 @@ pub(crate) struct Artifact {
     /// the digest and the size (`signing::message`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::signing::Signature>,
+    /// Fields of a newer depro, kept when the key is rewritten.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Artifact {
@@ -44,18 +47,55 @@ impl Artifact {
     }
 }
 
-/// `Ok` for an http(s) URL with a host; says what is wrong otherwise.
+/// `Ok` for an http(s) URL with a host, as the HTTP client will read it;
+/// says what is wrong otherwise (never showing its credentials).
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| format!("{}: not an http:// or https:// URL", redact(url)))?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = host.rsplit('@').next().unwrap_or_default();
-    if host.is_empty() || url.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("{}: not a usable URL", redact(url)));
+    // A URL read wrongly may hold its password anywhere: only its scheme
+    // is shown.
+    let scheme = match url.split_once("://") {
+        Some((scheme, _)) if scheme.len() < 10 => crate::tree::shown(scheme),
+        _ => "a URL without a scheme".into(),
+    };
+    let unusable = || format!("{scheme}://…: not a usable URL (scheme://host[:port]/path)");
+    let uri: ureq::http::Uri = url.parse().map_err(|_| unusable())?;
+    // A port that is not a number is a misread URL (`user:pa?ss@host`).
+    let host_port = uri.authority().map_or("", |a| a.as_str());
+    let host_port = host_port.rsplit('@').next().unwrap_or_default();
+    let port_ok = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.contains('[') || host.ends_with(']') => {
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => true,
+    };
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() && port_ok => Ok(()),
+        (Some("http" | "https"), _) => Err(unusable()),
+        _ => Err(format!("{scheme}://…: not an http:// or https:// URL")),
     }
-    Ok(())
+}
+
+/// The URL as it may be shown: scheme, host, port and path; credentials
+/// (`user:password@`) and the query (a presigned URL's signature, a token)
+/// are replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        // Not a URL the client would use: only its scheme, if any.
+        return match url.split_once("://") {
+            Some((scheme, _)) if scheme.len() < 10 => {
+                format!("{}://***", crate::tree::shown(scheme))
+            }
+            _ => "***".into(),
+        };
+    };
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let credentials = if authority.contains('@') { "***@" } else { "" };
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let query = if uri.query().is_some() { "?***" } else { "" };
+    crate::tree::shown(&format!(
+        "{}://{credentials}{host}{}{query}",
+        uri.scheme_str().unwrap_or_default(),
+        uri.path()
+    ))
 }
 
 /// A SHA-256 as 64 hex digits, lowercased.
@@ -68,20 +108,6 @@ pub(crate) fn parse_sha256(text: &str) -> Result<String, String> {
         ));
     }
     Ok(hex)
-}
-
-/// The URL with any credentials (`user:password@`) replaced by `***@`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return crate::tree::shown(url);
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let shown = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
-        None => url.to_string(),
-    };
-    crate::tree::shown(&shown)
 }
 
 /// The lowercase hex of a digest.
@@ -128,7 +154,7 @@ pub(crate) fn fetch_main() -> i32 {
         url: var(ENV_URL),
         sha256: var(ENV_SHA256),
         size: var(ENV_SIZE).parse().ok(),
-        signature: None,
+        ..Artifact::default()
     };
     let dest = PathBuf::from(var(ENV_DEST));
     let peers = var(ENV_PEERS);
@@ -171,9 +197,14 @@ fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Resul
     // dropped for the next), then the origin. A peer slower than about
     // 1 MB/s is slow: the origin is the better bet.
     let patience = Duration::from_secs(30 + artifact.size.unwrap_or(570 << 20) / 1_000_000);
+    // A peer answers at once or is dropped; it is reached directly (no
+    // proxy), and never redirects (its token goes nowhere else).
     let peer_agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
         .timeout_connect(Some(Duration::from_secs(3)))
+        .timeout_recv_response(Some(Duration::from_secs(10)))
         .timeout_recv_body(Some(patience))
         .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -189,15 +220,21 @@ fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Resul
             shown: &url,
             token: Some(token),
         };
-        let outcome = match attempt_fetch(&peer_agent, &source, artifact.size, &partial) {
-            Ok(()) => verified(&partial, &expected, artifact.size, peer),
+        // Into a file of its own: a peer's bytes are never resumed from
+        // elsewhere, and a peer that fails leaves the origin's partial file.
+        let from_peer = dest.with_extension("peer");
+        let _ = fs::remove_file(&from_peer);
+        let outcome = match attempt_fetch(&peer_agent, &source, artifact.size, &from_peer) {
+            Ok(()) => verified(&from_peer, &expected, artifact.size, peer),
             Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
         };
         match outcome {
-            Ok(got) => return keep(&partial, dest, &expected, got),
-            Err(why) => {
-                // Its bytes are not trusted for a resume elsewhere.
+            Ok(got) => {
                 let _ = fs::remove_file(&partial);
+                return keep(&from_peer, dest, &expected, got);
+            }
+            Err(why) => {
+                let _ = fs::remove_file(&from_peer);
                 println!("dropped the peer {peer}: {why}");
             }
         }
@@ -393,12 +430,21 @@ mod tests {
     #[test]
     fn credentials_in_a_url_are_never_shown() {
         assert_eq!(
-            redact("https://user:s3cret@origin.example/builds/v1.tar?x=1"),
-            "https://***@origin.example/builds/v1.tar?x=1"
+            redact("https://user:s3cret@origin.example/builds/v1.tar?X-Amz-Signature=abc"),
+            "https://***@origin.example/builds/v1.tar?***"
         );
-        assert_eq!(redact("http://origin/v1.tar"), "http://origin/v1.tar");
-        let err = check_url("ftp://user:s3cret@origin/v1").unwrap_err();
-        assert!(!err.contains("s3cret"), "{err}");
+        assert_eq!(
+            redact("http://origin:8080/v1.tar"),
+            "http://origin:8080/v1.tar"
+        );
+        for url in [
+            "ftp://user:s3cret@origin/v1",
+            "https://user:pa?s3cret@host/x",
+            "https://user:p/s3cret@host/",
+        ] {
+            let err = check_url(url).unwrap_err();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -263,6 +263,13 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             ))
         })?),
     };
+    if let Some(addr) = listen.filter(|a| a.ip().is_unspecified() || a.port() == 0) {
+        return Err(Error::Config(format!(
+            "{}: {addr} is not an address other agents can reach; give this host's own address \
+             and a port, e.g. \"10.0.0.5:8571\" (the agent listens there and announces it)",
+            origin("listen")
+        )));
+    }
     if let Some(zone) = &merged.zone
         && crate::tree::check_node_name(zone).is_err()
     {

@@ -85,9 +85,15 @@ pub(crate) fn serve(addr: SocketAddr, served: Served) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name(format!("peer-{i}"))
             .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(e) = answer(stream, &served) {
-                        log::debug!("serving a peer: {e}");
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(stream) => {
+                            if let Err(e) = answer(stream, &served) {
+                                log::debug!("serving a peer: {e}");
+                            }
+                        }
+                        // Out of file descriptors, say: not a busy loop.
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
                     }
                 }
             })?;
@@ -99,9 +105,14 @@ pub(crate) fn serve(addr: SocketAddr, served: Served) -> std::io::Result<()> {
 /// One request: `GET /artifacts/<sha256>`, with the token and maybe a
 /// `Range: bytes=N-`.
 fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?).take(16 << 10);
+    // The request's head within 5 s in all (not per read: a client that
+    // drips a byte at a time does not hold a thread).
+    let head = Deadline {
+        stream: stream.try_clone()?,
+        until: std::time::Instant::now() + HEAD_TIME,
+    };
+    let mut reader = BufReader::new(head).take(16 << 10);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let sha256 = line
@@ -157,6 +168,28 @@ fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
     stream.write_all(head.as_bytes())?;
     std::io::copy(&mut file, &mut stream)?;
     stream.flush()
+}
+
+/// How long a client has to send a request's head.
+const HEAD_TIME: Duration = Duration::from_secs(5);
+
+/// A socket read against a deadline for all its reads.
+struct Deadline {
+    stream: TcpStream,
+    until: std::time::Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
 }
 
 fn status(stream: &mut TcpStream, code: u16) -> std::io::Result<()> {

@@ -26,6 +26,9 @@ pub(crate) struct Signature {
     pub key: String,
     /// The Ed25519 signature (hex).
     pub sig: String,
+    /// Fields of a newer depro, kept when the key is rewritten.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An Ed25519 public key an agent trusts.
@@ -118,6 +121,7 @@ pub(crate) fn sign(path: &Path, message: &[u8]) -> Result<Signature, String> {
     Ok(Signature {
         key: hex(pair.public_key().as_ref()),
         sig: hex(pair.sign(message).as_ref()),
+        other: Default::default(),
     })
 }
 
@@ -173,7 +177,7 @@ mod tests {
             url: "http://origin/v1.tar".into(),
             sha256: "ab".repeat(32),
             size: Some(3),
-            signature: None,
+            ..Artifact::default()
         }
     }
 
@@ -221,6 +225,7 @@ mod tests {
         let forged = Signature {
             key: signed.key.clone(),
             sig: by_two.sig,
+            other: Default::default(),
         };
         assert!(verify(&trusted, &message, Some(&forged)).is_err());
     }

@@ -376,6 +376,9 @@ fn with_trusted_keys_only_versions_a_trusted_key_signed_for_them_are_deployed() 
     assert!(std::fs::read(node.dir.join("api/v2/build.bin")).unwrap() == blob);
 
     deploy("v3", None).fails(2, &["refused: it is not signed"]);
+    // Signing it afterwards is refused, not dropped silently (the agents
+    // would refuse it again).
+    deploy("v3", Some(&old)).fails(2, &["v3 exists already with this artifact unsigned"]);
     deploy("v4", Some(&stranger)).fails(
         2,
         &["refused: it is signed by a key this deployment does not trust"],
@@ -401,6 +404,28 @@ fn with_trusted_keys_only_versions_a_trusted_key_signed_for_them_are_deployed() 
         );
     }
     assert_eq!(fleet.current().as_deref(), Some("v2"));
+}
+
+#[test]
+fn agent_check_refuses_a_listen_address_other_agents_cannot_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("depro.json");
+    let text = serde_json::json!({ "name": "node1", "listen": "0.0.0.0:8571" });
+    std::fs::write(&config, text.to_string()).unwrap();
+    let out = std::process::Command::new(support::depro_bin())
+        .args([
+            "agent",
+            "-check",
+            &format!("-config-file={}", config.display()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("listen: 0.0.0.0:8571 is not an address other agents can reach"),
+        "{err}"
+    );
 }
 
 #[test]

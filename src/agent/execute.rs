@@ -550,7 +550,7 @@ impl Agent {
                     index: 0,
                 };
                 let _ = self.consul.txn(&[op]);
-                read(&self.consul)??
+                read(&self.consul)?.filter(|s| s.len() >= 32)?
             }
         };
         self.served
@@ -594,7 +594,13 @@ impl Agent {
         let mut far = Vec::new();
         for (node, record) in &tree.agents {
             let verified = has_it.get(node).is_some_and(|e| e.state.has_it());
-            let Some(listen) = record.listen.as_ref().filter(|_| node != me && verified) else {
+            // From the tree: only a plain ADDR:PORT becomes a URL.
+            let Some(listen) = record
+                .listen
+                .as_deref()
+                .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+                .filter(|_| node != me && verified)
+            else {
                 continue;
             };
             let url = format!("http://{listen}");

@@ -175,8 +175,9 @@ impl Agent {
             } => {
                 env.push((crate::artifact::ENV_PEERS, peers.join(" ")));
                 env.push((crate::artifact::ENV_TOKEN, token.clone()));
-                let me = std::env::current_exe().unwrap_or_else(|_| "depro".into());
-                env.push(("DEPRO_SELF", me.display().to_string()));
+                // This very binary, also once a package upgrade replaced
+                // the file (the agent runs on until it is restarted).
+                env.push(("DEPRO_SELF", format!("/proc/{}/exe", std::process::id())));
                 env.push((crate::artifact::ENV_URL, artifact.url.clone()));
                 env.push((crate::artifact::ENV_SHA256, artifact.sha256.clone()));
                 let size = artifact.size.map(|s| s.to_string()).unwrap_or_default();

@@ -261,7 +261,7 @@ fn artifact_of(
                 url: args.url,
                 sha256: sha256.unwrap_or_default(),
                 size,
-                signature: None,
+                ..crate::artifact::Artifact::default()
             };
             if let Some(key) = &args.sign {
                 let message = crate::signing::message(prefix, version.as_str(), &artifact);
@@ -283,6 +283,23 @@ fn artifact_of(
         .and_then(|info| info.meta.artifact.clone());
     match (&artifact, &has) {
         (None, _) => Ok(None),
+        // A signature given now that the version does not carry is not
+        // dropped silently: the agents would refuse it again.
+        (Some(a), Some(h))
+            if a.sha256 == h.sha256
+                && a.signature.is_some()
+                && a.signature.as_ref().map(|s| &s.key) != h.signature.as_ref().map(|s| &s.key) =>
+        {
+            Err(Error::Refused(format!(
+                "{version} exists already with this artifact {}: a version's artifact and its \
+                 signature are fixed when it is created; deploy the build under a new version \
+                 name, signed",
+                match &h.signature {
+                    Some(_) => "signed by another key",
+                    None => "unsigned",
+                }
+            )))
+        }
         (Some(a), Some(h)) if a.sha256 == h.sha256 => Ok(Some(h.clone())),
         (Some(a), has) => Err(Error::Refused(format!(
             "{version} exists already {}, not with sha256 {}: a version's artifact is fixed \

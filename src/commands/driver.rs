@@ -162,8 +162,8 @@ fn claim(ctx: &Ctx, session: &str, version: &VersionName, base_index: u64) -> Re
         };
         if let Some((plan, _)) = ctx.read_rollout()?.filter(|(plan, _)| claimed(plan)) {
             return Err(Error::LostRace(format!(
-                "another command drives the rollout of {} under {} ({}); nothing was written; \
-                 see `depro status -prefix={}`",
+                "another command drives the progressive rollout of {} under {} ({}); nothing was \
+                 written; see `depro status -prefix={}`",
                 crate::tree::shown(&plan.version),
                 ctx.prefix,
                 driver_of(&held.value),
