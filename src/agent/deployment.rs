@@ -69,6 +69,9 @@ pub(crate) struct DeploymentState {
     /// The version whose long-running hook this node noted under
     /// `<version>/.hook/<node>` (under the current session).
     pub hook_noted: Option<VersionName>,
+    /// The prefix's secret for peers (`<prefix>/.secret`), read once per
+    /// session.
+    pub secret: Option<String>,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -123,6 +126,7 @@ impl DeploymentState {
             restarting: None,
             restarts_written: BTreeMap::new(),
             hook_noted: None,
+            secret: None,
         })
     }
 
@@ -153,6 +157,7 @@ impl DeploymentState {
         self.reported.clear();
         self.restarts_written.clear();
         self.hook_noted = None;
+        self.secret = None;
         self.announced = false;
         self.sync_own_failed();
     }

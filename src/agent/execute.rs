@@ -529,6 +529,9 @@ impl Agent {
     /// check-and-set: the first agent's wins); the artifact server serves
     /// this deployment's artifacts to holders of tokens under it.
     fn secret_of(&mut self, index: usize) -> Option<String> {
+        if let Some(secret) = self.deployments[index].secret.clone() {
+            return Some(secret);
+        }
         let deployment = &self.deployments[index];
         let key = deployment.spec.prefix.secret_key();
         let read = |consul: &crate::consul::Consul| {
@@ -555,6 +558,7 @@ impl Agent {
         };
         self.served
             .allow(deployment.spec.path.clone(), secret.clone());
+        self.deployments[index].secret = Some(secret.clone());
         Some(secret)
     }
 
@@ -573,7 +577,13 @@ impl Agent {
         };
         let token = crate::peer::token(&secret, sha256);
         let prefix = self.deployments[index].spec.prefix.clone();
-        let read = crate::consul::Read::consistent();
+        // From any server (`?stale`): a peer that is not what the listing
+        // says costs one dropped request, its bytes are verified anyway,
+        // and the leader is spared a listing per host per version.
+        let read = crate::consul::Read {
+            consistency: crate::consul::Consistency::Stale,
+            ..crate::consul::Read::default()
+        };
         let (Ok(agents), Ok(nodes)) = (
             self.consul.list_starting_with(&prefix.agents_dir(), read),
             self.consul
