@@ -348,9 +348,12 @@ fn attempt_fetch(
         println!("resuming at byte {have}");
         request = request.header("Range", &format!("bytes={have}-"));
     }
-    let response = request
-        .call()
-        .map_err(|e| Trouble::Transient(format!("cannot reach {shown}: {}", describe(&e))))?;
+    let response = request.call().map_err(|e| {
+        Trouble::Transient(format!(
+            "cannot reach {shown}: {}",
+            crate::consul::describe_transport_error(&e)
+        ))
+    })?;
     let status = response.status().as_u16();
     let append = match status {
         206 if have > 0 => true,
@@ -411,16 +414,6 @@ fn attempt_fetch(
         }
     }
     Ok(())
-}
-
-fn describe(e: &ureq::Error) -> String {
-    match e {
-        ureq::Error::Io(io) => io.to_string(),
-        ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::HostNotFound => "host not found".into(),
-        ureq::Error::ConnectionFailed => "connection failed".into(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -152,8 +152,8 @@ fn sha256_of(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// A fleet whose deploy hook keeps the artifact it is given.
-fn fleet_keeping_artifacts(n: usize) -> Fleet<'static> {
+/// A fleet (not started) whose deploy hook keeps the artifact it is given.
+fn keeping_artifacts(n: usize) -> Fleet<'static> {
     let mut fleet = Fleet::new(n);
     for agent in &mut fleet.agents {
         let path = agent.dir.join("api");
@@ -169,6 +169,12 @@ fn fleet_keeping_artifacts(n: usize) -> Fleet<'static> {
             "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
         })];
     }
+    fleet
+}
+
+/// [`keeping_artifacts`], started.
+fn fleet_keeping_artifacts(n: usize) -> Fleet<'static> {
+    let mut fleet = keeping_artifacts(n);
     fleet.start_all();
     fleet
 }
@@ -327,18 +333,9 @@ fn keygen(dir: &std::path::Path, name: &str) -> (PathBuf, String) {
 
 /// A fleet that keeps artifacts and trusts these keys only.
 fn fleet_trusting(n: usize, keys: &[&str]) -> Fleet<'static> {
-    let mut fleet = Fleet::new(n);
+    let mut fleet = keeping_artifacts(n);
     for agent in &mut fleet.agents {
-        let path = agent.dir.join("api");
-        agent.deployments = vec![serde_json::json!({
-            "id": "api",
-            "path": path,
-            "prefix": fleet.prefix,
-            "shell": "bash",
-            "deploy": ["cp \"$ARTIFACT\" build.bin"],
-            "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
-            "trusted_keys": keys,
-        })];
+        agent.deployments[0]["trusted_keys"] = serde_json::json!(keys);
     }
     fleet.start_all();
     fleet
@@ -543,25 +540,12 @@ fn an_origin_that_answers_404_or_sends_more_than_announced_fails_the_version_at_
 
 /// A fleet keeping artifacts whose agents serve them to each other on
 /// loopback ports of their own (none started).
-fn fleet_of_peers(n: usize, zones: &[&str]) -> Fleet<'static> {
-    let mut fleet = Fleet::new(n);
-    for (i, agent) in fleet.agents.iter_mut().enumerate() {
-        let path = agent.dir.join("api");
-        agent.deployments = vec![serde_json::json!({
-            "id": "api",
-            "path": path,
-            "prefix": fleet.prefix,
-            "shell": "bash",
-            "deploy": ["cp \"$ARTIFACT\" build.bin"],
-            "rollout": ["ln -sfn \"$VERSION_PATH\" \"$DEPLOYMENT_PATH/live\""],
-        })];
-        let mut extra = serde_json::json!({
+fn fleet_of_peers(n: usize) -> Fleet<'static> {
+    let mut fleet = keeping_artifacts(n);
+    for agent in &mut fleet.agents {
+        agent.extra = serde_json::json!({
             "listen": format!("127.0.0.1:{}", support::free_port()),
         });
-        if let Some(zone) = zones.get(i) {
-            extra["zone"] = (*zone).into();
-        }
-        agent.extra = extra;
     }
     fleet
 }
@@ -578,7 +562,7 @@ fn hosts_fetch_an_artifact_from_a_peer_that_has_it_and_the_origin_serves_one_cop
     let blob = blob();
     let sha = sha256_of(&blob);
     let origin = Origin::serve(blob.clone());
-    let mut fleet = fleet_of_peers(3, &[]);
+    let mut fleet = fleet_of_peers(3);
     fleet.agents[0].start();
     fleet
         .depro(&[
@@ -630,7 +614,7 @@ fn a_peer_that_sends_bad_bytes_is_dropped_for_the_origin() {
     let blob = blob();
     let sha = sha256_of(&blob);
     let origin = Origin::serve(blob.clone());
-    let mut fleet = fleet_of_peers(2, &[]);
+    let mut fleet = fleet_of_peers(2);
     fleet.agents[0].start();
     fleet
         .depro(&[

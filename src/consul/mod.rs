@@ -989,7 +989,8 @@ fn speaks_plain_http(why: &str) -> bool {
     .any(|sign| why.contains(sign))
 }
 
-fn describe_transport_error(e: &ureq::Error) -> String {
+/// A transport failure in words (for Consul and an artifact's origin).
+pub(crate) fn describe_transport_error(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io.to_string(),
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
