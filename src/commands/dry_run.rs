@@ -114,14 +114,7 @@ pub(crate) fn show_switch(
         Then::Resume {
             plan: under_way, ..
         } => {
-            if let Some(by) = &under_way.paused {
-                say(&format!(
-                    "the rollout is paused (by {}): would wait for `depro resume -prefix={}` \
-                     before the next wave",
-                    shown(by),
-                    ctx.prefix
-                ));
-            }
+            say_paused(ctx, under_way);
             say(&format!(
                 "would resume the progressive rollout of {version}{} at wave {} of {} ({} \
                  switched: {}), each wave active before the next{}",
@@ -259,6 +252,22 @@ pub(crate) fn show_restart(ctx: &Ctx, plan: &RestartPlan, flags: &SwitchFlags) {
     restart_lines(ctx, &plan.version, &plan.nodes, resume, flags);
 }
 
+/// A paused plan waits for `depro resume` before its next wave.
+fn say_paused(ctx: &Ctx, plan: &RolloutPlan) {
+    if let Some(by) = &plan.paused {
+        say(&format!(
+            "the {} is paused (by {}): would wait for `depro resume -prefix={}` before the next \
+             wave",
+            match plan.restart {
+                Some(_) => "restart",
+                None => "rollout",
+            },
+            shown(by),
+            ctx.prefix
+        ));
+    }
+}
+
 /// A restart of `version` on `nodes`, or the one under way resumed.
 fn restart_lines(
     ctx: &Ctx,
@@ -269,14 +278,7 @@ fn restart_lines(
 ) {
     match resume {
         Some(under_way) => {
-            if let Some(by) = &under_way.paused {
-                say(&format!(
-                    "the restart is paused (by {}): would wait for `depro resume -prefix={}` \
-                     before the next wave",
-                    shown(by),
-                    ctx.prefix
-                ));
-            }
+            say_paused(ctx, under_way);
             say(&format!(
                 "would resume the restart of {version}{} at wave {} of {} ({} told to restart: \
                  {})",
