@@ -29,6 +29,11 @@ pub(crate) struct Artifact {
     /// Its size in bytes, if the operator gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// How many hosts fetch it from the origin at once (`-origin-hosts`);
+    /// the others from them (`fan_out`). Not signed: it decides only
+    /// where verified bytes come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_hosts: Option<u32>,
     /// Its signature (`depro deploy -sign`), over the prefix, the version,
     /// the digest and the size (`signing::message`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +149,9 @@ pub(crate) const ENV_DEST: &str = "DEPRO_ARTIFACT_DEST";
 pub(crate) const ENV_PEERS: &str = "DEPRO_ARTIFACT_PEERS";
 /// The token that opens it on a peer (`peer::token`).
 pub(crate) const ENV_TOKEN: &str = "DEPRO_ARTIFACT_TOKEN";
+/// `now`: the origin right after the peers that have it; `later`: only
+/// once no peer has had it for [`PEER_PATIENCE`] (`fan_out`).
+pub(crate) const ENV_ORIGIN: &str = "DEPRO_ARTIFACT_ORIGIN";
 
 /// `depro __fetch-artifact`: fetches the artifact its environment names
 /// into its destination; prints what it does on stdout (the agent's log,
@@ -159,7 +167,8 @@ pub(crate) fn fetch_main() -> i32 {
     let dest = PathBuf::from(var(ENV_DEST));
     let peers = var(ENV_PEERS);
     let peers: Vec<&str> = peers.split_whitespace().collect();
-    match fetch(&artifact, &dest, &peers, &var(ENV_TOKEN)) {
+    let origin_now = var(ENV_ORIGIN) != "later";
+    match fetch(&artifact, &dest, &peers, origin_now, &var(ENV_TOKEN)) {
         Ok(()) => 0,
         Err(why) => {
             println!("{why}");
@@ -175,13 +184,78 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// A progress line at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// How long a host that is not for the origin waits for a peer that has
+/// the artifact, or is fetching or serving it, before it goes there anyway.
+const PEER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What asking a peer came to.
+enum Asked {
+    /// Verified, in `<dest>.peer` (so many bytes).
+    Got(u64),
+    /// It does not have it yet; `progress`: it is fetching it, or busy
+    /// serving it.
+    NotYet { progress: bool },
+    /// Gone, refusing, slow or lying: not asked again.
+    Dropped(String),
+}
+
+/// Asks one peer for the artifact, into `<dest>.peer` (never resumed from
+/// elsewhere: a peer that fails leaves the origin's partial file alone).
+fn from_peer(
+    agent: &ureq::Agent,
+    peer: &str,
+    artifact: &Artifact,
+    expected: &str,
+    dest: &Path,
+    token: &str,
+) -> Asked {
+    let url = format!("{}/artifacts/{expected}", peer.trim_end_matches('/'));
+    if check_url(&url).is_err() {
+        return Asked::Dropped("not a usable address".into());
+    }
+    let source = Source {
+        url: &url,
+        shown: peer,
+        token: Some(token),
+    };
+    let from_peer = dest.with_extension("peer");
+    let _ = fs::remove_file(&from_peer);
+    let outcome = match attempt_fetch(agent, &source, artifact.size, &from_peer) {
+        Ok(()) => verified(&from_peer, expected, artifact.size, peer),
+        Err(Trouble::NotYet { progress }) => return Asked::NotYet { progress },
+        Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
+    };
+    outcome.map(Asked::Got).unwrap_or_else(|why| {
+        let _ = fs::remove_file(&from_peer);
+        Asked::Dropped(why)
+    })
+}
+
+/// A few random bits (to spread hosts' retries).
+fn jitter() -> u16 {
+    let mut bytes = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    u16::from_le_bytes(bytes)
+}
+
 /// Why an attempt failed: worth another try, or not.
 enum Trouble {
     Transient(String),
     Fatal(String),
+    /// A peer that does not have it (yet): `progress` if it is fetching
+    /// it (425) or busy serving it (503).
+    NotYet {
+        progress: bool,
+    },
 }
 
-fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Result<(), String> {
+fn fetch(
+    artifact: &Artifact,
+    dest: &Path,
+    peers: &[&str],
+    origin_now: bool,
+    token: &str,
+) -> Result<(), String> {
     artifact.check()?;
     let expected = parse_sha256(&artifact.sha256)?;
     if dest.as_os_str().is_empty() {
@@ -209,35 +283,50 @@ fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Resul
         .user_agent(concat!("depro/", env!("CARGO_PKG_VERSION")))
         .build()
         .new_agent();
-    for peer in peers {
-        let url = format!("{}/artifacts/{expected}", peer.trim_end_matches('/'));
-        if check_url(&url).is_err() {
-            continue;
-        }
-        println!("fetching from the peer {peer}{size}");
-        let source = Source {
-            url: &url,
-            shown: &url,
-            token: Some(token),
-        };
-        // Into a file of its own: a peer's bytes are never resumed from
-        // elsewhere, and a peer that fails leaves the origin's partial file.
-        let from_peer = dest.with_extension("peer");
-        let _ = fs::remove_file(&from_peer);
-        let outcome = match attempt_fetch(&peer_agent, &source, artifact.size, &from_peer) {
-            Ok(()) => verified(&from_peer, &expected, artifact.size, peer),
-            Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
-        };
-        match outcome {
-            Ok(got) => {
-                let _ = fs::remove_file(&partial);
-                return keep(&from_peer, dest, &expected, got);
-            }
-            Err(why) => {
-                let _ = fs::remove_file(&from_peer);
-                println!("dropped the peer {peer}: {why}");
+    // Each pass asks every peer still in the running; one that has it
+    // serves it, one that is fetching it or busy serving it is worth
+    // waiting for, one that is gone, slow or lying is dropped.
+    let mut asking: Vec<&str> = peers.to_vec();
+    let mut progress_at = Instant::now();
+    let mut said_waiting = false;
+    while !asking.is_empty() {
+        let mut progress = false;
+        let mut i = 0;
+        while i < asking.len() {
+            let peer = asking[i];
+            match from_peer(&peer_agent, peer, artifact, &expected, dest, token) {
+                Asked::Got(got) => {
+                    let _ = fs::remove_file(&partial);
+                    return keep(&dest.with_extension("peer"), dest, &expected, got);
+                }
+                Asked::NotYet { progress: p } => {
+                    progress |= p;
+                    i += 1;
+                }
+                Asked::Dropped(why) => {
+                    println!("dropped the peer {peer}: {why}");
+                    asking.remove(i);
+                }
             }
         }
+        if progress {
+            progress_at = Instant::now();
+        }
+        if origin_now || asking.is_empty() {
+            break;
+        }
+        if progress_at.elapsed() >= PEER_PATIENCE {
+            println!(
+                "no peer has had it or been fetching it for {}: fetching from the origin",
+                crate::duration::human(PEER_PATIENCE)
+            );
+            break;
+        }
+        if !said_waiting {
+            said_waiting = true;
+            println!("waiting for a peer to have it ({} asked)", asking.len());
+        }
+        std::thread::sleep(Duration::from_millis(400 + u64::from(jitter() % 400)));
     }
     println!("fetching {shown}{size}");
     let source = Source {
@@ -254,6 +343,7 @@ fn fetch(artifact: &Artifact, dest: &Path, peers: &[&str], token: &str) -> Resul
                 let _ = fs::remove_file(&partial);
                 return Err(why);
             }
+            Err(Trouble::NotYet { .. }) => unreachable!("the origin has no token"),
             Err(Trouble::Transient(why)) if attempt >= ATTEMPTS => {
                 return Err(format!("{why}; gave up after {attempt} attempts"));
             }
@@ -355,6 +445,11 @@ fn attempt_fetch(
         ))
     })?;
     let status = response.status().as_u16();
+    if source.token.is_some() && matches!(status, 404 | 425 | 503) {
+        return Err(Trouble::NotYet {
+            progress: status != 404,
+        });
+    }
     let append = match status {
         206 if have > 0 => true,
         200 => false,
@@ -370,6 +465,12 @@ fn attempt_fetch(
             )));
         }
     };
+    if source.token.is_some() {
+        println!(
+            "fetching from the peer {shown}{}",
+            size.map_or(String::new(), |n| format!(" ({n} bytes)"))
+        );
+    }
     let mut file = OpenOptions::new()
         .create(true)
         .write(true)

@@ -369,6 +369,8 @@ pub(crate) struct ArtifactArgs {
     pub file: Option<std::path::PathBuf>,
     /// `-sign=FILE`: the private key (`depro keygen`) that signs it.
     pub sign: Option<std::path::PathBuf>,
+    /// `-origin-hosts=N`: how many hosts fetch it from its origin.
+    pub origin_hosts: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -903,6 +905,14 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             }
             Arg::Flag("artifact-file", v) => artifact.file = Some(v.path()),
             Arg::Flag("sign", v) => artifact.sign = Some(v.path()),
+            Arg::Flag("origin-hosts", v) => match number("origin-hosts", v.text(), command)? {
+                0 => {
+                    return Err(Error::Usage(
+                        "-origin-hosts=0: at least one host must fetch from the origin".into(),
+                    ));
+                }
+                n => artifact.origin_hosts = Some(n),
+            },
             Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
@@ -920,7 +930,8 @@ fn parse_deploy(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         Some(url) => Some(ArtifactArgs { url, ..artifact }),
         None if given => {
             return Err(Error::Usage(
-                "-sha256, -size, -artifact-file and -sign describe an artifact: give its \
+                "-sha256, -size, -artifact-file, -sign and -origin-hosts describe an artifact: \
+                 give its \
                  -artifact=URL too; run `depro help deploy`"
                     .into(),
             ));

@@ -56,6 +56,8 @@ struct FileConfig {
     listen: Option<String>,
     /// This host's site: peers in the same zone are asked first.
     zone: Option<String>,
+    /// The most this host uploads to peers, e.g. `"20MB/s"`.
+    upload_limit: Option<String>,
     #[serde(default)]
     deployments: Vec<FileDeployment>,
 }
@@ -126,6 +128,8 @@ pub(crate) struct AgentConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// This host's site (`zone`): peers in the same zone are asked first.
     pub zone: Option<String>,
+    /// The most it uploads to peers, in bytes per second (`upload_limit`).
+    pub upload_limit: Option<u64>,
     pub deployments: Vec<Deployment>,
     /// The config files that were read, for messages.
     pub files: Vec<PathBuf>,
@@ -170,7 +174,8 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             rescan_interval,
             max_parallel_hooks,
             listen,
-            zone
+            zone,
+            upload_limit
         );
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
@@ -279,6 +284,16 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         )));
     }
     let zone = merged.zone.clone();
+    let upload_limit = match &merged.upload_limit {
+        None => None,
+        Some(text) => Some(rate(text).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: {text:?} is not a rate: a number of bytes per second with B, KB, MB or GB, \
+                 e.g. \"20MB/s\"",
+                origin("upload_limit")
+            ))
+        })?),
+    };
 
     let mut resolved: Vec<Deployment> = Vec::new();
     for (origin, raw) in deployments {
@@ -337,9 +352,33 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         max_parallel_hooks,
         listen,
         zone,
+        upload_limit,
         deployments: resolved,
         files,
     })
+}
+
+/// A rate such as `20MB/s` (decimal units; `/s` optional), in bytes per
+/// second; at least 1 KB/s.
+fn rate(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let text = text.strip_suffix("/s").unwrap_or(text).trim_end();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let unit = match unit.trim() {
+        "B" | "" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    number
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(unit)
+        .filter(|&r| r >= 1_000)
 }
 
 fn overlaps(a: &str, b: &str) -> bool {
@@ -793,6 +832,16 @@ fn find_executable(name: &str, env: Env<'_>) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_limit_is_a_rate_in_decimal_units() {
+        assert_eq!(rate("20MB/s"), Some(20_000_000));
+        assert_eq!(rate("500 KB"), Some(500_000));
+        assert_eq!(rate("1GB/s"), Some(1_000_000_000));
+        for bad in ["", "fast", "20 MiB/s", "-1MB/s", "999B/s", "MB/s"] {
+            assert_eq!(rate(bad), None, "{bad}");
+        }
+    }
     use std::collections::HashMap;
 
     /// The seed's example config, with the one fix the issue allows (shared

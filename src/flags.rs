@@ -263,6 +263,12 @@ pub(crate) const FLAGS: &[Flag] = &[
         "a local copy of the artifact: -sha256 and -size are taken from it",
     ),
     flag(
+        "origin-hosts",
+        DEPLOY,
+        Kind::Text("N"),
+        "how many hosts fetch the artifact from its origin; the others from them (default 2)",
+    ),
+    flag(
         "sign",
         DEPLOY,
         Kind::File("FILE"),

@@ -15,6 +15,7 @@ mod cursor;
 mod doorbell;
 mod duration;
 mod error;
+mod fan_out;
 mod flags;
 mod help;
 mod hook_output;

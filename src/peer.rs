@@ -16,11 +16,19 @@
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How many uploads run at once, at most.
 pub(crate) const UPLOADS: usize = 4;
+
+/// Threads that answer without uploading (a busy server still says 503,
+/// "busy", or 404 at once rather than leave a request waiting).
+const SPARE: usize = 2;
+
+/// A partial file written to this recently is a fetch under way.
+const FETCHING: Duration = Duration::from_secs(10);
 
 /// The header a request's token comes in.
 pub(crate) const TOKEN_HEADER: &str = "x-depro-token";
@@ -52,10 +60,12 @@ impl Served {
         list.push((path, secret));
     }
 
-    /// The verified file of `sha256` a request with `token` may have.
+    /// The verified file of `sha256` a request with `token` may have; or
+    /// the status to answer: 403 (not a token of ours), 425 (this host is
+    /// fetching it: ask again), 404.
     fn find(&self, sha256: &str, token: &str) -> Result<PathBuf, u16> {
         let list = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut allowed = false;
+        let (mut allowed, mut fetching) = (false, false);
         for (path, secret) in list {
             if !constant_time_eq(self::token(&secret, sha256).as_bytes(), token.as_bytes()) {
                 continue;
@@ -67,9 +77,21 @@ impl Served {
                 if file.is_file() {
                     return Ok(file);
                 }
+                // A fetch under way writes one of these (a killed one's
+                // stops growing).
+                let growing = ["partial", "peer"].iter().any(|ext| {
+                    std::fs::metadata(file.with_extension(ext))
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() < FETCHING)
+                });
+                fetching |= growing;
             }
         }
-        Err(if allowed { 404 } else { 403 })
+        Err(match (allowed, fetching) {
+            (false, _) => 403,
+            (true, true) => 425,
+            (true, false) => 404,
+        })
     }
 }
 
@@ -77,18 +99,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Starts serving on `addr` with [`UPLOADS`] threads.
-pub(crate) fn serve(addr: SocketAddr, served: Served) -> std::io::Result<()> {
+/// Starts serving on `addr`: at most [`UPLOADS`] uploads at once, in all at
+/// most `limit` bytes per second if given, and a fixed number of threads.
+pub(crate) fn serve(addr: SocketAddr, served: Served, limit: Option<u64>) -> std::io::Result<()> {
     let listener = Arc::new(TcpListener::bind(addr)?);
-    for i in 0..UPLOADS {
+    let uploads = Arc::new(Uploads {
+        running: AtomicUsize::new(0),
+        limit,
+        next: Mutex::new(Instant::now()),
+    });
+    for i in 0..UPLOADS + SPARE {
         let (listener, served) = (listener.clone(), served.clone());
+        let uploading = uploads.clone();
         std::thread::Builder::new()
             .name(format!("peer-{i}"))
             .spawn(move || {
                 for stream in listener.incoming() {
                     match stream {
                         Ok(stream) => {
-                            if let Err(e) = answer(stream, &served) {
+                            if let Err(e) = answer(stream, &served, &uploading) {
                                 log::debug!("serving a peer: {e}");
                             }
                         }
@@ -104,7 +133,7 @@ pub(crate) fn serve(addr: SocketAddr, served: Served) -> std::io::Result<()> {
 
 /// One request: `GET /artifacts/<sha256>`, with the token and maybe a
 /// `Range: bytes=N-`.
-fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
+fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     // The request's head within 5 s in all (not per read: a client that
     // drips a byte at a time does not hold a thread).
@@ -150,10 +179,53 @@ fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
         Ok(path) => path,
         Err(code) => return status(&mut stream, code),
     };
-    let mut file = std::fs::File::open(&path)?;
+    let taken = uploads
+        .running
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < UPLOADS).then_some(n + 1)
+        });
+    if taken.is_err() {
+        return status(&mut stream, 503);
+    }
+    let sent = upload(&mut stream, &path, from, uploads);
+    uploads.running.fetch_sub(1, Ordering::SeqCst);
+    sent
+}
+
+/// The uploads of a host: how many run, and the pace they share.
+struct Uploads {
+    running: AtomicUsize,
+    /// Bytes per second, in all.
+    limit: Option<u64>,
+    /// When the next piece may go (with a limit).
+    next: Mutex<Instant>,
+}
+
+impl Uploads {
+    /// Waits until `n` more bytes may go.
+    fn pace(&self, n: usize) {
+        let Some(limit) = self.limit else { return };
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + Duration::from_secs_f64(n as f64 / limit as f64);
+            at
+        };
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Sends the file from byte `from` on.
+fn upload(
+    stream: &mut TcpStream,
+    path: &std::path::Path,
+    from: u64,
+    uploads: &Uploads,
+) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
     if from >= size && from > 0 {
-        return status(&mut stream, 416);
+        return status(stream, 416);
     }
     file.seek(SeekFrom::Start(from))?;
     let head = match from {
@@ -166,7 +238,15 @@ fn answer(stream: TcpStream, served: &Served) -> std::io::Result<()> {
         ),
     };
     stream.write_all(head.as_bytes())?;
-    std::io::copy(&mut file, &mut stream)?;
+    let mut buffer = vec![0; 64 << 10];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        uploads.pace(n);
+        stream.write_all(&buffer[..n])?;
+    }
     stream.flush()
 }
 
@@ -200,6 +280,8 @@ fn status(stream: &mut TcpStream, code: u16) -> std::io::Result<()> {
             403 => "Forbidden",
             404 => "Not Found",
             416 => "Range Not Satisfiable",
+            425 => "Too Early",
+            503 => "Service Unavailable",
             _ => "Bad Request",
         }
     )

@@ -642,3 +642,73 @@ fn a_peer_that_sends_bad_bytes_is_dropped_for_the_origin() {
     );
     assert_eq!(origin.ranges.lock().unwrap().len(), 2);
 }
+
+#[test]
+fn hosts_that_start_together_fetch_from_the_origin_only_as_many_as_origin_hosts_says() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    // A slow origin: the other hosts are waiting while the first fetches.
+    origin.delay_ms.store(40, Ordering::SeqCst);
+    let mut fleet = fleet_of_peers(6);
+    fleet.start_all();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            "-origin-hosts=1",
+        ])
+        .ok();
+    assert_eq!(
+        origin.ranges.lock().unwrap().len(),
+        1,
+        "one host fetched from the origin, the others from it or each other: {}",
+        fleet.diagnostics()
+    );
+    for agent in &fleet.agents {
+        let kept = std::fs::read(agent.dir.join("api/v1/build.bin")).unwrap();
+        assert!(kept == blob, "{} got other bytes", agent.name);
+    }
+    let from_peers = (0..6)
+        .filter(|&i| fleet.agents[i].log().contains("fetching from the peer"))
+        .count();
+    assert_eq!(from_peers, 5);
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_is_dropped_and_the_host_fetches_elsewhere() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let mut fleet = fleet_of_peers(2);
+    // node1 uploads slowly: a transfer from it takes about 10 s.
+    fleet.agents[0].extra["upload_limit"] = "100KB/s".into();
+    fleet.agents[0].start();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .ok();
+    fleet.agents[1].start();
+    fleet.wait("node2 fetching from node1", |f| {
+        f.agents[1].log().contains("fetching from the peer")
+    });
+    fleet.agents[0].kill9();
+    fleet.wait("v1 on node2", |f| {
+        f.node_state("v1", "node2").as_deref() == Some("active")
+    });
+    let got = std::fs::read(fleet.agents[1].dir.join("api/v1/build.bin")).unwrap();
+    assert!(got == blob);
+    let log = fleet.agents[1].log();
+    assert!(log.contains("dropped the peer"), "{log}");
+    assert_eq!(
+        origin.ranges.lock().unwrap().len(),
+        2,
+        "then from the origin"
+    );
+}

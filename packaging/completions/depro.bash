@@ -7,7 +7,7 @@ _depro() {
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -sign= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -origin-hosts= -sign= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollout) opts="-prefix= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     rollback) opts="-prefix= -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     restart) opts="-prefix= -timeout= -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;

@@ -47,6 +47,7 @@ complete -c depro -n '__fish_seen_subcommand_from deploy' -o artifact -r -d 'the
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o sha256 -r -d 'the SHA-256 of the artifact, as sha256sum prints it'
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o size -r -d 'the size of the artifact'
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o artifact-file -r -F -d 'a local copy of the artifact: -sha256 and -size are taken from it'
+complete -c depro -n '__fish_seen_subcommand_from deploy' -o origin-hosts -r -d 'how many hosts fetch the artifact from its origin; the others from them (default 2)'
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o sign -r -F -d 'sign the artifact with this private key (depro keygen FILE)'
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o rollback-on-failure -d 'switch current back (or undo the waves) on failure'
 complete -c depro -n '__fish_seen_subcommand_from deploy' -o message -r -d 'why, recorded with the change (history, status)'

@@ -492,11 +492,16 @@ impl Agent {
                             self.deployments[index].label(version),
                             crate::artifact::redact(&artifact.url)
                         );
-                        let (peers, token) = self.peers_for(index, version, &artifact.sha256);
+                        let origin_hosts = artifact
+                            .origin_hosts
+                            .map_or(crate::fan_out::ORIGIN_HOSTS, |n| n.clamp(1, 1000) as usize);
+                        let (peers, origin_now, token) =
+                            self.peers_for(index, version, &artifact.sha256, origin_hosts);
                         Then::Fetch {
                             artifact,
                             dest,
                             peers,
+                            origin_now,
                             token,
                         }
                     }
@@ -562,18 +567,18 @@ impl Agent {
         Some(secret)
     }
 
-    /// The peers that have `version` verified (their node key says ready or
-    /// active, and their agent serves artifacts), same zone first, then
-    /// the others, each list rotated by this node's name so that fetches
-    /// spread; and the token that opens the artifact on them.
+    /// Where this host fetches `version`'s artifact from (`fan_out`): the
+    /// peers to ask, best first, whether the origin is for it now, and the
+    /// token that opens the artifact on the peers.
     fn peers_for(
         &mut self,
         index: usize,
         version: &VersionName,
         sha256: &str,
-    ) -> (Vec<String>, String) {
+        origin_hosts: usize,
+    ) -> (Vec<String>, bool, String) {
         let Some(secret) = self.secret_of(index) else {
-            return (Vec::new(), String::new());
+            return (Vec::new(), true, String::new());
         };
         let token = crate::peer::token(&secret, sha256);
         let prefix = self.deployments[index].spec.prefix.clone();
@@ -589,7 +594,7 @@ impl Agent {
             self.consul
                 .list_starting_with(&format!("{}{version}/", prefix.as_dir()), read),
         ) else {
-            return (Vec::new(), token);
+            return (Vec::new(), true, token);
         };
         let mut entries = agents.value;
         entries.extend(nodes.value);
@@ -599,35 +604,30 @@ impl Agent {
             .get(version)
             .map(|i| i.nodes.clone())
             .unwrap_or_default();
-        let me = &self.config.name;
-        let mut near = Vec::new();
-        let mut far = Vec::new();
-        for (node, record) in &tree.agents {
-            let verified = has_it.get(node).is_some_and(|e| e.state.has_it());
-            // From the tree: only a plain ADDR:PORT becomes a URL.
-            let Some(listen) = record
-                .listen
-                .as_deref()
-                .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
-                .filter(|_| node != me && verified)
-            else {
-                continue;
-            };
-            let url = format!("http://{listen}");
-            match record.zone.is_some() && record.zone == self.config.zone {
-                true => near.push(url),
-                false => far.push(url),
-            }
-        }
-        let spin = me.bytes().map(usize::from).sum::<usize>();
-        for list in [&mut near, &mut far] {
-            if !list.is_empty() {
-                let n = spin % list.len();
-                list.rotate_left(n);
-            }
-        }
-        near.extend(far);
-        (near, token)
+        // From the tree: only a plain ADDR:PORT is ever asked.
+        let members: Vec<crate::fan_out::Member<'_>> = tree
+            .agents
+            .iter()
+            .map(|(node, record)| crate::fan_out::Member {
+                name: node,
+                listen: record.listen.as_deref().and_then(|l| l.parse().ok()),
+                zone: record.zone.as_deref(),
+                has_it: has_it.get(node).is_some_and(|e| e.state.has_it()),
+            })
+            .collect();
+        let sources = crate::fan_out::sources(
+            &self.config.name,
+            self.config.zone.as_deref(),
+            &members,
+            sha256,
+            origin_hosts,
+        );
+        let peers = sources
+            .peers
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect();
+        (peers, sources.origin_now, token)
     }
 
     /// The artifact `version`'s folder key names, read from Consul (the

@@ -85,8 +85,10 @@ pub(crate) enum Then {
     Fetch {
         artifact: crate::artifact::Artifact,
         dest: PathBuf,
-        /// Peers that have it, best first (`http://ADDR`).
+        /// The peers to ask, best first (`http://ADDR`).
         peers: Vec<String>,
+        /// The origin is for this host now (`fan_out`).
+        origin_now: bool,
         /// The token that opens it on them.
         token: String,
     },
@@ -171,9 +173,12 @@ impl Agent {
                 artifact,
                 dest,
                 peers,
+                origin_now,
                 token,
             } => {
                 env.push((crate::artifact::ENV_PEERS, peers.join(" ")));
+                let origin = if *origin_now { "now" } else { "later" };
+                env.push((crate::artifact::ENV_ORIGIN, origin.into()));
                 env.push((crate::artifact::ENV_TOKEN, token.clone()));
                 // This very binary, also once a package upgrade replaced
                 // the file (the agent runs on until it is restarted).

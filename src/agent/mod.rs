@@ -215,7 +215,7 @@ impl Agent {
         });
         let served = crate::peer::Served::default();
         if let Some(addr) = config.listen {
-            crate::peer::serve(addr, served.clone()).map_err(|e| {
+            crate::peer::serve(addr, served.clone(), config.upload_limit).map_err(|e| {
                 Error::Config(format!("listen: cannot serve artifacts on {addr}: {e}"))
             })?;
         }

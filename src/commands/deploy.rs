@@ -261,6 +261,7 @@ fn artifact_of(
                 url: args.url,
                 sha256: sha256.unwrap_or_default(),
                 size,
+                origin_hosts: args.origin_hosts,
                 ..crate::artifact::Artifact::default()
             };
             if let Some(key) = &args.sign {

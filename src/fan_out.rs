@@ -1,0 +1,261 @@
+//! Who fetches an artifact from where (issue 21): a pure decision, the
+//! same on every host from the same listing, so that a deploy costs the
+//! origin a few copies whatever the fleet's size.
+//!
+//! The agents that serve artifacts (`listen`) are ranked per artifact by a
+//! hash of its digest and their names (rendezvous: each artifact has other
+//! first hosts). The first `origin_hosts` of them fetch from the origin at
+//! once; every other host asks the peers above it in a tree: in its zone,
+//! those first hosts (or, in a zone that has none, the zone's first host,
+//! which asks them across zones) have [`FAN_OUT`] children each, who have as
+//! many each, and so on. A host asks its parent, the parent's parent, … up
+//! to the first hosts; peers that already report the version ready or
+//! active come before all of those. So each peer serves a few hosts, a
+//! zone pulls about one copy across its uplink, and the copies double and
+//! more at each step: the time grows with the tree's depth, the logarithm
+//! of the fleet. A host that finds no peer with it for a while (its
+//! parents failed or are gone) fetches from the origin after all.
+
+use std::net::SocketAddr;
+
+/// How many hosts each peer feeds in the tree (its upload slots).
+pub(crate) const FAN_OUT: usize = crate::peer::UPLOADS;
+
+/// How many hosts fetch an artifact from the origin at once, when the
+/// deploy does not say.
+pub(crate) const ORIGIN_HOSTS: usize = 2;
+
+/// An agent of the prefix, as it announces itself and reports the version.
+#[derive(Clone, Debug)]
+pub(crate) struct Member<'a> {
+    pub name: &'a str,
+    /// Where it serves artifacts, if it does.
+    pub listen: Option<SocketAddr>,
+    pub zone: Option<&'a str>,
+    /// It reports the version ready or active: it has the artifact.
+    pub has_it: bool,
+}
+
+/// Where a host fetches an artifact from.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Sources {
+    /// The peers to ask, in this order, again until one serves it.
+    pub peers: Vec<SocketAddr>,
+    /// The origin is for this host now (after the peers that have it);
+    /// otherwise only when no peer has had it for a while.
+    pub origin_now: bool,
+}
+
+/// Where `me` (in `my_zone`) fetches the artifact `sha256` from, given the
+/// prefix's agents (`me` among them or not).
+pub(crate) fn sources(
+    me: &str,
+    my_zone: Option<&str>,
+    members: &[Member<'_>],
+    sha256: &str,
+    origin_hosts: usize,
+) -> Sources {
+    let near = |m: &Member<'_>| m.zone.is_some() && m.zone == my_zone;
+    // Those that have it: same zone first, each list turned by this host's
+    // name so that hosts spread over them.
+    let mut have: Vec<&Member<'_>> = members
+        .iter()
+        .filter(|m| m.has_it && m.listen.is_some() && m.name != me)
+        .collect();
+    have.sort_by_cached_key(|m| (!near(m), rank(sha256, m.name)));
+    let (near_count, turn) = (have.iter().filter(|m| near(m)).count(), spin(me));
+    if near_count > 0 {
+        have[..near_count].rotate_left(turn % near_count);
+    }
+    if have.len() > near_count {
+        let far = have.len() - near_count;
+        have[near_count..].rotate_left(turn % far);
+    }
+    let mut peers: Vec<SocketAddr> = have.iter().filter_map(|m| m.listen).collect();
+
+    let mut servers: Vec<&Member<'_>> = members.iter().filter(|m| m.listen.is_some()).collect();
+    servers.sort_by_cached_key(|m| (rank(sha256, m.name), m.name));
+    servers.dedup_by_key(|m| m.name);
+    let first = &servers[..origin_hosts.max(1).min(servers.len())];
+    let is_first = first.iter().any(|m| m.name == me);
+    if is_first || !servers.iter().any(|m| m.name != me) {
+        return Sources {
+            peers,
+            origin_now: true,
+        };
+    }
+    // This zone's tree: its first hosts at the top (or its own first host,
+    // hanging below the first hosts of another zone), the others below.
+    let same_zone = |m: &Member<'_>| m.zone == my_zone;
+    let mut zone: Vec<&Member<'_>> = first.iter().copied().filter(|m| same_zone(m)).collect();
+    let tops = zone.len().max(1);
+    zone.extend(
+        servers
+            .iter()
+            .filter(|m| same_zone(m) && !first.iter().any(|f| f.name == m.name)),
+    );
+    let mut chain = Vec::new();
+    let position = zone.iter().position(|m| m.name == me);
+    let mut at = match position {
+        Some(i) if i >= tops => Some((i - tops) / FAN_OUT),
+        Some(_) => None, // the zone's first host: straight to the first hosts
+        // Not serving: a leaf below any of the zone's hosts.
+        None if !zone.is_empty() => Some(spin(me) % zone.len()),
+        None => None,
+    };
+    while let Some(i) = at {
+        chain.push(zone[i]);
+        at = (i >= tops).then(|| (i - tops) / FAN_OUT);
+    }
+    chain.extend(first.iter().copied());
+    for member in chain {
+        if let Some(addr) = member.listen
+            && member.name != me
+            && !peers.contains(&addr)
+        {
+            peers.push(addr);
+        }
+    }
+    Sources {
+        peers,
+        origin_now: false,
+    }
+}
+
+/// An agent's rank for an artifact (FNV-1a over both names).
+fn rank(sha256: &str, name: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sha256.bytes().chain([0]).chain(name.bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// A number of this host's own, to turn lists by.
+fn spin(me: &str) -> usize {
+    rank("", me) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn fleet(n: usize, zones: &[&'static str]) -> Vec<(String, SocketAddr, Option<&'static str>)> {
+        (0..n)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
+                (
+                    format!("node{i}"),
+                    addr,
+                    zones.get(i % zones.len().max(1)).copied(),
+                )
+            })
+            .collect()
+    }
+
+    fn members<'a>(fleet: &'a [(String, SocketAddr, Option<&'static str>)]) -> Vec<Member<'a>> {
+        fleet
+            .iter()
+            .map(|(name, addr, zone)| Member {
+                name,
+                listen: Some(*addr),
+                zone: *zone,
+                has_it: false,
+            })
+            .collect()
+    }
+
+    /// Who each host asks first (its parent), and whether it may go to
+    /// the origin at once.
+    fn decide(fleet: &[(String, SocketAddr, Option<&'static str>)], k: usize) -> Vec<Sources> {
+        let members = members(fleet);
+        fleet
+            .iter()
+            .map(|(name, _, zone)| sources(name, *zone, &members, SHA, k))
+            .collect()
+    }
+
+    #[test]
+    fn only_the_first_hosts_go_to_the_origin_and_every_other_host_has_a_parent() {
+        for n in [1, 2, 3, 8, 64, 1000] {
+            let fleet = fleet(n, &[]);
+            let decided = decide(&fleet, 2);
+            let to_origin = decided.iter().filter(|s| s.origin_now).count();
+            assert_eq!(to_origin, n.min(2), "n = {n}");
+            for sources in decided.iter().filter(|s| !s.origin_now) {
+                assert!(!sources.peers.is_empty());
+                // The first hosts are the last resort in every chain.
+                assert!(sources.peers.len() >= 2);
+            }
+        }
+    }
+
+    #[test]
+    fn each_peer_feeds_a_few_hosts_and_the_tree_is_shallow() {
+        let fleet = fleet(1000, &[]);
+        let decided = decide(&fleet, 2);
+        let mut children = std::collections::HashMap::new();
+        for sources in decided.iter().filter(|s| !s.origin_now) {
+            *children.entry(sources.peers[0]).or_insert(0) += 1;
+            // Parent, grandparent, … and the two first hosts.
+            assert!(sources.peers.len() <= 7, "{:?}", sources.peers);
+        }
+        assert!(children.values().all(|&c| c <= FAN_OUT), "{children:?}");
+        // Every host's parent is a host that fetches before it: no cycles.
+        let by_addr: std::collections::HashMap<_, _> =
+            fleet.iter().zip(&decided).map(|(f, s)| (f.1, s)).collect();
+        for sources in &decided {
+            let mut at = sources;
+            let mut steps = 0;
+            while !at.origin_now {
+                at = by_addr[&at.peers[0]];
+                steps += 1;
+                assert!(steps < 10);
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_that_have_it_come_first_same_zone_before_other_zones() {
+        let fleet = fleet(8, &["a", "b"]);
+        let mut members = members(&fleet);
+        members[3].has_it = true; // zone b
+        members[4].has_it = true; // zone a
+        let mine = sources("node0", Some("a"), &members, SHA, 2);
+        assert_eq!(mine.peers[..2], [fleet[4].1, fleet[3].1]);
+    }
+
+    #[test]
+    fn a_zone_pulls_its_copy_across_through_one_host() {
+        // Zone b has no first host: its own first host asks across zones,
+        // all other hosts of b ask within b first.
+        let fleet = fleet(16, &["a", "b"]);
+        let members = members(&fleet);
+        let first: Vec<_> = fleet
+            .iter()
+            .filter(|(n, _, z)| sources(n, *z, &members, SHA, 1).origin_now)
+            .collect();
+        assert_eq!(first.len(), 1);
+        let other = if first[0].2 == Some("a") { "b" } else { "a" };
+        let zone_of = |addr: &SocketAddr| fleet.iter().find(|f| f.1 == *addr).unwrap().2;
+        let across = fleet
+            .iter()
+            .filter(|f| f.2 == Some(other))
+            .filter(|(n, _, z)| zone_of(&sources(n, *z, &members, SHA, 1).peers[0]) != *z)
+            .count();
+        assert_eq!(across, 1, "one host of zone {other} asks across");
+    }
+
+    #[test]
+    fn a_host_that_serves_nothing_is_a_leaf_and_a_lone_host_goes_to_the_origin() {
+        let fleet = fleet(4, &[]);
+        let members = members(&fleet);
+        let leaf = sources("edge", None, &members, SHA, 2);
+        assert!(!leaf.origin_now && !leaf.peers.is_empty());
+        assert!(sources("edge", None, &[], SHA, 2).origin_now);
+        let alone = members[..1].to_vec();
+        assert!(sources("node0", None, &alone, SHA, 2).origin_now);
+    }
+}
