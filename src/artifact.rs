@@ -168,7 +168,9 @@ pub(crate) fn fetch_main() -> i32 {
     let peers = var(ENV_PEERS);
     let peers: Vec<&str> = peers.split_whitespace().collect();
     let origin_now = var(ENV_ORIGIN) != "later";
-    match fetch(&artifact, &dest, &peers, origin_now, &var(ENV_TOKEN)) {
+    let fetched = fetch(&artifact, &dest, &peers, origin_now, &var(ENV_TOKEN));
+    let _ = fs::remove_file(dest.with_extension("progress"));
+    match fetched {
         Ok(()) => 0,
         Err(why) => {
             println!("{why}");
@@ -177,12 +179,35 @@ pub(crate) fn fetch_main() -> i32 {
     }
 }
 
+/// What the fetch into `dest` last said of how it goes (`<dest>.progress`,
+/// one line, written by the helper): the agent notes it in the tree for
+/// `depro status` and a waiting command.
+pub(crate) fn progress_of(dest: &Path) -> String {
+    let text = fs::read(dest.with_extension("progress")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
+
+/// Says how the fetch goes, for [`progress_of`] (best effort).
+fn tell(dest: &Path, text: &str) {
+    let _ = fs::write(dest.with_extension("progress"), text);
+}
+
+/// `3.1/20.0 MB, 2.4 MB/s, from SOURCE`.
+fn progress_line(got: u64, size: Option<u64>, rate: f64, from: &str) -> String {
+    let mb = |n: u64| format!("{:.1}", n as f64 / 1e6);
+    let of = size.map_or(String::new(), |n| format!("/{}", mb(n)));
+    format!("{}{of} MB, {:.1} MB/s, from {from}", mb(got), rate / 1e6)
+}
+
 /// How often to try again after transient trouble, at most.
 const ATTEMPTS: u32 = 8;
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
-/// A progress line at most this often.
+/// A progress line in the log at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The progress file (`tell`) at most this often.
+const TOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a host that is not for the origin waits for a peer that has
 /// the artifact, or is fetching or serving it, before it goes there anyway.
@@ -325,6 +350,7 @@ fn fetch(
         if !said_waiting {
             said_waiting = true;
             println!("waiting for a peer to have it ({} asked)", asking.len());
+            tell(dest, "waiting for a peer to have it");
         }
         std::thread::sleep(Duration::from_millis(400 + u64::from(jitter() % 400)));
     }
@@ -483,7 +509,12 @@ fn attempt_fetch(
     let mut buffer = vec![0; 64 << 10];
     let mut got = if append { have } else { 0 };
     let start = Instant::now();
-    let mut said = start;
+    let (mut said, mut told) = (start, start);
+    let from = match source.token {
+        Some(_) => format!("the peer {shown}"),
+        None => format!("the origin {shown}"),
+    };
+    tell(partial, &progress_line(got, size, 0.0, &from));
     loop {
         let n = match reader.read(&mut buffer) {
             Ok(0) => break,
@@ -503,15 +534,16 @@ fn attempt_fetch(
                 size.unwrap_or_default()
             )));
         }
-        if said.elapsed() >= PROGRESS_EVERY {
-            said = Instant::now();
+        if told.elapsed() >= TOLD_EVERY {
+            told = Instant::now();
             let rate = (got - if append { have } else { 0 }) as f64
                 / start.elapsed().as_secs_f64().max(0.001);
-            println!(
-                "{got}{} bytes, {:.1} MB/s from {shown}",
-                size.map_or(String::new(), |n| format!("/{n}")),
-                rate / 1e6
-            );
+            let line = progress_line(got, size, rate, &from);
+            tell(partial, &line);
+            if said.elapsed() >= PROGRESS_EVERY {
+                said = told;
+                println!("{line}");
+            }
         }
     }
     Ok(())

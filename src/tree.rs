@@ -722,6 +722,9 @@ pub(crate) struct VersionInfo {
     /// (milliseconds since the Unix epoch), as it reported (held by its
     /// session).
     pub hooks: BTreeMap<String, (String, u64)>,
+    /// How each node's fetch of the version's artifact goes (bytes, rate,
+    /// from where), as it noted with its `fetch` hook (shown safely).
+    pub fetches: BTreeMap<String, String>,
 }
 
 /// The whole tree under a prefix, as the CLI reads it (`?recurse`).
@@ -817,7 +820,12 @@ impl Tree {
                 .and_then(|n| n.strip_prefix(HOOK))
                 .and_then(|n| n.strip_prefix('/'))
             {
-                let hook = match entry.value.trim_ascii() {
+                // A fetch's note says how it goes on a second line.
+                let (first, detail) = match entry.value.iter().position(|&b| b == b'\n') {
+                    Some(at) => entry.value.split_at(at),
+                    None => (&entry.value[..], &[][..]),
+                };
+                let hook = match first.trim_ascii() {
                     b"deploy" => "deploy",
                     b"rollout" => "rollout",
                     b"health" => "health",
@@ -828,6 +836,10 @@ impl Tree {
                 if entry.session.is_some() && check_node_name(hook_of).is_ok() {
                     info.hooks
                         .insert(hook_of.to_string(), (hook.to_string(), entry.flags));
+                    let detail = String::from_utf8_lossy(detail.trim_ascii());
+                    if hook == "fetch" && !detail.is_empty() {
+                        info.fetches.insert(hook_of.to_string(), shown(&detail));
+                    }
                 }
                 continue;
             }

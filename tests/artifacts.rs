@@ -468,13 +468,20 @@ fn an_agent_killed_mid_download_resumes_it_and_no_half_file_reaches_a_hook() {
         &format!("-sha256={sha}"),
         "-timeout=2m",
     ]));
-    // A long fetch is named, with its age, like a long hook.
+    // A long fetch is named, with its age, like a long hook, and how it
+    // goes: bytes, rate, from where.
     let mut table = String::new();
-    fleet.wait("status naming the fetch", |f| {
+    fleet.wait("status naming the fetch and its progress", |f| {
         table = f.depro(&["status"]).stdout;
         table.contains("fetching its artifact")
+            && table.contains(&format!(" MB/s, from the origin {})", origin.url("")))
     });
     assert!(table.contains("busy"), "{table}");
+    let json = fleet.depro(&["status", "-json"]).stdout;
+    assert!(
+        json.contains("\"progress\"") && json.contains(" MB, "),
+        "{json}"
+    );
     let partial = artifacts_dir(&fleet, 0, "v1").join(format!("{sha}.partial"));
     fleet.wait("part of the artifact fetched", |_| {
         std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
@@ -489,6 +496,10 @@ fn an_agent_killed_mid_download_resumes_it_and_no_half_file_reaches_a_hook() {
     fleet.agents[0].start();
     let out = support::finish(deploy);
     assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("node1: fetching its artifact for") && out.stderr.contains(" MB/s, "),
+        "the deploy's progress says how the fetch goes: {out:#?}"
+    );
     assert!(std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap() == blob);
     let ranges = origin.ranges.lock().unwrap().clone();
     let resumed_at: u64 = ranges.last().unwrap().parse().unwrap_or(0);

@@ -31,6 +31,10 @@ pub(crate) const KILL_AFTER: Duration = Duration::from_secs(5);
 /// command say what a node is busy with; a quicker one costs no write.
 pub(crate) const NOTED_AFTER: Duration = Duration::from_secs(3);
 
+/// A fetch's note is written again this often, with its progress (one
+/// write per fetching host; a fetch from a peer seldom lasts that long).
+pub(crate) const FETCH_NOTED_EVERY: Duration = Duration::from_secs(10);
+
 /// A hook that runs (or has just ended) in a deployment.
 pub(crate) struct HookRun {
     /// This run's number, for its output.
@@ -287,15 +291,21 @@ impl Agent {
                     && matches!(run.phase, Phase::Running);
                 due.then(|| {
                     run.note_at = None;
-                    let what = match run.then {
-                        Then::Fetch { .. } => "fetch",
-                        _ => run.kind.as_str(),
+                    let what = match &run.then {
+                        // A fetch is noted again as it goes, with what its
+                        // helper last said (bytes, rate, from where).
+                        Then::Fetch { dest, .. } => {
+                            run.note_at = Some(Instant::now() + FETCH_NOTED_EVERY);
+                            let told = crate::artifact::progress_of(dest);
+                            format!("fetch\n{told}")
+                        }
+                        _ => run.kind.as_str().to_string(),
                     };
                     (what, run.version.clone(), run.started_ms)
                 })
             });
             if let Some((what, version, since_ms)) = due {
-                self.note_hook(index, what, &version, since_ms);
+                self.note_hook(index, &what, &version, since_ms);
             }
         }
         for index in 0..self.deployments.len() {

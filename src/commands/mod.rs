@@ -83,8 +83,9 @@ pub(crate) struct Ctx {
     /// Node states already printed, per version, so that progress lines
     /// continue across the phases of a command.
     seen: BTreeMap<VersionName, BTreeMap<String, NodeEntry>>,
-    /// Long-running hooks already said (node, start), once each.
-    hooks_said: BTreeSet<(String, u64)>,
+    /// Long-running hooks already said (node, start, a fetch's progress),
+    /// once each.
+    hooks_said: BTreeSet<(String, u64, String)>,
     /// Versions that exist as plain keys (`<prefix>/<version>`, made by
     /// other tools), as reads found them.
     plain: std::cell::RefCell<BTreeSet<VersionName>>,
@@ -840,7 +841,9 @@ impl Ctx {
         *printed = info.nodes.clone();
         // A hook that runs long, once per run: what a node is busy with.
         for (node, hook, since) in status::running_hooks(info) {
-            let run = (node.clone(), since);
+            // A fetch's progress is said again as it changes.
+            let detail = status::fetch_detail(info, node);
+            let run = (node.clone(), since, detail.clone());
             if self.hooks_said.insert(run) {
                 let age = match since > 0 {
                     true => format!(
@@ -855,7 +858,7 @@ impl Ctx {
                     "fetch" => "fetching its artifact".to_string(),
                     hook => format!("in its {hook} hook"),
                 };
-                self.out.node_line(&format!("{node}: {doing}{age}"));
+                self.out.node_line(&format!("{node}: {doing}{age}{detail}"));
             }
         }
     }

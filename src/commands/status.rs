@@ -281,6 +281,14 @@ pub(crate) fn doing(hook: &str) -> String {
     }
 }
 
+/// How `node`'s fetch of the version's artifact goes, as it noted it:
+/// ` (3.1/20.0 MB, 2.4 MB/s, from the peer 10.0.0.5:8571)`, or nothing.
+pub(crate) fn fetch_detail(info: &VersionInfo, node: &str) -> String {
+    info.fetches
+        .get(node)
+        .map_or(String::new(), |detail| format!(" ({detail})"))
+}
+
 pub(crate) fn json(
     prefix: &Prefix,
     tree: &Tree,
@@ -344,7 +352,11 @@ pub(crate) fn json(
                 "hooks": running_hooks(info)
                     .map(|(n, hook, since)| {
                         let since = (since > 0).then(|| crate::logging::timestamp_of(since));
-                        (n.clone(), serde_json::json!({ "hook": hook, "since": since }))
+                        let mut noted = serde_json::json!({ "hook": hook, "since": since });
+                        if let Some(detail) = info.fetches.get(n) {
+                            noted["progress"] = detail.as_str().into();
+                        }
+                        (n.clone(), noted)
                     })
                     .collect::<serde_json::Map<String, serde_json::Value>>(),
             })
@@ -673,10 +685,10 @@ pub(crate) fn table_at(
             for (_, info) in &versions {
                 let hook = running_hooks(info)
                     .find(|(n, _, _)| *n == node)
-                    .map(|(_, hook, since)| match since > 0 && now_ms >= since {
+                        .map(|(_, hook, since)| match since > 0 && now_ms >= since {
                         true => format!(", {} {}", doing(hook), age(now_ms - since)),
                         false => format!(", {}", doing(hook)),
-                    })
+                    } + &fetch_detail(info, node))
                     .unwrap_or_default();
                 row.push(
                     info.nodes
