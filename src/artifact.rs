@@ -29,6 +29,11 @@ pub(crate) struct Artifact {
     /// Its size in bytes, if the operator gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// The digests of its pieces (`-artifact-file`): bytes from a peer are
+    /// checked piece by piece, so a lying peer is dropped at its first bad
+    /// piece. Not signed: the whole digest still decides what is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pieces: Option<Pieces>,
     /// How many hosts fetch it from the origin at once (`-origin-hosts`);
     /// the others from them (`fan_out`). Not signed: it decides only
     /// where verified bytes come from.
@@ -41,6 +46,40 @@ pub(crate) struct Artifact {
     /// Fields of a newer depro, kept when the key is rewritten.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An artifact's pieces: their size (the last may be shorter) and their
+/// SHA-256s, one after the other in hex.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Pieces {
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl Pieces {
+    /// The piece size for an artifact of `total` bytes: 1 MiB, doubled
+    /// until there are at most 1024 pieces (at most 64 KiB of digests in
+    /// the version's key).
+    fn size_for(total: u64) -> u64 {
+        let mut size = 1 << 20;
+        while total.div_ceil(size) > 1024 {
+            size *= 2;
+        }
+        size
+    }
+
+    /// Checked against the artifact's size (from Consul: untrusted).
+    pub(crate) fn usable(&self, total: Option<u64>) -> bool {
+        let Some(total) = total else { return false };
+        self.size >= 64 << 10
+            && total.div_ceil(self.size) as usize * 64 == self.sha256.len()
+            && self.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
+    /// The digest of piece `n`.
+    fn of(&self, n: usize) -> Option<&str> {
+        self.sha256.get(n * 64..n * 64 + 64)
+    }
 }
 
 impl Artifact {
@@ -122,8 +161,15 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The SHA-256 and size of a file.
 pub(crate) fn digest_file(path: &Path) -> std::io::Result<(String, u64)> {
+    digest_file_in_pieces(path).map(|(digest, size, _)| (digest, size))
+}
+
+/// The SHA-256, size and pieces of a file.
+pub(crate) fn digest_file_in_pieces(path: &Path) -> std::io::Result<(String, u64, Pieces)> {
     let mut file = File::open(path)?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let piece_size = Pieces::size_for(file.metadata()?.len());
+    let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut pieces = PieceCheck::new(piece_size);
     let mut buffer = vec![0; 64 << 10];
     let mut size = 0;
     loop {
@@ -131,10 +177,86 @@ pub(crate) fn digest_file(path: &Path) -> std::io::Result<(String, u64)> {
         if n == 0 {
             break;
         }
-        context.update(&buffer[..n]);
+        whole.update(&buffer[..n]);
+        pieces.feed(&buffer[..n], &mut |_, _| Ok::<(), ()>(())).ok();
         size += n as u64;
     }
-    Ok((hex(context.finish().as_ref()), size))
+    let sha256 = pieces
+        .finish(&mut |_, _| Ok::<(), ()>(()))
+        .ok()
+        .unwrap_or_default();
+    Ok((
+        hex(whole.finish().as_ref()),
+        size,
+        Pieces {
+            size: piece_size,
+            sha256,
+        },
+    ))
+}
+
+/// Digests bytes piece by piece as they come, and hands each piece's
+/// digest (its number, its hex) to a check.
+struct PieceCheck {
+    size: u64,
+    context: ring::digest::Context,
+    /// Bytes of the current piece so far.
+    filled: u64,
+    done: usize,
+    /// Every piece's digest so far, one after the other.
+    all: String,
+}
+
+impl PieceCheck {
+    fn new(size: u64) -> PieceCheck {
+        PieceCheck {
+            size,
+            context: ring::digest::Context::new(&ring::digest::SHA256),
+            filled: 0,
+            done: 0,
+            all: String::new(),
+        }
+    }
+
+    fn feed<E>(
+        &mut self,
+        mut bytes: &[u8],
+        check: &mut impl FnMut(usize, &str) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !bytes.is_empty() {
+            let take = ((self.size - self.filled) as usize).min(bytes.len());
+            self.context.update(&bytes[..take]);
+            self.filled += take as u64;
+            bytes = &bytes[take..];
+            if self.filled == self.size {
+                self.close(check)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close<E>(&mut self, check: &mut impl FnMut(usize, &str) -> Result<(), E>) -> Result<(), E> {
+        let context = std::mem::replace(
+            &mut self.context,
+            ring::digest::Context::new(&ring::digest::SHA256),
+        );
+        let digest = hex(context.finish().as_ref());
+        self.filled = 0;
+        self.done += 1;
+        self.all.push_str(&digest);
+        check(self.done - 1, &digest)
+    }
+
+    /// The last, shorter piece (if any); every piece's digest.
+    fn finish<E>(
+        mut self,
+        check: &mut impl FnMut(usize, &str) -> Result<(), E>,
+    ) -> Result<String, E> {
+        if self.filled > 0 {
+            self.close(check)?;
+        }
+        Ok(self.all)
+    }
 }
 
 /// The agent's helper process: `depro __fetch-artifact`.
@@ -165,6 +287,19 @@ pub(crate) fn fetch_main() -> i32 {
         ..Artifact::default()
     };
     let dest = PathBuf::from(var(ENV_DEST));
+    // The pieces' digests, if the version has them (`<dest>.pieces`, written
+    // by the agent: too long for the environment).
+    let pieces = fs::read_to_string(dest.with_extension("pieces")).unwrap_or_default();
+    let artifact = Artifact {
+        pieces: pieces.split_once(' ').and_then(|(size, sha256)| {
+            let pieces = Pieces {
+                size: size.parse().ok()?,
+                sha256: sha256.trim().to_string(),
+            };
+            pieces.usable(artifact.size).then_some(pieces)
+        }),
+        ..artifact
+    };
     let peers = var(ENV_PEERS);
     let peers: Vec<&str> = peers.split_whitespace().collect();
     let origin_now = var(ENV_ORIGIN) != "later";
@@ -245,7 +380,8 @@ fn from_peer(
     };
     let from_peer = dest.with_extension("peer");
     let _ = fs::remove_file(&from_peer);
-    let outcome = match attempt_fetch(agent, &source, artifact.size, &from_peer) {
+    let pieces = artifact.pieces.as_ref();
+    let outcome = match attempt_fetch(agent, &source, artifact.size, pieces, &from_peer) {
         Ok(()) => verified(&from_peer, expected, artifact.size, peer),
         Err(Trouble::NotYet { progress }) => return Asked::NotYet { progress },
         Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
@@ -363,7 +499,7 @@ fn fetch(
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
-        match attempt_fetch(&agent, &source, artifact.size, &partial) {
+        match attempt_fetch(&agent, &source, artifact.size, None, &partial) {
             Ok(()) => break,
             Err(Trouble::Fatal(why)) => {
                 let _ = fs::remove_file(&partial);
@@ -444,11 +580,13 @@ fn http_agent(url: &str) -> Result<ureq::Agent, String> {
 }
 
 /// One attempt: continues `partial` where it ends (or starts it), and
-/// appends the body to it.
+/// appends the body to it. With `pieces`, a download from the start is
+/// checked piece by piece: the first bad piece ends it.
 fn attempt_fetch(
     agent: &ureq::Agent,
     source: &Source<'_>,
     size: Option<u64>,
+    pieces: Option<&Pieces>,
     partial: &Path,
 ) -> Result<(), Trouble> {
     let shown = source.shown;
@@ -515,6 +653,20 @@ fn attempt_fetch(
         None => format!("the origin {shown}"),
     };
     tell(partial, &progress_line(got, size, 0.0, &from));
+    let mut checking = pieces
+        .filter(|_| !append)
+        .map(|p| (p, PieceCheck::new(p.size)));
+    let count = pieces.map_or(0, |p| p.sha256.len() / 64);
+    let bad_piece = |n: usize, actual: &str, expected: Option<&str>| {
+        (expected != Some(actual)).then(|| {
+            Trouble::Fatal(format!(
+                "piece {} of {count} does not match its digest (expected sha256 {}, got {actual}) \
+                 from {shown}; nothing kept",
+                n + 1,
+                expected.unwrap_or("none: more pieces than the artifact has")
+            ))
+        })
+    };
     loop {
         let n = match reader.read(&mut buffer) {
             Ok(0) => break,
@@ -525,6 +677,11 @@ fn attempt_fetch(
                 )));
             }
         };
+        if let Some((pieces, check)) = checking.as_mut() {
+            check.feed(&buffer[..n], &mut |i, actual| {
+                bad_piece(i, actual, pieces.of(i)).map_or(Ok(()), Err)
+            })?;
+        }
         file.write_all(&buffer[..n])
             .map_err(|e| Trouble::Fatal(format!("cannot write {}: {e}", partial.display())))?;
         got += n as u64;
@@ -545,6 +702,9 @@ fn attempt_fetch(
                 println!("{line}");
             }
         }
+    }
+    if let Some((pieces, check)) = checking {
+        check.finish(&mut |i, actual| bad_piece(i, actual, pieces.of(i)).map_or(Ok(()), Err))?;
     }
     Ok(())
 }
@@ -583,6 +743,24 @@ mod tests {
         let digest = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855";
         assert_eq!(parse_sha256(digest).unwrap(), digest.to_ascii_lowercase());
         assert!(parse_sha256("e3b0").unwrap_err().contains("64 hex digits"));
+    }
+
+    #[test]
+    fn a_file_s_pieces_are_the_digests_of_its_1_mib_slices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build");
+        let bytes: Vec<u8> = (0..(5u32 << 19)).map(|i| ((i * 7) >> 3) as u8).collect();
+        fs::write(&path, &bytes).unwrap();
+        let (whole, size, pieces) = digest_file_in_pieces(&path).unwrap();
+        assert_eq!((size, pieces.size), (bytes.len() as u64, 1 << 20));
+        let sha = |b: &[u8]| hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref());
+        assert_eq!(whole, sha(&bytes));
+        let slices: String = bytes.chunks(1 << 20).map(sha).collect();
+        assert_eq!(pieces.sha256, slices);
+        assert!(pieces.usable(Some(size)));
+        assert!(!pieces.usable(Some(size + (1 << 20))), "a piece too few");
+        assert!(!pieces.usable(None));
+        assert_eq!(Pieces::size_for(5 << 30), 8 << 20, "at most 1024 pieces");
     }
 
     #[test]

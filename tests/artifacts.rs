@@ -723,3 +723,44 @@ fn a_peer_killed_mid_transfer_is_dropped_and_the_host_fetches_elsewhere() {
         "then from the origin"
     );
 }
+
+#[test]
+fn a_lying_peer_is_dropped_at_its_first_bad_piece_when_the_version_has_pieces() {
+    // 4 MiB: four pieces of 1 MiB.
+    let blob: Vec<u8> = (0..4)
+        .flat_map(|i| blob().into_iter().map(move |b| b ^ i))
+        .collect();
+    let origin = Origin::serve(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("build.tar");
+    std::fs::write(&local, &blob).unwrap();
+    let mut fleet = fleet_of_peers(2);
+    // node1 uploads slowly: its whole file would take 4 s to send.
+    fleet.agents[0].extra["upload_limit"] = "1MB/s".into();
+    fleet.agents[0].start();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-artifact-file={}", local.display()),
+        ])
+        .ok();
+    let sha = sha256_of(&blob);
+    let kept = artifacts_dir(&fleet, 0, "v1").join(&sha);
+    let mut bad = std::fs::read(&kept).unwrap();
+    bad[1000] ^= 0xff;
+    std::fs::write(&kept, bad).unwrap();
+    fleet.agents[1].start();
+    fleet.wait("v1 on node2", |f| {
+        f.node_state("v1", "node2").as_deref() == Some("active")
+    });
+    let got = std::fs::read(fleet.agents[1].dir.join("api/v1/build.bin")).unwrap();
+    assert!(got == blob, "node2's hook got the peer's bad bytes");
+    let log = fleet.agents[1].log();
+    assert!(
+        log.contains("dropped the peer") && log.contains("piece 1 of 4 does not match"),
+        "{log}"
+    );
+    assert_eq!(origin.ranges.lock().unwrap().len(), 2);
+}

@@ -492,6 +492,23 @@ impl Agent {
                             self.deployments[index].label(version),
                             crate::artifact::redact(&artifact.url)
                         );
+                        // Its pieces' digests, for the fetch to check a
+                        // peer's bytes as they come (from Consul: checked).
+                        let pieces = dest.with_extension("pieces");
+                        let _ = std::fs::remove_file(&pieces);
+                        if let Some(p) = &artifact.pieces {
+                            match p.usable(artifact.size) {
+                                true => {
+                                    let _ =
+                                        std::fs::write(&pieces, format!("{} {}", p.size, p.sha256));
+                                }
+                                false => log::warn!(
+                                    "{}: its artifact's pieces, as the tree records them, are \
+                                     unusable; only the whole is checked",
+                                    self.deployments[index].label(version)
+                                ),
+                            }
+                        }
                         let origin_hosts = artifact
                             .origin_hosts
                             .map_or(crate::fan_out::ORIGIN_HOSTS, |n| n.clamp(1, 1000) as usize);

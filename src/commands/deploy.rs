@@ -240,8 +240,9 @@ fn artifact_of(
         None => None,
         Some(args) => {
             let (mut sha256, mut size) = (args.sha256, args.size);
+            let mut pieces = None;
             if let Some(file) = &args.file {
-                let (digest, bytes) = crate::artifact::digest_file(file)
+                let (digest, bytes, in_pieces) = crate::artifact::digest_file_in_pieces(file)
                     .map_err(|e| Error::Usage(format!("-artifact-file={}: {e}", file.display())))?;
                 for (flag, given, computed) in [
                     ("-sha256", sha256.clone(), digest.clone()),
@@ -255,12 +256,13 @@ fn artifact_of(
                         )));
                     }
                 }
-                (sha256, size) = (Some(digest), Some(bytes));
+                (sha256, size, pieces) = (Some(digest), Some(bytes), Some(in_pieces));
             }
             let mut artifact = crate::artifact::Artifact {
                 url: args.url,
                 sha256: sha256.unwrap_or_default(),
                 size,
+                pieces,
                 origin_hosts: args.origin_hosts,
                 ..crate::artifact::Artifact::default()
             };
