@@ -352,9 +352,10 @@ const PEER_PATIENCE: Duration = Duration::from_secs(30);
 enum Asked {
     /// Verified, in `<dest>.peer` (so many bytes).
     Got(u64),
-    /// It does not have it yet; `progress`: it is fetching it, or busy
-    /// serving it.
-    NotYet { progress: bool },
+    /// It does not have it (yet), or is `fetching` it.
+    NotYet { fetching: bool },
+    /// It has it, and all its upload slots are taken.
+    Busy,
     /// Gone, refusing, slow or lying: not asked again.
     Dropped(String),
 }
@@ -383,7 +384,12 @@ fn from_peer(
     let pieces = artifact.pieces.as_ref();
     let outcome = match attempt_fetch(agent, &source, artifact.size, pieces, &from_peer) {
         Ok(()) => verified(&from_peer, expected, artifact.size, peer),
-        Err(Trouble::NotYet { progress }) => return Asked::NotYet { progress },
+        Err(Trouble::NotYet { status: 503 }) => return Asked::Busy,
+        Err(Trouble::NotYet { status }) => {
+            return Asked::NotYet {
+                fetching: status == 425,
+            };
+        }
         Err(Trouble::Transient(why) | Trouble::Fatal(why)) => Err(why),
     };
     outcome.map(Asked::Got).unwrap_or_else(|why| {
@@ -403,10 +409,10 @@ fn jitter() -> u16 {
 enum Trouble {
     Transient(String),
     Fatal(String),
-    /// A peer that does not have it (yet): `progress` if it is fetching
-    /// it (425) or busy serving it (503).
+    /// A peer that does not have it (404), is fetching it (425) or busy
+    /// serving it (503).
     NotYet {
-        progress: bool,
+        status: u16,
     },
 }
 
@@ -448,6 +454,7 @@ fn fetch(
     // serves it, one that is fetching it or busy serving it is worth
     // waiting for, one that is gone, slow or lying is dropped.
     let mut asking: Vec<&str> = peers.to_vec();
+    tell(dest, "asking the peers");
     let mut progress_at = Instant::now();
     let mut said_waiting = false;
     while !asking.is_empty() {
@@ -460,8 +467,16 @@ fn fetch(
                     let _ = fs::remove_file(&partial);
                     return keep(&dest.with_extension("peer"), dest, &expected, got);
                 }
-                Asked::NotYet { progress: p } => {
-                    progress |= p;
+                // A peer that is fetching it will have it soon: wait for
+                // it rather than ask those above it (the tree's top serves
+                // its own children, and a zone's copy stays in the zone).
+                Asked::NotYet { fetching: true } => {
+                    progress = true;
+                    break;
+                }
+                Asked::NotYet { fetching: false } => i += 1,
+                Asked::Busy => {
+                    progress = true;
                     i += 1;
                 }
                 Asked::Dropped(why) => {
@@ -486,8 +501,10 @@ fn fetch(
         if !said_waiting {
             said_waiting = true;
             println!("waiting for a peer to have it ({} asked)", asking.len());
-            tell(dest, "waiting for a peer to have it");
         }
+        // Also what tells this host's own server to answer 425, "fetching
+        // it": the hosts below it wait for it.
+        tell(dest, "waiting for a peer to have it");
         std::thread::sleep(Duration::from_millis(400 + u64::from(jitter() % 400)));
     }
     println!("fetching {shown}{size}");
@@ -610,9 +627,7 @@ fn attempt_fetch(
     })?;
     let status = response.status().as_u16();
     if source.token.is_some() && matches!(status, 404 | 425 | 503) {
-        return Err(Trouble::NotYet {
-            progress: status != 404,
-        });
+        return Err(Trouble::NotYet { status });
     }
     let append = match status {
         206 if have > 0 => true,

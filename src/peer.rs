@@ -27,7 +27,7 @@ pub(crate) const UPLOADS: usize = 4;
 /// "busy", or 404 at once rather than leave a request waiting).
 const SPARE: usize = 2;
 
-/// A partial file written to this recently is a fetch under way.
+/// A progress file written this recently is a fetch under way.
 const FETCHING: Duration = Duration::from_secs(10);
 
 /// The header a request's token comes in.
@@ -77,14 +77,11 @@ impl Served {
                 if file.is_file() {
                     return Ok(file);
                 }
-                // A fetch under way writes one of these (a killed one's
-                // stops growing).
-                let growing = ["partial", "peer"].iter().any(|ext| {
-                    std::fs::metadata(file.with_extension(ext))
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t.elapsed().unwrap_or_default() < FETCHING)
-                });
-                fetching |= growing;
+                // A fetch under way, downloading or waiting for a peer,
+                // says how it goes every second or so (a killed one stops).
+                fetching |= std::fs::metadata(file.with_extension("progress"))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() < FETCHING);
             }
         }
         Err(match (allowed, fetching) {

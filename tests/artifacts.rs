@@ -764,3 +764,50 @@ fn a_lying_peer_is_dropped_at_its_first_bad_piece_when_the_version_has_pieces() 
     );
     assert_eq!(origin.ranges.lock().unwrap().len(), 2);
 }
+
+#[test]
+fn a_zone_pulls_one_copy_across_and_its_other_hosts_fetch_within_it() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    origin.delay_ms.store(40, Ordering::SeqCst);
+    let mut fleet = fleet_of_peers(6);
+    let zone_of = |i: usize| if i < 3 { "a" } else { "b" };
+    for (i, agent) in fleet.agents.iter_mut().enumerate() {
+        agent.extra["zone"] = zone_of(i).into();
+    }
+    fleet.start_all();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            "-origin-hosts=1",
+        ])
+        .ok();
+    assert_eq!(origin.ranges.lock().unwrap().len(), 1);
+    // Where each host fetched from, by its log.
+    let mut across = Vec::new();
+    for i in 0..6 {
+        let log = fleet.agents[i].log();
+        let Some(line) = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("fetching from the peer"))
+        else {
+            continue; // the origin's host
+        };
+        let from = (0..6)
+            .find(|&j| line.contains(&format!("http://{}", listen_of(&fleet, j))))
+            .unwrap_or_else(|| panic!("{line}"));
+        if zone_of(from) != zone_of(i) {
+            across.push(format!("node{} from node{}", i + 1, from + 1));
+        }
+    }
+    assert_eq!(
+        across.len(),
+        1,
+        "one copy crosses between zones: {across:?}"
+    );
+}
