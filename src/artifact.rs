@@ -429,6 +429,23 @@ fn fetch(
         return Err("no destination given".into());
     }
     let partial = dest.with_extension("partial");
+    // A size known is a size checked: an artifact the disk cannot hold is
+    // refused before a byte is fetched (one that grows past the space
+    // left fails at its first write that does not fit).
+    if let (Some(size), Some(dir)) = (artifact.size, dest.parent())
+        && let Ok(disk) = nix::sys::statvfs::statvfs(dir)
+    {
+        #[allow(clippy::useless_conversion)] // narrower on 32-bit targets
+        let free = u64::from(disk.blocks_available()) * u64::from(disk.fragment_size());
+        let have = fs::metadata(&partial).map_or(0, |m| m.len());
+        if size.saturating_sub(have) > free {
+            return Err(format!(
+                "the artifact ({size} bytes) does not fit: {free} bytes free in {}; nothing \
+                 fetched",
+                dir.display()
+            ));
+        }
+    }
     let agent = http_agent(&artifact.url)?;
     let shown = redact(&artifact.url);
     let size = artifact

@@ -811,3 +811,52 @@ fn a_zone_pulls_one_copy_across_and_its_other_hosts_fetch_within_it() {
         "one copy crosses between zones: {across:?}"
     );
 }
+
+#[test]
+fn an_artifact_larger_than_the_disk_or_a_disk_that_fills_mid_download_fails_the_version_and_keeps_nothing()
+ {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let mut fleet = keeping_artifacts(1);
+    let _disk = support::Tmpfs::mount(&fleet.agents[0].deployment_path("api"), "512k");
+    fleet.start_all();
+    // Its size is known: refused before a byte is fetched.
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            &format!("-size={}", blob.len()),
+        ])
+        .fails(
+            2,
+            &["fetching the artifact failed: the artifact (1048576 bytes) does not fit"],
+        );
+    assert!(
+        origin.ranges.lock().unwrap().is_empty(),
+        "nothing was fetched"
+    );
+    // Its size is not known: the disk fills mid-download.
+    fleet
+        .depro(&[
+            "deploy",
+            "v2",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .fails(
+            2,
+            &[
+                "fetching the artifact failed: cannot write",
+                "No space left",
+            ],
+        );
+    for version in ["v1", "v2"] {
+        let kept: Vec<_> = std::fs::read_dir(artifacts_dir(&fleet, 0, version))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(kept.is_empty(), "{version}: {kept:?}");
+    }
+}
