@@ -860,3 +860,56 @@ fn an_artifact_larger_than_the_disk_or_a_disk_that_fills_mid_download_fails_the_
         assert!(kept.is_empty(), "{version}: {kept:?}");
     }
 }
+
+/// Old and new agents on one prefix: this build's agents with an agent of
+/// the release before artifacts and one of the release before the fan-out
+/// tree (built by scripts/old-agents.sh, which runs this test; ignored in
+/// the default run).
+#[test]
+#[ignore = "needs two earlier depro builds: run scripts/old-agents.sh"]
+fn old_and_new_agents_share_a_prefix_with_artifacts() {
+    let old = |var: &str| -> String {
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} unset: run scripts/old-agents.sh"))
+    };
+    let (before_artifacts, before_fan_out) = (
+        old("DEPRO_BEFORE_ARTIFACTS"),
+        old("DEPRO_BEFORE_FAN_OUT"),
+    );
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    origin.delay_ms.store(40, Ordering::SeqCst);
+    let mut fleet = fleet_of_peers(5);
+    // node4: peers, but no fan-out tree; node5: no artifacts at all (its
+    // configuration cannot name listen, a field it does not know).
+    fleet.agents[3].program = vec![before_fan_out];
+    fleet.agents[4].program = vec![before_artifacts];
+    fleet.agents[4].extra = serde_json::json!({});
+    fleet.start_all();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+            &format!("-size={}", blob.len()),
+            "-origin-hosts=1",
+        ])
+        .ok();
+    for i in 0..4 {
+        let kept = std::fs::read(fleet.agents[i].dir.join("api/v1/build.bin")).unwrap();
+        assert!(kept == blob, "node{} got other bytes", i + 1);
+    }
+    // The agent before artifacts ran its deploy hook without $ARTIFACT, as
+    // docs/protocol.md says (a hook can refuse to go on without it).
+    assert!(!fleet.agents[4].dir.join("api/v1/build.bin").exists());
+    assert_eq!(fleet.node_state("v1", "node5").as_deref(), Some("active"));
+    // This build's first host, and the agent before the tree if no peer
+    // had it yet when it fetched: two copies at most.
+    let copies = origin.ranges.lock().unwrap().len();
+    assert!((1..=2).contains(&copies), "{copies} copies from the origin");
+    let from_peers = (0..3)
+        .filter(|&i| fleet.agents[i].log().contains("fetching from the peer"))
+        .count();
+    assert_eq!(from_peers, 2, "this build's other hosts fetched from peers");
+}
