@@ -9,8 +9,8 @@
 //! those first hosts (or, in a zone that has none, the zone's first host,
 //! which asks them across zones) have [`FAN_OUT`] children each, who have as
 //! many each, and so on. A host asks its parent, the parent's parent, … up
-//! to the first hosts; peers that already report the version ready or
-//! active come before all of those. So each peer serves a few hosts, a
+//! to the first hosts (a first host asks the others and those right below
+//! them once, for a host that joins late). So each peer serves a few hosts, a
 //! zone pulls about one copy across its uplink, and the copies double and
 //! more at each step: the time grows with the tree's depth, the logarithm
 //! of the fleet. A host that finds no peer with it for a while (its
@@ -32,8 +32,6 @@ pub(crate) struct Member<'a> {
     /// Where it serves artifacts, if it does.
     pub listen: Option<SocketAddr>,
     pub zone: Option<&'a str>,
-    /// It reports the version ready or active: it has the artifact.
-    pub has_it: bool,
 }
 
 /// Where a host fetches an artifact from.
@@ -41,7 +39,7 @@ pub(crate) struct Member<'a> {
 pub(crate) struct Sources {
     /// The peers to ask, in this order, again until one serves it.
     pub peers: Vec<SocketAddr>,
-    /// The origin is for this host now (after the peers that have it);
+    /// The origin is for this host now (after one pass over its peers);
     /// otherwise only when no peer has had it for a while.
     pub origin_now: bool,
 }
@@ -55,30 +53,28 @@ pub(crate) fn sources(
     sha256: &str,
     origin_hosts: usize,
 ) -> Sources {
-    let near = |m: &Member<'_>| m.zone.is_some() && m.zone == my_zone;
-    // Those that have it: same zone first, each list turned by this host's
-    // name so that hosts spread over them.
-    let mut have: Vec<&Member<'_>> = members
-        .iter()
-        .filter(|m| m.has_it && m.listen.is_some() && m.name != me)
-        .collect();
-    have.sort_by_cached_key(|m| (!near(m), rank(sha256, m.name)));
-    let (near_count, turn) = (have.iter().filter(|m| near(m)).count(), spin(me));
-    if near_count > 0 {
-        have[..near_count].rotate_left(turn % near_count);
-    }
-    if have.len() > near_count {
-        let far = have.len() - near_count;
-        have[near_count..].rotate_left(turn % far);
-    }
-    let mut peers: Vec<SocketAddr> = have.iter().filter_map(|m| m.listen).collect();
-
     let mut servers: Vec<&Member<'_>> = members.iter().filter(|m| m.listen.is_some()).collect();
     servers.sort_by_cached_key(|m| (rank(sha256, m.name), m.name));
     servers.dedup_by_key(|m| m.name);
     let first = &servers[..origin_hosts.max(1).min(servers.len())];
-    let is_first = first.iter().any(|m| m.name == me);
-    if is_first || !servers.iter().any(|m| m.name != me) {
+    let is_first = |m: &Member<'_>| first.iter().any(|f| f.name == m.name);
+    let same_zone = |m: &Member<'_>| m.zone == my_zone;
+    let mut peers = Vec::new();
+    let mut add = |member: &Member<'_>| {
+        if let Some(addr) = member.listen
+            && member.name != me
+            && !peers.contains(&addr)
+        {
+            peers.push(addr);
+        }
+    };
+    if first.iter().any(|m| m.name == me) || !servers.iter().any(|m| m.name != me) {
+        // A first host asks, once, the other first hosts and the hosts
+        // right below them in its zone (they have it when this host joins
+        // late, or comes back), then the origin.
+        first.iter().for_each(|m| add(m));
+        let below = servers.iter().filter(|m| same_zone(m) && !is_first(m));
+        below.take(FAN_OUT).for_each(|m| add(m));
         return Sources {
             peers,
             origin_now: true,
@@ -89,12 +85,7 @@ pub(crate) fn sources(
     let same_zone = |m: &Member<'_>| m.zone == my_zone;
     let mut zone: Vec<&Member<'_>> = first.iter().copied().filter(|m| same_zone(m)).collect();
     let tops = zone.len().max(1);
-    zone.extend(
-        servers
-            .iter()
-            .filter(|m| same_zone(m) && !first.iter().any(|f| f.name == m.name)),
-    );
-    let mut chain = Vec::new();
+    zone.extend(servers.iter().filter(|m| same_zone(m) && !is_first(m)));
     let position = zone.iter().position(|m| m.name == me);
     let mut at = match position {
         Some(i) if i >= tops => Some((i - tops) / FAN_OUT),
@@ -104,18 +95,10 @@ pub(crate) fn sources(
         None => None,
     };
     while let Some(i) = at {
-        chain.push(zone[i]);
+        add(zone[i]);
         at = (i >= tops).then(|| (i - tops) / FAN_OUT);
     }
-    chain.extend(first.iter().copied());
-    for member in chain {
-        if let Some(addr) = member.listen
-            && member.name != me
-            && !peers.contains(&addr)
-        {
-            peers.push(addr);
-        }
-    }
+    first.iter().for_each(|m| add(m));
     Sources {
         peers,
         origin_now: false,
@@ -162,7 +145,6 @@ mod tests {
                 name,
                 listen: Some(*addr),
                 zone: *zone,
-                has_it: false,
             })
             .collect()
     }
@@ -218,13 +200,21 @@ mod tests {
     }
 
     #[test]
-    fn hosts_that_have_it_come_first_same_zone_before_other_zones() {
-        let fleet = fleet(8, &["a", "b"]);
-        let mut members = members(&fleet);
-        members[3].has_it = true; // zone b
-        members[4].has_it = true; // zone a
-        let mine = sources("node0", Some("a"), &members, SHA, 2);
-        assert_eq!(mine.peers[..2], [fleet[4].1, fleet[3].1]);
+    fn a_first_host_asks_the_other_first_hosts_and_those_below_them_once() {
+        // When it joins late they have it; on a fresh deploy they answer
+        // "fetching" or "not yet", and it goes to the origin.
+        let fleet = fleet(8, &[]);
+        let members = members(&fleet);
+        let decided = decide(&fleet, 2);
+        let (first, _) = fleet
+            .iter()
+            .zip(&decided)
+            .find(|(_, s)| s.origin_now)
+            .unwrap();
+        let mine = sources(&first.0, None, &members, SHA, 2);
+        assert!(mine.origin_now);
+        assert_eq!(mine.peers.len(), 1 + FAN_OUT, "{:?}", mine.peers);
+        assert!(!mine.peers.contains(&first.1));
     }
 
     #[test]

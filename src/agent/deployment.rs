@@ -72,6 +72,8 @@ pub(crate) struct DeploymentState {
     /// The prefix's secret for peers (`<prefix>/.secret`), read once per
     /// session.
     pub secret: Option<String>,
+    /// The prefix's agents as last listed for a fetch, and when.
+    pub agents_seen: Option<(std::time::Instant, Vec<(String, crate::tree::AgentRecord)>)>,
 }
 
 /// How often this node's `failed` keys are checked while it has some: an
@@ -127,6 +129,7 @@ impl DeploymentState {
             restarts_written: BTreeMap::new(),
             hook_noted: None,
             secret: None,
+            agents_seen: None,
         })
     }
 

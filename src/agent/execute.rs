@@ -35,6 +35,10 @@ pub(crate) const KEPT_RECHECK: std::time::Duration = std::time::Duration::from_s
 /// or deleted), and Consul takes at most 64.
 pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 3;
 
+/// How long an agent trusts its listing of the prefix's agents for
+/// deciding where to fetch an artifact from.
+const AGENTS_SEEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Agent {
     /// Does the first action of `batch` (all of it, if it is reports). An
     /// action that runs a hook only starts it: its end is handled by
@@ -513,7 +517,7 @@ impl Agent {
                             .origin_hosts
                             .map_or(crate::fan_out::ORIGIN_HOSTS, |n| n.clamp(1, 1000) as usize);
                         let (peers, origin_now, token) =
-                            self.peers_for(index, version, &artifact.sha256, origin_hosts);
+                            self.peers_for(index, &artifact.sha256, origin_hosts);
                         Then::Fetch {
                             artifact,
                             dest,
@@ -584,13 +588,12 @@ impl Agent {
         Some(secret)
     }
 
-    /// Where this host fetches `version`'s artifact from (`fan_out`): the
+    /// Where this host fetches an artifact from (`fan_out`): the
     /// peers to ask, best first, whether the origin is for it now, and the
     /// token that opens the artifact on the peers.
     fn peers_for(
         &mut self,
         index: usize,
-        version: &VersionName,
         sha256: &str,
         origin_hosts: usize,
     ) -> (Vec<String>, bool, String) {
@@ -599,37 +602,37 @@ impl Agent {
         };
         let token = crate::peer::token(&secret, sha256);
         let prefix = self.deployments[index].spec.prefix.clone();
-        // From any server (`?stale`): a peer that is not what the listing
-        // says costs one dropped request, its bytes are verified anyway,
-        // and the leader is spared a listing per host per version.
-        let read = crate::consul::Read {
-            consistency: crate::consul::Consistency::Stale,
-            ..crate::consul::Read::default()
-        };
-        let (Ok(agents), Ok(nodes)) = (
-            self.consul.list_starting_with(&prefix.agents_dir(), read),
-            self.consul
-                .list_starting_with(&format!("{}{version}/", prefix.as_dir()), read),
-        ) else {
-            return (Vec::new(), true, token);
-        };
-        let mut entries = agents.value;
-        entries.extend(nodes.value);
-        let tree = crate::tree::Tree::parse(&prefix, &entries);
-        let has_it = tree
-            .versions
-            .get(version)
-            .map(|i| i.nodes.clone())
-            .unwrap_or_default();
+        // The prefix's agents, read at most once a minute (from any server,
+        // `?stale`): one listing per host, not per host and version; a
+        // member that is not what the listing says costs a dropped request
+        // or a less even tree, and the bytes are verified anyway.
+        let fresh = self.deployments[index]
+            .agents_seen
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < AGENTS_SEEN_FOR);
+        if !fresh {
+            let read = crate::consul::Read {
+                consistency: crate::consul::Consistency::Stale,
+                ..crate::consul::Read::default()
+            };
+            let Ok(agents) = self.consul.list_starting_with(&prefix.agents_dir(), read) else {
+                return (Vec::new(), true, token);
+            };
+            let tree = crate::tree::Tree::parse(&prefix, &agents.value);
+            self.deployments[index].agents_seen =
+                Some((Instant::now(), tree.agents.into_iter().collect()));
+        }
+        let agents = self.deployments[index]
+            .agents_seen
+            .as_ref()
+            .map_or(&[][..], |(_, agents)| &agents[..]);
         // From the tree: only a plain ADDR:PORT is ever asked.
-        let members: Vec<crate::fan_out::Member<'_>> = tree
-            .agents
+        let members: Vec<crate::fan_out::Member<'_>> = agents
             .iter()
             .map(|(node, record)| crate::fan_out::Member {
                 name: node,
                 listen: record.listen.as_deref().and_then(|l| l.parse().ok()),
                 zone: record.zone.as_deref(),
-                has_it: has_it.get(node).is_some_and(|e| e.state.has_it()),
             })
             .collect();
         let sources = crate::fan_out::sources(
