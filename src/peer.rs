@@ -60,6 +60,13 @@ impl Served {
         list.push((path, secret));
     }
 
+    /// Serves only the artifacts under these paths (the deployments a
+    /// reload kept).
+    pub(crate) fn keep_only(&self, paths: &[PathBuf]) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(p, _)| paths.contains(p));
+    }
+
     /// The verified file of `sha256` a request with `token` may have; or
     /// the status to answer: 403 (not a token of ours), 425 (this host is
     /// fetching it: ask again), 404.
@@ -287,6 +294,25 @@ fn status(stream: &mut TcpStream, code: u16) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deployment_no_longer_configured_is_served_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = "ab".repeat(32);
+        let (api, web) = (dir.path().join("api"), dir.path().join("web"));
+        for path in [&api, &web] {
+            std::fs::create_dir_all(path.join(".depro/artifacts/v1")).unwrap();
+            std::fs::write(path.join(".depro/artifacts/v1").join(&sha), b"x").unwrap();
+        }
+        let served = Served::default();
+        served.allow(api.clone(), "s1".into());
+        served.allow(web.clone(), "s2".into());
+        assert!(served.find(&sha, &token("s2", &sha)).is_ok());
+        served.keep_only(std::slice::from_ref(&api));
+        assert_eq!(served.find(&sha, &token("s2", &sha)), Err(403));
+        assert!(served.find(&sha, &token("s1", &sha)).is_ok());
+        assert_eq!(served.find(&"cd".repeat(32), &token("s1", &"cd".repeat(32))), Err(404));
+    }
 
     #[test]
     fn a_token_opens_one_artifact_under_one_secret() {

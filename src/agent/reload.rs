@@ -127,6 +127,9 @@ impl Agent {
             }
         }
         drop(old); // releases the locks of deployments no longer configured
+        // Artifacts of deployments no longer configured are served no more.
+        let paths: Vec<_> = self.deployments.iter().map(|d| d.spec.path.clone()).collect();
+        self.served.keep_only(&paths);
         if reconnect || topology_changed {
             // Start over with Consul: new watches, and a new session that
             // registers every version again.
