@@ -53,10 +53,20 @@ pub(crate) fn new_secret() -> Option<String> {
 pub(crate) struct Served(Arc<Mutex<Vec<(PathBuf, String)>>>);
 
 impl Served {
-    /// Serves the verified artifacts under `path` to holders of `secret`.
+    /// Serves the verified artifacts under `path` to holders of `secret`,
+    /// and of the secret before it (agents take a rotated secret up at
+    /// different times).
     pub(crate) fn allow(&self, path: PathBuf, secret: String) {
         let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|(p, _)| *p != path);
+        if list.iter().any(|(p, s)| *p == path && *s == secret) {
+            return;
+        }
+        let before = list
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == path)
+            .map(|(_, s)| s.clone());
+        list.retain(|(p, s)| *p != path || Some(s) == before.as_ref());
         list.push((path, secret));
     }
 
@@ -296,7 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_deployment_no_longer_configured_is_served_no_more() {
+    fn a_rotated_secret_and_the_one_before_open_it_and_a_dropped_deployment_is_served_no_more() {
         let dir = tempfile::tempdir().unwrap();
         let sha = "ab".repeat(32);
         let (api, web) = (dir.path().join("api"), dir.path().join("web"));
@@ -308,10 +318,20 @@ mod tests {
         served.allow(api.clone(), "s1".into());
         served.allow(web.clone(), "s2".into());
         assert!(served.find(&sha, &token("s2", &sha)).is_ok());
+        // A rotated secret: the new one and the one before open it.
+        served.allow(web.clone(), "s3".into());
+        served.allow(web.clone(), "s4".into());
+        assert_eq!(served.find(&sha, &token("s2", &sha)), Err(403));
+        assert!(served.find(&sha, &token("s3", &sha)).is_ok());
+        assert!(served.find(&sha, &token("s4", &sha)).is_ok());
         served.keep_only(std::slice::from_ref(&api));
+        assert_eq!(served.find(&sha, &token("s4", &sha)), Err(403));
         assert_eq!(served.find(&sha, &token("s2", &sha)), Err(403));
         assert!(served.find(&sha, &token("s1", &sha)).is_ok());
-        assert_eq!(served.find(&"cd".repeat(32), &token("s1", &"cd".repeat(32))), Err(404));
+        assert_eq!(
+            served.find(&"cd".repeat(32), &token("s1", &"cd".repeat(32))),
+            Err(404)
+        );
     }
 
     #[test]

@@ -871,10 +871,8 @@ fn old_and_new_agents_share_a_prefix_with_artifacts() {
     let old = |var: &str| -> String {
         std::env::var(var).unwrap_or_else(|_| panic!("{var} unset: run scripts/old-agents.sh"))
     };
-    let (before_artifacts, before_fan_out) = (
-        old("DEPRO_BEFORE_ARTIFACTS"),
-        old("DEPRO_BEFORE_FAN_OUT"),
-    );
+    let (before_artifacts, before_fan_out) =
+        (old("DEPRO_BEFORE_ARTIFACTS"), old("DEPRO_BEFORE_FAN_OUT"));
     let blob = blob();
     let sha = sha256_of(&blob);
     let origin = Origin::serve(blob.clone());
@@ -912,4 +910,76 @@ fn old_and_new_agents_share_a_prefix_with_artifacts() {
         .filter(|&i| fleet.agents[i].log().contains("fetching from the peer"))
         .count();
     assert_eq!(from_peers, 2, "this build's other hosts fetched from peers");
+}
+
+#[test]
+fn a_rotated_secret_is_taken_up_at_a_reload_and_peers_keep_serving_each_other() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    let mut fleet = fleet_of_peers(2);
+    fleet.agents[0].start();
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .ok();
+    // The operator rotates the prefix's secret and reloads node1.
+    let key = format!("{}/.secret", fleet.prefix);
+    let old = fleet.consul.get(&key).unwrap();
+    fleet.consul.put(&key, &"5e".repeat(32));
+    fleet.agents[0].signal(nix::sys::signal::Signal::SIGHUP);
+    fleet.wait("node1 reloaded", |f| f.agents[0].log().contains("SIGHUP"));
+    // A new host reads the new secret; node1 serves it under the new one.
+    fleet.agents[1].start();
+    fleet.wait("v1 on node2", |f| {
+        f.node_state("v1", "node2").as_deref() == Some("active")
+    });
+    let log = fleet.agents[1].log();
+    assert!(log.contains("fetching from the peer"), "{log}");
+    assert!(!log.contains("answered 403"), "{log}");
+    assert_eq!(
+        origin.ranges.lock().unwrap().len(),
+        1,
+        "the origin served one copy"
+    );
+    // The secret before still opens node1's artifacts (hosts take a
+    // rotation up at different times); an older one does not.
+    let code = |secret: &str| {
+        let token = {
+            use std::process::Command;
+            let out = Command::new("openssl")
+                .args(["dgst", "-sha256", "-hmac", secret])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    c.stdin.take().unwrap().write_all(sha.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let mut stream = TcpStream::connect(listen_of(&fleet, 0)).unwrap();
+        write!(
+            stream,
+            "GET /artifacts/{sha} HTTP/1.1\r\nHost: x\r\nX-Depro-Token: {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = String::new();
+        BufReader::new(stream).read_line(&mut head).unwrap();
+        head
+    };
+    assert!(code(&old).contains(" 200 "), "the secret before");
+    assert!(code(&"5e".repeat(32)).contains(" 200 "), "the new secret");
+    assert!(code(&"77".repeat(32)).contains(" 403 "), "another");
 }

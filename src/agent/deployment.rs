@@ -71,7 +71,7 @@ pub(crate) struct DeploymentState {
     pub hook_noted: Option<VersionName>,
     /// The prefix's secret for peers (`<prefix>/.secret`), read once per
     /// session.
-    pub secret: Option<String>,
+    pub secret: Option<(std::time::Instant, String)>,
     /// The prefix's agents as last listed for a fetch, and when.
     pub agents_seen: Option<(std::time::Instant, Vec<(String, crate::tree::AgentRecord)>)>,
 }

@@ -35,6 +35,11 @@ pub(crate) const KEPT_RECHECK: std::time::Duration = std::time::Duration::from_s
 /// or deleted), and Consul takes at most 64.
 pub(crate) const REPORTS_PER_TXN: usize = crate::consul::MAX_TXN_OPS / 3;
 
+/// How long an agent uses the prefix's secret before it reads it again (a
+/// secret rotated by an operator is taken up within this time, or at a
+/// reload).
+const SECRET_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// How long an agent trusts its listing of the prefix's agents for
 /// deciding where to fetch an artifact from.
 const AGENTS_SEEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
@@ -552,11 +557,14 @@ impl Agent {
     }
 
     /// The prefix's secret (`<prefix>/.secret`), made if missing (by
-    /// check-and-set: the first agent's wins); the artifact server serves
-    /// this deployment's artifacts to holders of tokens under it.
-    fn secret_of(&mut self, index: usize) -> Option<String> {
-        if let Some(secret) = self.deployments[index].secret.clone() {
-            return Some(secret);
+    /// check-and-set: the first agent's wins), read again after
+    /// [`SECRET_FOR`]; the artifact server serves this deployment's
+    /// artifacts to holders of tokens under it (and under the one before).
+    pub(super) fn secret_of(&mut self, index: usize) -> Option<String> {
+        if let Some((at, secret)) = &self.deployments[index].secret
+            && at.elapsed() < SECRET_FOR
+        {
+            return Some(secret.clone());
         }
         let deployment = &self.deployments[index];
         let key = deployment.spec.prefix.secret_key();
@@ -584,7 +592,7 @@ impl Agent {
         };
         self.served
             .allow(deployment.spec.path.clone(), secret.clone());
-        self.deployments[index].secret = Some(secret.clone());
+        self.deployments[index].secret = Some((Instant::now(), secret.clone()));
         Some(secret)
     }
 

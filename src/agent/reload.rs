@@ -34,6 +34,13 @@ impl Agent {
             Ok(()) => self.announce(),
             Err(e) => log::error!("reload: {e}; keeping the running configuration"),
         }
+        // The prefixes' secrets are read again (an operator rotated one).
+        for index in 0..self.deployments.len() {
+            self.deployments[index].secret = None;
+            if self.config.listen.is_some() {
+                let _ = self.secret_of(index);
+            }
+        }
     }
 
     /// Consul refused the credentials: if the token file or the TLS files
@@ -128,7 +135,11 @@ impl Agent {
         }
         drop(old); // releases the locks of deployments no longer configured
         // Artifacts of deployments no longer configured are served no more.
-        let paths: Vec<_> = self.deployments.iter().map(|d| d.spec.path.clone()).collect();
+        let paths: Vec<_> = self
+            .deployments
+            .iter()
+            .map(|d| d.spec.path.clone())
+            .collect();
         self.served.keep_only(&paths);
         if reconnect || topology_changed {
             // Start over with Consul: new watches, and a new session that
