@@ -304,9 +304,13 @@ pub(crate) fn fetch_main() -> i32 {
     let peers: Vec<&str> = peers.split_whitespace().collect();
     let origin_now = var(ENV_ORIGIN) != "later";
     let fetched = fetch(&artifact, &dest, &peers, origin_now, &var(ENV_TOKEN));
-    let _ = fs::remove_file(dest.with_extension("progress"));
+    // Where it came from, for the agent's metrics (which then delete it).
     match fetched {
-        Ok(()) => 0,
+        Ok(source) => tell(&dest, &format!("{FETCHED_FROM}{source}")),
+        Err(_) => drop(fs::remove_file(dest.with_extension("progress"))),
+    }
+    match fetched {
+        Ok(_) => 0,
         Err(why) => {
             println!("{why}");
             1
@@ -416,13 +420,17 @@ enum Trouble {
     },
 }
 
+/// What a successful fetch leaves in its progress file, before its source.
+pub(crate) const FETCHED_FROM: &str = "fetched from the ";
+
+/// Fetches into `dest`; says where from: `peer` or `origin`.
 fn fetch(
     artifact: &Artifact,
     dest: &Path,
     peers: &[&str],
     origin_now: bool,
     token: &str,
-) -> Result<(), String> {
+) -> Result<&'static str, String> {
     artifact.check()?;
     let expected = parse_sha256(&artifact.sha256)?;
     if dest.as_os_str().is_empty() {
@@ -482,7 +490,8 @@ fn fetch(
             match from_peer(&peer_agent, peer, artifact, &expected, dest, token) {
                 Asked::Got(got) => {
                     let _ = fs::remove_file(&partial);
-                    return keep(&dest.with_extension("peer"), dest, &expected, got);
+                    return keep(&dest.with_extension("peer"), dest, &expected, got)
+                        .map(|()| "peer");
                 }
                 // A peer that is fetching it will have it soon: wait for
                 // it rather than ask those above it (the tree's top serves
@@ -552,7 +561,7 @@ fn fetch(
         }
     }
     match verified(&partial, &expected, artifact.size, &shown) {
-        Ok(got) => keep(&partial, dest, &expected, got),
+        Ok(got) => keep(&partial, dest, &expected, got).map(|()| "origin"),
         Err(why) => {
             let _ = fs::remove_file(&partial);
             Err(format!("{why}; nothing kept"))

@@ -58,6 +58,8 @@ struct FileConfig {
     zone: Option<String>,
     /// The most this host uploads to peers, e.g. `"20MB/s"`.
     upload_limit: Option<String>,
+    /// Where to write the agent's metrics (Prometheus' text format).
+    metrics_file: Option<PathBuf>,
     #[serde(default)]
     deployments: Vec<FileDeployment>,
 }
@@ -130,6 +132,8 @@ pub(crate) struct AgentConfig {
     pub zone: Option<String>,
     /// The most it uploads to peers, in bytes per second (`upload_limit`).
     pub upload_limit: Option<u64>,
+    /// Where to write its metrics (`metrics_file`).
+    pub metrics_file: Option<PathBuf>,
     pub deployments: Vec<Deployment>,
     /// The config files that were read, for messages.
     pub files: Vec<PathBuf>,
@@ -175,7 +179,8 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
             max_parallel_hooks,
             listen,
             zone,
-            upload_limit
+            upload_limit,
+            metrics_file
         );
         for (i, deployment) in file.deployments.into_iter().enumerate() {
             deployments.push((format!("{}: deployments[{i}]", path.display()), deployment));
@@ -284,6 +289,17 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         )));
     }
     let zone = merged.zone.clone();
+    if let Some(file) = &merged.metrics_file {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        if !file.is_absolute() || !dir.is_some_and(|d| d.is_dir()) {
+            return Err(Error::Config(format!(
+                "{}: {} is not a file in an existing directory; give an absolute path such as \
+                 \"/var/lib/prometheus/node-exporter/depro.prom\"",
+                origin("metrics_file"),
+                file.display()
+            )));
+        }
+    }
     let upload_limit = match &merged.upload_limit {
         None => None,
         Some(text) => Some(rate(text).ok_or_else(|| {
@@ -353,6 +369,7 @@ pub(crate) fn resolve_agent(args: &AgentArgs, env: Env<'_>) -> Result<AgentConfi
         listen,
         zone,
         upload_limit,
+        metrics_file: merged.metrics_file.clone(),
         deployments: resolved,
         files,
     })

@@ -22,6 +22,7 @@ mod hook_output;
 mod hooks;
 mod local_state;
 mod logging;
+mod metrics;
 mod pacing;
 mod peer;
 mod plan;

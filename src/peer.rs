@@ -27,6 +27,11 @@ pub(crate) const UPLOADS: usize = 4;
 /// "busy", or 404 at once rather than leave a request waiting).
 const SPARE: usize = 2;
 
+/// How long a request for an artifact this host is fetching is held.
+const HOLD: Duration = Duration::from_secs(2);
+/// How often a held request looks whether the artifact is here.
+const HELD_CHECK: Duration = Duration::from_millis(20);
+
 /// A progress file written this recently is a fetch under way.
 const FETCHING: Duration = Duration::from_secs(10);
 
@@ -50,14 +55,18 @@ pub(crate) fn new_secret() -> Option<String> {
 /// What the server may serve: each deployment's path and its prefix's
 /// secret, as the agent learns them.
 #[derive(Clone, Default)]
-pub(crate) struct Served(Arc<Mutex<Vec<(PathBuf, String)>>>);
+pub(crate) struct Served {
+    list: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    /// The agent's metrics as last rendered (`/metrics`).
+    metrics: Arc<Mutex<String>>,
+}
 
 impl Served {
     /// Serves the verified artifacts under `path` to holders of `secret`,
     /// and of the secret before it (agents take a rotated secret up at
     /// different times).
     pub(crate) fn allow(&self, path: PathBuf, secret: String) {
-        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         if list.iter().any(|(p, s)| *p == path && *s == secret) {
             return;
         }
@@ -70,10 +79,15 @@ impl Served {
         list.push((path, secret));
     }
 
+    /// What `/metrics` answers from now on.
+    pub(crate) fn set_metrics(&self, text: String) {
+        *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+
     /// Serves only the artifacts under these paths (the deployments a
     /// reload kept).
     pub(crate) fn keep_only(&self, paths: &[PathBuf]) {
-        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.retain(|(p, _)| paths.contains(p));
     }
 
@@ -81,7 +95,7 @@ impl Served {
     /// the status to answer: 403 (not a token of ours), 425 (this host is
     /// fetching it: ask again), 404.
     fn find(&self, sha256: &str, token: &str) -> Result<PathBuf, u16> {
-        let list = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (mut allowed, mut fetching) = (false, false);
         for (path, secret) in list {
             if !constant_time_eq(self::token(&secret, sha256).as_bytes(), token.as_bytes()) {
@@ -186,12 +200,33 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
         }
     }
     let mut stream = stream;
+    if line.starts_with("GET /metrics ") {
+        // For Prometheus: no token, nothing but the agent's counts.
+        let text = served
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        return write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \
+             {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
+    }
     let Some(sha256) = sha256 else {
         return status(&mut stream, 400);
     };
-    let path = match served.find(&sha256, &token) {
-        Ok(path) => path,
-        Err(code) => return status(&mut stream, code),
+    // A host that is fetching it holds the request a while rather than
+    // answer "not yet": the asker gets it the moment it is verified here,
+    // not at its next ask (each level of the tree would add a pause).
+    let hold_until = Instant::now() + HOLD;
+    let path = loop {
+        match served.find(&sha256, &token) {
+            Ok(path) => break path,
+            Err(425) if Instant::now() < hold_until => std::thread::sleep(HELD_CHECK),
+            Err(code) => return status(&mut stream, code),
+        }
     };
     let taken = uploads
         .running
@@ -260,6 +295,7 @@ fn upload(
         }
         uploads.pace(n);
         stream.write_all(&buffer[..n])?;
+        crate::metrics::METRICS.served(n as u64);
     }
     stream.flush()
 }

@@ -69,8 +69,8 @@ pub(crate) struct DeploymentState {
     /// The version whose long-running hook this node noted under
     /// `<version>/.hook/<node>` (under the current session).
     pub hook_noted: Option<VersionName>,
-    /// The prefix's secret for peers (`<prefix>/.secret`), read once per
-    /// session.
+    /// The prefix's secret for peers (`<prefix>/.secret`) and when it was
+    /// read (again after a while, a reload, a new session).
     pub secret: Option<(std::time::Instant, String)>,
     /// The prefix's agents as last listed for a fetch, and when.
     pub agents_seen: Option<(std::time::Instant, Vec<(String, crate::tree::AgentRecord)>)>,

@@ -694,8 +694,17 @@ impl Agent {
         outcome: Result<(), HookFailure>,
         stop: Option<Stop>,
     ) -> Result<(), Failure> {
+        let told = crate::artifact::progress_of(&dest);
+        let _ = std::fs::remove_file(dest.with_extension("progress"));
         match outcome {
             Ok(()) if dest.exists() => {
+                let source = match told.strip_prefix(crate::artifact::FETCHED_FROM) {
+                    Some("peer") => "peer",
+                    _ => "origin",
+                };
+                let bytes = std::fs::metadata(&dest).map_or(0, |m| m.len());
+                let id = &self.deployments[index].spec.id;
+                crate::metrics::METRICS.fetched(id, source, bytes);
                 let dir = self.deployments[index].dir.version_path(version);
                 let timeout = self.deployments[index].spec.timeout;
                 let then = Then::Deploy {

@@ -468,6 +468,13 @@ impl Agent {
             unreachable!("checked")
         };
         let outcome = outcome(&run, status, tail);
+        let kind = match run.then {
+            Then::Fetch { .. } => "fetch",
+            _ => run.kind.as_str(),
+        };
+        let seconds = crate::logging::now_ms().saturating_sub(run.started_ms) as f64 / 1000.0;
+        let id = &self.deployments[index].spec.id;
+        crate::metrics::METRICS.hook_ran(id, kind, seconds, outcome.is_ok());
         let result = self.finished(index, run, outcome);
         self.settle(index, result);
     }

@@ -127,6 +127,10 @@ pub(crate) fn run(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
+/// How often the metrics are rendered (Prometheus scrapes every 15 s or
+/// more).
+const METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Agent {
     args: AgentArgs,
     config: AgentConfig,
@@ -151,6 +155,8 @@ pub(crate) struct Agent {
     started_at: String,
     /// What the artifact server may serve (with `listen`).
     served: crate::peer::Served,
+    /// When to render the metrics next (with `metrics_file` or `listen`).
+    metrics_at: Option<Instant>,
 }
 
 /// How an action failed.
@@ -237,6 +243,7 @@ impl Agent {
             last_served: 0,
             started_at: crate::logging::timestamp(),
             served,
+            metrics_at: Some(Instant::now()),
         })
     }
 
@@ -251,6 +258,7 @@ impl Agent {
             }
             self.check_hooks();
             self.recheck_kept();
+            self.publish_metrics();
             if !self.stopping {
                 self.ensure_session();
                 self.share_session();
@@ -308,6 +316,41 @@ impl Agent {
                 self.consul.server()
             );
         }
+    }
+
+    /// Renders the metrics, if due: into `metrics_file` (atomically, for
+    /// node_exporter's textfile collector) and for `/metrics`.
+    fn publish_metrics(&mut self) {
+        let wanted = self.config.metrics_file.is_some() || self.config.listen.is_some();
+        if !wanted || self.metrics_at.is_some_and(|at| at > Instant::now()) {
+            self.metrics_at = self.metrics_at.filter(|_| wanted);
+            return;
+        }
+        self.metrics_at = Some(Instant::now() + METRICS_EVERY);
+        let seen: Vec<crate::metrics::DeploymentSeen<'_>> = self
+            .deployments
+            .iter()
+            .map(|d| crate::metrics::DeploymentSeen {
+                id: &d.spec.id,
+                live: d.disk.live.as_ref().map(|v| v.as_str()),
+                states: d
+                    .reported
+                    .iter()
+                    .map(|(v, state)| (v.as_str(), state.as_str()))
+                    .collect(),
+            })
+            .collect();
+        let text = crate::metrics::METRICS.render(&self.config.name, &seen);
+        if let Some(file) = &self.config.metrics_file
+            && let Err(e) = crate::local_state::atomic_write(
+                file,
+                text.trim_end(),
+                crate::local_state::Durability::CrashSafe,
+            )
+        {
+            log::warn!("metrics_file: {e}");
+        }
+        self.served.set_metrics(text);
     }
 
     // ---- events ----
@@ -507,6 +550,9 @@ impl Agent {
         }
         if self.stopping {
             return at;
+        }
+        if let Some(metrics) = self.metrics_at {
+            at = Some(at.map_or(metrics, |a| a.min(metrics)));
         }
         for deployment in &self.deployments {
             for time in [

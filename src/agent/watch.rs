@@ -819,6 +819,7 @@ impl Health {
     }
 
     pub(crate) fn reachable(&self, consul: &Consul) {
+        crate::metrics::METRICS.consul_answered();
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(outage) = down.take() {
             let lasted = outage.since.elapsed();
@@ -845,6 +846,7 @@ impl Health {
         }
         let summary = err.summary();
         if let ConsulErrorKind::Denied(_) = err.kind {
+            crate::metrics::METRICS.consul_failed("denied", false);
             // Consul answers: not an outage.
             let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
             let repeat = match &*denied {
@@ -864,6 +866,7 @@ impl Health {
             return;
         }
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        crate::metrics::METRICS.consul_failed(err.kind.as_str(), down.is_none());
         match down.as_mut() {
             None => {
                 log::warn!(

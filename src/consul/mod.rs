@@ -96,6 +96,22 @@ pub(crate) enum ConsulErrorKind {
     TooLarge(u64),
 }
 
+impl ConsulErrorKind {
+    /// A word for the kind (a metric's label).
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            ConsulErrorKind::Unreachable(_) => "unreachable",
+            ConsulErrorKind::Denied(_) => "denied",
+            ConsulErrorKind::Status(..) => "status",
+            ConsulErrorKind::BadAnswer(_) => "bad_answer",
+            ConsulErrorKind::NotConsul(_) => "not_consul",
+            ConsulErrorKind::NoDatacenter(_) => "no_datacenter",
+            ConsulErrorKind::Tls(_) => "tls",
+            ConsulErrorKind::TooLarge(_) => "too_large",
+        }
+    }
+}
+
 impl ConsulError {
     /// True for errors that may go away on their own (network, 5xx), as
     /// opposed to denials and bad requests, which need an operator.
