@@ -24,7 +24,11 @@ separate processes on this machine, it measures:
    in the same run;
 9. the seed's protocol spoken with plain KV writes (served through the
    scout) against the depro CLI, same fleet, N agents;
-10. the CLI's commands on prefixes of 10k, 100k and 1M keys.
+10. the CLI's commands on prefixes of 10k, 100k and 1M keys;
+11. artifacts (issue 21): a random build from an origin throttled to a
+    few MB/s, to N agents, three ways (the deploy hook downloads it, depro
+    fetches it from the origin only, peers help): converged time and the
+    origin's egress; then two zones, and the copies crossing between them.
 
 It writes docs/benchmarks.md, docs/fleet-scaling.svg and
 docs/benchmarks.json. Only the standard library is used.
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -41,9 +46,9 @@ import tempfile
 import threading
 import time
 
-from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, CpuMeter, app_deployment, latency_while_busy,
-                      make_artifact, median, ms, p95, proc_split, proc_times, raise_fd_limit, registered, rss_kib,
-                      run_depro, stop_all, threads_sockets, wait_until)
+from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, CpuMeter, Origin, app_deployment, free_port,
+                      latency_while_busy, make_artifact, median, ms, p95, proc_split, proc_times, raise_fd_limit,
+                      registered, rss_kib, run_depro, stop_all, threads_sockets, wait_until)
 
 def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
     """Section 1: N agents on one dev Consul; deploy and cleanup times, CPU by
@@ -667,6 +672,148 @@ def back_to_back(depro, go_binary, consul_binary, work, sizes, rounds, pause):
                   f"(lost {row['spaced']['lost']})", flush=True)
     return results
 
+# Section 11's three ways of getting a build onto the hosts.
+WAYS = {"hook": "the deploy hook downloads it", "origin": "depro fetches it, from the origin only",
+        "peers": "depro fetches it, peers helping"}
+
+
+def artifact_sources(agent, offset, artifact_size):
+    """Where an agent's fetch got its bytes from, read from its log past
+    `offset` (the fetch helper's lines): {"source": "origin" or a peer's
+    address (the last source before "verified"), "fallback": it went to
+    the origin after waiting for peers, "dropped": peers it dropped}."""
+    with open(os.path.join(agent.dir, "agent.log"), "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    found = {"source": None, "fallback": 0, "dropped": []}
+    for line in text.splitlines():
+        peer = re.search(r"fetching from the peer http://([0-9.]+):\d+", line)
+        if peer:
+            found["source"] = peer.group(1)
+        elif re.search(r"\] fetching http://", line):
+            found["source"] = "origin"
+        elif "fetching from the origin" in line:
+            found["fallback"] += 1
+        elif "dropped the peer" in line:
+            found["dropped"].append(line.split("dropped the peer", 1)[1].strip())
+    return found
+
+
+def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zones=1, tag=None):
+    """N agents that deploy a `size`-byte build one of three ways (`WAYS`);
+    `rounds` deploys of a new random build each, after a warm-up with a
+    small one: converged time, the origin's egress, where each host's copy
+    came from. With `zones` = 2, peers in two zones (half each; their
+    listen addresses 127.1.x.x and 127.2.x.x)."""
+    tag = tag or f"{way[0]}{n}"
+    prefix = f"art{tag}/version"
+    # As in section 9: all agents connect from 127.0.0.1, where a fleet has
+    # one address per host; the per-client limit allows them 8 each.
+    consul = Consul(consul_binary, work, name=f"art{tag}", conns=max(200, n * 8))
+    fetch = (f'curl -sf -o build.bin "http://{origin.addr}/$VERSION.bin"' if shutil.which("curl") else
+             f'python3 -c \'import sys, urllib.request as u; u.urlretrieve(sys.argv[1], "build.bin")\' '
+             f'"http://{origin.addr}/$VERSION.bin"')
+    check = (f'curl -sf "http://{origin.addr}/$VERSION.sha256"' if shutil.which("curl") else
+             f'python3 -c \'import sys, urllib.request as u; sys.stdout.write(u.urlopen(sys.argv[1]).read().decode())\' '
+             f'"http://{origin.addr}/$VERSION.sha256"')
+    deploy = [fetch, f"{check} | sha256sum -c --quiet"] if way == "hook" else ['ln -s "$ARTIFACT" build.bin']
+
+    def deployments(node_dir):
+        ds = app_deployment(prefix)(node_dir)
+        ds[0]["deploy"] = deploy
+        return ds
+
+    agents, zone_of = [], {}
+    for i in range(n):
+        extra = {}
+        if way == "peers":
+            z = 1 + (i * zones // n)
+            ip = f"127.{z}.{i // 250}.{i % 250 + 1}"
+            extra = {"listen": f"{ip}:{free_port(ip)}"}
+            if zones > 1:
+                extra["zone"] = "ab"[z - 1]
+                zone_of[ip] = "ab"[z - 1]
+        agent = Agent(depro, work, f"art{tag}-{i}", consul, deployments, log_level="info", extra=extra)
+        agent.zone = extra.get("zone", "a")
+        agents.append(agent)
+    try:
+        wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent art{tag}-") >= n,
+                   timeout=300, step=0.05)
+        meter = CpuMeter(consul, agents)
+        samples, previous = [], None
+        for r in range(rounds + 1):  # round 0 warms up, with a small build, and is not counted
+            version = f"{tag}r{r}"
+            digest = origin.add(version, size if r > 0 else max(1, size // 20))
+            args = [] if way == "hook" else [f"-artifact={origin.url(version)}", f"-sha256={digest}",
+                                             f"-size={len(origin.blobs[version][0])}"]
+            offsets = [os.path.getsize(os.path.join(a.dir, "agent.log")) for a in agents]
+            sent, before = origin.sent, meter.now()
+            t0 = time.monotonic()
+            run_depro(depro, consul, "deploy", version, f"-nodes={n}", f"-prefix={prefix}", "-timeout=900s",
+                      *args)
+            wait_until("every node live", lambda: all(a.live() == version for a in agents), timeout=300, step=0.02)
+            elapsed = time.monotonic() - t0
+            time.sleep(0.5)
+            egress = origin.sent - sent
+            spent = meter.since(before)
+            origin.blobs.pop(previous, None)
+            if previous is not None:
+                run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-timeout=120s")
+            previous = version
+            if r == 0:
+                continue
+            sample = {"t": elapsed, "egress": egress, "hooks_cpu": spent["hooks_cpu"],
+                      "agents_cpu": spent["agents_cpu"]}
+            if way != "hook":
+                found = [artifact_sources(a, o, size) for a, o in zip(agents, offsets)]
+                sample["from_origin"] = sum(1 for f in found if f["source"] == "origin")
+                sample["fallbacks"] = sum(f["fallback"] for f in found)
+                sample["dropped"] = [f"{a.name}: {x}" for a, f in zip(agents, found) for x in f["dropped"]]
+                sample["unknown"] = sum(1 for f in found if f["source"] is None)
+                if zones > 1:
+                    # The origin counts as zone a's.
+                    source_zone = [zone_of.get(f["source"], "a") for f in found]
+                    sample["origin_hosts"] = "".join(sorted(a.zone for a, f in zip(agents, found)
+                                                            if f["source"] == "origin"))
+                    sample["crossing"] = sum(1 for a, z in zip(agents, source_zone) if a.zone != z)
+                    sample["crossing_from_origin"] = sum(1 for a, f in zip(agents, found)
+                                                         if f["source"] == "origin" and a.zone != "a")
+            samples.append(sample)
+            print(f"  {way:6} N={n:3}{' (2 zones)' if zones > 1 else ''}: converged {elapsed:6.2f} s, origin "
+                  f"sent {egress / size:5.2f} copies" + (f", {sample['from_origin']} hosts from the origin, "
+                  f"{sample['fallbacks']} after waiting, {len(sample['dropped'])} peers dropped"
+                  if way != "hook" else "") + (f", {sample['crossing']} copies crossed (origin hosts in zones "
+                  f"{sample['origin_hosts']})" if zones > 1 else ""), flush=True)
+    finally:
+        stop_all(agents)
+        consul.stop()
+        for a in agents:
+            shutil.rmtree(os.path.join(a.dir, "app"), ignore_errors=True)
+    row = {"way": way, "n": n, "zones": zones, "t": median([x["t"] for x in samples]),
+           "t_all": [x["t"] for x in samples], "egress": median([x["egress"] for x in samples]),
+           "egress_all": [x["egress"] for x in samples],
+           "cpu": median([x["hooks_cpu"] + x["agents_cpu"] for x in samples]), "samples": samples}
+    return row
+
+
+def artifacts_section(depro, consul_binary, work, sizes, mb, mbps, rounds, zone_fleet):
+    """Section 11 (issue 21): a throttled origin, a random build, N agents,
+    three ways (`WAYS`); then two zones."""
+    size, rate = int(mb * 1e6), mbps * 1e6
+    origin = Origin(rate)
+    results = {"size": size, "rate": rate, "rounds": rounds, "runs": [], "zones": None}
+    try:
+        for way in WAYS:
+            for n in sizes:
+                results["runs"].append(artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size))
+        if zone_fleet:
+            results["zones"] = artifact_fleet(depro, consul_binary, work, origin, "peers", zone_fleet,
+                                              max(rounds, 3), size, zones=2, tag=f"z{zone_fleet}")
+    finally:
+        origin.stop()
+    return results
+
+
 def machine():
     """This machine, as the report names it."""
     cpu_model = "unknown"
@@ -962,6 +1109,83 @@ def report(args, d, path):
             w(f"| {r['keys']:,} ({r['hosts']:,} × {r['versions']}) | " + " | ".join(cells) + " |")
         w("")
 
+    arts = d.get("artifacts")
+    if arts:
+        size, mb = arts["size"], arts["size"] / 1e6
+        w("## 11. Artifacts: a throttled origin, and peers\n")
+        w(measured_apart(d, "artifacts"))
+        w(f"An origin in the harness (Python's threaded HTTP server, `Range` served) sends a random {mb:g} MB build "
+          f"at {arts['rate'] / 1e6:g} MB/s in all (one token bucket across its connections) and counts every byte "
+          f"it sends; N agents on one dev Consul (per-client connection limit as in section 9) deploy it three "
+          f"ways: **hook**, the deploy hook downloads it (`curl` into the version's directory, then "
+          f"`sha256sum -c` on a digest fetched beside it); **origin only**, `depro deploy V -artifact=URL "
+          f"-sha256=HEX -size=N` to agents without `listen`, each fetching it from the origin (deploy hook "
+          f"`ln -s \"$ARTIFACT\" build.bin`); **peers**, the same deploy to agents with `listen` on distinct "
+          f"loopback addresses (127.1.x.x), `-origin-hosts` left at 2. Peers have no `upload_limit`: they share "
+          f"this machine's {CORES} cores and disk (each host writes, syncs and hashes its {mb:g} MB copy), "
+          f"not a network. Converged: from the start of `depro deploy V -nodes=N` until every node's `live` "
+          f"names V (the command exits once every node is `active`). Origin egress in copies of the build. "
+          f"Median of {arts['rounds']} round{'s' if arts['rounds'] != 1 else ''} per row, each with a new build, after a warm-up round with a build "
+          f"a twentieth the size.\n")
+        runs = {(r["way"], r["n"]): r for r in arts["runs"]}
+        ns = sorted({r["n"] for r in arts["runs"]})
+        ways = [way for way in WAYS if any(r["way"] == way for r in arts["runs"])]
+        labels = {"hook": "hook", "origin": "origin only", "peers": "peers"}
+        w("| N | " + " | ".join(f"{labels[way]}: converged s | × N={ns[0]} | origin copies" for way in ways)
+          + f" | peers: hosts that fetched from the origin | peers: CPU s (agents and fetches) | peers: converged "
+          f"− CPU ÷ {CORES} cores s |")
+        w("|---:|" + "---:|---:|---:|" * len(ways) + "---:|---:|---:|")
+        for n in ns:
+            cells = []
+            for way in ways:
+                r, base = runs.get((way, n)), runs.get((way, ns[0]))
+                cells += ([f"{r['t']:.2f}", f"×{r['t'] / base['t']:.1f}", f"{r['egress'] / size:.2f}"]
+                          if r and base else ["", "", ""])
+            p = runs.get(("peers", n))
+            if p:
+                cells += [f"{median([x['from_origin'] for x in p['samples']]):.0f}", f"{p['cpu']:.2f}",
+                          f"{max(0.0, p['t'] - p['cpu'] / CORES):.2f}"]
+            else:
+                cells += ["", "", ""]
+            w(f"| {n} | " + " | ".join(cells) + " |")
+        w("")
+        odd = [x for r in arts["runs"] for x in r["samples"] if x.get("fallbacks") or x.get("dropped")]
+        if odd:
+            w("Peers' trouble: " + "; ".join(f"{x['fallbacks']} hosts went to the origin after waiting, "
+                                            f"{len(x['dropped'])} peers dropped ({', '.join(x['dropped'][:3])})"
+                                            for x in odd) + ".\n")
+        z = arts.get("zones")
+        if z:
+            w(f"Two zones: {z['n']} agents with peers, half with `\"zone\": \"a\"` (listening on 127.1.x.x), half "
+              f"with `\"zone\": \"b\"` (127.2.x.x); the origin counts as zone a's. A host's copy crosses between "
+              f"the zones when the peer (or the origin) it came from is in the other zone, read from the fetch's "
+              f"lines in each agent's log (`fetching from the peer ADDR`, `fetching URL`, the last before "
+              f"`verified`). {len(z['samples'])} rounds, each a new build (so other hosts rank first):\n")
+            w("| round | converged s | origin copies | zones of the hosts that fetched from the origin | "
+              "copies crossing | of which origin → zone b |")
+            w("|---:|---:|---:|---|---:|---:|")
+            for i, x in enumerate(z["samples"], 1):
+                w(f"| {i} | {x['t']:.2f} | {x['egress'] / size:.2f} | {x['origin_hosts'] or '-'} | {x['crossing']} | "
+                  f"{x['crossing_from_origin']} |")
+            w("")
+        peers = [r for r in arts["runs"] if r["way"] == "peers"]
+        if peers:
+            worst = max(peers, key=lambda r: r["egress"])
+            targets.append(("peers: origin egress, any N", "≤ 2 copies",
+                            f"{worst['egress'] / size:.2f} copies (N={worst['n']})", worst["egress"] <= 2 * size))
+            big, small = runs.get(("peers", 64)), runs.get(("peers", 1))
+            if big and small:
+                ratio = big["t"] / small["t"]
+                apart = max(0.0, big["t"] - big["cpu"] / CORES)
+                targets.append(("peers: converged at N=64 vs N=1", "≤ ×3",
+                                f"{big['t']:.2f} vs {small['t']:.2f} s (×{ratio:.1f}; less the CPU ÷ {CORES} cores: "
+                                f"{apart:.2f} s, ×{apart / small['t']:.1f})", ratio <= 3))
+        if z:
+            crossing = median([x["crossing"] for x in z["samples"]])
+            targets.append((f"two zones ({z['n']} hosts): copies crossing between them", "about 1",
+                            f"{crossing:g} (rounds: {', '.join(str(x['crossing']) for x in z['samples'])})",
+                            crossing <= 1.5))
+
     if targets:
         w("## Targets\n")
         w("| target | wanted | measured | |")
@@ -975,7 +1199,7 @@ def report(args, d, path):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain", "big"]
+PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain", "big", "artifacts"]
 
 
 def dist_sizes(depro):
@@ -987,6 +1211,8 @@ def dist_sizes(depro):
     version = name.split("-")[1]
     folder = os.path.dirname(os.path.abspath(depro))
     sizes = {}
+    if not os.path.isdir(folder):  # dist/ cleaned since the run
+        return sizes
     for entry in sorted(os.listdir(folder)):
         prefix = f"depro-{version}-"
         if entry.startswith(prefix) and not entry.endswith((".deb", ".rpm", ".tmp")):
@@ -1020,6 +1246,13 @@ def main():
     parser.add_argument("--b2b-pause", type=float, default=2.0)
     parser.add_argument("--artifact-files", type=int, default=20)
     parser.add_argument("--artifact-kib", type=int, default=64)
+    parser.add_argument("--artifact-sizes", default="1,8,32,64", help="section 11's fleet sizes")
+    parser.add_argument("--artifact-mb", type=float, default=20, help="section 11's build, MB")
+    parser.add_argument("--origin-mbps", type=float, default=20, help="section 11's origin, MB/s in all")
+    parser.add_argument("--artifact-rounds", type=int, default=2)
+    parser.add_argument("--artifact-zone-fleet", type=int, default=32,
+                        help="section 11's two-zone fleet (half in each zone; 0: none)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the agents' directories and logs")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--command-line", default="scripts/bench.sh")
     parser.add_argument("--notes", default="docs/benchmarks-notes.md",
@@ -1048,8 +1281,9 @@ def main():
         # The report lists the sizes of the static binaries in dist/ when it
         # is written: today's, where dist/ has them.
         sizes = dist_sizes(d["depro"])
-        if sizes or "binary_sizes" not in d:
-            d["binary_sizes"] = sizes
+        if sizes or "binary_sizes" not in d or args.merge:
+            if sizes or "binary_sizes" not in d:
+                d["binary_sizes"] = sizes
             with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
                 json.dump(d, f, indent=1)
         for key in ("rounds", "artifact_kib", "artifact_files", "command_line"):
@@ -1119,6 +1353,11 @@ def main():
             sizes = [int(n) for n in args.b2b_sizes.split(",")]
             d["b2b"] = back_to_back(args.depro, args.go, args.consul, work, sizes, args.b2b_rounds,
                                     args.b2b_pause)
+        if "artifacts" in parts:
+            print("bench: 11. artifacts: a throttled origin, peers", flush=True)
+            sizes = [int(n) for n in args.artifact_sizes.split(",")]
+            d["artifacts"] = artifacts_section(args.depro, args.consul, work, sizes, args.artifact_mb,
+                                               args.origin_mbps, args.artifact_rounds, args.artifact_zone_fleet)
         d["run_minutes"] = (time.time() - started) / 60
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
@@ -1137,7 +1376,10 @@ def main():
     for agent in ALL_AGENTS:
         if agent.proc.poll() is None:
             agent.proc.kill()
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep_work:
+        print(f"bench: logs kept in {work}", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ Consul dev agents and 3-server clusters on loopback, depro (and the Go
 original's) agents as processes, and readings of /proc. Standard library only.
 """
 
+import hashlib
+import http.server
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.request
 
@@ -19,9 +22,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 
 
-def free_port():
+def free_port(host="127.0.0.1"):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     port = s.getsockname()[1]
     s.close()
     return port
@@ -289,13 +292,14 @@ class CpuMeter:
 class Agent:
     """A depro agent (or, with `go=True`, the Go original's) as a process."""
 
-    def __init__(self, depro, work, name, server, deployments, go=False, log_level="warn"):
+    def __init__(self, depro, work, name, server, deployments, go=False, log_level="warn", extra=None):
         ALL_AGENTS.append(self)
         self.name = name
         self.dir = os.path.join(work, name)
         os.makedirs(os.path.join(self.dir, "conf"), mode=0o700, exist_ok=True)
         addr = server.addr if hasattr(server, "addr") else server
-        config = {"name": name, "server": addr, "deployments": deployments(self.dir)}
+        # `extra`: more top-level fields (listen, zone, upload_limit).
+        config = {"name": name, "server": addr, **(extra or {}), "deployments": deployments(self.dir)}
         with open(os.path.join(self.dir, "conf", "depro.json"), "w") as f:
             json.dump(config, f)
         self.log = open(os.path.join(self.dir, "agent.log"), "w")
@@ -324,6 +328,105 @@ class Agent:
             self.proc.wait(40)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Origin:
+    """A build server on loopback: blobs held in memory, served as
+    `/<name>.bin` (with `Range`) and `/<name>.sha256` (a `sha256sum -c`
+    line for `build.bin`), all its connections together paced to `rate`
+    bytes a second (one token bucket, no burst), every byte it sends
+    counted."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.blobs = {}
+        self.lock = threading.Lock()
+        self.free_at = time.monotonic()  # when the bucket has the next chunk
+        self.sent = 0
+        self.requests = 0
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                origin.serve(self)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024  # a fleet connects at once (the default is 5)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, name, size):
+        """A new random blob; returns its SHA-256 (hex)."""
+        blob = os.urandom(size)
+        digest = hashlib.sha256(blob).hexdigest()
+        self.blobs[name] = (blob, digest)
+        return digest
+
+    def url(self, name):
+        return f"http://{self.addr}/{name}.bin"
+
+    def take(self, n):
+        """Waits until the bucket lets `n` more bytes out."""
+        with self.lock:
+            start = max(time.monotonic(), self.free_at)
+            self.free_at = start + n / self.rate
+            until = self.free_at
+        delay = until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def serve(self, handler):
+        name, _, kind = handler.path.lstrip("/").rpartition(".")
+        with self.lock:
+            self.requests += 1
+        if name not in self.blobs or kind not in ("bin", "sha256"):
+            handler.send_error(404)
+            return
+        blob, digest = self.blobs[name]
+        if kind == "sha256":
+            blob = f"{digest}  build.bin\n".encode()
+        start, end = 0, len(blob)
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", handler.headers.get("Range", ""))
+        if match and kind == "bin":
+            start = int(match.group(1))
+            if match.group(2):
+                end = min(end, int(match.group(2)) + 1)
+            if start >= len(blob):
+                handler.send_response(416)
+                handler.send_header("Content-Range", f"bytes */{len(blob)}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(blob)}")
+        else:
+            handler.send_response(200)
+        handler.send_header("Content-Length", str(end - start))
+        handler.end_headers()
+        try:
+            for at in range(start, end, self.CHUNK):
+                chunk = blob[at:min(end, at + self.CHUNK)]
+                self.take(len(chunk))
+                handler.wfile.write(chunk)
+                with self.lock:
+                    self.sent += len(chunk)
+        except OSError:
+            pass  # the client went away: what it got is counted
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def stop_all(agents):

@@ -47,6 +47,16 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
             "1",
             "--big-shapes",
             "20x3",
+            "--artifact-sizes",
+            "1,2",
+            "--artifact-mb",
+            "1",
+            "--origin-mbps",
+            "200",
+            "--artifact-rounds",
+            "1",
+            "--artifact-zone-fleet",
+            "2",
         ])
         .arg("--out")
         .arg(out.path())
@@ -71,6 +81,7 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
         "## 8. Back-to-back deploys",
         "## 9. The seed's protocol",
         "## 10. Commands on big trees",
+        "## 11. Artifacts",
         "## Targets",
     ] {
         assert!(report.contains(section), "{section} missing:\n{report}");
