@@ -56,7 +56,23 @@ pub(crate) fn sources(
     let mut servers: Vec<&Member<'_>> = members.iter().filter(|m| m.listen.is_some()).collect();
     servers.sort_by_cached_key(|m| (rank(sha256, m.name), m.name));
     servers.dedup_by_key(|m| m.name);
-    let first = &servers[..origin_hosts.max(1).min(servers.len())];
+    // The first hosts: the best-ranked host of each zone in turn (zones in
+    // the order of their best host), so that with hosts in several sites
+    // each of the first few sites pulls its own copy from the origin.
+    let wanted = origin_hosts.max(1).min(servers.len());
+    let mut first: Vec<&Member<'_>> = Vec::with_capacity(wanted);
+    while first.len() < wanted {
+        let mut zones = Vec::new();
+        for m in &servers {
+            if first.len() < wanted
+                && !zones.contains(&m.zone)
+                && !first.iter().any(|f| f.name == m.name)
+            {
+                zones.push(m.zone);
+                first.push(m);
+            }
+        }
+    }
     let is_first = |m: &Member<'_>| first.iter().any(|f| f.name == m.name);
     let same_zone = |m: &Member<'_>| m.zone == my_zone;
     let mut peers = Vec::new();
@@ -98,7 +114,14 @@ pub(crate) fn sources(
         add(zone[i]);
         at = (i >= tops).then(|| (i - tops) / FAN_OUT);
     }
-    first.iter().for_each(|m| add(m));
+    // Then the first hosts: of any zone for the zone's top host (or a host
+    // of a zone that serves nothing), of its own zone for the others: a
+    // zone's copy crosses once, through its top.
+    let top = position.is_some_and(|i| i < tops) || zone.is_empty();
+    first
+        .iter()
+        .filter(|m| top || same_zone(m))
+        .for_each(|m| add(m));
     Sources {
         peers,
         origin_now: false,
@@ -168,8 +191,6 @@ mod tests {
             assert_eq!(to_origin, n.min(2), "n = {n}");
             for sources in decided.iter().filter(|s| !s.origin_now) {
                 assert!(!sources.peers.is_empty());
-                // The first hosts are the last resort in every chain.
-                assert!(sources.peers.len() >= 2);
             }
         }
     }
@@ -181,7 +202,7 @@ mod tests {
         let mut children = std::collections::HashMap::new();
         for sources in decided.iter().filter(|s| !s.origin_now) {
             *children.entry(sources.peers[0]).or_insert(0) += 1;
-            // Parent, grandparent, … and the two first hosts.
+            // Parent, grandparent, … and the other first host.
             assert!(sources.peers.len() <= 7, "{:?}", sources.peers);
         }
         assert!(children.values().all(|&c| c <= FAN_OUT), "{children:?}");
@@ -236,6 +257,28 @@ mod tests {
             .filter(|(n, _, z)| zone_of(&sources(n, *z, &members, SHA, 1).peers[0]) != *z)
             .count();
         assert_eq!(across, 1, "one host of zone {other} asks across");
+    }
+
+    #[test]
+    fn the_first_hosts_are_spread_over_the_zones() {
+        let fleet = fleet(16, &["a", "b", "c"]);
+        let decided = decide(&fleet, 2);
+        let mut zones: Vec<_> = fleet
+            .iter()
+            .zip(&decided)
+            .filter(|(_, s)| s.origin_now)
+            .map(|(f, _)| f.2)
+            .collect();
+        zones.dedup();
+        assert_eq!(zones.len(), 2, "two first hosts, in two zones");
+        // Only the top host of the zone without one asks across zones.
+        let zone_of = |addr: &SocketAddr| fleet.iter().find(|f| f.1 == *addr).unwrap().2;
+        let asking_across = fleet
+            .iter()
+            .zip(&decided)
+            .filter(|(f, s)| !s.origin_now && s.peers.iter().any(|p| zone_of(p) != f.2))
+            .count();
+        assert_eq!(asking_across, 1);
     }
 
     #[test]

@@ -228,13 +228,19 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
             Err(code) => return status(&mut stream, code),
         }
     };
-    let taken = uploads
-        .running
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n < UPLOADS).then_some(n + 1)
-        });
-    if taken.is_err() {
-        return status(&mut stream, 503);
+    // Busy: a slot that frees within the hold is taken then (the asker
+    // would otherwise ask again later, or elsewhere).
+    loop {
+        let taken = uploads
+            .running
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < UPLOADS).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => break,
+            Err(_) if Instant::now() < hold_until => std::thread::sleep(HELD_CHECK),
+            Err(_) => return status(&mut stream, 503),
+        }
     }
     let sent = upload(&mut stream, &path, from, uploads);
     uploads.running.fetch_sub(1, Ordering::SeqCst);
