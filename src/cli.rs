@@ -34,6 +34,7 @@ pub(crate) enum Command {
     Prune(PruneArgs),
     Status(StatusArgs),
     History(HistoryArgs),
+    Events(EventsArgs),
     Policy(PolicyArgs),
     /// `depro pause`: no further wave of the rollout under way starts.
     Pause(TreeArgs),
@@ -452,12 +453,20 @@ pub(crate) struct HistoryArgs {
     pub json: bool,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct EventsArgs {
+    pub tree: TreeArgs,
+    pub json: bool,
+    /// `-since=INDEX`.
+    pub since: Option<u64>,
+}
+
 /// The default of `-timeout` for commands that wait on nodes.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The commands, for `help` and error messages (completion lists them
 /// too, each with a line: `completion::COMMANDS`).
-pub(crate) const COMMANDS: [&str; 20] = [
+pub(crate) const COMMANDS: [&str; 21] = [
     "agent",
     "deploy",
     "rollout",
@@ -474,6 +483,7 @@ pub(crate) const COMMANDS: [&str; 20] = [
     "promote",
     "forget",
     "wait",
+    "events",
     "keygen",
     "version",
     "help",
@@ -528,6 +538,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "policy" => parse_policy_command(&mut parser),
         "pause" | "resume" | "promote" | "forget" => parse_control(&mut parser, &first),
         "wait" => parse_wait(&mut parser),
+        "events" => parse_events(&mut parser),
         "keygen" => parse_keygen(&mut parser),
         "version" => Ok(Command::Version),
         "completion" => match next(&mut parser, "completion")? {
@@ -1201,6 +1212,30 @@ fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
         }
     }
     Ok(Command::History(HistoryArgs { tree, json }))
+}
+
+fn parse_events(parser: &mut lexopt::Parser) -> Result<Command, Error> {
+    let command = "events";
+    let mut tree = TreeArgs::default();
+    let (mut json, mut since) = (false, None);
+    while let Some(arg) = next(parser, command)? {
+        if tree_flag(&arg, &mut tree) {
+            continue;
+        }
+        match &arg {
+            Arg::Help => return Ok(Command::Help(Some(command.into()))),
+            Arg::Flag("json", v) => json = v.on(),
+            Arg::Flag("since", v) => since = Some(v.text().parse::<u64>().map_err(|_| {
+                Error::Usage(format!(
+                    "-since: {:?} is not a Consul index (a whole number, an event's \"index\"); \
+                         run `depro help events`",
+                    crate::tree::shown(v.text())
+                ))
+            })?),
+            _ => return Err(unexpected(&arg, command)),
+        }
+    }
+    Ok(Command::Events(EventsArgs { tree, json, since }))
 }
 
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {

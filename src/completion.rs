@@ -39,6 +39,7 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
     ("status", "show versions and nodes"),
     ("query", "show versions and nodes (as status)"),
     ("history", "which version was current when, and how"),
+    ("events", "follow the prefix: one line per change"),
     ("policy", "show or set the rollout policy of the prefix"),
     ("pause", "start no further wave of the rollout under way"),
     ("resume", "go on with the rollout under way"),

@@ -22,6 +22,7 @@ pub(crate) const PROMOTE: Commands = 1 << 11;
 pub(crate) const FORGET: Commands = 1 << 12;
 pub(crate) const WAIT: Commands = 1 << 13;
 pub(crate) const RESTART: Commands = 1 << 14;
+pub(crate) const EVENTS: Commands = 1 << 15;
 /// The commands that move `current`.
 pub(crate) const SWITCH: Commands = DEPLOY | ROLLOUT | ROLLBACK;
 /// The commands that run waves: those that move `current`, and `restart`
@@ -29,8 +30,18 @@ pub(crate) const SWITCH: Commands = DEPLOY | ROLLOUT | ROLLBACK;
 /// roll back to).
 pub(crate) const WAVES: Commands = SWITCH | RESTART;
 /// The commands that drive a prefix: every one but the agent.
-pub(crate) const TREE: Commands =
-    WAVES | REMOVE | PRUNE | STATUS | HISTORY | POLICY | PAUSE | RESUME | PROMOTE | FORGET | WAIT;
+pub(crate) const TREE: Commands = WAVES
+    | REMOVE
+    | PRUNE
+    | STATUS
+    | HISTORY
+    | POLICY
+    | PAUSE
+    | RESUME
+    | PROMOTE
+    | FORGET
+    | WAIT
+    | EVENTS;
 
 /// The command's bit; 0 for a command that takes no flags.
 pub(crate) fn command_bit(command: &str) -> Commands {
@@ -50,6 +61,7 @@ pub(crate) fn command_bit(command: &str) -> Commands {
         "promote" => PROMOTE,
         "forget" => FORGET,
         "wait" => WAIT,
+        "events" => EVENTS,
         _ => 0,
     }
 }
@@ -331,9 +343,15 @@ pub(crate) const FLAGS: &[Flag] = &[
     ),
     flag(
         "json",
-        STATUS | HISTORY,
+        STATUS | HISTORY | EVENTS,
         Kind::Bool,
-        "print a machine-readable document instead of a table",
+        "print a machine-readable document instead of a table (events: one object per line)",
+    ),
+    flag(
+        "since",
+        EVENTS,
+        Kind::Text("INDEX"),
+        "first print what changed after this Consul index (the index of an event): resume without gaps",
     ),
     flag(
         "watch",
@@ -402,9 +420,9 @@ pub(crate) fn find(name: &str, command: &str) -> Option<&'static Flag> {
 mod tests {
     use super::*;
 
-    const COMMANDS: [&str; 15] = [
+    const COMMANDS: [&str; 16] = [
         "agent", "deploy", "rollout", "rollback", "restart", "remove", "prune", "status",
-        "history", "policy", "pause", "resume", "promote", "forget", "wait",
+        "history", "policy", "pause", "resume", "promote", "forget", "wait", "events",
     ];
 
     #[test]

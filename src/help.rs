@@ -187,6 +187,22 @@ first: the last 100 switches, then older ones from the versions' keys.
 Example: depro history -prefix=api/version -json | jq -r '.switches[0].by'
 ",
         ),
+        "events" => (
+            "\
+Usage: depro events -prefix=PREFIX [-json] [-since=INDEX] [flags]
+
+Follows the prefix and prints one line per change until interrupted (SIGINT
+or SIGTERM end it cleanly): versions created and removed, switches of current
+(by whom, how, the message), a rollout's waves started and finished, nodes'
+state changes, failures with their reason, agents joining and leaving. Each
+event carries the Consul index it was seen at; -since=INDEX first prints what
+changed after it (what was removed meanwhile cannot be seen), to resume
+after a disconnect. One blocking query at a time, whatever the fleet's size.
+",
+            "\
+Example: depro events -prefix=api/version -json | while read -r e; do curl -sd \"$e\" $HOOK; done
+",
+        ),
         "policy" => (
             "\
 Usage: depro policy -prefix=PREFIX [policy flags] [-message=TEXT] [-clear] [flags]

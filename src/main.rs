@@ -71,6 +71,7 @@ fn run(command: Command) -> Result<()> {
         Command::Remove(args) => commands::remove(args, env),
         Command::Prune(args) => commands::prune(args, env),
         Command::Status(args) => commands::status(args, env),
+        Command::Events(args) => commands::events(args, env),
         Command::History(args) => commands::history(args, env),
         Command::Policy(args) => commands::policy(args, env),
         Command::Pause(args) => commands::pause(args, env),

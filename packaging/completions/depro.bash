@@ -2,7 +2,7 @@
 _depro() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} opts=""
   if [ "$COMP_CWORD" -eq 1 ]; then
-    COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget keygen wait version help completion" -- "$cur"))
+    COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history events policy pause resume promote forget keygen wait version help completion" -- "$cur"))
     return
   fi
   case "${COMP_WORDS[1]}" in
@@ -16,13 +16,14 @@ _depro() {
     status) opts="-prefix= -json -watch -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     query) opts="-prefix= -json -watch -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     history) opts="-prefix= -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    events) opts="-prefix= -json -since= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     policy) opts="-prefix= -nodes= -min-nodes= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -clear -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     pause) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     resume) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     forget) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     wait) opts="-prefix= -for= -nodes= -timeout= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history policy pause resume promote forget keygen wait version help completion" -- "$cur")); return ;;
+    help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history events policy pause resume promote forget keygen wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;
   esac

@@ -6,6 +6,7 @@ mod control;
 mod deploy;
 mod driver;
 mod dry_run;
+mod events;
 mod history;
 mod interrupt;
 mod policy;
@@ -26,6 +27,12 @@ use std::time::{Duration, Instant};
 pub(crate) use control::{forget, pause, resume};
 pub(crate) use deploy::{deploy, rollback, rollout};
 pub(crate) use history::history;
+
+/// `depro events`.
+pub(crate) fn events(args: crate::cli::EventsArgs, env: Env<'_>) -> Result<()> {
+    let mut ctx = Ctx::resolve(&args.tree, env)?;
+    events::events(&mut ctx, args.json, args.since)
+}
 pub(crate) use policy::policy;
 pub(crate) use remove::{prune, remove};
 pub(crate) use restart::restart;

@@ -1,0 +1,313 @@
+//! `depro events`: follows a prefix and prints one line per change, for
+//! chat hooks and audit logs (issue 22): versions created and removed,
+//! switches of `current` (by whom, how, with what message), a rollout's
+//! waves started and finished, nodes' state changes, failures with their
+//! reason, agents joining and leaving. `-json`: one object per line, each
+//! with the Consul index it was seen at, which `-since=INDEX` resumes from.
+//!
+//! One blocking query at a time (the whole prefix, `?recurse`, from any
+//! server), whatever the fleet's size; the events are the difference
+//! between two reads (`diff`, pure).
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::Ctx;
+use crate::error::Result;
+use crate::tree::{NodeState, Tree};
+
+/// One change.
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub(crate) struct Event {
+    /// The Consul index of the read that saw it.
+    pub index: u64,
+    /// What happened: `created`, `removed`, `switched`, `state`, `failed`,
+    /// `wave_started`, `wave_finished`, `joined`, `left`.
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub how: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wave: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+}
+
+impl Event {
+    /// The event as a line for people and logs (without its time).
+    pub(crate) fn line(&self) -> String {
+        let s = |o: &Option<String>| o.as_deref().map_or("-".into(), crate::tree::shown);
+        let (v, n) = (s(&self.version), s(&self.node));
+        let text = match self.event {
+            "created" => format!("{v} created by {}", s(&self.by)),
+            "removed" => format!("{v} removed"),
+            "switched" => {
+                let message = match &self.message {
+                    Some(m) => format!(": {}", crate::tree::shown(m)),
+                    None => String::new(),
+                };
+                format!(
+                    "current {} -> {} by {} ({}){message}",
+                    s(&self.from),
+                    s(&self.to),
+                    s(&self.by),
+                    s(&self.how)
+                )
+            }
+            "state" => format!("{v} {n}: {} -> {}", s(&self.from), s(&self.to)),
+            "failed" => format!("{v} {n}: failed: {}", s(&self.reason)),
+            "wave_started" | "wave_finished" => format!(
+                "{v}: wave {} {} ({})",
+                self.wave.unwrap_or_default(),
+                if self.event == "wave_started" {
+                    "started"
+                } else {
+                    "finished"
+                },
+                self.nodes.join(", ")
+            ),
+            "joined" | "left" => format!("agent {n} {}", self.event),
+            other => other.to_string(),
+        };
+        format!("[{}] {text}", self.index)
+    }
+}
+
+/// What changed from `before` to `after`, read at `index`.
+pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    let event = |event: &'static str| Event {
+        index,
+        event,
+        ..Event::default()
+    };
+    let versions: BTreeSet<_> = before
+        .versions
+        .keys()
+        .chain(after.versions.keys())
+        .collect();
+    let none = crate::tree::VersionInfo::default();
+    for version in &versions {
+        let old = before.versions.get(*version).unwrap_or(&none);
+        let new = after.versions.get(*version).unwrap_or(&none);
+        if !old.exists && new.exists {
+            events.push(Event {
+                version: Some(version.to_string()),
+                by: new.meta.created_by.clone(),
+                ..event("created")
+            });
+        }
+    }
+    let name = |t: &Tree| t.current.as_ref().map(|c| c.value.clone());
+    if name(before) != name(after) {
+        let meta = after
+            .current
+            .as_ref()
+            .and_then(|c| c.version.as_ref())
+            .and_then(|v| after.versions.get(v))
+            .map(|i| &i.meta);
+        events.push(Event {
+            from: name(before),
+            to: name(after),
+            by: meta.and_then(|m| m.current_by.clone()),
+            how: meta.and_then(|m| m.current_how.clone()),
+            message: meta.and_then(|m| m.current_message.clone()),
+            ..event("switched")
+        });
+    }
+    // Waves: a plan whose started waves grew, or that ended.
+    fn waves(t: &Tree) -> Option<&crate::tree::RolloutPlan> {
+        t.rollout.as_ref().map(|(p, _)| p)
+    }
+    match (waves(before), waves(after)) {
+        (old, Some(new)) => {
+            let same = old.filter(|o| o.version == new.version);
+            let was = same.map_or(0, |o| o.started_waves);
+            for wave in was + 1..=new.started_waves {
+                if wave > 1 {
+                    events.push(wave_event(&event, "wave_finished", new, wave - 1));
+                }
+                events.push(wave_event(&event, "wave_started", new, wave));
+            }
+        }
+        (Some(old), None) if old.started_waves > 0 => {
+            events.push(wave_event(&event, "wave_finished", old, old.started_waves));
+        }
+        _ => {}
+    }
+    for version in &versions {
+        let old = before.versions.get(*version).unwrap_or(&none);
+        let new = after.versions.get(*version).unwrap_or(&none);
+        let nodes: BTreeSet<&String> = old.nodes.keys().chain(new.nodes.keys()).collect();
+        for node in nodes {
+            let state = |i: &crate::tree::VersionInfo| i.nodes.get(node).map(|e| e.state);
+            let (from, to) = (state(old), state(new));
+            if from == to {
+                continue;
+            }
+            let base = Event {
+                version: Some(version.to_string()),
+                node: Some(node.clone()),
+                ..event("state")
+            };
+            if to == Some(NodeState::Failed) {
+                events.push(Event {
+                    event: "failed",
+                    reason: new.reasons.get(node).map(|r| r.error.clone()),
+                    ..base
+                });
+            } else {
+                events.push(Event {
+                    from: Some(from.map_or("none", |s| s.as_str()).into()),
+                    to: Some(to.map_or("gone", |s| s.as_str()).into()),
+                    ..base
+                });
+            }
+        }
+        if old.exists && !new.exists {
+            events.push(Event {
+                version: Some(version.to_string()),
+                ..event("removed")
+            });
+        }
+    }
+    let agents: BTreeSet<&String> = before.agents.keys().chain(after.agents.keys()).collect();
+    for node in agents {
+        let (was, is) = (
+            before.agents.contains_key(node),
+            after.agents.contains_key(node),
+        );
+        if was != is {
+            events.push(Event {
+                node: Some(node.clone()),
+                ..event(if is { "joined" } else { "left" })
+            });
+        }
+    }
+    events
+}
+
+fn wave_event(
+    event: &dyn Fn(&'static str) -> Event,
+    what: &'static str,
+    plan: &crate::tree::RolloutPlan,
+    wave: usize,
+) -> Event {
+    Event {
+        version: Some(plan.version.clone()),
+        wave: Some(wave),
+        nodes: plan.waves.get(wave - 1).cloned().unwrap_or_default(),
+        ..event(what)
+    }
+}
+
+/// The tree as it was at `index`, as far as what is left shows it: keys
+/// created (folder keys, agents) or written (the rest) after it are left
+/// out. What was deleted since cannot be seen.
+fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index: u64) -> Tree {
+    let kept: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            let rest = e.key.strip_prefix(prefix.as_dir()).unwrap_or_default();
+            // A version's folder key is written again at each switch; an
+            // agent's announcement at each session.
+            let created_only = rest.ends_with('/') || rest.starts_with(crate::tree::AGENTS);
+            if created_only {
+                e.create_index <= index
+            } else {
+                e.modify_index <= index
+            }
+        })
+        .cloned()
+        .collect();
+    Tree::parse(prefix, &kept)
+}
+
+/// `depro events`.
+pub(crate) fn events(ctx: &mut Ctx, json: bool, since: Option<u64>) -> Result<()> {
+    end_cleanly_on_signals();
+    let prefix = ctx.prefix.as_dir().to_string();
+    let pacing = crate::cursor::Pacing {
+        burst: 4,
+        refill: std::time::Duration::from_millis(100),
+    };
+    let mut cursor = crate::cursor::Cursor::new(crate::cursor::WAIT, true, pacing);
+    let mut last: Option<Tree> = None;
+    loop {
+        let pause = cursor.pause(std::time::Instant::now());
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        let answer = match ctx.consul.list(&prefix, cursor.read()) {
+            Ok(answer) => answer,
+            Err(e) if e.is_transient() => {
+                ctx.out.retrying(&e.summary());
+                std::thread::sleep(cursor.failed());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tree = Tree::parse(&ctx.prefix, &answer.value);
+        let changed = last.as_ref() != Some(&tree);
+        cursor.answered(answer.index, changed);
+        let before = match (&last, since) {
+            (Some(last), _) => last.clone(),
+            (None, Some(index)) => as_of(&ctx.prefix, &answer.value, index),
+            // From now on: the state as it is, no events.
+            (None, None) => {
+                eprintln!("following {} from index {}", ctx.prefix, answer.index);
+                last = Some(tree);
+                continue;
+            }
+        };
+        if last.is_none() {
+            eprintln!(
+                "following {} from index {}",
+                ctx.prefix,
+                since.unwrap_or_default()
+            );
+        }
+        let mut out = std::io::stdout().lock();
+        for event in diff(&before, &tree, answer.index) {
+            use std::io::Write;
+            let _ = match json {
+                true => writeln!(out, "{}", serde_json::to_string(&event).unwrap_or_default()),
+                false => writeln!(out, "{} {}", crate::logging::timestamp(), event.line()),
+            };
+        }
+        use std::io::Write;
+        let _ = out.flush();
+        drop(out);
+        last = Some(tree);
+    }
+}
+
+/// SIGINT and SIGTERM end the command with exit 0, between two lines.
+fn end_cleanly_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                // Waits for the lines being written to end, and keeps
+                // others from starting.
+                let mut out = std::io::stdout().lock();
+                let _ = std::io::Write::flush(&mut out);
+                std::process::exit(0);
+            }
+        });
+    }
+}

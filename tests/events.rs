@@ -1,0 +1,163 @@
+//! `depro events` (issue 22): one line per change of a real fleet's tree on
+//! a real Consul, as JSON objects, resumed with `-since`, ended cleanly by
+//! SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use support::Fleet;
+
+/// `depro events -json` running, and the events it printed so far.
+struct Follower {
+    child: std::process::Child,
+    events: Arc<Mutex<Vec<Value>>>,
+    /// It said on stderr that it follows.
+    following: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Follower {
+    fn start(fleet: &Fleet, extra: &[&str]) -> Follower {
+        let mut args = vec!["events", "-json"];
+        args.extend(extra);
+        let mut child = support::spawn(fleet.depro_command(&args));
+        let stdout = child.stdout.take().unwrap();
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line: {line:?}: {e}"));
+                sink.lock().unwrap().push(event);
+            }
+        });
+        let following: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let said = following.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("following ") {
+                    said.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        let follower = Follower {
+            child,
+            events,
+            following,
+        };
+        fleet.wait("events following the prefix", |_| {
+            follower.following.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        follower
+    }
+
+    fn has(&self, want: &[(&str, &str)]) -> Option<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| want.iter().all(|(k, v)| e[*k] == *v))
+            .cloned()
+    }
+
+    fn wait_for(&self, fleet: &Fleet, want: &[(&str, &str)]) -> Value {
+        let mut found = None;
+        fleet.wait(&format!("the event {want:?}"), |_| {
+            found = self.has(want);
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+#[test]
+fn events_follow_versions_switches_waves_states_failures_and_agents_and_resume_with_since() {
+    let mut fleet = Fleet::start(2);
+    let follower = Follower::start(&fleet, &[]);
+    fleet.depro(&["deploy", "v1", "-message=first"]).ok();
+    let created = follower.wait_for(&fleet, &[("event", "created"), ("version", "v1")]);
+    assert!(
+        created["by"].as_str().is_some_and(|b| b.contains('@')),
+        "{created}"
+    );
+    assert!(created["index"].as_u64().is_some_and(|i| i > 0));
+    let switched = follower.wait_for(&fleet, &[("event", "switched"), ("to", "v1")]);
+    assert_eq!(switched["how"], "deploy");
+    assert_eq!(switched["message"], "first");
+    follower.wait_for(
+        &fleet,
+        &[
+            ("event", "state"),
+            ("version", "v1"),
+            ("node", "node2"),
+            ("to", "active"),
+        ],
+    );
+
+    // A canary rollout: its waves.
+    fleet.depro(&["deploy", "v2", "-canary=1"]).ok();
+    let wave = follower.wait_for(&fleet, &[("event", "wave_started"), ("version", "v2")]);
+    assert_eq!(wave["wave"], 1);
+    assert_eq!(wave["nodes"].as_array().map(Vec::len), Some(1));
+    follower.wait_for(&fleet, &[("event", "wave_finished"), ("version", "v2")]);
+    follower.wait_for(
+        &fleet,
+        &[("event", "switched"), ("from", "v1"), ("to", "v2")],
+    );
+
+    // A failure, with its reason; a removal; an agent leaving.
+    fleet.agents[1].set_flag("fail-deploy", true);
+    fleet.depro(&["deploy", "v3"]);
+    let failed = follower.wait_for(
+        &fleet,
+        &[("event", "failed"), ("version", "v3"), ("node", "node2")],
+    );
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("exit")),
+        "{failed}"
+    );
+    fleet.depro(&["remove", "v1"]).ok();
+    follower.wait_for(&fleet, &[("event", "removed"), ("version", "v1")]);
+    fleet.agents[1].kill9();
+    // Its session ends with its TTL (the harness's 10 s) at the latest.
+    follower.wait_for(&fleet, &[("event", "left"), ("node", "node2")]);
+
+    // SIGTERM ends it cleanly.
+    let mut follower = follower;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(follower.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = follower.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit after SIGTERM");
+
+    // Resumed from the index of v2's switch: what came after it and is
+    // still in the tree is told first (v3 created, node1's state of it; not
+    // node2's failure: its keys went with its agent's session), not what
+    // came before.
+    let after = follower
+        .has(&[("event", "switched"), ("to", "v2")])
+        .unwrap()["index"]
+        .as_u64()
+        .unwrap();
+    let resumed = Follower::start(&fleet, &[&format!("-since={after}")]);
+    resumed.wait_for(&fleet, &[("event", "created"), ("version", "v3")]);
+    resumed.wait_for(
+        &fleet,
+        &[("event", "state"), ("version", "v3"), ("node", "node1")],
+    );
+    assert!(
+        resumed
+            .has(&[("event", "created"), ("version", "v2")])
+            .is_none()
+    );
+    let mut resumed = resumed;
+    let _ = resumed.child.kill();
+}
