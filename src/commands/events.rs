@@ -311,3 +311,65 @@ fn end_cleanly_on_signals() {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::KvEntry;
+
+    fn tree(entries: &[(&str, &str, u64)]) -> (crate::tree::Prefix, Vec<KvEntry>) {
+        let prefix = crate::tree::Prefix::parse("app/version").unwrap();
+        let entries = entries
+            .iter()
+            .map(|(k, v, i)| KvEntry::sample(&format!("app/version/{k}"), v, true, *i))
+            .collect();
+        (prefix, entries)
+    }
+
+    #[test]
+    fn a_new_version_a_switch_and_a_failure_are_three_events_in_that_order() {
+        let (prefix, before) = tree(&[
+            ("v1/", "", 1),
+            ("current", "v1", 2),
+            ("v1/node1", "active", 3),
+        ]);
+        let (_, after) = tree(&[
+            ("v1/", "", 1),
+            ("v1/node1", "active", 3),
+            (
+                "v2/",
+                r#"{"created_by":"ann@ci","current_by":"ann@ci","current_how":"deploy"}"#,
+                4,
+            ),
+            ("v2/node1", "failed", 5),
+            ("current", "v2", 6),
+        ]);
+        let events = diff(
+            &Tree::parse(&prefix, &before),
+            &Tree::parse(&prefix, &after),
+            7,
+        );
+        let kinds: Vec<_> = events.iter().map(|e| e.event).collect();
+        assert_eq!(kinds, ["created", "switched", "failed"]);
+        assert_eq!(events[0].by.as_deref(), Some("ann@ci"));
+        assert_eq!(events[1].line(), "[7] current v1 -> v2 by ann@ci (deploy)");
+        assert!(events.iter().all(|e| e.index == 7));
+    }
+
+    #[test]
+    fn since_an_index_what_was_written_after_it_is_new_and_the_rest_is_not() {
+        let (prefix, entries) = tree(&[
+            ("v1/", r#"{"current_by":"bob"}"#, 1),
+            ("v1/node1", "active", 2),
+            ("v2/", "", 10),
+            ("v2/node1", "ready", 11),
+        ]);
+        let then = as_of(&prefix, &entries, 5);
+        let events = diff(&then, &Tree::parse(&prefix, &entries), 12);
+        let said: Vec<_> = events.iter().map(Event::line).collect();
+        assert_eq!(
+            said,
+            ["[12] v2 created by -", "[12] v2 node1: none -> ready"]
+        );
+    }
+}
