@@ -28,7 +28,8 @@ separate processes on this machine, it measures:
 11. artifacts (issue 21): a random build from an origin throttled to a
     few MB/s, to N agents, three ways (the deploy hook downloads it, depro
     fetches it from the origin only, peers help): converged time and the
-    origin's egress; then two zones, and the copies crossing between them.
+    origin's egress; with --artifact-origin-hosts K, peers again with
+    -origin-hosts=K; then two zones, and the copies crossing between them.
 
 It writes docs/benchmarks.md, docs/fleet-scaling.svg and
 docs/benchmarks.json. Only the standard library is used.
@@ -699,12 +700,13 @@ def artifact_sources(agent, offset, artifact_size):
     return found
 
 
-def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zones=1, tag=None):
+def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zones=1, tag=None, origin_hosts=0):
     """N agents that deploy a `size`-byte build one of three ways (`WAYS`);
     `rounds` deploys of a new random build each, after a warm-up with a
     small one: converged time, the origin's egress, where each host's copy
     came from. With `zones` = 2, peers in two zones (half each; their
-    listen addresses 127.1.x.x and 127.2.x.x)."""
+    listen addresses 127.1.x.x and 127.2.x.x). With `origin_hosts`, the
+    deploy passes `-origin-hosts=K` (else depro's default)."""
     tag = tag or f"{way[0]}{n}"
     prefix = f"art{tag}/version"
     # As in section 9: all agents connect from 127.0.0.1, where a fleet has
@@ -746,6 +748,8 @@ def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zon
             digest = origin.add(version, size if r > 0 else max(1, size // 20))
             args = [] if way == "hook" else [f"-artifact={origin.url(version)}", f"-sha256={digest}",
                                              f"-size={len(origin.blobs[version][0])}"]
+            if origin_hosts:
+                args.append(f"-origin-hosts={origin_hosts}")
             offsets = [os.path.getsize(os.path.join(a.dir, "agent.log")) for a in agents]
             sent, before = origin.sent, meter.now()
             t0 = time.monotonic()
@@ -779,7 +783,8 @@ def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zon
                     sample["crossing_from_origin"] = sum(1 for a, f in zip(agents, found)
                                                          if f["source"] == "origin" and a.zone != "a")
             samples.append(sample)
-            print(f"  {way:6} N={n:3}{' (2 zones)' if zones > 1 else ''}: converged {elapsed:6.2f} s, origin "
+            print(f"  {way:6} N={n:3}{' (2 zones)' if zones > 1 else ''}"
+                  f"{f' (-origin-hosts={origin_hosts})' if origin_hosts else ''}: converged {elapsed:6.2f} s, origin "
                   f"sent {egress / size:5.2f} copies" + (f", {sample['from_origin']} hosts from the origin, "
                   f"{sample['fallbacks']} after waiting, {len(sample['dropped'])} peers dropped"
                   if way != "hook" else "") + (f", {sample['crossing']} copies crossed (origin hosts in zones "
@@ -789,23 +794,29 @@ def artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size, zon
         consul.stop()
         for a in agents:
             shutil.rmtree(os.path.join(a.dir, "app"), ignore_errors=True)
-    row = {"way": way, "n": n, "zones": zones, "t": median([x["t"] for x in samples]),
+    row = {"way": way, "n": n, "zones": zones, "origin_hosts": origin_hosts, "t": median([x["t"] for x in samples]),
            "t_all": [x["t"] for x in samples], "egress": median([x["egress"] for x in samples]),
            "egress_all": [x["egress"] for x in samples],
            "cpu": median([x["hooks_cpu"] + x["agents_cpu"] for x in samples]), "samples": samples}
     return row
 
 
-def artifacts_section(depro, consul_binary, work, sizes, mb, mbps, rounds, zone_fleet):
+def artifacts_section(depro, consul_binary, work, sizes, mb, mbps, rounds, zone_fleet, origin_hosts=0,
+                      origin_hosts_sizes=()):
     """Section 11 (issue 21): a throttled origin, a random build, N agents,
-    three ways (`WAYS`); then two zones."""
+    three ways (`WAYS`); then, with `origin_hosts`, peers deploying with
+    `-origin-hosts=K` at `origin_hosts_sizes`; then two zones."""
     size, rate = int(mb * 1e6), mbps * 1e6
     origin = Origin(rate)
-    results = {"size": size, "rate": rate, "rounds": rounds, "runs": [], "zones": None}
+    results = {"size": size, "rate": rate, "rounds": rounds, "runs": [], "zones": None, "origin_hosts_runs": []}
     try:
         for way in WAYS:
             for n in sizes:
                 results["runs"].append(artifact_fleet(depro, consul_binary, work, origin, way, n, rounds, size))
+        for n in (origin_hosts_sizes if origin_hosts else ()):
+            results["origin_hosts_runs"].append(artifact_fleet(depro, consul_binary, work, origin, "peers", n, rounds,
+                                                               size, tag=f"o{origin_hosts}x{n}",
+                                                               origin_hosts=origin_hosts))
         if zone_fleet:
             results["zones"] = artifact_fleet(depro, consul_binary, work, origin, "peers", zone_fleet,
                                               max(rounds, 3), size, zones=2, tag=f"z{zone_fleet}")
@@ -1149,11 +1160,24 @@ def report(args, d, path):
                 cells += ["", "", ""]
             w(f"| {n} | " + " | ".join(cells) + " |")
         w("")
-        odd = [x for r in arts["runs"] for x in r["samples"] if x.get("fallbacks") or x.get("dropped")]
+        odd = [x for r in arts["runs"] + (arts.get("origin_hosts_runs") or []) for x in r["samples"] if x.get("fallbacks") or x.get("dropped")]
         if odd:
             w("Peers' trouble: " + "; ".join(f"{x['fallbacks']} hosts went to the origin after waiting, "
                                             f"{len(x['dropped'])} peers dropped ({', '.join(x['dropped'][:3])})"
                                             for x in odd) + ".\n")
+        extra = arts.get("origin_hosts_runs") or []
+        if extra:
+            k = extra[0]["origin_hosts"]
+            w(f"Peers again, the deploy passing `-origin-hosts={k}` (one host fetches from the origin, every other "
+              f"from peers):\n")
+            w("| N | converged s | × N=1 of this run | origin copies | hosts that fetched from the origin | "
+              "CPU s (agents and fetches) |")
+            w("|---:|---:|---:|---:|---:|---:|")
+            base = min(extra, key=lambda r: r["n"])
+            for r in sorted(extra, key=lambda r: r["n"]):
+                w(f"| {r['n']} | {r['t']:.2f} | ×{r['t'] / base['t']:.1f} | {r['egress'] / size:.2f} | "
+                  f"{median([x['from_origin'] for x in r['samples']]):.0f} | {r['cpu']:.2f} |")
+            w("")
         z = arts.get("zones")
         if z:
             w(f"Two zones: {z['n']} agents with peers, half with `\"zone\": \"a\"` (listening on 127.1.x.x), half "
@@ -1250,6 +1274,10 @@ def main():
     parser.add_argument("--artifact-mb", type=float, default=20, help="section 11's build, MB")
     parser.add_argument("--origin-mbps", type=float, default=20, help="section 11's origin, MB/s in all")
     parser.add_argument("--artifact-rounds", type=int, default=2)
+    parser.add_argument("--artifact-origin-hosts", type=int, default=0,
+                        help="section 11: also peers deploying with -origin-hosts=K (0: no such run)")
+    parser.add_argument("--artifact-origin-hosts-sizes", default="1,64",
+                        help="section 11: the fleet sizes of the -origin-hosts=K run")
     parser.add_argument("--artifact-zone-fleet", type=int, default=32,
                         help="section 11's two-zone fleet (half in each zone; 0: none)")
     parser.add_argument("--keep-work", action="store_true", help="keep the agents' directories and logs")
@@ -1357,7 +1385,9 @@ def main():
             print("bench: 11. artifacts: a throttled origin, peers", flush=True)
             sizes = [int(n) for n in args.artifact_sizes.split(",")]
             d["artifacts"] = artifacts_section(args.depro, args.consul, work, sizes, args.artifact_mb,
-                                               args.origin_mbps, args.artifact_rounds, args.artifact_zone_fleet)
+                                               args.origin_mbps, args.artifact_rounds, args.artifact_zone_fleet,
+                                               args.artifact_origin_hosts,
+                                               [int(n) for n in args.artifact_origin_hosts_sizes.split(",") if n])
         d["run_minutes"] = (time.time() - started) / 60
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
