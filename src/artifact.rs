@@ -373,6 +373,7 @@ fn from_peer(
     expected: &str,
     dest: &Path,
     token: &str,
+    hold: bool,
 ) -> Asked {
     let url = format!("{}/artifacts/{expected}", peer.trim_end_matches('/'));
     if check_url(&url).is_err() {
@@ -382,6 +383,7 @@ fn from_peer(
         url: &url,
         shown: peer,
         token: Some(token),
+        hold,
     };
     let from_peer = dest.with_extension("peer");
     let _ = fs::remove_file(&from_peer);
@@ -487,7 +489,16 @@ fn fetch(
         let mut i = 0;
         while i < asking.len() {
             let peer = asking[i];
-            match from_peer(&peer_agent, peer, artifact, &expected, dest, token) {
+            // A host for the origin asks around once, and is not held.
+            match from_peer(
+                &peer_agent,
+                peer,
+                artifact,
+                &expected,
+                dest,
+                token,
+                !origin_now,
+            ) {
                 Asked::Got(got) => {
                     let _ = fs::remove_file(&partial);
                     return keep(&dest.with_extension("peer"), dest, &expected, got)
@@ -538,6 +549,7 @@ fn fetch(
         url: &artifact.url,
         shown: &shown,
         token: None,
+        hold: false,
     };
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 1;
@@ -575,6 +587,8 @@ struct Source<'a> {
     /// The URL as it may be shown (credentials hidden).
     shown: &'a str,
     token: Option<&'a str>,
+    /// A peer may hold the request until it has the artifact.
+    hold: bool,
 }
 
 /// Checks the whole of `partial` (every byte, also those an earlier run
@@ -640,6 +654,9 @@ fn attempt_fetch(
     let mut request = agent.get(source.url);
     if let Some(token) = source.token {
         request = request.header(crate::peer::TOKEN_HEADER, token);
+        if !source.hold {
+            request = request.header(crate::peer::HOLD_HEADER, "0");
+        }
     }
     if have > 0 {
         println!("resuming at byte {have}");

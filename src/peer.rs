@@ -38,6 +38,10 @@ const FETCHING: Duration = Duration::from_secs(10);
 /// The header a request's token comes in.
 pub(crate) const TOKEN_HEADER: &str = "x-depro-token";
 
+/// A request with this header set to `0` is answered at once, never held
+/// (a first host that asks around once before it goes to the origin).
+pub(crate) const HOLD_HEADER: &str = "x-depro-hold";
+
 /// The token that opens the artifact `sha256` under a prefix's `secret`.
 pub(crate) fn token(secret: &str, sha256: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
@@ -177,7 +181,7 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
         .and_then(|rest| rest.split(' ').next())
         .filter(|s| crate::artifact::parse_sha256(s).is_ok_and(|hex| hex == *s))
         .map(String::from);
-    let (mut token, mut from) = (String::new(), 0u64);
+    let (mut token, mut from, mut hold) = (String::new(), 0u64, true);
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
@@ -189,6 +193,7 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             TOKEN_HEADER => token = value.to_string(),
+            HOLD_HEADER => hold = value != "0",
             "range" => {
                 from = value
                     .strip_prefix("bytes=")
@@ -220,7 +225,7 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
     // A host that is fetching it holds the request a while rather than
     // answer "not yet": the asker gets it the moment it is verified here,
     // not at its next ask (each level of the tree would add a pause).
-    let hold_until = Instant::now() + HOLD;
+    let hold_until = Instant::now() + if hold { HOLD } else { Duration::ZERO };
     let path = loop {
         match served.find(&sha256, &token) {
             Ok(path) => break path,
@@ -373,6 +378,48 @@ mod tests {
         assert_eq!(
             served.find(&"cd".repeat(32), &token("s1", &"cd".repeat(32))),
             Err(404)
+        );
+    }
+
+    #[test]
+    fn a_request_for_an_artifact_being_fetched_is_held_unless_it_asks_not_to_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = "ab".repeat(32);
+        let versions = dir.path().join(".depro/artifacts/v1");
+        std::fs::create_dir_all(&versions).unwrap();
+        std::fs::write(versions.join(format!("{sha}.progress")), "waiting").unwrap();
+        let served = Served::default();
+        served.allow(dir.path().to_path_buf(), "s".into());
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        serve(addr, served, None).unwrap();
+        let ask = |hold: &str| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            let token = token("s", &sha);
+            write!(
+                stream,
+                "GET /artifacts/{sha} HTTP/1.1\r\n{TOKEN_HEADER}: {token}\r\n{hold}\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        // Not held: "fetching it, ask again".
+        assert!(ask("x-depro-hold: 0\r\n").starts_with("HTTP/1.1 425 "));
+        // Held: answered with the artifact once it is verified here.
+        let file = versions.join(&sha);
+        let verified = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::write(file, b"the build").unwrap();
+        });
+        let answer = ask("");
+        verified.join().unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("the build"),
+            "{answer}"
         );
     }
 
