@@ -27,6 +27,8 @@ struct Origin {
     delay_ms: Arc<AtomicU64>,
     /// An error status to answer instead (0: none).
     status: Arc<AtomicU16>,
+    /// Answers still to give as 500s.
+    errors: Arc<AtomicUsize>,
 }
 
 /// How an origin behaves now.
@@ -35,6 +37,7 @@ struct Behaviour {
     ranges: Arc<Mutex<Vec<String>>>,
     delay_ms: Arc<AtomicU64>,
     status: Arc<AtomicU16>,
+    errors: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -47,6 +50,7 @@ impl Origin {
             ranges: Arc::default(),
             delay_ms: Arc::default(),
             status: Arc::default(),
+            errors: Arc::default(),
         };
         let blob = Arc::new(blob);
         let behaviour = Behaviour {
@@ -54,6 +58,7 @@ impl Origin {
             ranges: origin.ranges.clone(),
             delay_ms: origin.delay_ms.clone(),
             status: origin.status.clone(),
+            errors: origin.errors.clone(),
         };
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -63,6 +68,7 @@ impl Origin {
                     ranges: behaviour.ranges.clone(),
                     delay_ms: behaviour.delay_ms.clone(),
                     status: behaviour.status.clone(),
+                    errors: behaviour.errors.clone(),
                 };
                 std::thread::spawn(move || answer(stream, &blob, &b));
             }
@@ -95,7 +101,15 @@ fn answer(stream: TcpStream, blob: &[u8], how: &Behaviour) {
         .unwrap()
         .push(range.map_or("-".into(), |r| r.to_string()));
     let mut stream = stream;
-    let status = how.status.load(Ordering::SeqCst);
+    let error = how
+        .errors
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let status = if error {
+        500
+    } else {
+        how.status.load(Ordering::SeqCst)
+    };
     if status != 0 {
         let _ = write!(
             stream,
@@ -982,4 +996,29 @@ fn a_rotated_secret_is_taken_up_at_a_reload_and_peers_keep_serving_each_other() 
     assert!(code(&old).contains(" 200 "), "the secret before");
     assert!(code(&"5e".repeat(32)).contains(" 200 "), "the new secret");
     assert!(code(&"77".repeat(32)).contains(" 403 "), "another");
+}
+
+#[test]
+fn an_origin_that_answers_500_is_asked_again_with_backoff_and_the_version_deploys() {
+    let blob = blob();
+    let sha = sha256_of(&blob);
+    let origin = Origin::serve(blob.clone());
+    origin.errors.store(2, Ordering::SeqCst);
+    let fleet = fleet_keeping_artifacts(1);
+    fleet
+        .depro(&[
+            "deploy",
+            "v1",
+            &format!("-artifact={}", origin.url("")),
+            &format!("-sha256={sha}"),
+        ])
+        .ok();
+    assert!(std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap() == blob);
+    assert_eq!(
+        origin.ranges.lock().unwrap().len(),
+        3,
+        "two 500s, then the build"
+    );
+    let log = fleet.agents[0].log();
+    assert!(log.contains("answered 500; trying again in"), "{log}");
 }
