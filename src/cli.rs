@@ -85,6 +85,8 @@ pub(crate) struct TreeArgs {
     pub prefix: Option<String>,
     /// `-quiet`: no progress on stderr, only the result and errors.
     pub quiet: bool,
+    /// `-json`: the command's result (or document) as JSON on stdout.
+    pub json: bool,
     pub connection: ConnectionFlags,
 }
 
@@ -806,6 +808,7 @@ fn tree_flag(arg: &Arg, tree: &mut TreeArgs) -> bool {
     match arg {
         Arg::Flag("prefix", v) => tree.prefix = Some(v.text().into()),
         Arg::Flag("quiet", v) => tree.quiet = v.on(),
+        Arg::Flag("json", v) => tree.json = v.on(),
         _ => return connection_flag(arg, &mut tree.connection),
     }
     true
@@ -1200,31 +1203,30 @@ fn parse_control(parser: &mut lexopt::Parser, command: &str) -> Result<Command, 
 
 fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "history";
-    let (mut tree, mut json) = (TreeArgs::default(), false);
+    let mut tree = TreeArgs::default();
     while let Some(arg) = next(parser, command)? {
         if tree_flag(&arg, &mut tree) {
             continue;
         }
         match &arg {
             Arg::Help => return Ok(Command::Help(Some(command.into()))),
-            Arg::Flag("json", v) => json = v.on(),
             _ => return Err(unexpected(&arg, command)),
         }
     }
+    let json = tree.json;
     Ok(Command::History(HistoryArgs { tree, json }))
 }
 
 fn parse_events(parser: &mut lexopt::Parser) -> Result<Command, Error> {
     let command = "events";
     let mut tree = TreeArgs::default();
-    let (mut json, mut since) = (false, None);
+    let mut since = None;
     while let Some(arg) = next(parser, command)? {
         if tree_flag(&arg, &mut tree) {
             continue;
         }
         match &arg {
             Arg::Help => return Ok(Command::Help(Some(command.into()))),
-            Arg::Flag("json", v) => json = v.on(),
             Arg::Flag("since", v) => since = Some(v.text().parse::<u64>().map_err(|_| {
                 Error::Usage(format!(
                     "-since: {:?} is not a Consul index (a whole number, an event's \"index\"); \
@@ -1235,24 +1237,25 @@ fn parse_events(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             _ => return Err(unexpected(&arg, command)),
         }
     }
+    let json = tree.json;
     Ok(Command::Events(EventsArgs { tree, json, since }))
 }
 
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
     let mut tree = TreeArgs::default();
-    let (mut version, mut json, mut watch) = (None, false, false);
+    let (mut version, mut watch) = (None, false);
     while let Some(arg) = next(parser, command)? {
         if tree_flag(&arg, &mut tree) {
             continue;
         }
         match arg {
             Arg::Help => return Ok(Command::Help(Some(command.into()))),
-            Arg::Flag("json", v) => json = v.on(),
             Arg::Flag("watch", v) => watch = v.on(),
             Arg::Operand(v) if version.is_none() => version = Some(v),
             _ => return Err(unexpected(&arg, command)),
         }
     }
+    let json = tree.json;
     if watch && json {
         return Err(Error::Usage(
             "-watch and -json do not go together; use -watch for people and logs, or poll -json"

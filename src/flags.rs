@@ -343,9 +343,9 @@ pub(crate) const FLAGS: &[Flag] = &[
     ),
     flag(
         "json",
-        STATUS | HISTORY | EVENTS,
+        STATUS | HISTORY | EVENTS | SWITCH | WAIT | REMOVE | PRUNE,
         Kind::Bool,
-        "print a machine-readable document instead of a table (events: one object per line)",
+        "print a machine-readable document on stdout (events: one object per line)",
     ),
     flag(
         "since",

@@ -7,12 +7,12 @@ _depro() {
   fi
   case "${COMP_WORDS[1]}" in
     agent) opts="-config-dir= -config-file= -name= -log-level= -log-format= -allow-insecure-config -check -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -origin-hosts= -sign= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollout) opts="-prefix= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    rollback) opts="-prefix= -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    deploy) opts="-prefix= -nodes= -min-nodes= -timeout= -keep= -no-rollout -artifact= -sha256= -size= -artifact-file= -origin-hosts= -sign= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollout) opts="-prefix= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    rollback) opts="-prefix= -to= -nodes= -min-nodes= -timeout= -rollback-on-failure -message= -canary= -batch= -pause= -promote= -dry-run -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     restart) opts="-prefix= -timeout= -message= -canary= -batch= -pause= -promote= -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    remove) opts="-prefix= -timeout= -wait -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    prune) opts="-prefix= -keep= -failed -dry-run -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    remove) opts="-prefix= -timeout= -wait -dry-run -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    prune) opts="-prefix= -keep= -failed -dry-run -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     status) opts="-prefix= -json -watch -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     query) opts="-prefix= -json -watch -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     history) opts="-prefix= -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
@@ -22,7 +22,7 @@ _depro() {
     resume) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     promote) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     forget) opts="-prefix= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
-    wait) opts="-prefix= -for= -nodes= -timeout= -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
+    wait) opts="-prefix= -for= -nodes= -timeout= -json -quiet -server= -http-addr= -token= -token-file= -datacenter= -dc= -ca-file= -client-cert= -client-key= -tls-skip-verify" ;;
     help) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "agent deploy rollout rollback restart remove prune status query history events policy pause resume promote forget keygen wait version help completion" -- "$cur")); return ;;
     completion) [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
     *) return ;;

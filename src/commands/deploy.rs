@@ -19,7 +19,12 @@ use crate::error::{Error, Result};
 use crate::tree::{Tree, VersionMeta, shown};
 use crate::version_name::VersionName;
 
-pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
+    let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
+    super::result::reported("deploy", &tree, &versions, env, || deploy_now(args, env))
+}
+
+fn deploy_now(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let version = version_arg(&args.version)?;
     let start = Instant::now();
@@ -134,7 +139,7 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     };
     let ready_nodes = wait_ready(&mut ctx, &wait)?;
     if plan.then == Then::Stop {
-        println!(
+        say!(
             "{version} is ready on {} nodes under {} ({}); current unchanged ({}); switch with `depro rollout {version} -prefix={}{}`",
             ready_nodes.len(),
             ctx.prefix,
@@ -157,7 +162,12 @@ pub(crate) fn deploy(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
+    let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
+    super::result::reported("rollout", &tree, &versions, env, || rollout_now(args, env))
+}
+
+fn rollout_now(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let version = version_arg(&args.version)?;
     let start = Instant::now();
@@ -178,7 +188,17 @@ pub(crate) fn rollout(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
     roll_to(&mut ctx, &plan, &args.switch, start, "rollout")
 }
 
-pub(crate) fn rollback(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
+pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
+    let (tree, versions) = (
+        args.tree.clone(),
+        args.to.iter().cloned().collect::<Vec<_>>(),
+    );
+    super::result::reported("rollback", &tree, &versions, env, || {
+        rollback_now(args, env)
+    })
+}
+
+fn rollback_now(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let to = args.to.as_deref().map(version_arg).transpose()?;
     let start = Instant::now();

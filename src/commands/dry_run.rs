@@ -14,7 +14,7 @@ use crate::tree::{NodeState, RolloutPlan, Tree, VersionInfo, shown};
 use crate::version_name::VersionName;
 
 fn say(line: &str) {
-    println!("dry run: {line}");
+    say!("dry run: {line}");
 }
 
 /// What the nodes say of `version` now, for the lines about waiting.

@@ -2,6 +2,14 @@
 //! its guarantees (see docs/protocol.md). Each command resolves its
 //! settings into a [`Ctx`] first, then talks to Consul through it.
 
+/// A command's result line: on stdout, or on stderr under `-json` (see
+/// `result`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::commands::result::say(&format!($($arg)*))
+    };
+}
+
 mod control;
 mod deploy;
 mod driver;
@@ -13,6 +21,7 @@ mod policy;
 mod progress;
 mod remove;
 mod restart;
+mod result;
 mod status;
 mod switch;
 mod switch_plan;

@@ -15,6 +15,11 @@ use crate::tree::Tree;
 use crate::version_name::VersionName;
 
 pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
+    let (tree, versions) = (args.tree.clone(), args.versions.clone());
+    super::result::reported("remove", &tree, &versions, env, || remove_now(args, env))
+}
+
+fn remove_now(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let versions: Vec<VersionName> = args
         .versions
@@ -43,7 +48,7 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     remove_each(&mut ctx, &tree, &versions, again)?;
     if !args.wait {
         let list: Vec<&str> = versions.iter().map(VersionName::as_str).collect();
-        println!(
+        say!(
             "removed {} from {}; the agents are cleaning up (add -wait to follow them)",
             list.join(", "),
             ctx.prefix
@@ -95,7 +100,7 @@ pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
                 }
             ));
         }
-        println!("{summary}");
+        say!("{summary}");
     }
     Ok(())
 }
@@ -194,6 +199,11 @@ pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> R
 }
 
 pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
+    let tree = args.tree.clone();
+    super::result::reported("prune", &tree, &[], env, || prune_now(args, env))
+}
+
+fn prune_now(args: PruneArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let tree = ctx.read_existing_tree()?;
     if args.dry_run {
@@ -226,13 +236,13 @@ pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
         .collect();
     let removed: Vec<&str> = doomed.iter().map(VersionName::as_str).collect();
     if removed.is_empty() {
-        println!(
+        say!(
             "nothing to prune under {}; kept {}",
             ctx.prefix,
             kept.join(", ")
         );
     } else {
-        println!(
+        say!(
             "pruned {} from {}; kept {}",
             removed.join(", "),
             ctx.prefix,

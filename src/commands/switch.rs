@@ -479,14 +479,14 @@ pub(super) fn switch_and_confirm(
     })?;
     match outcome {
         Some(Ok(())) if already => {
-            println!(
+            say!(
                 "{version} was already current under {} and is active on {total} nodes; nothing to do",
                 ctx.prefix
             );
             Ok(())
         }
         Some(Ok(())) => {
-            println!(
+            say!(
                 "{version} is current under {} (was {}): active on {total}/{total} nodes in {}",
                 ctx.prefix,
                 was.as_deref().unwrap_or("unset"),

@@ -12,6 +12,11 @@ use crate::error::{Error, Result};
 use crate::tree::NodeState;
 
 pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
+    let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
+    super::result::reported("wait", &tree, &versions, env, || wait_now(args, env))
+}
+
+fn wait_now(args: WaitArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let version = version_arg(&args.version)?;
     let start = Instant::now();
@@ -93,7 +98,7 @@ pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
     });
     match outcome? {
         Some(Ok(have)) => {
-            println!(
+            say!(
                 "{version} is {word} on {have} nodes under {prefix} ({})",
                 took(start)
             );

@@ -231,7 +231,7 @@ fn drive(
                 }
             }
             if written.is_some() && plan.restart.is_some() {
-                println!(
+                say!(
                     "{version} restarted on {} (its first wave), not yet on the other nodes; \
                      waiting for promotion: `depro promote {version} -prefix={}` goes on, \
                      `depro rollback -prefix={}` stops the restart there ({})",
@@ -243,7 +243,7 @@ fn drive(
                 return Ok(());
             }
             if written.is_some() {
-                println!(
+                say!(
                     "{version}'s first wave is active on {} under {}, the other nodes run {}; \
                      waiting for promotion: `depro promote {version} -prefix={}` goes on, \
                      `depro rollback -prefix={}` undoes it ({})",
@@ -377,7 +377,7 @@ fn finish_restart(
         ];
         match ctx.write_ringing(&ops, Change::Wave(None))? {
             TxnOutcome::Committed(_) => {
-                println!(
+                say!(
                     "{version} restarted under {} on {} nodes ({}); current unchanged",
                     ctx.prefix,
                     plan.switched.len(),
@@ -947,7 +947,7 @@ pub(crate) fn undo_and_say(
     let deadline = ctx.deadline;
     undo(ctx, plan, index, deadline)?;
     if plan.restart.is_some() {
-        println!(
+        say!(
             "stopped the restart of {} under {} at wave {} of {}: {} were told to restart \
              (their rollout hook runs to its end), the other nodes were not; current is {} ({})",
             shown(&plan.version),
@@ -960,7 +960,7 @@ pub(crate) fn undo_and_say(
         );
         return Ok(());
     }
-    println!(
+    say!(
         "undid the rollout of {} under {} (it had started wave {} of {}): {} runs again on {}, like on \
          every other node; current is {} ({})",
         shown(&plan.version),
