@@ -570,6 +570,7 @@ fn fleet_of_peers(n: usize) -> Fleet<'static> {
     for agent in &mut fleet.agents {
         agent.extra = serde_json::json!({
             "listen": format!("127.0.0.1:{}", support::free_port()),
+            "metrics_file": agent.dir.join("depro.prom"),
         });
     }
     fleet
@@ -616,6 +617,23 @@ fn hosts_fetch_an_artifact_from_a_peer_that_has_it_and_the_origin_serves_one_cop
         1,
         "the origin served one copy"
     );
+    // The metrics count the bytes: fetched from the origin and served on
+    // node1, fetched from a peer on the others.
+    let metrics = |node: usize| std::fs::read_to_string(fleet.agents[node].dir.join("depro.prom"));
+    let size = blob.len();
+    fleet.wait("the metrics written after the fetches", |_| {
+        let served = metrics(0).unwrap_or_default();
+        served.contains(&format!(
+            "depro_artifact_fetched_bytes_total{{deployment=\"api\",source=\"origin\"}} {size}"
+        )) && served.lines().any(|l| {
+            l.strip_prefix("depro_artifact_served_bytes_total ")
+                .is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n >= 2 * size))
+        }) && (1..3).all(|n| {
+            metrics(n).unwrap_or_default().contains(&format!(
+                "depro_artifact_fetched_bytes_total{{deployment=\"api\",source=\"peer\"}} {size}"
+            ))
+        })
+    });
 
     // A peer that answers without a token, or with another's, is refused.
     let url = format!("http://{}/artifacts/{sha}", listen_of(&fleet, 0));
@@ -895,6 +913,12 @@ fn old_and_new_agents_share_a_prefix_with_artifacts() {
     // node4: peers, but no fan-out tree; node5: no artifacts at all (its
     // configuration cannot name listen, a field it does not know).
     fleet.agents[3].program = vec![before_fan_out];
+    // (a field it does not know either)
+    fleet.agents[3]
+        .extra
+        .as_object_mut()
+        .unwrap()
+        .remove("metrics_file");
     fleet.agents[4].program = vec![before_artifacts];
     fleet.agents[4].extra = serde_json::json!({});
     fleet.start_all();
