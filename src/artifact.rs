@@ -352,6 +352,10 @@ const TOLD_EVERY: Duration = Duration::from_secs(1);
 /// the artifact, or is fetching or serving it, before it goes there anyway.
 const PEER_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long a host waits for peers in all, progress or not (hosts whose
+/// views of the fleet differ could otherwise wait on each other).
+const PEER_WAIT_MAX: Duration = Duration::from_secs(90);
+
 /// What asking a peer came to.
 enum Asked {
     /// Verified, in `<dest>.peer` (so many bytes).
@@ -482,7 +486,7 @@ fn fetch(
     // waiting for, one that is gone, slow or lying is dropped.
     let mut asking: Vec<&str> = peers.to_vec();
     tell(dest, "asking the peers");
-    let mut progress_at = Instant::now();
+    let (mut progress_at, waiting_since) = (Instant::now(), Instant::now());
     let mut said_waiting = false;
     while !asking.is_empty() {
         let mut progress = false;
@@ -528,10 +532,10 @@ fn fetch(
         if origin_now || asking.is_empty() {
             break;
         }
-        if progress_at.elapsed() >= PEER_PATIENCE {
+        if progress_at.elapsed() >= PEER_PATIENCE || waiting_since.elapsed() >= PEER_WAIT_MAX {
             println!(
-                "no peer has had it or been fetching it for {}: fetching from the origin",
-                crate::duration::human(PEER_PATIENCE)
+                "no peer had it after {} of waiting: fetching from the origin",
+                crate::duration::human(waiting_since.elapsed())
             );
             break;
         }
@@ -554,6 +558,9 @@ fn fetch(
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
+        // Said before each attempt and through each backoff: the hosts
+        // that wait on this one see it is still at it (their server's 425).
+        tell(dest, &format!("asking the origin {shown}"));
         match attempt_fetch(&agent, &source, artifact.size, None, &partial) {
             Ok(()) => break,
             Err(Trouble::Fatal(why)) => {
@@ -566,7 +573,11 @@ fn fetch(
             }
             Err(Trouble::Transient(why)) => {
                 println!("{why}; trying again in {}", crate::duration::human(backoff));
-                std::thread::sleep(backoff);
+                let until = Instant::now() + backoff;
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    tell(dest, &format!("{why}; trying again"));
+                    std::thread::sleep(left.min(Duration::from_secs(4)));
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 attempt += 1;
             }
@@ -669,7 +680,8 @@ fn attempt_fetch(
         ))
     })?;
     let status = response.status().as_u16();
-    if source.token.is_some() && matches!(status, 404 | 425 | 503) {
+    // A peer's 403: it may not have read a rotated secret yet.
+    if source.token.is_some() && matches!(status, 403 | 404 | 425 | 503) {
         return Err(Trouble::NotYet { status });
     }
     let append = match status {

@@ -32,6 +32,13 @@ const HOLD: Duration = Duration::from_secs(2);
 /// How often a held request looks whether the artifact is here.
 const HELD_CHECK: Duration = Duration::from_millis(20);
 
+/// How long a replaced secret still opens artifacts (agents take a
+/// rotation up within 5 minutes, or at a reload).
+const GRACE: Duration = Duration::from_secs(600);
+
+/// Requests held at once, at most (the others are answered at once).
+const HELD: usize = 4;
+
 /// A progress file written this recently is a fetch under way.
 const FETCHING: Duration = Duration::from_secs(10);
 
@@ -56,11 +63,17 @@ pub(crate) fn new_secret() -> Option<String> {
     Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A deployment's path, a secret that opens its artifacts, and when that
+/// secret was replaced.
+type Allowed = (PathBuf, String, Option<Instant>);
+
 /// What the server may serve: each deployment's path and its prefix's
 /// secret, as the agent learns them.
 #[derive(Clone, Default)]
 pub(crate) struct Served {
-    list: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    /// Each deployment's path, a secret, and when that secret was replaced
+    /// (the one before is accepted for [`GRACE`]).
+    list: Arc<Mutex<Vec<Allowed>>>,
     /// The agent's metrics as last rendered (`/metrics`).
     metrics: Arc<Mutex<String>>,
 }
@@ -71,16 +84,18 @@ impl Served {
     /// different times).
     pub(crate) fn allow(&self, path: PathBuf, secret: String) {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        if list.iter().any(|(p, s)| *p == path && *s == secret) {
+        if list
+            .iter()
+            .any(|(p, s, replaced)| *p == path && *s == secret && replaced.is_none())
+        {
             return;
         }
-        let before = list
-            .iter()
-            .rev()
-            .find(|(p, _)| *p == path)
-            .map(|(_, s)| s.clone());
-        list.retain(|(p, s)| *p != path || Some(s) == before.as_ref());
-        list.push((path, secret));
+        // The secret in use becomes the one before; older ones go.
+        list.retain(|(p, s, replaced)| *p != path || (replaced.is_none() && *s != secret));
+        for entry in list.iter_mut().filter(|(p, _, _)| *p == path) {
+            entry.2 = Some(Instant::now());
+        }
+        list.push((path, secret, None));
     }
 
     /// What `/metrics` answers from now on.
@@ -92,7 +107,7 @@ impl Served {
     /// reload kept).
     pub(crate) fn keep_only(&self, paths: &[PathBuf]) {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|(p, _)| paths.contains(p));
+        list.retain(|(p, _, _)| paths.contains(p));
     }
 
     /// The verified file of `sha256` a request with `token` may have; or
@@ -101,8 +116,10 @@ impl Served {
     fn find(&self, sha256: &str, token: &str) -> Result<PathBuf, u16> {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (mut allowed, mut fetching) = (false, false);
-        for (path, secret) in list {
-            if !constant_time_eq(self::token(&secret, sha256).as_bytes(), token.as_bytes()) {
+        for (path, secret, replaced) in list {
+            if replaced.is_some_and(|at| at.elapsed() > GRACE)
+                || !constant_time_eq(self::token(&secret, sha256).as_bytes(), token.as_bytes())
+            {
                 continue;
             }
             allowed = true;
@@ -137,10 +154,11 @@ pub(crate) fn serve(addr: SocketAddr, served: Served, limit: Option<u64>) -> std
     let listener = Arc::new(TcpListener::bind(addr)?);
     let uploads = Arc::new(Uploads {
         running: AtomicUsize::new(0),
+        held: AtomicUsize::new(0),
         limit,
         next: Mutex::new(Instant::now()),
     });
-    for i in 0..UPLOADS + SPARE {
+    for i in 0..UPLOADS + HELD + SPARE {
         let (listener, served) = (listener.clone(), served.clone());
         let uploading = uploads.clone();
         std::thread::Builder::new()
@@ -225,12 +243,27 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
     // A host that is fetching it holds the request a while rather than
     // answer "not yet": the asker gets it the moment it is verified here,
     // not at its next ask (each level of the tree would add a pause).
-    let hold_until = Instant::now() + if hold { HOLD } else { Duration::ZERO };
+    let holding = hold
+        && uploads
+            .held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < HELD).then_some(n + 1)
+            })
+            .is_ok();
+    let hold_until = Instant::now() + if holding { HOLD } else { Duration::ZERO };
+    let unhold = || {
+        if holding {
+            uploads.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    };
     let path = loop {
         match served.find(&sha256, &token) {
             Ok(path) => break path,
             Err(425) if Instant::now() < hold_until => std::thread::sleep(HELD_CHECK),
-            Err(code) => return status(&mut stream, code),
+            Err(code) => {
+                unhold();
+                return status(&mut stream, code);
+            }
         }
     };
     // Busy: a slot that frees within the hold is taken then (the asker
@@ -244,9 +277,13 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
         match taken {
             Ok(_) => break,
             Err(_) if Instant::now() < hold_until => std::thread::sleep(HELD_CHECK),
-            Err(_) => return status(&mut stream, 503),
+            Err(_) => {
+                unhold();
+                return status(&mut stream, 503);
+            }
         }
     }
+    unhold();
     let sent = upload(&mut stream, &path, from, uploads);
     uploads.running.fetch_sub(1, Ordering::SeqCst);
     sent
@@ -255,6 +292,8 @@ fn answer(stream: TcpStream, served: &Served, uploads: &Uploads) -> std::io::Res
 /// The uploads of a host: how many run, and the pace they share.
 struct Uploads {
     running: AtomicUsize,
+    /// Requests held (for an artifact being fetched, or a slot).
+    held: AtomicUsize,
     /// Bytes per second, in all.
     limit: Option<u64>,
     /// When the next piece may go (with a limit).

@@ -635,7 +635,7 @@ impl Agent {
             .as_ref()
             .map_or(&[][..], |(_, agents)| &agents[..]);
         // From the tree: only a plain ADDR:PORT is ever asked.
-        let members: Vec<crate::fan_out::Member<'_>> = agents
+        let mut members: Vec<crate::fan_out::Member<'_>> = agents
             .iter()
             .map(|(node, record)| crate::fan_out::Member {
                 name: node,
@@ -643,6 +643,14 @@ impl Agent {
                 zone: record.zone.as_deref(),
             })
             .collect();
+        // This host as it is, whatever the listing says (it may predate its
+        // announcement): every host must see itself where the others do.
+        members.retain(|m| m.name != self.config.name);
+        members.push(crate::fan_out::Member {
+            name: &self.config.name,
+            listen: self.config.listen,
+            zone: self.config.zone.as_deref(),
+        });
         let sources = crate::fan_out::sources(
             &self.config.name,
             self.config.zone.as_deref(),

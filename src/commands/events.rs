@@ -78,7 +78,11 @@ impl Event {
                 } else {
                     "finished"
                 },
-                self.nodes.join(", ")
+                self.nodes
+                    .iter()
+                    .map(|n| crate::tree::shown(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             "joined" | "left" => format!("agent {n} {}", self.event),
             other => other.to_string(),
@@ -136,8 +140,9 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
     match (waves(before), waves(after)) {
         (old, Some(new)) => {
             let same = old.filter(|o| o.version == new.version);
-            let was = same.map_or(0, |o| o.started_waves);
-            for wave in was + 1..=new.started_waves {
+            // From the tree: no more waves than the plan has.
+            let was = same.map_or(0, |o| o.started_waves.min(o.waves.len()));
+            for wave in was + 1..=new.started_waves.min(new.waves.len()) {
                 if wave > 1 {
                     events.push(wave_event(&event, "wave_finished", new, wave - 1));
                 }
@@ -145,7 +150,8 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             }
         }
         (Some(old), None) if old.started_waves > 0 => {
-            events.push(wave_event(&event, "wave_finished", old, old.started_waves));
+            let last = old.started_waves.min(old.waves.len()).max(1);
+            events.push(wave_event(&event, "wave_finished", old, last));
         }
         _ => {}
     }
@@ -303,9 +309,14 @@ fn end_cleanly_on_signals() {
         std::thread::spawn(move || {
             if signals.forever().next().is_some() {
                 // Waits for the lines being written to end, and keeps
-                // others from starting.
-                let mut out = std::io::stdout().lock();
-                let _ = std::io::Write::flush(&mut out);
+                // others from starting; but not forever (a reader that
+                // stopped reading holds the write).
+                std::thread::spawn(|| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = std::io::Write::flush(&mut out);
+                    std::process::exit(0);
+                });
+                std::thread::sleep(std::time::Duration::from_secs(1));
                 std::process::exit(0);
             }
         });
