@@ -105,4 +105,35 @@ fn every_exit_code_comes_with_a_result_document_on_stdout() {
             "{doc:#}"
         );
     }
+
+    // 130: interrupted, with what it leaves behind (once it catches
+    // SIGINT: its signal mask says so).
+    let waiting = support::spawn(fleet.depro_command(&["wait", "v2", "-nodes=3", "-json"]));
+    let status = format!("/proc/{}/status", waiting.id());
+    fleet.wait("the wait catching SIGINT", |_| {
+        std::fs::read_to_string(&status).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+                .is_some_and(|mask| mask & (1 << 1) != 0)
+        })
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(waiting.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = support::finish(waiting);
+    assert_eq!(out.code, Some(130), "{out:#?}");
+    let doc: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:#?}"));
+    assert_eq!(
+        (&doc["exit_code"], &doc["meaning"]),
+        (&Value::from(130), &Value::from("interrupted"))
+    );
+    assert!(
+        doc["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing was written")),
+        "{doc:#}"
+    );
 }

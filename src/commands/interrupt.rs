@@ -59,6 +59,7 @@ pub(crate) fn catch() {
                     leaves.as_deref().unwrap_or("nothing was written")
                 );
                 let _ = err.flush();
+                super::result::interrupted(leaves.as_deref().unwrap_or("nothing was written"));
                 if let Some(release) = RELEASE.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     release();
                 }

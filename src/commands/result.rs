@@ -6,6 +6,8 @@
 //! does without `-json`; its result lines go to stderr instead, and the
 //! document is made from the tree as read before and after it.
 
+use std::io::Write;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -17,6 +19,34 @@ use crate::tree::{NodeState, Tree};
 
 /// Set while a command's result goes out as a JSON document.
 static JSON: AtomicBool = AtomicBool::new(false);
+
+/// The document's first fields (command, prefix, versions) and when the
+/// command started, for an interruption's document.
+static STARTED: Mutex<Option<(serde_json::Value, Instant)>> = Mutex::new(None);
+
+/// Under `-json`, the document of an interrupted command (exit 130), with
+/// what it leaves behind.
+pub(crate) fn interrupted(leaves: &str) {
+    if !JSON.load(Ordering::Relaxed) {
+        return;
+    }
+    let started = STARTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some((mut doc, start)) = started else {
+        return;
+    };
+    doc["ok"] = false.into();
+    doc["exit_code"] = super::interrupt::EXIT_CODE.into();
+    doc["meaning"] = "interrupted".into();
+    doc["error"] = format!("interrupted; {leaves}").into();
+    doc["duration_seconds"] = ((start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0).into();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    );
+    let _ = out.flush();
+}
 
 /// A command's result line: on stdout, or on stderr under `-json`.
 pub(crate) fn say(line: &str) {
@@ -64,6 +94,14 @@ pub(crate) fn reported(
         Some(Tree::parse(&ctx.prefix, &answer.value))
     };
     let before = read(&ctx);
+    let prefix = ctx.as_ref().map(|c| c.prefix.to_string()).ok();
+    let base = serde_json::json!({
+        "schema": super::status::SCHEMA,
+        "command": command,
+        "prefix": prefix,
+        "versions": versions,
+    });
+    *STARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some((base, start));
     let outcome = run();
     let after = read(&ctx);
     let code = outcome.as_ref().err().map_or(0, |e| e.exit_code() as i32);
@@ -123,7 +161,6 @@ pub(crate) fn reported(
             .collect(),
         _ => Vec::new(),
     };
-    let prefix = ctx.as_ref().map(|c| c.prefix.to_string()).ok();
     let doc = serde_json::json!({
         "schema": super::status::SCHEMA,
         "command": command,
