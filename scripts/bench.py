@@ -29,7 +29,10 @@ separate processes on this machine, it measures:
     few MB/s, to N agents, three ways (the deploy hook downloads it, depro
     fetches it from the origin only, peers help): converged time and the
     origin's egress; with --artifact-origin-hosts K, peers again with
-    -origin-hosts=K; then two zones, and the copies crossing between them.
+    -origin-hosts=K; then two zones, and the copies crossing between them;
+12. `depro events -json` on a fleet of N agents deploying and removing
+    versions: its requests to Consul (through a counting proxy), how many
+    at once, and the lines it prints.
 
 It writes docs/benchmarks.md, docs/fleet-scaling.svg and
 docs/benchmarks.json. Only the standard library is used.
@@ -47,8 +50,8 @@ import tempfile
 import threading
 import time
 
-from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, CpuMeter, Origin, app_deployment, free_port,
-                      latency_while_busy, make_artifact, median, ms, p95, proc_split, proc_times, raise_fd_limit,
+from benchlib import (ALL_AGENTS, CORES, Agent, Cluster, Consul, CountingProxy, CpuMeter, Origin, app_deployment,
+                      free_port, latency_while_busy, make_artifact, median, ms, p95, proc_split, proc_times, raise_fd_limit,
                       registered, rss_kib, run_depro, stop_all, threads_sockets, wait_until)
 
 def fleet_scaling(depro, consul, work, artifact, sizes, rounds):
@@ -678,6 +681,69 @@ WAYS = {"hook": "the deploy hook downloads it", "origin": "depro fetches it, fro
         "peers": "depro fetches it, peers helping"}
 
 
+def events_section(depro, consul_binary, work, sizes, cycles):
+    """Section 12: what `depro events -prefix=P -json` costs Consul while N
+    agents deploy: its requests counted by a proxy between it and Consul
+    (connections, requests, blocking queries, the most in flight at once),
+    over `cycles` cycles of `deploy` (a new version, every node active) and
+    `remove -wait` (the one before); and the lines it prints."""
+    results = []
+    for n in sizes:
+        # Per-client limit as in section 9: N agents share one address here.
+        consul = Consul(consul_binary, work, name=f"events{n}", conns=max(200, n * 8))
+        prefix = f"ev{n}/version"
+        agents = [Agent(depro, work, f"ev{n}-{i}", consul, app_deployment(prefix)) for i in range(n)]
+        proxy = events = None
+        try:
+            wait_until(f"{n} agents registered", lambda: registered(consul, f"depro agent ev{n}-") >= n,
+                       timeout=600, step=0.1)
+            run_depro(depro, consul, "deploy", "e0", f"-nodes={n}", f"-prefix={prefix}", "-quiet")
+            proxy = CountingProxy(consul.addr)
+            events = subprocess.Popen([depro, "events", f"-prefix={prefix}", "-json", f"-server={proxy.addr}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            lines = []
+            threading.Thread(target=lambda: [lines.append(x) for x in events.stdout], daemon=True).start()
+            time.sleep(2)  # its first read, then a blocking query held
+            start = proxy.counts()
+            deploy_lines, remove_lines = [], []
+            previous = "e0"
+            t0 = time.monotonic()
+            for i in range(1, cycles + 1):
+                seen = len(lines)
+                run_depro(depro, consul, "deploy", f"e{i}", f"-nodes={n}", f"-prefix={prefix}", "-quiet")
+                time.sleep(1)  # the last state changes printed
+                deploy_lines.append(len(lines) - seen)
+                seen = len(lines)
+                run_depro(depro, consul, "remove", previous, "-wait", f"-prefix={prefix}", "-quiet")
+                time.sleep(1)
+                remove_lines.append(len(lines) - seen)
+                previous = f"e{i}"
+            seconds = time.monotonic() - t0
+            end = proxy.counts()
+            row = {"n": n, "cycles": cycles, "seconds": seconds, "startup": start,
+                   "requests": end["requests"] - start["requests"], "blocking": end["blocking"] - start["blocking"],
+                   "connections": end["connections"], "max_in_flight": end["max_in_flight"],
+                   "deploy_lines": deploy_lines, "remove_lines": remove_lines,
+                   "running": events.poll() is None}
+            results.append(row)
+            print(f"  N={n:3}: {row['requests'] / cycles:.1f} requests per deploy + remove "
+                  f"({row['blocking'] / cycles:.1f} blocking), {row['connections']} connection(s), at most "
+                  f"{row['max_in_flight']} in flight; lines per deploy {median(deploy_lines):g}, "
+                  f"per remove {median(remove_lines):g}", flush=True)
+        finally:
+            if events is not None and events.poll() is None:
+                events.terminate()
+                try:
+                    events.wait(10)
+                except subprocess.TimeoutExpired:
+                    events.kill()
+            if proxy is not None:
+                proxy.close()
+            stop_all(agents)
+            consul.stop()
+    return results
+
+
 def artifact_sources(agent, offset, artifact_size):
     """Where an agent's fetch got its bytes from, read from its log past
     `offset` (the fetch helper's lines): {"source": "origin" or a peer's
@@ -1210,6 +1276,29 @@ def report(args, d, path):
                             f"{crossing:g} (rounds: {', '.join(str(x['crossing']) for x in z['samples'])})",
                             crossing <= 1.5))
 
+    ev = d.get("events")
+    if ev:
+        w("## 12. `depro events`: what it costs Consul\n")
+        w(measured_apart(d, "events"))
+        w("N agents on one dev Consul (per-client connection limit as in section 9) and `depro events "
+          "-prefix=P -json` talking to Consul through a counting TCP proxy in the harness (connections, HTTP "
+          "requests, those with `index=` i.e. blocking queries, and the most requests sent and not yet "
+          "answered at once). After a first version deployed and 2 s for `events`' first read, "
+          f"{ev[0]['cycles']} cycles of `depro deploy V -nodes=N` (every node active) and `depro remove "
+          "PREVIOUS -wait`, 1 s after each for the last lines. Lines: what `events` printed during each "
+          "deploy / remove (median).\n")
+        w("| N | requests per deploy + remove | of which blocking | connections | most in flight at once "
+          "| lines per deploy | lines per remove | startup requests |")
+        w("|---|---|---|---|---|---|---|---|")
+        for r in ev:
+            w(f"| {r['n']} | {r['requests'] / r['cycles']:.1f} | {r['blocking'] / r['cycles']:.1f} | "
+              f"{r['connections']} | {r['max_in_flight']} | {median(r['deploy_lines']):g} | "
+              f"{median(r['remove_lines']):g} | {r['startup']['requests']} |")
+        w("")
+        targets.append(("`depro events`: requests to Consul at once, whatever N", "1",
+                        ", ".join(f"{r['max_in_flight']} (N={r['n']})" for r in ev),
+                        all(r["max_in_flight"] <= 1 for r in ev)))
+
     if targets:
         w("## Targets\n")
         w("| target | wanted | measured | |")
@@ -1223,7 +1312,8 @@ def report(args, d, path):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain", "big", "artifacts"]
+PARTS = ["fleet", "latency", "footprint", "versions", "many", "cluster", "cost", "b2b", "plain", "big", "artifacts",
+         "events"]
 
 
 def dist_sizes(depro):
@@ -1280,6 +1370,8 @@ def main():
                         help="section 11: the fleet sizes of the -origin-hosts=K run")
     parser.add_argument("--artifact-zone-fleet", type=int, default=32,
                         help="section 11's two-zone fleet (half in each zone; 0: none)")
+    parser.add_argument("--events-sizes", default="4,32", help="section 12's fleet sizes")
+    parser.add_argument("--events-cycles", type=int, default=5, help="section 12's deploy + remove cycles")
     parser.add_argument("--keep-work", action="store_true", help="keep the agents' directories and logs")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--command-line", default="scripts/bench.sh")
@@ -1388,6 +1480,10 @@ def main():
                                                args.origin_mbps, args.artifact_rounds, args.artifact_zone_fleet,
                                                args.artifact_origin_hosts,
                                                [int(n) for n in args.artifact_origin_hosts_sizes.split(",") if n])
+        if "events" in parts:
+            print("bench: 12. depro events: its requests to Consul", flush=True)
+            d["events"] = events_section(args.depro, args.consul, work,
+                                         [int(n) for n in args.events_sizes.split(",") if n], args.events_cycles)
         d["run_minutes"] = (time.time() - started) / 60
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "benchmarks.json"), "w") as f:

@@ -31,6 +31,7 @@ if [ "${1:-}" = --smoke ]; then
     --cost-keys 1000 --cost-samples 20 --b2b-sizes 1,2 --b2b-rounds 3 --b2b-pause 0.2 \
     --plain-sizes 2 --plain-rounds 1 --big-shapes 100x5 \
     --artifact-sizes 1,3 --artifact-mb 2 --origin-mbps 200 --artifact-rounds 1 --artifact-zone-fleet 4 \
+    --events-sizes 2 --events-cycles 1 \
     --out target/bench-smoke --command-line "scripts/bench.sh --smoke"
 fi
 exec python3 scripts/bench.py --depro "$depro" --consul "$CONSUL" --go "$go" --command-line "scripts/bench.sh" "$@"

@@ -3,6 +3,11 @@
 change must not cost the agent's speed):
 
     python3 scripts/bench_builds.py --consul CONSUL BASELINE CANDIDATE [--rounds 6]
+    python3 scripts/bench_builds.py --consul CONSUL --metrics BUILD [--rounds 6]
+
+With --metrics, one build against itself: the candidate's agents have
+`"metrics_file": "<agent dir>/depro.prom"` in their config (metrics on, the
+agent rendering them every 5 s), the baseline's none (off).
 
 Each round runs both builds, in alternating order, against one dev Consul on
 loopback, and for each measures:
@@ -29,11 +34,13 @@ from benchlib import (Agent, Consul, app_deployment, latency_while_busy, median,
                       raise_fd_limit, rss_kib, run_depro, stop_all, threads_sockets, wait_until)
 
 
-def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
+def one_build(depro, consul, work, tag, changes, cycles, busy_changes, metrics=False):
     prefix = f"builds-{tag}/version"
     record = "echo $EPOCHREALTIME >> {dir}/starts"
+    prom = os.path.join(work, f"agent-{tag}", "depro.prom")
     agent = Agent(depro, work, f"agent-{tag}", consul,
-                  app_deployment(prefix, rollout_first_line=record, shell="bash"))
+                  app_deployment(prefix, rollout_first_line=record, shell="bash"),
+                  extra={"metrics_file": prom} if metrics else None)
     try:
         consul.add_versions(prefix, ["a", "b"])
         consul.put(f"{prefix}/current", "a")
@@ -71,9 +78,13 @@ def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
         cpu = (proc_times(agent.proc.pid)[0] - cpu0) / cycles
         time.sleep(1)
         rss = rss_kib(agent.proc.pid)
+        if metrics and not os.path.exists(prom):
+            raise RuntimeError(f"metrics on, but no {prom}")
     finally:
         stop_all([agent])
-    busy = latency_while_busy(depro, consul, work, busy_changes, tag=f"busy-{tag}") if busy_changes else [0.0]
+    extra = {"metrics_file": os.path.join(work, f"agent-busy-{tag}", "depro.prom")} if metrics else None
+    busy = latency_while_busy(depro, consul, work, busy_changes, tag=f"busy-{tag}",
+                              extra=extra) if busy_changes else [0.0]
     return {"latency": median(latencies), "cpu": cpu, "rss": rss, "busy": median(busy),
             "idle_rss": idle_rss, "idle_threads": idle_threads}
 
@@ -81,7 +92,9 @@ def one_build(depro, consul, work, tag, changes, cycles, busy_changes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("baseline")
-    parser.add_argument("candidate")
+    parser.add_argument("candidate", nargs="?", help="the same as BASELINE if omitted (with --metrics)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="the candidate's agents with a metrics_file (metrics on), the baseline's without")
     parser.add_argument("--consul", required=True)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--changes", type=int, default=30)
@@ -90,7 +103,10 @@ def main():
     args = parser.parse_args()
     raise_fd_limit()
     work = tempfile.mkdtemp(prefix="depro-builds.")
-    builds = {"baseline": os.path.abspath(args.baseline), "candidate": os.path.abspath(args.candidate)}
+    if args.candidate is None and not args.metrics:
+        parser.error("CANDIDATE is needed (or --metrics, to compare BASELINE with itself)")
+    builds = {"baseline": os.path.abspath(args.baseline),
+              "candidate": os.path.abspath(args.candidate or args.baseline)}
     results = {name: [] for name in builds}
     # Lifted per-client connection limit: with Consul's default (200), the
     # CLI run ~100 times a minute from one address locks it out (each run
@@ -102,7 +118,7 @@ def main():
             order = list(builds) if r % 2 == 0 else list(reversed(builds))
             for name in order:
                 m = one_build(builds[name], consul, work, f"{name}-{r}", args.changes, args.cycles,
-                              args.busy_changes)
+                              args.busy_changes, metrics=args.metrics and name == "candidate")
                 results[name].append(m)
                 print(f"round {r + 1} {name}: latency {m['latency'] * 1000:.2f} ms, "
                       f"CPU/deploy {m['cpu'] * 1000:.2f} ms, RSS {m['rss']} KiB, "
@@ -113,7 +129,8 @@ def main():
     def med(name, key):
         return median([m[key] for m in results[name]])
 
-    print(f"| measure (median of {args.rounds} rounds, alternating) | baseline | candidate | ratio |")
+    heads = ("metrics off", "metrics on") if args.metrics else ("baseline", "candidate")
+    print(f"| measure (median of {args.rounds} rounds, alternating) | {heads[0]} | {heads[1]} | ratio |")
     print("|---|---|---|---|")
     for key, label, scale, unit in (("latency", f"reaction latency (median of {args.changes} switches)", 1000, "ms"),
                                     ("cpu", f"agent CPU per deploy + remove ({args.cycles} cycles)", 1000, "ms"),
@@ -125,7 +142,8 @@ def main():
         a, b = med("baseline", key), med("candidate", key)
         print(f"| {label} | {a * scale:.2f} {unit} | {b * scale:.2f} {unit} | ×{b / a:.2f} |")
     for name, path in builds.items():
-        print(f"\n{name}: {path} ({os.path.getsize(path)} bytes)")
+        print(f"\n{name}: {path} ({os.path.getsize(path)} bytes)"
+              + (", metrics on" if args.metrics and name == "candidate" else ""))
 
 
 if __name__ == "__main__":

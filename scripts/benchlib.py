@@ -330,6 +330,91 @@ class Agent:
             self.proc.kill()
 
 
+class CountingProxy:
+    """A TCP proxy on loopback in front of `target` (host:port), counting
+    the connections made through it, the HTTP requests sent (request lines
+    from the client; those with `index=` are blocking queries) and the most
+    requests in flight at once (sent, their response's status line not yet
+    back). Plain HTTP/1.1, no pipelining assumed beyond what it counts."""
+
+    REQUEST = re.compile(rb"(?:GET|PUT|POST|DELETE|HEAD) (/v1/[^ \r\n]*) HTTP/1\.[01]\r\n")
+    RESPONSE = re.compile(rb"HTTP/1\.[01] \d{3} ")
+
+    def __init__(self, target):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.lock = threading.Lock()
+        self.connections = self.requests = self.blocking = self.in_flight = self.max_in_flight = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def counts(self):
+        with self.lock:
+            return {"connections": self.connections, "requests": self.requests, "blocking": self.blocking,
+                    "max_in_flight": self.max_in_flight}
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            state = {"pending": 0, "closed": False}  # this connection's requests in flight
+            threading.Thread(target=self._pump, args=(client, upstream, True, state), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, state), daemon=True).start()
+
+    def _pump(self, src, dst, requests, state):
+        pattern = self.REQUEST if requests else self.RESPONSE
+        tail = b""
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self.lock:  # a request left unanswered (a client gone) is in flight no more
+                    if not state["closed"]:
+                        self.in_flight -= state["pending"]
+                        state["pending"], state["closed"] = 0, True
+                for s in (dst, src):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            buf = tail + data
+            found = [m for m in pattern.finditer(buf) if m.end() > len(tail)]  # not counted before
+            tail = buf[-256:]
+            if found:
+                with self.lock:
+                    if state["closed"]:
+                        pass
+                    elif requests:
+                        state["pending"] += len(found)
+                        self.requests += len(found)
+                        self.blocking += sum(1 for m in found if b"index=" in m.group(1))
+                        self.in_flight += len(found)
+                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                    else:
+                        done = min(len(found), state["pending"])
+                        state["pending"] -= done
+                        self.in_flight -= done
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
 class Origin:
     """A build server on loopback: blobs held in memory, served as
     `/<name>.bin` (with `Range`) and `/<name>.sha256` (a `sha256sum -c`
@@ -472,7 +557,7 @@ def make_artifact(work, files, kib):
     return path
 
 
-def latency_while_busy(depro, consul, work, changes, tag="busy", hook_seconds=5):
+def latency_while_busy(depro, consul, work, changes, tag="busy", hook_seconds=5, extra=None):
     """Reaction latency of one deployment while another deployment of the
     same agent runs a deploy hook: one agent, deployment `app` switched
     between two ready versions `changes` times, deployment `slow` deploying
@@ -490,7 +575,7 @@ def latency_while_busy(depro, consul, work, changes, tag="busy", hook_seconds=5)
         return [app, slow]
 
     name = f"agent-{tag}"
-    agent = Agent(depro, work, name, consul, deployments)
+    agent = Agent(depro, work, name, consul, deployments, extra=extra)
     try:
         consul.add_versions(app_prefix, ["a", "b"])
         consul.put(f"{app_prefix}/current", "a")

@@ -57,6 +57,10 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
             "1",
             "--artifact-zone-fleet",
             "2",
+            "--events-sizes",
+            "2",
+            "--events-cycles",
+            "1",
         ])
         .arg("--out")
         .arg(out.path())
@@ -82,6 +86,7 @@ fn the_benchmark_harness_runs_every_part_and_writes_its_report() {
         "## 9. The seed's protocol",
         "## 10. Commands on big trees",
         "## 11. Artifacts",
+        "## 12. `depro events`",
         "## Targets",
     ] {
         assert!(report.contains(section), "{section} missing:\n{report}");
