@@ -134,7 +134,11 @@ fn rank(sha256: &str, name: &str) -> u64 {
     for byte in sha256.bytes().chain([0]).chain(name.bytes()) {
         hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
     }
-    hash
+    // A final mix (splitmix64's): names that differ in their last byte
+    // (node18, node19) would otherwise rank side by side for every artifact.
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 /// A number of this host's own, to turn lists by.
@@ -279,6 +283,29 @@ mod tests {
             .filter(|(f, s)| !s.origin_now && s.peers.iter().any(|p| zone_of(p) != f.2))
             .count();
         assert_eq!(asking_across, 1);
+    }
+
+    #[test]
+    fn the_first_hosts_of_different_artifacts_are_spread_over_the_fleet() {
+        // 200 artifacts on 64 hosts: the first host of each is drawn from
+        // most of the fleet, and the two first hosts are not neighbours.
+        let fleet = fleet(64, &[]);
+        let members = members(&fleet);
+        let mut firsts = std::collections::BTreeSet::new();
+        let mut neighbours = 0;
+        for i in 0..200u32 {
+            let sha = format!("{:064x}", u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let first: Vec<usize> = fleet
+                .iter()
+                .enumerate()
+                .filter(|(_, (n, _, z))| sources(n, *z, &members, &sha, 2).origin_now)
+                .map(|(i, _)| i)
+                .collect();
+            firsts.insert(first[0]);
+            neighbours += usize::from(first[1] - first[0] == 1);
+        }
+        assert!(firsts.len() >= 48, "{} hosts ever first", firsts.len());
+        assert!(neighbours < 20, "{neighbours} of 200 pairs were neighbours");
     }
 
     #[test]
