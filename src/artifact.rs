@@ -511,10 +511,12 @@ fn fetch(
                 // A peer that is fetching it will have it soon: wait for
                 // it rather than ask those above it (the tree's top serves
                 // its own children, and a zone's copy stays in the zone).
-                Asked::NotYet { fetching: true } => {
+                // (A host for the origin asks everyone on its list once.)
+                Asked::NotYet { fetching: true } if !origin_now => {
                     progress = true;
                     break;
                 }
+                Asked::NotYet { fetching: true } => i += 1,
                 Asked::NotYet { fetching: false } => i += 1,
                 Asked::Busy => {
                     progress = true;
