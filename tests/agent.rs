@@ -272,13 +272,8 @@ fn kill_9_during_a_deploy_hook_then_restart_converges_without_a_half_deployed_ve
     fleet.add_version("v1");
     fleet.set_current("v1");
     let pid_file = fleet.agents[0].dir.join("hook.pid");
-    wait_for("node1's deploy hook to start", || pid_file.exists());
+    let orphan = support::pid_written(&pid_file);
     assert_eq!(fleet.node_state("v1", "node1").as_deref(), Some("busy"));
-    let orphan: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     fleet.agents[0].kill9();
     std::fs::remove_file(&pid_file).unwrap();
 
@@ -427,12 +422,7 @@ fn sigterm_kills_a_hook_that_outlives_the_grace_period() {
     fleet.start_all();
     fleet.add_version("v1");
     let pid_file = fleet.agents[0].dir.join("hook.pid");
-    wait_for("the deploy hook to start", || pid_file.exists());
-    let hook: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let hook = support::pid_written(&pid_file);
     fleet.agents[0].signal(Signal::SIGTERM);
     assert_eq!(fleet.agents[0].wait_exit(), Some(0));
     assert!(

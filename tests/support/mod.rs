@@ -847,6 +847,20 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The pid a hook wrote to `path`, once it is all there (the file exists
+/// before its line is written).
+pub fn pid_written(path: &Path) -> i32 {
+    let read = || {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<i32>()
+            .ok()
+    };
+    wait_for(&format!("a pid in {}", path.display()), || read().is_some());
+    read().unwrap()
+}
+
 /// Whether process `pid` is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -861,11 +875,7 @@ pub fn alive(pid: i32) -> bool {
 
 /// Reads a pid a hook wrote into a file.
 pub fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    pid_written(path)
 }
 
 // ---------------------------------------------------------------- fleets
