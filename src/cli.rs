@@ -419,7 +419,6 @@ pub(crate) struct PruneArgs {
 pub(crate) struct StatusArgs {
     pub tree: TreeArgs,
     pub version: Option<String>,
-    pub json: bool,
     /// Follow changes until interrupted.
     pub watch: bool,
 }
@@ -452,13 +451,11 @@ pub(crate) struct PolicyArgs {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct HistoryArgs {
     pub tree: TreeArgs,
-    pub json: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct EventsArgs {
     pub tree: TreeArgs,
-    pub json: bool,
     /// `-since=INDEX`.
     pub since: Option<u64>,
 }
@@ -1213,8 +1210,7 @@ fn parse_history(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    let json = tree.json;
-    Ok(Command::History(HistoryArgs { tree, json }))
+    Ok(Command::History(HistoryArgs { tree }))
 }
 
 fn parse_events(parser: &mut lexopt::Parser) -> Result<Command, Error> {
@@ -1237,8 +1233,7 @@ fn parse_events(parser: &mut lexopt::Parser) -> Result<Command, Error> {
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    let json = tree.json;
-    Ok(Command::Events(EventsArgs { tree, json, since }))
+    Ok(Command::Events(EventsArgs { tree, since }))
 }
 
 fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, Error> {
@@ -1255,8 +1250,7 @@ fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, E
             _ => return Err(unexpected(&arg, command)),
         }
     }
-    let json = tree.json;
-    if watch && json {
+    if watch && tree.json {
         return Err(Error::Usage(
             "-watch and -json do not go together; use -watch for people and logs, or poll -json"
                 .into(),
@@ -1265,7 +1259,6 @@ fn parse_status(parser: &mut lexopt::Parser, command: &str) -> Result<Command, E
     Ok(Command::Status(StatusArgs {
         tree,
         version,
-        json,
         watch,
     }))
 }
@@ -1536,11 +1529,11 @@ mod tests {
         let Command::Status(args) = parse_str(&["status", "-json=false"]).unwrap() else {
             panic!()
         };
-        assert!(!args.json);
+        assert!(!args.tree.json);
         let Command::Status(args) = parse_str(&["query", "-json"]).unwrap() else {
             panic!()
         };
-        assert!(args.json);
+        assert!(args.tree.json);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! between two reads (`diff`, pure).
 
 use std::collections::BTreeSet;
+use std::io::Write;
 
 use serde::Serialize;
 
@@ -246,41 +247,21 @@ fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index
 /// `depro events`.
 pub(crate) fn events(ctx: &mut Ctx, json: bool, since: Option<u64>) -> Result<()> {
     end_cleanly_on_signals();
-    let prefix = ctx.prefix.as_dir().to_string();
-    let pacing = crate::cursor::Pacing {
-        burst: 4,
-        refill: std::time::Duration::from_millis(100),
-    };
-    let mut cursor = crate::cursor::Cursor::new(crate::cursor::WAIT, true, pacing);
-    let mut last: Option<Tree> = None;
-    loop {
-        let pause = cursor.pause(std::time::Instant::now());
-        if !pause.is_zero() {
-            std::thread::sleep(pause);
-        }
-        let answer = match ctx.consul.list(&prefix, cursor.read()) {
-            Ok(answer) => answer,
-            Err(e) if e.is_transient() => {
-                ctx.out.retrying(&e.summary());
-                std::thread::sleep(cursor.failed());
-                continue;
+    super::status::follow_prefix(ctx, |ctx, seen| {
+        let then;
+        let before = match (seen.before, since) {
+            (Some(before), _) => before,
+            (None, Some(index)) => {
+                then = as_of(&ctx.prefix, seen.entries, index);
+                &then
             }
-            Err(e) => return Err(e.into()),
-        };
-        let tree = Tree::parse(&ctx.prefix, &answer.value);
-        let changed = last.as_ref() != Some(&tree);
-        cursor.answered(answer.index, changed);
-        let before = match (&last, since) {
-            (Some(last), _) => last.clone(),
-            (None, Some(index)) => as_of(&ctx.prefix, &answer.value, index),
             // From now on: the state as it is, no events.
             (None, None) => {
-                eprintln!("following {} from index {}", ctx.prefix, answer.index);
-                last = Some(tree);
-                continue;
+                eprintln!("following {} from index {}", ctx.prefix, seen.index);
+                return;
             }
         };
-        if last.is_none() {
+        if seen.before.is_none() {
             eprintln!(
                 "following {} from index {}",
                 ctx.prefix,
@@ -288,18 +269,14 @@ pub(crate) fn events(ctx: &mut Ctx, json: bool, since: Option<u64>) -> Result<()
             );
         }
         let mut out = std::io::stdout().lock();
-        for event in diff(&before, &tree, answer.index) {
-            use std::io::Write;
+        for event in diff(before, seen.tree, seen.index) {
             let _ = match json {
                 true => writeln!(out, "{}", serde_json::to_string(&event).unwrap_or_default()),
                 false => writeln!(out, "{} {}", crate::logging::timestamp(), event.line()),
             };
         }
-        use std::io::Write;
         let _ = out.flush();
-        drop(out);
-        last = Some(tree);
-    }
+    })
 }
 
 /// SIGINT and SIGTERM end the command with exit 0, between two lines.

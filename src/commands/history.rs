@@ -13,7 +13,7 @@ pub(crate) fn history(args: HistoryArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
     let tree = ctx.read_existing_tree()?;
     let switches = switches(&tree);
-    if args.json {
+    if args.tree.json {
         let doc = serde_json::json!({
             "schema": SCHEMA,
             "prefix": ctx.prefix.to_string(),

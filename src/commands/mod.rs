@@ -40,7 +40,7 @@ pub(crate) use history::history;
 /// `depro events`.
 pub(crate) fn events(args: crate::cli::EventsArgs, env: Env<'_>) -> Result<()> {
     let mut ctx = Ctx::resolve(&args.tree, env)?;
-    events::events(&mut ctx, args.json, args.since)
+    events::events(&mut ctx, args.tree.json, args.since)
 }
 pub(crate) use policy::policy;
 pub(crate) use remove::{prune, remove};

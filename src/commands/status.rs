@@ -58,7 +58,7 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
     } {
         // A script reading -json gets a document even for an empty prefix
         // (no versions), then the error and its exit code.
-        Err(e @ Error::Refused(_)) if args.json => {
+        Err(e @ Error::Refused(_)) if args.tree.json => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json(&ctx.prefix, &tree, &|_| true))
@@ -77,7 +77,7 @@ pub(crate) fn status(args: StatusArgs, env: Env<'_>) -> Result<()> {
         }
     }
     let filter = |v: &crate::version_name::VersionName| only.as_ref().is_none_or(|o| o == v);
-    if args.json {
+    if args.tree.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json(&ctx.prefix, &tree, &filter)).unwrap_or_default()
@@ -97,6 +97,53 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
     use std::io::IsTerminal;
     let tty = std::io::stdout().is_terminal();
     let filter = |v: &crate::version_name::VersionName| only.is_none_or(|o| o == v);
+    let mut drawn: Vec<String> = Vec::new();
+    follow_prefix(ctx, |ctx, seen| {
+        let (tree, last) = (seen.tree, seen.before);
+        if tty {
+            // Every answer: the footer says when Consul last answered.
+            let text = format!(
+                "{}\n(heard from Consul at {}; Ctrl-C ends)\n",
+                table(&ctx.prefix, tree, &filter),
+                crate::logging::timestamp()
+            );
+            print!("{}", redraw(&mut drawn, &text));
+        } else if !seen.changed {
+            return;
+        } else if last.is_none() {
+            // The starting state, as a state (not as changes from nothing).
+            for line in state_lines(tree, &filter) {
+                println!("{} now: {line}", crate::logging::timestamp());
+            }
+        } else {
+            for line in changes(last, tree, &filter) {
+                println!("{} {line}", crate::logging::timestamp());
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+}
+
+/// One answer of [`follow_prefix`].
+pub(crate) struct Followed<'a> {
+    /// What Consul answered, and at which index.
+    pub entries: &'a [crate::consul::KvEntry],
+    pub index: u64,
+    pub tree: &'a Tree,
+    /// The tree of the answer before (none at first).
+    pub before: Option<&'a Tree>,
+    /// The tree differs from the one before.
+    pub changed: bool,
+}
+
+/// Follows the whole prefix with blocking `?stale` reads, paced like the
+/// commands' follow loop (transient failures are a notice and a retry),
+/// giving `each` every answer, until a failure that is not transient.
+pub(crate) fn follow_prefix(
+    ctx: &mut Ctx,
+    mut each: impl FnMut(&mut Ctx, Followed<'_>),
+) -> Result<()> {
     let prefix = ctx.prefix.as_dir().to_string();
     let pacing = crate::cursor::Pacing {
         burst: 4,
@@ -104,14 +151,12 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
     };
     let mut cursor = crate::cursor::Cursor::new(crate::cursor::WAIT, true, pacing);
     let mut last: Option<Tree> = None;
-    let mut drawn: Vec<String> = Vec::new();
     loop {
         let pause = cursor.pause(std::time::Instant::now());
         if !pause.is_zero() {
             std::thread::sleep(pause);
         }
-        let read = cursor.read();
-        let answer = match ctx.consul.list(&prefix, read) {
+        let answer = match ctx.consul.list(&prefix, cursor.read()) {
             Ok(answer) => answer,
             Err(e) if e.is_transient() => {
                 // A notice like every command's, not an error line.
@@ -124,28 +169,14 @@ fn watch(ctx: &mut Ctx, only: Option<&crate::version_name::VersionName>) -> Resu
         let tree = Tree::parse(&ctx.prefix, &answer.value);
         let changed = last.as_ref() != Some(&tree);
         cursor.answered(answer.index, changed);
-        if tty {
-            // Every answer: the footer says when Consul last answered.
-            let text = format!(
-                "{}\n(heard from Consul at {}; Ctrl-C ends)\n",
-                table(&ctx.prefix, &tree, &filter),
-                crate::logging::timestamp()
-            );
-            print!("{}", redraw(&mut drawn, &text));
-        } else if !changed {
-            continue;
-        } else if last.is_none() {
-            // The starting state, as a state (not as changes from nothing).
-            for line in state_lines(&tree, &filter) {
-                println!("{} now: {line}", crate::logging::timestamp());
-            }
-        } else {
-            for line in changes(last.as_ref(), &tree, &filter) {
-                println!("{} {line}", crate::logging::timestamp());
-            }
-        }
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
+        let seen = Followed {
+            entries: &answer.value,
+            index: answer.index,
+            tree: &tree,
+            before: last.as_ref(),
+            changed,
+        };
+        each(ctx, seen);
         last = Some(tree);
     }
 }
