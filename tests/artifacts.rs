@@ -166,6 +166,21 @@ fn sha256_of(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
+/// `depro deploy VERSION -artifact=<origin's URL> -sha256=DIGEST EXTRA…`.
+fn deploy(
+    fleet: &Fleet,
+    version: &str,
+    origin: &Origin,
+    digest: &str,
+    extra: &[&str],
+) -> support::Output {
+    let artifact = format!("-artifact={}", origin.url(""));
+    let sha256 = format!("-sha256={digest}");
+    let mut args = vec!["deploy", version, &artifact, &sha256];
+    args.extend(extra);
+    fleet.depro(&args)
+}
+
 /// A fleet (not started) whose deploy hook keeps the artifact it is given.
 fn keeping_artifacts(n: usize) -> Fleet<'static> {
     let mut fleet = Fleet::new(n);
@@ -249,12 +264,7 @@ fn a_digest_mismatch_fails_the_version_naming_both_digests_and_keeps_nothing() {
     let origin = Origin::serve(blob);
     let fleet = fleet_keeping_artifacts(1);
     let wrong = "0".repeat(64);
-    let out = fleet.depro(&[
-        "deploy",
-        "v1",
-        &format!("-artifact={}", origin.url("")),
-        &format!("-sha256={wrong}"),
-    ]);
+    let out = deploy(&fleet, "v1", &origin, &wrong, &[]);
     out.fails(
         2,
         &[
@@ -277,15 +287,7 @@ fn a_cut_download_is_resumed_where_it_broke_off() {
     let origin = Origin::serve(blob.clone());
     origin.cuts.store(1, Ordering::SeqCst);
     let fleet = fleet_keeping_artifacts(1);
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            "-size=1048576",
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &["-size=1048576"]).ok();
     let kept = std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap();
     assert!(kept == blob);
     let ranges = origin.ranges.lock().unwrap().clone();
@@ -531,30 +533,15 @@ fn an_origin_that_answers_404_or_sends_more_than_announced_fails_the_version_at_
     let origin = Origin::serve(blob.clone());
     let fleet = fleet_keeping_artifacts(1);
     origin.status.store(404, Ordering::SeqCst);
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .fails(
-            2,
-            &["fetching the artifact failed", "answered 404; nothing kept"],
-        );
+    deploy(&fleet, "v1", &origin, &sha, &[]).fails(
+        2,
+        &["fetching the artifact failed", "answered 404; nothing kept"],
+    );
     origin.status.store(0, Ordering::SeqCst);
-    fleet
-        .depro(&[
-            "deploy",
-            "v2",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            "-size=1000",
-        ])
-        .fails(
-            2,
-            &["sent more than the 1000 bytes announced; nothing kept"],
-        );
+    deploy(&fleet, "v2", &origin, &sha, &["-size=1000"]).fails(
+        2,
+        &["sent more than the 1000 bytes announced; nothing kept"],
+    );
     for version in ["v1", "v2"] {
         let kept: Vec<_> = std::fs::read_dir(artifacts_dir(&fleet, 0, version))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -590,14 +577,7 @@ fn hosts_fetch_an_artifact_from_a_peer_that_has_it_and_the_origin_serves_one_cop
     let origin = Origin::serve(blob.clone());
     let mut fleet = fleet_of_peers(3);
     fleet.agents[0].start();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &[]).ok();
     assert_eq!(origin.ranges.lock().unwrap().len(), 1);
     // Two new hosts join: they fetch v1 from node1, not from the origin.
     fleet.agents[1].start();
@@ -659,14 +639,7 @@ fn a_peer_that_sends_bad_bytes_is_dropped_for_the_origin() {
     let origin = Origin::serve(blob.clone());
     let mut fleet = fleet_of_peers(2);
     fleet.agents[0].start();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &[]).ok();
     // node1's kept copy goes bad (a disk, or a liar).
     let kept = artifacts_dir(&fleet, 0, "v1").join(&sha);
     let mut bad = std::fs::read(&kept).unwrap();
@@ -695,15 +668,7 @@ fn hosts_that_start_together_fetch_from_the_origin_only_as_many_as_origin_hosts_
     origin.delay_ms.store(40, Ordering::SeqCst);
     let mut fleet = fleet_of_peers(6);
     fleet.start_all();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            "-origin-hosts=1",
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &["-origin-hosts=1"]).ok();
     assert_eq!(
         origin.ranges.lock().unwrap().len(),
         1,
@@ -729,14 +694,7 @@ fn a_peer_killed_mid_transfer_is_dropped_and_the_host_fetches_elsewhere() {
     // node1 uploads slowly: a transfer from it takes about 10 s.
     fleet.agents[0].extra["upload_limit"] = "100KB/s".into();
     fleet.agents[0].start();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &[]).ok();
     fleet.agents[1].start();
     fleet.wait("node2 fetching from node1", |f| {
         f.agents[1].log().contains("fetching from the peer")
@@ -809,15 +767,7 @@ fn a_zone_pulls_one_copy_across_and_its_other_hosts_fetch_within_it() {
         agent.extra["zone"] = zone_of(i).into();
     }
     fleet.start_all();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            "-origin-hosts=1",
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &["-origin-hosts=1"]).ok();
     assert_eq!(origin.ranges.lock().unwrap().len(), 1);
     // Where each host fetched from, by its log.
     let mut across = Vec::new();
@@ -854,37 +804,29 @@ fn an_artifact_larger_than_the_disk_or_a_disk_that_fills_mid_download_fails_the_
     let _disk = support::Tmpfs::mount(&fleet.agents[0].deployment_path("api"), "512k");
     fleet.start_all();
     // Its size is known: refused before a byte is fetched.
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            &format!("-size={}", blob.len()),
-        ])
-        .fails(
-            2,
-            &["fetching the artifact failed: the artifact (1048576 bytes) does not fit"],
-        );
+    deploy(
+        &fleet,
+        "v1",
+        &origin,
+        &sha,
+        &[&format!("-size={}", blob.len())],
+    )
+    .fails(
+        2,
+        &["fetching the artifact failed: the artifact (1048576 bytes) does not fit"],
+    );
     assert!(
         origin.ranges.lock().unwrap().is_empty(),
         "nothing was fetched"
     );
     // Its size is not known: the disk fills mid-download.
-    fleet
-        .depro(&[
-            "deploy",
-            "v2",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .fails(
-            2,
-            &[
-                "fetching the artifact failed: cannot write",
-                "No space left",
-            ],
-        );
+    deploy(&fleet, "v2", &origin, &sha, &[]).fails(
+        2,
+        &[
+            "fetching the artifact failed: cannot write",
+            "No space left",
+        ],
+    );
     for version in ["v1", "v2"] {
         let kept: Vec<_> = std::fs::read_dir(artifacts_dir(&fleet, 0, version))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -922,16 +864,14 @@ fn old_and_new_agents_share_a_prefix_with_artifacts() {
     fleet.agents[4].program = vec![before_artifacts];
     fleet.agents[4].extra = serde_json::json!({});
     fleet.start_all();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-            &format!("-size={}", blob.len()),
-            "-origin-hosts=1",
-        ])
-        .ok();
+    deploy(
+        &fleet,
+        "v1",
+        &origin,
+        &sha,
+        &[&format!("-size={}", blob.len()), "-origin-hosts=1"],
+    )
+    .ok();
     for i in 0..4 {
         let kept = std::fs::read(fleet.agents[i].dir.join("api/v1/build.bin")).unwrap();
         assert!(kept == blob, "node{} got other bytes", i + 1);
@@ -957,14 +897,7 @@ fn a_rotated_secret_is_taken_up_at_a_reload_and_peers_keep_serving_each_other() 
     let origin = Origin::serve(blob.clone());
     let mut fleet = fleet_of_peers(2);
     fleet.agents[0].start();
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &[]).ok();
     // The operator rotates the prefix's secret and reloads node1.
     let key = format!("{}/.secret", fleet.prefix);
     let old = fleet.consul.get(&key).unwrap();
@@ -1029,14 +962,7 @@ fn an_origin_that_answers_500_is_asked_again_with_backoff_and_the_version_deploy
     let origin = Origin::serve(blob.clone());
     origin.errors.store(2, Ordering::SeqCst);
     let fleet = fleet_keeping_artifacts(1);
-    fleet
-        .depro(&[
-            "deploy",
-            "v1",
-            &format!("-artifact={}", origin.url("")),
-            &format!("-sha256={sha}"),
-        ])
-        .ok();
+    deploy(&fleet, "v1", &origin, &sha, &[]).ok();
     assert!(std::fs::read(fleet.agents[0].dir.join("api/v1/build.bin")).unwrap() == blob);
     assert_eq!(
         origin.ranges.lock().unwrap().len(),
