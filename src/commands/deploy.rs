@@ -21,7 +21,13 @@ use crate::version_name::VersionName;
 
 pub(crate) fn deploy(args: DeployArgs, env: Env<'_>) -> Result<()> {
     let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
-    super::result::reported("deploy", &tree, &versions, env, || deploy_now(args, env))
+    super::result::reported(
+        "deploy",
+        &tree,
+        &versions,
+        env,
+        Box::new(|| deploy_now(args, env)),
+    )
 }
 
 fn deploy_now(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
@@ -164,7 +170,13 @@ fn deploy_now(mut args: DeployArgs, env: Env<'_>) -> Result<()> {
 
 pub(crate) fn rollout(args: RolloutArgs, env: Env<'_>) -> Result<()> {
     let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
-    super::result::reported("rollout", &tree, &versions, env, || rollout_now(args, env))
+    super::result::reported(
+        "rollout",
+        &tree,
+        &versions,
+        env,
+        Box::new(|| rollout_now(args, env)),
+    )
 }
 
 fn rollout_now(mut args: RolloutArgs, env: Env<'_>) -> Result<()> {
@@ -193,9 +205,13 @@ pub(crate) fn rollback(args: RollbackArgs, env: Env<'_>) -> Result<()> {
         args.tree.clone(),
         args.to.iter().cloned().collect::<Vec<_>>(),
     );
-    super::result::reported("rollback", &tree, &versions, env, || {
-        rollback_now(args, env)
-    })
+    super::result::reported(
+        "rollback",
+        &tree,
+        &versions,
+        env,
+        Box::new(|| rollback_now(args, env)),
+    )
 }
 
 fn rollback_now(mut args: RollbackArgs, env: Env<'_>) -> Result<()> {

@@ -16,7 +16,13 @@ use crate::version_name::VersionName;
 
 pub(crate) fn remove(args: RemoveArgs, env: Env<'_>) -> Result<()> {
     let (tree, versions) = (args.tree.clone(), args.versions.clone());
-    super::result::reported("remove", &tree, &versions, env, || remove_now(args, env))
+    super::result::reported(
+        "remove",
+        &tree,
+        &versions,
+        env,
+        Box::new(|| remove_now(args, env)),
+    )
 }
 
 fn remove_now(args: RemoveArgs, env: Env<'_>) -> Result<()> {
@@ -200,7 +206,7 @@ pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> R
 
 pub(crate) fn prune(args: PruneArgs, env: Env<'_>) -> Result<()> {
     let tree = args.tree.clone();
-    super::result::reported("prune", &tree, &[], env, || prune_now(args, env))
+    super::result::reported("prune", &tree, &[], env, Box::new(|| prune_now(args, env)))
 }
 
 fn prune_now(args: PruneArgs, env: Env<'_>) -> Result<()> {

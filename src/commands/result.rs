@@ -76,7 +76,7 @@ pub(crate) fn reported(
     tree: &TreeArgs,
     versions: &[String],
     env: Env<'_>,
-    run: impl FnOnce() -> Result<()>,
+    run: Box<dyn FnOnce() -> Result<()> + '_>,
 ) -> Result<()> {
     if !tree.json {
         return run();

@@ -13,7 +13,13 @@ use crate::tree::NodeState;
 
 pub(crate) fn wait(args: WaitArgs, env: Env<'_>) -> Result<()> {
     let (tree, versions) = (args.tree.clone(), vec![args.version.clone()]);
-    super::result::reported("wait", &tree, &versions, env, || wait_now(args, env))
+    super::result::reported(
+        "wait",
+        &tree,
+        &versions,
+        env,
+        Box::new(|| wait_now(args, env)),
+    )
 }
 
 fn wait_now(args: WaitArgs, env: Env<'_>) -> Result<()> {
