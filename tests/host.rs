@@ -203,6 +203,9 @@ fn a_crash_in_the_middle_of_a_clean_never_leaves_a_partial_version_marked_ready(
     fleet.add_version("v2");
     fleet.set_current("v2");
     fleet.expect_active("v2");
+    // v1 deployed too (current goes first on a fresh host: v1 may still
+    // be on its way when v2 is active).
+    fleet.expect_state("v1", "ready");
     fleet.agents[0].set_flag("block-clean", true);
     fleet.remove_version("v1");
     let pid_file = fleet.agents[0].dir.join("clean.pid");
