@@ -11,6 +11,7 @@
 //! <prefix>/<version>/.hook/<node> = the hook that runs long   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.known/<node>      = the same, kept after the agent stops (until `depro forget`)
+//! <prefix>/.removed/<version> = who removed it and when (JSON), written by the CLI with the removal
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.policy            = the rollout policy (JSON), written by `depro policy`
@@ -164,12 +165,17 @@ impl Prefix {
         format!("{}{KNOWN}/{node}", self.0)
     }
 
-    /// The folder of the agents' announcements.
+    /// Who removed `version` and when, written with the removal.
+    pub(crate) fn removed_key(&self, version: &VersionName) -> String {
+        format!("{}{REMOVED}/{version}", self.0)
+    }
+
     /// The secret the prefix's agents authenticate to each other with.
     pub(crate) fn secret_key(&self) -> String {
         format!("{}{SECRET}", self.0)
     }
 
+    /// The folder of the agents' announcements.
     pub(crate) fn agents_dir(&self) -> String {
         format!("{}{AGENTS}/", self.0)
     }
@@ -215,6 +221,8 @@ pub(crate) const CHANGED: &str = ".changed";
 pub(crate) const AGENTS: &str = ".agents";
 /// The folder of the agents remembered after they stop.
 pub(crate) const KNOWN: &str = ".known";
+/// The folder of the removals' records.
+pub(crate) const REMOVED: &str = ".removed";
 /// The progressive rollout under way.
 pub(crate) const ROLLOUT: &str = ".rollout";
 /// The record of the last switches of `current`.
@@ -246,6 +254,7 @@ fn is_depro_name(rest: &str) -> bool {
         || rest == SECRET
         || rest == format!("{AGENTS}/")
         || rest == format!("{KNOWN}/")
+        || rest == format!("{REMOVED}/")
 }
 
 /// Who drives a rollout's waves, as `.driver` says: `ops@build1 since …`.
@@ -323,7 +332,36 @@ pub(crate) struct AgentRecord {
     /// Its site (`zone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// When it stopped (`.known` only, written as it stops cleanly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<String>,
+    /// With `left`: the CreateIndex of the announcement it ended.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub joined: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `<prefix>/.removed/<version>`: a removal by the depro CLI, written in the
+/// transaction that deletes the version's key, so the record's ModifyIndex
+/// is the removal's: `depro events -since` tells the removals made while it
+/// was not following. At most [`REMOVALS_KEPT`] are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Removal {
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub at: String,
+    /// The CreateIndex of the key that made the version exist.
+    #[serde(default)]
+    pub created: u64,
+}
+
+/// How many removal records a prefix keeps: a removal past them deletes
+/// the oldest.
+pub(crate) const REMOVALS_KEPT: usize = 100;
 
 /// One switch of `current`, as `<prefix>/.history` records it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -741,6 +779,9 @@ pub(crate) struct Tree {
     pub rollout: Option<(RolloutPlan, u64)>,
     /// The record of the last switches.
     pub history: History,
+    /// The records of the last removals (`.removed`) and their
+    /// ModifyIndex, by version.
+    pub removals: BTreeMap<String, (Removal, u64)>,
     /// The rollout policy, and its key's ModifyIndex.
     pub policy: Option<(Policy, u64)>,
     /// Who drives the rollout's waves (`.driver`, held), if a command does.
@@ -750,6 +791,24 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
+    /// The oldest removal records to delete when `version` is removed, so
+    /// that at most [`REMOVALS_KEPT`] stay (a few per removal, so that the
+    /// transaction stays small; the next removals delete the rest).
+    pub(crate) fn removals_beyond_bound(&self, version: &VersionName) -> Vec<VersionName> {
+        let mut oldest: Vec<(u64, &String)> = self
+            .removals
+            .iter()
+            .filter(|(name, _)| *name != version.as_str())
+            .map(|(name, (_, index))| (*index, name))
+            .collect();
+        oldest.sort();
+        let beyond = (oldest.len() + 1).saturating_sub(REMOVALS_KEPT);
+        oldest[..beyond.min(8)]
+            .iter()
+            .filter_map(|(_, name)| VersionName::parse(name).ok())
+            .collect()
+    }
+
     pub(crate) fn parse(prefix: &Prefix, entries: &[KvEntry]) -> Tree {
         let mut tree = Tree::default();
         for entry in entries {
@@ -780,6 +839,14 @@ impl Tree {
             }
             if rest == POLICY {
                 tree.policy = Policy::parse(&entry.value).map(|p| (p, entry.modify_index));
+                continue;
+            }
+            if let Some(name) = rest.strip_prefix(REMOVED).and_then(|r| r.strip_prefix('/')) {
+                if VersionName::parse(name).is_ok() {
+                    let record = serde_json::from_slice(&entry.value).unwrap_or_default();
+                    tree.removals
+                        .insert(name.to_string(), (record, entry.modify_index));
+                }
                 continue;
             }
             if let Some(node) = rest.strip_prefix(KNOWN).and_then(|r| r.strip_prefix('/')) {
@@ -1018,6 +1085,33 @@ mod tests {
 
     fn v(name: &str) -> VersionName {
         VersionName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_removal_past_the_bound_forgets_the_oldest_records_and_never_its_own() {
+        let prefix = Prefix::parse("app/version").unwrap();
+        let record = |i: u64| {
+            KvEntry::sample(
+                &format!("app/version/.removed/r{i}"),
+                r#"{"by":"ann","created":1}"#,
+                false,
+                1000 - i,
+            )
+        };
+        let full: Vec<_> = (0..REMOVALS_KEPT as u64).map(record).collect();
+        let tree = Tree::parse(&prefix, &full);
+        assert_eq!(tree.removals.len(), REMOVALS_KEPT);
+        assert_eq!(tree.removals["r3"].0.by, "ann");
+        // r99 is the oldest (lowest index): it goes, to make room.
+        assert_eq!(tree.removals_beyond_bound(&v("new")), [v("r99")]);
+        // Removing r99's version again rewrites its record: nothing goes.
+        assert!(tree.removals_beyond_bound(&v("r99")).is_empty());
+        let under: Vec<_> = full[1..].to_vec();
+        assert!(
+            Tree::parse(&prefix, &under)
+                .removals_beyond_bound(&v("new"))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -161,3 +161,37 @@ fn events_follow_versions_switches_waves_states_failures_and_agents_and_resume_w
     let mut resumed = resumed;
     let _ = resumed.child.kill();
 }
+
+#[test]
+fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_following() {
+    let mut fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v1"]).ok();
+    fleet.depro(&["deploy", "v2"]).ok();
+    let since = fleet.consul.index();
+    // While nothing follows: v1 removed, node2 stopped (cleanly).
+    fleet.depro(&["remove", "v1"]).ok();
+    fleet.wait("v1's keys gone", |f| f.node_state("v1", "node1").is_none());
+    assert!(
+        !fleet.agents[0].log().contains(".removed"),
+        "agents leave the removal records alone"
+    );
+    fleet.agents[1].signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(fleet.agents[1].wait_exit(), Some(0));
+
+    let resumed = Follower::start(&fleet, &[&format!("-since={since}")]);
+    let removed = resumed.wait_for(&fleet, &[("event", "removed"), ("version", "v1")]);
+    assert!(
+        removed["by"].as_str().is_some_and(|b| b.contains('@')),
+        "{removed}"
+    );
+    assert!(removed["index"].as_u64().is_some_and(|i| i > since));
+    resumed.wait_for(&fleet, &[("event", "left"), ("node", "node2")]);
+    // What came before the index is not told again.
+    assert!(
+        resumed
+            .has(&[("event", "created"), ("version", "v2")])
+            .is_none()
+    );
+    let mut resumed = resumed;
+    let _ = resumed.child.kill();
+}

@@ -53,8 +53,8 @@ pub(crate) struct DeploymentState {
     /// report of another state.
     pub reasons_written: BTreeSet<VersionName>,
     /// This node's announcement under `<prefix>/.agents/` is written under
-    /// the current session.
-    pub announced: bool,
+    /// the current session: its CreateIndex.
+    pub announced: Option<u64>,
     /// The hook that runs in this deployment (one at a time).
     pub hook: Option<HookRun>,
     /// When to check again the versions kept because Consul hides them.
@@ -121,7 +121,7 @@ impl DeploymentState {
             own_check_at: None,
             reasons: BTreeMap::new(),
             reasons_written: BTreeSet::new(),
-            announced: false,
+            announced: None,
             hook: None,
             kept_check_at: None,
             health_wait: None,
@@ -161,7 +161,7 @@ impl DeploymentState {
         self.restarts_written.clear();
         self.hook_noted = None;
         self.secret = None;
-        self.announced = false;
+        self.announced = None;
         self.sync_own_failed();
     }
 

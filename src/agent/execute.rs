@@ -244,6 +244,47 @@ impl Agent {
         Ok(())
     }
 
+    /// What this agent says of itself under `.agents/` and `.known/`.
+    pub(super) fn agent_record(&self) -> crate::tree::AgentRecord {
+        crate::tree::AgentRecord {
+            depro: env!("CARGO_PKG_VERSION").to_string(),
+            since: self.started_at.clone(),
+            listen: self.config.listen.map(|a| a.to_string()),
+            zone: self.config.zone.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Remembers, as the agent stops, that it left each prefix it was
+    /// announced under (`.known/<node>` with `left`, and the index its
+    /// announcement was created at), so that `depro events -since` tells
+    /// the departure; one transaction, not retried (a stop does not wait).
+    pub(super) fn remember_leaving(&self) {
+        let left = crate::logging::timestamp();
+        let records: Vec<(String, Vec<u8>)> = self
+            .deployments
+            .iter()
+            .filter_map(|d| {
+                let record = crate::tree::AgentRecord {
+                    left: Some(left.clone()),
+                    joined: d.announced?,
+                    ..self.agent_record()
+                };
+                let value = serde_json::to_vec(&record).unwrap_or_default();
+                Some((d.spec.prefix.known_key(&self.config.name), value))
+            })
+            .collect();
+        let ops: Vec<TxnOp> = records
+            .iter()
+            .map(|(key, value)| TxnOp::Set { key, value })
+            .collect();
+        if !ops.is_empty() {
+            if let Err(e) = self.consul.txn(&ops) {
+                log::debug!("could not record leaving: {e}");
+            }
+        }
+    }
+
     /// Announces this agent under `<prefix>/.agents/<node>` for every
     /// deployment that has not under the current session: held by the
     /// session, so the announcement ends with the agent; and remembers it
@@ -253,15 +294,10 @@ impl Agent {
             return;
         };
         let now = Instant::now();
-        let record = crate::tree::AgentRecord {
-            depro: env!("CARGO_PKG_VERSION").to_string(),
-            since: self.started_at.clone(),
-            listen: self.config.listen.map(|a| a.to_string()),
-            zone: self.config.zone.clone(),
-        };
+        let record = self.agent_record();
         if self.config.listen.is_some() {
             for index in 0..self.deployments.len() {
-                if !self.deployments[index].announced {
+                if self.deployments[index].announced.is_none() {
                     let _ = self.secret_of(index);
                 }
             }
@@ -269,7 +305,8 @@ impl Agent {
         let value = serde_json::to_vec(&record).unwrap_or_default();
         for index in 0..self.deployments.len() {
             let deployment = &self.deployments[index];
-            if deployment.announced || deployment.blocked_until.is_some_and(|at| at > now) {
+            if deployment.announced.is_some() || deployment.blocked_until.is_some_and(|at| at > now)
+            {
                 continue;
             }
             let key = deployment.spec.prefix.agent_key(&self.config.name);
@@ -287,9 +324,10 @@ impl Agent {
                 value: &value,
             };
             let result = match self.consul.txn(&[op, remember]) {
-                Ok(TxnOutcome::Committed(_)) => {
+                Ok(TxnOutcome::Committed(entries)) => {
                     log::debug!("{}: announced as {key}", deployment.spec.id);
-                    self.deployments[index].announced = true;
+                    let at = entries.first().map_or(0, |e| e.create_index);
+                    self.deployments[index].announced = Some(at);
                     Ok(())
                 }
                 Ok(TxnOutcome::Rejected(failures)) => match failures.first().map(|f| f.conflict) {

@@ -161,6 +161,7 @@ impl Agent {
         for deployment in &mut self.deployments {
             deployment.watches = None;
         }
+        self.remember_leaving();
         self.sessions.end(&self.consul);
         log::info!(
             "depro agent {} stopped after {} requests to Consul",

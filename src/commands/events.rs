@@ -55,7 +55,10 @@ impl Event {
         let (v, n) = (s(&self.version), s(&self.node));
         let text = match self.event {
             "created" => format!("{v} created by {}", s(&self.by)),
-            "removed" => format!("{v} removed"),
+            "removed" => match &self.by {
+                Some(by) => format!("{v} removed by {}", crate::tree::shown(by)),
+                None => format!("{v} removed"),
+            },
             "switched" => {
                 let message = match &self.message {
                     Some(m) => format!(": {}", crate::tree::shown(m)),
@@ -186,8 +189,16 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             }
         }
         if old.exists && !new.exists {
+            // Who removed it, if the depro CLI did (its record names the
+            // key it deleted by that key's CreateIndex).
+            let by = after
+                .removals
+                .get(version.as_str())
+                .filter(|(r, _)| r.created == old.create_index)
+                .map(|(r, _)| r.by.clone());
             events.push(Event {
                 version: Some(version.to_string()),
+                by,
                 ..event("removed")
             });
         }
@@ -224,9 +235,12 @@ fn wave_event(
 
 /// The tree as it was at `index`, as far as what is left shows it: keys
 /// created (folder keys, agents) or written (the rest) after it are left
-/// out. What was deleted since cannot be seen.
+/// out; versions the depro CLI removed since (`.removed`) and agents that
+/// stopped cleanly since (`.known` with `left`) are put back. What else was
+/// deleted since cannot be seen: Consul keeps no record of deleted keys
+/// (another client's removals, the keys of an agent whose session expired).
 fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index: u64) -> Tree {
-    let kept: Vec<_> = entries
+    let mut kept: Vec<_> = entries
         .iter()
         .filter(|e| {
             let rest = e.key.strip_prefix(prefix.as_dir()).unwrap_or_default();
@@ -241,6 +255,40 @@ fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index
         })
         .cloned()
         .collect();
+    let now = Tree::parse(prefix, entries);
+    let back = |key: String, value: &[u8], held: bool, created: u64| crate::consul::KvEntry {
+        key,
+        value: value.to_vec(),
+        session: held.then(String::new),
+        create_index: created,
+        modify_index: created,
+        flags: 0,
+    };
+    for (name, (removal, removed_at)) in &now.removals {
+        let version = crate::version_name::VersionName::parse(name);
+        let still = version.as_ref().ok().and_then(|v| now.versions.get(v));
+        let gone = still.is_none_or(|i| !i.exists || i.create_index != removal.created);
+        if *removed_at > index && removal.created <= index && gone {
+            let key = format!("{}{name}/", prefix.as_dir());
+            kept.push(back(key, b"", false, removal.created));
+        }
+    }
+    let known = format!("{}{}/", prefix.as_dir(), crate::tree::KNOWN);
+    for entry in entries.iter().filter(|e| e.modify_index > index) {
+        let Some(node) = entry.key.strip_prefix(&known) else {
+            continue;
+        };
+        let record: crate::tree::AgentRecord =
+            serde_json::from_slice(&entry.value).unwrap_or_default();
+        if record.left.is_some() && record.joined <= index && !now.agents.contains_key(node) {
+            kept.push(back(
+                prefix.agent_key(node),
+                &entry.value,
+                true,
+                record.joined,
+            ));
+        }
+    }
     Tree::parse(prefix, &kept)
 }
 
@@ -358,6 +406,33 @@ mod tests {
         assert_eq!(
             said,
             ["[12] v2 created by -", "[12] v2 node1: none -> ready"]
+        );
+    }
+
+    #[test]
+    fn since_an_index_versions_the_cli_removed_and_agents_that_stopped_since_are_told() {
+        let left = r#"{"depro":"0.1.0","left":"2026-12-07T10:00:00.000Z","joined":3}"#;
+        let (prefix, entries) = tree(&[
+            ("v2/", "", 2),
+            // v1 (created at 1) removed at 8 by ann; v0 removed at 4.
+            ("v2/node1", "active", 5),
+            (".removed/v1", r#"{"by":"ann@ci","created":1}"#, 8),
+            (".removed/v0", r#"{"by":"bob@ci","created":1}"#, 4),
+            // node2 (joined at 3) stopped at 9; node3 stopped at 4.
+            (".known/node2", left, 9),
+            (".known/node3", left, 4),
+        ]);
+        let then = as_of(&prefix, &entries, 6);
+        let events = diff(&then, &Tree::parse(&prefix, &entries), 10);
+        let said: Vec<_> = events.iter().map(Event::line).collect();
+        assert_eq!(said, ["[10] v1 removed by ann@ci", "[10] agent node2 left"]);
+        // Live: the record names who removed it.
+        let before = Tree::parse(&prefix, &tree(&[("v1/", "", 1)]).1);
+        let events = diff(&before, &Tree::parse(&prefix, &entries), 8);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.line() == "[8] v1 removed by ann@ci")
         );
     }
 }

@@ -177,9 +177,26 @@ pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> R
         if let Some(refusal) = refusal(ctx, tree, version) {
             return Err(refusal);
         }
-        let Some((key, _)) = tree.versions.get(version).and_then(|i| i.key.clone()) else {
+        let Some(info) = tree.versions.get(version) else {
             return Ok(());
         };
+        let Some((key, _)) = info.key.clone() else {
+            return Ok(());
+        };
+        // Recorded with the removal, for `events -since`; the oldest
+        // records beyond the bound go in the same transaction.
+        let record_key = ctx.prefix.removed_key(version);
+        let record = serde_json::to_vec(&crate::tree::Removal {
+            by: ctx.user.clone(),
+            at: crate::logging::timestamp(),
+            created: info.create_index,
+        })
+        .unwrap_or_default();
+        let forgotten: Vec<String> = tree
+            .removals_beyond_bound(version)
+            .iter()
+            .map(|name| ctx.prefix.removed_key(name))
+            .collect();
         let (current_key, rollout_key) = (ctx.prefix.current_key(), ctx.prefix.rollout_key());
         fn unchanged(key: &str, index: Option<u64>) -> TxnOp<'_> {
             match index {
@@ -187,11 +204,16 @@ pub(crate) fn remove_one(ctx: &mut Ctx, tree: &Tree, version: &VersionName) -> R
                 None => TxnOp::CheckNotExists { key },
             }
         }
-        let ops = [
+        let mut ops = vec![
             TxnOp::Delete { key: &key },
             unchanged(&current_key, tree.current.as_ref().map(|c| c.modify_index)),
             unchanged(&rollout_key, tree.rollout.as_ref().map(|(_, index)| *index)),
+            TxnOp::Set {
+                key: &record_key,
+                value: &record,
+            },
         ];
+        ops.extend(forgotten.iter().map(|key| TxnOp::Delete { key }));
         let change = Change::Removed {
             version: version.clone(),
             folder: key.ends_with('/'),
