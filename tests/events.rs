@@ -165,12 +165,17 @@ fn events_follow_versions_switches_waves_states_failures_and_agents_and_resume_w
 #[test]
 fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_following() {
     let mut fleet = Fleet::start(2);
+    fleet.depro(&["deploy", "v0"]).ok();
     fleet.depro(&["deploy", "v1"]).ok();
     fleet.depro(&["deploy", "v2"]).ok();
     let since = fleet.consul.index();
-    // While nothing follows: v1 removed, node2 stopped (cleanly).
+    // While nothing follows: v1 removed by the CLI, v0 by a plain Consul
+    // delete (the seed's protocol: the scout records it), node2 stopped
+    // (cleanly).
     fleet.depro(&["remove", "v1"]).ok();
     fleet.wait("v1's keys gone", |f| f.node_state("v1", "node1").is_none());
+    fleet.consul.delete(&format!("{}/v0/", fleet.prefix));
+    fleet.wait("v0's keys gone", |f| f.node_state("v0", "node1").is_none());
     assert!(
         !fleet.agents[0].log().contains(".removed"),
         "agents leave the removal records alone"
@@ -185,6 +190,13 @@ fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_fol
         "{removed}"
     );
     assert!(removed["index"].as_u64().is_some_and(|i| i > since));
+    let removed = resumed.wait_for(&fleet, &[("event", "removed"), ("version", "v0")]);
+    assert!(
+        removed["by"]
+            .as_str()
+            .is_some_and(|b| b.contains("another client")),
+        "{removed}"
+    );
     resumed.wait_for(&fleet, &[("event", "left"), ("node", "node2")]);
     // What came before the index is not told again.
     assert!(

@@ -331,6 +331,29 @@ fn ring(
     let key = target.prefix.changed_key();
     let who = format!("the scout {}", target.node);
     let when = crate::logging::timestamp();
+    // A removal is recorded with its ring, as the CLI records its own (for
+    // `depro events -since`), the oldest records beyond the bound deleted.
+    let mut removal = None;
+    if let Some(Change::Removed { version, .. }) = &change {
+        let dir = format!("{}{}/", target.prefix.as_dir(), crate::tree::REMOVED);
+        let records = consul.list(&dir, Read::consistent())?.value;
+        let forget =
+            crate::tree::Tree::parse(&target.prefix, &records).removals_beyond_bound(version);
+        let record = crate::tree::Removal {
+            by: format!("another client (seen by {who})"),
+            at: when.clone(),
+            created: 0,
+        };
+        let keys: Vec<String> = forget
+            .iter()
+            .map(|v| target.prefix.removed_key(v))
+            .collect();
+        removal = Some((
+            target.prefix.removed_key(version),
+            serde_json::to_vec(&record).unwrap_or_default(),
+            keys,
+        ));
+    }
     let value = match change {
         Some(change) => Ring { change, after }.text(&who, &when),
         None => format!("changed by another client, seen by {who} at {when}"),
@@ -340,7 +363,12 @@ fn ring(
         value: value.as_bytes(),
         index: after,
     };
-    Ok(match consul.txn(&[op])? {
+    let mut ops = vec![op];
+    if let Some((key, record, forget)) = &removal {
+        ops.push(TxnOp::Set { key, value: record });
+        ops.extend(forget.iter().map(|key| TxnOp::Delete { key }));
+    }
+    Ok(match consul.txn(&ops)? {
         outcome @ TxnOutcome::Committed(_) => outcome.index_of(&key),
         TxnOutcome::Rejected(_) => None,
     })

@@ -189,12 +189,13 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             }
         }
         if old.exists && !new.exists {
-            // Who removed it, if the depro CLI did (its record names the
-            // key it deleted by that key's CreateIndex).
+            // Who removed it, as recorded by the depro CLI (naming the key
+            // it deleted by that key's CreateIndex) or by the scout (for
+            // another client: 0, not known).
             let by = after
                 .removals
                 .get(version.as_str())
-                .filter(|(r, _)| r.created == old.create_index)
+                .filter(|(r, _)| r.created == old.create_index || r.created == 0)
                 .map(|(r, _)| r.by.clone());
             events.push(Event {
                 version: Some(version.to_string()),
