@@ -6,6 +6,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::Fleet;
@@ -163,15 +164,16 @@ fn events_follow_versions_switches_waves_states_failures_and_agents_and_resume_w
 }
 
 #[test]
-fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_following() {
-    let mut fleet = Fleet::start(2);
+fn since_an_index_tells_the_removals_and_the_departures_made_while_not_following() {
+    let mut fleet = Fleet::start(3);
     fleet.depro(&["deploy", "v0"]).ok();
     fleet.depro(&["deploy", "v1"]).ok();
     fleet.depro(&["deploy", "v2"]).ok();
     let since = fleet.consul.index();
     // While nothing follows: v1 removed by the CLI, v0 by a plain Consul
     // delete (the seed's protocol: the scout records it), node2 stopped
-    // (cleanly).
+    // (cleanly), node3 died (recorded by the scout, or by the next one if
+    // it was the scout).
     fleet.depro(&["remove", "v1"]).ok();
     fleet.wait("v1's keys gone", |f| f.node_state("v1", "node1").is_none());
     fleet.consul.delete(&format!("{}/v0/", fleet.prefix));
@@ -182,6 +184,12 @@ fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_fol
     );
     fleet.agents[1].signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(fleet.agents[1].wait_exit(), Some(0));
+    fleet.agents[2].kill9();
+    let known = format!("{}/.known/node3", fleet.prefix);
+    // Its session ends with its TTL (the harness's 10 s) at the latest.
+    fleet.wait_within(Duration::from_secs(60), "node3's departure recorded", |f| {
+        f.consul.get(&known).is_some_and(|r| r.contains("\"left\""))
+    });
 
     let resumed = Follower::start(&fleet, &[&format!("-since={since}")]);
     let removed = resumed.wait_for(&fleet, &[("event", "removed"), ("version", "v1")]);
@@ -198,6 +206,7 @@ fn since_an_index_tells_the_removals_and_the_clean_departures_made_while_not_fol
         "{removed}"
     );
     resumed.wait_for(&fleet, &[("event", "left"), ("node", "node2")]);
+    resumed.wait_for(&fleet, &[("event", "left"), ("node", "node3")]);
     // What came before the index is not told again.
     assert!(
         resumed

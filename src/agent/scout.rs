@@ -161,6 +161,8 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
     // The first comparison rings for a whole read instead (see
     // `ring_for_changes`).
     let mut first = true;
+    // The agents announced at the last answer (`None`: not read yet).
+    let mut agents: Option<BTreeSet<String>> = None;
     loop {
         let ours = target
             .session
@@ -195,14 +197,89 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
         drop(keys);
         let current_appeared = has_current && had_current == Some(false);
         had_current = Some(has_current);
-        if let Err(e) = ring_for_changes(consul, target, answer.index, current_appeared, &mut first)
-        {
+        let scouted = ring_for_changes(consul, target, answer.index, current_appeared, &mut first)
+            .and_then(|()| record_departures(consul, target, &mut agents));
+        if let Err(e) = scouted {
+            agents = None;
             if backed_off(&e, &mut cursor, health, stop) {
                 return true;
             }
             had_current = None;
         }
     }
+}
+
+/// Records, in `.known/<node>`, the departure of each agent whose
+/// announcement went since the last answer without its agent recording it
+/// (it died: Consul deleted the announcement with its session), so that
+/// `depro events -since` tells it: `left`, and `joined` from the record's
+/// ModifyIndex (written with the announcement). By check-and-set, so that
+/// an agent announcing itself again meanwhile wins. One keys read per
+/// answer, and a read and a write per departure; one more read when the
+/// scout starts (the departures of agents that died while no agent
+/// scouted, this one's predecessor among them, recorded late).
+fn record_departures(
+    consul: &Consul,
+    target: &Target,
+    agents: &mut Option<BTreeSet<String>>,
+) -> Result<(), crate::consul::ConsulError> {
+    let dir = target.prefix.agents_dir();
+    let names: BTreeSet<String> = consul
+        .keys(&dir, Read::consistent())?
+        .value
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|key| key.strip_prefix(&dir))
+        .map(String::from)
+        .collect();
+    let before = agents.replace(names);
+    let gone: Vec<String> = match before {
+        Some(before) => before.into_iter().filter(|n| !has(agents, n)).collect(),
+        // A scout that starts (or takes over from one that died) looks at
+        // every agent remembered: those absent that did not say they left
+        // are recorded now, a while after they left.
+        None => {
+            let known = target.prefix.known_key("");
+            let remembered = consul.keys(&known, Read::consistent())?.value;
+            remembered
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|key| key.strip_prefix(&known))
+                .filter(|n| !has(agents, n))
+                .map(String::from)
+                .collect()
+        }
+    };
+    for node in gone {
+        let key = target.prefix.known_key(&node);
+        let Some(known) = consul.get(&key, Read::consistent())?.value else {
+            continue; // forgotten
+        };
+        let mut record: crate::tree::AgentRecord =
+            serde_json::from_slice(&known.value).unwrap_or_default();
+        if record.left.is_some() {
+            continue; // it stopped cleanly and said so
+        }
+        record.left = Some(crate::logging::timestamp());
+        record.joined = known.modify_index;
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let op = TxnOp::Cas {
+            key: &key,
+            value: &value,
+            index: known.modify_index,
+        };
+        if let TxnOutcome::Committed(_) = consul.txn(&[op])? {
+            log::info!(
+                "{}: the agent {node} left (its session ended)",
+                target.prefix
+            );
+        }
+    }
+    Ok(())
+}
+
+fn has(agents: &Option<BTreeSet<String>>, node: &str) -> bool {
+    agents.as_ref().is_some_and(|a| a.contains(node))
 }
 
 /// Compares the tree as of `index` with the agent's snapshot, and rings for
