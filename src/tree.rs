@@ -382,6 +382,11 @@ pub(crate) struct Switch {
     /// Why, in the operator's words (`-message`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The ModifyIndex of `.history` this entry's write replaced (by
+    /// check-and-set): so each write's index is the next one's `after`,
+    /// and the last one's is the key's. 0: not known (an older CLI).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub after: u64,
 }
 
 /// `<prefix>/.policy` (JSON): the prefix's rollout policy, as the flags
@@ -399,6 +404,9 @@ pub(crate) struct Policy {
     pub since: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// As [`Switch::after`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub after: u64,
 }
 
 impl Policy {
@@ -777,8 +785,9 @@ pub(crate) struct Tree {
     pub known: BTreeMap<String, AgentRecord>,
     /// A progressive rollout under way, and its key's ModifyIndex.
     pub rollout: Option<(RolloutPlan, u64)>,
-    /// The record of the last switches.
+    /// The record of the last switches, and its key's ModifyIndex.
     pub history: History,
+    pub history_index: u64,
     /// The records of the last removals (`.removed`) and their
     /// ModifyIndex, by version.
     pub removals: BTreeMap<String, (Removal, u64)>,
@@ -831,6 +840,7 @@ impl Tree {
             }
             if rest == HISTORY {
                 tree.history = History::parse(&entry.value);
+                tree.history_index = entry.modify_index;
                 continue;
             }
             if rest == DRIVER {

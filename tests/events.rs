@@ -170,10 +170,13 @@ fn since_an_index_tells_the_removals_and_the_departures_made_while_not_following
     fleet.depro(&["deploy", "v1"]).ok();
     fleet.depro(&["deploy", "v2"]).ok();
     let since = fleet.consul.index();
-    // While nothing follows: v1 removed by the CLI, v0 by a plain Consul
+    // While nothing follows: two switches (v3, then back to v2), v1 removed
+    // by the CLI, v0 by a plain Consul
     // delete (the seed's protocol: the scout records it), node2 stopped
     // (cleanly), node3 died (recorded by the scout, or by the next one if
     // it was the scout).
+    fleet.depro(&["deploy", "v3"]).ok();
+    fleet.depro(&["rollback"]).ok();
     fleet.depro(&["remove", "v1"]).ok();
     fleet.wait("v1's keys gone", |f| f.node_state("v1", "node1").is_none());
     fleet.consul.delete(&format!("{}/v0/", fleet.prefix));
@@ -192,6 +195,20 @@ fn since_an_index_tells_the_removals_and_the_departures_made_while_not_following
     });
 
     let resumed = Follower::start(&fleet, &[&format!("-since={since}")]);
+    let forth = resumed.wait_for(
+        &fleet,
+        &[("event", "switched"), ("from", "v2"), ("to", "v3")],
+    );
+    let back = resumed.wait_for(
+        &fleet,
+        &[("event", "switched"), ("from", "v3"), ("to", "v2")],
+    );
+    assert_eq!(
+        (&forth["how"], &back["how"]),
+        (&"deploy".into(), &"rollback".into())
+    );
+    let index = |e: &Value| e["index"].as_u64().unwrap();
+    assert!(since < index(&forth) && index(&forth) < index(&back));
     let removed = resumed.wait_for(&fleet, &[("event", "removed"), ("version", "v1")]);
     assert!(
         removed["by"].as_str().is_some_and(|b| b.contains('@')),

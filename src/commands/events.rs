@@ -120,20 +120,48 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             });
         }
     }
+    // Switches: each one `.history` recorded after `before` was read, at
+    // its own index, oldest first; a change of `current` that no entry
+    // records (another client, an older CLI) as read.
+    let some = |text: &str| (!text.is_empty()).then(|| text.to_string());
+    let recorded = switches_after(&after.history, after.history_index, before.history_index);
+    for (at, switch) in &recorded {
+        events.push(Event {
+            index: *at,
+            from: some(&switch.from),
+            to: some(&switch.version),
+            by: some(&switch.by),
+            how: some(&switch.how),
+            message: some(&switch.message),
+            ..event("switched")
+        });
+    }
     let name = |t: &Tree| t.current.as_ref().map(|c| c.value.clone());
-    if name(before) != name(after) {
+    let was = match recorded.last() {
+        Some((_, last)) => some(&last.version),
+        None => name(before),
+    };
+    if was != name(after) {
         let meta = after
             .current
             .as_ref()
             .and_then(|c| c.version.as_ref())
             .and_then(|v| after.versions.get(v))
             .map(|i| &i.meta);
+        // After recorded switches, what the version's key says is theirs.
+        let after_recorded = !recorded.is_empty();
         events.push(Event {
-            from: name(before),
+            from: was,
             to: name(after),
-            by: meta.and_then(|m| m.current_by.clone()),
-            how: meta.and_then(|m| m.current_how.clone()),
-            message: meta.and_then(|m| m.current_message.clone()),
+            by: meta
+                .and_then(|m| m.current_by.clone())
+                .filter(|_| !after_recorded),
+            how: meta
+                .and_then(|m| m.current_how.clone())
+                .filter(|_| !after_recorded),
+            message: meta
+                .and_then(|m| m.current_message.clone())
+                .filter(|_| !after_recorded),
             ..event("switched")
         });
     }
@@ -220,6 +248,34 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
     events
 }
 
+/// The switches `history` records after index `since`, oldest first, each
+/// with its index: every write of `.history` (a switch, a change of the
+/// policy) records the index it replaced (`after`), so a write's index is
+/// the next write's `after`, and the last one's the key's (`index`).
+/// Entries of an older CLI (no `after`) cannot be placed and are left out.
+fn switches_after(
+    history: &crate::tree::History,
+    index: u64,
+    since: u64,
+) -> Vec<(u64, &crate::tree::Switch)> {
+    let mut writes: Vec<u64> = history.switches.iter().map(|s| s.after).collect();
+    writes.extend(history.policies.iter().map(|p| p.after));
+    writes.retain(|a| *a > 0);
+    writes.sort_unstable();
+    let mut switches: Vec<_> = history
+        .switches
+        .iter()
+        .filter(|s| s.after > 0)
+        .map(|s| {
+            let next = writes.partition_point(|a| *a <= s.after);
+            (writes.get(next).copied().unwrap_or(index), s)
+        })
+        .filter(|(at, _)| *at > since)
+        .collect();
+    switches.sort_by_key(|(at, _)| *at);
+    switches
+}
+
 fn wave_event(
     event: &dyn Fn(&'static str) -> Event,
     what: &'static str,
@@ -290,7 +346,10 @@ fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index
             ));
         }
     }
-    Tree::parse(prefix, &kept)
+    let mut then = Tree::parse(prefix, &kept);
+    // The switches recorded after `index` are told from the record.
+    then.history_index = index;
+    then
 }
 
 /// `depro events`.
@@ -408,6 +467,51 @@ mod tests {
             said,
             ["[12] v2 created by -", "[12] v2 node1: none -> ready"]
         );
+    }
+
+    #[test]
+    fn switches_are_told_from_the_record_each_at_its_own_index_even_two_between_reads() {
+        use crate::tree::{History, Policy, Switch};
+        let switch = |version: &str, from: &str, how: &str, after: u64| Switch {
+            version: version.into(),
+            from: from.into(),
+            how: how.into(),
+            by: "ann".into(),
+            after,
+            ..Switch::default()
+        };
+        // Writes of .history: v1 at 10 (after 0: an older CLI), v2 at 20
+        // (after 10), the policy at 30 (after 20), v3 at 40, v2 again at 50.
+        let mut history = History::default().with(switch("v1", "", "deploy", 0));
+        history = history.with(switch("v2", "v1", "deploy", 10));
+        history = history.with_policy(Policy {
+            after: 20,
+            ..Policy::default()
+        });
+        history = history.with(switch("v3", "v2", "deploy", 30));
+        history = history.with(switch("v2", "v3", "rollback", 40));
+        let json = String::from_utf8(history.to_json()).unwrap();
+        let (prefix, before) = tree(&[("current", "v2", 20), (".history", "{}", 20)]);
+        let (_, after) = tree(&[("current", "v2", 50), (".history", &json, 50)]);
+        let events = diff(
+            &Tree::parse(&prefix, &before),
+            &Tree::parse(&prefix, &after),
+            55,
+        );
+        let said: Vec<_> = events.iter().map(Event::line).collect();
+        assert_eq!(
+            said,
+            [
+                "[40] current v2 -> v3 by ann (deploy)",
+                "[50] current v3 -> v2 by ann (rollback)"
+            ]
+        );
+        // Resumed from 25: the same two; from 45, the rollback only.
+        let resumed = |index| {
+            let then = as_of(&prefix, &after, index);
+            diff(&then, &Tree::parse(&prefix, &after), 55).len()
+        };
+        assert_eq!((resumed(25), resumed(45), resumed(50)), (2, 1, 0));
     }
 
     #[test]

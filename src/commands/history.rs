@@ -110,6 +110,7 @@ pub(crate) fn switches(tree: &Tree) -> Vec<Switch> {
                         by: info.meta.current_by.clone().unwrap_or_default(),
                         how: info.meta.current_how.clone().unwrap_or_default(),
                         message: info.meta.current_message.clone().unwrap_or_default(),
+                        after: 0,
                     },
                 )
             })
@@ -141,6 +142,7 @@ mod tests {
                 by: "ops".into(),
                 how: "deploy".into(),
                 message: "fixes the login timeout".into(),
+                ..Switch::default()
             })
             .with(Switch {
                 version: "v1".into(),

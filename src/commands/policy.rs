@@ -50,6 +50,7 @@ pub(crate) fn policy(args: PolicyArgs, env: Env<'_>) -> Result<()> {
             by: ctx.user.clone(),
             since: crate::logging::timestamp(),
             message: args.switch.message.clone().unwrap_or_default(),
+            after: history_index,
         };
         let value = new.to_json();
         let recorded = history.with_policy(new).to_json();

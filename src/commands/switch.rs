@@ -601,6 +601,7 @@ fn switch_current(
                 by: ctx.user.clone(),
                 how: how.to_string(),
                 message: ctx.message.clone().unwrap_or_default(),
+                after: history_index,
             })
             .to_json();
         let bell = ctx.ring(Change::Switched(version.clone()))?;
@@ -881,6 +882,7 @@ fn restore_current(
                 by: ctx.user.clone(),
                 how: "rollback-on-failure".into(),
                 message: String::new(),
+                after: history_index,
             })
             .to_json();
         let record = TxnOp::Cas {

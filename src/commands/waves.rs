@@ -358,6 +358,7 @@ fn finish_restart(
                 by: ctx.user.clone(),
                 how: "restart".into(),
                 message: ctx.message.clone().unwrap_or_default(),
+                after: history_index,
             })
             .to_json();
         let ops = [
