@@ -154,33 +154,27 @@ impl Metrics {
                 );
             }
         }
-        family(
-            &mut out,
-            "hook_runs_total",
-            "counter",
-            "Hooks run, by deployment and kind (fetch: an artifact's fetch).",
-        );
-        for ((d, kind), hook) in &counts.hooks {
-            let _ = writeln!(
-                out,
-                "depro_hook_runs_total{{deployment=\"{}\",kind=\"{kind}\"}} {}",
-                label(d),
-                hook.runs
-            );
-        }
-        family(
-            &mut out,
-            "hook_failures_total",
-            "counter",
-            "Hooks that failed (an exit status, a signal, a timeout), by deployment and kind.",
-        );
-        for ((d, kind), hook) in &counts.hooks {
-            let _ = writeln!(
-                out,
-                "depro_hook_failures_total{{deployment=\"{}\",kind=\"{kind}\"}} {}",
-                label(d),
-                hook.failures
-            );
+        for (name, help, failures) in [
+            (
+                "hook_runs_total",
+                "Hooks run, by deployment and kind (fetch: an artifact's fetch).",
+                false,
+            ),
+            (
+                "hook_failures_total",
+                "Hooks that failed (an exit status, a signal, a timeout), by deployment and kind.",
+                true,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            for ((d, kind), hook) in &counts.hooks {
+                let n = if failures { hook.failures } else { hook.runs };
+                let _ = writeln!(
+                    out,
+                    "depro_{name}{{deployment=\"{}\",kind=\"{kind}\"}} {n}",
+                    label(d)
+                );
+            }
         }
         family(
             &mut out,

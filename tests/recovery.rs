@@ -77,10 +77,12 @@ fn after_consul_lost_its_data_agents_write_no_node_key_for_a_version_the_new_tre
         let mut tree = consul.tree(&prefix);
         tree.remove(&doorbell);
         tree.remove(&scout);
-        // Announcements, and what the agents remember of themselves.
+        // Announcements, what the agents remember of themselves, and the
+        // scout's records of the versions that vanished (for `events`).
         tree.retain(|key, _| {
             !key.starts_with(&format!("{prefix}.agents/"))
                 && !key.starts_with(&format!("{prefix}.known/"))
+                && !key.starts_with(&format!("{prefix}.removed/"))
         });
         if !tree.is_empty() {
             return Some(format!("{tree:?}"));

@@ -21,7 +21,7 @@
 //!       "reasons": { "node4": { "hook": "deploy", "error": "the deploy hook exited with status 3",
 //!                               "exit_code": 3, "output": "…", "at": "…" } } } ],
 //!   "agents": { "node1": { "depro": "0.3.0", "since": "2026-11-26T09:00:00.000Z" } },
-//!   "absent": { "node5": { "depro": "0.3.0", "since": "…" } },   // agents that followed it and are gone
+//!   "absent": { "node5": { "depro": "0.3.0", "since": "…", "left": "…", "joined": 812 } },   // agents that followed it and are gone (left: when it stopped, if recorded)
 //!   "rollout": null,                       // or the progressive rollout under way, see below
 //!   "policy": null,                        // or { "flags": "-nodes=all -canary=1", "by", "since", "message" }
 //!   "ignored": [ "../" ] }
