@@ -173,6 +173,13 @@ fn a_soak_of_deploys_rollbacks_removals_and_failures_breaks_no_invariant() {
             cluster.wait_healthy();
         }
         let out = finish(child);
+        // On stderr, for a failed run's replay.
+        eprintln!(
+            "soak: {what} {}: exit {:?}: {}",
+            version.as_deref().unwrap_or(""),
+            out.code,
+            out.stderr.lines().last().unwrap_or("")
+        );
         report.command(what, &out);
         if let (Some(version), Some(0)) = (&version, out.code) {
             recorder.check_switch(version, need as usize);
@@ -184,6 +191,28 @@ fn a_soak_of_deploys_rollbacks_removals_and_failures_breaks_no_invariant() {
         fleet.agents[back].start();
     }
     cluster.wait_healthy();
+    // A rollout in waves that halted (a switched node killed until its
+    // timeout) stays in the tree, as designed, until resumed or undone:
+    // with the faults over, its resume (the command it printed, from the
+    // plan's flags) must finish it.
+    let plan = consul.get(&format!("{}/.rollout", fleet.prefix));
+    if let Some(plan) = plan {
+        let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+        let version = plan["version"].as_str().unwrap().to_string();
+        let mut args = vec!["deploy", version.as_str()];
+        args.extend(plan["flags"].as_str().unwrap_or("").split_whitespace());
+        args.push("-timeout=60s");
+        let out = fleet.depro(&args);
+        report.command("resume after the faults", &out);
+        out.ok();
+        let need = args
+            .iter()
+            .find_map(|a| a.strip_prefix("-nodes="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        recorder.check_switch(&version, need);
+        report.switches_checked += 1;
+    }
     fleet.expect_converged(Duration::from_secs(120));
     // A short run can draw no successful switch at all (a deploy whose
     // node died between `ready` and its rollout waits for it until its
