@@ -255,13 +255,14 @@ fn record_departures(
         let Some(known) = consul.get(&key, Read::consistent())?.value else {
             continue; // forgotten
         };
-        let mut record: crate::tree::AgentRecord =
+        // As a `Value`: every field kept, whichever depro wrote it.
+        let mut record: serde_json::Value =
             serde_json::from_slice(&known.value).unwrap_or_default();
-        if record.left.is_some() {
-            continue; // it stopped cleanly and said so
+        if !record.is_object() || record["left"].is_string() {
+            continue; // it stopped cleanly and said so (or is no record)
         }
-        record.left = Some(crate::logging::timestamp());
-        record.joined = known.modify_index;
+        record["left"] = crate::logging::timestamp().into();
+        record["joined"] = known.modify_index.into();
         let value = serde_json::to_vec(&record).unwrap_or_default();
         let op = TxnOp::Cas {
             key: &key,
