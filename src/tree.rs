@@ -11,7 +11,7 @@
 //! <prefix>/<version>/.hook/<node> = the hook that runs long   written by <node>'s agent
 //! <prefix>/.agents/<node>     = the agent that follows the prefix (JSON), held by its session
 //! <prefix>/.known/<node>      = the same, kept after the agent stops (until `depro forget`)
-//! <prefix>/.removed/<version> = who removed it and when (JSON), written by the CLI with the removal
+//! <prefix>/.removed/<version> = who removed it and when (JSON), written with the removal (CLI, scout)
 //! <prefix>/.rollout           = a progressive rollout under way (JSON), written by the CLI
 //! <prefix>/.history           = the last switches of current (JSON), written by the CLI
 //! <prefix>/.policy            = the rollout policy (JSON), written by `depro policy`

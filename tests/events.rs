@@ -224,11 +224,36 @@ fn since_an_index_tells_the_removals_and_the_departures_made_while_not_following
     );
     resumed.wait_for(&fleet, &[("event", "left"), ("node", "node2")]);
     resumed.wait_for(&fleet, &[("event", "left"), ("node", "node3")]);
-    // What came before the index is not told again.
+    // What came before the index is not told again, and nothing twice.
     assert!(
         resumed
             .has(&[("event", "created"), ("version", "v2")])
             .is_none()
+    );
+    let told = resumed.events.lock().unwrap().clone();
+    let count = |event: &str, version: &str| {
+        told.iter()
+            .filter(|e| e["event"] == event && (e["version"] == version || e["to"] == version))
+            .count()
+    };
+    assert_eq!(
+        (
+            count("switched", "v3"),
+            count("switched", "v2"),
+            count("created", "v3")
+        ),
+        (1, 1, 1),
+        "{told:#?}"
+    );
+    assert_eq!(
+        count("removed", "v2") + count("removed", "v3"),
+        0,
+        "{told:#?}"
+    );
+    let indexes: Vec<u64> = told.iter().map(index).collect();
+    assert!(
+        indexes.is_sorted(),
+        "in the order they happened: {indexes:?}"
     );
     let mut resumed = resumed;
     let _ = resumed.child.kill();

@@ -261,7 +261,7 @@ impl Agent {
     /// the departure; one transaction, not retried (a stop does not wait).
     pub(super) fn remember_leaving(&self) {
         let left = crate::logging::timestamp();
-        let records: Vec<(String, Vec<u8>)> = self
+        let records: Vec<(String, Vec<u8>, String)> = self
             .deployments
             .iter()
             .filter_map(|d| {
@@ -271,12 +271,18 @@ impl Agent {
                     ..self.agent_record()
                 };
                 let value = serde_json::to_vec(&record).unwrap_or_default();
-                Some((d.spec.prefix.known_key(&self.config.name), value))
+                let prefix = &d.spec.prefix;
+                let name = &self.config.name;
+                Some((prefix.known_key(name), value, prefix.agent_key(name)))
             })
             .collect();
+        // The announcement goes in the same transaction: the record's
+        // index is the departure's.
         let ops: Vec<TxnOp> = records
             .iter()
-            .map(|(key, value)| TxnOp::Set { key, value })
+            .flat_map(|(key, value, announced)| {
+                [TxnOp::Set { key, value }, TxnOp::Delete { key: announced }]
+            })
             .collect();
         if !ops.is_empty() {
             if let Err(e) = self.consul.txn(&ops) {

@@ -53,6 +53,8 @@ pub(super) fn scout_loop(consul: &Consul, target: &Target, health: &Health, stop
     let key = target.prefix.scout_key();
     let mut cursor = Cursor::new(LOCK_WAIT, true, PACE);
     let mut denied = false;
+    // Who held the lock while this agent waited for it.
+    let mut holder: Option<String> = None;
     loop {
         if stop.stopped() {
             return;
@@ -82,7 +84,7 @@ pub(super) fn scout_loop(consul: &Consul, target: &Target, health: &Health, stop
                     target.prefix
                 );
                 denied = false;
-                if scout(consul, target, health, stop, &session) {
+                if scout(consul, target, health, stop, &session, holder.take()) {
                     return;
                 }
             }
@@ -103,7 +105,7 @@ pub(super) fn scout_loop(consul: &Consul, target: &Target, health: &Health, stop
                 }
                 // Another agent scouts (or this session just ended): wait
                 // until the lock is free.
-                if wait_for_free_lock(consul, &key, &mut cursor, health, stop) {
+                if wait_for_free_lock(consul, &key, &mut cursor, health, stop, &mut holder) {
                     return;
                 }
             }
@@ -116,14 +118,15 @@ pub(super) fn scout_loop(consul: &Consul, target: &Target, health: &Health, stop
     }
 }
 
-/// Waits until no session holds the scout's lock (or the key is gone).
-/// Returns whether to stop.
+/// Waits until no session holds the scout's lock (or the key is gone),
+/// noting who held it. Returns whether to stop.
 fn wait_for_free_lock(
     consul: &Consul,
     key: &str,
     cursor: &mut Cursor,
     health: &Health,
     stop: &Stop,
+    holder: &mut Option<String>,
 ) -> bool {
     loop {
         let pause = cursor.pause(Instant::now());
@@ -133,7 +136,12 @@ fn wait_for_free_lock(
         match consul.get(key, cursor.read()) {
             Ok(answer) => {
                 health.reachable(consul);
-                let held = answer.value.as_ref().is_some_and(|e| e.session.is_some());
+                let held = answer.value.as_ref().filter(|e| e.session.is_some());
+                if let Some(entry) = held {
+                    let name = String::from_utf8_lossy(&entry.value).into_owned();
+                    *holder = crate::tree::check_node_name(&name).is_ok().then_some(name);
+                }
+                let held = held.is_some();
                 cursor.answered(answer.index, !held);
                 if !held {
                     return false;
@@ -150,7 +158,14 @@ fn wait_for_free_lock(
 
 /// Scouts while this agent holds the lock with `session`. Returns whether
 /// to stop the thread.
-fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session: &str) -> bool {
+fn scout(
+    consul: &Consul,
+    target: &Target,
+    health: &Health,
+    stop: &Stop,
+    session: &str,
+    predecessor: Option<String>,
+) -> bool {
     let mut cursor = Cursor::new(super::watch::WAIT, true, PACE);
     let dir = target.prefix.as_dir().to_string();
     let current_key = target.prefix.current_key();
@@ -163,6 +178,8 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
     let mut first = true;
     // The agents announced at the last answer (`None`: not read yet).
     let mut agents: Option<BTreeSet<String>> = None;
+    // The scout before this one, whose departure it records.
+    let mut predecessor = predecessor;
     loop {
         let ours = target
             .session
@@ -198,9 +215,8 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
         let current_appeared = has_current && had_current == Some(false);
         had_current = Some(has_current);
         let scouted = ring_for_changes(consul, target, answer.index, current_appeared, &mut first)
-            .and_then(|()| record_departures(consul, target, &mut agents));
+            .and_then(|()| record_departures(consul, target, &mut agents, &mut predecessor));
         if let Err(e) = scouted {
-            agents = None;
             if backed_off(&e, &mut cursor, health, stop) {
                 return true;
             }
@@ -213,15 +229,15 @@ fn scout(consul: &Consul, target: &Target, health: &Health, stop: &Stop, session
 /// announcement went since the last answer without its agent recording it
 /// (it died: Consul deleted the announcement with its session), so that
 /// `depro events -since` tells it: `left`, and `joined` from the record's
-/// ModifyIndex (written with the announcement). By check-and-set, so that
-/// an agent announcing itself again meanwhile wins. One keys read per
-/// answer, and a read and a write per departure; one more read when the
-/// scout starts (the departures of agents that died while no agent
-/// scouted, this one's predecessor among them, recorded late).
+/// ModifyIndex (written with the announcement). By check-and-set, and only
+/// while the agent is not announced again. One keys read per answer, and a
+/// read and a write per departure; when the scout starts, the departure of
+/// the scout before it, if it died (recorded late).
 fn record_departures(
     consul: &Consul,
     target: &Target,
     agents: &mut Option<BTreeSet<String>>,
+    predecessor: &mut Option<String>,
 ) -> Result<(), crate::consul::ConsulError> {
     let dir = target.prefix.agents_dir();
     let names: BTreeSet<String> = consul
@@ -235,20 +251,12 @@ fn record_departures(
     let before = agents.replace(names);
     let gone: Vec<String> = match before {
         Some(before) => before.into_iter().filter(|n| !has(agents, n)).collect(),
-        // A scout that starts (or takes over from one that died) looks at
-        // every agent remembered: those absent that did not say they left
-        // are recorded now, a while after they left.
-        None => {
-            let known = target.prefix.known_key("");
-            let remembered = consul.keys(&known, Read::consistent())?.value;
-            remembered
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|key| key.strip_prefix(&known))
-                .filter(|n| !has(agents, n))
-                .map(String::from)
-                .collect()
-        }
+        // A scout that takes over from one that died records that one.
+        None => predecessor
+            .take()
+            .into_iter()
+            .filter(|n| !has(agents, n))
+            .collect(),
     };
     for node in gone {
         let key = target.prefix.known_key(&node);
@@ -269,7 +277,9 @@ fn record_departures(
             value: &value,
             index: known.modify_index,
         };
-        if let TxnOutcome::Committed(_) = consul.txn(&[op])? {
+        let announced = target.prefix.agent_key(&node);
+        let absent = TxnOp::CheckNotExists { key: &announced };
+        if let TxnOutcome::Committed(_) = consul.txn(&[op, absent])? {
             log::info!(
                 "{}: the agent {node} left (its session ended)",
                 target.prefix

@@ -16,15 +16,16 @@ use serde::Serialize;
 
 use super::Ctx;
 use crate::error::Result;
-use crate::tree::{NodeState, Tree};
+use crate::tree::{NodeState, Tree, VersionInfo};
+use crate::version_name::VersionName;
 
 /// One change.
 #[derive(Debug, Default, PartialEq, Serialize)]
 pub(crate) struct Event {
     /// The Consul index of the read that saw it.
     pub index: u64,
-    /// What happened: `created`, `removed`, `switched`, `state`, `failed`,
-    /// `wave_started`, `wave_finished`, `joined`, `left`.
+    /// What happened: `created`, `removed`, `switched`, `restarted`,
+    /// `state`, `failed`, `wave_started`, `wave_finished`, `joined`, `left`.
     pub event: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
@@ -89,6 +90,7 @@ impl Event {
                     .join(", ")
             ),
             "joined" | "left" => format!("agent {n} {}", self.event),
+            "restarted" => format!("{v} restarted by {}", s(&self.by)),
             other => other.to_string(),
         };
         format!("[{}] {text}", self.index)
@@ -112,7 +114,12 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
     for version in &versions {
         let old = before.versions.get(*version).unwrap_or(&none);
         let new = after.versions.get(*version).unwrap_or(&none);
-        if !old.exists && new.exists {
+        // Removed and created again since `before`: another key.
+        let again = old.exists && new.exists && old.create_index != new.create_index;
+        if again {
+            events.push(removed(version, old, after, index));
+        }
+        if (!old.exists || again) && new.exists {
             events.push(Event {
                 version: Some(version.to_string()),
                 by: new.meta.created_by.clone(),
@@ -125,18 +132,33 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
     // records (another client, an older CLI) as read.
     let some = |text: &str| (!text.is_empty()).then(|| text.to_string());
     let recorded = switches_after(&after.history, after.history_index, before.history_index);
+    let name = |t: &Tree| t.current.as_ref().map(|c| c.value.clone());
+    // A switch before the first one recorded that no entry places (an
+    // older CLI's): told as read, without who.
+    if let (Some(was), Some((at, first))) = (name(before), recorded.first()) {
+        if was != first.from {
+            events.push(Event {
+                index: *at,
+                from: Some(was),
+                to: some(&first.from),
+                ..event("switched")
+            });
+        }
+    }
     for (at, switch) in &recorded {
+        // A restart (`current` to itself) is its own event.
+        let restart = switch.how == "restart";
         events.push(Event {
             index: *at,
-            from: some(&switch.from),
-            to: some(&switch.version),
+            version: some(&switch.version).filter(|_| restart),
+            from: some(&switch.from).filter(|_| !restart),
+            to: some(&switch.version).filter(|_| !restart),
             by: some(&switch.by),
             how: some(&switch.how),
             message: some(&switch.message),
-            ..event("switched")
+            ..event(if restart { "restarted" } else { "switched" })
         });
     }
-    let name = |t: &Tree| t.current.as_ref().map(|c| c.value.clone());
     let was = match recorded.last() {
         Some((_, last)) => some(&last.version),
         None => name(before),
@@ -217,19 +239,7 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             }
         }
         if old.exists && !new.exists {
-            // Who removed it, as recorded by the depro CLI (naming the key
-            // it deleted by that key's CreateIndex) or by the scout (for
-            // another client: 0, not known).
-            let by = after
-                .removals
-                .get(version.as_str())
-                .filter(|(r, _)| r.created == old.create_index || r.created == 0)
-                .map(|(r, _)| r.by.clone());
-            events.push(Event {
-                version: Some(version.to_string()),
-                by,
-                ..event("removed")
-            });
+            events.push(removed(version, old, after, index));
         }
     }
     let agents: BTreeSet<&String> = before.agents.keys().chain(after.agents.keys()).collect();
@@ -245,6 +255,9 @@ pub(crate) fn diff(before: &Tree, after: &Tree, index: u64) -> Vec<Event> {
             });
         }
     }
+    // In the order they happened: a recorded switch carries its own
+    // index, below the read's (so the last line's index resumes after all).
+    events.sort_by_key(|e| e.index);
     events
 }
 
@@ -274,6 +287,24 @@ fn switches_after(
         .collect();
     switches.sort_by_key(|(at, _)| *at);
     switches
+}
+
+/// `version` removed: who removed it, as recorded by the depro CLI (naming
+/// the key it deleted by that key's CreateIndex) or by the scout (another
+/// client's removal: 0, not known).
+fn removed(version: &VersionName, old: &VersionInfo, after: &Tree, index: u64) -> Event {
+    let by = after
+        .removals
+        .get(version.as_str())
+        .filter(|(r, _)| r.created == old.create_index || r.created == 0)
+        .map(|(r, _)| r.by.clone());
+    Event {
+        index,
+        event: "removed",
+        version: Some(version.to_string()),
+        by,
+        ..Event::default()
+    }
 }
 
 fn wave_event(
@@ -324,6 +355,10 @@ fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index
     for (name, (removal, removed_at)) in &now.removals {
         let version = crate::version_name::VersionName::parse(name);
         let still = version.as_ref().ok().and_then(|v| now.versions.get(v));
+        // Gone, or there again under another key (created since: then
+        // told as removed and created). The scout's records (another
+        // client's removal) do not know the key: a version created and
+        // removed while not following is told as removed only.
         let gone = still.is_none_or(|i| !i.exists || i.create_index != removal.created);
         if *removed_at > index && removal.created <= index && gone {
             let key = format!("{}{name}/", prefix.as_dir());
@@ -512,6 +547,47 @@ mod tests {
             diff(&then, &Tree::parse(&prefix, &after), 55).len()
         };
         assert_eq!((resumed(25), resumed(45), resumed(50)), (2, 1, 0));
+    }
+
+    #[test]
+    fn a_restart_a_version_created_again_and_an_unrecorded_switch_are_told_as_such() {
+        use crate::tree::{History, Switch};
+        let switch = |version: &str, from: &str, how: &str, after: u64| Switch {
+            version: version.into(),
+            from: from.into(),
+            how: how.into(),
+            after,
+            ..Switch::default()
+        };
+        // current was v1 at 10; an older CLI switched to v2 (no `after`),
+        // then v2 was restarted at 30; v3 was removed (another client, the
+        // scout's record) and created again at 25.
+        let history = History::default()
+            .with(switch("v2", "v1", "deploy", 0))
+            .with(switch("v2", "v2", "restart", 20));
+        let json = String::from_utf8(history.to_json()).unwrap();
+        let (prefix, before) = tree(&[("current", "v1", 10), ("v3/", "", 5)]);
+        let (_, after) = tree(&[
+            ("current", "v2", 15),
+            (".history", &json, 30),
+            ("v3/", "", 25),
+            (".removed/v3", r#"{"by":"another client","created":0}"#, 22),
+        ]);
+        let events = diff(
+            &Tree::parse(&prefix, &before),
+            &Tree::parse(&prefix, &after),
+            31,
+        );
+        let said: Vec<_> = events.iter().map(Event::line).collect();
+        assert_eq!(
+            said,
+            [
+                "[30] current v1 -> v2 by - (-)",
+                "[30] v2 restarted by -",
+                "[31] v3 removed by another client",
+                "[31] v3 created by -"
+            ]
+        );
     }
 
     #[test]
