@@ -176,6 +176,8 @@ fn scout(
     // The first comparison rings for a whole read instead (see
     // `ring_for_changes`).
     let mut first = true;
+    // What this scout read before its last ring for a whole read.
+    let mut baseline: Option<BTreeSet<VersionName>> = None;
     // The agents announced at the last answer (`None`: not read yet).
     let mut agents: Option<BTreeSet<String>> = None;
     // The scout before this one, whose departure it records.
@@ -214,8 +216,15 @@ fn scout(
         drop(keys);
         let current_appeared = has_current && had_current == Some(false);
         had_current = Some(has_current);
-        let scouted = ring_for_changes(consul, target, answer.index, current_appeared, &mut first)
-            .and_then(|()| record_departures(consul, target, &mut agents, &mut predecessor));
+        let scouted = ring_for_changes(
+            consul,
+            target,
+            answer.index,
+            current_appeared,
+            &mut first,
+            &mut baseline,
+        )
+        .and_then(|()| record_departures(consul, target, &mut agents, &mut predecessor));
         if let Err(e) = scouted {
             if backed_off(&e, &mut cursor, health, stop) {
                 return true;
@@ -300,12 +309,19 @@ fn has(agents: &Option<BTreeSet<String>>, node: &str) -> bool {
 /// instead: the agent's snapshot may come from a whole read made after a
 /// change no ring announced, which another agent's earlier read missed
 /// (agents starting together while a plain client adds a version).
+///
+/// After a ring for a whole read, the next comparison is with the versions
+/// this scout read before ringing (`baseline`), not with the snapshot: the
+/// agents read after the ring, each at its own index, and this agent's read
+/// may have come after a change another's missed. What differs is rung for
+/// (again, for an agent that has it: applying a ring twice changes nothing).
 fn ring_for_changes(
     consul: &Consul,
     target: &Target,
     index: u64,
     current_appeared: bool,
     first: &mut bool,
+    baseline: &mut Option<BTreeSet<VersionName>>,
 ) -> Result<(), crate::consul::ConsulError> {
     let (seen, _) = read_whole(consul, target, Whole::From { at: index })?;
     let tree: BTreeSet<VersionName> = seen
@@ -341,6 +357,7 @@ fn ring_for_changes(
     let Some(book) = book else {
         return Ok(()); // the agent has not read the tree yet
     };
+    let book = baseline.take().unwrap_or(book);
     if *first {
         log::debug!(
             "{}: scouting from here; one ring for a whole read, for agents that read before a \
@@ -349,6 +366,9 @@ fn ring_for_changes(
         );
         // Lost to another ring: tried again at the next answer.
         *first = ring(consul, target, None, bell_index)?.is_none();
+        if !*first {
+            *baseline = Some(tree);
+        }
         return Ok(());
     }
     let mut changes: Vec<Change> = Vec::new();
@@ -402,7 +422,9 @@ fn ring_for_changes(
             "{}: a version's plain key came or went without a ring; ringing for a whole read",
             target.prefix
         );
-        ring(consul, target, None, after)?;
+        if ring(consul, target, None, after)?.is_some() {
+            *baseline = Some(tree);
+        }
     }
     Ok(())
 }
