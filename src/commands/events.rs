@@ -323,11 +323,16 @@ fn wave_event(
 
 /// The tree as it was at `index`, as far as what is left shows it: keys
 /// created (folder keys, agents) or written (the rest) after it are left
-/// out; versions the depro CLI removed since (`.removed`) and agents that
-/// stopped cleanly since (`.known` with `left`) are put back. What else was
-/// deleted since cannot be seen: Consul keeps no record of deleted keys
-/// (another client's removals, the keys of an agent whose session expired).
-fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index: u64) -> Tree {
+/// out; versions removed since (`.removed`) and agents that left since
+/// (`.known` with `left`) are put back. What else was deleted since cannot
+/// be seen: Consul keeps no record of deleted keys (the node keys of an
+/// agent whose session expired). `now` is `entries` parsed.
+fn as_of(
+    prefix: &crate::tree::Prefix,
+    entries: &[crate::consul::KvEntry],
+    now: &Tree,
+    index: u64,
+) -> Tree {
     let mut kept: Vec<_> = entries
         .iter()
         .filter(|e| {
@@ -343,7 +348,6 @@ fn as_of(prefix: &crate::tree::Prefix, entries: &[crate::consul::KvEntry], index
         })
         .cloned()
         .collect();
-    let now = Tree::parse(prefix, entries);
     let back = |key: String, value: &[u8], held: bool, created: u64| crate::consul::KvEntry {
         key,
         value: value.to_vec(),
@@ -395,7 +399,7 @@ pub(crate) fn events(ctx: &mut Ctx, json: bool, since: Option<u64>) -> Result<()
         let before = match (seen.before, since) {
             (Some(before), _) => before,
             (None, Some(index)) => {
-                then = as_of(&ctx.prefix, seen.entries, index);
+                then = as_of(&ctx.prefix, seen.entries, seen.tree, index);
                 &then
             }
             // From now on: the state as it is, no events.
@@ -457,6 +461,18 @@ mod tests {
         (prefix, entries)
     }
 
+    /// A switch as `.history` records it.
+    fn switch(version: &str, from: &str, how: &str, by: &str, after: u64) -> crate::tree::Switch {
+        crate::tree::Switch {
+            version: version.into(),
+            from: from.into(),
+            how: how.into(),
+            by: by.into(),
+            after,
+            ..crate::tree::Switch::default()
+        }
+    }
+
     #[test]
     fn a_new_version_a_switch_and_a_failure_are_three_events_in_that_order() {
         let (prefix, before) = tree(&[
@@ -495,7 +511,7 @@ mod tests {
             ("v2/", "", 10),
             ("v2/node1", "ready", 11),
         ]);
-        let then = as_of(&prefix, &entries, 5);
+        let then = as_of(&prefix, &entries, &Tree::parse(&prefix, &entries), 5);
         let events = diff(&then, &Tree::parse(&prefix, &entries), 12);
         let said: Vec<_> = events.iter().map(Event::line).collect();
         assert_eq!(
@@ -506,15 +522,8 @@ mod tests {
 
     #[test]
     fn switches_are_told_from_the_record_each_at_its_own_index_even_two_between_reads() {
-        use crate::tree::{History, Policy, Switch};
-        let switch = |version: &str, from: &str, how: &str, after: u64| Switch {
-            version: version.into(),
-            from: from.into(),
-            how: how.into(),
-            by: "ann".into(),
-            after,
-            ..Switch::default()
-        };
+        use crate::tree::{History, Policy};
+        let switch = |version, from, how, after| switch(version, from, how, "ann", after);
         // Writes of .history: v1 at 10 (after 0: an older CLI), v2 at 20
         // (after 10), the policy at 30 (after 20), v3 at 40, v2 again at 50.
         let mut history = History::default().with(switch("v1", "", "deploy", 0));
@@ -543,7 +552,7 @@ mod tests {
         );
         // Resumed from 25: the same two; from 45, the rollback only.
         let resumed = |index| {
-            let then = as_of(&prefix, &after, index);
+            let then = as_of(&prefix, &after, &Tree::parse(&prefix, &after), index);
             diff(&then, &Tree::parse(&prefix, &after), 55).len()
         };
         assert_eq!((resumed(25), resumed(45), resumed(50)), (2, 1, 0));
@@ -551,14 +560,8 @@ mod tests {
 
     #[test]
     fn a_restart_a_version_created_again_and_an_unrecorded_switch_are_told_as_such() {
-        use crate::tree::{History, Switch};
-        let switch = |version: &str, from: &str, how: &str, after: u64| Switch {
-            version: version.into(),
-            from: from.into(),
-            how: how.into(),
-            after,
-            ..Switch::default()
-        };
+        use crate::tree::History;
+        let switch = |version, from, how, after| switch(version, from, how, "", after);
         // current was v1 at 10; an older CLI switched to v2 (no `after`),
         // then v2 was restarted at 30; v3 was removed (another client, the
         // scout's record) and created again at 25.
@@ -603,7 +606,7 @@ mod tests {
             (".known/node2", left, 9),
             (".known/node3", left, 4),
         ]);
-        let then = as_of(&prefix, &entries, 6);
+        let then = as_of(&prefix, &entries, &Tree::parse(&prefix, &entries), 6);
         let events = diff(&then, &Tree::parse(&prefix, &entries), 10);
         let said: Vec<_> = events.iter().map(Event::line).collect();
         assert_eq!(said, ["[10] v1 removed by ann@ci", "[10] agent node2 left"]);
